@@ -1,0 +1,301 @@
+"""Tests for finescope_core.retrieval: exact top-M by max-over-seeds cosine, approximate indices, vote."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from finescope_core import retrieval
+from finescope_core.retrieval import (
+    LayerSelection,
+    RetrievalInputError,
+    brute_force_topm,
+    layer_quality,
+    layer_weights,
+    recall_at_m,
+    topm_max_over_seeds,
+    vote,
+)
+
+
+def naive_topm(corpus: np.ndarray, seeds: np.ndarray, m: int, exclude: np.ndarray | None = None):
+    """Independent reference: float64 cosine of every row with every seed, sort by (-score, row)."""
+    x = corpus.astype(np.float64)
+    s = seeds.astype(np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    s = s / np.linalg.norm(s, axis=1, keepdims=True)
+    scores = (x[:, None, :] * s[None, :, :]).sum(-1).max(1)
+    rows = np.arange(len(x)) if exclude is None else np.flatnonzero(~exclude)
+    order = np.lexsort((rows, -scores[rows]))[:m]
+    return rows[order], scores[rows][order]
+
+
+def assert_same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> None:
+    """Bit-identical indices and scores."""
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def clustered(n: int, d: int, clusters: int, seed: int, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    labels = rng.integers(0, clusters, size=n)
+    return centres[labels] + spread * rng.standard_normal((n, d)).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("num_seeds", [1, 7, 40])
+def test_flat_equals_brute_force_and_naive(num_seeds: int) -> None:
+    rng = np.random.default_rng(num_seeds)
+    corpus = rng.standard_normal((3000, 24)).astype(np.float32)
+    seeds = rng.standard_normal((num_seeds, 24)).astype(np.float32)
+    fast = topm_max_over_seeds(corpus, seeds, 50)
+    assert_same(fast, brute_force_topm(corpus, seeds, 50))
+    ref_rows, ref_scores = naive_topm(corpus, seeds, 50)
+    np.testing.assert_array_equal(fast[0], ref_rows)
+    np.testing.assert_allclose(fast[1], ref_scores, atol=1e-6)
+    assert fast[0].dtype == np.int64 and np.all(np.diff(fast[1]) <= 0)
+
+
+def test_exclusion_mask_is_respected_and_exact() -> None:
+    corpus, _ = clustered(4000, 16, 20, seed=1)
+    seeds = corpus[:6] + 0.01
+    unmasked = topm_max_over_seeds(corpus, seeds, 60)[0]
+    exclude = np.zeros(len(corpus), dtype=bool)
+    exclude[unmasked[::2]] = True  # half of the unmasked winners must now give way
+    exclude[np.random.default_rng(0).choice(len(corpus), 1000, replace=False)] = True
+    fast = topm_max_over_seeds(corpus, seeds, 60, exclude=exclude)
+    assert not exclude[fast[0]].any() and len(fast[0]) == 60
+    assert_same(fast, brute_force_topm(corpus, seeds, 60, exclude=exclude))
+    np.testing.assert_array_equal(fast[0], naive_topm(corpus, seeds, 60, exclude)[0])
+
+
+def test_duplicate_rows_tie_break_by_lower_row() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((150, 12)).astype(np.float32)
+    corpus = base[rng.integers(0, 150, size=2400)]  # every distinct row appears ~16 times
+    # Seeds off the corpus rows: a seed's own copies would all score ~1, near-ties across seeds
+    # that a float64 reference orders differently from float32-normalised codes.
+    seeds = base[:5] + 0.1 * rng.standard_normal((5, 12)).astype(np.float32)
+    for m in (7, 35, 90):  # boundaries falling inside tie groups
+        fast = topm_max_over_seeds(corpus, seeds, m)
+        assert_same(fast, brute_force_topm(corpus, seeds, m))
+        assert_same(fast, _canonical_reference(corpus, seeds, m))
+        ref_rows, _ = naive_topm(corpus, seeds, m)
+        np.testing.assert_array_equal(fast[0], ref_rows)
+
+
+def _canonical_reference(corpus: np.ndarray, seeds: np.ndarray, m: int):
+    """Full canonical scoring of every row, for bit-exact comparisons on tie-heavy data."""
+    corpus_n = retrieval._l2_normalise(np.ascontiguousarray(corpus, np.float32), "corpus")
+    seeds_n = retrieval._normalised_seeds(seeds, corpus.shape[1])
+    scores = retrieval._exact_scores(corpus_n, seeds_n)
+    order = np.lexsort((np.arange(len(scores)), -scores))[:m]
+    return order.astype(np.int64), scores[order]
+
+
+def test_near_ties_from_scaled_copies_are_certified() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((100, 20)).astype(np.float32)
+    factors = rng.uniform(0.1, 10.0, size=2000).astype(np.float32)
+    corpus = base[rng.integers(0, 100, size=2000)] * factors[:, None]  # same direction, other rounding
+    seeds = base[:4] + 0.1 * rng.standard_normal((4, 20)).astype(np.float32)
+    for m in (5, 40):
+        assert_same(topm_max_over_seeds(corpus, seeds, m), _canonical_reference(corpus, seeds, m))
+        assert_same(brute_force_topm(corpus, seeds, m), _canonical_reference(corpus, seeds, m))
+
+
+def test_widening_survives_adversarial_tie_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAISS promises nothing about ties: with a kernel that keeps the highest ids the answer must not move."""
+    real_knn = faiss.knn
+    calls: list[int] = []
+
+    def knn_preferring_high_ids(xq, xb, k, metric):
+        calls.append(k)
+        sims = xq @ xb.T
+        ids = np.stack([np.lexsort((-np.arange(xb.shape[0]), -row))[:k] for row in sims])
+        return np.take_along_axis(sims, ids, axis=1), ids
+
+    rng = np.random.default_rng(4)
+    corpus = rng.standard_normal((500, 8)).astype(np.float32)
+    seeds = rng.standard_normal((2, 8)).astype(np.float32)
+    corpus[100:400] = seeds[0] * 2.0  # 300 rows tied at the top, more than the first k
+    monkeypatch.setattr(faiss, "knn", knn_preferring_high_ids)
+    fast = topm_max_over_seeds(corpus, seeds, 10)
+    monkeypatch.setattr(faiss, "knn", real_knn)
+    assert len(calls) > 1 and calls[-1] > calls[0]
+    np.testing.assert_array_equal(fast[0], np.arange(100, 110))
+    assert_same(fast, brute_force_topm(corpus, seeds, 10))
+
+
+def test_m_larger_than_corpus_returns_every_kept_row() -> None:
+    rng = np.random.default_rng(5)
+    corpus = rng.standard_normal((30, 6)).astype(np.float32)
+    seeds = rng.standard_normal((3, 6)).astype(np.float32)
+    exclude = np.zeros(30, dtype=bool)
+    exclude[[0, 7]] = True
+    rows, scores = topm_max_over_seeds(corpus, seeds, 100, exclude=exclude)
+    assert sorted(rows.tolist()) == [i for i in range(30) if i not in (0, 7)]
+    assert_same((rows, scores), brute_force_topm(corpus, seeds, 100, exclude=exclude))
+    empty = topm_max_over_seeds(corpus, seeds, 5, exclude=np.ones(30, dtype=bool))
+    assert empty[0].shape == (0,) and empty[1].shape == (0,)
+
+
+def test_zero_corpus_rows_score_zero() -> None:
+    rng = np.random.default_rng(6)
+    seeds = np.abs(rng.standard_normal((3, 10))).astype(np.float32)
+    corpus = -np.abs(rng.standard_normal((400, 10))).astype(np.float32)  # every cosine < 0
+    zero_rows = [3, 50, 222]
+    corpus[zero_rows] = 0.0
+    for fn in (topm_max_over_seeds, brute_force_topm):
+        rows, scores = fn(corpus, seeds, 5)
+        assert rows[:3].tolist() == zero_rows and np.all(scores[:3] == 0.0)
+        assert np.isfinite(scores).all() and np.all(scores[3:] < 0)
+
+
+def test_torch_input_matches_numpy_and_threads_are_restored() -> None:
+    rng = np.random.default_rng(7)
+    corpus = rng.standard_normal((800, 16)).astype(np.float32)
+    seeds = rng.standard_normal((4, 16)).astype(np.float32)
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        out = topm_max_over_seeds(torch.from_numpy(corpus).double(), torch.from_numpy(seeds), 20, threads=2)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(previous)
+    assert_same(out, topm_max_over_seeds(corpus, seeds, 20))
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    corpus = np.ones((10, 4), dtype=np.float32)
+    seeds = np.ones((3, 4), dtype=np.float32)
+    seeds[1] = 0.0
+    with pytest.raises(RetrievalInputError, match=r"seeds row\(s\) \[1\]"):
+        topm_max_over_seeds(corpus, seeds, 2)
+    with pytest.raises(RetrievalInputError, match="dimension 3"):
+        brute_force_topm(corpus, np.ones((2, 3)), 2)
+    with pytest.raises(RetrievalInputError, match="exclude must be a boolean mask"):
+        topm_max_over_seeds(corpus, np.ones((1, 4)), 2, exclude=np.zeros(9, dtype=bool))
+    bad = corpus.copy()
+    bad[4, 2] = np.nan
+    with pytest.raises(RetrievalInputError, match="corpus row 4"):
+        topm_max_over_seeds(bad, np.ones((1, 4)), 2)
+    skip_bad = np.zeros(10, dtype=bool)
+    skip_bad[4] = True  # an excluded row is never read, so its values do not matter
+    assert 4 not in topm_max_over_seeds(bad, np.ones((1, 4)), 20, exclude=skip_bad)[0]
+    assert_same(
+        brute_force_topm(bad, np.ones((1, 4)), 20, exclude=skip_bad),
+        topm_max_over_seeds(bad, np.ones((1, 4)), 20, exclude=skip_bad),
+    )
+    with pytest.raises(RetrievalInputError, match="m must be a positive integer"):
+        topm_max_over_seeds(corpus, np.ones((1, 4)), 0)
+    with pytest.raises(RetrievalInputError, match="index must be"):
+        topm_max_over_seeds(corpus, np.ones((1, 4)), 2, index="lsh")  # type: ignore[arg-type]
+    with pytest.raises(RetrievalInputError, match="nprobe"):
+        topm_max_over_seeds(corpus, np.ones((1, 4)), 2, index="ivf", nprobe=0)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indices_have_high_recall_and_exact_scores(kind: str) -> None:
+    corpus, labels = clustered(6000, 16, 50, seed=8)
+    seeds = corpus[np.flatnonzero(labels == labels[0])[:5]] + 0.05
+    exact = topm_max_over_seeds(corpus, seeds, 100)
+    # One thread keeps HNSW construction quick on small shared CPUs.
+    approx = topm_max_over_seeds(
+        corpus, seeds, 100, index=kind, nprobe=8, hnsw_m=16, ef_search=128, threads=1
+    )
+    assert recall_at_m(approx[0], exact[0]) > 0.9
+    exact_score = dict(zip(exact[0].tolist(), exact[1].tolist(), strict=True))
+    shared = [(r, s) for r, s in zip(*approx, strict=True) if r in exact_score]
+    assert shared and all(s == exact_score[r] for r, s in shared)
+
+
+def test_recall_at_m_hand_example() -> None:
+    assert recall_at_m(np.array([1, 2, 3, 9]), np.array([4, 3, 2, 1])) == 0.75
+    assert recall_at_m(np.array([5, 6]), np.array([1, 2])) == 0.0
+    assert recall_at_m(np.array([], dtype=int), np.array([], dtype=int)) == 1.0
+
+
+def _hand_selections() -> list[LayerSelection]:
+    return [
+        LayerSelection(0, np.array([5, 3, 7]), np.array([0.9, 0.8, 0.7])),
+        LayerSelection(1, np.array([3, 5, 8]), np.array([0.95, 0.6, 0.5])),
+        LayerSelection(2, np.array([9, 11, 3]), np.array([0.99, 0.7, 0.4])),
+    ]
+
+
+def test_vote_orders_by_votes_then_mean_score_then_row() -> None:
+    out = vote(_hand_selections(), final_size=10)
+    assert [r.row for r in out] == [3, 5, 9, 7, 11, 8]  # 7 and 11 tie on (1 vote, 0.7): lower row first
+    assert [r.votes for r in out] == [3.0, 2.0, 1.0, 1.0, 1.0, 1.0]
+    assert out[0].layers == [0, 1, 2] and out[0].mean_score == pytest.approx((0.8 + 0.95 + 0.4) / 3)
+    assert out[1].layers == [0, 1] and out[1].mean_score == pytest.approx(0.75)
+    assert [r.row for r in vote(_hand_selections(), final_size=4)] == [3, 5, 9, 7]
+
+
+def test_vote_with_weights() -> None:
+    out = vote(_hand_selections(), final_size=10, weights={0: 1.0, 1: 0.0, 2: 3.0})
+    assert [(r.row, r.votes) for r in out] == [(3, 4.0), (9, 3.0), (11, 3.0), (5, 1.0), (7, 1.0), (8, 0.0)]
+    assert out[3].mean_score == pytest.approx(0.75)  # the unweighted mean over both layers that chose row 5
+
+
+def test_vote_rejects_bad_input() -> None:
+    sel = _hand_selections()
+    with pytest.raises(RetrievalInputError, match="no entry for layer"):
+        vote(sel, 5, weights={0: 1.0, 1: 1.0})
+    with pytest.raises(RetrievalInputError, match="finite and >= 0"):
+        vote(sel, 5, weights={0: 1.0, 1: -1.0, 2: 1.0})
+    with pytest.raises(RetrievalInputError, match="vote once"):
+        vote([*sel, sel[0]], 5)
+    with pytest.raises(RetrievalInputError, match="finite"):
+        vote([LayerSelection(0, np.array([1, 2]), np.array([0.5, np.nan]))], 5)
+    with pytest.raises(RetrievalInputError, match="more than once"):
+        vote([LayerSelection(0, np.array([1, 1]), np.array([0.5, 0.4]))], 5)
+
+
+def _two_layer_codes() -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Layer 4: seeds form a tight cluster the corpus lacks. Layer 9: seeds look like corpus rows."""
+    rng = np.random.default_rng(9)
+    corpus = {layer: np.maximum(rng.standard_normal((5000, 64)), 0).astype(np.float32) for layer in (4, 9)}
+    centre = np.maximum(rng.standard_normal(64), 0)
+    seeds = {
+        4: np.maximum(centre + 0.3 * rng.standard_normal((10, 64)), 0).astype(np.float32),
+        9: np.maximum(rng.standard_normal((10, 64)), 0).astype(np.float32),
+    }
+    return seeds, corpus
+
+
+def test_layer_weights_prefer_the_layer_where_seeds_cluster() -> None:
+    seeds, corpus = _two_layer_codes()
+    quality = layer_quality(seeds, corpus, sample_size=2000)
+    assert quality[4] > 3.0 and abs(quality[9]) < 1.5
+    weights = layer_weights(seeds, corpus, sample_size=2000)
+    assert weights[4] > weights[9] >= 0.0
+    assert np.mean(list(weights.values())) == pytest.approx(1.0)
+    assert layer_quality(seeds, corpus, sample_size=2000) == quality  # fixed sample: deterministic
+
+
+def test_layer_weights_uniform_without_evidence_and_checks_layers() -> None:
+    rng = np.random.default_rng(10)
+    corpus = {0: rng.standard_normal((300, 8)).astype(np.float32)}
+    anti = {0: np.stack([np.ones(8), -np.ones(8)]).astype(np.float32)}  # held-out seed is the opposite
+    assert layer_quality(anti, corpus)[0] < 0
+    assert layer_weights(anti, corpus) == {0: 1.0}
+    with pytest.raises(RetrievalInputError, match="same layers"):
+        layer_weights({0: anti[0], 1: anti[0]}, corpus)
+    with pytest.raises(RetrievalInputError, match="at least 2"):
+        layer_quality({0: anti[0][:1]}, corpus)
+
+
+def test_layer_quality_rewards_a_domain_with_two_subtopics() -> None:
+    """Held-out seeds are scored by their nearest other seed (eq. 12's max), so two tight sub-topics
+    count as a good layer even though half the seed pairs are far apart."""
+    rng = np.random.default_rng(11)
+    corpus = torch.from_numpy(np.maximum(rng.standard_normal((4000, 32)), 0).astype(np.float32))
+    centres = np.maximum(rng.standard_normal((2, 32)), 0)
+    seeds = np.maximum(np.repeat(centres, 5, axis=0) + 0.2 * rng.standard_normal((10, 32)), 0)
+    quality = layer_quality({3: torch.from_numpy(seeds)}, {3: corpus}, sample_size=1000)
+    assert quality[3] > 3.0
