@@ -1,0 +1,266 @@
+"""Curation stages over local directories: each reads its inputs, writes its outputs, returns a summary.
+
+The Prefect tasks in `tasks/curate.py` are thin adapters around these functions (store look-up,
+cache key, commit); anything that computes lives here or in the per-stage modules it calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finescope_core import activations, retrieval, sae, saliency
+from finescope_core.batching import iter_text_batches
+from finescope_core.config import CurateConfig
+from finescope_core.data import Record, RecordSet, write_jsonl
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+OUTPUT_FIELDS = ("rank", "score", "votes", "layers")
+"""Columns finescope adds to each curated record; input fields with these names are kept as `input_<name>`."""
+
+
+class CurationError(ValueError):
+    """A curation setting does not fit the model or data; the message names the field."""
+
+
+def resolve_layers(num_hidden_layers: int, cfg: CurateConfig) -> list[int]:
+    """The decoder layers to hook: `cfg.layers` (negatives from the end) or `num_layers` evenly spaced.
+
+    The automatic choice skips the first layers, whose outputs are still close to the token embeddings.
+    """
+    if cfg.layers is not None:
+        out = []
+        for layer in cfg.layers:
+            idx = layer + num_hidden_layers if layer < 0 else layer
+            if not 0 <= idx < num_hidden_layers:
+                raise CurationError(
+                    f"curate.layers contains {layer}, but the model has {num_hidden_layers} layers "
+                    f"(valid: 0..{num_hidden_layers - 1} or -{num_hidden_layers}..-1)"
+                )
+            out.append(idx)
+        return sorted(set(out))
+    count = min(cfg.num_layers, num_hidden_layers)
+    start = min(2, num_hidden_layers - count)
+    return sorted({round(x) for x in np.linspace(start, num_hidden_layers - 1, count)})
+
+
+def check_curation_fits(cfg: CurateConfig, hidden_size: int) -> None:
+    """Refuse settings that cannot work on this model, before any model work."""
+    if cfg.method == "sae" and cfg.k_act > hidden_size:
+        raise CurationError(f"curate.k_act={cfg.k_act} exceeds the model's hidden size {hidden_size}; use at most {hidden_size}")
+
+
+def _sample_rows(n: int, k: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=gen)[: min(k, n)].tolist())
+
+
+# --- saliency ---------------------------------------------------------------------------------------
+
+
+def saliency_stage(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: RecordSet,
+    layers: list[int],
+    cfg: CurateConfig,
+    seed: int,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score every coordinate of every hooked layer on D0 (a seeded corpus sample) and keep the top k_act."""
+    rows = _sample_rows(len(corpus), cfg.reference_size, seed)
+    texts = [corpus.records[i].text for i in rows]
+    batches = iter_text_batches(tokenizer, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    if cfg.selector == "jacobian":
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        scores = saliency.jacobian_saliency(
+            model, batches, layers, probes=cfg.probes, skip_first=cfg.skip_first, generator=gen, progress=progress
+        )
+    else:
+        pooled = _pooled_all(model, batches, layers, cfg.skip_first, len(texts), progress)
+        scores = saliency.statistic_scores(pooled, cfg.selector)
+    indices = saliency.select_coordinates(scores, cfg.k_act)
+    result = saliency.LayerSaliency(layers=layers, scores=scores, indices=indices, selector=cfg.selector)
+    result.save(out_dir)
+    return {"layers": layers, "k_act": cfg.k_act, "reference_rows": len(rows), "selector": cfg.selector}
+
+
+def _pooled_all(model, batches, layers, skip_first: int, n: int, progress: Progress | None) -> torch.Tensor:
+    out: torch.Tensor | None = None
+    for rows, acts in activations.extract_pooled(model, batches, layers, skip_first=skip_first, indices=None, progress=progress):
+        if out is None:
+            out = torch.empty(n, *acts.shape[1:], dtype=acts.dtype)
+        out[rows] = acts.to(out.dtype)
+    assert out is not None
+    return out
+
+
+# --- activations ------------------------------------------------------------------------------------
+
+
+def activation_stage(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: RecordSet,
+    seeds: RecordSet,
+    layers: list[int],
+    indices: torch.Tensor | None,
+    cfg: CurateConfig,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Pooled activations of corpus (sharded) and seeds at the selected coordinates, one pass each."""
+    common = dict(
+        indices=indices, max_length=cfg.max_length, batch_size=cfg.batch_size, skip_first=cfg.skip_first, shard_size=cfg.shard_size
+    )
+    corpus_manifest = activations.write_activation_shards(
+        model, tokenizer, corpus.texts, layers, out_dir / "corpus", progress=progress, **common
+    )
+    activations.write_activation_shards(model, tokenizer, seeds.texts, layers, out_dir / "seeds", **common)
+    return {"layers": layers, "corpus_rows": len(corpus), "seed_rows": len(seeds), "shards": len(corpus_manifest.shards)}
+
+
+# --- SAE --------------------------------------------------------------------------------------------
+
+
+def sae_stage(acts_dir: Path, layers: list[int], indices: torch.Tensor, cfg: CurateConfig, seed: int, out_dir: Path, progress=None) -> dict[str, Any]:
+    """Train one SAE per layer (batched) on the corpus activations; save each with its metrics."""
+    acts = activations.load_activations(acts_dir / "corpus")
+    model, metrics = sae.train_saes(acts, cfg.sae, seed=seed, progress=progress, layer_ids=layers)
+    extra = [{"coordinates": indices[i].tolist()} for i in range(len(layers))]
+    sae.save_saes(model, metrics, layers, out_dir, extra, cfg=cfg.sae)
+    return {"layers": layers, "metrics": [_metric_summary(m) for m in metrics]}
+
+
+def _metric_summary(m: Any) -> dict[str, float]:
+    return {"fvu": float(m.fvu), "l0": float(m.l0), "dead_fraction": float(m.dead_fraction)}
+
+
+# --- retrieval and output ---------------------------------------------------------------------------
+
+
+def retrieve_by_layer(
+    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], top_m: int
+) -> list[retrieval.LayerSelection]:
+    """Exact top-M by max-over-seeds cosine in every layer's embedding space."""
+    out = []
+    for layer, emb in corpus_emb.items():
+        seeds = seed_emb[layer]
+        # A sparse code can be all zero for a seed: it has no direction, so it cannot vote in this layer.
+        seeds = seeds[np.linalg.norm(seeds, axis=1) > 0]
+        if len(seeds) == 0:
+            log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
+            continue
+        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m)
+        out.append(retrieval.LayerSelection(layer=layer, rows=rows, scores=scores))
+    if not out:
+        raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
+    return out
+
+
+def sae_codes(acts_dir: Path, sae_dir: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """SAE codes per layer for corpus and seeds: ({layer: [N,d_sae]}, {layer: [S,d_sae]})."""
+    model, layers, _ = sae.load_saes(sae_dir)
+    corpus = sae.encode(model, activations.load_activations(acts_dir / "corpus"))
+    seeds = sae.encode(model, activations.load_activations(acts_dir / "seeds"))
+    return _split_layers(corpus, layers), _split_layers(seeds, layers)
+
+
+def raw_activation_embeddings(acts_dir: Path, layers: list[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Pooled activations z-scored per coordinate with corpus statistics (the `activation` baseline)."""
+    corpus = activations.load_activations(acts_dir / "corpus").float()
+    seeds = activations.load_activations(acts_dir / "seeds").float()
+    mean, std = corpus.mean(0, keepdim=True), corpus.std(0, keepdim=True).clamp_min(1e-6)
+    return _split_layers((corpus - mean) / std, layers), _split_layers((seeds - mean) / std, layers)
+
+
+def _split_layers(x: torch.Tensor, layers: Sequence[int]) -> dict[int, np.ndarray]:
+    return {layer: x[:, i].contiguous().float().numpy() for i, layer in enumerate(layers)}
+
+
+def curated_rows(corpus: RecordSet, voted: Sequence[retrieval.VotedRecord]) -> list[dict[str, Any]]:
+    """The output records: original fields (with id) + rank, score, votes, layers."""
+    rows = []
+    for rank, v in enumerate(voted, start=1):
+        record: Record = corpus.records[v.row]
+        fields = {(f"input_{k}" if k in OUTPUT_FIELDS else k): val for k, val in record.fields.items()}
+        score = float(v.mean_score) if math.isfinite(v.mean_score) else 0.0
+        rows.append({**fields, "rank": rank, "score": score, "votes": float(v.votes), "layers": list(v.layers)})
+    return rows
+
+
+def write_curated(rows: list[dict[str, Any]], out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write curated.jsonl, curated.parquet and curation.json into out_dir."""
+    with open(out_dir / "curated.jsonl", "w", encoding="utf-8") as f:
+        write_jsonl(rows, f)
+    pq.write_table(_arrow_table(rows), out_dir / "curated.parquet")
+    summary = {**summary, "records": len(rows)}
+    (out_dir / "curation.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _arrow_table(rows: list[dict[str, Any]]) -> pa.Table:
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Heterogeneous user fields (a column that is a string here and a list there): keep them as JSON text.
+        fixed = [{k: (v if k in OUTPUT_FIELDS or isinstance(v, str) else json.dumps(v, default=str)) for k, v in r.items()} for r in rows]
+        return pa.Table.from_pylist(fixed)
+
+
+def select_records(
+    method: str,
+    corpus_emb: dict[int, np.ndarray] | None,
+    seed_emb: dict[int, np.ndarray] | None,
+    corpus_size: int,
+    cfg: CurateConfig,
+    seed: int,
+) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
+    """Per-layer top-M then the vote across layers (or a seeded sample for `random`)."""
+    if method == "random":
+        rows = _sample_rows(corpus_size, cfg.final_size, seed)
+        gen = np.random.default_rng(seed)
+        gen.shuffle(rows)
+        return [retrieval.VotedRecord(row=r, votes=0.0, mean_score=0.0, layers=[]) for r in rows], {}
+    assert corpus_emb is not None and seed_emb is not None
+    # The vote ranks the union of the per-layer lists; widen M until that union can fill final_size.
+    top_m = cfg.top_m
+    while True:
+        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m)
+        union = len(set().union(*(s.rows.tolist() for s in selections)))
+        if union >= cfg.final_size or top_m >= corpus_size:
+            break
+        top_m = min(2 * top_m, corpus_size)
+    if top_m != cfg.top_m:
+        log.info("per-layer top-%d left fewer than %d records; used top-%d", cfg.top_m, cfg.final_size, top_m)
+    voted = retrieval.vote(selections, cfg.final_size)
+    per_layer = {s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections}
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m}
+
+
+def save_embeddings(path: Path, corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray]) -> None:
+    """Keep the embeddings a retrieval used (for reports and re-ranking without recomputation)."""
+    tensors = {f"corpus.{k}": torch.from_numpy(v) for k, v in corpus_emb.items()}
+    tensors.update({f"seeds.{k}": torch.from_numpy(v) for k, v in seed_emb.items()})
+    save_file(tensors, str(path))
+
+
+def load_embeddings(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    tensors = load_file(str(path))
+    corpus = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("corpus.")}
+    seeds = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("seeds.")}
+    return corpus, seeds

@@ -1,0 +1,138 @@
+"""`finescope` command line: one sub-command per flow; every config field is an option.
+
+Options are generated from the pydantic config models, so `--help` shows each field's docstring and
+the YAML file, the CLI and the Prefect flow parameters can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from finescope_core.config import ConfigError, FinescopeConfig, load_config
+
+# Prefect without a server by default: a temporary local API per run, no telemetry.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, FieldInfo) for every non-model field, recursing into nested config models."""
+    out = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_leaf_fields(ann, f"{prefix}{name}."))
+        else:
+            out.append((f"{prefix}{name}", info))
+    return out
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("config fields (override the YAML file; values parsed as YAML, e.g. '[4, 8]')")
+    for dotted, info in _leaf_fields(FinescopeConfig):
+        default = "required" if info.is_required() else f"default: {info.get_default(call_default_factory=True)!r}"
+        if "secret" in dotted or dotted.endswith(".key"):
+            default = "default: from the environment"
+        help_text = " ".join((info.description or "").split()) + f" ({default})"
+        group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", metavar="VALUE", help=help_text.replace("%", "%%"))
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg:") and value is not None:
+            out[key[4:]] = yaml.safe_load(value) if key[4:] not in ("model", "store") else value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finescope", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    curate = sub.add_parser("curate", help="seeds + corpus -> curated domain dataset (curated.jsonl/.parquet)")
+    curate.add_argument("--config", type=Path, help="YAML config file (fields below)")
+    curate.add_argument("--out", type=Path, required=True, help="directory for curated.jsonl, curated.parquet, run.json")
+    _add_config_options(curate)
+    demo = sub.add_parser("demo", help="build the bundled mixed-domain demo corpus and compare every curation method")
+    demo.add_argument("--out", type=Path, required=True, help="directory for the demo report")
+    demo.add_argument("--domain", default="math", help="demo domain whose seeds are used (math, code, science)")
+    demo.add_argument("--methods", default="sae,sentence,activation,random", help="comma-separated curate.method values")
+    demo.add_argument("--config", type=Path, help="optional YAML with other fields (model, store, curate...)")
+    _add_config_options(demo)
+    return parser
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    from tasks.common import CODE_VERSION
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{CODE_VERSION}+{sha}" if sha else CODE_VERSION
+
+
+def write_run_manifest(out: Path, cfg: FinescopeConfig, stages: dict[str, Any], seconds: float) -> None:
+    """run.json: parameters (secrets masked), input hashes, artifact URIs, code version."""
+    manifest = {
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 1),
+        "config": json.loads(cfg.model_dump_json()),
+        "stages": stages,
+    }
+    tmp = out / ".run.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, out / "run.json")
+
+
+def run_curate(cfg: FinescopeConfig, out: Path) -> dict[str, Any]:
+    """Run the curate flow and copy its outputs into `out`."""
+    from flows.curate import curate_flow
+    from tasks.common import artifact_dir, open_store
+
+    start = time.perf_counter()
+    result = curate_flow(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    src = artifact_dir(open_store(cfg), result.curated)
+    for name in ("curated.jsonl", "curated.parquet", "curation.json"):
+        shutil.copyfile(src / name, out / f".{name}.tmp")
+        os.replace(out / f".{name}.tmp", out / name)
+    stages = {k: v for k, v in result.model_dump().items() if k != "layers" and v is not None}
+    write_run_manifest(out, cfg, stages, time.perf_counter() - start)
+    return stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "curate":
+            cfg = load_config(args.config, _overrides(args))
+            run_curate(cfg, args.out)
+            print(f"curated set written to {args.out / 'curated.jsonl'}")
+        elif args.command == "demo":
+            from flows.demo import run_demo
+
+            report = run_demo(args.out, args.domain, args.methods.split(","), args.config, _overrides(args))
+            print(f"demo report written to {report}")
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"finescope: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

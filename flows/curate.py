@@ -1,0 +1,109 @@
+"""The `curate` flow: seeds + corpus -> a ranked, domain-specific subset of the corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+from transformers import AutoConfig
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.curate import check_curation_fits, resolve_layers
+from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, resolve_model_path
+from tasks.common import StageManifest, artifact_dir, logger, open_store
+from tasks.curate import activations_task, data_task, model_task, retrieve_task, sae_task, saliency_task
+
+
+class CurateResult(BaseModel):
+    """Manifests of every stage the run used (None for stages its method skips)."""
+
+    layers: list[int]
+    data: StageManifest
+    saliency: StageManifest | None = None
+    activations: StageManifest | None = None
+    sae: StageManifest | None = None
+    curated: StageManifest
+
+
+def model_shape(cfg: FinescopeConfig) -> tuple[int, int]:
+    """(num_hidden_layers, hidden_size) of the configured model, read without loading weights."""
+    if cfg.model == DEFAULT_MODEL:
+        gguf = locate_default_gguf()
+        hf = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        hf = AutoConfig.from_pretrained(resolve_model_path(cfg.model, Path(".")))
+    return hf.num_hidden_layers, hf.hidden_size
+
+
+def preflight(cfg: FinescopeConfig) -> list[int]:
+    """Everything that can be checked before work starts: store access, model, layer settings."""
+    open_store(cfg).check_writable()
+    if cfg.curate.method in ("sae", "activation"):
+        num_layers, hidden = model_shape(cfg)
+        layers = resolve_layers(num_layers, cfg.curate)
+        check_curation_fits(cfg.curate, hidden)
+        return layers
+    return []
+
+
+@flow(name="curate", log_prints=True)
+def curate_flow(config: FinescopeConfig) -> CurateResult:
+    """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store)."""
+    layers = preflight(config)
+    data = data_task(config)
+    method = config.curate.method
+    sal = acts = sae = None
+    if method in ("sae", "activation"):
+        ref = model_task(config)
+        if method == "sae":
+            sal = saliency_task(config, ref, data, layers)
+        acts = activations_task(config, ref, data, layers, sal)
+        if method == "sae":
+            sae = sae_task(config, acts, sal, layers)
+    curated = retrieve_task(config, data, acts, sae)
+    result = CurateResult(layers=layers, data=data, saliency=sal, activations=acts, sae=sae, curated=curated)
+    publish(config, result)
+    return result
+
+
+def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
+    """Stage table and the top of the curated set as Prefect artifacts (and in the log)."""
+    stages = [m for m in (result.data, result.saliency, result.activations, result.sae, result.curated) if m]
+    create_table_artifact(
+        [{"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1), "uri": m.uri} for m in stages],
+        key="curate-stages",
+        description="Stages of the curate run",
+    )
+    if result.sae is not None:
+        rows = [{"layer": layer, **metrics} for layer, metrics in zip(result.layers, result.sae.info["metrics"], strict=True)]
+        create_table_artifact(rows, key="sae-metrics", description="SAE metrics per layer")
+    top = _top_records(cfg, result.curated, 10)
+    create_markdown_artifact(_markdown(cfg, result, top), key="curated-set", description="Curated set")
+    logger().info("curated %d records -> %s", result.curated.info.get("records", 0), result.curated.uri)
+
+
+def _top_records(cfg: FinescopeConfig, curated: StageManifest, n: int) -> list[dict[str, Any]]:
+    import json
+
+    path = artifact_dir(open_store(cfg), curated) / "curated.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+
+
+def _markdown(cfg: FinescopeConfig, result: CurateResult, top: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# Curated set ({cfg.curate.method})",
+        "",
+        f"{result.curated.info.get('records', 0)} records from {result.curated.info.get('corpus_records', '?')} "
+        f"(layers {result.layers or '-'}); artifact `{result.curated.uri}`",
+        "",
+        "| rank | id | score | votes | text |",
+        "|---:|---|---:|---:|---|",
+    ]
+    for r in top:
+        text = str(r.get("text") or r.get("instruction") or "")[:100].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r['rank']} | {r.get('id')} | {r['score']:.3f} | {r['votes']:g} | {text} |")
+    return "\n".join(lines)

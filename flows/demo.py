@@ -1,0 +1,101 @@
+"""The `demo` flow: the bundled mixed-domain corpus, one domain's seeds, every curation method side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from finescope_core.config import ConfigError, FinescopeConfig, load_config
+from finescope_core.demo import DEMO_DOMAINS, base_rate, build_demo_corpus, domain_precision
+from flows.curate import curate_flow
+from tasks.common import artifact_dir, logger, open_store
+
+PRECISION_AT = (25, 50, 100)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@flow(name="demo", log_prints=True)
+def demo_flow(base: FinescopeConfig, domain: str, methods: list[str]) -> dict[str, Any]:
+    """Curate the demo corpus with each method and measure precision (share from the seed domain's source)."""
+    results: dict[str, Any] = {}
+    for method in methods:
+        cfg = base.model_copy(deep=True)
+        cfg.curate.method = method  # type: ignore[assignment]
+        start = time.perf_counter()
+        result = curate_flow(cfg)
+        rows = _read_jsonl(artifact_dir(open_store(cfg), result.curated) / "curated.jsonl")
+        results[method] = {
+            "precision": {f"@{k}": domain_precision(rows[:k], domain) for k in PRECISION_AT if len(rows) >= k},
+            "records": len(rows),
+            "seconds": round(time.perf_counter() - start, 1),
+            "stages": {m.stage: {"cached": m.cached, "seconds": round(m.seconds, 1)} for m in _stages(result)},
+            "artifact": result.curated.uri,
+        }
+        logger().info("%s: precision %s", method, results[method]["precision"])
+    return results
+
+
+def _stages(result: Any) -> list[Any]:
+    return [m for m in (result.data, result.saliency, result.activations, result.sae, result.curated) if m is not None]
+
+
+def run_demo(out: Path, domain: str, methods: list[str], config: Path | None, overrides: dict[str, Any]) -> Path:
+    """Build the demo data under `out/data`, run `demo_flow`, write `out/report.md` and `out/demo.json`."""
+    if domain not in DEMO_DOMAINS:
+        raise ConfigError(f"--domain {domain!r} is not a demo domain; choose one of {sorted(DEMO_DOMAINS)}")
+    unknown = set(methods) - {"sae", "sentence", "activation", "random"}
+    if unknown:
+        raise ConfigError(f"--methods has unknown methods {sorted(unknown)}; choose from sae, sentence, activation, random")
+    data = build_demo_corpus(out / "data")
+    overrides = {"seeds": [str(data.seeds[domain])], "corpus": [str(data.corpus)], **overrides}
+    base = load_config(config, overrides)
+    results = demo_flow(base, domain, methods)
+    summary = {
+        "domain": domain,
+        "base_rate": base_rate(data.corpus, domain),
+        "corpus_sources": data.sources,
+        "methods": results,
+        "model": base.model,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "demo.json", json.dumps(summary, indent=2))
+    report = _report(summary)
+    _write_atomic(out / "report.md", report)
+    create_markdown_artifact(report, key="demo-report", description="Curation precision per method")
+    return out / "report.md"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _report(s: dict[str, Any]) -> str:
+    total = sum(s["corpus_sources"].values())
+    lines = [
+        f"# finescope demo: `{s['domain']}` seeds, model `{s['model']}`",
+        "",
+        f"Corpus: {total} records from {len(s['corpus_sources'])} sources; "
+        f"{s['base_rate']:.3f} of it belongs to the seed domain (the precision of a random pick).",
+        "",
+        "Precision = share of the curated set that comes from the seed domain's source.",
+        "",
+        "| method | " + " | ".join(f"precision@{k}" for k in PRECISION_AT) + " | seconds |",
+        "|---|" + "---:|" * (len(PRECISION_AT) + 1),
+    ]
+    for method, r in s["methods"].items():
+        cells = [f"{r['precision'].get(f'@{k}', float('nan')):.3f}" for k in PRECISION_AT]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+    lines += ["", "Corpus sources: " + ", ".join(f"{k} {v}" for k, v in s["corpus_sources"].items())]
+    return "\n".join(lines) + "\n"

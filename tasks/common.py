@@ -1,0 +1,176 @@
+"""What every task shares: the stage manifest, the cached-stage runner, model loading, progress."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.exceptions import MissingContextError
+from pydantic import BaseModel
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.model import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_NAME,
+    convert_gguf,
+    load_model,
+    locate_default_gguf,
+)
+from finescope_core.store import Artifact, ArtifactStore, cache_key, sha256_file
+
+CODE_VERSION = "0.1.0"
+
+
+class StageManifest(BaseModel):
+    """What a task returns: where its artifact is and how to recognise it. Never tensors or models."""
+
+    stage: str
+    key: str
+    uri: str
+    sha256: str
+    cached: bool
+    seconds: float
+    info: dict[str, Any] = {}
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("finescope")
+
+
+def open_store(cfg: FinescopeConfig) -> ArtifactStore:
+    return ArtifactStore(cfg.store, cfg.storage.fsspec_options())
+
+
+def run_cached(
+    store: ArtifactStore,
+    stage: str,
+    version: str,
+    config: Any,
+    inputs: dict[str, str],
+    build: Callable[[Path], dict[str, Any]],
+) -> StageManifest:
+    """Return the stored artifact for this (stage, config, inputs) or build, commit and return it.
+
+    The key is content-addressed, so a re-run with the same inputs recomputes nothing, and an
+    artifact deleted from the store is a miss.
+    """
+    key = cache_key(stage, version, config, inputs)
+    found = store.lookup(stage, key)
+    if found is not None:
+        logger().info("%s: cached (%s)", stage, found.uri)
+        return _manifest(found, cached=True, seconds=0.0)
+    start = time.perf_counter()
+    with store.staging() as work:
+        info = build(work)
+        artifact = store.commit(
+            work, stage, key, {"version": version, "code_version": CODE_VERSION, "config": config, "inputs": inputs, "info": info}
+        )
+    seconds = time.perf_counter() - start
+    logger().info("%s: done in %.1fs (%s)", stage, seconds, artifact.uri)
+    return _manifest(artifact, cached=False, seconds=seconds)
+
+
+def _manifest(artifact: Artifact, *, cached: bool, seconds: float) -> StageManifest:
+    return StageManifest(
+        stage=artifact.stage,
+        key=artifact.key,
+        uri=artifact.uri,
+        sha256=artifact.sha256,
+        cached=cached,
+        seconds=artifact.manifest.get("seconds", seconds) if cached else seconds,
+        info=artifact.manifest.get("info", {}),
+    )
+
+
+def artifact_dir(store: ArtifactStore, manifest: StageManifest) -> Path:
+    """A local directory with the files of a committed stage (downloaded when the store is remote)."""
+    found = store.lookup(manifest.stage, manifest.key)
+    if found is None:
+        raise FileNotFoundError(f"{manifest.uri} disappeared from the store during the run; re-run to rebuild it")
+    return store.local_path(found)
+
+
+class ModelRef(BaseModel):
+    """A model a stage can load: a local HF directory (or hub id) and a content hash."""
+
+    path: str
+    sha256: str
+
+
+def model_ref(cfg: FinescopeConfig, store: ArtifactStore) -> ModelRef:
+    """Resolve `cfg.model`; the bundled default is converted once and kept in the store."""
+    if cfg.model == DEFAULT_MODEL:
+        gguf = locate_default_gguf()
+        digest = _file_digest(str(gguf))
+
+        def build(work: Path) -> dict[str, Any]:
+            convert_gguf(gguf, work / DEFAULT_MODEL_NAME)
+            return {"source": gguf.name}
+
+        manifest = run_cached(store, "models", "1", {"gguf": gguf.name}, {"gguf": digest}, build)
+        return ModelRef(path=str(artifact_dir(store, manifest) / DEFAULT_MODEL_NAME), sha256=manifest.sha256)
+    path = Path(cfg.model).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+        digest = hashlib.sha256("".join(_file_digest(str(p)) for p in files).encode()).hexdigest()
+        return ModelRef(path=str(path), sha256=digest)
+    return ModelRef(path=cfg.model, sha256=hashlib.sha256(cfg.model.encode()).hexdigest())
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str) -> str:
+    return sha256_file(Path(path))
+
+
+@functools.lru_cache(maxsize=2)
+def cached_model(path: str, device: str) -> tuple[Any, Any]:
+    """Load a model once per process; stages of one flow run share it (read-only use only)."""
+    return load_model(path, Path("."), device=device, dtype=torch.float32)
+
+
+class Progress:
+    """Per-batch progress, shown in the terminal (logs every ~10%) and in Prefect (a progress artifact)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.last_pct = -1
+        self.start = time.perf_counter()
+        try:
+            self.artifact_id = create_progress_artifact(0.0, description=what)
+        except Exception:  # no Prefect run context (plain function call): terminal only
+            self.artifact_id = None
+
+    def __call__(self, done: int, total: int, *extra: Any) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct // 10 == self.last_pct // 10 and done != total:
+            if self.artifact_id is not None and pct - self.last_pct >= 2:
+                self._update(pct)
+            return
+        self.last_pct = pct
+        elapsed = time.perf_counter() - self.start
+        detail = f" {extra[0]}" if extra and isinstance(extra[0], dict) else ""
+        logger().info("%s: %d/%d (%d%%, %.0fs)%s", self.what, done, total, pct, elapsed, _short(detail))
+        self._update(pct)
+
+    def _update(self, pct: int) -> None:
+        if self.artifact_id is not None:
+            try:
+                update_progress_artifact(self.artifact_id, float(pct))
+            except Exception:
+                self.artifact_id = None
+        self.last_pct = max(self.last_pct, pct)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
