@@ -1,0 +1,443 @@
+"""Teacher-guided distillation data (paper §3.2.2, after SDFT, Yang et al. 2024).
+
+The teacher (by default the unpruned base model) answers every curated record. When the record has a
+reference answer, the teacher sees it and writes its own response (SDFT's rewrite); otherwise it just
+answers. A reject filter catches empty, cut-off, too-short and scaffold-parroting responses: the
+reference answer is kept instead when there is one, and the record is dropped when there is not.
+
+Plain-text records (only `text`) are used as the user message as they are: a chat teacher answers or
+comments on the passage, a base model continues it. Either way the student learns the teacher's
+reply to a domain text, and no invented instruction wraps the user's data.
+
+Output is JSONL, one line per input record, appended and fsynced batch by batch: a killed run resumes
+where it stopped and ends with the same file as an uninterrupted run (greedy decoding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finescope_core.config import TeacherConfig
+from finescope_core.data import Record
+
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+"""Prompt format for tokenizers without a chat template (Alpaca style)."""
+REWRITE_INSTRUCTION = (
+    "Using the reference answer as a guide, write your own response to the request above. "
+    "Reply with the response only, and do not mention the reference answer."
+)
+REWRITE_TEMPLATE = "{prompt}\n\nReference answer:\n{reference}\n\n" + REWRITE_INSTRUCTION
+REWRITE_PHRASES = (
+    "reference answer",
+    "your response",
+    "your own response",
+    "own words",
+    "rewrite",
+    "rewritten",
+    "rephrase",
+    "paraphrase",
+    "original text",
+    "original answer",
+    "given answer",
+    "provided answer",
+    "this answer",
+    REWRITE_INSTRUCTION.lower(),
+)
+"""Phrases of the rewrite scaffolding, looked for only in replies to a rewrite prompt. The last few
+catch a small teacher's habit of grading the reference ("This answer is incorrect.") after answering."""
+FORMAT_PHRASES = ("### instruction", "### response")
+"""Markers of the plain prompt format, looked for in every reply."""
+COPY_THRESHOLD = 0.8
+"""A response whose word trigrams come from the prompt at least this often is a copy of it."""
+
+Progress = Callable[[int, int], None]
+
+
+class TeacherError(ValueError):
+    """Bad teacher input (records, resume file); the message names it and the fix."""
+
+
+def user_prompt(record: Record) -> str:
+    """The user-facing request of a record: instruction (+ input), or its text when it has no instruction.
+
+    Raises:
+        TeacherError: an instruction record whose instruction and input are both empty.
+    """
+    if "instruction" not in record.fields:
+        return record.text
+    parts = [record.fields.get(k) for k in ("instruction", "input")]
+    parts = [p.strip() for p in parts if isinstance(p, str) and p.strip()]
+    if not parts:
+        raise TeacherError(
+            f"{record.origin}: record {record.id!r} has an empty instruction and input, so there is "
+            "nothing to ask the teacher; fill in the instruction or remove the record"
+        )
+    return "\n\n".join(parts)
+
+
+def teacher_message(record: Record) -> str:
+    """What the teacher is asked: the SDFT rewrite prompt when a reference exists, else the request."""
+    prompt = user_prompt(record)
+    reference = record.reference
+    if reference is None:
+        return prompt
+    return REWRITE_TEMPLATE.format(prompt=prompt, reference=reference.strip())
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, message: str) -> str:
+    """One user turn ready for the assistant's reply: the chat template when there is one, else plain.
+
+    Shared by generation and fine-tuning so the student is trained on exactly the inference format.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        )
+        assert isinstance(text, str)
+        return text
+    return PLAIN_TEMPLATE.format(prompt=message)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, message: str) -> list[int]:
+    """Token ids of `format_prompt(tokenizer, message)`.
+
+    A chat template writes its own special tokens, so none are added on top of it; the plain format
+    gets the tokenizer's usual ones (e.g. BOS).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    text = format_prompt(tokenizer, message)
+    return list(tokenizer(text, add_special_tokens=not has_template)["input_ids"])
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def copied_share(response: str, prompt_parts: Sequence[str], n: int = 3) -> float:
+    """Share of the response's word n-grams that also occur in the prompt parts (0 for no words)."""
+    words = _words(response)
+    if not words:
+        return 0.0
+    n = min(n, len(words))
+    source: set[tuple[str, ...]] = set()
+    for part in prompt_parts:
+        source |= _ngrams(_words(part), n)
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return sum(g in source for g in grams) / len(grams)
+
+
+def reject_reason(
+    response: str,
+    prompt_parts: Sequence[str],
+    *,
+    min_chars: int = 8,
+    truncated: bool = False,
+    rewrite: bool = True,
+) -> str | None:
+    """Why a teacher response is unusable, or None when it is kept.
+
+    Args:
+        response: the decoded response (special tokens removed).
+        prompt_parts: the user's texts the teacher was shown (instruction, input, reference). A
+            scaffold phrase these already contain is allowed (the user asked for a "rewrite").
+        min_chars: shortest acceptable response, in characters after stripping.
+        truncated: generation hit max_new_tokens without an end-of-sequence token.
+        rewrite: the teacher saw the rewrite scaffolding (a reference answer). Without it, words like
+            "rewrite" or "your response" are ordinary language and only format markers count.
+
+    Returns:
+        `empty`, `truncated`, `too_short`, `mentions_scaffolding`, `copies_prompt`, or None.
+    """
+    text = response.strip()
+    if not text:
+        return "empty"
+    if truncated:
+        return "truncated"
+    if len(text) < min_chars:
+        return "too_short"
+    lowered = text.lower()
+    user_text = "\n".join(prompt_parts).lower()
+    phrases = FORMAT_PHRASES + (REWRITE_PHRASES if rewrite else ())
+    if any(p in lowered and p not in user_text for p in phrases):
+        return "mentions_scaffolding"
+    if copied_share(text, prompt_parts) >= COPY_THRESHOLD:
+        return "copies_prompt"
+    return None
+
+
+def distilled_line(record: Record, response: str, truncated: bool, min_chars: int) -> dict[str, Any]:
+    """The output line of one record: the teacher's response, the reference, or a drop (response None)."""
+    parts = [p for p in (user_prompt(record), record.reference) if p]
+    rewrite = record.reference is not None
+    reason = reject_reason(response, parts, min_chars=min_chars, truncated=truncated, rewrite=rewrite)
+    line: dict[str, Any] = {"id": record.id, "prompt": user_prompt(record)}
+    if reason is None:
+        return line | {"response": response.strip(), "source": "teacher", "rejected": None}
+    if record.reference is not None:
+        return line | {"response": record.reference, "source": "reference", "rejected": reason}
+    return line | {"response": None, "source": None, "rejected": reason}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated continuation."""
+
+    token_ids: list[int]
+    """New tokens, up to (excluding) the first end-of-sequence token."""
+    truncated: bool
+    """True when generation stopped at max_new_tokens without an end-of-sequence token."""
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token id that ends a response: the generation config's and the tokenizer's EOS."""
+    ids: list[int] = []
+    configured = model.generation_config.eos_token_id
+    for value in [*(configured if isinstance(configured, list) else [configured]), tokenizer.eos_token_id]:
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    if not ids:
+        raise TeacherError("neither the model's generation config nor the tokenizer defines an EOS token; set eos_token_id")
+    return ids
+
+
+def _generation_config(model: PreTrainedModel, pad_id: int, eos: list[int], max_new_tokens: int, temperature: float) -> Any:
+    gen = copy.deepcopy(model.generation_config)
+    gen.max_new_tokens, gen.max_length = max_new_tokens, None
+    gen.pad_token_id, gen.eos_token_id = pad_id, eos
+    gen.do_sample = temperature > 0
+    if gen.do_sample:
+        gen.temperature = temperature
+    else:
+        # An instruct model's config may carry sampling defaults; greedy decoding must not see them.
+        gen.temperature = gen.top_p = gen.top_k = None
+    return gen
+
+
+@torch.no_grad()
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+) -> list[Generation]:
+    """Generate for a batch of tokenised prompts, left padded so every row continues from its last token.
+
+    Args:
+        prompts: token ids per prompt (already truncated), any lengths.
+        max_new_tokens: generation budget per prompt.
+        temperature: 0 for greedy decoding; above 0 samples from the global torch RNG.
+
+    Returns:
+        One `Generation` per prompt, in order.
+    """
+    eos = eos_ids(model, tokenizer)
+    side = tokenizer.padding_side
+    try:
+        tokenizer.padding_side = "left"
+        enc = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    gen = _generation_config(model, tokenizer.pad_token_id, eos, max_new_tokens, temperature)
+    out = model.generate(**enc, generation_config=gen)
+    new = out[:, enc["input_ids"].shape[1] :].tolist()
+    return [_cut_at_eos(row, eos) for row in new]
+
+
+def _cut_at_eos(row: list[int], eos: list[int]) -> Generation:
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return Generation(row[:i], truncated=False)
+    return Generation(row, truncated=True)
+
+
+@dataclass
+class TeacherSummary:
+    """Counts over the whole output file; `generated`, `new_tokens` and `seconds` cover this call only."""
+
+    total: int
+    generated: int
+    kept_teacher: int
+    fell_back_to_reference: int
+    dropped: int
+    resumed_from: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rejection reason -> number of records (fallbacks and drops together)."""
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"tokens_per_second": self.tokens_per_second}
+
+
+def _check_ids(records: Sequence[Record]) -> None:
+    seen: dict[str, str] = {}
+    for r in records:
+        if r.id in seen:
+            raise TeacherError(
+                f"record id {r.id!r} appears twice ({seen[r.id]} and {r.origin}); resuming needs unique "
+                "ids: give the records distinct `id` fields or remove the duplicate"
+            )
+        seen[r.id] = r.origin
+
+
+def read_done(out_path: Path, ids: set[str]) -> list[dict[str, Any]]:
+    """The complete lines of an earlier run's file, after cutting a partial last line off the file.
+
+    Raises:
+        TeacherError: a complete line that is not JSON, or ids this input does not have (another run's file).
+    """
+    if not out_path.exists():
+        return []
+    data = out_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        # A kill mid-write leaves a partial line: drop it so appending continues on a line boundary.
+        with out_path.open("r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    lines = []
+    for lineno, raw in enumerate(data[:end].splitlines(), start=1):
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError as e:
+            raise TeacherError(f"{out_path}:{lineno} is not valid JSON ({e}); delete {out_path} to start over") from None
+    stray = [str(line.get("id")) for line in lines if line.get("id") not in ids]
+    if stray:
+        raise TeacherError(
+            f"{out_path} holds ids that are not in this input (e.g. {stray[0]!r}): it belongs to another "
+            "run; delete it or write to another path"
+        )
+    return lines
+
+
+def _pending_batches(records: Sequence[Record], done: set[str], batch_size: int) -> Iterator[tuple[int, list[Record]]]:
+    """(batch number, records still to do), batches fixed over the whole input so a resume keeps them."""
+    for start in range(0, len(records), batch_size):
+        todo = [r for r in records[start : start + batch_size] if r.id not in done]
+        if todo:
+            yield start // batch_size, todo
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG for one batch without disturbing the caller's RNG state."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _distill_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: list[Record], cfg: TeacherConfig, seed: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Output lines for one batch, and the number of new tokens generated."""
+    prompts = [encode_prompt(tokenizer, teacher_message(r))[-cfg.max_prompt_length :] for r in batch]
+    with _seeded(seed, model.device):
+        gens = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    lines = []
+    for record, gen in zip(batch, gens, strict=True):
+        text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        lines.append(distilled_line(record, text, gen.truncated, cfg.min_response_chars))
+    return lines, sum(len(g.token_ids) for g in gens)
+
+
+def _summarise(lines: list[dict[str, Any]], generated: int, resumed: int, tokens: int, seconds: float) -> TeacherSummary:
+    sources = Counter(line.get("source") for line in lines)
+    reasons = Counter(line["rejected"] for line in lines if line.get("rejected"))
+    return TeacherSummary(
+        total=len(lines),
+        generated=generated,
+        kept_teacher=sources["teacher"],
+        fell_back_to_reference=sources["reference"],
+        dropped=sources[None],
+        resumed_from=resumed,
+        rejected=dict(sorted(reasons.items())),
+        new_tokens=tokens,
+        seconds=seconds,
+    )
+
+
+def generate_distilled(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    cfg: TeacherConfig,
+    out_path: Path,
+    *,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> TeacherSummary:
+    """Write the distilled dataset for `records` to `out_path` (JSONL), resuming an interrupted run.
+
+    Each line is `{"id", "prompt", "response", "source", "rejected"}`: `prompt` is the user's request
+    without the rewrite scaffolding, `source` is `teacher` or `reference` (the teacher's response was
+    rejected for the reason in `rejected`), and a dropped record has `response` and `source` null.
+
+    Args:
+        model: the teacher, in eval mode.
+        records: the curated records, with unique ids, in output order.
+        cfg: generation settings (batch size, budgets, temperature, reject threshold).
+        out_path: the JSONL file; lines already there (from a killed run) are kept and skipped.
+        progress: called as `progress(records_done, records_total)` after each written batch.
+        seed: sampling seed (each batch is seeded from it and its batch number).
+
+    Returns:
+        Counts over the whole file, plus this call's generated records, new tokens and seconds.
+    """
+    _check_ids(records)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = read_done(out_path, {r.id for r in records})
+    resumed, done = len(lines), {line["id"] for line in lines}
+    generated = tokens = 0
+    start = time.perf_counter()
+    with out_path.open("a", encoding="utf-8") as f:
+        for batch_no, batch in _pending_batches(records, done, cfg.batch_size):
+            new, n_tokens = _distill_batch(model, tokenizer, batch, cfg, seed * 1_000_003 + batch_no)
+            f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
+            f.flush()
+            os.fsync(f.fileno())
+            lines += new
+            generated, tokens = generated + len(new), tokens + n_tokens
+            if progress is not None:
+                progress(len(lines), len(records))
+    return _summarise(lines, generated, resumed, tokens, time.perf_counter() - start)
+
+
+def read_distilled(path: Path) -> list[dict[str, Any]]:
+    """The usable rows of a distilled file (dropped records left out): dicts with id, prompt, response, source."""
+    rows = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise TeacherError(f"{path}:{lineno} is not valid JSON ({e}); regenerate the distilled data") from None
+        if line.get("response") is not None:
+            rows.append({k: line[k] for k in ("id", "prompt", "response", "source")})
+    return rows
