@@ -123,6 +123,71 @@ class PruneConfig(_Strict):
     """Samples per backward pass."""
 
 
+class TeacherConfig(_Strict):
+    """Teacher-guided distillation data (paper §3.2.2, SDFT-style rewrite)."""
+
+    model: str = "base"
+    """`base`: the unpruned base model; or any HF directory / hub id."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Longest teacher response, in tokens."""
+    max_prompt_length: int = Field(384, ge=8)
+    """Prompt tokens kept (longer prompts are truncated from the left)."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per generate() call (left padded)."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy decoding (reproducible); above 0: sampling at this temperature."""
+    min_response_chars: int = Field(8, ge=0)
+    """Responses shorter than this are rejected (the reference is kept instead, when there is one)."""
+
+
+class FinetuneConfig(_Strict):
+    """LoRA recovery of the pruned model on the distilled data (paper §4: rank 32, AdamW, cutoff 256)."""
+
+    rank: int = Field(32, ge=1)
+    """LoRA rank r."""
+    alpha: int = Field(64, ge=1)
+    """LoRA alpha (scale = alpha / rank)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """LoRA dropout."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers that get adapters."""
+    epochs: int = Field(2, ge=1)
+    """Passes over the distilled data."""
+    lr: float = Field(2e-4, gt=0)
+    """AdamW learning rate."""
+    batch_size: int = Field(4, ge=1)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(2, ge=1)
+    """Micro-batches per optimiser step."""
+    cutoff: int = Field(256, ge=8)
+    """Tokens per example (prompt + response), truncated beyond."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the distilled data held out for the per-epoch eval loss."""
+
+
+class EvalConfig(_Strict):
+    """Evaluation of base / pruned / tuned models."""
+
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the curated records held out of pruning and tuning, for domain perplexity."""
+    eval_file: str | None = None
+    """Optional file/URI of held-out domain texts (any supported format) used instead of the held-out share."""
+    mc_file: str | None = None
+    """Optional MMLU-style JSONL: {question, choices: [...], answer: index}; accuracy by log-likelihood."""
+    numeric_file: str | None = None
+    """Optional GSM8K-style JSONL: {question, answer} with a numeric final answer; exact match."""
+    max_length: int = Field(256, ge=8)
+    """Tokens per text for perplexity."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Generation budget for numeric-answer questions."""
+    max_examples: int = Field(200, ge=1)
+    """At most this many examples per eval set (keeps CPU runs short)."""
+    baselines: list[Literal["random", "corpus"]] = Field(default_factory=list)
+    """Also prune+tune with random corpus data / the whole corpus at the same ratio (paper Tables 1-4)."""
+
+
 class FinescopeConfig(_Strict):
     """A whole finescope run. A config of just `seeds` and `corpus` is enough."""
 
@@ -144,6 +209,12 @@ class FinescopeConfig(_Strict):
     """Curation stage."""
     prune: PruneConfig = Field(default_factory=PruneConfig)
     """Pruning stage."""
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    """Teacher generation stage."""
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    """LoRA distillation stage."""
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation stage."""
 
     @field_validator("seeds", "corpus", mode="before")
     @classmethod

@@ -84,7 +84,8 @@ def saliency_stage(
     """Score every coordinate of every hooked layer on D0 (a seeded corpus sample) and keep the top k_act."""
     rows = _sample_rows(len(corpus), cfg.reference_size, seed)
     texts = [corpus.records[i].text for i in rows]
-    batches = iter_text_batches(tokenizer, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    # A list, not a generator: progress needs the total up front.
+    batches = list(iter_text_batches(tokenizer, texts, max_length=cfg.max_length, batch_size=cfg.batch_size))
     if cfg.selector == "jacobian":
         gen = torch.Generator(device=model.device).manual_seed(seed)
         scores = saliency.jacobian_saliency(
@@ -115,23 +116,19 @@ def _pooled_all(model, batches, layers, skip_first: int, n: int, progress: Progr
 def activation_stage(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    corpus: RecordSet,
-    seeds: RecordSet,
+    records: RecordSet,
     layers: list[int],
     indices: torch.Tensor | None,
     cfg: CurateConfig,
     out_dir: Path,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Pooled activations of corpus (sharded) and seeds at the selected coordinates, one pass each."""
-    common = dict(
-        indices=indices, max_length=cfg.max_length, batch_size=cfg.batch_size, skip_first=cfg.skip_first, shard_size=cfg.shard_size
+    """Pooled activations of `records` at the selected coordinates, every layer from one pass, sharded."""
+    manifest = activations.write_activation_shards(
+        model, tokenizer, records.texts, layers, out_dir, indices=indices, max_length=cfg.max_length,
+        batch_size=cfg.batch_size, skip_first=cfg.skip_first, shard_size=cfg.shard_size, progress=progress,
     )
-    corpus_manifest = activations.write_activation_shards(
-        model, tokenizer, corpus.texts, layers, out_dir / "corpus", progress=progress, **common
-    )
-    activations.write_activation_shards(model, tokenizer, seeds.texts, layers, out_dir / "seeds", **common)
-    return {"layers": layers, "corpus_rows": len(corpus), "seed_rows": len(seeds), "shards": len(corpus_manifest.shards)}
+    return {"layers": layers, "rows": len(records), "shards": len(manifest.shards)}
 
 
 # --- SAE --------------------------------------------------------------------------------------------
@@ -139,7 +136,7 @@ def activation_stage(
 
 def sae_stage(acts_dir: Path, layers: list[int], indices: torch.Tensor, cfg: CurateConfig, seed: int, out_dir: Path, progress=None) -> dict[str, Any]:
     """Train one SAE per layer (batched) on the corpus activations; save each with its metrics."""
-    acts = activations.load_activations(acts_dir / "corpus")
+    acts = activations.load_activations(acts_dir)
     model, metrics = sae.train_saes(acts, cfg.sae, seed=seed, progress=progress, layer_ids=layers)
     extra = [{"coordinates": indices[i].tolist()} for i in range(len(layers))]
     sae.save_saes(model, metrics, layers, out_dir, extra, cfg=cfg.sae)
@@ -154,9 +151,9 @@ def _metric_summary(m: Any) -> dict[str, float]:
 
 
 def retrieve_by_layer(
-    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], top_m: int
+    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], top_m: int, exclude: np.ndarray | None = None
 ) -> list[retrieval.LayerSelection]:
-    """Exact top-M by max-over-seeds cosine in every layer's embedding space."""
+    """Exact top-M by max-over-seeds cosine in every layer's embedding space (`exclude`d rows never chosen)."""
     out = []
     for layer, emb in corpus_emb.items():
         seeds = seed_emb[layer]
@@ -165,25 +162,27 @@ def retrieve_by_layer(
         if len(seeds) == 0:
             log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
             continue
-        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m)
+        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m, exclude=exclude)
         out.append(retrieval.LayerSelection(layer=layer, rows=rows, scores=scores))
     if not out:
         raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
     return out
 
 
-def sae_codes(acts_dir: Path, sae_dir: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def sae_codes(corpus_acts: Path, seed_acts: Path, sae_dir: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """SAE codes per layer for corpus and seeds: ({layer: [N,d_sae]}, {layer: [S,d_sae]})."""
     model, layers, _ = sae.load_saes(sae_dir)
-    corpus = sae.encode(model, activations.load_activations(acts_dir / "corpus"))
-    seeds = sae.encode(model, activations.load_activations(acts_dir / "seeds"))
+    corpus = sae.encode(model, activations.load_activations(corpus_acts))
+    seeds = sae.encode(model, activations.load_activations(seed_acts))
     return _split_layers(corpus, layers), _split_layers(seeds, layers)
 
 
-def raw_activation_embeddings(acts_dir: Path, layers: list[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def raw_activation_embeddings(
+    corpus_acts: Path, seed_acts: Path, layers: list[int]
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Pooled activations z-scored per coordinate with corpus statistics (the `activation` baseline)."""
-    corpus = activations.load_activations(acts_dir / "corpus").float()
-    seeds = activations.load_activations(acts_dir / "seeds").float()
+    corpus = activations.load_activations(corpus_acts).float()
+    seeds = activations.load_activations(seed_acts).float()
     mean, std = corpus.mean(0, keepdim=True), corpus.std(0, keepdim=True).clamp_min(1e-6)
     return _split_layers((corpus - mean) / std, layers), _split_layers((seeds - mean) / std, layers)
 
@@ -229,27 +228,32 @@ def select_records(
     corpus_size: int,
     cfg: CurateConfig,
     seed: int,
+    exclude_rows: Sequence[int] = (),
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
-    """Per-layer top-M then the vote across layers (or a seeded sample for `random`)."""
+    """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row."""
+    excluded = set(exclude_rows)
     if method == "random":
-        rows = _sample_rows(corpus_size, cfg.final_size, seed)
-        gen = np.random.default_rng(seed)
-        gen.shuffle(rows)
+        pool = [i for i in range(corpus_size) if i not in excluded]
+        rows = [pool[i] for i in _sample_rows(len(pool), cfg.final_size, seed)]
+        np.random.default_rng(seed).shuffle(rows)
         return [retrieval.VotedRecord(row=r, votes=0.0, mean_score=0.0, layers=[]) for r in rows], {}
     assert corpus_emb is not None and seed_emb is not None
+    mask = np.zeros(corpus_size, dtype=bool)
+    mask[list(excluded)] = True
+    usable = corpus_size - len(excluded)
     # The vote ranks the union of the per-layer lists; widen M until that union can fill final_size.
     top_m = cfg.top_m
     while True:
-        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m)
+        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, mask if excluded else None)
         union = len(set().union(*(s.rows.tolist() for s in selections)))
-        if union >= cfg.final_size or top_m >= corpus_size:
+        if union >= cfg.final_size or top_m >= usable:
             break
-        top_m = min(2 * top_m, corpus_size)
+        top_m = min(2 * top_m, usable)
     if top_m != cfg.top_m:
         log.info("per-layer top-%d left fewer than %d records; used top-%d", cfg.top_m, cfg.final_size, top_m)
     voted = retrieval.vote(selections, cfg.final_size)
     per_layer = {s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections}
-    return voted, {"per_layer": per_layer, "effective_top_m": top_m}
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded)}
 
 
 def save_embeddings(path: Path, corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray]) -> None:

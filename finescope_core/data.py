@@ -259,30 +259,31 @@ def normalise_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class PreparedCorpus:
-    """The corpus with seeds and exact duplicates taken out, and what was taken out."""
+    """The corpus with exact duplicates taken out (the first copy stays), and the ids taken out."""
 
     corpus: RecordSet
-    dropped_seed_copies: list[str]
     dropped_duplicates: list[str]
 
 
-def prepare_corpus(corpus: RecordSet, seeds: RecordSet) -> PreparedCorpus:
-    """Remove corpus records that are copies of a seed, and exact duplicates (the first copy stays)."""
-    seed_texts = {normalise_text(r.text) for r in seeds.records}
+def deduplicate(corpus: RecordSet) -> PreparedCorpus:
+    """Remove exact duplicates (whitespace- and case-insensitive); independent of any seeds."""
     seen: set[str] = set()
     kept: list[Record] = []
-    seed_copies: list[str] = []
     duplicates: list[str] = []
     for r in corpus.records:
         key = normalise_text(r.text)
-        if key in seed_texts:
-            seed_copies.append(r.id)
-        elif key in seen:
+        if key in seen:
             duplicates.append(r.id)
         else:
             seen.add(key)
             kept.append(r)
-    return PreparedCorpus(RecordSet(kept, corpus.sources), seed_copies, duplicates)
+    return PreparedCorpus(RecordSet(kept, corpus.sources), duplicates)
+
+
+def seed_copies(corpus: RecordSet, seeds: RecordSet) -> list[int]:
+    """Rows of corpus records whose text is a seed's: they must never be "retrieved"."""
+    seed_texts = {normalise_text(r.text) for r in seeds.records}
+    return [i for i, r in enumerate(corpus.records) if normalise_text(r.text) in seed_texts]
 
 
 def check_sizes(corpus: RecordSet, *, needed: int, what: str) -> None:
@@ -298,3 +299,16 @@ def write_jsonl(records: Iterable[dict[str, Any]], f: io.TextIOBase) -> None:
     """One JSON object per line, UTF-8, non-ASCII kept as is."""
     for obj in records:
         f.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+
+
+def heldout_split(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split records into (train, held-out) by a seeded hash of their id.
+
+    A record's side depends only on its id and the seed, so the split is stable when the curated set
+    grows or is re-ordered, and pruning, tuning and evaluation all agree on it.
+    """
+    train, held = [], []
+    for row in rows:
+        digest = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
+        (held if int.from_bytes(digest[:8], "big") / 2**64 < fraction else train).append(row)
+    return train, held

@@ -1,6 +1,6 @@
 """Artifact store on any fsspec URI, with atomic stage directories and content-addressed cache keys.
 
-A stage writes into a local staging directory; `commit` publishes it under `<stage>/<key>/` and
+A stage writes into a local work directory; `commit` publishes it under `<stage>/<key>/` and
 writes `_COMPLETE.json` (file list with sha256) last. Only a directory with that marker exists as far
 as readers are concerned, so a run killed mid-write leaves nothing that looks finished, and a deleted
 artifact is simply a cache miss.
@@ -103,15 +103,23 @@ class ArtifactStore:
         return Artifact(stage, key, self.artifact_uri(stage, key), manifest)
 
     @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A fresh local directory to write a stage's outputs into (removed afterwards)."""
-        base = Path(self.root) / ".staging" if self.is_local else Path(tempfile.gettempdir()) / "finescope-staging"
-        base.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="stage-", dir=base))
-        try:
-            yield path
-        finally:
+    def work_dir(self, stage: str, key: str, *, resume: bool) -> Iterator[Path]:
+        """A local directory for building (stage, key) that survives a crash, for stages that resume.
+
+        It is tied to the key, so a re-run after a kill finds what the killed run wrote; it is removed
+        once the stage has been committed. With `resume=False` any leftovers are cleared first.
+        """
+        if self.is_local:
+            base = Path(self.root) / ".partial"
+        else:
+            digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+            base = Path(tempfile.gettempdir()) / "finescope-partial" / digest
+        path = base / stage / key
+        if not resume:
             shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        shutil.rmtree(path, ignore_errors=True)
 
     def commit(self, local_dir: Path, stage: str, key: str, info: dict[str, Any]) -> Artifact:
         """Publish `local_dir` as (stage, key): hash every file, upload, then write the marker last."""

@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--config", type=Path, help="YAML config file (fields below)")
     curate.add_argument("--out", type=Path, required=True, help="directory for curated.jsonl, curated.parquet, run.json")
     _add_config_options(curate)
+    run = sub.add_parser("run", help="the whole specialize flow: curate, prune, teacher, LoRA, evaluate, report")
+    run.add_argument("--config", type=Path, help="YAML config file (fields below)")
+    run.add_argument("--out", type=Path, required=True, help="directory for metrics.json, report.md (+ plots), tuned-model/, run.json")
+    _add_config_options(run)
+    prune = sub.add_parser("prune", help="curate (cached) then prune; writes a plain HF model directory")
+    prune.add_argument("--config", type=Path, help="YAML config file (fields below)")
+    prune.add_argument("--out", type=Path, required=True, help="directory for pruned-model/ and run.json")
+    _add_config_options(prune)
     demo = sub.add_parser("demo", help="build the bundled mixed-domain demo corpus and compare every curation method")
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo report")
     demo.add_argument("--domain", default="math", help="demo domain whose seeds are used (math, code, science)")
@@ -116,6 +124,59 @@ def run_curate(cfg: FinescopeConfig, out: Path) -> dict[str, Any]:
     return stages
 
 
+def run_prune(cfg: FinescopeConfig, out: Path) -> dict[str, Any]:
+    """Run the prune flow and copy the pruned model directory into `out/pruned-model`."""
+    from flows.prune import prune_flow
+    from tasks.common import artifact_dir, open_store
+
+    start = time.perf_counter()
+    result = prune_flow(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_dir(artifact_dir(open_store(cfg), result.pruned) / "model", out / "pruned-model")
+    stages = {"pruned": result.pruned.model_dump()}
+    if result.curate is not None:
+        stages.update({k: v for k, v in result.curate.model_dump().items() if k != "layers" and v is not None})
+    write_run_manifest(out, cfg, stages, time.perf_counter() - start)
+    return stages
+
+
+def run_specialize(cfg: FinescopeConfig, out: Path) -> dict[str, Any]:
+    """Run the specialize flow; copy report, metrics and the tuned model into `out`."""
+    from flows.specialize import specialize_flow
+    from tasks.common import artifact_dir, open_store
+
+    start = time.perf_counter()
+    result = specialize_flow(cfg)
+    store = open_store(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    report_dir = artifact_dir(store, result.report)
+    for src in sorted(report_dir.iterdir()):
+        if src.is_file() and not src.name.startswith("_"):
+            shutil.copyfile(src, out / f".{src.name}.tmp")
+            os.replace(out / f".{src.name}.tmp", out / src.name)
+    tuned = result.variants[""].tuned
+    _copy_dir(artifact_dir(store, tuned) / "merged", out / "tuned-model")
+    _copy_dir(artifact_dir(store, tuned) / "adapter", out / "tuned-adapter")
+    stages = {k: v for k, v in result.curate.model_dump().items() if k != "layers" and v is not None}
+    for name, variant in result.variants.items():
+        for stage, manifest in variant.model_dump().items():
+            stages[f"{stage}-{name}" if name else stage] = manifest
+    stages.update({f"evaluate-{k}": v.model_dump() for k, v in result.evaluations.items()})
+    stages["report"] = result.report.model_dump()
+    write_run_manifest(out, cfg, stages, time.perf_counter() - start)
+    return result.metrics
+
+
+def _copy_dir(src: Path, dest: Path) -> None:
+    """Replace `dest` with a copy of `src`, never leaving a half-copied directory under the final name."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -123,6 +184,20 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, _overrides(args))
             run_curate(cfg, args.out)
             print(f"curated set written to {args.out / 'curated.jsonl'}")
+        elif args.command == "run":
+            cfg = load_config(args.config, _overrides(args))
+            metrics = run_specialize(cfg, args.out)
+            for name, m in metrics["models"].items():
+                print(f"{name:>16}: perplexity {m['perplexity']:.2f}, parameters {m['parameters']:,}")
+            print(f"report written to {args.out / 'report.md'}")
+        elif args.command == "prune":
+            cfg = load_config(args.config, _overrides(args))
+            stages = run_prune(cfg, args.out)
+            info = stages["pruned"]["info"]
+            print(
+                f"pruned model written to {args.out / 'pruned-model'}: {info['params_before']['total']:,} -> "
+                f"{info['params_after']['total']:,} parameters (ratio {info['achieved_ratio']:.4f})"
+            )
         elif args.command == "demo":
             from flows.demo import run_demo
 

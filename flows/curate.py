@@ -21,11 +21,18 @@ class CurateResult(BaseModel):
     """Manifests of every stage the run used (None for stages its method skips)."""
 
     layers: list[int]
-    data: StageManifest
+    corpus: StageManifest
+    seeds: StageManifest
     saliency: StageManifest | None = None
     activations: StageManifest | None = None
+    seed_activations: StageManifest | None = None
     sae: StageManifest | None = None
     curated: StageManifest
+
+    def stages(self) -> list[StageManifest]:
+        """The stages this run used, in pipeline order."""
+        order = (self.corpus, self.seeds, self.saliency, self.activations, self.seed_activations, self.sae, self.curated)
+        return [m for m in order if m is not None]
 
 
 def model_shape(cfg: FinescopeConfig) -> tuple[int, int]:
@@ -53,25 +60,29 @@ def preflight(cfg: FinescopeConfig) -> list[int]:
 def curate_flow(config: FinescopeConfig) -> CurateResult:
     """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store)."""
     layers = preflight(config)
-    data = data_task(config)
+    corpus, seeds = data_task(config)
     method = config.curate.method
-    sal = acts = sae = None
+    sal = acts = seed_acts = sae = None
     if method in ("sae", "activation"):
         ref = model_task(config)
         if method == "sae":
-            sal = saliency_task(config, ref, data, layers)
-        acts = activations_task(config, ref, data, layers, sal)
+            sal = saliency_task(config, ref, corpus, layers)
+        acts = activations_task(config, ref, corpus, layers, sal)
+        seed_acts = activations_task(config, ref, seeds, layers, sal)
         if method == "sae":
             sae = sae_task(config, acts, sal, layers)
-    curated = retrieve_task(config, data, acts, sae)
-    result = CurateResult(layers=layers, data=data, saliency=sal, activations=acts, sae=sae, curated=curated)
+    curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae)
+    result = CurateResult(
+        layers=layers, corpus=corpus, seeds=seeds, saliency=sal, activations=acts, seed_activations=seed_acts,
+        sae=sae, curated=curated,
+    )
     publish(config, result)
     return result
 
 
 def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
     """Stage table and the top of the curated set as Prefect artifacts (and in the log)."""
-    stages = [m for m in (result.data, result.saliency, result.activations, result.sae, result.curated) if m]
+    stages = result.stages()
     create_table_artifact(
         [{"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1), "uri": m.uri} for m in stages],
         key="curate-stages",

@@ -38,15 +38,11 @@ def demo_flow(base: FinescopeConfig, domain: str, methods: list[str]) -> dict[st
             "precision": {f"@{k}": domain_precision(rows[:k], domain) for k in PRECISION_AT if len(rows) >= k},
             "records": len(rows),
             "seconds": round(time.perf_counter() - start, 1),
-            "stages": {m.stage: {"cached": m.cached, "seconds": round(m.seconds, 1)} for m in _stages(result)},
+            "stages": [{"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1)} for m in result.stages()],
             "artifact": result.curated.uri,
         }
         logger().info("%s: precision %s", method, results[method]["precision"])
     return results
-
-
-def _stages(result: Any) -> list[Any]:
-    return [m for m in (result.data, result.saliency, result.activations, result.sae, result.curated) if m is not None]
 
 
 def run_demo(out: Path, domain: str, methods: list[str], config: Path | None, overrides: dict[str, Any]) -> Path:

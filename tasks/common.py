@@ -59,11 +59,14 @@ def run_cached(
     config: Any,
     inputs: dict[str, str],
     build: Callable[[Path], dict[str, Any]],
+    *,
+    resume: bool = False,
 ) -> StageManifest:
     """Return the stored artifact for this (stage, config, inputs) or build, commit and return it.
 
     The key is content-addressed, so a re-run with the same inputs recomputes nothing, and an
-    artifact deleted from the store is a miss.
+    artifact deleted from the store is a miss. With `resume`, files a killed run left in the
+    stage's work dir are kept for `build` to continue from.
     """
     key = cache_key(stage, version, config, inputs)
     found = store.lookup(stage, key)
@@ -71,12 +74,12 @@ def run_cached(
         logger().info("%s: cached (%s)", stage, found.uri)
         return _manifest(found, cached=True, seconds=0.0)
     start = time.perf_counter()
-    with store.staging() as work:
+    # The work dir outlives a killed run, so a resumable stage (teacher generation) picks up where it stopped.
+    with store.work_dir(stage, key, resume=resume) as work:
         info = build(work)
-        artifact = store.commit(
-            work, stage, key, {"version": version, "code_version": CODE_VERSION, "config": config, "inputs": inputs, "info": info}
-        )
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        record = {"version": version, "code_version": CODE_VERSION, "config": config, "inputs": inputs, "info": info, "seconds": seconds}
+        artifact = store.commit(work, stage, key, record)
     logger().info("%s: done in %.1fs (%s)", stage, seconds, artifact.uri)
     return _manifest(artifact, cached=False, seconds=seconds)
 
@@ -140,36 +143,38 @@ def cached_model(path: str, device: str) -> tuple[Any, Any]:
 
 
 class Progress:
-    """Per-batch progress, shown in the terminal (logs every ~10%) and in Prefect (a progress artifact)."""
+    """Per-batch progress, shown in the terminal (a log line every ~10%) and in Prefect (a progress artifact)."""
 
     def __init__(self, what: str):
         self.what = what
-        self.last_pct = -1
+        self.logged_decile = -1
+        self.shown_pct = -1
         self.start = time.perf_counter()
         try:
             self.artifact_id = create_progress_artifact(0.0, description=what)
-        except Exception:  # no Prefect run context (plain function call): terminal only
+        except Exception:  # no Prefect run context (a plain function call): terminal only
             self.artifact_id = None
 
     def __call__(self, done: int, total: int, *extra: Any) -> None:
-        pct = int(100 * done / max(total, 1))
-        if pct // 10 == self.last_pct // 10 and done != total:
-            if self.artifact_id is not None and pct - self.last_pct >= 2:
-                self._update(pct)
+        if total <= 0:  # size unknown up front: no percentage to show
             return
-        self.last_pct = pct
-        elapsed = time.perf_counter() - self.start
-        detail = f" {extra[0]}" if extra and isinstance(extra[0], dict) else ""
-        logger().info("%s: %d/%d (%d%%, %.0fs)%s", self.what, done, total, pct, elapsed, _short(detail))
-        self._update(pct)
+        pct = min(100, int(100 * done / total))
+        if pct >= self.shown_pct + 2 or done >= total:
+            self._show(pct)
+        if pct // 10 > self.logged_decile or done >= total:
+            self.logged_decile = pct // 10
+            detail = _short(f" {extra[0]}") if extra and isinstance(extra[0], dict) else ""
+            elapsed = time.perf_counter() - self.start
+            logger().info("%s: %d/%d (%d%%, %.0fs)%s", self.what, done, total, pct, elapsed, detail)
 
-    def _update(self, pct: int) -> None:
-        if self.artifact_id is not None:
-            try:
-                update_progress_artifact(self.artifact_id, float(pct))
-            except Exception:
-                self.artifact_id = None
-        self.last_pct = max(self.last_pct, pct)
+    def _show(self, pct: int) -> None:
+        self.shown_pct = pct
+        if self.artifact_id is None:
+            return
+        try:
+            update_progress_artifact(self.artifact_id, float(pct))
+        except Exception:  # the UI is a convenience; never fail a stage over it
+            self.artifact_id = None
 
 
 def _short(text: str, limit: int = 160) -> str:

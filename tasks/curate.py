@@ -17,8 +17,9 @@ from finescope_core.data import (
     Record,
     RecordSet,
     check_sizes,
+    deduplicate,
     load_records,
-    prepare_corpus,
+    seed_copies,
     write_jsonl,
 )
 from finescope_core.saliency import LayerSaliency
@@ -55,9 +56,10 @@ def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
     """Load and validate seeds and corpus; no model work, nothing written."""
     options = cfg.storage.fsspec_options()
     seeds = load_records(cfg.seeds, role="seeds", storage_options=options)
-    corpus = load_records(cfg.corpus, role="corpus", storage_options=options)
-    prepared = prepare_corpus(corpus, seeds)
-    check_sizes(prepared.corpus, needed=cfg.curate.final_size, what="curate.final_size")
+    prepared = deduplicate(load_records(cfg.corpus, role="corpus", storage_options=options))
+    usable = len(prepared.corpus) - len(seed_copies(prepared.corpus, seeds))
+    if usable < cfg.curate.final_size:
+        check_sizes(RecordSet(prepared.corpus.records[:usable]), needed=cfg.curate.final_size, what="curate.final_size")
     return seeds, prepared
 
 
@@ -72,29 +74,29 @@ def read_records(path: Path) -> RecordSet:
     return RecordSet([Record(id=r["id"], text=r["text"], fields=r["fields"], origin=r["origin"]) for r in rows])
 
 
-@task(name="data", cache_policy=NO_CACHE, **IO_RETRIES)
-def data_task(cfg: FinescopeConfig) -> StageManifest:
-    """Validated seeds and corpus (seed copies and exact duplicates removed), stored by content hash."""
-    seeds, prepared = read_inputs(cfg)
-
+def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]) -> StageManifest:
     def build(work: Path) -> dict[str, Any]:
-        _write_records(work / "seeds.jsonl", seeds.records)
-        _write_records(work / "corpus.jsonl", prepared.corpus.records)
-        return {
-            "seeds": len(seeds),
-            "corpus": len(prepared.corpus),
-            "dropped_seed_copies": prepared.dropped_seed_copies,
-            "dropped_duplicates": prepared.dropped_duplicates,
-        }
+        _write_records(work / "records.jsonl", records.records)
+        return {"records": len(records), **info}
 
-    inputs = {"seeds": seeds.sha256, "corpus": prepared.corpus.sha256}
-    return run_cached(open_store(cfg), "data", "1", {}, inputs, build)
+    return run_cached(open_store(cfg), stage, "1", {}, {"records": records.sha256}, build)
 
 
-def load_data(cfg: FinescopeConfig, data: StageManifest) -> tuple[RecordSet, RecordSet]:
-    """(seeds, corpus) from a committed data artifact."""
-    root = artifact_dir(open_store(cfg), data)
-    return read_records(root / "seeds.jsonl"), read_records(root / "corpus.jsonl")
+@task(name="data", cache_policy=NO_CACHE, **IO_RETRIES)
+def data_task(cfg: FinescopeConfig) -> tuple[StageManifest, StageManifest]:
+    """Validated (corpus, seeds), each stored by content hash; the corpus de-duplicated.
+
+    They are separate artifacts so that everything computed from the corpus alone (saliency, corpus
+    activations, SAEs) is reused when only the seeds change.
+    """
+    seeds, prepared = read_inputs(cfg)
+    corpus = _store_records(cfg, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates})
+    return corpus, _store_records(cfg, "seeds", seeds, {})
+
+
+def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:
+    """The records of a committed corpus/seeds artifact."""
+    return read_records(artifact_dir(open_store(cfg), records) / "records.jsonl")
 
 
 @task(name="model", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -116,34 +118,33 @@ def _saliency_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any]:
 
 
 @task(name="saliency", cache_policy=NO_CACHE, tags=GPU_TAGS)
-def saliency_task(cfg: FinescopeConfig, ref: ModelRef, data: StageManifest, layers: list[int]) -> StageManifest:
+def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, layers: list[int]) -> StageManifest:
     """Eq. 6-10: per-coordinate saliency of every hooked layer on D0; top-k_act indices per layer."""
 
     def build(work: Path) -> dict[str, Any]:
         model, tok = _model(cfg, ref)
-        _, corpus = load_data(cfg, data)
-        return core.saliency_stage(model, tok, corpus, layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
+        return core.saliency_stage(model, tok, load_data(cfg, corpus), layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
 
-    inputs = {"model": ref.sha256, "data": data.sha256}
+    inputs = {"model": ref.sha256, "corpus": corpus.sha256}
     return run_cached(open_store(cfg), "saliency", "1", _saliency_config(cfg, layers), inputs, build)
 
 
 @task(name="activations", cache_policy=NO_CACHE, tags=GPU_TAGS)
 def activations_task(
-    cfg: FinescopeConfig, ref: ModelRef, data: StageManifest, layers: list[int], sal: StageManifest | None
+    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None
 ) -> StageManifest:
-    """Pooled activations of corpus and seeds at the selected coordinates (all coordinates without `sal`)."""
+    """Pooled activations of a corpus or seeds artifact at the selected coordinates (all without `sal`)."""
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
         model, tok = _model(cfg, ref)
-        seeds, corpus = load_data(cfg, data)
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
-        return core.activation_stage(model, tok, corpus, seeds, layers, indices, cfg.curate, work, Progress("activations"))
+        what = f"activations ({records.stage})"
+        return core.activation_stage(model, tok, load_data(cfg, records), layers, indices, cfg.curate, work, Progress(what))
 
     c = cfg.curate
     config = {"layers": layers, "max_length": c.max_length, "skip_first": c.skip_first}
-    inputs = {"model": ref.sha256, "data": data.sha256, "saliency": sal.sha256 if sal else "all-coordinates"}
+    inputs = {"model": ref.sha256, "records": records.sha256, "saliency": sal.sha256 if sal else "all-coordinates"}
     return run_cached(store, "activations", "1", config, inputs, build)
 
 
@@ -167,22 +168,32 @@ def _retrieval_config(cfg: FinescopeConfig) -> dict[str, Any]:
 
 @task(name="retrieve", cache_policy=NO_CACHE)
 def retrieve_task(
-    cfg: FinescopeConfig, data: StageManifest, acts: StageManifest | None, sae: StageManifest | None
+    cfg: FinescopeConfig,
+    corpus: StageManifest,
+    seeds: StageManifest,
+    acts: tuple[StageManifest, StageManifest] | None,
+    sae: StageManifest | None,
 ) -> StageManifest:
     """Eq. 12-13 per layer, the vote across layers, and the curated set (JSONL + Parquet)."""
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        seeds, corpus = load_data(cfg, data)
-        corpus_emb, seed_emb = _embeddings(cfg, store, seeds, corpus, acts, sae)
+        seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
+        corpus_emb, seed_emb = _embeddings(cfg, store, seed_records, corpus_records, acts, sae)
         if corpus_emb is not None:
             core.save_embeddings(work / "embeddings.safetensors", corpus_emb, seed_emb)
-        voted, extra = core.select_records(cfg.curate.method, corpus_emb, seed_emb, len(corpus), cfg.curate, cfg.seed)
-        rows = core.curated_rows(corpus, voted)
-        summary = {"method": cfg.curate.method, "corpus_records": len(corpus), "seed_records": len(seeds), **extra}
+        excluded = seed_copies(corpus_records, seed_records)
+        voted, extra = core.select_records(
+            cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded
+        )
+        rows = core.curated_rows(corpus_records, voted)
+        summary = {"method": cfg.curate.method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra}
         return core.write_curated(rows, work, summary)
 
-    inputs = {"data": data.sha256, "activations": acts.sha256 if acts else "", "sae": sae.sha256 if sae else ""}
+    inputs = {
+        "corpus": corpus.sha256, "seeds": seeds.sha256,
+        "activations": "+".join(a.sha256 for a in acts) if acts else "", "sae": sae.sha256 if sae else "",
+    }
     return run_cached(store, "curated", "1", _retrieval_config(cfg), inputs, build)
 
 
@@ -195,9 +206,9 @@ def _embeddings(cfg, store, seeds: RecordSet, corpus: RecordSet, acts, sae):
         device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
         corpus_emb = sentence_embeddings(corpus.texts, device=device, progress=progress)
         return {-1: corpus_emb}, {-1: sentence_embeddings(seeds.texts, device=device)}
-    acts_dir = artifact_dir(store, acts)
+    corpus_dir, seed_dir = artifact_dir(store, acts[0]), artifact_dir(store, acts[1])
     if method == "activation":
-        layers = json.loads((acts_dir / "corpus" / "activations.json").read_text())["layers"]
-        return core.raw_activation_embeddings(acts_dir, layers)
+        layers = json.loads((corpus_dir / "activations.json").read_text())["layers"]
+        return core.raw_activation_embeddings(corpus_dir, seed_dir, layers)
     logger().info("encoding corpus and seeds with the SAEs")
-    return core.sae_codes(acts_dir, artifact_dir(store, sae))
+    return core.sae_codes(corpus_dir, seed_dir, artifact_dir(store, sae))

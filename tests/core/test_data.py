@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from finescope_core.data import DataError, check_sizes, load_records, prepare_corpus
+from finescope_core.data import DataError, check_sizes, deduplicate, load_records, seed_copies
 
 
 def write(path: Path, lines: list[str] | str | bytes) -> str:
@@ -91,11 +91,11 @@ def test_enormous_record_is_refused(tmp_path):
         load_records([p], role="corpus")
 
 
-def test_prepare_corpus_drops_seed_copies_and_duplicates(tmp_path):
+def test_deduplicate_and_seed_copies(tmp_path):
     seeds = load_records([write(tmp_path / "s.txt", ["What is 2+2?"])], role="seeds")
     corpus = load_records([write(tmp_path / "c.txt", ["what is  2+2?", "b", "B ", "c"])], role="corpus")
-    prepared = prepare_corpus(corpus, seeds)
-    assert prepared.corpus.texts == ["b", "c"]
-    assert prepared.dropped_seed_copies == ["c-000000"] and prepared.dropped_duplicates == ["c-000002"]
-    with pytest.raises(DataError, match="has 2 usable records .* asks for 5"):
+    prepared = deduplicate(corpus)
+    assert prepared.corpus.texts == ["what is  2+2?", "b", "c"] and prepared.dropped_duplicates == ["c-000002"]
+    assert seed_copies(prepared.corpus, seeds) == [0]
+    with pytest.raises(DataError, match="has 3 usable records .* asks for 5"):
         check_sizes(prepared.corpus, needed=5, what="curate.final_size")

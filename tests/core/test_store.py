@@ -9,7 +9,7 @@ def test_commit_then_lookup_and_deleted_artifact_is_a_miss(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
     key = cache_key("stage", "1", {"a": 1}, {"x": "h"})
     assert store.lookup("stage", key) is None
-    with store.staging() as work:
+    with store.work_dir("stage", key, resume=False) as work:
         (work / "sub").mkdir()
         (work / "sub" / "f.txt").write_text("hi")
         art = store.commit(work, "stage", key, {"info": {"n": 1}})
@@ -27,7 +27,7 @@ def test_unfinished_directory_is_never_seen_and_is_replaced(tmp_path):
     half.mkdir(parents=True)
     (half / "partial.bin").write_text("junk")
     assert store.lookup("stage", "k") is None
-    with store.staging() as work:
+    with store.work_dir("stage", "k", resume=False) as work:
         (work / "good.txt").write_text("ok")
         store.commit(work, "stage", "k", {})
     assert sorted(p.name for p in half.iterdir()) == sorted(["good.txt", MARKER])
@@ -46,3 +46,19 @@ def test_unwritable_store_fails_before_work(tmp_path):
     blocker.write_text("not a dir")
     with pytest.raises(StoreError, match="is not writable"):
         ArtifactStore(str(blocker / "store")).check_writable()
+
+
+def test_work_dir_survives_a_crash_for_resume_and_is_cleared_otherwise(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    with pytest.raises(RuntimeError), store.work_dir("teacher", "k", resume=True) as work:
+        (work / "partial.jsonl").write_text("line 1\n")
+        raise RuntimeError("killed")
+    with store.work_dir("teacher", "k", resume=True) as work:
+        assert (work / "partial.jsonl").read_text() == "line 1\n"
+        raise_later = work
+    assert not raise_later.exists()  # removed after a clean exit
+    with pytest.raises(RuntimeError), store.work_dir("sae", "k", resume=False) as work:
+        (work / "half.bin").write_text("x")
+        raise RuntimeError("killed")
+    with store.work_dir("sae", "k", resume=False) as work:
+        assert list(work.iterdir()) == []

@@ -49,7 +49,7 @@ def read_jsonl(path):
 def test_sae_curation_outputs_and_cache(workspace):
     cfg = config(workspace)
     first = curate_flow(cfg)
-    assert [m.cached for m in (first.data, first.saliency, first.activations, first.sae, first.curated)] == [False] * 5
+    assert len(first.stages()) == 7 and not any(m.cached for m in first.stages())
     assert first.layers == [0, 1, 2]
     out_dir = shutil.os.path.join(cfg.store, "curated", first.curated.key)
     rows = read_jsonl(f"{out_dir}/curated.jsonl")
@@ -63,13 +63,21 @@ def test_sae_curation_outputs_and_cache(workspace):
     assert first.sae.info["metrics"][0].keys() >= {"fvu", "l0", "dead_fraction"}
 
     again = curate_flow(cfg)
-    assert all(m.cached for m in (again.data, again.saliency, again.activations, again.sae, again.curated))
+    assert all(m.cached for m in again.stages())
     assert again.curated.key == first.curated.key
+
+    # New seeds reuse everything computed from the corpus alone.
+    other = cfg.model_copy(deep=True)
+    (workspace / "seeds2.jsonl").write_text(json.dumps({"text": "Hello, how are you 3?"}) + "\n")
+    other.seeds = [str(workspace / "seeds2.jsonl")]
+    switched = curate_flow(other)
+    assert [m.cached for m in (switched.corpus, switched.saliency, switched.activations, switched.sae)] == [True] * 4
+    assert switched.seed_activations.cached is False and switched.curated.cached is False
 
     # A deleted artifact is a miss: the SAE stage and what depends on it are rebuilt, the rest is cached.
     shutil.rmtree(f"{cfg.store}/sae/{first.sae.key}")
     third = curate_flow(cfg)
-    assert (third.data.cached, third.saliency.cached, third.activations.cached) == (True, True, True)
+    assert (third.corpus.cached, third.saliency.cached, third.activations.cached) == (True, True, True)
     assert third.sae.cached is False
     assert read_jsonl(f"{cfg.store}/curated/{third.curated.key}/curated.jsonl") == rows
 
@@ -94,7 +102,7 @@ def test_cli_writes_outputs_and_run_manifest(workspace, tmp_path):
     assert len(rows) == 10
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["config"]["curate"]["final_size"] == 10
-    assert {"data", "saliency", "activations", "sae", "curated"} <= set(run["stages"])
+    assert {"corpus", "seeds", "saliency", "activations", "seed_activations", "sae", "curated"} <= set(run["stages"])
     assert all(s["uri"].startswith(str(workspace / "store")) for s in run["stages"].values())
     assert (tmp_path / "out" / "curated.parquet").stat().st_size > 0
 

@@ -1,0 +1,60 @@
+"""The `prune` flow: curate (cached when done), then structured pruning guided by the curated data."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, resolve_model_path
+from finescope_core.prune import plan_widths
+from flows.curate import CurateResult, curate_flow
+from tasks.common import StageManifest, logger
+from tasks.curate import model_task
+from tasks.prune import prune_task, pruning_texts
+
+
+class PruneResult(BaseModel):
+    """The curation the pruning used (if any) and the pruned model's artifact."""
+
+    curate: CurateResult | None
+    pruned: StageManifest
+
+
+def check_ratio(cfg: FinescopeConfig) -> None:
+    """Refuse an unreachable prune.ratio before any work, on a weightless (meta) copy of the model."""
+    if cfg.model == DEFAULT_MODEL:
+        gguf = locate_default_gguf()
+        hf = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        hf = AutoConfig.from_pretrained(resolve_model_path(cfg.model, Path(".")))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf)
+    plan_widths(skeleton, cfg.prune.ratio, cfg.prune.attention)
+
+
+@flow(name="prune", log_prints=True)
+def prune_flow(config: FinescopeConfig) -> PruneResult:
+    """Curated data (or random / a file, per `prune.data`) decides which heads and channels survive."""
+    check_ratio(config)
+    curated = curate_flow(config) if config.prune.data in ("curated", "random") else None
+    texts = pruning_texts(config, curated.corpus if curated else None, curated.curated if curated else None)
+    texts_sha = hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
+    pruned = prune_task(config, model_task(config), texts, texts_sha)
+    info = pruned.info
+    rows = [
+        {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}
+        for k, v in info["params_before"].items()
+    ]
+    create_table_artifact(rows, key="prune-parameters", description=f"ratio {info['achieved_ratio']:.4f}")
+    logger().info(
+        "pruned %d -> %d parameters (ratio %.4f, target %.2f)",
+        info["params_before"]["total"], info["params_after"]["total"], info["achieved_ratio"], config.prune.ratio,
+    )
+    return PruneResult(curate=curated, pruned=pruned)

@@ -1,0 +1,121 @@
+"""The `specialize` flow: curate -> prune -> teacher -> LoRA -> evaluate -> report (every stage cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.data import Record
+from flows.curate import CurateResult, curate_flow
+from flows.prune import check_ratio
+from tasks.common import StageManifest, artifact_dir, logger, open_store
+from tasks.curate import load_data, model_task
+from tasks.prune import curated_split, prune_task, pruning_texts
+from tasks.specialize import (
+    eval_inputs,
+    evaluate_task,
+    finetune_task,
+    metrics_document,
+    report_task,
+    teacher_ref,
+    teacher_task,
+)
+
+
+class Variant(BaseModel):
+    """One prune + teacher + tune pipeline (the FineScope one, or a baseline at the same ratio)."""
+
+    pruned: StageManifest
+    distilled: StageManifest
+    tuned: StageManifest
+
+
+class SpecializeResult(BaseModel):
+    curate: CurateResult
+    variants: dict[str, Variant]
+    evaluations: dict[str, StageManifest]
+    metrics: dict[str, Any]
+    report: StageManifest
+
+
+def _sha(texts: list[str]) -> str:
+    return hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
+
+
+def baseline_records(name: str, corpus: list[Record], held_ids: set[str], size: int, seed: int) -> list[Record]:
+    """`random`: a seeded corpus sample as large as the curated training set; `corpus`: the whole corpus."""
+    pool = [r for r in corpus if r.id not in held_ids]
+    if name == "corpus":
+        return pool
+    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), min(size, len(pool))))]
+
+
+def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
+    pruned = prune_task(cfg, base, prune_texts, _sha(prune_texts))
+    distilled = teacher_task(cfg, teacher_ref(cfg, base), records, tag)
+    tuned = finetune_task(cfg, pruned, distilled, tag)
+    return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
+
+
+@flow(name="specialize", log_prints=True)
+def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
+    """From seeds and a corpus to a pruned, teacher-distilled, LoRA-tuned domain model with a report."""
+    check_ratio(config)
+    eval_inputs(config, [])  # bad eval files fail here, before any work
+    curated = curate_flow(config)
+    train_rows, held_rows = curated_split(config, curated.curated)
+    corpus = load_data(config, curated.corpus)
+    by_id = {r.id: r for r in corpus.records}
+    train = [by_id[r["id"]] for r in train_rows]
+    held_texts = [by_id[r["id"]].text for r in held_rows]
+    logger().info("curated set: %d records for pruning/tuning, %d held out for evaluation", len(train), len(held_texts))
+    base = model_task(config)
+    variants = {"": _variant(config, base, pruning_texts(config, curated.corpus, curated.curated), train, "curated")}
+    for name in config.evaluate.baselines:
+        records = baseline_records(name, corpus.records, {r["id"] for r in held_rows}, len(train), config.seed)
+        variants[name] = _variant(config, base, [r.text for r in records], records, name)
+
+    store = open_store(config)
+    evaluations = {"base": evaluate_task(config, "base", base.path, base.sha256, held_texts)}
+    for name, v in variants.items():
+        suffix = f"-{name}" if name else ""
+        evaluations[f"pruned{suffix}"] = evaluate_task(
+            config, f"pruned{suffix}", str(artifact_dir(store, v.pruned) / "model"), v.pruned.sha256, held_texts
+        )
+        evaluations[f"tuned{suffix}"] = evaluate_task(
+            config, f"tuned{suffix}", str(artifact_dir(store, v.tuned) / "merged"), v.tuned.sha256, held_texts
+        )
+    seconds = _stage_seconds(curated, variants, evaluations)
+    metrics = metrics_document(evaluations, seconds)
+    report = report_task(config, curated, metrics, variants[""].pruned.info)
+    _publish(config, metrics, report)
+    return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)
+
+
+def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluations: dict[str, StageManifest]) -> dict[str, float]:
+    """Seconds each stage took when it was computed (a cached stage reports its original time)."""
+    out: dict[str, float] = {}
+    names = {"corpus": curated.corpus, "seeds": curated.seeds, "saliency": curated.saliency,
+             "activations-corpus": curated.activations, "activations-seeds": curated.seed_activations,
+             "sae": curated.sae, "curated": curated.curated}  # fmt: skip
+    out.update({name: round(m.seconds, 1) for name, m in names.items() if m is not None})
+    for name, v in variants.items():
+        for m in (v.pruned, v.distilled, v.tuned):
+            out[f"{m.stage}{'-' + name if name else ''}"] = round(m.seconds, 1)
+    for name, m in evaluations.items():
+        out[f"evaluate-{name}"] = round(m.seconds, 1)
+    return out
+
+
+def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:
+    rows = [{"model": name, **{k: v for k, v in m.items() if k != "n"}} for name, m in metrics["models"].items()]
+    create_table_artifact(rows, key="evaluation", description="base / pruned / tuned")
+    create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()], key="stage-seconds")
+    body = (artifact_dir(open_store(cfg), report) / "report.md").read_text(encoding="utf-8")
+    create_markdown_artifact(body, key="specialize-report", description="finescope report")

@@ -1,0 +1,165 @@
+"""Prefect tasks of the `specialize` flow after pruning: teacher generation, LoRA tuning, evaluation, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from finescope_core import report as rep
+from finescope_core.config import FinescopeConfig
+from finescope_core.curate import load_embeddings
+from finescope_core.data import Record, load_records
+from finescope_core.evaluate import evaluate_model, load_mc_items, load_numeric_items, metrics_schema_errors
+from finescope_core.finetune import lora_finetune
+from finescope_core.model import load_model
+from finescope_core.saliency import LayerSaliency
+from finescope_core.teacher import generate_distilled, read_distilled
+from tasks.common import ModelRef, Progress, StageManifest, artifact_dir, open_store, run_cached
+from tasks.curate import GPU_TAGS, IO_RETRIES
+
+
+def records_sha(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.fields], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
+    """The teacher: the unpruned base model unless `teacher.model` names another."""
+    if cfg.teacher.model == "base":
+        return base
+    path = Path(cfg.teacher.model)
+    digest = hashlib.sha256(str(path.resolve() if path.exists() else cfg.teacher.model).encode()).hexdigest()
+    return ModelRef(path=cfg.teacher.model, sha256=digest)
+
+
+@task(name="teacher", cache_policy=NO_CACHE, tags=GPU_TAGS, **IO_RETRIES)
+def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record], tag: str) -> StageManifest:
+    """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
+
+    def build(work: Path) -> dict[str, Any]:
+        model, tok = load_model(teacher.path, Path("."), device=cfg.device)
+        summary = generate_distilled(
+            model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
+        )
+        return summary.to_dict() if hasattr(summary, "to_dict") else dict(vars(summary))
+
+    config = {**cfg.teacher.model_dump(), "seed": cfg.seed}
+    inputs = {"teacher": teacher.sha256, "records": records_sha(records)}
+    return run_cached(open_store(cfg), "distilled", "1", config, inputs, build, resume=True)
+
+
+@task(name="finetune", cache_policy=NO_CACHE, tags=GPU_TAGS)
+def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageManifest, tag: str) -> StageManifest:
+    """LoRA on the pruned model with the distilled data; adapter + merged model (plain HF directories)."""
+    store = open_store(cfg)
+
+    def build(work: Path) -> dict[str, Any]:
+        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), Path("."), device=cfg.device)
+        rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
+        summary = lora_finetune(model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"))
+        info = summary.to_dict()
+        return {k: info[k] for k in ("train_examples", "eval_examples", "steps", "eval_loss_before", "eval_loss", "seconds", "tokens_per_second")}
+
+    config = {**cfg.finetune.model_dump(), "seed": cfg.seed}
+    return run_cached(store, "tuned", "1", config, {"pruned": pruned.sha256, "distilled": distilled.sha256}, build)
+
+
+def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[str], list[dict] | None, list[dict] | None]:
+    """Domain texts (a user file, or the held-out curated records) and the optional MC / numeric sets."""
+    options = cfg.storage.fsspec_options()
+    ev = cfg.evaluate
+    texts = load_records([ev.eval_file], role="evaluate.eval_file", storage_options=options).texts if ev.eval_file else heldout_texts
+    mc = load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None
+    numeric = load_numeric_items(ev.numeric_file, storage_options=options) if ev.numeric_file else None
+    return texts, mc, numeric
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, tags=GPU_TAGS)
+def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, heldout_texts: list[str]) -> StageManifest:
+    """Perplexity on held-out domain text (+ MC accuracy / numeric exact match when files are given)."""
+    texts, mc, numeric = eval_inputs(cfg, heldout_texts)
+
+    def build(work: Path) -> dict[str, Any]:
+        model, tok = load_model(model_path, Path("."), device=cfg.device)
+        shown = Progress(f"evaluate {name}")
+        metrics = evaluate_model(
+            model, tok, domain_texts=texts, mc_items=mc, numeric_items=numeric, cfg=cfg.evaluate,
+            progress=lambda metric, done, total: shown(done, total),
+        )
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+    data_sha = hashlib.sha256(json.dumps([texts, mc, numeric], default=str).encode()).hexdigest()
+    return run_cached(open_store(cfg), "evaluation", "1", cfg.evaluate.model_dump(), {"model": model_sha, "data": data_sha}, build)
+
+
+def metrics_document(evaluations: dict[str, StageManifest], seconds: dict[str, float]) -> dict[str, Any]:
+    """`metrics.json`: {"models": {name: metrics}, "stage_seconds": {...}}, schema-checked."""
+    doc = {"models": {name: m.info for name, m in evaluations.items()}, "stage_seconds": seconds}
+    errors = metrics_schema_errors(doc)
+    if errors:
+        raise ValueError("metrics.json would be malformed: " + "; ".join(errors))
+    return doc
+
+
+def _retrieval_scores(emb_path: Path) -> np.ndarray:
+    """Every corpus record's score as the curated set defines it: max-over-seeds cosine, mean over layers."""
+    corpus, seeds = load_embeddings(emb_path)
+    per_layer = []
+    for layer, c in corpus.items():
+        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        s = seeds[layer] / np.maximum(np.linalg.norm(seeds[layer], axis=1, keepdims=True), 1e-12)
+        per_layer.append((c @ s.T).max(axis=1))
+    return np.mean(per_layer, axis=0)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], prune_info: dict[str, Any]) -> StageManifest:
+    """report.md with plots: saliency, SAE metrics, retrieval scores + examples, parameters, evaluation."""
+    store = open_store(cfg)
+
+    def build(work: Path) -> dict[str, Any]:
+        sections = _report_sections(cfg, store, curate, metrics, prune_info, work)
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        rep.write_report(work, title=f"finescope: {cfg.curate.method} curation, ratio {cfg.prune.ratio}", sections=sections)
+        return {"sections": [s.heading for s in sections]}
+
+    inputs = {"metrics": hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest(), "curated": curate.curated.sha256}
+    return run_cached(store, "report", "1", {"ratio": cfg.prune.ratio}, inputs, build)
+
+
+def _report_sections(cfg, store, curate, metrics, prune_info, work: Path) -> list[rep.ReportSection]:
+    sections = []
+    if curate.saliency is not None:
+        sal = LayerSaliency.load(artifact_dir(store, curate.saliency))
+        scores = {layer: sal.scores[i].numpy() for i, layer in enumerate(sal.layers)}
+        sections.append(rep.ReportSection("Saliency per layer", f"selector `{sal.selector}`, k_act {cfg.curate.k_act}",
+                                          [rep.plot_saliency(scores, work / "saliency.png", k_act=cfg.curate.k_act)]))
+    if curate.sae is not None:
+        by_layer = dict(zip(curate.layers, curate.sae.info["metrics"], strict=True))
+        rows = [{"layer": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in by_layer.items()]
+        sections.append(rep.ReportSection("SAE metrics", rep.markdown_table(rows), [rep.plot_sae_metrics(by_layer, work / "sae.png")]))
+    curated_dir = artifact_dir(store, curate.curated)
+    with open(curated_dir / "curated.jsonl", encoding="utf-8") as f:
+        curated_rows = [json.loads(line) for line in f]
+    images = []
+    if (curated_dir / "embeddings.safetensors").is_file():
+        cut = curated_rows[-1]["score"] if curated_rows else None
+        images.append(rep.plot_retrieval_scores(_retrieval_scores(curated_dir / "embeddings.safetensors"), cut, work / "retrieval.png"))
+    examples = [{"text": r.get("text") or r.get("instruction") or "", **{k: r[k] for k in ("rank", "id", "score", "votes")}} for r in curated_rows]
+    sections.append(rep.ReportSection("Curated set", rep.example_records_table(examples, 8), images))
+    params = {name: m["parameters"] for name, m in metrics["models"].items()}
+    body = rep.markdown_table([{"module": k, "before": v, "after": prune_info["params_after"].get(k)} for k, v in prune_info["params_before"].items()])
+    body += f"\n\nAchieved ratio {prune_info['achieved_ratio']:.4f} (target {prune_info['target_ratio']})."
+    sections.append(rep.ReportSection("Parameters", body, [rep.plot_parameters(params, work / "parameters.png")]))
+    table = [{"model": name, **{k: v for k, v in m.items() if k != "n"}} for name, m in metrics["models"].items()]
+    sections.append(rep.ReportSection("Evaluation", rep.markdown_table(table), [rep.plot_eval(metrics, work / "evaluation.png")]))
+    return sections
