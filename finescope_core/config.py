@@ -74,7 +74,8 @@ class CurateConfig(_Strict):
 
     method: Literal["sae", "sentence", "activation", "random"] = "sae"
     """How corpus records are scored against the seeds. `sae`: FineScope (SAE codes);
-    `sentence`: all-MiniLM-L6-v2 embeddings; `activation`: pooled activations without an SAE;
+    `sentence`: all-MiniLM-L6-v2 embeddings; `activation`: the same pooled activations the SAEs
+    read (saliency-selected coordinates, z-scored), without an SAE;
     `random`: a uniform sample. All write the same output format."""
     final_size: int = Field(100, ge=1)
     """Records in the curated set D_s."""

@@ -59,7 +59,7 @@ def resolve_layers(num_hidden_layers: int, cfg: CurateConfig) -> list[int]:
 
 def check_curation_fits(cfg: CurateConfig, hidden_size: int) -> None:
     """Refuse settings that cannot work on this model, before any model work."""
-    if cfg.method == "sae" and cfg.k_act > hidden_size:
+    if cfg.method in ("sae", "activation") and cfg.k_act > hidden_size:
         raise CurationError(f"curate.k_act={cfg.k_act} exceeds the model's hidden size {hidden_size}; use at most {hidden_size}")
 
 

@@ -65,8 +65,9 @@ def curate_flow(config: FinescopeConfig) -> CurateResult:
     sal = acts = seed_acts = sae = None
     if method in ("sae", "activation"):
         ref = model_task(config)
-        if method == "sae":
-            sal = saliency_task(config, ref, corpus, layers)
+        # `activation` reads the same selected coordinates as `sae`, so it isolates what the SAE adds
+        # and reuses every corpus-side stage of an `sae` run.
+        sal = saliency_task(config, ref, corpus, layers)
         acts = activations_task(config, ref, corpus, layers, sal)
         seed_acts = activations_task(config, ref, seeds, layers, sal)
         if method == "sae":
