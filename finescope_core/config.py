@@ -118,6 +118,9 @@ class PruneConfig(_Strict):
     """Pruning data: `curated` (D_s), `random` (a corpus sample of the same size), or a file/URI."""
     attention: Literal["heads", "kv_groups"] = "heads"
     """Attention unit: query heads (the same number per KV group) or whole KV groups."""
+    widths: Literal["importance", "proportional"] = "importance"
+    """How the common widths are chosen: among those within 2 points of the ratio, the one whose removed
+    groups carry the least importance; or attention and MLP cut by the same fraction (LLM-Pruner)."""
     max_length: int = Field(128, ge=4)
     """Tokens per pruning sample."""
     batch_size: int = Field(4, ge=1)

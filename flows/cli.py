@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--domain", default="math", help="demo domain whose seeds are used (math, code, science)")
     demo.add_argument("--methods", default="sae,sentence,activation,random", help="comma-separated curate.method values")
     demo.add_argument("--config", type=Path, help="optional YAML with other fields (model, store, curate...)")
+    demo.add_argument("--curate-only", action="store_true", help="compare curation methods only; skip prune/teacher/LoRA")
     _add_config_options(demo)
     return parser
 
@@ -201,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from flows.demo import run_demo
 
-            report = run_demo(args.out, args.domain, args.methods.split(","), args.config, _overrides(args))
+            report = run_demo(
+                args.out, args.domain, args.methods.split(","), args.config, _overrides(args), specialize=not args.curate_only
+            )
             print(f"demo report written to {report}")
     except (ConfigError, ValueError, OSError) as e:
         print(f"finescope: error: {e}", file=sys.stderr)

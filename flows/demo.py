@@ -45,8 +45,11 @@ def demo_flow(base: FinescopeConfig, domain: str, methods: list[str]) -> dict[st
     return results
 
 
-def run_demo(out: Path, domain: str, methods: list[str], config: Path | None, overrides: dict[str, Any]) -> Path:
-    """Build the demo data under `out/data`, run `demo_flow`, write `out/report.md` and `out/demo.json`."""
+def run_demo(
+    out: Path, domain: str, methods: list[str], config: Path | None, overrides: dict[str, Any], *, specialize: bool = True
+) -> Path:
+    """Build the demo data under `out/data`, compare curation methods, then (optionally) run the whole
+    specialize flow with `sae` curation into `out/specialize`; write `out/report.md` and `out/demo.json`."""
     if domain not in DEMO_DOMAINS:
         raise ConfigError(f"--domain {domain!r} is not a demo domain; choose one of {sorted(DEMO_DOMAINS)}")
     unknown = set(methods) - {"sae", "sentence", "activation", "random"}
@@ -56,12 +59,20 @@ def run_demo(out: Path, domain: str, methods: list[str], config: Path | None, ov
     overrides = {"seeds": [str(data.seeds[domain])], "corpus": [str(data.corpus)], **overrides}
     base = load_config(config, overrides)
     results = demo_flow(base, domain, methods)
+    metrics = None
+    if specialize:
+        from flows.cli import run_specialize
+
+        sae_config = base.model_copy(deep=True)
+        sae_config.curate.method = "sae"
+        metrics = run_specialize(sae_config, out / "specialize")
     summary = {
         "domain": domain,
         "base_rate": base_rate(data.corpus, domain),
         "corpus_sources": data.sources,
         "methods": results,
         "model": base.model,
+        "specialize": metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "demo.json", json.dumps(summary, indent=2))
@@ -94,4 +105,17 @@ def _report(s: dict[str, Any]) -> str:
         cells = [f"{r['precision'].get(f'@{k}', float('nan')):.3f}" for k in PRECISION_AT]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     lines += ["", "Corpus sources: " + ", ".join(f"{k} {v}" for k, v in s["corpus_sources"].items())]
+    if s.get("specialize"):
+        lines += [
+            "",
+            "## The specialised model (sae curation -> prune -> teacher -> LoRA)",
+            "",
+            "| model | perplexity (held-out domain text) | parameters |",
+            "|---|---:|---:|",
+        ]
+        for name, m in s["specialize"]["models"].items():
+            lines.append(f"| {name} | {m['perplexity']:.2f} | {m['parameters']:,} |")
+        seconds = s["specialize"].get("stage_seconds", {})
+        lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()), "",
+                  "Full report with plots: [specialize/report.md](specialize/report.md)"]
     return "\n".join(lines) + "\n"
