@@ -96,13 +96,19 @@ def iter_text_batches(
         yield _pad_right([encoded[i] for i in rows], rows, tokenizer.pad_token_id)
 
 
-def _pad_right(sequences: list[list[int]], rows: list[int], pad_id: int) -> TextBatch:
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B,T], attention_mask [B,T]) for token lists padded on the right to the longest."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for b, seq in enumerate(sequences):
         input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[b, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def _pad_right(sequences: list[list[int]], rows: list[int], pad_id: int) -> TextBatch:
+    input_ids, attention_mask = right_pad(sequences, pad_id)
     return TextBatch(input_ids, attention_mask, torch.tensor(rows, dtype=torch.long))
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from finescope_core.batching import iter_text_batches
+from finescope_core.batching import iter_text_batches, right_pad
 from finescope_core.config import EvalConfig
 
 Progress = Callable[[int, int], None]
@@ -217,7 +217,7 @@ def _score_requests(
     with _eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            ids, mask = (t.to(device) for t in _right_pad([requests[r][0] for r in rows], pad_id))
+            ids, mask = (t.to(device) for t in right_pad([requests[r][0] for r in rows], pad_id))
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for b, r in enumerate(rows):
                 out[r] = _continuation_logprob(logits[b], ids[b], len(requests[r][0]), requests[r][1])
@@ -232,16 +232,6 @@ def _continuation_logprob(logits: Tensor, ids: Tensor, length: int, n_cont: int)
     assert start >= 1, "a scored continuation needs at least one context token before it"
     logp = torch.log_softmax(logits[start - 1 : length - 1].float(), dim=-1)
     return float(logp.gather(-1, ids[start:length, None]).sum())
-
-
-def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for b, seq in enumerate(sequences):
-        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[b, : len(seq)] = 1
-    return ids, mask
 
 
 def mc_accuracy(
