@@ -286,11 +286,11 @@ def seed_copies(corpus: RecordSet, seeds: RecordSet) -> list[int]:
     return [i for i, r in enumerate(corpus.records) if normalise_text(r.text) in seed_texts]
 
 
-def check_sizes(corpus: RecordSet, *, needed: int, what: str) -> None:
+def check_sizes(usable: int, *, needed: int, what: str) -> None:
     """Refuse a corpus with fewer usable records than a stage asks for."""
-    if len(corpus) < needed:
+    if usable < needed:
         raise DataError(
-            f"the corpus has {len(corpus)} usable records (after removing seed copies and duplicates) but "
+            f"the corpus has {usable} usable records (after removing duplicates and copies of seeds) but "
             f"{what} asks for {needed}; lower {what} or add corpus records"
         )
 

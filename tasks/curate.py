@@ -58,8 +58,7 @@ def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
     seeds = load_records(cfg.seeds, role="seeds", storage_options=options)
     prepared = deduplicate(load_records(cfg.corpus, role="corpus", storage_options=options))
     usable = len(prepared.corpus) - len(seed_copies(prepared.corpus, seeds))
-    if usable < cfg.curate.final_size:
-        check_sizes(RecordSet(prepared.corpus.records[:usable]), needed=cfg.curate.final_size, what="curate.final_size")
+    check_sizes(usable, needed=cfg.curate.final_size, what="curate.final_size")
     return seeds, prepared
 
 

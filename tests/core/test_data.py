@@ -98,4 +98,4 @@ def test_deduplicate_and_seed_copies(tmp_path):
     assert prepared.corpus.texts == ["what is  2+2?", "b", "c"] and prepared.dropped_duplicates == ["c-000002"]
     assert seed_copies(prepared.corpus, seeds) == [0]
     with pytest.raises(DataError, match="has 3 usable records .* asks for 5"):
-        check_sizes(prepared.corpus, needed=5, what="curate.final_size")
+        check_sizes(len(prepared.corpus), needed=5, what="curate.final_size")
