@@ -180,6 +180,11 @@ def _copy_dir(src: Path, dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    # Per-batch progress comes from our own log lines (terminal + Prefect); transformers' bars would
+    # interleave with them.
+    hf_logging.disable_progress_bar()
     try:
         if args.command == "curate":
             cfg = load_config(args.config, _overrides(args))
