@@ -119,10 +119,13 @@ def _expand(uri: str, storage_options: dict[str, Any] | None) -> list[tuple[fssp
         if any(c in path for c in "*?["):
             paths = sorted(fs.glob(path))
             if not paths:
-                raise DataError(f"{uri}: the pattern matches no file")
+                raise DataError(f"{uri}: the pattern matches no file; check the pattern and the directory it names")
         else:
             if not fs.exists(path):
-                raise DataError(f"{uri}: no such file or directory")
+                raise DataError(
+                    f"{uri}: no such file or directory; check the path (relative paths in a config file "
+                    "are resolved against the file's directory)"
+                )
             paths = [path]
     except DataError:
         raise
@@ -205,10 +208,13 @@ def _iter_raw(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tupl
         readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".txt": _read_txt, ".parquet": _read_parquet}
         if suffix not in readers:
             raise DataError(f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .parquet, .txt or an HF dataset dir")
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        try:
+            with fs.open(path, "rb") as f:
+                data = f.read()
+        except PermissionError as e:  # not transient: the user must fix it (other OSErrors stay retryable)
+            raise DataError(f"{name}: cannot be read ({e.strerror}); check the file's permissions and the credentials") from e
         if not data.strip():
-            raise DataError(f"{name}: the file is empty")
+            raise DataError(f"{name}: the file is empty; fill it or remove it from the config")
         for obj, origin in readers[suffix](data, name):
             yield obj, origin, stem
 
@@ -232,7 +238,7 @@ def load_records(uris: Sequence[str], *, role: str, storage_options: dict[str, A
         for index, (fields, origin, stem) in enumerate(_iter_raw(uri, storage_options)):
             records.append(_make_record(fields, origin, f"{stem}-{index:06d}", seen))
         if len(records) == count_before:
-            raise DataError(f"{uri}: contains no records ({role})")
+            raise DataError(f"{uri}: contains no records ({role}); add records or remove it from `{role}:` in the config")
     return RecordSet(records=records, sources=list(uris))
 
 

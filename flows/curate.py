@@ -7,14 +7,24 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 from transformers import AutoConfig
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import check_curation_fits, resolve_layers
+from finescope_core.data import PreparedCorpus, RecordSet
 from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, resolve_model_path
 from tasks.common import StageManifest, artifact_dir, logger, open_store
-from tasks.curate import activations_task, data_task, model_task, retrieve_task, sae_task, saliency_task
+from tasks.curate import (
+    activations_task,
+    data_task,
+    inputs_task,
+    model_task,
+    retrieve_task,
+    sae_task,
+    saliency_task,
+)
 
 
 class CurateResult(BaseModel):
@@ -45,22 +55,30 @@ def model_shape(cfg: FinescopeConfig) -> tuple[int, int]:
     return hf.num_hidden_layers, hf.hidden_size
 
 
-def preflight(cfg: FinescopeConfig) -> list[int]:
-    """Everything that can be checked before work starts: store access, model, layer settings."""
-    open_store(cfg).check_writable()
+def preflight(cfg: FinescopeConfig) -> tuple[list[int], tuple[RecordSet, PreparedCorpus]]:
+    """Everything that can be checked before work starts: model, layer settings, input data, store access.
+
+    The store is touched last, so bad input leaves nothing behind in it (not even a probe).
+
+    Returns:
+        The layers to hook (empty for methods without a model) and the validated (seeds, corpus).
+    """
+    layers: list[int] = []
     if cfg.curate.method in ("sae", "activation"):
         num_layers, hidden = model_shape(cfg)
         layers = resolve_layers(num_layers, cfg.curate)
         check_curation_fits(cfg.curate, hidden)
-        return layers
-    return []
+    inputs = inputs_task(cfg)
+    open_store(cfg).check_writable()
+    return layers, inputs
 
 
 @flow(name="curate", log_prints=True)
 def curate_flow(config: FinescopeConfig) -> CurateResult:
     """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store)."""
-    layers = preflight(config)
-    corpus, seeds = data_task(config)
+    layers, inputs = preflight(config)
+    # quote: the records are data, not futures; Prefect need not walk every one of them.
+    corpus, seeds = data_task(config, quote(inputs))
     method = config.curate.method
     sal = acts = seed_acts = sae = None
     if method in ("sae", "activation"):

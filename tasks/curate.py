@@ -24,6 +24,7 @@ from finescope_core.data import (
 )
 from finescope_core.saliency import LayerSaliency
 from finescope_core.sentence import sentence_embeddings
+from finescope_core.store import StoreError, is_transient
 from tasks.common import (
     ModelRef,
     Progress,
@@ -38,17 +39,28 @@ from tasks.common import (
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O trouble, never bad input or bad settings (ValueError and its subclasses)."""
+    """Retry I/O trouble, never bad input or bad settings (ValueError) nor a broken store (StoreError)."""
     try:
         state.result()
-    except ValueError:
+    except (ValueError, StoreError):
         return False
     except Exception:
         return True
     return False
 
 
+def _retry_storage_outage(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a compute stage only when the store stayed unreachable through the store's own retries."""
+    try:
+        state.result()
+    except Exception as e:
+        return is_transient(e)
+    return False
+
+
 IO_RETRIES: dict[str, Any] = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_transient)
+# Compute stages: a model or data error must fail at once, but a longer storage outage is worth waiting out.
+STORE_RETRIES: dict[str, Any] = dict(retries=2, retry_delay_seconds=[30, 60], retry_condition_fn=_retry_storage_outage)
 GPU_TAGS = ["finescope-gpu"]
 
 
@@ -63,14 +75,18 @@ def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
 
 
 def _write_records(path: Path, records: list[Record]) -> None:
+    # No origin paths: the artifact's hash (and every key downstream of it) must not change when the
+    # same data moves, e.g. from a local directory to s3://.
     with open(path, "w", encoding="utf-8") as f:
-        write_jsonl(({"id": r.id, "text": r.text, "origin": r.origin, "fields": r.fields} for r in records), f)
+        write_jsonl(({"id": r.id, "text": r.text, "fields": r.fields} for r in records), f)
 
 
 def read_records(path: Path) -> RecordSet:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    return RecordSet([Record(id=r["id"], text=r["text"], fields=r["fields"], origin=r["origin"]) for r in rows])
+    return RecordSet(
+        [Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}") for i, r in enumerate(rows, 1)]
+    )
 
 
 def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]) -> StageManifest:
@@ -81,14 +97,20 @@ def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: d
     return run_cached(open_store(cfg), stage, "1", {}, {"records": records.sha256}, build)
 
 
+@task(name="inputs", cache_policy=NO_CACHE, **IO_RETRIES)
+def inputs_task(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
+    """`read_inputs` as a task, so transient read errors of remote inputs are retried."""
+    return read_inputs(cfg)
+
+
 @task(name="data", cache_policy=NO_CACHE, **IO_RETRIES)
-def data_task(cfg: FinescopeConfig) -> tuple[StageManifest, StageManifest]:
-    """Validated (corpus, seeds), each stored by content hash; the corpus de-duplicated.
+def data_task(cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]) -> tuple[StageManifest, StageManifest]:
+    """Validated (corpus, seeds) from `inputs_task`, each stored by content hash; the corpus de-duplicated.
 
     They are separate artifacts so that everything computed from the corpus alone (saliency, corpus
     activations, SAEs) is reused when only the seeds change.
     """
-    seeds, prepared = read_inputs(cfg)
+    seeds, prepared = inputs
     corpus = _store_records(cfg, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates})
     return corpus, _store_records(cfg, "seeds", seeds, {})
 
@@ -116,7 +138,7 @@ def _saliency_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any]:
     }
 
 
-@task(name="saliency", cache_policy=NO_CACHE, tags=GPU_TAGS)
+@task(name="saliency", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
 def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, layers: list[int]) -> StageManifest:
     """Eq. 6-10: per-coordinate saliency of every hooked layer on D0; top-k_act indices per layer."""
 
@@ -128,7 +150,7 @@ def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, la
     return run_cached(open_store(cfg), "saliency", "1", _saliency_config(cfg, layers), inputs, build)
 
 
-@task(name="activations", cache_policy=NO_CACHE, tags=GPU_TAGS)
+@task(name="activations", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
 def activations_task(
     cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None
 ) -> StageManifest:
@@ -147,7 +169,7 @@ def activations_task(
     return run_cached(store, "activations", "1", config, inputs, build)
 
 
-@task(name="sae", cache_policy=NO_CACHE, tags=GPU_TAGS)
+@task(name="sae", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
 def sae_task(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int]) -> StageManifest:
     """Eq. 3-5 / §6: one SAE per hooked layer, trained together as one batched module."""
     store = open_store(cfg)
@@ -165,7 +187,7 @@ def _retrieval_config(cfg: FinescopeConfig) -> dict[str, Any]:
     return {"method": c.method, "top_m": c.top_m, "final_size": c.final_size, "seed": cfg.seed}
 
 
-@task(name="retrieve", cache_policy=NO_CACHE)
+@task(name="retrieve", cache_policy=NO_CACHE, **STORE_RETRIES)
 def retrieve_task(
     cfg: FinescopeConfig,
     corpus: StageManifest,

@@ -1,8 +1,9 @@
+import errno
 import json
 
 import pytest
 
-from finescope_core.store import MARKER, ArtifactStore, StoreError, cache_key
+from finescope_core.store import MARKER, ArtifactStore, RetryPolicy, StoreError, cache_key, is_transient
 
 
 def test_commit_then_lookup_and_deleted_artifact_is_a_miss(tmp_path):
@@ -62,3 +63,55 @@ def test_work_dir_survives_a_crash_for_resume_and_is_cleared_otherwise(tmp_path)
         raise RuntimeError("killed")
     with store.work_dir("sae", "k", resume=False) as work:
         assert list(work.iterdir()) == []
+
+
+class Flaky:
+    """Fails with `error` for the first `failures` calls, then returns "ok"."""
+
+    def __init__(self, error: BaseException, failures: int):
+        self.error, self.failures, self.calls = error, failures, 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "ok"
+
+
+FAST = RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.002)
+
+
+@pytest.mark.parametrize("error", [ConnectionRefusedError(111, "refused"), TimeoutError("slow"),
+                                   OSError(errno.EBUSY, "SlowDown"), OSError(errno.EREMOTEIO, "InternalError")])
+def test_transient_errors_are_retried_until_they_pass(error):
+    flaky = Flaky(error, failures=3)
+    assert FAST.call("op", flaky) == "ok" and flaky.calls == 4
+
+
+@pytest.mark.parametrize("error", [PermissionError("Forbidden"), FileNotFoundError("gone"), ValueError("bad"),
+                                   OSError(errno.EIO, "unknown")])
+def test_permanent_errors_are_raised_at_once(error):
+    flaky = Flaky(error, failures=1)
+    with pytest.raises(type(error)):
+        FAST.call("op", flaky)
+    assert flaky.calls == 1
+
+
+def test_retries_are_bounded():
+    flaky = Flaky(ConnectionResetError(104, "reset"), failures=10)
+    with pytest.raises(ConnectionResetError):
+        FAST.call("op", flaky)
+    assert flaky.calls == 4
+
+
+def test_boto_errors_are_classified():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    server_error = {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}
+    denied = {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}
+    assert is_transient(ClientError(server_error, "PutObject"))
+    assert not is_transient(ClientError(denied, "PutObject"))
+    wrapped = OSError(errno.EIO, "unrecognised")
+    wrapped.__cause__ = ClientError(server_error, "GetObject")
+    assert is_transient(wrapped)

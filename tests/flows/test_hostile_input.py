@@ -1,0 +1,275 @@
+"""A catalogue of hostile inputs, each run through the `finescope` CLI end to end.
+
+Every case must exit with status 2, print one `finescope: error:` message that names the bad input
+(file, line or field) and says what to do, fail within seconds, and leave the store untouched.
+"""
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from finescope_core.tiny import save_tiny
+from flows.cli import main
+
+HIDDEN, LAYERS = 48, 3
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    save_tiny(root / "model", "llama", hidden=HIDDEN, layers=LAYERS, heads=6, kv_heads=2, intermediate=96)
+    rows = [{"id": f"r{i}", "text": f"Record {i}: what is {i} plus {i % 5}?"} for i in range(30)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "seeds.jsonl").write_text(json.dumps({"id": "s0", "text": "What is 2 plus 2?"}) + "\n")
+    return root
+
+
+def base_config(ws: Path, tmp: Path) -> dict:
+    return {
+        "model": str(ws / "model"), "seeds": [str(ws / "seeds.jsonl")], "corpus": [str(ws / "corpus.jsonl")],
+        "store": str(tmp / "store"), "device": "cpu",
+        "curate": {"final_size": 10, "top_m": 10, "k_act": 16, "reference_size": 8, "max_length": 32,
+                   "sae": {"d_sae": 32, "steps": 10, "batch_size": 16}},
+        "prune": {"ratio": 0.2, "max_length": 32},
+        "teacher": {"max_new_tokens": 4},
+    }
+
+
+def _write(path: Path, text: str | bytes) -> str:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _corpus_with(tmp: Path, bad_line: str | bytes, name: str = "bad.jsonl") -> list[str]:
+    """A corpus whose third line is `bad_line` (so the message must say line 3)."""
+    good = b"".join(json.dumps({"id": f"g{i}", "text": f"good record {i}"}).encode() + b"\n" for i in range(2))
+    bad = bad_line if isinstance(bad_line, bytes) else bad_line.encode()
+    return [_write(tmp / name, good + bad + b"\n")]
+
+
+def _set(cfg: dict, dotted: str, value) -> dict:
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    return cfg
+
+
+def _model_dir(tmp: Path, ws: Path, keep: tuple[str, ...]) -> str:
+    d = tmp / "broken-model"
+    d.mkdir()
+    for name in keep:
+        (d / name).write_bytes((ws / "model" / name).read_bytes())
+    return str(d)
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that a .bin checkpoint was (wrongly) unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _bin_only_model(tmp: Path, ws: Path) -> str:
+    d = _model_dir(tmp, ws, ("config.json",))
+    Path(d, "pytorch_model.bin").write_bytes(pickle.dumps({"weights": _Trap(str(tmp / "UNPICKLED"))}))
+    return d
+
+
+def _empty_parquet(tmp: Path) -> list[str]:
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp / "seeds.parquet")
+    return [str(tmp / "seeds.parquet")]
+
+
+def _directory(tmp: Path) -> list[str]:
+    (tmp / "adir").mkdir()
+    (tmp / "adir" / "part.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    return [str(tmp / "adir")]
+
+
+def _mc_file(tmp: Path) -> str:
+    good = json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 1})
+    return _write(tmp / "mc.jsonl", good + "\n" + good + "\n" + json.dumps({"question": "1+1?", "choices": ["2"], "answer": 5}) + "\n")
+
+
+def _store_file(tmp: Path) -> str:
+    return _write(tmp / "store", "I am a file, not a directory\n")
+
+
+# (case id, sub-command, mutate(cfg, ws, tmp) -> cfg, regexes the message must contain)
+CASES = [
+    ("unknown-top-level-field", "curate", lambda c, w, t: _set(c, "seedz", ["x.jsonl"]),
+     ["seedz", "unknown field", "check the spelling"]),
+    ("unknown-nested-field", "curate", lambda c, w, t: _set(c, "curate.sae.step", 5),
+     ["curate.sae.step", "unknown field"]),
+    ("value-out-of-range", "curate", lambda c, w, t: _set(c, "curate.final_size", 0),
+     ["curate.final_size", "greater than or equal to 1"]),
+    ("ratio-out-of-range", "curate", lambda c, w, t: _set(c, "prune.ratio", 1.5), ["prune.ratio", "less than 1"]),
+    ("wrong-type", "curate", lambda c, w, t: _set(c, "curate.top_m", "many"), ["curate.top_m", "valid integer"]),
+    ("unknown-method", "curate", lambda c, w, t: _set(c, "curate.method", "saes"),
+     ["curate.method", "'sae', 'sentence', 'activation' or 'random'"]),
+    ("missing-seeds-file", "curate", lambda c, w, t: _set(c, "seeds", [str(t / "nope.jsonl")]),
+     ["nope.jsonl", "no such file", "check the path"]),
+    ("missing-corpus-file", "curate", lambda c, w, t: _set(c, "corpus", [str(t / "gone.jsonl")]),
+     ["gone.jsonl", "no such file", "check the path"]),
+    ("glob-matches-nothing", "curate", lambda c, w, t: _set(c, "corpus", [str(t / "*.parquet")]),
+     [r"\*\.parquet", "matches no file", "check the pattern"]),
+    ("directory-instead-of-file", "curate", lambda c, w, t: _set(c, "corpus", _directory(t)),
+     ["adir", "is a directory", "name the files inside it"]),
+    ("unreadable-file", "curate", lambda c, w, t: _set(c, "corpus", [_unreadable(t)]),
+     ["unreadable.jsonl", "cannot be read", "check"]),
+    ("unsupported-file-type", "curate", lambda c, w, t: _set(c, "corpus", [_write(t / "c.csv", "text\nhello\n")]),
+     ["c.csv", "unsupported file type .csv", "use .jsonl"]),
+    ("malformed-jsonl-line", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, '{"text": "unterminated')),
+     ["bad.jsonl:3", "malformed JSON", "fix or remove the line"]),
+    ("non-utf8-bytes", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, b'{"text": "caf\xe9"}')),
+     ["bad.jsonl:3", "not valid UTF-8", "re-encode"]),
+    ("enormous-line", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"text": "a" * 1_100_000}))),
+     ["bad.jsonl:3", "1,100,000 characters", "split it into records"]),
+    ("no-text-field", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"id": "x", "body": "hi"}))),
+     ["bad.jsonl:3", "no 'text' and no 'instruction'", "fields found: body, id"]),
+    ("empty-text", "curate", lambda c, w, t: _set(c, "seeds", _corpus_with(t, json.dumps({"text": "  "}), "s.jsonl")),
+     ["s.jsonl:3", "text is empty", "remove the record or fill it in"]),
+    ("text-not-a-string", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"text": 42}))),
+     ["bad.jsonl:3", "'text' must be a string"]),
+    ("duplicate-ids", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"id": "g0", "text": "again"}))),
+     ["bad.jsonl:3", "duplicate id 'g0'", r"first at .*bad.jsonl:1", "must be unique"]),
+    ("empty-file", "curate", lambda c, w, t: _set(c, "corpus", [_write(t / "empty.jsonl", "\n  \n")]),
+     ["empty.jsonl", "the file is empty", "fill it or remove it"]),
+    ("seeds-zero-records", "curate", lambda c, w, t: _set(c, "seeds", _empty_parquet(t)),
+     ["seeds.parquet", "contains no records", "remove it from `seeds:`"]),
+    ("corpus-smaller-than-final-size", "curate", lambda c, w, t: _set(c, "curate.final_size", 500),
+     ["30 usable records", "curate.final_size asks for 500", "lower curate.final_size or add corpus records"]),
+    ("model-dir-missing", "curate", lambda c, w, t: _set(c, "model", str(t / "no-model")),
+     ["no-model", "no such directory"]),
+    ("model-without-config-json", "curate", lambda c, w, t: _set(c, "model", _model_dir(t, w, ("model.safetensors",))),
+     ["broken-model", "config.json is missing", "save_pretrained"]),
+    ("model-with-only-pytorch-bin", "curate", lambda c, w, t: _set(c, "model", _bin_only_model(t, w)),
+     ["broken-model", "no \\*.safetensors weights", "never unpickles", "safe_serialization=True"]),
+    ("layers-out-of-range", "curate", lambda c, w, t: _set(c, "curate.layers", [0, 7]),
+     ["curate.layers contains 7", f"model has {LAYERS} layers", "valid: 0..2"]),
+    ("k-act-above-hidden-size", "curate", lambda c, w, t: _set(c, "curate.k_act", 1000),
+     ["curate.k_act=1000", f"hidden size {HIDDEN}", f"use at most {HIDDEN}"]),
+    ("prune-ratio-unreachable", "run", lambda c, w, t: _set(c, "prune.ratio", 0.95), ["prune.ratio", "0.95"]),
+    ("mc-file-bad-line", "run", lambda c, w, t: _set(c, "evaluate.mc_file", _mc_file(t)), ["mc.jsonl:3", "'choices' must be a list of at least 2 strings"]),
+    ("store-is-a-file", "curate", lambda c, w, t: _set(c, "store", _store_file(t)),
+     ["store", "not writable", "check the path"]),
+]
+
+
+def _unreadable(tmp: Path) -> str:
+    path = tmp / "unreadable.jsonl"
+    path.write_text(json.dumps({"text": "secret"}) + "\n")
+    path.chmod(0)
+    return str(path)
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    """Exit code and stderr of `finescope <argv>` run in this process."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse errors
+            code = int(e.code)
+    return code, err.getvalue()
+
+
+def _store_untouched(store: Path, before: bytes | None) -> None:
+    if before is not None:  # the store path was a pre-existing file
+        assert store.read_bytes() == before
+    else:
+        assert not store.exists(), sorted(store.rglob("*"))  # not even an empty directory or a probe
+
+
+@pytest.mark.parametrize(("command", "mutate", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_input_is_refused_before_any_work(ws, tmp_path, command, mutate, expected, request):
+    if request.node.callspec.id == "unreadable-file" and os.geteuid() == 0:
+        pytest.skip("root reads a chmod 000 file; the directory case covers an unusable path")
+    cfg = mutate(base_config(ws, tmp_path), ws, tmp_path)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    store = Path(cfg["store"])
+    before = store.read_bytes() if store.is_file() else None
+    start = time.perf_counter()
+    code, err = _run([command, "--config", str(cfg_file), "--out", str(tmp_path / "out")])
+    elapsed = time.perf_counter() - start
+
+    assert code == 2
+    message = err[err.index("finescope: error:"):]
+    print(f"\n[{request.node.callspec.id}] {message.strip()}")  # the catalogue, with -s
+    for pattern in expected:
+        assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+    assert elapsed < 20, f"took {elapsed:.1f}s: the input was not refused up front"
+    _store_untouched(store, before)
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "UNPICKLED").exists()
+
+
+def test_typo_in_a_command_line_option_is_refused(ws, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(base_config(ws, tmp_path)))
+    code, err = _run(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--curate.topm", "5"])
+    assert code == 2
+    assert "unrecognized arguments: --curate.topm" in err
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("curate: [unclosed", "is not valid YAML"), ("- just\n- a list\n", "must hold a mapping of fields")],
+    ids=["malformed-yaml", "yaml-not-a-mapping"],
+)
+def test_broken_config_file_is_refused(tmp_path, content, expected):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(content)
+    code, err = _run(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "finescope: error:" in err and str(cfg_file) in err and expected in err
+
+
+def test_secrets_never_reach_logs_or_artifacts(ws, tmp_path):
+    """A successful run with storage credentials: they appear in no output, run.json or stored file."""
+    from prefect.settings import get_current_settings
+
+    key, secret = "AKIAHOSTILETESTKEY42", "s3cr3t-Value-That-Must-Not-Leak"
+    cfg = base_config(ws, tmp_path)
+    cfg["storage"] = {"key": key, "secret": secret}
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    # A child process, so that everything Prefect and the CLI print is captured as a user would see it.
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url), "OMP_NUM_THREADS": "1",
+           "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "curate", "--config", str(cfg_file), "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert b"curate: done" in proc.stderr or b"curated set written" in proc.stdout
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["storage"]["key"] == run["config"]["storage"]["secret"] == "**********"
+    files = [p for p in [*out.rglob("*"), *(tmp_path / "store").rglob("*")] if p.is_file()]
+    assert any(p.name == "curated.jsonl" for p in files) and any(p.name == "_COMPLETE.json" for p in files)
+    for where, data in [("stdout", proc.stdout), ("stderr", proc.stderr), *((str(p), p.read_bytes()) for p in files)]:
+        for s in (key, secret):
+            assert s.encode() not in data, f"{s!r} leaked into {where}"

@@ -1,0 +1,138 @@
+"""`finescope run` killed with SIGKILL during teacher generation resumes where it stopped.
+
+The run happens in a subprocess (`python -m flows.cli`) that talks to this session's temporary
+Prefect API; the test kills it once the teacher's partial `distilled.jsonl` has some lines, re-runs
+it, and compares everything with an uninterrupted run on a separate store.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finescope_core.tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+BEFORE_TEACHER = ("corpus", "seeds", "saliency", "activations", "seed_activations", "sae", "curated", "pruned")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
+    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
+    rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    return root
+
+
+def _config_file(root: Path, store: Path, path: Path) -> Path:
+    cfg = {
+        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")], "corpus": [str(root / "corpus.jsonl")],
+        "store": str(store), "device": "cpu",
+        "curate": {"final_size": 36, "top_m": 36, "k_act": 16, "reference_size": 8, "max_length": 32,
+                   "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
+        "prune": {"ratio": 0.2, "max_length": 32},
+        # Many small batches with long answers: the teacher stage takes seconds, long enough to be killed in.
+        "teacher": {"max_new_tokens": 96, "batch_size": 2, "min_response_chars": 0},
+        "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "cutoff": 48},
+        "evaluate": {"heldout_fraction": 0.2, "max_length": 32},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict[str, str]:
+    """This session's Prefect API for the child (no second temporary server to start), one thread."""
+    from prefect.settings import get_current_settings
+
+    return {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url), "OMP_NUM_THREADS": "1"}
+
+
+def _start(cfg: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg), "--out", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _complete_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_during_teacher(proc: subprocess.Popen, store: Path, timeout: float = 240) -> int:
+    """SIGKILL `proc` once the teacher has written at least two batches; the complete lines left behind."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        partial = sorted((store / ".partial" / "distilled").glob("*/distilled.jsonl"))
+        if partial and _complete_lines(partial[0]) >= 4:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return _complete_lines(partial[0])
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed:\n{proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("the teacher stage never started")
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output.decode()[-4000:]
+
+
+def _artifact(store: Path, stage: dict, name: str) -> bytes:
+    return (store / stage["stage"] / stage["key"] / name).read_bytes()
+
+
+def test_run_killed_during_teacher_resumes_and_matches_an_uninterrupted_run(workspace, tmp_path):
+    store = tmp_path / "store"
+    cfg = _config_file(workspace, store, tmp_path / "cfg.yaml")
+    start = time.perf_counter()
+    proc = _start(cfg, tmp_path / "out")
+    lines_at_kill = _kill_during_teacher(proc, store)
+    killed_after = time.perf_counter() - start
+    assert proc.returncode == -signal.SIGKILL
+    assert not (store / "distilled").exists()  # nothing committed for the killed stage
+
+    start = time.perf_counter()
+    _finish(_start(cfg, tmp_path / "out"))
+    resume_seconds = time.perf_counter() - start
+    resumed = json.loads((tmp_path / "out" / "run.json").read_text())["stages"]
+
+    fresh_store = tmp_path / "fresh-store"
+    start = time.perf_counter()
+    _finish(_start(_config_file(workspace, fresh_store, tmp_path / "fresh.yaml"), tmp_path / "fresh-out"))
+    fresh_seconds = time.perf_counter() - start
+    fresh = json.loads((tmp_path / "fresh-out" / "run.json").read_text())["stages"]
+
+    # (a) stages finished before the kill were reused, not recomputed
+    assert {name: resumed[name]["cached"] for name in BEFORE_TEACHER} == dict.fromkeys(BEFORE_TEACHER, True)
+    # (b) the teacher continued the killed run's file instead of starting over
+    teacher = resumed["distilled"]
+    assert teacher["cached"] is False and not (store / ".partial" / "distilled" / teacher["key"]).exists()
+    total = teacher["info"]["total"]
+    assert 0 < lines_at_kill < total
+    assert teacher["info"]["resumed_from"] == lines_at_kill
+    assert teacher["info"]["generated"] == total - lines_at_kill
+    assert fresh["distilled"]["info"]["resumed_from"] == 0 and fresh["distilled"]["info"]["total"] == total
+    # (c) the outputs equal those of an uninterrupted run
+    assert _artifact(store, resumed["distilled"], "distilled.jsonl") == _artifact(fresh_store, fresh["distilled"], "distilled.jsonl")
+    assert _artifact(store, resumed["curated"], "curated.jsonl") == _artifact(fresh_store, fresh["curated"], "curated.jsonl")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["models"]
+    assert metrics == json.loads((tmp_path / "fresh-out" / "metrics.json").read_text())["models"]
+
+    print(
+        f"\nresume after SIGKILL: killed {killed_after:.1f}s into the run with {lines_at_kill}/{total} teacher lines "
+        f"written; resumed run {resume_seconds:.1f}s (generated {teacher['info']['generated']}), "
+        f"uninterrupted run {fresh_seconds:.1f}s; teacher stage {teacher['seconds']:.1f}s resumed vs "
+        f"{fresh['distilled']['seconds']:.1f}s fresh"
+    )
