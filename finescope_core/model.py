@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import logging
 import shutil
@@ -11,7 +13,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +105,20 @@ def resolve_model_path(spec: str, cache_dir: Path) -> str:
             "re-save the model with save_pretrained(safe_serialization=True)"
         )
     return str(path)
+
+
+def model_config(spec: str) -> PretrainedConfig:
+    """The HF config of a model spec without loading weights (a private copy; callers may change it)."""
+    return copy.deepcopy(_model_config(spec))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_config(spec: str) -> PretrainedConfig:
+    # Parsing the bundled GGUF header takes ~5 s; preflight checks ask for it several times per run.
+    if spec == DEFAULT_MODEL:
+        gguf = locate_default_gguf()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoConfig.from_pretrained(resolve_model_path(spec, Path(".")))
 
 
 def pick_device(device: str) -> torch.device:

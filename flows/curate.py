@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
-from transformers import AutoConfig
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import check_curation_fits, resolve_layers
 from finescope_core.data import PreparedCorpus, RecordSet
-from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, resolve_model_path
+from finescope_core.model import model_config
 from tasks.common import StageManifest, artifact_dir, logger, open_store
 from tasks.curate import (
     activations_task,
@@ -47,11 +45,7 @@ class CurateResult(BaseModel):
 
 def model_shape(cfg: FinescopeConfig) -> tuple[int, int]:
     """(num_hidden_layers, hidden_size) of the configured model, read without loading weights."""
-    if cfg.model == DEFAULT_MODEL:
-        gguf = locate_default_gguf()
-        hf = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    else:
-        hf = AutoConfig.from_pretrained(resolve_model_path(cfg.model, Path(".")))
+    hf = model_config(cfg.model)
     return hf.num_hidden_layers, hf.hidden_size
 
 

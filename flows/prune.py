@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, resolve_model_path
+from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
 from tasks.common import StageManifest, logger
@@ -29,11 +28,7 @@ class PruneResult(BaseModel):
 
 def check_ratio(cfg: FinescopeConfig) -> None:
     """Refuse an unreachable prune.ratio before any work, on a weightless (meta) copy of the model."""
-    if cfg.model == DEFAULT_MODEL:
-        gguf = locate_default_gguf()
-        hf = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    else:
-        hf = AutoConfig.from_pretrained(resolve_model_path(cfg.model, Path(".")))
+    hf = model_config(cfg.model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf)
     plan_widths(skeleton, cfg.prune.ratio, cfg.prune.attention)

@@ -21,7 +21,7 @@ from finescope_core.model import load_model
 from finescope_core.saliency import LayerSaliency
 from finescope_core.teacher import generate_distilled, read_distilled
 from tasks.common import ModelRef, Progress, StageManifest, artifact_dir, open_store, run_cached
-from tasks.curate import GPU_TAGS, IO_RETRIES
+from tasks.curate import GPU_TAGS, IO_RETRIES, STORE_RETRIES
 
 
 def records_sha(records: list[Record]) -> str:
@@ -49,14 +49,14 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
         summary = generate_distilled(
             model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
         )
-        return summary.to_dict() if hasattr(summary, "to_dict") else dict(vars(summary))
+        return summary.to_dict()
 
     config = {**cfg.teacher.model_dump(), "seed": cfg.seed}
     inputs = {"teacher": teacher.sha256, "records": records_sha(records)}
     return run_cached(open_store(cfg), "distilled", "1", config, inputs, build, resume=True)
 
 
-@task(name="finetune", cache_policy=NO_CACHE, tags=GPU_TAGS)
+@task(name="finetune", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
 def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageManifest, tag: str) -> StageManifest:
     """LoRA on the pruned model with the distilled data; adapter + merged model (plain HF directories)."""
     store = open_store(cfg)
@@ -82,7 +82,7 @@ def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[st
     return texts, mc, numeric
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, tags=GPU_TAGS)
+@task(name="evaluate", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
 def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, heldout_texts: list[str]) -> StageManifest:
     """Perplexity on held-out domain text (+ MC accuracy / numeric exact match when files are given)."""
     texts, mc, numeric = eval_inputs(cfg, heldout_texts)
@@ -121,7 +121,7 @@ def _retrieval_scores(emb_path: Path) -> np.ndarray:
     return np.mean(per_layer, axis=0)
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", cache_policy=NO_CACHE, **STORE_RETRIES)
 def report_task(cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], prune_info: dict[str, Any]) -> StageManifest:
     """report.md with plots: saliency, SAE metrics, retrieval scores + examples, parameters, evaluation."""
     store = open_store(cfg)
