@@ -32,3 +32,5 @@ bench: install
 	$(PY) bench/bench_saliency.py
 	$(PY) bench/bench_embedding.py
 	$(PY) bench/bench_retrieval.py
+	$(PY) bench/bench_sae.py
+	$(PY) bench/bench_prune.py
