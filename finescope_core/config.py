@@ -251,7 +251,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinescopeConfig:
     """Read a YAML config and apply dotted overrides (`{"curate.top_m": 50}`).
 
-    Relative data paths in the file are resolved against the file's directory.
+    Relative data and store paths in the file are resolved against the file's directory; those in
+    overrides are left relative to the working directory.
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown field or out-of-range value, naming the field.
@@ -274,14 +275,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {p} must hold a mapping of fields, got {type(loaded).__name__}")
         raw = loaded
         base_dir = p.resolve().parent
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
     if base_dir is not None:
+        # Paths written in the file are relative to the file; paths given on the command line (applied
+        # below) stay relative to the working directory.
         for key in ("seeds", "corpus"):
             if key in raw:
                 raw[key] = _resolve_paths(raw[key], base_dir)
         if isinstance(raw.get("store"), str):
             raw["store"] = _resolve_paths(raw["store"], base_dir)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
     try:
         return FinescopeConfig.model_validate(raw)
     except ValidationError as e:

@@ -55,6 +55,7 @@ def run_demo(
     unknown = set(methods) - {"sae", "sentence", "activation", "random"}
     if unknown:
         raise ConfigError(f"--methods has unknown methods {sorted(unknown)}; choose from sae, sentence, activation, random")
+    out = out.resolve()
     data = build_demo_corpus(out / "data")
     overrides = {"seeds": [str(data.seeds[domain])], "corpus": [str(data.corpus)], **overrides}
     base = load_config(config, overrides)

@@ -46,3 +46,10 @@ def test_secrets_are_masked_in_dumps():
     dumped = cfg.model_dump_json()
     assert "topsecret" not in dumped and "AKIA123" not in dumped
     assert cfg.storage.fsspec_options()["secret"] == "topsecret"
+
+
+def test_override_paths_stay_relative_to_the_working_directory(tmp_path):
+    (tmp_path / "c.yaml").write_text("seeds: [s.jsonl]\ncorpus: [c.jsonl]\n")
+    cfg = load_config(tmp_path / "c.yaml", {"seeds": ["out/demo/seeds.jsonl"]})
+    assert cfg.seeds == ["out/demo/seeds.jsonl"]
+    assert cfg.corpus == [str(tmp_path / "c.jsonl")]
