@@ -111,9 +111,13 @@ class ModelRef(BaseModel):
     sha256: str
 
 
-def model_ref(cfg: FinescopeConfig, store: ArtifactStore) -> ModelRef:
-    """Resolve `cfg.model`; the bundled default is converted once and kept in the store."""
-    if cfg.model == DEFAULT_MODEL:
+def model_ref(spec: str, store: ArtifactStore) -> ModelRef:
+    """Resolve a model spec (`default`, an HF directory, a hub id) to a loadable path and a content hash.
+
+    The bundled default is converted once and kept in the store; a local directory is hashed by the
+    content of its config and weight files, so editing it invalidates what was computed from it.
+    """
+    if spec == DEFAULT_MODEL:
         gguf = locate_default_gguf()
         digest = _file_digest(str(gguf))
 
@@ -123,12 +127,12 @@ def model_ref(cfg: FinescopeConfig, store: ArtifactStore) -> ModelRef:
 
         manifest = run_cached(store, "models", "1", {"gguf": gguf.name}, {"gguf": digest}, build)
         return ModelRef(path=str(artifact_dir(store, manifest) / DEFAULT_MODEL_NAME), sha256=manifest.sha256)
-    path = Path(cfg.model).expanduser()
+    path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
         digest = hashlib.sha256("".join(_file_digest(str(p)) for p in files).encode()).hexdigest()
         return ModelRef(path=str(path), sha256=digest)
-    return ModelRef(path=cfg.model, sha256=hashlib.sha256(cfg.model.encode()).hexdigest())
+    return ModelRef(path=spec, sha256=hashlib.sha256(spec.encode()).hexdigest())
 
 
 @functools.lru_cache(maxsize=64)

@@ -123,7 +123,7 @@ def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:
 @task(name="model", cache_policy=NO_CACHE, **IO_RETRIES)
 def model_task(cfg: FinescopeConfig) -> ModelRef:
     """Resolve the model (converting the bundled default once into the store)."""
-    return model_ref(cfg, open_store(cfg))
+    return model_ref(cfg.model, open_store(cfg))
 
 
 def _model(cfg: FinescopeConfig, ref: ModelRef):

@@ -20,7 +20,7 @@ from finescope_core.finetune import lora_finetune
 from finescope_core.model import load_model
 from finescope_core.saliency import LayerSaliency
 from finescope_core.teacher import generate_distilled, read_distilled
-from tasks.common import ModelRef, Progress, StageManifest, artifact_dir, open_store, run_cached
+from tasks.common import ModelRef, Progress, StageManifest, artifact_dir, model_ref, open_store, run_cached
 from tasks.curate import GPU_TAGS, IO_RETRIES, STORE_RETRIES
 
 
@@ -35,9 +35,7 @@ def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
     """The teacher: the unpruned base model unless `teacher.model` names another."""
     if cfg.teacher.model == "base":
         return base
-    path = Path(cfg.teacher.model)
-    digest = hashlib.sha256(str(path.resolve() if path.exists() else cfg.teacher.model).encode()).hexdigest()
-    return ModelRef(path=cfg.teacher.model, sha256=digest)
+    return model_ref(cfg.teacher.model, open_store(cfg))
 
 
 @task(name="teacher", cache_policy=NO_CACHE, tags=GPU_TAGS, **IO_RETRIES)
