@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel
 
 from finescope_core.config import ConfigError, FinescopeConfig, load_config
+from flows.serve import FLOWS
 
 # Prefect without a server by default: a temporary local API per run, no telemetry.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -78,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", type=Path, help="optional YAML with other fields (model, store, curate...)")
     demo.add_argument("--curate-only", action="store_true", help="compare curation methods only; skip prune/teacher/LoRA")
     _add_config_options(demo)
+    serve = sub.add_parser(
+        "serve", help="serve one flow as a Prefect deployment on a schedule from this process (needs PREFECT_API_URL)"
+    )
+    serve.add_argument("--config", type=Path, help="YAML config file (fields below); it becomes the deployment's parameters")
+    serve.add_argument("--flow", choices=tuple(FLOWS), default="specialize", help="flow to serve (default: specialize)")
+    when = serve.add_argument_group("schedule (at most one; none: runs start only from the UI or `prefect deployment run`)")
+    when.add_argument("--cron", help="cron string in UTC, quoted, e.g. '0 3 * * 0' (Sundays 03:00)")
+    when.add_argument("--interval", type=int, metavar="SECONDS", help="seconds between runs, e.g. 86400")
+    serve.add_argument("--name", help="deployment name (default: the config file's stem, else 'finescope')")
+    _add_config_options(serve)
     return parser
 
 
@@ -211,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.out, args.domain, args.methods.split(","), args.config, _overrides(args), specialize=not args.curate_only
             )
             print(f"demo report written to {report}")
+        elif args.command == "serve":
+            from flows.serve import default_name, serve
+
+            cfg = load_config(args.config, _overrides(args))
+            serve(cfg, args.flow, args.cron, args.interval, args.name or default_name(args.config))
     except (ConfigError, ValueError, OSError) as e:
         print(f"finescope: error: {e}", file=sys.stderr)
         return 2
