@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -305,22 +306,64 @@ def iter_shards(out_dir: Path) -> Iterator[tuple[Tensor, Tensor]]:
         yield tensors["rows"], tensors["acts"]
 
 
-def load_activations(out_dir: Path) -> Tensor:
-    """All activations of a directory in the original text order.
+def load_activations(dirs: Path | Sequence[Path], positions: Sequence[int] | None = None) -> Tensor:
+    """All activations of one directory, or of several concatenated in order (the shards of a corpus).
+
+    Args:
+        dirs: a complete activation directory, or a sequence of them embedding consecutive slices of
+            one text list (same layers and width).
+        positions: indices into the L axis to load (e.g. `[3]` for one layer's SAE); None: all. Only
+            those slices are read from disk.
 
     Returns:
-        [N, L, k] in the stored dtype; row i belongs to texts[i].
+        [N, L', k] in the stored dtype; row i belongs to texts[i] of the concatenated text lists.
 
     Raises:
-        ActivationError: missing manifest or shard, or shards that do not cover every text exactly once.
+        ActivationError: missing manifest or shard, directories that disagree on layers or width, or
+            shards that do not cover every text exactly once.
     """
-    manifest = ActivationManifest.read(out_dir)
-    dtype = getattr(torch, manifest.dtype)
-    out = torch.empty(manifest.num_rows, len(manifest.layers), manifest.k, dtype=dtype)
-    seen = torch.zeros(manifest.num_rows, dtype=torch.long)
-    for rows, acts in iter_shards(out_dir):
-        out[rows] = acts
-        seen.index_add_(0, rows, torch.ones_like(rows))
+    paths = [Path(dirs)] if isinstance(dirs, str | Path) else [Path(d) for d in dirs]
+    if not paths:
+        raise ActivationError("no activation directories given; embed the texts first")
+    manifests = [ActivationManifest.read(p) for p in paths]
+    first = manifests[0]
+    for path, m in zip(paths[1:], manifests[1:], strict=True):
+        if (m.layers, m.k, m.dtype) != (first.layers, first.k, first.dtype):
+            raise ActivationError(
+                f"{path} holds layers {m.layers} x {m.k} ({m.dtype}), {paths[0]} holds {first.layers} x {first.k} "
+                f"({first.dtype}); the shards of one corpus must come from the same settings, re-run them"
+            )
+    picked = list(range(len(first.layers))) if positions is None else list(positions)
+    if any(not 0 <= i < len(first.layers) for i in picked):
+        raise ActivationError(f"positions {picked} out of range for {len(first.layers)} layers")
+    total = sum(m.num_rows for m in manifests)
+    out = torch.empty(total, len(picked), first.k, dtype=getattr(torch, first.dtype))
+    seen = torch.zeros(total, dtype=torch.long)
+    offset = 0
+    for path, manifest in zip(paths, manifests, strict=True):
+        for rows, acts in _iter_shard_slices(path, manifest, picked if positions is not None else None):
+            out[rows + offset] = acts
+            seen.index_add_(0, rows + offset, torch.ones_like(rows))
+        offset += manifest.num_rows
     if not bool((seen == 1).all()):
-        raise ActivationError(f"{out_dir}: shards do not cover each of the {manifest.num_rows} texts exactly once; re-run")
+        where = paths[0] if len(paths) == 1 else f"{len(paths)} directories from {paths[0]}"
+        raise ActivationError(f"{where}: shards do not cover each of the {total} texts exactly once; re-run")
     return out
+
+
+def _iter_shard_slices(
+    out_dir: Path, manifest: ActivationManifest, positions: list[int] | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    if positions is None:
+        yield from iter_shards(out_dir)
+        return
+    for shard in manifest.shards:
+        path = out_dir / shard.file
+        if not path.is_file():
+            raise ActivationError(f"{path} is listed in {MANIFEST} but missing; re-run write_activation_shards")
+        with safe_open(str(path), framework="pt") as f:
+            rows = f.get_tensor("rows")
+            sliced = f.get_slice("acts")
+            # One contiguous range per requested position: reads only those layers' bytes.
+            acts = torch.stack([sliced[:, i : i + 1, :][:, 0] for i in positions], dim=1)
+        yield rows, acts

@@ -192,6 +192,29 @@ class EvalConfig(_Strict):
     """Also prune+tune with random corpus data / the whole corpus at the same ratio (paper Tables 1-4)."""
 
 
+class OrchestrationConfig(_Strict):
+    """How a run is spread over workers and where Prefect keeps its own results."""
+
+    task_runner: Literal["threads", "dask", "ray"] = "threads"
+    """Runner of the fanned-out stages (corpus shards, per-layer SAEs). `threads`: in this process;
+    `dask`: a Dask cluster through prefect-dask; `ray`: a Ray cluster through prefect-ray
+    (`pip install finescope[ray]`)."""
+    address: str | None = None
+    """Scheduler of an existing cluster (`tcp://host:8786` for Dask, `ray://host:10001` for Ray).
+    None: start a local cluster for the run and stop it afterwards."""
+    workers: int = Field(2, ge=1)
+    """Threads (`threads`) or worker processes of the local cluster (`dask`, `ray`)."""
+    gpu_concurrency: int | None = Field(None, ge=1)
+    """At most this many tasks tagged `finescope-gpu` run at once, across every run on the Prefect
+    server (a tag concurrency limit, set when the run starts). None: leave the server's limit as it is."""
+    sae_layers_per_task: int = Field(1, ge=1)
+    """Hooked layers trained together in one SAE task (one task per layer fans out the most; a
+    larger value batches layers on one device). The SAEs are the same either way."""
+    persist_results: bool = True
+    """Persist Prefect task results under `<store>/prefect-results` (a result-storage block saved
+    for the store), so the UI and reruns can read them back."""
+
+
 class FinescopeConfig(_Strict):
     """A whole finescope run. A config of just `seeds` and `corpus` is enough."""
 
@@ -219,6 +242,8 @@ class FinescopeConfig(_Strict):
     """LoRA distillation stage."""
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     """Evaluation stage."""
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    """Task runner, GPU concurrency and Prefect result storage."""
 
     @field_validator("seeds", "corpus", mode="before")
     @classmethod

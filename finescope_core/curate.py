@@ -134,13 +134,32 @@ def activation_stage(
 # --- SAE --------------------------------------------------------------------------------------------
 
 
-def sae_stage(acts_dir: Path, layers: list[int], indices: torch.Tensor, cfg: CurateConfig, seed: int, out_dir: Path, progress=None) -> dict[str, Any]:
-    """Train one SAE per layer (batched) on the corpus activations; save each with its metrics."""
-    acts = activations.load_activations(acts_dir)
-    model, metrics = sae.train_saes(acts, cfg.sae, seed=seed, progress=progress, layer_ids=layers)
-    extra = [{"coordinates": indices[i].tolist()} for i in range(len(layers))]
-    sae.save_saes(model, metrics, layers, out_dir, extra, cfg=cfg.sae)
-    return {"layers": layers, "metrics": [_metric_summary(m) for m in metrics]}
+def sae_stage(
+    acts_dirs: Path | Sequence[Path],
+    layers: list[int],
+    indices: torch.Tensor,
+    cfg: CurateConfig,
+    seed: int,
+    out_dir: Path,
+    progress=None,
+    positions: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Train one SAE per layer (batched) on the corpus activations; save each with its metrics.
+
+    Args:
+        acts_dirs: the corpus activation directory, or its shard directories in order.
+        layers: the model layer of each position of the activations' L axis.
+        indices: [L, k_act] coordinates the activations hold, recorded with each SAE.
+        positions: train only these positions of the L axis (one fanned-out task's share); None: all.
+            Each layer's SAE depends only on (seed, layer), so any split gives the same SAEs.
+    """
+    picked = list(range(len(layers))) if positions is None else list(positions)
+    acts = activations.load_activations(acts_dirs, positions=picked)
+    ids = [layers[i] for i in picked]
+    model, metrics = sae.train_saes(acts, cfg.sae, seed=seed, progress=progress, layer_ids=ids)
+    extra = [{"coordinates": indices[i].tolist()} for i in picked]
+    sae.save_saes(model, metrics, ids, out_dir, extra, cfg=cfg.sae)
+    return {"layers": ids, "metrics": [_metric_summary(m) for m in metrics]}
 
 
 def _metric_summary(m: Any) -> dict[str, float]:
@@ -169,7 +188,7 @@ def retrieve_by_layer(
     return out
 
 
-def sae_codes(corpus_acts: Path, seed_acts: Path, sae_dir: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def sae_codes(corpus_acts: Path | Sequence[Path], seed_acts: Path | Sequence[Path], sae_dir: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """SAE codes per layer for corpus and seeds: ({layer: [N,d_sae]}, {layer: [S,d_sae]})."""
     model, layers, _ = sae.load_saes(sae_dir)
     corpus = sae.encode(model, activations.load_activations(corpus_acts))
@@ -178,7 +197,7 @@ def sae_codes(corpus_acts: Path, seed_acts: Path, sae_dir: Path) -> tuple[dict[i
 
 
 def raw_activation_embeddings(
-    corpus_acts: Path, seed_acts: Path, layers: list[int]
+    corpus_acts: Path | Sequence[Path], seed_acts: Path | Sequence[Path], layers: list[int]
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Pooled activations z-scored per coordinate with corpus statistics (the `activation` baseline)."""
     corpus = activations.load_activations(corpus_acts).float()

@@ -13,16 +13,10 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.curate import check_curation_fits, resolve_layers
 from finescope_core.data import PreparedCorpus, RecordSet
 from finescope_core.model import model_config
+from flows.fanout import embed, train_saes
+from flows.runtime import apply_gpu_limit, check_runner, prefect_results
 from tasks.common import StageManifest, artifact_dir, logger, open_store
-from tasks.curate import (
-    activations_task,
-    data_task,
-    inputs_task,
-    model_task,
-    retrieve_task,
-    sae_task,
-    saliency_task,
-)
+from tasks.curate import data_task, inputs_task, model_task, retrieve_task, saliency_task
 
 
 class CurateResult(BaseModel):
@@ -62,8 +56,10 @@ def preflight(cfg: FinescopeConfig) -> tuple[list[int], tuple[RecordSet, Prepare
         num_layers, hidden = model_shape(cfg)
         layers = resolve_layers(num_layers, cfg.curate)
         check_curation_fits(cfg.curate, hidden)
+    check_runner(cfg)
     inputs = inputs_task(cfg)
     open_store(cfg).check_writable()
+    apply_gpu_limit(cfg)
     return layers, inputs
 
 
@@ -71,6 +67,13 @@ def preflight(cfg: FinescopeConfig) -> tuple[list[int], tuple[RecordSet, Prepare
 def curate_flow(config: FinescopeConfig) -> CurateResult:
     """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store)."""
     layers, inputs = preflight(config)
+    with prefect_results(config):
+        result = _curate(config, layers, inputs)
+        publish(config, result)
+    return result
+
+
+def _curate(config: FinescopeConfig, layers: list[int], inputs: tuple[RecordSet, PreparedCorpus]) -> CurateResult:
     # quote: the records are data, not futures; Prefect need not walk every one of them.
     corpus, seeds = data_task(config, quote(inputs))
     method = config.curate.method
@@ -80,17 +83,14 @@ def curate_flow(config: FinescopeConfig) -> CurateResult:
         # `activation` reads the same selected coordinates as `sae`, so it isolates what the SAE adds
         # and reuses every corpus-side stage of an `sae` run.
         sal = saliency_task(config, ref, corpus, layers)
-        acts = activations_task(config, ref, corpus, layers, sal)
-        seed_acts = activations_task(config, ref, seeds, layers, sal)
+        acts, seed_acts = embed(config, ref, [corpus, seeds], layers, sal)
         if method == "sae":
-            sae = sae_task(config, acts, sal, layers)
+            sae = train_saes(config, acts, sal, layers)
     curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae)
-    result = CurateResult(
+    return CurateResult(
         layers=layers, corpus=corpus, seeds=seeds, saliency=sal, activations=acts, seed_activations=seed_acts,
         sae=sae, curated=curated,
     )
-    publish(config, result)
-    return result
 
 
 def publish(cfg: FinescopeConfig, result: CurateResult) -> None:

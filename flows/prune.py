@@ -14,6 +14,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
+from flows.runtime import prefect_results
 from tasks.common import StageManifest, logger
 from tasks.curate import model_task
 from tasks.prune import prune_task, pruning_texts
@@ -38,6 +39,11 @@ def check_ratio(cfg: FinescopeConfig) -> None:
 def prune_flow(config: FinescopeConfig) -> PruneResult:
     """Curated data (or random / a file, per `prune.data`) decides which heads and channels survive."""
     check_ratio(config)
+    with prefect_results(config):
+        return _prune(config)
+
+
+def _prune(config: FinescopeConfig) -> PruneResult:
     curated = curate_flow(config) if config.prune.data in ("curated", "random") else None
     texts = pruning_texts(config, curated.corpus if curated else None, curated.curated if curated else None)
     texts_sha = hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()

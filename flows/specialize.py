@@ -14,6 +14,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
+from flows.runtime import prefect_results
 from tasks.common import StageManifest, artifact_dir, logger, open_store
 from tasks.curate import load_data, model_task
 from tasks.prune import curated_split, prune_task, pruning_texts
@@ -68,6 +69,11 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     """From seeds and a corpus to a pruned, teacher-distilled, LoRA-tuned domain model with a report."""
     check_ratio(config)
     eval_inputs(config, [])  # bad eval files fail here, before any work
+    with prefect_results(config):
+        return _specialize(config)
+
+
+def _specialize(config: FinescopeConfig) -> SpecializeResult:
     curated = curate_flow(config)
     train_rows, held_rows = curated_split(config, curated.curated)
     corpus = load_data(config, curated.corpus)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import CachePolicy
 from prefect.exceptions import MissingContextError
+from prefect.settings import get_current_settings
 from pydantic import BaseModel
 
 from finescope_core.config import FinescopeConfig
@@ -27,6 +32,26 @@ from finescope_core.model import (
 from finescope_core.store import Artifact, ArtifactStore, cache_key, sha256_file
 
 CODE_VERSION = "0.1.0"
+
+
+@dataclass
+class RunResults(CachePolicy):
+    """Prefect cache policy of every stage task: its result is persisted only when the run asks for it.
+
+    The stage cache proper is `run_cached` (content-addressed, in the artifact store). This policy
+    gives Prefect a storage key per task run, so that with `orchestration.persist_results` its result
+    is written to the run's result storage (`<store>/prefect-results`) and a retried flow run reads it
+    back instead of re-running the task. Without it, no key: nothing is written.
+    """
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        if task_ctx is None or get_current_settings().tasks.default_persist_result is not True:
+            return None
+        run = task_ctx.task_run
+        return f"{run.flow_run_id or run.id}-{run.task_key}-{run.dynamic_key}"
+
+
+RUN_RESULTS = RunResults()
 
 
 class StageManifest(BaseModel):
@@ -82,6 +107,12 @@ def run_cached(
         artifact = store.commit(work, stage, key, record)
     logger().info("%s: done in %.1fs (%s)", stage, seconds, artifact.uri)
     return _manifest(artifact, cached=False, seconds=seconds)
+
+
+def lookup_stage(store: ArtifactStore, stage: str, version: str, config: Any, inputs: dict[str, str]) -> StageManifest | None:
+    """The committed artifact `run_cached` would return for these arguments, or None; builds nothing."""
+    found = store.lookup(stage, cache_key(stage, version, config, inputs))
+    return None if found is None else _manifest(found, cached=True, seconds=0.0)
 
 
 def _manifest(artifact: Artifact, *, cached: bool, seconds: float) -> StageManifest:
@@ -144,6 +175,23 @@ def _file_digest(path: str) -> str:
 def cached_model(path: str, device: str) -> tuple[Any, Any]:
     """Load a model once per process; stages of one flow run share it (read-only use only)."""
     return load_model(path, Path("."), device=device, dtype=torch.float32)
+
+
+_MODEL_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def using_model(path: str, device: str) -> Iterator[tuple[Any, Any]]:
+    """The process's shared copy of a model, held by one task at a time.
+
+    Stages attach forward hooks to the shared modules, so two threads of one process must not run it
+    at once; parallel embedding comes from worker processes (Dask, Ray), each with its own copy.
+    """
+    with _LOCKS_LOCK:
+        lock = _MODEL_LOCKS.setdefault((path, device), threading.Lock())
+    with lock:
+        yield cached_model(path, device)
 
 
 class Progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,19 @@ from finescope_core.data import (
 )
 from finescope_core.saliency import LayerSaliency
 from finescope_core.sentence import sentence_embeddings
-from finescope_core.store import StoreError, is_transient
+from finescope_core.store import ArtifactStore, StoreError, is_transient
 from tasks.common import (
+    RUN_RESULTS,
     ModelRef,
     Progress,
     StageManifest,
     artifact_dir,
-    cached_model,
     logger,
+    lookup_stage,
     model_ref,
     open_store,
     run_cached,
+    using_model,
 )
 
 
@@ -97,13 +100,13 @@ def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: d
     return run_cached(open_store(cfg), stage, "1", {}, {"records": records.sha256}, build)
 
 
-@task(name="inputs", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def inputs_task(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
     """`read_inputs` as a task, so transient read errors of remote inputs are retried."""
     return read_inputs(cfg)
 
 
-@task(name="data", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="data", cache_policy=RUN_RESULTS, **IO_RETRIES)
 def data_task(cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]) -> tuple[StageManifest, StageManifest]:
     """Validated (corpus, seeds) from `inputs_task`, each stored by content hash; the corpus de-duplicated.
 
@@ -120,14 +123,14 @@ def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:
     return read_records(artifact_dir(open_store(cfg), records) / "records.jsonl")
 
 
-@task(name="model", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="model", cache_policy=RUN_RESULTS, **IO_RETRIES)
 def model_task(cfg: FinescopeConfig) -> ModelRef:
     """Resolve the model (converting the bundled default once into the store)."""
     return model_ref(cfg.model, open_store(cfg))
 
 
 def _model(cfg: FinescopeConfig, ref: ModelRef):
-    return cached_model(ref.path, cfg.device)
+    return using_model(ref.path, cfg.device)
 
 
 def _saliency_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any]:
@@ -138,48 +141,167 @@ def _saliency_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any]:
     }
 
 
-@task(name="saliency", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
+@task(name="saliency", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, layers: list[int]) -> StageManifest:
     """Eq. 6-10: per-coordinate saliency of every hooked layer on D0; top-k_act indices per layer."""
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = _model(cfg, ref)
-        return core.saliency_stage(model, tok, load_data(cfg, corpus), layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
+        with _model(cfg, ref) as (model, tok):
+            return core.saliency_stage(model, tok, load_data(cfg, corpus), layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
 
     inputs = {"model": ref.sha256, "corpus": corpus.sha256}
     return run_cached(open_store(cfg), "saliency", "1", _saliency_config(cfg, layers), inputs, build)
 
 
-@task(name="activations", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
-def activations_task(
-    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None
+def _activation_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any]:
+    c = cfg.curate
+    return {"layers": layers, "max_length": c.max_length, "skip_first": c.skip_first}
+
+
+def _activation_inputs(ref: ModelRef, records: StageManifest, sal: StageManifest | None) -> dict[str, str]:
+    return {"model": ref.sha256, "records": records.sha256, "saliency": sal.sha256 if sal else "all-coordinates"}
+
+
+def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `shard_size` records: one embedding task each."""
+    return [(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
+
+
+@task(name="embed-shard", task_run_name="embed-{records.stage}-{start}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+def activation_shard_task(
+    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None,
+    start: int, stop: int,
 ) -> StageManifest:
-    """Pooled activations of a corpus or seeds artifact at the selected coordinates (all without `sal`)."""
+    """Pooled activations of records [start, stop) at the selected coordinates (all without `sal`).
+
+    Each shard is its own artifact, so shards run on different workers and a killed run keeps the
+    shards it finished.
+    """
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = _model(cfg, ref)
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
-        what = f"activations ({records.stage})"
-        return core.activation_stage(model, tok, load_data(cfg, records), layers, indices, cfg.curate, work, Progress(what))
+        part = RecordSet(load_data(cfg, records).records[start:stop])
+        what = f"activations ({records.stage} {start}:{stop})"
+        with _model(cfg, ref) as (model, tok):
+            return core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))
 
-    c = cfg.curate
-    config = {"layers": layers, "max_length": c.max_length, "skip_first": c.skip_first}
-    inputs = {"model": ref.sha256, "records": records.sha256, "saliency": sal.sha256 if sal else "all-coordinates"}
-    return run_cached(store, "activations", "1", config, inputs, build)
+    config = {**_activation_config(cfg, layers), "start": start, "stop": stop}
+    return run_cached(store, "activation-shards", "1", config, _activation_inputs(ref, records, sal), build)
 
 
-@task(name="sae", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
-def sae_task(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int]) -> StageManifest:
-    """Eq. 3-5 / §6: one SAE per hooked layer, trained together as one batched module."""
+def _gathered_key(cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None):
+    config = {**_activation_config(cfg, layers), "shard_size": cfg.curate.shard_size}
+    return config, _activation_inputs(ref, records, sal)
+
+
+def lookup_activations(
+    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None
+) -> StageManifest | None:
+    """The gathered activations of `records` when they and every shard they list are in the store."""
     store = open_store(cfg)
+    found = lookup_stage(store, "activations", ACTIVATIONS_VERSION, *_gathered_key(cfg, ref, records, layers, sal))
+    if found is None:
+        return None
+    shards = json.loads((artifact_dir(store, found) / "shards.json").read_text())
+    if any(store.lookup(s["stage"], s["key"]) is None for s in shards):
+        logger().info("activations of %s: a shard was deleted from the store; recomputing it", records.stage)
+        return None
+    return found
+
+
+@task(name="activations", task_run_name="activations-{records.stage}", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+def gather_activations_task(
+    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None,
+    shards: list[StageManifest],
+) -> StageManifest:
+    """One artifact that lists the shard artifacts of `records` in row order (references, not copies)."""
+    rows = len(load_data(cfg, records))
+    covered = [(s.info.get("rows", 0)) for s in shards]
+    if sum(covered) != rows:
+        raise ValueError(f"activation shards cover {sum(covered)} of {rows} records of {records.uri}; re-run")
+
+    def build(work: Path) -> dict[str, Any]:
+        listed = [{"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)} for s in shards]
+        (work / "shards.json").write_text(json.dumps(listed, indent=1))
+        return {"layers": layers, "rows": rows, "shards": len(shards)}
+
+    store = open_store(cfg)
+    config, inputs = _gathered_key(cfg, ref, records, layers, sal)
+    return run_cached(store, "activations", ACTIVATIONS_VERSION, config, inputs, build)
+
+
+ACTIVATIONS_VERSION = "2"
+
+
+def activation_dirs(store: ArtifactStore, acts: StageManifest) -> list[Path]:
+    """Local directories of the shards a gathered activations artifact lists, in row order."""
+    listed = json.loads((artifact_dir(store, acts) / "shards.json").read_text())
+    dirs = []
+    for s in listed:
+        found = store.lookup(s["stage"], s["key"])
+        if found is None or found.sha256 != s["sha256"]:
+            raise FileNotFoundError(
+                f"{store.artifact_uri(s['stage'], s['key'])} (listed by {acts.uri}) is missing or changed; re-run to rebuild it"
+            )
+        dirs.append(store.local_path(found))
+    return dirs
+
+
+def sae_groups(num_layers: int, per_task: int) -> list[list[int]]:
+    """Positions of the hooked layers, `per_task` at a time: one SAE training task each."""
+    return [list(range(i, min(i + per_task, num_layers))) for i in range(0, num_layers, per_task)]
+
+
+def _sae_config(cfg: FinescopeConfig) -> dict[str, Any]:
+    return {"sae": cfg.curate.sae.model_dump(), "seed": cfg.seed}
+
+
+@task(name="sae-layers", task_run_name="sae-layers-{positions}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+def sae_layers_task(
+    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], positions: list[int]
+) -> StageManifest:
+    """Eq. 3-5 / §6: the SAEs of some hooked layers (batched into one module), on their activations only."""
+    store = open_store(cfg)
+    ids = [layers[i] for i in positions]
 
     def build(work: Path) -> dict[str, Any]:
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices
-        return core.sae_stage(artifact_dir(store, acts), layers, indices, cfg.curate, cfg.seed, work, Progress("sae training"))
+        progress = Progress(f"sae training (layers {ids})")
+        return core.sae_stage(activation_dirs(store, acts), layers, indices, cfg.curate, cfg.seed, work, progress, positions)
 
-    config = {"sae": cfg.curate.sae.model_dump(), "seed": cfg.seed}
-    return run_cached(store, "sae", "1", config, {"activations": acts.sha256, "saliency": sal.sha256}, build)
+    config = {**_sae_config(cfg), "layers": ids}
+    return run_cached(store, "sae-layers", "1", config, {"activations": acts.sha256, "saliency": sal.sha256}, build)
+
+
+def lookup_sae(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest) -> StageManifest | None:
+    return lookup_stage(open_store(cfg), "sae", SAE_VERSION, _sae_config(cfg), {"activations": acts.sha256, "saliency": sal.sha256})
+
+
+SAE_VERSION = "2"
+
+
+@task(name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+def gather_sae_task(
+    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], parts: list[StageManifest]
+) -> StageManifest:
+    """Every layer's SAE in one artifact (copied: SAEs are small), metrics in layer order."""
+    store = open_store(cfg)
+
+    def build(work: Path) -> dict[str, Any]:
+        metrics: dict[int, Any] = {}
+        for part in parts:
+            src = artifact_dir(store, part)
+            for layer, m in zip(part.info["layers"], part.info["metrics"], strict=True):
+                shutil.copytree(src / f"layer_{layer:02d}", work / f"layer_{layer:02d}")
+                metrics[layer] = m
+        missing = sorted(set(layers) - set(metrics))
+        if missing:
+            raise ValueError(f"no SAE was trained for layers {missing}; re-run")
+        return {"layers": layers, "metrics": [metrics[layer] for layer in layers]}
+
+    inputs = {"activations": acts.sha256, "saliency": sal.sha256}
+    return run_cached(store, "sae", SAE_VERSION, _sae_config(cfg), inputs, build)
 
 
 def _retrieval_config(cfg: FinescopeConfig) -> dict[str, Any]:
@@ -187,7 +309,7 @@ def _retrieval_config(cfg: FinescopeConfig) -> dict[str, Any]:
     return {"method": c.method, "top_m": c.top_m, "final_size": c.final_size, "seed": cfg.seed}
 
 
-@task(name="retrieve", cache_policy=NO_CACHE, **STORE_RETRIES)
+@task(name="retrieve", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def retrieve_task(
     cfg: FinescopeConfig,
     corpus: StageManifest,
@@ -227,9 +349,8 @@ def _embeddings(cfg, store, seeds: RecordSet, corpus: RecordSet, acts, sae):
         device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
         corpus_emb = sentence_embeddings(corpus.texts, device=device, progress=progress)
         return {-1: corpus_emb}, {-1: sentence_embeddings(seeds.texts, device=device)}
-    corpus_dir, seed_dir = artifact_dir(store, acts[0]), artifact_dir(store, acts[1])
+    corpus_dir, seed_dir = activation_dirs(store, acts[0]), activation_dirs(store, acts[1])
     if method == "activation":
-        layers = json.loads((corpus_dir / "activations.json").read_text())["layers"]
-        return core.raw_activation_embeddings(corpus_dir, seed_dir, layers)
+        return core.raw_activation_embeddings(corpus_dir, seed_dir, acts[0].info["layers"])
     logger().info("encoding corpus and seeds with the SAEs")
     return core.sae_codes(corpus_dir, seed_dir, artifact_dir(store, sae))

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import heldout_split, load_records
 from finescope_core.model import load_model
 from finescope_core.prune import prune_model, save_pruned
-from tasks.common import ModelRef, Progress, StageManifest, artifact_dir, open_store, run_cached
+from tasks.common import RUN_RESULTS, ModelRef, Progress, StageManifest, artifact_dir, open_store, run_cached
 from tasks.curate import GPU_TAGS, STORE_RETRIES, load_data
 
 
@@ -44,7 +43,7 @@ def pruning_texts(cfg: FinescopeConfig, corpus: StageManifest, curated: StageMan
     return load_records([choice], role="prune.data", storage_options=cfg.storage.fsspec_options()).texts
 
 
-@task(name="prune", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
+@task(name="prune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_sha: str) -> StageManifest:
     """LLM-Pruner-style structured pruning to `prune.ratio`, saved as a plain HF directory under `model/`."""
 

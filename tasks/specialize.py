@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from finescope_core import report as rep
 from finescope_core.config import FinescopeConfig
@@ -20,7 +19,16 @@ from finescope_core.finetune import lora_finetune
 from finescope_core.model import load_model
 from finescope_core.saliency import LayerSaliency
 from finescope_core.teacher import generate_distilled, read_distilled
-from tasks.common import ModelRef, Progress, StageManifest, artifact_dir, model_ref, open_store, run_cached
+from tasks.common import (
+    RUN_RESULTS,
+    ModelRef,
+    Progress,
+    StageManifest,
+    artifact_dir,
+    model_ref,
+    open_store,
+    run_cached,
+)
 from tasks.curate import GPU_TAGS, IO_RETRIES, STORE_RETRIES
 
 
@@ -38,7 +46,7 @@ def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
     return model_ref(cfg.teacher.model, open_store(cfg))
 
 
-@task(name="teacher", cache_policy=NO_CACHE, tags=GPU_TAGS, **IO_RETRIES)
+@task(name="teacher", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **IO_RETRIES)
 def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record], tag: str) -> StageManifest:
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
 
@@ -54,7 +62,7 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
     return run_cached(open_store(cfg), "distilled", "1", config, inputs, build, resume=True)
 
 
-@task(name="finetune", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
+@task(name="finetune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageManifest, tag: str) -> StageManifest:
     """LoRA on the pruned model with the distilled data; adapter + merged model (plain HF directories)."""
     store = open_store(cfg)
@@ -80,7 +88,7 @@ def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[st
     return texts, mc, numeric
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, tags=GPU_TAGS, **STORE_RETRIES)
+@task(name="evaluate", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, heldout_texts: list[str]) -> StageManifest:
     """Perplexity on held-out domain text (+ MC accuracy / numeric exact match when files are given)."""
     texts, mc, numeric = eval_inputs(cfg, heldout_texts)
@@ -119,7 +127,7 @@ def _retrieval_scores(emb_path: Path) -> np.ndarray:
     return np.mean(per_layer, axis=0)
 
 
-@task(name="report", cache_policy=NO_CACHE, **STORE_RETRIES)
+@task(name="report", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def report_task(cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], prune_info: dict[str, Any]) -> StageManifest:
     """report.md with plots: saliency, SAE metrics, retrieval scores + examples, parameters, evaluation."""
     store = open_store(cfg)

@@ -202,3 +202,25 @@ def test_pooling_mask_skips_sink_for_right_and_left_padding() -> None:
     hidden = torch.arange(24, dtype=torch.float32).view(3, 4, 2)
     mean = masked_mean(hidden, pooling_mask(right, 1))
     assert_close(mean, torch.stack([hidden[0, 1:].mean(0), hidden[1, 1], hidden[2, 0]]))
+
+
+def test_directories_of_consecutive_slices_load_as_one_corpus(tmp_path: Path) -> None:
+    """What the fanned-out embedding writes: one directory per corpus slice, concatenated in order."""
+    model = tiny_model("qwen3", layers=3)
+    tok = byte_tokenizer()
+    kw = dict(indices=None, max_length=32, batch_size=2, skip_first=1)
+    write_activation_shards(model, tok, TEXTS, [0, 1, 2], tmp_path / "whole", shard_size=100, **kw)
+    cuts = [(0, 3), (3, 4), (4, 7)]
+    for start, stop in cuts:
+        write_activation_shards(model, tok, TEXTS[start:stop], [0, 1, 2], tmp_path / f"part{start}", shard_size=2, **kw)
+    parts = [tmp_path / f"part{start}" for start, _ in cuts]
+    whole = load_activations(tmp_path / "whole")
+    assert_close(load_activations(parts), whole)
+    # One layer at a time (a per-layer SAE task) reads only that slice, and it is the same slice.
+    assert_close(load_activations(parts, positions=[2]), whole[:, [2]])
+    assert_close(load_activations(parts, positions=[0, 2]), whole[:, [0, 2]])
+    with pytest.raises(ActivationError, match="out of range"):
+        load_activations(parts, positions=[3])
+    write_activation_shards(model, tok, TEXTS[:2], [0, 1], tmp_path / "other", shard_size=2, **kw)
+    with pytest.raises(ActivationError, match="same settings"):
+        load_activations([parts[0], tmp_path / "other"])

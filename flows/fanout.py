@@ -1,0 +1,74 @@
+"""The fanned-out curation stages: corpus shards and per-layer SAEs as mapped tasks.
+
+Each runs as a subflow on the task runner chosen by `orchestration.task_runner` (threads, Dask or
+Ray), so the rest of a run stays in its own process while these spread over workers. The parent
+looks in the store first: a cached stage starts no subflow and no cluster.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, unmapped
+
+from finescope_core.config import FinescopeConfig
+from flows.runtime import task_runner
+from tasks.common import ModelRef, StageManifest
+from tasks.curate import (
+    activation_shard_task,
+    gather_activations_task,
+    gather_sae_task,
+    load_data,
+    lookup_activations,
+    lookup_sae,
+    sae_groups,
+    sae_layers_task,
+    shard_plan,
+)
+
+
+@flow(name="embed", log_prints=True)
+def embed_flow(
+    config: FinescopeConfig, ref: ModelRef, record_sets: list[StageManifest], layers: list[int], sal: StageManifest | None
+) -> list[StageManifest]:
+    """Every shard of every record set as one mapped task, then one gathered artifact per record set."""
+    plans = [shard_plan(len(load_data(config, records)), config.curate.shard_size) for records in record_sets]
+    futures = [
+        activation_shard_task.map(
+            unmapped(config), unmapped(ref), unmapped(records), unmapped(layers), unmapped(sal),
+            [start for start, _ in plan], [stop for _, stop in plan],
+        )
+        for records, plan in zip(record_sets, plans, strict=True)
+    ]
+    shards = [f.result() for f in futures]
+    return [
+        gather_activations_task(config, ref, records, layers, sal, done)
+        for records, done in zip(record_sets, shards, strict=True)
+    ]
+
+
+def embed(
+    config: FinescopeConfig, ref: ModelRef, record_sets: list[StageManifest], layers: list[int], sal: StageManifest | None
+) -> list[StageManifest]:
+    """Activations of each record set: from the store when cached, else through `embed_flow`."""
+    found = [lookup_activations(config, ref, records, layers, sal) for records in record_sets]
+    missing = [records for records, hit in zip(record_sets, found, strict=True) if hit is None]
+    if missing:
+        runner = embed_flow.with_options(task_runner=task_runner(config), flow_run_name="embed-" + "+".join(m.stage for m in missing))
+        built = iter(runner(config, ref, missing, layers, sal))
+        found = [hit if hit is not None else next(built) for hit in found]
+    return found  # type: ignore[return-value]
+
+
+@flow(name="sae-training", log_prints=True)
+def sae_flow(config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int]) -> StageManifest:
+    """One mapped task per group of `orchestration.sae_layers_per_task` layers, then one SAE artifact."""
+    groups = sae_groups(len(layers), config.orchestration.sae_layers_per_task)
+    futures = sae_layers_task.map(unmapped(config), unmapped(acts), unmapped(sal), unmapped(layers), groups)
+    return gather_sae_task(config, acts, sal, layers, futures.result())
+
+
+def train_saes(config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int]) -> StageManifest:
+    """The SAEs of every hooked layer: from the store when cached, else through `sae_flow`."""
+    found = lookup_sae(config, acts, sal)
+    if found is not None:
+        return found
+    return sae_flow.with_options(task_runner=task_runner(config))(config, acts, sal, layers)
