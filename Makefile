@@ -34,3 +34,4 @@ bench: install
 	$(PY) bench/bench_retrieval.py
 	$(PY) bench/bench_sae.py
 	$(PY) bench/bench_prune.py
+	$(PY) bench/bench_fanout.py

@@ -56,7 +56,11 @@ def task_runner(cfg: FinescopeConfig) -> TaskRunner:
 
 
 def apply_gpu_limit(cfg: FinescopeConfig) -> None:
-    """Set the server's concurrency limit on the GPU tag (shared by every run), when configured."""
+    """Set the server's concurrency limit on the GPU tag (shared by every run), when configured.
+
+    A process that ran tagged tasks in the last 5 s while no limit existed keeps ignoring the new
+    limit for up to those 5 s (Prefect caches the absence of a limit); a fresh run is not affected.
+    """
     limit = cfg.orchestration.gpu_concurrency
     if limit is None:
         return

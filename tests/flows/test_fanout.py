@@ -111,11 +111,18 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
     import tasks.curate
 
     intervals: list[tuple[float, float]] = []
+    started: list[float] = []
+    wait_for_all = True
     train = tasks.curate.core.sae_stage
 
     def timed_training(*args, **kwargs):
         begin = time.monotonic()
-        time.sleep(0.5)  # long enough for the other threads to start theirs, if they may
+        started.append(begin)
+        if wait_for_all:  # the control run: hold each task until all 3 have started (or 20 s)
+            while len(started) < 3 and time.monotonic() < begin + 20:
+                time.sleep(0.05)
+        else:  # long enough for another thread to start its task, if the limit let it
+            time.sleep(1.5)
         out = train(*args, **kwargs)
         intervals.append((begin, time.monotonic()))
         return out
@@ -130,6 +137,9 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
     assert len(intervals) == 3 and overlaps() > 0  # the control: without a limit they do run together
 
     intervals.clear()
+    started.clear()
+    wait_for_all = False
+    time.sleep(5.5)  # Prefect caches "this tag has no limit" for 5 s per process
     try:
         curate_flow(config(inputs, str(tmp_path / "limited"), workers=4, gpu_concurrency=1, persist_results=False))
         with get_client(sync_client=True) as client:

@@ -136,3 +136,54 @@ def test_run_killed_during_teacher_resumes_and_matches_an_uninterrupted_run(work
         f"uninterrupted run {fresh_seconds:.1f}s; teacher stage {teacher['seconds']:.1f}s resumed vs "
         f"{fresh['distilled']['seconds']:.1f}s fresh"
     )
+
+
+def test_curate_killed_during_sae_training_keeps_the_finished_layers(workspace, tmp_path):
+    """SIGKILL between the per-layer SAE tasks: the re-run trains only the missing layer."""
+
+    def config(store: Path, path: Path) -> Path:
+        cfg = yaml.safe_load(_config_file(workspace, store, path).read_text())
+        # One layer at a time, each long enough (seconds) to be killed in between.
+        cfg["curate"]["sae"] = {"d_sae": 32, "steps": 6000, "batch_size": 16}
+        cfg["orchestration"] = {"workers": 1, "sae_layers_per_task": 1}
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def curate(cfg: Path, out: Path) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "flows.cli", "curate", "--config", str(cfg), "--out", str(out)]
+        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    store = tmp_path / "store"
+    cfg = config(store, tmp_path / "cfg.yaml")
+    proc = curate(cfg, tmp_path / "out")
+    deadline = time.monotonic() + 240
+    while not list((store / "sae-layers").glob("*/_COMPLETE.json")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no SAE layer finished before the run ended:\n{proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.parent.name: p.stat().st_mtime_ns for p in (store / "sae-layers").glob("*/_COMPLETE.json")}
+    assert len(done) == 1 and not (store / "sae").exists()  # one of the 2 layers finished, nothing gathered
+
+    start = time.perf_counter()
+    _finish(curate(cfg, tmp_path / "out"))
+    resume_seconds = time.perf_counter() - start
+    stages = json.loads((tmp_path / "out" / "run.json").read_text())["stages"]
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (store / "sae-layers").glob("*/_COMPLETE.json")}
+    assert len(after) == 2 and all(after[k] == v for k, v in done.items())  # the finished layer was reused
+    assert stages["activations"]["cached"] and stages["saliency"]["cached"] and not stages["sae"]["cached"]
+
+    fresh_store = tmp_path / "fresh-store"
+    start = time.perf_counter()
+    _finish(curate(config(fresh_store, tmp_path / "fresh.yaml"), tmp_path / "fresh-out"))
+    fresh_seconds = time.perf_counter() - start
+    assert (tmp_path / "out" / "curated.jsonl").read_bytes() == (tmp_path / "fresh-out" / "curated.jsonl").read_bytes()
+    fresh = json.loads((tmp_path / "fresh-out" / "run.json").read_text())["stages"]
+    for name in ("sae_00", "sae_01"):
+        layer = name[-2:]
+        assert _artifact(store, stages["sae"], f"layer_{layer}/sae.safetensors") == _artifact(
+            fresh_store, fresh["sae"], f"layer_{layer}/sae.safetensors"
+        )
+    print(f"\nresume after SIGKILL in SAE training: resumed curate {resume_seconds:.1f}s, fresh curate {fresh_seconds:.1f}s")
