@@ -44,7 +44,7 @@ def task_runner(cfg: FinescopeConfig) -> TaskRunner:
         if o.address:
             return DaskTaskRunner(address=o.address)
         # One single-threaded worker process per slot: torch inside each task uses its own threads.
-        cluster = {"n_workers": o.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        cluster = {"n_workers": o.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
         return DaskTaskRunner(cluster_kwargs=cluster)
     if o.task_runner == "ray":
         from prefect_ray import RayTaskRunner

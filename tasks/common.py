@@ -197,10 +197,13 @@ def using_model(path: str, device: str) -> Iterator[tuple[Any, Any]]:
 class Progress:
     """Per-batch progress, shown in the terminal (a log line every ~10%) and in Prefect (a progress artifact)."""
 
+    MIN_UPDATE_SECONDS = 2.0
+
     def __init__(self, what: str):
         self.what = what
         self.logged_decile = -1
         self.shown_pct = -1
+        self.shown_at = float("-inf")
         self.start = time.perf_counter()
         try:
             self.artifact_id = create_progress_artifact(0.0, description=what)
@@ -211,7 +214,10 @@ class Progress:
         if total <= 0:  # size unknown up front: no percentage to show
             return
         pct = min(100, int(100 * done / total))
-        if pct >= self.shown_pct + 2 or done >= total:
+        now = time.perf_counter()
+        # Each update is an API call: at most one per MIN_UPDATE_SECONDS, so short batches stay cheap.
+        if done >= total or (pct >= self.shown_pct + 2 and now - self.shown_at >= self.MIN_UPDATE_SECONDS):
+            self.shown_at = now
             self._show(pct)
         if pct // 10 > self.logged_decile or done >= total:
             self.logged_decile = pct // 10
