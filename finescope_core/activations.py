@@ -341,7 +341,7 @@ def load_activations(dirs: Path | Sequence[Path], positions: Sequence[int] | Non
     seen = torch.zeros(total, dtype=torch.long)
     offset = 0
     for path, manifest in zip(paths, manifests, strict=True):
-        for rows, acts in _iter_shard_slices(path, manifest, picked if positions is not None else None):
+        for rows, acts in _iter_shard_slices(path, manifest, None if positions is None else picked):
             out[rows + offset] = acts
             seen.index_add_(0, rows + offset, torch.ones_like(rows))
         offset += manifest.num_rows
@@ -354,16 +354,17 @@ def load_activations(dirs: Path | Sequence[Path], positions: Sequence[int] | Non
 def _iter_shard_slices(
     out_dir: Path, manifest: ActivationManifest, positions: list[int] | None
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    if positions is None:
-        yield from iter_shards(out_dir)
-        return
+    """(rows, acts) of each shard, acts restricted to `positions` of the L axis (None: all) when read."""
     for shard in manifest.shards:
         path = out_dir / shard.file
         if not path.is_file():
             raise ActivationError(f"{path} is listed in {MANIFEST} but missing; re-run write_activation_shards")
         with safe_open(str(path), framework="pt") as f:
             rows = f.get_tensor("rows")
-            sliced = f.get_slice("acts")
-            # One contiguous range per requested position: reads only those layers' bytes.
-            acts = torch.stack([sliced[:, i : i + 1, :][:, 0] for i in positions], dim=1)
+            if positions is None:
+                acts = f.get_tensor("acts")
+            else:
+                sliced = f.get_slice("acts")
+                # One contiguous range per requested position: reads only those layers' bytes.
+                acts = torch.stack([sliced[:, i : i + 1, :][:, 0] for i in positions], dim=1)
         yield rows, acts

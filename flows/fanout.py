@@ -30,7 +30,8 @@ def embed_flow(
     config: FinescopeConfig, ref: ModelRef, record_sets: list[StageManifest], layers: list[int], sal: StageManifest | None
 ) -> list[StageManifest]:
     """Every shard of every record set as one mapped task, then one gathered artifact per record set."""
-    plans = [shard_plan(len(load_data(config, records)), config.curate.shard_size) for records in record_sets]
+    sizes = [len(load_data(config, records)) for records in record_sets]
+    plans = [shard_plan(size, config.curate.shard_size) for size in sizes]
     futures = [
         activation_shard_task.map(
             unmapped(config), unmapped(ref), unmapped(records), unmapped(layers), unmapped(sal),
@@ -40,8 +41,8 @@ def embed_flow(
     ]
     shards = [f.result() for f in futures]
     return [
-        gather_activations_task(config, ref, records, layers, sal, done)
-        for records, done in zip(record_sets, shards, strict=True)
+        gather_activations_task(config, ref, records, layers, sal, done, size)
+        for records, done, size in zip(record_sets, shards, sizes, strict=True)
     ]
 
 

@@ -90,7 +90,7 @@ def result_storage(cfg: FinescopeConfig) -> Any:
     name = "finescope-results-" + hashlib.sha256(location.encode()).hexdigest()[:12]
     if "://" in location and not location.startswith("file://"):
         settings: dict[str, Any] = {}
-        client = {k: v for k, v in cfg.storage.fsspec_options().get("client_kwargs", {}).items()}
+        client = cfg.storage.fsspec_options().get("client_kwargs", {})
         if client:
             settings["client_kwargs"] = client
         block: Any = RemoteFileSystem(basepath=location, settings=settings)

@@ -65,6 +65,9 @@ IO_RETRIES: dict[str, Any] = dict(retries=3, retry_delay_seconds=[2, 10, 30], re
 # Compute stages: a model or data error must fail at once, but a longer storage outage is worth waiting out.
 STORE_RETRIES: dict[str, Any] = dict(retries=2, retry_delay_seconds=[30, 60], retry_condition_fn=_retry_storage_outage)
 GPU_TAGS = ["finescope-gpu"]
+# Stage versions of the gathered artifacts (2: the fanned-out layout, shards listed by reference).
+ACTIVATIONS_VERSION = "2"
+SAE_VERSION = "2"
 
 
 def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
@@ -213,13 +216,12 @@ def lookup_activations(
 @task(name="activations", task_run_name="activations-{records.stage}", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def gather_activations_task(
     cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None,
-    shards: list[StageManifest],
+    shards: list[StageManifest], rows: int,
 ) -> StageManifest:
-    """One artifact that lists the shard artifacts of `records` in row order (references, not copies)."""
-    rows = len(load_data(cfg, records))
-    covered = [(s.info.get("rows", 0)) for s in shards]
-    if sum(covered) != rows:
-        raise ValueError(f"activation shards cover {sum(covered)} of {rows} records of {records.uri}; re-run")
+    """One artifact that lists the shard artifacts of `records` (`rows` records) in row order (references, not copies)."""
+    covered = sum(s.info.get("rows", 0) for s in shards)
+    if covered != rows:
+        raise ValueError(f"activation shards cover {covered} of {rows} records of {records.uri}; re-run")
 
     def build(work: Path) -> dict[str, Any]:
         listed = [{"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)} for s in shards]
@@ -229,9 +231,6 @@ def gather_activations_task(
     store = open_store(cfg)
     config, inputs = _gathered_key(cfg, ref, records, layers, sal)
     return run_cached(store, "activations", ACTIVATIONS_VERSION, config, inputs, build)
-
-
-ACTIVATIONS_VERSION = "2"
 
 
 def activation_dirs(store: ArtifactStore, acts: StageManifest) -> list[Path]:
@@ -276,9 +275,6 @@ def sae_layers_task(
 
 def lookup_sae(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest) -> StageManifest | None:
     return lookup_stage(open_store(cfg), "sae", SAE_VERSION, _sae_config(cfg), {"activations": acts.sha256, "saliency": sal.sha256})
-
-
-SAE_VERSION = "2"
 
 
 @task(name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_curate_flow import TOPICS
 
 from finescope_core.activations import load_activations
 from finescope_core.config import FinescopeConfig
@@ -19,11 +20,6 @@ from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
 from flows.runtime import RESULTS_DIR
 from tasks.curate import activation_dirs, sae_groups, shard_plan
-
-TOPICS = {
-    "math": ["What is {a} plus {b}?", "Compute {a} times {b}.", "If I have {a} apples and eat {b}, how many are left?"],
-    "chat": ["Hello, how are you {a}?", "I like the color {b} and {a}.", "Good morning, friend number {a}."],
-}
 
 
 @pytest.fixture(scope="module")
