@@ -6,11 +6,18 @@ docstring is its help text (`finescope curate --help` prints them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PATH: dict[str, Any] = {"path": "always"}
+"""Field marker: a file/directory path; relative ones in a config file are resolved against its directory."""
+NAME_OR_PATH: dict[str, Any] = {"path": "if-exists"}
+"""Field marker: a keyword or hub id, or a local path (resolved against the config file's directory when
+that path exists there)."""
 
 
 class _Strict(BaseModel):
@@ -20,24 +27,43 @@ class _Strict(BaseModel):
 
 
 class StorageConfig(_Strict):
-    """How to reach the artifact store when it is an object store (`s3://...`)."""
+    """How to reach the artifact store when it is an object store (`s3://...`).
+
+    Credentials never live in the config: a config is written into run.json, shell history (as a
+    command-line option) and the Prefect database (as deployment parameters). They come from the
+    standard AWS variables / profile, or from a Prefect Secret block named here.
+    """
 
     endpoint_url: str | None = None
     """S3 endpoint (MinIO, Ceph, SeaweedFS...). None: AWS, or the AWS_ENDPOINT_URL variable."""
-    key: SecretStr | None = None
-    """Access key id. None: taken from the standard AWS variables / profile."""
-    secret: SecretStr | None = None
-    """Secret access key. None: taken from the standard AWS variables / profile."""
     region: str | None = None
     """Region name, if the endpoint needs one."""
+    secret_block: str | None = None
+    """Name of a Prefect Secret block whose value is `{"key": ACCESS_KEY_ID, "secret": SECRET_ACCESS_KEY}`.
+    None: the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or profile."""
 
-    def fsspec_options(self) -> dict[str, Any]:
-        """Options for `fsspec.filesystem('s3', **options)`; secrets revealed only here."""
-        opts: dict[str, Any] = {}
-        if self.key is not None:
-            opts["key"] = self.key.get_secret_value()
-        if self.secret is not None:
-            opts["secret"] = self.secret.get_secret_value()
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            given = [f"storage.{name}" for name in ("key", "secret") if name in value]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)}: credentials are not read from the config (it is saved in run.json, "
+                    "shell history and the Prefect database); export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                    "or save a Prefect Secret block with {\"key\": ..., \"secret\": ...} and name it in "
+                    "storage.secret_block"
+                )
+        return value
+
+    def fsspec_options(self, credentials: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Options for `fsspec.filesystem('s3', **options)`.
+
+        Args:
+            credentials: `{"key", "secret"}` read from `secret_block` by the caller; None leaves them to
+                the AWS variables / profile, which s3fs reads itself.
+        """
+        opts: dict[str, Any] = dict(credentials or {})
         client: dict[str, Any] = {}
         if self.endpoint_url:
             client["endpoint_url"] = self.endpoint_url
@@ -114,7 +140,7 @@ class PruneConfig(_Strict):
     importance: Literal["taylor", "vector", "magnitude"] = "taylor"
     """Group importance: element-wise first-order Taylor |w*dL/dw| summed over the group (LLM-Pruner
     `element`), the `vector` variant |sum(w*dL/dw)|, or weight magnitude (no data)."""
-    data: str = "curated"
+    data: str = Field("curated", json_schema_extra=NAME_OR_PATH)
     """Pruning data: `curated` (D_s), `random` (a corpus sample of the same size), or a file/URI."""
     attention: Literal["heads", "kv_groups"] = "heads"
     """Attention unit: query heads (the same number per KV group) or whole KV groups."""
@@ -130,7 +156,7 @@ class PruneConfig(_Strict):
 class TeacherConfig(_Strict):
     """Teacher-guided distillation data (paper §3.2.2, SDFT-style rewrite)."""
 
-    model: str = "base"
+    model: str = Field("base", json_schema_extra=NAME_OR_PATH)
     """`base`: the unpruned base model; or any HF directory / hub id."""
     max_new_tokens: int = Field(128, ge=1)
     """Longest teacher response, in tokens."""
@@ -176,11 +202,11 @@ class EvalConfig(_Strict):
 
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of the curated records held out of pruning and tuning, for domain perplexity."""
-    eval_file: str | None = None
+    eval_file: str | None = Field(None, json_schema_extra=PATH)
     """Optional file/URI of held-out domain texts (any supported format) used instead of the held-out share."""
-    mc_file: str | None = None
+    mc_file: str | None = Field(None, json_schema_extra=PATH)
     """Optional MMLU-style JSONL: {question, choices: [...], answer: index}; accuracy by log-likelihood."""
-    numeric_file: str | None = None
+    numeric_file: str | None = Field(None, json_schema_extra=PATH)
     """Optional GSM8K-style JSONL: {question, answer} with a numeric final answer; exact match."""
     max_length: int = Field(256, ge=8)
     """Tokens per text for perplexity."""
@@ -218,13 +244,20 @@ class OrchestrationConfig(_Strict):
 class FinescopeConfig(_Strict):
     """A whole finescope run. A config of just `seeds` and `corpus` is enough."""
 
-    model: str = "default"
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    """Name of this run's domain (lowercase letters, digits, dashes): it namespaces the Prefect artifact
+    keys (`specialize-<name>-report`) and the default output directory. None: the config file's stem
+    (CLI), the deployment's name (deployment runs), else `finescope`."""
+    output: str | None = Field(None, json_schema_extra=PATH)
+    """Directory or fsspec URI the run's outputs are exported to (run.json, models with cards, data,
+    report). None: `<store>/outputs/<name>`. The CLI's `--out` sets it."""
+    model: str = Field("default", json_schema_extra=NAME_OR_PATH)
     """`default` (the bundled SmolLM2-135M-Instruct), a local HF directory, or a hub id."""
-    seeds: list[str]
+    seeds: list[str] = Field(json_schema_extra=PATH)
     """Seed example files/URIs (JSONL, Parquet, .txt, HF save_to_disk dirs): ~10 in-domain records."""
-    corpus: list[str]
+    corpus: list[str] = Field(json_schema_extra=PATH)
     """Unlabeled corpus files/URIs to curate from."""
-    store: str = "./finescope-store"
+    store: str = Field("./finescope-store", json_schema_extra=PATH)
     """Artifact store: a local directory or an fsspec URI such as s3://bucket/prefix."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """Credentials and endpoint for an object-store `store`."""
@@ -276,8 +309,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinescopeConfig:
     """Read a YAML config and apply dotted overrides (`{"curate.top_m": 50}`).
 
-    Relative data and store paths in the file are resolved against the file's directory; those in
-    overrides are left relative to the working directory.
+    Relative paths in the file (every field marked PATH / NAME_OR_PATH: data, store, output, models,
+    evaluation files) are resolved against the file's directory; those in overrides are left relative
+    to the working directory.
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown field or out-of-range value, naming the field.
@@ -303,11 +337,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if base_dir is not None:
         # Paths written in the file are relative to the file; paths given on the command line (applied
         # below) stay relative to the working directory.
-        for key in ("seeds", "corpus"):
-            if key in raw:
-                raw[key] = _resolve_paths(raw[key], base_dir)
-        if isinstance(raw.get("store"), str):
-            raw["store"] = _resolve_paths(raw["store"], base_dir)
+        resolve_config_paths(raw, base_dir)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
@@ -327,9 +357,42 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _resolve_paths(value: Any, base: Path) -> Any:
+def path_fields(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, str]:
+    """Dotted name -> marker (`always` / `if-exists`) of every path field, recursing into sections."""
+    model = model or FinescopeConfig
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(path_fields(ann, f"{prefix}{name}."))
+        elif isinstance(info.json_schema_extra, dict) and "path" in info.json_schema_extra:
+            out[f"{prefix}{name}"] = str(info.json_schema_extra["path"])
+    return out
+
+
+def resolve_config_paths(raw: dict[str, Any], base: Path) -> None:
+    """Resolve, in place, every relative path field of a raw config mapping against `base`."""
+    for dotted, how in path_fields().items():
+        node: Any = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = _resolve_paths(node[leaf], base, only_existing=how == "if-exists")
+
+
+def _resolve_paths(value: Any, base: Path, *, only_existing: bool = False) -> Any:
     if isinstance(value, list):
-        return [_resolve_paths(v, base) for v in value]
-    if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-        return str((base / value).resolve())
+        return [_resolve_paths(v, base, only_existing=only_existing) for v in value]
+    if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().is_absolute():
+        resolved = (base / Path(value).expanduser()).resolve()
+        if not only_existing or resolved.exists():
+            return str(resolved)
     return value
+
+
+def slug(text: str) -> str | None:
+    """`text` as a run name (lowercase letters, digits, dashes), or None when nothing is left of it."""
+    out = "".join(c if c.isalnum() and c.isascii() else "-" for c in text.lower())
+    out = "-".join(part for part in out.split("-") if part)[:63]
+    return out or None

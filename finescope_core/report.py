@@ -8,6 +8,7 @@ says why, so a report is always complete.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -379,3 +380,32 @@ def write_report(out_dir: str | Path, *, title: str, sections: Sequence[ReportSe
     path = out / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+_IMAGE_LINK = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<src>[^)\s]+)\)")
+
+
+def embed_images(markdown: str, base_dir: str | Path) -> str:
+    """`markdown` with every relative PNG link replaced by an inline `data:` URI.
+
+    A report shown where its files are not (a Prefect artifact in the UI, a chat message) has no
+    directory to resolve relative links against, so the pictures must travel inside the text.
+
+    Raises:
+        ReportError: a linked image is missing, or is not a PNG.
+    """
+    base = Path(base_dir)
+
+    def inline(match: re.Match[str]) -> str:
+        src = match["src"]
+        if src.startswith(("data:", "http://", "https://")):
+            return match[0]
+        path = base / src
+        if not path.is_file():
+            raise ReportError(f"report image {src} does not exist under {base}; write the plot before embedding")
+        data = path.read_bytes()
+        if not data.startswith(b"\x89PNG"):
+            raise ReportError(f"report image {path} is not a PNG; only PNG plots can be embedded")
+        return f"![{match['alt']}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"
+
+    return _IMAGE_LINK.sub(inline, markdown)

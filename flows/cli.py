@@ -1,30 +1,46 @@
-"""`finescope` command line: one sub-command per flow; every config field is an option.
+"""`finescope` command line: one sub-command per flow; each config field the flow reads is an option.
 
 Options are generated from the pydantic config models, so `--help` shows each field's docstring and
-the YAML file, the CLI and the Prefect flow parameters can never drift apart.
+choices, and the YAML file, the CLI and the Prefect flow parameters can never drift apart. The flows
+write their own outputs (to `--out`), so a CLI run and a deployment run produce the same files.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
-import time
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel
 
-from finescope_core.config import ConfigError, FinescopeConfig, load_config
+from finescope_core import __version__
+from finescope_core.config import ConfigError, FinescopeConfig, load_config, slug
 from flows.serve import FLOWS
 
-# Prefect without a server by default: a temporary local API per run, no telemetry.
+# Prefect without a server by default: a temporary local API per run, no telemetry. Its first start on a
+# machine creates and migrates its database, which takes longer than Prefect's 20 s default on a slow
+# machine; the run waits for it instead of failing.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GENERAL = ("name", "model", "seeds", "corpus", "store", "storage", "device", "seed")
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "curate": (*GENERAL, "curate", "orchestration"),
+    "prune": (*GENERAL, "curate", "prune", "orchestration"),
+    "run": (*GENERAL, "curate", "prune", "teacher", "finetune", "evaluate", "orchestration"),
+    "serve": (*GENERAL, "output", "curate", "prune", "teacher", "finetune", "evaluate", "orchestration"),
+}
+"""The config fields (top-level names) each sub-command's flow reads, and so offers as options."""
+DEMO_HIDDEN = ("seeds", "corpus", "curate.method")
+"""The demo builds its own seeds and corpus and runs every method given by --methods."""
+RAW_STRINGS = ("model", "store", "output", "name", "teacher.model", "prune.data")
+"""Fields whose command-line value is taken as it is, not parsed as YAML (`--model 1e3` stays a name)."""
 
 
 def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
@@ -39,46 +55,74 @@ def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, An
     return out
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("config fields (override the YAML file; values parsed as YAML, e.g. '[4, 8]')")
+def _choices(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed values of a Literal field (or an optional Literal), as they are typed on the command line."""
+    if typing.get_origin(annotation) is Literal:
+        return tuple(str(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if (found := _choices(arg)) is not None:
+                return found
+    return None
+
+
+def _metavar(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return "LIST"
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _metavar(args[0]) if len(args) == 1 else "VALUE"
+    return {int: "N", float: "X", bool: "true|false", str: "TEXT"}.get(annotation, "VALUE")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...], hidden: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("config fields (override the YAML file; lists as YAML, e.g. '[4, 8]')")
     for dotted, info in _leaf_fields(FinescopeConfig):
+        if dotted.split(".")[0] not in sections or dotted in hidden:
+            continue
         default = "required" if info.is_required() else f"default: {info.get_default(call_default_factory=True)!r}"
-        if "secret" in dotted or dotted.endswith(".key"):
-            default = "default: from the environment"
         help_text = " ".join((info.description or "").split()) + f" ({default})"
-        group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", metavar="VALUE", help=help_text.replace("%", "%%"))
+        choices = _choices(info.annotation)
+        group.add_argument(
+            f"--{dotted}", dest=f"cfg:{dotted}", choices=choices, metavar="{" + ",".join(choices) + "}" if choices else
+            _metavar(info.annotation), help=help_text.replace("%", "%%"),
+        )  # fmt: skip
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for key, value in vars(args).items():
         if key.startswith("cfg:") and value is not None:
-            out[key[4:]] = yaml.safe_load(value) if key[4:] not in ("model", "store") else value
+            dotted = key[4:]
+            out[dotted] = value if dotted in RAW_STRINGS else yaml.safe_load(value)
     return out
+
+
+def _flow_command(sub: Any, name: str, help_text: str, out_help: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--config", type=Path, help="YAML config file (fields below)")
+    parser.add_argument("--out", type=Path, help=f"output directory: {out_help} (default: <store>/outputs/<name>)")
+    _add_config_options(parser, SECTIONS[name])
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finescope", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    curate = sub.add_parser("curate", help="seeds + corpus -> curated domain dataset (curated.jsonl/.parquet)")
-    curate.add_argument("--config", type=Path, help="YAML config file (fields below)")
-    curate.add_argument("--out", type=Path, required=True, help="directory for curated.jsonl, curated.parquet, run.json")
-    _add_config_options(curate)
-    run = sub.add_parser("run", help="the whole specialize flow: curate, prune, teacher, LoRA, evaluate, report")
-    run.add_argument("--config", type=Path, help="YAML config file (fields below)")
-    run.add_argument("--out", type=Path, required=True, help="directory for metrics.json, report.md (+ plots), tuned-model/, run.json")
-    _add_config_options(run)
-    prune = sub.add_parser("prune", help="curate (cached) then prune; writes a plain HF model directory")
-    prune.add_argument("--config", type=Path, help="YAML config file (fields below)")
-    prune.add_argument("--out", type=Path, required=True, help="directory for pruned-model/ and run.json")
-    _add_config_options(prune)
+    parser.add_argument("--version", action="version", version=f"finescope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{curate,prune,run,demo,serve,store}")
+    _flow_command(sub, "curate", "seeds + corpus -> curated domain dataset", "curated.jsonl/.parquet, dataset card, run.json")
+    _flow_command(sub, "prune", "curate (cached) then prune; writes a plain HF model directory",
+                  "pruned-model/ (with its model card), curated/, run.json")  # fmt: skip
+    _flow_command(sub, "run", "the whole specialize flow: curate, prune, teacher, LoRA, evaluate, report",
+                  "report.md, metrics.json, pruned-model/, tuned-model/, tuned-adapter/, curated/, distilled/, run.json")  # fmt: skip
     demo = sub.add_parser("demo", help="build the bundled mixed-domain demo corpus and compare every curation method")
-    demo.add_argument("--out", type=Path, required=True, help="directory for the demo report")
+    demo.add_argument("--out", type=Path, required=True, help="directory for the demo report (and specialize/)")
     demo.add_argument("--domain", default="math", help="demo domain whose seeds are used (math, code, science)")
     demo.add_argument("--methods", default="sae,sentence,activation,random", help="comma-separated curate.method values")
     demo.add_argument("--config", type=Path, help="optional YAML with other fields (model, store, curate...)")
     demo.add_argument("--curate-only", action="store_true", help="compare curation methods only; skip prune/teacher/LoRA")
-    _add_config_options(demo)
+    _add_config_options(demo, SECTIONS["run"], DEMO_HIDDEN)
     serve = sub.add_parser(
         "serve", help="serve one flow as a Prefect deployment on a schedule from this process (needs PREFECT_API_URL)"
     )
@@ -87,106 +131,44 @@ def build_parser() -> argparse.ArgumentParser:
     when = serve.add_argument_group("schedule (at most one; none: runs start only from the UI or `prefect deployment run`)")
     when.add_argument("--cron", help="cron string in UTC, quoted, e.g. '0 3 * * 0' (Sundays 03:00)")
     when.add_argument("--interval", type=int, metavar="SECONDS", help="seconds between runs, e.g. 86400")
-    serve.add_argument("--name", help="deployment name (default: the config file's stem, else 'finescope')")
-    _add_config_options(serve)
+    _add_config_options(serve, SECTIONS["serve"])
     return parser
 
 
-def code_version() -> str:
-    """Package version plus the git commit when run from a checkout."""
-    from tasks.common import CODE_VERSION
-
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{CODE_VERSION}+{sha}" if sha else CODE_VERSION
+def flow_config(args: argparse.Namespace) -> FinescopeConfig:
+    """The config of a flow command: file + options, `--out` as the output, the file's stem as the name."""
+    cfg = load_config(args.config, _overrides(args))
+    if getattr(args, "out", None) is not None:
+        cfg.output = str(args.out.resolve())
+    if cfg.name is None and args.config is not None:
+        cfg.name = slug(args.config.stem)
+    return cfg
 
 
-def write_run_manifest(out: Path, cfg: FinescopeConfig, stages: dict[str, Any], seconds: float) -> None:
-    """run.json: parameters (secrets masked), input hashes, artifact URIs, code version."""
-    manifest = {
-        "code_version": code_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(seconds, 1),
-        "config": json.loads(cfg.model_dump_json()),
-        "stages": stages,
-    }
-    tmp = out / ".run.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, out / "run.json")
+def _run_flow(command: str, cfg: FinescopeConfig) -> None:
+    if command == "curate":
+        from flows.curate import curate_flow
+
+        result = curate_flow(cfg)
+        print(f"curated {result.curated.info.get('records', 0)} records; outputs in {_where(result.exported)}")
+    elif command == "prune":
+        from flows.prune import prune_flow
+
+        pruned = prune_flow(cfg)
+        info = pruned.pruned.info
+        print(f"pruned {info['params_before']['total']:,} -> {info['params_after']['total']:,} parameters "
+              f"(ratio {info['achieved_ratio']:.4f}); outputs in {_where(pruned.exported)}")  # fmt: skip
+    else:
+        from flows.specialize import specialize_flow
+
+        result = specialize_flow(cfg)
+        for name, m in result.metrics["models"].items():
+            print(f"{name:>16}: perplexity {m['perplexity']:.2f}, parameters {m['parameters']:,}")
+        print(f"report, models and data in {_where(result.exported)}")
 
 
-def run_curate(cfg: FinescopeConfig, out: Path) -> dict[str, Any]:
-    """Run the curate flow and copy its outputs into `out`."""
-    from flows.curate import curate_flow
-    from tasks.common import artifact_dir, open_store
-
-    start = time.perf_counter()
-    result = curate_flow(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    src = artifact_dir(open_store(cfg), result.curated)
-    for name in ("curated.jsonl", "curated.parquet", "curation.json"):
-        shutil.copyfile(src / name, out / f".{name}.tmp")
-        os.replace(out / f".{name}.tmp", out / name)
-    stages = {k: v for k, v in result.model_dump().items() if k != "layers" and v is not None}
-    write_run_manifest(out, cfg, stages, time.perf_counter() - start)
-    return stages
-
-
-def run_prune(cfg: FinescopeConfig, out: Path) -> dict[str, Any]:
-    """Run the prune flow and copy the pruned model directory into `out/pruned-model`."""
-    from flows.prune import prune_flow
-    from tasks.common import artifact_dir, open_store
-
-    start = time.perf_counter()
-    result = prune_flow(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_dir(artifact_dir(open_store(cfg), result.pruned) / "model", out / "pruned-model")
-    stages = {"pruned": result.pruned.model_dump()}
-    if result.curate is not None:
-        stages.update({k: v for k, v in result.curate.model_dump().items() if k != "layers" and v is not None})
-    write_run_manifest(out, cfg, stages, time.perf_counter() - start)
-    return stages
-
-
-def run_specialize(cfg: FinescopeConfig, out: Path) -> dict[str, Any]:
-    """Run the specialize flow; copy report, metrics and the tuned model into `out`."""
-    from flows.specialize import specialize_flow
-    from tasks.common import artifact_dir, open_store
-
-    start = time.perf_counter()
-    result = specialize_flow(cfg)
-    store = open_store(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    report_dir = artifact_dir(store, result.report)
-    for src in sorted(report_dir.iterdir()):
-        if src.is_file() and not src.name.startswith("_"):
-            shutil.copyfile(src, out / f".{src.name}.tmp")
-            os.replace(out / f".{src.name}.tmp", out / src.name)
-    tuned = result.variants[""].tuned
-    _copy_dir(artifact_dir(store, tuned) / "merged", out / "tuned-model")
-    _copy_dir(artifact_dir(store, tuned) / "adapter", out / "tuned-adapter")
-    stages = {k: v for k, v in result.curate.model_dump().items() if k != "layers" and v is not None}
-    for name, variant in result.variants.items():
-        for stage, manifest in variant.model_dump().items():
-            stages[f"{stage}-{name}" if name else stage] = manifest
-    stages.update({f"evaluate-{k}": v.model_dump() for k, v in result.evaluations.items()})
-    stages["report"] = result.report.model_dump()
-    write_run_manifest(out, cfg, stages, time.perf_counter() - start)
-    return result.metrics
-
-
-def _copy_dir(src: Path, dest: Path) -> None:
-    """Replace `dest` with a copy of `src`, never leaving a half-copied directory under the final name."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+def _where(exported: Any) -> str:
+    return exported.location if exported is not None else "(not exported)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,24 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     # interleave with them.
     hf_logging.disable_progress_bar()
     try:
-        if args.command == "curate":
-            cfg = load_config(args.config, _overrides(args))
-            run_curate(cfg, args.out)
-            print(f"curated set written to {args.out / 'curated.jsonl'}")
-        elif args.command == "run":
-            cfg = load_config(args.config, _overrides(args))
-            metrics = run_specialize(cfg, args.out)
-            for name, m in metrics["models"].items():
-                print(f"{name:>16}: perplexity {m['perplexity']:.2f}, parameters {m['parameters']:,}")
-            print(f"report written to {args.out / 'report.md'}")
-        elif args.command == "prune":
-            cfg = load_config(args.config, _overrides(args))
-            stages = run_prune(cfg, args.out)
-            info = stages["pruned"]["info"]
-            print(
-                f"pruned model written to {args.out / 'pruned-model'}: {info['params_before']['total']:,} -> "
-                f"{info['params_after']['total']:,} parameters (ratio {info['achieved_ratio']:.4f})"
-            )
+        if args.command in ("curate", "prune", "run"):
+            _run_flow(args.command, flow_config(args))
         elif args.command == "demo":
             from flows.demo import run_demo
 
@@ -226,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             from flows.serve import default_name, serve
 
             cfg = load_config(args.config, _overrides(args))
-            serve(cfg, args.flow, args.cron, args.interval, args.name or default_name(args.config))
+            # The deployment's name is the run's name, so its artifacts and outputs carry it too.
+            cfg.name = cfg.name or default_name(args.config)
+            serve(cfg, args.flow, args.cron, args.interval, cfg.name)
     except (ConfigError, ValueError, OSError) as e:
         print(f"finescope: error: {e}", file=sys.stderr)
         return 2

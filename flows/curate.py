@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow
@@ -14,9 +15,10 @@ from finescope_core.curate import check_curation_fits, resolve_layers
 from finescope_core.data import PreparedCorpus, RecordSet
 from finescope_core.model import model_config
 from flows.fanout import embed, train_saes
-from flows.runtime import apply_gpu_limit, check_runner, prefect_results
-from tasks.common import StageManifest, artifact_dir, logger, open_store
+from flows.runtime import apply_gpu_limit, check_runner, prefect_results, publish_outputs
+from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.curate import data_task, inputs_task, model_task, retrieve_task, saliency_task
+from tasks.export import Exported, curated_outputs, export_task, run_facts
 
 
 class CurateResult(BaseModel):
@@ -30,6 +32,12 @@ class CurateResult(BaseModel):
     seed_activations: StageManifest | None = None
     sae: StageManifest | None = None
     curated: StageManifest
+    exported: Exported | None = None
+    """Where the outputs went (None when a parent flow exports them)."""
+
+    def manifests(self) -> dict[str, Any]:
+        """Every stage's manifest by name, for run.json."""
+        return {k: v for k, v in self.model_dump().items() if k not in ("layers", "exported") and v is not None}
 
     def stages(self) -> list[StageManifest]:
         """The stages this run used, in pipeline order."""
@@ -64,12 +72,22 @@ def preflight(cfg: FinescopeConfig) -> tuple[list[int], tuple[RecordSet, Prepare
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(config: FinescopeConfig) -> CurateResult:
-    """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store)."""
+def curate_flow(config: FinescopeConfig, export: bool = True) -> CurateResult:
+    """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store).
+
+    With `export` (off when a parent flow exports), the curated set goes to the run's output location
+    as a dataset directory (data, dataset card, run.json).
+    """
+    start = time.perf_counter()
     layers, inputs = preflight(config)
     with prefect_results(config):
         result = _curate(config, layers, inputs)
         publish(config, result)
+        if export:
+            facts = run_facts(config, result.curated)
+            outputs = curated_outputs(config, result.curated, facts)
+            result.exported = export_task(config, "curate", outputs, result.manifests(), time.perf_counter() - start)
+            publish_outputs(config, "curate", result.exported)
     return result
 
 
@@ -98,14 +116,14 @@ def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
     stages = result.stages()
     create_table_artifact(
         [{"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1), "uri": m.uri} for m in stages],
-        key="curate-stages",
+        key=artifact_key("curate", cfg, "stages"),
         description="Stages of the curate run",
     )
     if result.sae is not None:
         rows = [{"layer": layer, **metrics} for layer, metrics in zip(result.layers, result.sae.info["metrics"], strict=True)]
-        create_table_artifact(rows, key="sae-metrics", description="SAE metrics per layer")
+        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"), description="SAE metrics per layer")
     top = _top_records(cfg, result.curated, 10)
-    create_markdown_artifact(_markdown(cfg, result, top), key="curated-set", description="Curated set")
+    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"), description="Curated set")
     logger().info("curated %d records -> %s", result.curated.info.get("records", 0), result.curated.uri)
 
 

@@ -14,7 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 from finescope_core.config import ConfigError, FinescopeConfig, load_config
 from finescope_core.demo import DEMO_DOMAINS, base_rate, build_demo_corpus, domain_precision
 from flows.curate import curate_flow
-from tasks.common import artifact_dir, logger, open_store
+from flows.specialize import specialize_flow
+from tasks.common import artifact_dir, artifact_key, logger, open_store
 
 PRECISION_AT = (25, 50, 100)
 
@@ -25,14 +26,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 @flow(name="demo", log_prints=True)
-def demo_flow(base: FinescopeConfig, domain: str, methods: list[str]) -> dict[str, Any]:
-    """Curate the demo corpus with each method and measure precision (share from the seed domain's source)."""
+def demo_flow(
+    base: FinescopeConfig, domain: str, methods: list[str], out: str, corpus: dict[str, Any], specialize: bool = True
+) -> dict[str, Any]:
+    """Curate the demo corpus with each method and measure precision (share from the seed domain's source),
+    then (optionally) the whole specialize flow with `sae` curation, its outputs in `out/specialize`.
+
+    Args:
+        corpus: `{"base_rate": share of the seed domain, "sources": records per source}` of the corpus.
+    """
     results: dict[str, Any] = {}
     for method in methods:
         cfg = base.model_copy(deep=True)
         cfg.curate.method = method  # type: ignore[assignment]
         start = time.perf_counter()
-        result = curate_flow(cfg)
+        result = curate_flow(cfg, export=False)
         rows = _read_jsonl(artifact_dir(open_store(cfg), result.curated) / "curated.jsonl")
         results[method] = {
             "precision": {f"@{k}": domain_precision(rows[:k], domain) for k in PRECISION_AT if len(rows) >= k},
@@ -42,7 +50,17 @@ def demo_flow(base: FinescopeConfig, domain: str, methods: list[str]) -> dict[st
             "artifact": result.curated.uri,
         }
         logger().info("%s: precision %s", method, results[method]["precision"])
-    return results
+    metrics = None
+    if specialize:
+        sae_config = base.model_copy(deep=True, update={"output": str(Path(out) / "specialize")})
+        sae_config.curate.method = "sae"
+        metrics = specialize_flow(sae_config).metrics
+    summary = {
+        "domain": domain, "base_rate": corpus["base_rate"], "corpus_sources": corpus["sources"],
+        "methods": results, "model": base.model, "specialize": metrics,
+    }  # fmt: skip
+    create_markdown_artifact(_report(summary), key=artifact_key("demo", base, "report"), description="Curation precision per method")
+    return summary
 
 
 def run_demo(
@@ -59,27 +77,13 @@ def run_demo(
     data = build_demo_corpus(out / "data")
     overrides = {"seeds": [str(data.seeds[domain])], "corpus": [str(data.corpus)], **overrides}
     base = load_config(config, overrides)
-    results = demo_flow(base, domain, methods)
-    metrics = None
-    if specialize:
-        from flows.cli import run_specialize
-
-        sae_config = base.model_copy(deep=True)
-        sae_config.curate.method = "sae"
-        metrics = run_specialize(sae_config, out / "specialize")
-    summary = {
-        "domain": domain,
-        "base_rate": base_rate(data.corpus, domain),
-        "corpus_sources": data.sources,
-        "methods": results,
-        "model": base.model,
-        "specialize": metrics,
-    }
+    if base.name is None:
+        base.name = f"demo-{domain}"
+    corpus = {"base_rate": base_rate(data.corpus, domain), "sources": data.sources}
+    summary = demo_flow(base, domain, methods, str(out), corpus, specialize)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "demo.json", json.dumps(summary, indent=2))
-    report = _report(summary)
-    _write_atomic(out / "report.md", report)
-    create_markdown_artifact(report, key="demo-report", description="Curation precision per method")
+    _write_atomic(out / "report.md", _report(summary))
     return out / "report.md"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from typing import Any
 
 import torch
 from prefect import flow
@@ -14,9 +16,10 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
-from flows.runtime import prefect_results
-from tasks.common import StageManifest, logger
+from flows.runtime import prefect_results, publish_outputs
+from tasks.common import StageManifest, artifact_key, logger
 from tasks.curate import model_task
+from tasks.export import Exported, curated_outputs, export_task, pruned_output, run_facts
 from tasks.prune import prune_task, pruning_texts
 
 
@@ -25,6 +28,11 @@ class PruneResult(BaseModel):
 
     curate: CurateResult | None
     pruned: StageManifest
+    exported: Exported | None = None
+
+    def manifests(self) -> dict[str, Any]:
+        """Every stage's manifest by name, for run.json."""
+        return {**(self.curate.manifests() if self.curate else {}), "pruned": self.pruned.model_dump()}
 
 
 def check_ratio(cfg: FinescopeConfig) -> None:
@@ -36,15 +44,29 @@ def check_ratio(cfg: FinescopeConfig) -> None:
 
 
 @flow(name="prune", log_prints=True)
-def prune_flow(config: FinescopeConfig) -> PruneResult:
-    """Curated data (or random / a file, per `prune.data`) decides which heads and channels survive."""
+def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
+    """Curated data (or random / a file, per `prune.data`) decides which heads and channels survive.
+
+    With `export`, the pruned model (with its model card) and the curated set go to the run's output
+    location, with run.json.
+    """
+    start = time.perf_counter()
     check_ratio(config)
     with prefect_results(config):
-        return _prune(config)
+        result = _prune(config)
+        if export:
+            curated = result.curate.curated if result.curate else None
+            facts = run_facts(config, curated, result.pruned.info)
+            outputs = [pruned_output(config, result.pruned, facts)]
+            if curated is not None:
+                outputs += curated_outputs(config, curated, facts, prefix="curated/")
+            result.exported = export_task(config, "prune", outputs, result.manifests(), time.perf_counter() - start)
+            publish_outputs(config, "prune", result.exported)
+    return result
 
 
 def _prune(config: FinescopeConfig) -> PruneResult:
-    curated = curate_flow(config) if config.prune.data in ("curated", "random") else None
+    curated = curate_flow(config, export=False) if config.prune.data in ("curated", "random") else None
     texts = pruning_texts(config, curated.corpus if curated else None, curated.curated if curated else None)
     texts_sha = hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
     pruned = prune_task(config, model_task(config), texts, texts_sha)
@@ -53,7 +75,7 @@ def _prune(config: FinescopeConfig) -> PruneResult:
         {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}
         for k, v in info["params_before"].items()
     ]
-    create_table_artifact(rows, key="prune-parameters", description=f"ratio {info['achieved_ratio']:.4f}")
+    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"), description=f"ratio {info['achieved_ratio']:.4f}")
     logger().info(
         "pruned %d -> %d parameters (ratio %.4f, target %.2f)",
         info["params_before"]["total"], info["params_after"]["total"], info["achieved_ratio"], config.prune.ratio,

@@ -15,8 +15,9 @@ from prefect.settings import PREFECT_TASKS_DEFAULT_PERSIST_RESULT, temporary_set
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finescope_core.config import ConfigError, FinescopeConfig
-from tasks.common import logger
+from tasks.common import artifact_key, logger, storage_options
 from tasks.curate import GPU_TAGS
+from tasks.export import Exported
 
 RESULTS_DIR = "prefect-results"
 _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "finescope[ray]")}
@@ -82,7 +83,7 @@ def result_storage(cfg: FinescopeConfig) -> Any:
     """A saved filesystem block for `<store>/prefect-results` (Prefect needs a saved block to share it).
 
     The block holds the endpoint and region only: credentials never go into the Prefect database
-    (`prefect_results` hands configured ones to the process environment for the run instead).
+    (`prefect_results` hands a Secret block's ones to the process environment for the run instead).
     """
     from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
@@ -102,14 +103,15 @@ def result_storage(cfg: FinescopeConfig) -> Any:
 
 @contextlib.contextmanager
 def _credentials_in_environment(cfg: FinescopeConfig) -> Iterator[None]:
-    """Credentials given in the config reach Prefect's result writes through the standard AWS variables.
+    """Credentials from `storage.secret_block` reach Prefect's result writes through the AWS variables.
 
     Only while the run's tasks execute, and never over variables the environment already sets.
     """
+    options = storage_options(cfg)
     added = {}
-    for name, value in (("AWS_ACCESS_KEY_ID", cfg.storage.key), ("AWS_SECRET_ACCESS_KEY", cfg.storage.secret)):
-        if value is not None and name not in os.environ:
-            added[name] = value.get_secret_value()
+    for name, option in (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret")):
+        if option in options and name not in os.environ:
+            added[name] = options[option]
     os.environ.update(added)
     try:
         yield
@@ -137,3 +139,11 @@ def prefect_results(cfg: FinescopeConfig) -> Iterator[None]:
         ctx.model_copy(update={"result_store": store, "persist_result": True}),
     ):
         yield
+
+
+def publish_outputs(cfg: FinescopeConfig, flow: str, exported: Exported) -> None:
+    """A table artifact with every output's URI, so the UI says where the model and data went."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"output": name, "uri": uri} for name, uri in exported.outputs.items()]
+    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"), description=f"outputs in {exported.location}")

@@ -12,7 +12,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import FinescopeConfig, slug
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -67,22 +67,12 @@ def describe(deployment: RunnerDeployment) -> str:
     return f"every {sched.interval.total_seconds():g} s"
 
 
-def check_no_secrets(cfg: FinescopeConfig) -> None:
-    """Refuse credentials in the config: deployment parameters are stored in the Prefect database in plain text
-    (and a SecretStr would be dumped as '**********', so runs would fail to authenticate anyway)."""
-    given = [f"storage.{name}" for name in ("key", "secret") if getattr(cfg.storage, name) is not None]
-    if given:
-        raise ServeError(
-            f"{' and '.join(given)} set in the config: `finescope serve` stores the config as deployment parameters, "
-            "which the Prefect database keeps in plain text. Remove them from the config and export "
-            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment of the `finescope serve` process "
-            "instead (its runs inherit that environment)"
-        )
-
-
 def deployment_parameters(cfg: FinescopeConfig) -> dict[str, Any]:
-    """`{"config": ...}` as JSON-able values; validates back into an equal FinescopeConfig."""
-    check_no_secrets(cfg)
+    """`{"config": ...}` as JSON-able values; validates back into an equal FinescopeConfig.
+
+    The config holds no credentials (config validation refuses them), so nothing secret reaches the
+    Prefect database, where deployment parameters are kept in plain text.
+    """
     return {"config": cfg.model_dump(mode="json")}
 
 
@@ -103,7 +93,7 @@ def build_deployment(
     """The deployment `finescope serve` serves, validated but not registered anywhere.
 
     Raises:
-        ServeError: both or a bad schedule, secrets in the config, an unknown flow, a name Prefect refuses.
+        ServeError: both or a bad schedule, an unknown flow, a name Prefect refuses.
     """
     from prefect.exceptions import InvalidNameError
     from prefect.types.entrypoint import EntrypointType
@@ -152,8 +142,8 @@ def prefect_ui_url() -> str:
 
 
 def default_name(config_file: Path | None) -> str:
-    """The config file's stem (`my.yaml` -> `my`), so that each config gets its own deployment."""
-    return config_file.stem if config_file is not None else DEFAULT_NAME
+    """The config file's stem as a run name (`My Math.yaml` -> `my-math`), so each config gets its own deployment."""
+    return (slug(config_file.stem) if config_file is not None else None) or DEFAULT_NAME
 
 
 def serve(

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import time
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from finescope_core.cards import dataset_card, model_card
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
+from finescope_core.export import Output, output_uri
+from finescope_core.report import embed_images
+from finescope_core.teacher import read_distilled
 from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
-from flows.runtime import prefect_results
-from tasks.common import StageManifest, artifact_dir, logger, open_store
+from flows.runtime import prefect_results, publish_outputs
+from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.curate import load_data, model_task
+from tasks.export import Exported, curated_outputs, export_task, output_location, pruned_output, run_facts
 from tasks.prune import curated_split, prune_task, pruning_texts
 from tasks.specialize import (
     eval_inputs,
@@ -43,6 +50,17 @@ class SpecializeResult(BaseModel):
     evaluations: dict[str, StageManifest]
     metrics: dict[str, Any]
     report: StageManifest
+    exported: Exported | None = None
+
+    def manifests(self) -> dict[str, Any]:
+        """Every stage's manifest by name, for run.json."""
+        stages = self.curate.manifests()
+        for name, variant in self.variants.items():
+            for stage, manifest in variant.model_dump().items():
+                stages[f"{stage}-{name}" if name else stage] = manifest
+        stages.update({f"evaluate-{k}": v.model_dump() for k, v in self.evaluations.items()})
+        stages["report"] = self.report.model_dump()
+        return stages
 
 
 def _sha(texts: list[str]) -> str:
@@ -66,15 +84,48 @@ def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[R
 
 @flow(name="specialize", log_prints=True)
 def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
-    """From seeds and a corpus to a pruned, teacher-distilled, LoRA-tuned domain model with a report."""
+    """From seeds and a corpus to a pruned, teacher-distilled, LoRA-tuned domain model with a report.
+
+    The outputs (report, metrics, pruned and tuned models with cards, the adapter, the curated and
+    distilled data, run.json) go to the run's output location.
+    """
+    start = time.perf_counter()
     check_ratio(config)
     eval_inputs(config, [])  # bad eval files fail here, before any work
     with prefect_results(config):
-        return _specialize(config)
+        result = _specialize(config)
+        result.exported = export_task(config, "specialize", _outputs(config, result), result.manifests(),
+                                      time.perf_counter() - start)  # fmt: skip
+        publish_outputs(config, "specialize", result.exported)
+    return result
+
+
+def _outputs(cfg: FinescopeConfig, result: SpecializeResult) -> list[Output]:
+    """Report files, both models with cards, the adapter pointing at the exported pruned model, the data."""
+    store = open_store(cfg)
+    main = result.variants[""]
+    facts = run_facts(cfg, result.curate.curated, main.pruned.info, result.metrics)
+    report_dir = artifact_dir(store, result.report)
+    outputs = [Output(p.name, source=p) for p in sorted(report_dir.iterdir()) if p.is_file() and not p.name.startswith("_")]
+    tuned = artifact_dir(store, main.tuned)
+    adapter_config = json.loads((tuned / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    # The adapter applies to the pruned model exported beside it, not to the store's copy of it.
+    adapter_config["base_model_name_or_path"] = output_uri(output_location(cfg), "pruned-model")
+    outputs += [
+        pruned_output(cfg, main.pruned, facts),
+        Output("tuned-model", source=tuned / "merged", files={"README.md": model_card("tuned", facts)}),
+        Output("tuned-adapter", source=tuned / "adapter", files={
+            "README.md": model_card("adapter", facts), "adapter_config.json": json.dumps(adapter_config, indent=2)}),
+    ]  # fmt: skip
+    distilled = artifact_dir(store, main.distilled) / "distilled.jsonl"
+    rows = read_distilled(distilled)
+    card = dataset_card("distilled", facts, len(rows), ["distilled.jsonl"], list(rows[0]) if rows else [])
+    outputs += [Output("distilled/distilled.jsonl", source=distilled), Output("distilled/README.md", text=card)]
+    return outputs + curated_outputs(cfg, result.curate.curated, facts, prefix="curated/")
 
 
 def _specialize(config: FinescopeConfig) -> SpecializeResult:
-    curated = curate_flow(config)
+    curated = curate_flow(config, export=False)
     train_rows, held_rows = curated_split(config, curated.curated)
     corpus = load_data(config, curated.corpus)
     by_id = {r.id: r for r in corpus.records}
@@ -121,7 +172,10 @@ def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluati
 
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:
     rows = [{"model": name, **{k: v for k, v in m.items() if k != "n"}} for name, m in metrics["models"].items()]
-    create_table_artifact(rows, key="evaluation", description="base / pruned / tuned")
-    create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()], key="stage-seconds")
-    body = (artifact_dir(open_store(cfg), report) / "report.md").read_text(encoding="utf-8")
-    create_markdown_artifact(body, key="specialize-report", description="finescope report")
+    create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"), description="base / pruned / tuned")
+    create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
+                          key=artifact_key("specialize", cfg, "stage-seconds"))  # fmt: skip
+    report_dir = artifact_dir(open_store(cfg), report)
+    # The UI has no directory to resolve the plots' relative links against: they travel inline.
+    body = embed_images((report_dir / "report.md").read_text(encoding="utf-8"), report_dir)
+    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"), description="finescope report")

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,8 @@ from prefect.exceptions import MissingContextError
 from prefect.settings import get_current_settings
 from pydantic import BaseModel
 
-from finescope_core.config import FinescopeConfig
+from finescope_core import __version__
+from finescope_core.config import ConfigError, FinescopeConfig, slug
 from finescope_core.model import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
@@ -31,7 +33,7 @@ from finescope_core.model import (
 )
 from finescope_core.store import Artifact, ArtifactStore, cache_key, sha256_file
 
-CODE_VERSION = "0.1.0"
+CODE_VERSION = __version__
 
 
 @dataclass
@@ -66,6 +68,34 @@ class StageManifest(BaseModel):
     info: dict[str, Any] = {}
 
 
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{CODE_VERSION}+{sha}" if sha else CODE_VERSION
+
+
+def run_name(cfg: FinescopeConfig) -> str:
+    """The run's name: `config.name`, else the deployment's name (a deployment run), else `finescope`.
+
+    It namespaces the Prefect artifact keys, so two deployments for two domains keep their own.
+    """
+    if cfg.name:
+        return cfg.name
+    from prefect.runtime import deployment
+
+    return slug(deployment.name or "") or "finescope"
+
+
+def artifact_key(flow: str, cfg: FinescopeConfig, what: str) -> str:
+    """Prefect artifact key `<flow>-<name>-<what>` (lowercase letters, digits and dashes only)."""
+    return slug(f"{flow}-{run_name(cfg)}-{what}") or what
+
+
 def logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
@@ -74,7 +104,33 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def open_store(cfg: FinescopeConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.store, cfg.storage.fsspec_options())
+    return ArtifactStore(cfg.store, storage_options(cfg))
+
+
+def storage_options(cfg: FinescopeConfig) -> dict[str, Any]:
+    """fsspec options for the store and remote inputs, with credentials from `storage.secret_block`."""
+    block = cfg.storage.secret_block
+    return cfg.storage.fsspec_options(_block_credentials(block) if block else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_credentials(name: str) -> dict[str, str]:
+    """`{"key", "secret"}` from the Prefect Secret block `name`, read once per process."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError as e:
+        raise ConfigError(
+            f"storage.secret_block={name!r}: no such Prefect Secret block ({e}); create it with "
+            f"`Secret(value={{'key': ..., 'secret': ...}}).save({name!r})` or unset storage.secret_block"
+        ) from None
+    if not (isinstance(value, dict) and isinstance(value.get("key"), str) and isinstance(value.get("secret"), str)):
+        raise ConfigError(
+            f"storage.secret_block={name!r}: the block's value must be a JSON object with string fields "
+            "'key' (access key id) and 'secret' (secret access key)"
+        )
+    return {"key": value["key"], "secret": value["secret"]}
 
 
 def run_cached(

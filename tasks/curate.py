@@ -37,6 +37,7 @@ from tasks.common import (
     model_ref,
     open_store,
     run_cached,
+    storage_options,
     using_model,
 )
 
@@ -72,7 +73,7 @@ SAE_VERSION = "2"
 
 def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
     """Load and validate seeds and corpus; no model work, nothing written."""
-    options = cfg.storage.fsspec_options()
+    options = storage_options(cfg)
     seeds = load_records(cfg.seeds, role="seeds", storage_options=options)
     prepared = deduplicate(load_records(cfg.corpus, role="corpus", storage_options=options))
     usable = len(prepared.corpus) - len(seed_copies(prepared.corpus, seeds))

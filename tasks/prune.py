@@ -13,7 +13,16 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.data import heldout_split, load_records
 from finescope_core.model import load_model
 from finescope_core.prune import prune_model, save_pruned
-from tasks.common import RUN_RESULTS, ModelRef, Progress, StageManifest, artifact_dir, open_store, run_cached
+from tasks.common import (
+    RUN_RESULTS,
+    ModelRef,
+    Progress,
+    StageManifest,
+    artifact_dir,
+    open_store,
+    run_cached,
+    storage_options,
+)
 from tasks.curate import GPU_TAGS, STORE_RETRIES, load_data
 
 
@@ -40,7 +49,7 @@ def pruning_texts(cfg: FinescopeConfig, corpus: StageManifest, curated: StageMan
             return [by_id[r["id"]] for r in train]
         picked = random.Random(cfg.seed).sample(range(len(records)), min(len(train), len(records)))
         return [records[i].text for i in sorted(picked)]
-    return load_records([choice], role="prune.data", storage_options=cfg.storage.fsspec_options()).texts
+    return load_records([choice], role="prune.data", storage_options=storage_options(cfg)).texts
 
 
 @task(name="prune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)

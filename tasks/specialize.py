@@ -28,6 +28,7 @@ from tasks.common import (
     model_ref,
     open_store,
     run_cached,
+    storage_options,
 )
 from tasks.curate import GPU_TAGS, IO_RETRIES, STORE_RETRIES
 
@@ -80,7 +81,7 @@ def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageM
 
 def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[str], list[dict] | None, list[dict] | None]:
     """Domain texts (a user file, or the held-out curated records) and the optional MC / numeric sets."""
-    options = cfg.storage.fsspec_options()
+    options = storage_options(cfg)
     ev = cfg.evaluate
     texts = load_records([ev.eval_file], role="evaluate.eval_file", storage_options=options).texts if ev.eval_file else heldout_texts
     mc = load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None

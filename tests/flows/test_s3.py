@@ -5,6 +5,7 @@ import logging
 import tempfile
 import threading
 import time
+import uuid
 
 import pytest
 import s3fs
@@ -180,7 +181,12 @@ def test_curate_flow_reads_and_writes_s3(s3_server, s3_prefix, tiny_inputs, loca
 
 def test_curate_flow_with_wrong_credentials_stops_before_any_work(s3_server, s3_prefix, tiny_inputs):
     cfg = flow_config(tiny_inputs, s3_server, str(tiny_inputs), f"{s3_prefix}/store")
-    cfg = FinescopeConfig.model_validate({**cfg.model_dump(), "storage": {**s3_server.storage(), "secret": "wrong-secret-abcdef"}})
+    from prefect.blocks.system import Secret
+
+    # Credentials from a Prefect Secret block win over the environment's (the right ones).
+    block = f"wrong-{uuid.uuid4().hex[:8]}"
+    Secret(value={"key": ACCESS_KEY, "secret": "wrong-secret-abcdef"}).save(block)
+    cfg = FinescopeConfig.model_validate({**cfg.model_dump(), "storage": {**s3_server.storage(), "secret_block": block}})
     with pytest.raises(StoreError, match="is not writable") as err:
         curate_flow(cfg)
     assert "wrong-secret-abcdef" not in str(err.value)

@@ -1,0 +1,101 @@
+"""The export step every flow ends with: its outputs, with model/dataset cards and run.json, in one place.
+
+A run started from the CLI and one started by a deployment produce the same outputs, because the
+flow, not the CLI, writes them: to `config.output`, or `<store>/outputs/<name>` when it is unset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from finescope_core import __version__
+from finescope_core.cards import RunFacts, base_model_id, dataset_card, model_card
+from finescope_core.config import FinescopeConfig
+from finescope_core.export import Output, export_outputs, output_uri
+from tasks.common import (
+    StageManifest,
+    artifact_dir,
+    code_version,
+    logger,
+    open_store,
+    run_name,
+    storage_options,
+)
+from tasks.curate import IO_RETRIES
+
+CURATED_FILES = ("curated.jsonl", "curated.parquet", "curation.json")
+
+
+class Exported(BaseModel):
+    """Where a run's outputs went: the location and each output's URI (run.json last)."""
+
+    location: str
+    outputs: dict[str, str]
+
+
+def output_location(cfg: FinescopeConfig) -> str:
+    """`config.output`, or `<store>/outputs/<name>`."""
+    return cfg.output or output_uri(output_uri(cfg.store, "outputs"), run_name(cfg))
+
+
+def run_facts(cfg: FinescopeConfig, curated: StageManifest | None, prune_info: dict[str, Any] | None = None,
+              metrics: dict[str, Any] | None = None) -> RunFacts:  # fmt: skip
+    """What the cards say about this run."""
+    return RunFacts(
+        name=run_name(cfg), base_model=cfg.model, base_model_id=base_model_id(cfg.model, Path(cfg.model).is_dir()),
+        method=cfg.curate.method, code_version=__version__,
+        curated_records=int(curated.info.get("records", 0)) if curated else 0,
+        prune=prune_info or {}, metrics=metrics,
+    )  # fmt: skip
+
+
+def curated_outputs(cfg: FinescopeConfig, curated: StageManifest, facts: RunFacts, prefix: str = "") -> list[Output]:
+    """The curated set as a dataset directory: the data files and a dataset card (`README.md`)."""
+    src = artifact_dir(open_store(cfg), curated)
+    with open(src / "curated.jsonl", encoding="utf-8") as f:
+        first = f.readline()
+    fields = list(json.loads(first)) if first.strip() else []
+    card = dataset_card("curated", facts, int(curated.info.get("records", 0)), ["curated.jsonl"], fields)
+    return [Output(f"{prefix}{name}", source=src / name) for name in CURATED_FILES] + [Output(f"{prefix}README.md", text=card)]
+
+
+def pruned_output(cfg: FinescopeConfig, pruned: StageManifest, facts: RunFacts) -> Output:
+    return Output("pruned-model", source=artifact_dir(open_store(cfg), pruned) / "model",
+                  files={"README.md": model_card("pruned", facts)})  # fmt: skip
+
+
+def run_manifest(cfg: FinescopeConfig, flow: str, stages: dict[str, Any], seconds: float, outputs: dict[str, str]) -> str:
+    """run.json: parameters, every stage's artifact URI and key, the code version, every output's URI."""
+    from prefect.runtime import deployment, flow_run
+
+    manifest = {
+        "code_version": code_version(),
+        "flow": flow,
+        "name": run_name(cfg),
+        "flow_run": {"id": flow_run.id, "name": flow_run.name, "deployment": deployment.name},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 1),
+        "config": json.loads(cfg.model_dump_json()),
+        "stages": stages,
+        "outputs": outputs,
+    }
+    return json.dumps(manifest, indent=2, default=str)
+
+
+@task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)
+def export_task(cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: dict[str, Any], seconds: float) -> Exported:
+    """Write `outputs`, then run.json (listing them) last, to the run's output location."""
+    location = output_location(cfg)
+    written = export_outputs(outputs, location, storage_options(cfg))
+    written["run.json"] = output_uri(location, "run.json")
+    manifest = run_manifest(cfg, flow, stages, seconds, written)
+    export_outputs([Output("run.json", text=manifest)], location, storage_options(cfg))
+    logger().info("outputs exported to %s (%d items)", location, len(written))
+    return Exported(location=location, outputs=written)
