@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from finescope_core import __version__
-from finescope_core.config import ConfigError, FinescopeConfig, load_config, slug
+from finescope_core.config import ConfigError, FinescopeConfig, load_config, path_fields, slug
 from flows.serve import FLOWS
 
 # Prefect without a server by default: a temporary local API per run, no telemetry. Its first start on a
@@ -77,17 +77,29 @@ def _metavar(annotation: Any) -> str:
 
 
 def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...], hidden: tuple[str, ...] = ()) -> None:
-    group = parser.add_argument_group("config fields (override the YAML file; lists as YAML, e.g. '[4, 8]')")
+    """One option per config field of `sections`, grouped by section, each with its docstring and choices."""
+    paths = path_fields()
+    groups: dict[str, Any] = {}
     for dotted, info in _leaf_fields(FinescopeConfig):
+        section = dotted.split(".")[0] if "." in dotted else ""
         if dotted.split(".")[0] not in sections or dotted in hidden:
             continue
+        if section not in groups:
+            title = f"{section}: " + _section_doc(section) if section else "general (override the YAML file; lists as YAML, e.g. '[4, 8]')"
+            groups[section] = parser.add_argument_group(title)
         default = "required" if info.is_required() else f"default: {info.get_default(call_default_factory=True)!r}"
         help_text = " ".join((info.description or "").split()) + f" ({default})"
         choices = _choices(info.annotation)
-        group.add_argument(
-            f"--{dotted}", dest=f"cfg:{dotted}", choices=choices, metavar="{" + ",".join(choices) + "}" if choices else
-            _metavar(info.annotation), help=help_text.replace("%", "%%"),
-        )  # fmt: skip
+        metavar = "{" + ",".join(choices) + "}" if choices else "PATH" if paths.get(dotted) == "always" else _metavar(info.annotation)
+        groups[section].add_argument(
+            f"--{dotted}", dest=f"cfg:{dotted}", choices=choices, metavar=metavar, help=help_text.replace("%", "%%")
+        )
+
+
+def _section_doc(section: str) -> str:
+    """The first line of a config section's docstring (`curate` -> "Domain data curation: ...")."""
+    ann = FinescopeConfig.model_fields[section].annotation
+    return ((getattr(ann, "__doc__", None) or "").strip().splitlines() or [""])[0].rstrip(".")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,15 +112,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _flow_command(sub: Any, name: str, help_text: str, out_help: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text)
-    parser.add_argument("--config", type=Path, help="YAML config file (fields below)")
-    parser.add_argument("--out", type=Path, help=f"output directory: {out_help} (default: <store>/outputs/<name>)")
+    usage = f"finescope {name} [--config FILE] [--out DIR] [--FIELD VALUE ...]"
+    parser = sub.add_parser(name, help=help_text, description=help_text, usage=usage, allow_abbrev=False)
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML config file (fields below)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory: {out_help} (default: <store>/outputs/<name>)")
     _add_config_options(parser, SECTIONS[name])
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finescope", description=__doc__.splitlines()[0])
+    # No abbreviations: `--storage.secret` must not silently mean `--storage.secret_block`.
+    parser = argparse.ArgumentParser(prog="finescope", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"finescope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{curate,prune,run,demo,serve,store}")
     _flow_command(sub, "curate", "seeds + corpus -> curated domain dataset", "curated.jsonl/.parquet, dataset card, run.json")
@@ -116,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "pruned-model/ (with its model card), curated/, run.json")  # fmt: skip
     _flow_command(sub, "run", "the whole specialize flow: curate, prune, teacher, LoRA, evaluate, report",
                   "report.md, metrics.json, pruned-model/, tuned-model/, tuned-adapter/, curated/, distilled/, run.json")  # fmt: skip
-    demo = sub.add_parser("demo", help="build the bundled mixed-domain demo corpus and compare every curation method")
+    demo = sub.add_parser("demo", help="build the bundled mixed-domain demo corpus and compare every curation method",
+                          usage="finescope demo --out DIR [--domain D] [--methods M,...] [--curate-only] [--FIELD VALUE ...]",
+                          allow_abbrev=False)  # fmt: skip
     demo.add_argument("--out", type=Path, required=True, help="directory for the demo report (and specialize/)")
     demo.add_argument("--domain", default="math", help="demo domain whose seeds are used (math, code, science)")
     demo.add_argument("--methods", default="sae,sentence,activation,random", help="comma-separated curate.method values")
@@ -124,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--curate-only", action="store_true", help="compare curation methods only; skip prune/teacher/LoRA")
     _add_config_options(demo, SECTIONS["run"], DEMO_HIDDEN)
     serve = sub.add_parser(
-        "serve", help="serve one flow as a Prefect deployment on a schedule from this process (needs PREFECT_API_URL)"
+        "serve", help="serve one flow as a Prefect deployment on a schedule from this process (needs PREFECT_API_URL)",
+        usage="finescope serve [--config FILE] [--flow F] [--cron CRON | --interval SECONDS] [--FIELD VALUE ...]",
+        allow_abbrev=False,
     )
     serve.add_argument("--config", type=Path, help="YAML config file (fields below); it becomes the deployment's parameters")
     serve.add_argument("--flow", choices=tuple(FLOWS), default="specialize", help="flow to serve (default: specialize)")
