@@ -1,7 +1,7 @@
 """Data in: JSONL / Parquet / .txt / HF `save_to_disk` directories, local or any fsspec URI.
 
-Every record keeps its original fields (and `id`, assigned stably when missing) so that outputs can
-carry the user's records unchanged. Validation happens here, before any model work.
+Every record keeps its original fields (and `id`, always a string, assigned stably when missing) so
+that outputs can carry the user's records unchanged. Validation happens here, before any model work.
 """
 
 from __future__ import annotations
@@ -247,11 +247,13 @@ def _make_record(fields: dict[str, Any], origin: str, default_id: str, seen: dic
     raw_id = fields.get("id")
     if raw_id is None:
         rid = default_id
-        fields = {"id": rid, **fields}
     elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and str(raw_id).strip():
         rid = str(raw_id)
     else:
         raise DataError(f"{origin}: 'id' must be a non-empty string or integer, got {raw_id!r}")
+    # The id is a string everywhere from here on (fields, outputs, look-ups): integer ids are the norm in
+    # JSONL and HF exports, and an int in the fields would not match `Record.id` when read back.
+    fields = {"id": rid, **fields} if raw_id is None else {**fields, "id": rid}
     if rid in seen:
         raise DataError(f"{origin}: duplicate id {rid!r} (first at {seen[rid]}); ids must be unique across all inputs")
     seen[rid] = origin

@@ -28,6 +28,17 @@ def test_jsonl_text_and_instruction_records_keep_fields_and_ids(tmp_path):
     assert rs.records[1].reference == "3"
 
 
+def test_integer_ids_become_strings_in_the_record_and_its_fields(tmp_path):
+    p = write(tmp_path / "c.jsonl", [json.dumps({"id": 7, "text": "a"}), json.dumps({"id": "8", "text": "b"})])
+    rs = load_records([p], role="corpus")
+    assert [r.id for r in rs.records] == ["7", "8"]
+    assert [r.fields["id"] for r in rs.records] == ["7", "8"]
+    pq.write_table(pa.Table.from_pylist([{"id": 1, "text": "x"}, {"id": 2, "text": "y"}]), tmp_path / "d.parquet")
+    assert [r.fields["id"] for r in load_records([str(tmp_path / "d.parquet")], role="corpus").records] == ["1", "2"]
+    with pytest.raises(DataError, match="duplicate id '7'"):
+        load_records([p, write(tmp_path / "e.jsonl", [json.dumps({"id": "7", "text": "z"})])], role="corpus")
+
+
 def test_ids_are_stable_and_hash_changes_with_content(tmp_path):
     p = write(tmp_path / "c.txt", ["one", "", "two"])
     a, b = load_records([p], role="corpus"), load_records([p], role="corpus")
