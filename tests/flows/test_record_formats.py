@@ -27,9 +27,17 @@ def instruction_rows() -> list[dict]:
     return rows + [{"id": 100 + i, "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(40)]
 
 
-def write_inputs(root, corpus: list[dict]) -> None:
+def chat_rows() -> list[dict]:
+    """The same requests as chat `messages` (with a system turn) and as prompt/completion records."""
+    rows = [{"id": i, "messages": [{"role": "system", "content": "Answer with a number."},
+                                   {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                                   {"role": "assistant", "content": f"{2 * i + 1}"}]} for i in range(40)]
+    return rows + [{"id": 100 + i, "prompt": f"Say hello to friend {i}.", "completion": "Hello!"} for i in range(40)]
+
+
+def write_inputs(root, corpus: list[dict], seed: dict) -> None:
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    (root / "seeds.jsonl").write_text(json.dumps({"id": 1, "instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    (root / "seeds.jsonl").write_text(json.dumps(seed) + "\n")
 
 
 def config(root, model_dir) -> FinescopeConfig:
@@ -45,9 +53,9 @@ def config(root, model_dir) -> FinescopeConfig:
     )
 
 
-def run_and_check(root, model_dir, corpus: list[dict]) -> list[dict]:
+def run_and_check(root, model_dir, corpus: list[dict], seed: dict) -> list[dict]:
     """`finescope run`, then the checks every format must pass; returns the distilled lines of the curated set."""
-    write_inputs(root, corpus)
+    write_inputs(root, corpus, seed)
     cfg = config(root, model_dir)
     cfg_file = root / "cfg.yaml"
     cfg_file.write_text(cfg.model_dump_json())
@@ -72,6 +80,15 @@ def run_and_check(root, model_dir, corpus: list[dict]) -> list[dict]:
 
 def test_integer_ids_go_through_finescope_run(tmp_path, model_dir):
     corpus = instruction_rows()
-    lines = run_and_check(tmp_path, model_dir, corpus)
+    lines = run_and_check(tmp_path, model_dir, corpus, {"id": 1, "instruction": "What is 100 plus 7?", "output": "107"})
     by_id = {str(r["id"]): r for r in corpus}
     assert all(line["prompt"] == by_id[line["id"]]["instruction"] for line in lines)
+
+
+def test_chat_and_prompt_completion_records_go_through_finescope_run(tmp_path, model_dir):
+    seed = {"id": 1, "messages": [{"role": "user", "content": "What is 100 plus 7?"}, {"role": "assistant", "content": "107"}]}
+    lines = run_and_check(tmp_path, model_dir, chat_rows(), seed)
+    expected = {str(i): f"Answer with a number.\n\nWhat is {i} plus {i + 1}?" for i in range(40)}
+    expected |= {str(100 + i): f"Say hello to friend {i}." for i in range(40)}
+    assert all(line["prompt"] == expected[line["id"]] for line in lines)
+    assert {line["source"] for line in lines} <= {"teacher", "reference"}  # every record has a reference
