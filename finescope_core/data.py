@@ -299,11 +299,7 @@ def _read_json(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
     JSONL named `.json` is common (HF `to_json` writes it), so a document that is more than one JSON
     value is read line by line, unless it starts with `[` (then it is a broken array).
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{name}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
+    text = _decode(data, name)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -314,13 +310,15 @@ def _read_json(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
             f"{name}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}); fix the file (a .json file holds one "
             "JSON array of records, or one JSON object per line)"
         ) from None
-    if isinstance(doc, dict) and not _wrapped_list(doc):
-        yield doc, f"{name}:1"
+    if isinstance(doc, dict) and (key := _wrapped_list(doc)) is None:
+        yield doc, f"{name}:1"  # one record, perhaps pretty-printed
         return
-    if not isinstance(doc, list | dict):
+    if isinstance(doc, dict):
+        items, what, label = doc[key], repr(key), f"{key} "
+    elif isinstance(doc, list):
+        items, what, label = doc, "the array", ""
+    else:
         raise DataError(f"{name}: holds a JSON {type(doc).__name__}; give a JSON array of record objects")
-    key = _wrapped_list(doc) if isinstance(doc, dict) else None
-    items, what, label = (doc[key], repr(key), f"{key} ") if key else (doc, "the array", "")
     for i, item in enumerate(items):
         origin = f"{name}:{label}item {i}"
         if not isinstance(item, dict):
@@ -336,12 +334,17 @@ def _wrapped_list(doc: dict[str, Any]) -> str | None:
     return key if isinstance(value, list) and key not in RECORD_FIELDS else None
 
 
-def _read_txt(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
+def _decode(data: bytes, name: str) -> str:
+    """A whole file as UTF-8 text; a bad byte is reported with its line."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{name}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
+
+
+def _read_txt(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
+    text = _decode(data, name)
     for lineno, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             yield {"text": line.strip()}, f"{name}:{lineno}"

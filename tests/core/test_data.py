@@ -143,6 +143,8 @@ def test_bad_chat_and_prompt_records_name_file_line_and_fix(tmp_path, record, me
         ('[{"text": "a"}]\n[{"text": "b"}]', "c.json:2:1: malformed JSON (Extra data"),
         ('{"text": "a"}\n{"text": "b"\n', "c.json:2: malformed JSON"),
         ('{"data": [{"text": "a"}, 3]}', "c.json:data item 1: each item of 'data' must be a JSON object, got int"),
+        ('"just a string"', "c.json: holds a JSON str; give a JSON array of record objects"),
+        (b'[{"text": "a"},\n {"text": "\xff"}]', "c.json:2: not valid UTF-8"),
     ],
 )
 def test_bad_json_files_name_file_and_line_or_item(tmp_path, content, message):
