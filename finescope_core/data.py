@@ -1,7 +1,7 @@
-"""Data in: JSONL / Parquet / .txt / HF `save_to_disk` directories, local or any fsspec URI.
+"""Data in: JSONL / JSON / Parquet / .txt / HF `save_to_disk` directories, local or any fsspec URI.
 
-Every record keeps its original fields (and `id`, assigned stably when missing) so that outputs can
-carry the user's records unchanged. Validation happens here, before any model work.
+Every record keeps its original fields (and `id`, always a string, assigned stably when missing) so
+that outputs can carry the user's records unchanged. Validation happens here, before any model work.
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ import fsspec
 MAX_TEXT_CHARS = 1_000_000
 """A record longer than this is refused: it is almost always a broken file (one giant line)."""
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
+CHAT_ROLES = ("system", "user", "assistant")
+REQUEST_FIELDS = ("messages", "instruction", "prompt")
+"""The fields a record's request comes from, in order of precedence."""
+RECORD_FIELDS = ("text", *REQUEST_FIELDS)
+"""A record has at least one of these (not null); the other supported fields only come with one of them."""
+RECORD_SHAPES = (
+    "give each record 'text'; or 'instruction' (+ 'input', 'output'); or 'prompt' (+ 'completion'); "
+    "or 'messages' (a list of {\"role\": \"system\"|\"user\"|\"assistant\", \"content\": ...} turns)"
+)
+"""The supported record formats, as error messages list them."""
 
 
 class DataError(ValueError):
@@ -27,24 +37,30 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One input record: its id, the text the model reads, and the original fields."""
+    """One input record: its id, the text the model reads, and the original fields.
+
+    Consumers read a record only through `text`, `prompt` and `reference`, whatever its format.
+    """
 
     id: str
     text: str
+    """What curation embeds: `text`, else every part of the record (request and answer) joined."""
     fields: dict[str, Any]
     origin: str
     """Where it came from, as `file:line` (or `file:row N`), for error messages."""
 
     @property
-    def instruction(self) -> str | None:
-        value = self.fields.get("instruction")
-        return value if isinstance(value, str) else None
+    def prompt(self) -> str | None:
+        """The user's request (what a teacher answers), or None for a plain `text` record.
+
+        Empty when an instruction record's instruction and input (or a prompt) are blank.
+        """
+        return record_parts(self.fields, self.origin).prompt
 
     @property
     def reference(self) -> str | None:
-        """The reference answer (`output`) of an instruction record, if any."""
-        value = self.fields.get("output")
-        return value if isinstance(value, str) and value.strip() else None
+        """The reference answer (`output`, `completion`, final assistant turns), if any and not blank."""
+        return record_parts(self.fields, self.origin).reference
 
 
 @dataclass
@@ -70,33 +86,152 @@ class RecordSet:
         return h.hexdigest()
 
 
-def record_text(fields: dict[str, Any], origin: str) -> str:
-    """The text a model reads for a record: `text`, or instruction (+ input) (+ output).
+@dataclass(frozen=True)
+class RecordParts:
+    """A record's request, reference answer and text, whatever its format."""
+
+    prompt: str | None
+    reference: str | None
+    text: str
+
+
+def record_parts(fields: dict[str, Any], origin: str) -> RecordParts:
+    """Request, reference and text of a record in any supported format.
+
+    A `text` field is always the text; the request and reference come from the first of `messages`,
+    `instruction` and `prompt` present, so a record may carry both a text and a request. A null field
+    counts as absent: Parquet and HF datasets fill every column, so mixed formats arrive as nulls.
 
     Raises:
-        DataError: neither `text` nor `instruction` present, non-string values, or empty text.
+        DataError: none of the supported fields, or a present one of the wrong shape.
     """
-    if "text" in fields:
-        text = fields["text"]
-        if not isinstance(text, str):
-            raise DataError(f"{origin}: field 'text' must be a string, got {type(text).__name__}")
-    elif "instruction" in fields:
-        parts = []
-        for name in INSTRUCTION_FIELDS:
-            value = fields.get(name)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"{origin}: field {name!r} must be a string, got {type(value).__name__}")
-            if value.strip():
-                parts.append(value.strip())
-        text = "\n\n".join(parts)
-    else:
+    shape = next((name for name in REQUEST_FIELDS if fields.get(name) is not None), None)
+    has_text = "text" in fields and (fields["text"] is not None or shape is None)
+    if shape is None and not has_text:
         found = ", ".join(sorted(fields)) or "none"
         raise DataError(
-            f"{origin}: record has no 'text' and no 'instruction' field (fields found: {found}); "
-            "give each record a 'text' or 'instruction'/'input'/'output'"
+            f"{origin}: record has no 'text' and no 'instruction', 'prompt' or 'messages' field (fields found: "
+            f"{found}); {RECORD_SHAPES}"
         )
+    if shape == "messages":
+        parts = _from_turns(_turns(fields["messages"], "messages", origin), "messages", origin)
+    elif shape == "instruction":
+        parts = _from_instruction(fields, origin)
+    elif shape == "prompt":
+        parts = _from_prompt(fields, origin)
+    else:
+        parts = RecordParts(None, None, "")
+    if not has_text:
+        return parts
+    text = fields["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{origin}: field 'text' must be a string, got {type(text).__name__}")
+    return RecordParts(parts.prompt, parts.reference, text)
+
+
+def _string_field(fields: dict[str, Any], name: str, origin: str) -> str | None:
+    value = fields.get(name)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{origin}: field {name!r} must be a string, got {type(value).__name__}")
+    return value.strip() if value is not None else None
+
+
+def _join(*parts: str | None) -> str:
+    return "\n\n".join(p for p in parts if p)
+
+
+def _from_instruction(fields: dict[str, Any], origin: str) -> RecordParts:
+    instruction, input_, output = (_string_field(fields, name, origin) for name in INSTRUCTION_FIELDS)
+    return RecordParts(_join(instruction, input_), output or None, _join(instruction, input_, output))
+
+
+def _from_prompt(fields: dict[str, Any], origin: str) -> RecordParts:
+    """TRL's prompt-completion record: two strings, or two lists of chat turns (conversational)."""
+    prompt, completion = fields["prompt"], fields.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, list | None):
+        turns = _turns(prompt, "prompt", origin) + _turns(completion or [], "completion", origin)
+        return _from_turns(turns, "prompt", origin)
+    if not isinstance(prompt, str) or not isinstance(completion, str | None):
+        raise DataError(
+            f"{origin}: 'prompt' and 'completion' must both be strings or both lists of chat turns, got "
+            f"{type(prompt).__name__} and {type(completion).__name__}"
+        )
+    prompt, completion = prompt.strip(), (completion or "").strip()
+    return RecordParts(prompt, completion or None, _join(prompt, completion))
+
+
+Turn = tuple[str, str]
+"""(role, content) of one chat turn."""
+
+
+def _turns(value: Any, name: str, origin: str) -> list[Turn]:
+    """Validated (role, content) turns of a chat field (`messages`, or a conversational prompt)."""
+    if not isinstance(value, list):
+        raise DataError(
+            f"{origin}: field {name!r} must be a list of {{\"role\": ..., \"content\": ...}} turns, "
+            f"got {type(value).__name__}"
+        )
+    turns = []
+    for i, turn in enumerate(value):
+        where = f"{origin}: {name}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where} must be an object with 'role' and 'content', got {type(turn).__name__}")
+        role, content = turn.get("role"), turn.get("content")
+        if role not in CHAT_ROLES:
+            raise DataError(
+                f"{where} has role {role!r}; use 'system', 'user' or 'assistant' (drop tool turns, or fold "
+                "what they say into a user or assistant turn)"
+            )
+        if not isinstance(content, str):
+            raise DataError(
+                f"{where} ({role}): 'content' must be a string, got {type(content).__name__}; join "
+                "multi-part content into one string"
+            )
+        turns.append((role, content.strip()))
+    return turns
+
+
+def _from_turns(turns: list[Turn], name: str, origin: str) -> RecordParts:
+    """Request: the conversation up to its last user turn; reference: the assistant turns after it.
+
+    The teacher and the student take one user turn (`teacher.format_prompt`), so system turns come
+    first as plain paragraphs and earlier turns of a longer conversation as a labelled transcript.
+    """
+    if not turns:
+        raise DataError(f"{origin}: field {name!r} is empty; give at least one user turn or remove the record")
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    if not users:
+        raise DataError(f"{origin}: {name!r} has no user turn, so there is no request; add one or remove the record")
+    last = users[-1]
+    if not turns[last][1]:
+        raise DataError(f"{origin}: the last user turn ({name}[{last}]) is empty; fill it in or remove the record")
+    system = [content for role, content in turns[: last + 1] if role == "system"]
+    dialogue = [(role, content) for role, content in turns[: last + 1] if role != "system" and content]
+    if len(dialogue) == 1:
+        request = [dialogue[0][1]]
+    else:
+        request = [f"{role.capitalize()}: {content}" for role, content in dialogue]
+    reference = _join(*(content for role, content in turns[last + 1 :] if role == "assistant"))
+    return RecordParts(_join(*system, *request), reference or None, _join(*(content for _, content in turns)))
+
+
+def shown_text(fields: dict[str, Any]) -> str:
+    """What a table of records shows for one (curated.jsonl row or input fields): its text, else its request."""
+    if isinstance(fields.get("text"), str):
+        return fields["text"]
+    try:
+        return record_parts(fields, "").prompt or ""
+    except DataError:  # a row written by another version: show nothing rather than fail a report
+        return ""
+
+
+def record_text(fields: dict[str, Any], origin: str) -> str:
+    """The text a model reads for a record (see `record_parts`), validated.
+
+    Raises:
+        DataError: none of the supported fields, wrong types or shapes, empty or enormous text.
+    """
+    text = record_parts(fields, origin).text
     if not text.strip():
         raise DataError(f"{origin}: the record's text is empty; remove the record or fill it in")
     if len(text) > MAX_TEXT_CHARS:
@@ -153,16 +288,63 @@ def _read_jsonl(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{origin}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{origin}: each line must be a JSON object, got {type(obj).__name__}")
+            hint = " (a file holding one JSON array should be named .json)" if isinstance(obj, list) else ""
+            raise DataError(f"{origin}: each line must be a JSON object, got {type(obj).__name__}{hint}")
         yield obj, origin
 
 
-def _read_txt(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
+def _read_json(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """A `.json` file: a JSON array of records, `{"<field>": [records]}`, one record, or JSONL.
+
+    JSONL named `.json` is common (HF `to_json` writes it), so a document that is more than one JSON
+    value is read line by line, unless it starts with `[` (then it is a broken array).
+    """
+    text = _decode(data, name)
     try:
-        text = data.decode("utf-8")
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and not text.lstrip().startswith("["):
+            yield from _read_jsonl(data, name)
+            return
+        raise DataError(
+            f"{name}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}); fix the file (a .json file holds one "
+            "JSON array of records, or one JSON object per line)"
+        ) from None
+    if isinstance(doc, dict) and (key := _wrapped_list(doc)) is None:
+        yield doc, f"{name}:1"  # one record, perhaps pretty-printed
+        return
+    if isinstance(doc, dict):
+        items, what, label = doc[key], repr(key), f"{key} "
+    elif isinstance(doc, list):
+        items, what, label = doc, "the array", ""
+    else:
+        raise DataError(f"{name}: holds a JSON {type(doc).__name__}; give a JSON array of record objects")
+    for i, item in enumerate(items):
+        origin = f"{name}:{label}item {i}"
+        if not isinstance(item, dict):
+            raise DataError(f"{origin}: each item of {what} must be a JSON object, got {type(item).__name__}")
+        yield item, origin
+
+
+def _wrapped_list(doc: dict[str, Any]) -> str | None:
+    """The key of `{"data": [records]}`: a document whose only field is a list and not a record field."""
+    if len(doc) != 1:
+        return None
+    key, value = next(iter(doc.items()))
+    return key if isinstance(value, list) and key not in RECORD_FIELDS else None
+
+
+def _decode(data: bytes, name: str) -> str:
+    """A whole file as UTF-8 text; a bad byte is reported with its line."""
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{name}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
+
+
+def _read_txt(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
+    text = _decode(data, name)
     for lineno, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             yield {"text": line.strip()}, f"{name}:{lineno}"
@@ -205,9 +387,9 @@ def _iter_raw(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tupl
         if fs.isdir(path):
             raise DataError(f"{name}: is a directory but not an HF save_to_disk dataset; name the files inside it")
         suffix = "".join(PurePosixPath(path).suffixes[-1:]).lower()
-        readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".txt": _read_txt, ".parquet": _read_parquet}
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt, ".parquet": _read_parquet}
         if suffix not in readers:
-            raise DataError(f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .parquet, .txt or an HF dataset dir")
+            raise DataError(f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet, .txt or an HF dataset dir")
         try:
             with fs.open(path, "rb") as f:
                 data = f.read()
@@ -247,11 +429,13 @@ def _make_record(fields: dict[str, Any], origin: str, default_id: str, seen: dic
     raw_id = fields.get("id")
     if raw_id is None:
         rid = default_id
-        fields = {"id": rid, **fields}
     elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and str(raw_id).strip():
         rid = str(raw_id)
     else:
         raise DataError(f"{origin}: 'id' must be a non-empty string or integer, got {raw_id!r}")
+    # The id is a string everywhere from here on (fields, outputs, look-ups): integer ids are the norm in
+    # JSONL and HF exports, and an int in the fields would not match `Record.id` when read back.
+    fields = {"id": rid, **fields} if raw_id is None else {**fields, "id": rid}
     if rid in seen:
         raise DataError(f"{origin}: duplicate id {rid!r} (first at {seen[rid]}); ids must be unique across all inputs")
     seen[rid] = origin

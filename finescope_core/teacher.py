@@ -71,21 +71,20 @@ class TeacherError(ValueError):
 
 
 def user_prompt(record: Record) -> str:
-    """The user-facing request of a record: instruction (+ input), or its text when it has no instruction.
+    """The user-facing request of a record (`Record.prompt`), or its text when it has no request.
 
     Raises:
-        TeacherError: an instruction record whose instruction and input are both empty.
+        TeacherError: a record whose request is empty (blank instruction and input, or a blank prompt).
     """
-    if "instruction" not in record.fields:
+    prompt = record.prompt
+    if prompt is None:
         return record.text
-    parts = [record.fields.get(k) for k in ("instruction", "input")]
-    parts = [p.strip() for p in parts if isinstance(p, str) and p.strip()]
-    if not parts:
+    if not prompt:
         raise TeacherError(
-            f"{record.origin}: record {record.id!r} has an empty instruction and input, so there is "
-            "nothing to ask the teacher; fill in the instruction or remove the record"
+            f"{record.origin}: record {record.id!r} has an empty instruction and input (or an empty prompt), so "
+            "there is nothing to ask the teacher; fill in the request or remove the record"
         )
-    return "\n\n".join(parts)
+    return prompt
 
 
 def teacher_message(record: Record) -> str:
@@ -94,7 +93,7 @@ def teacher_message(record: Record) -> str:
     reference = record.reference
     if reference is None:
         return prompt
-    return REWRITE_TEMPLATE.format(prompt=prompt, reference=reference.strip())
+    return REWRITE_TEMPLATE.format(prompt=prompt, reference=reference)
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, message: str) -> str:

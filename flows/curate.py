@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import check_curation_fits, resolve_layers
-from finescope_core.data import PreparedCorpus, RecordSet
+from finescope_core.data import PreparedCorpus, RecordSet, shown_text
 from finescope_core.model import model_config
 from flows.fanout import embed, train_saes
 from flows.runtime import apply_gpu_limit, check_runner, prefect_results, publish_outputs
@@ -146,6 +146,6 @@ def _markdown(cfg: FinescopeConfig, result: CurateResult, top: list[dict[str, An
         "|---:|---|---:|---:|---|",
     ]
     for r in top:
-        text = str(r.get("text") or r.get("instruction") or "")[:100].replace("|", "\\|").replace("\n", " ")
+        text = shown_text(r)[:100].replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {r['rank']} | {r.get('id')} | {r['score']:.3f} | {r['votes']:g} | {text} |")
     return "\n".join(lines)

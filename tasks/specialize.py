@@ -13,7 +13,7 @@ from prefect import task
 from finescope_core import report as rep
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import load_embeddings
-from finescope_core.data import Record, load_records
+from finescope_core.data import Record, load_records, shown_text
 from finescope_core.evaluate import evaluate_model, load_mc_items, load_numeric_items, metrics_schema_errors
 from finescope_core.finetune import lora_finetune
 from finescope_core.model import load_model
@@ -161,7 +161,7 @@ def _report_sections(cfg, store, curate, metrics, prune_info, work: Path) -> lis
     if (curated_dir / "embeddings.safetensors").is_file():
         cut = curated_rows[-1]["score"] if curated_rows else None
         images.append(rep.plot_retrieval_scores(_retrieval_scores(curated_dir / "embeddings.safetensors"), cut, work / "retrieval.png"))
-    examples = [{"text": r.get("text") or r.get("instruction") or "", **{k: r[k] for k in ("rank", "id", "score", "votes")}} for r in curated_rows]
+    examples = [{"text": shown_text(r), **{k: r[k] for k in ("rank", "id", "score", "votes")}} for r in curated_rows]
     sections.append(rep.ReportSection("Curated set", rep.example_records_table(examples, 8), images))
     params = {name: m["parameters"] for name, m in metrics["models"].items()}
     body = rep.markdown_table([{"module": k, "before": v, "after": prune_info["params_after"].get(k)} for k, v in prune_info["params_before"].items()])

@@ -74,6 +74,23 @@ def test_rewrite_prompt_only_when_a_reference_exists() -> None:
     assert teacher_message(_record(2, instruction="What is 2+2?", output="  ")) == "What is 2+2?"
 
 
+def test_chat_and_prompt_completion_records_ask_their_request_and_rewrite_their_reference() -> None:
+    chat = Record(id="m", text="", origin="test:m", fields={"messages": [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+    ]})
+    assert user_prompt(chat) == "Answer in French.\n\nCapital of Italy?"
+    msg = teacher_message(chat)
+    assert msg.startswith("Answer in French.\n\nCapital of Italy?") and "Rome." in msg and msg.endswith(REWRITE_INSTRUCTION)
+    line = distilled_line(chat, "", truncated=False, min_chars=1)
+    assert (line["prompt"], line["response"], line["source"]) == ("Answer in French.\n\nCapital of Italy?", "Rome.", "reference")
+    pc = Record(id="p", text="", origin="test:p", fields={"prompt": "Tell a joke.", "completion": ""})
+    assert user_prompt(pc) == teacher_message(pc) == "Tell a joke."
+    with pytest.raises(TeacherError, match="test:q: record 'q' has an empty instruction and input \\(or an empty prompt"):
+        user_prompt(Record(id="q", text="x", origin="test:q", fields={"prompt": " ", "completion": "x"}))
+
+
 def test_format_uses_the_chat_template_when_present_else_plain() -> None:
     tok = byte_tokenizer()
     assert format_prompt(tok, "hi") == "<s>user\nhi</s>\n<s>assistant\n"
