@@ -60,6 +60,8 @@ def run_and_check(root, model_dir, corpus: list[dict], seed: dict) -> list[dict]
     cfg_file = root / "cfg.yaml"
     cfg_file.write_text(cfg.model_dump_json())
     assert main(["run", "--config", str(cfg_file), "--out", str(root / "out")]) == 0
+    exported = [json.loads(line) for line in (root / "out" / "curated" / "curated.jsonl").read_text().splitlines()]
+    assert exported and all(isinstance(r["id"], str) for r in exported)
 
     result = specialize_flow(cfg)  # every stage cached: only to reach the artifacts
     store = open_store(cfg)
