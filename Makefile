@@ -5,8 +5,10 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.finescope-installed
 OUT    ?= out/demo
+# image tags carry the package version; deployments/prefect.yaml names the same tags
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench images
 
 install: $(STAMP)
 
@@ -27,6 +29,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check finescope_core tasks flows tests bench
+
+# the images of the docker work pools (deployments/prefect.yaml); needs a Docker daemon, not the venv
+images:
+	docker build -f docker/Dockerfile.cpu -t finescope:$(VERSION)-cpu .
+	docker build -f docker/Dockerfile.cuda -t finescope:$(VERSION)-cuda .
 
 bench: install
 	$(PY) bench/bench_saliency.py
