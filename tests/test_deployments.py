@@ -190,3 +190,15 @@ def test_docker_job_variables_make_the_containers_the_worker_would_create(prefec
         assert settings["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
         requests = [(r["Driver"], r["Count"], r["Capabilities"]) for r in host.get("DeviceRequests", [])]
         assert requests == ([("nvidia", -1, [["gpu"]])] if gpu else [])
+
+
+def test_docker_images_copy_every_file_the_package_build_reads():
+    """`pip install .` in the image reads the readme and license files pyproject names: they must be copied."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {project["readme"], *project.get("license-files", []), "pyproject.toml"}
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        copied = {w for line in (ROOT / "docker" / name).read_text().splitlines() if line.startswith("COPY ")
+                  for w in line.split()[1:-1]}  # fmt: skip
+        assert needed <= copied, f"{name} does not copy {sorted(needed - copied)}"
