@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from prefect import flow
 from prefect.artifacts import create_table_artifact
@@ -17,7 +15,7 @@ from flows.curate import CurateResult, curate_flow
 from flows.runtime import prefect_results
 from tasks.common import StageManifest, logger
 from tasks.curate import model_task
-from tasks.prune import prune_task, pruning_texts
+from tasks.prune import prune_task, pruning_texts, texts_sha
 
 
 class PruneResult(BaseModel):
@@ -46,8 +44,7 @@ def prune_flow(config: FinescopeConfig) -> PruneResult:
 def _prune(config: FinescopeConfig) -> PruneResult:
     curated = curate_flow(config) if config.prune.data in ("curated", "random") else None
     texts = pruning_texts(config, curated.corpus if curated else None, curated.curated if curated else None)
-    texts_sha = hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
-    pruned = prune_task(config, model_task(config), texts, texts_sha)
+    pruned = prune_task(config, model_task(config), texts, texts_sha(texts))
     info = pruned.info
     rows = [
         {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}
