@@ -139,10 +139,13 @@ def work_lock(work: Path, *, exclusive: bool = False, blocking: bool = True) -> 
         yield True
         return
     lock = lock_path(work)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a collector removed the empty stage directory just now
+            continue
         try:
             try:
                 fcntl.flock(fd, flags)
@@ -326,7 +329,10 @@ class ArtifactStore:
         with contextlib.suppress(FileNotFoundError):
             self._io("delete marker", self.fs.rm_file, f"{target}/{MARKER}")
         self.remove_tree(target)
-        if not self.is_local:
+        if self.is_local:
+            with contextlib.suppress(OSError):  # the stage's last artifact: no empty directory left behind
+                os.rmdir(Path(target).parent)
+        else:
             shutil.rmtree(self.cache_dir / stage / key, ignore_errors=True)
         found = self.lookup(stage, key)
         if found is not None and not self._complete(found):

@@ -9,6 +9,7 @@ lock that no running stage holds (`work_lock`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -325,7 +326,8 @@ def _sort_leftover(plan: GarbagePlan, x: Leftover, keep, min_age_minutes: float,
     elif x.kind == "work dir" and keep is not None and (x.stage, x.key) in keep:
         plan.kept.append(_with(item, "a planned run of a given config resumes from it"))
     else:
-        plan.delete.append(_with(item, f"left by a run that stopped {age_min / 60:.1f} h ago"))
+        held = "no running stage holds it; " if x.kind == "work dir" else ""
+        plan.delete.append(_with(item, f"{held}untouched for {age_min / 60:.1f} h"))
 
 
 def _with(item: GarbageItem, reason: str) -> GarbageItem:
@@ -381,9 +383,6 @@ def remove_work_dir(work: Path, min_age_minutes: float = 0.0) -> bool:
             return False
         shutil.rmtree(work, ignore_errors=True)
         lock_path(work).unlink(missing_ok=True)  # waiters notice the unlinked file and lock a new one
-    with_stage = work.parent
-    if with_stage.is_dir() and not any(with_stage.iterdir()):
-        with_stage.rmdir()
     return True
 
 
@@ -396,6 +395,8 @@ def remove_orphan_locks(store: ArtifactStore) -> None:
                 with work_lock(work, exclusive=True, blocking=False) as free:
                     if free and not work.exists():
                         lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only when empty; a stage starting now re-creates it
+            stage_dir.rmdir()
 
 
 def artifacts_of(listing: StoreListing, stage: str, key_prefix: str | None = None) -> list[StoredArtifact]:
