@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from finescope_core.config import ConfigError, FinescopeConfig, load_config
 from flows.serve import FLOWS
+from flows.store_cli import add_store_parser, run_store
 
 # Prefect without a server by default: a temporary local API per run, no telemetry.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--interval", type=int, metavar="SECONDS", help="seconds between runs, e.g. 86400")
     serve.add_argument("--name", help="deployment name (default: the config file's stem, else 'finescope')")
     _add_config_options(serve)
+    add_store_parser(sub)
     return parser
 
 
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, _overrides(args))
             serve(cfg, args.flow, args.cron, args.interval, args.name or default_name(args.config))
+        elif args.command == "store":
+            return run_store(args)
     except (ConfigError, ValueError, OSError) as e:
         print(f"finescope: error: {e}", file=sys.stderr)
         return 2
