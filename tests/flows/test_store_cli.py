@@ -127,6 +127,19 @@ def test_a_deleted_curate_stage_computes_and_everything_below_it_waits(curated_r
     assert all(s.status == "reuse" for s in plan(cfg, "curate").stages)  # put back: all reused again
 
 
+@pytest.mark.parametrize(("method", "rows"), [
+    ("activation", ["corpus", "seeds", "saliency", "activations (corpus)", "activations (seeds)", "curated"]),
+    ("random", ["corpus", "seeds", "curated"]),
+    ("sentence", ["corpus", "seeds", "curated"]),
+])
+def test_other_methods_plan_only_their_stages_and_share_the_sae_runs(curated_run, method, rows):
+    cfg, _, _ = curated_run
+    other = cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"method": method})})
+    p = plan(other, "curate")
+    assert [s.name for s in p.stages] == rows
+    assert [s.status for s in p.stages] == ["reuse"] * (len(rows) - 1) + ["compute"]  # only retrieval is new
+
+
 def test_cli_rm_then_plan_then_run_agree(curated_run, capsys):
     cfg, result, cfg_file = curated_run
     store = ["--store", cfg.store]
