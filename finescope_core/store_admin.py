@@ -142,14 +142,13 @@ def scan(store: ArtifactStore) -> StoreListing:
         rel = path.removeprefix(store.root.rstrip("/") + "/")
         parts = rel.split("/")
         item = StoredFile(path, int(info.get("size") or 0), _mtime(info))
+        if parts[0] == ".partial":  # a local store's work dirs: `work_dirs` looks at them on disk
+            continue
         if parts[0] == RESULTS_DIR:
             listing.results.append(item)
-        elif parts[0] in (".partial", ".cache"):  # work dirs are scanned on disk below; .cache is unused locally
-            if parts[0] == ".cache":
-                listing.other.append(item)
         elif len(parts) == 1 and parts[0].startswith(".probe-"):
             listing.leftovers.append(Leftover("probe", "", "", path, item.size, item.modified))
-        elif len(parts) >= 3:
+        elif len(parts) >= 3 and not parts[0].startswith("."):  # <stage>/<key>/...; no stage name is hidden
             groups.setdefault((parts[0], parts[1]), []).append(item)
         else:
             listing.other.append(item)
@@ -214,7 +213,10 @@ def work_dirs(store: ArtifactStore) -> list[Leftover]:
     out = []
     for stage_dir in _subdirs(base):
         for work in _subdirs(stage_dir):
-            size, modified = _tree_stats(work)
+            try:
+                size, modified = _tree_stats(work)
+            except FileNotFoundError:  # its stage committed and removed it meanwhile
+                continue
             out.append(Leftover("work dir", stage_dir.name, work.name, str(work), size, modified, in_use(work)))
     return out
 
@@ -305,7 +307,10 @@ def find_garbage(
     return plan
 
 
-def _artifact_reasons(a: StoredArtifact, keep, keep_days, now: float) -> list[str]:
+Keys = set[tuple[str, str]]
+
+
+def _artifact_reasons(a: StoredArtifact, keep: Keys | None, keep_days: float | None, now: float) -> list[str]:
     if keep is None and keep_days is None:
         return []
     if keep is not None and (a.stage, a.key) in keep:
@@ -316,7 +321,7 @@ def _artifact_reasons(a: StoredArtifact, keep, keep_days, now: float) -> list[st
     return reasons + ([] if keep_days is None else [f"created {(now - a.created) / DAY:.1f} days ago"])
 
 
-def _sort_leftover(plan: GarbagePlan, x: Leftover, keep, min_age_minutes: float, now: float) -> None:
+def _sort_leftover(plan: GarbagePlan, x: Leftover, keep: Keys | None, min_age_minutes: float, now: float) -> None:
     item = GarbageItem(x.kind, x.path, x.size, "", x.stage, x.key)
     age_min = (now - x.modified) / 60
     if x.in_use:

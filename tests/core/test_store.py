@@ -209,7 +209,7 @@ def test_a_work_dir_in_use_is_never_collected(tmp_path):
     with store.work_dir("distilled", "live", resume=True) as work:
         (work / "partial.jsonl").write_text("line\n")
         os.utime(work / "partial.jsonl", (time.time() - 3 * 3600,) * 2)  # quiet for hours, still running
-        (listing,) = [scan(store)]
+        listing = scan(store)
         assert [x.in_use for x in listing.leftovers] == [True]
         plan = find_garbage(store, listing, min_age_minutes=0)
         assert plan.delete == [] and "in use" in plan.kept[0].reason
