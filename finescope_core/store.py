@@ -28,6 +28,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): work dirs are then told apart by age alone
+    fcntl = None  # type: ignore[assignment]
+
 MARKER = "_COMPLETE.json"
 log = logging.getLogger("finescope.store")
 
@@ -117,6 +122,52 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def lock_path(work: Path) -> Path:
+    """The lock file beside a work dir (inside it, it would be committed with the stage's files)."""
+    return work.with_name(f"{work.name}.lock")
+
+
+@contextlib.contextmanager
+def work_lock(work: Path, *, exclusive: bool = False, blocking: bool = True) -> Iterator[bool]:
+    """Hold a flock on `lock_path(work)`: shared while a stage builds in `work`, exclusive to remove it.
+
+    The kernel drops the lock when its process dies, so the work dir of a killed run can be collected
+    while that of a running stage never is. Yields False when `blocking` is off and another process
+    holds a conflicting lock. A lock file unlinked by a collector while we waited is not ours: retry.
+    """
+    if fcntl is None:
+        yield True
+        return
+    lock = lock_path(work)
+    flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a collector removed the empty stage directory just now
+            continue
+        try:
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                yield False
+                return
+            if _same_file(fd, lock):
+                yield True
+                return
+        finally:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
 def cache_key(stage: str, version: str, config: Any, inputs: dict[str, str]) -> str:
     """Content-addressed key: the stage version, its config and the hashes of its inputs."""
     payload = json.dumps({"stage": stage, "version": version, "config": config, "inputs": inputs}, sort_keys=True, default=str)
@@ -164,8 +215,8 @@ class ArtifactStore:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.retry = retry or RetryPolicy()
         self._secrets = [v for k, v in (storage_options or {}).items() if k in ("key", "secret", "token") and v]
-        digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-        default_cache = Path(self.root) / ".cache" if self.is_local else Path(tempfile.gettempdir()) / "finescope-cache" / digest
+        self._digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+        default_cache = Path(self.root) / ".cache" if self.is_local else Path(tempfile.gettempdir()) / "finescope-cache" / self._digest
         self.cache_dir = cache_dir or default_cache
 
     def _io(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -215,24 +266,28 @@ class ArtifactStore:
             return None
         return Artifact(stage, key, self.artifact_uri(stage, key), manifest)
 
+    @property
+    def work_base(self) -> Path:
+        """Where the work dirs of this store live: always on this machine's disk, also for a remote store."""
+        if self.is_local:
+            return Path(self.root) / ".partial"
+        return Path(tempfile.gettempdir()) / "finescope-partial" / self._digest
+
     @contextlib.contextmanager
     def work_dir(self, stage: str, key: str, *, resume: bool) -> Iterator[Path]:
         """A local directory for building (stage, key) that survives a crash, for stages that resume.
 
         It is tied to the key, so a re-run after a kill finds what the killed run wrote; it is removed
-        once the stage has been committed. With `resume=False` any leftovers are cleared first.
+        once the stage has been committed. With `resume=False` any leftovers are cleared first. A
+        shared lock is held meanwhile, so `finescope store gc` never removes it under a running stage.
         """
-        if self.is_local:
-            base = Path(self.root) / ".partial"
-        else:
-            digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-            base = Path(tempfile.gettempdir()) / "finescope-partial" / digest
-        path = base / stage / key
-        if not resume:
+        path = self.work_base / stage / key
+        with work_lock(path):
+            if not resume:
+                shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True, exist_ok=True)
+            yield path
             shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        shutil.rmtree(path, ignore_errors=True)
 
     def commit(self, local_dir: Path, stage: str, key: str, info: dict[str, Any]) -> Artifact:
         """Publish `local_dir` as (stage, key): hash every file, upload, then write the marker last."""
@@ -263,6 +318,36 @@ class ArtifactStore:
             if p.is_file() and p.name != MARKER:
                 self._io("upload", self.fs.put_file, str(p), f"{target}/{p.relative_to(local_dir).as_posix()}")
         self._io("upload marker", self.fs.put_file, str(local_dir / MARKER), f"{target}/{MARKER}")
+
+    def delete(self, stage: str, key: str) -> None:
+        """Remove the artifact (stage, key) and, for a remote store, its verified local copy.
+
+        The marker goes first, so a deletion cut short leaves a cache miss, never a corrupt hit. Should a
+        run commit the same key meanwhile and lose files to this deletion, its marker goes as well.
+        """
+        target = self._path(stage, key)
+        with contextlib.suppress(FileNotFoundError):
+            self._io("delete marker", self.fs.rm_file, f"{target}/{MARKER}")
+        self.remove_tree(target)
+        if self.is_local:
+            with contextlib.suppress(OSError):  # the stage's last artifact: no empty directory left behind
+                os.rmdir(Path(target).parent)
+        else:
+            shutil.rmtree(self.cache_dir / stage / key, ignore_errors=True)
+        found = self.lookup(stage, key)
+        if found is not None and not self._complete(found):
+            self._io("delete marker", self.fs.rm_file, f"{target}/{MARKER}")
+
+    def remove_tree(self, path: str) -> None:
+        """Delete everything under `path` (a path inside this store's filesystem); gone already is fine."""
+        with contextlib.suppress(FileNotFoundError):
+            self._io("delete", self.fs.rm, path, True)
+
+    def _complete(self, artifact: Artifact) -> bool:
+        """Whether every file the marker lists is present (listed, not hashed)."""
+        source = self._path(artifact.stage, artifact.key)
+        present = {p.removeprefix(source + "/") for p in self._io("list", self.fs.find, source)}
+        return set(artifact.manifest.get("files", {})) <= present
 
     def _download(self, artifact: Artifact, dest: Path) -> None:
         """Fetch the artifact's files one by one (each retried), as listed in its marker."""

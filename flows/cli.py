@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from finescope_core import __version__
 from finescope_core.config import ConfigError, FinescopeConfig, load_config, path_fields, slug
 from flows.serve import FLOWS
+from flows.store_cli import add_store_parser, run_store
 
 # Prefect without a server by default: a temporary local API per run, no telemetry. Its first start on a
 # machine creates and migrates its database, which takes longer than Prefect's 20 s default on a slow
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--cron", help="cron string in UTC, quoted, e.g. '0 3 * * 0' (Sundays 03:00)")
     when.add_argument("--interval", type=int, metavar="SECONDS", help="seconds between runs, e.g. 86400")
     _add_config_options(serve, SECTIONS["serve"])
+    add_store_parser(sub)
     return parser
 
 
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             # The deployment's name is the run's name, so its artifacts and outputs carry it too.
             cfg.name = cfg.name or default_name(args.config)
             serve(cfg, args.flow, args.cron, args.interval, cfg.name)
+        elif args.command == "store":
+            return run_store(args)
     except (ConfigError, ValueError, OSError) as e:
         print(f"finescope: error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from flows.runtime import prefect_results, publish_outputs
 from tasks.common import StageManifest, artifact_key, logger
 from tasks.curate import model_task
 from tasks.export import Exported, curated_outputs, export_task, pruned_output, run_facts
-from tasks.prune import prune_task, pruning_texts
+from tasks.prune import prune_task, pruning_texts, texts_sha
 
 
 class PruneResult(BaseModel):
@@ -68,8 +67,7 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
 def _prune(config: FinescopeConfig) -> PruneResult:
     curated = curate_flow(config, export=False) if config.prune.data in ("curated", "random") else None
     texts = pruning_texts(config, curated.corpus if curated else None, curated.curated if curated else None)
-    texts_sha = hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
-    pruned = prune_task(config, model_task(config), texts, texts_sha)
+    pruned = prune_task(config, model_task(config), texts, texts_sha(texts))
     info = pruned.info
     rows = [
         {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}

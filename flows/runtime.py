@@ -15,11 +15,11 @@ from prefect.settings import PREFECT_TASKS_DEFAULT_PERSIST_RESULT, temporary_set
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finescope_core.config import ConfigError, FinescopeConfig
+from finescope_core.store_admin import RESULTS_DIR
 from tasks.common import artifact_key, logger, storage_options
 from tasks.curate import GPU_TAGS
 from tasks.export import Exported
 
-RESULTS_DIR = "prefect-results"
 _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "finescope[ray]")}
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import time
 from typing import Any
 
@@ -24,13 +22,16 @@ from flows.runtime import prefect_results, publish_outputs
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.curate import load_data, model_task
 from tasks.export import Exported, curated_outputs, export_task, output_location, pruned_output, run_facts
-from tasks.prune import curated_split, prune_task, pruning_texts
+from tasks.prune import curated_split, prune_task, pruning_texts, texts_sha
 from tasks.specialize import (
+    CURATE_SECONDS,
+    baseline_records,
     eval_inputs,
     evaluate_task,
     finetune_task,
     metrics_document,
     report_task,
+    stage_seconds,
     teacher_ref,
     teacher_task,
 )
@@ -63,20 +64,8 @@ class SpecializeResult(BaseModel):
         return stages
 
 
-def _sha(texts: list[str]) -> str:
-    return hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
-
-
-def baseline_records(name: str, corpus: list[Record], held_ids: set[str], size: int, seed: int) -> list[Record]:
-    """`random`: a seeded corpus sample as large as the curated training set; `corpus`: the whole corpus."""
-    pool = [r for r in corpus if r.id not in held_ids]
-    if name == "corpus":
-        return pool
-    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), min(size, len(pool))))]
-
-
 def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
-    pruned = prune_task(cfg, base, prune_texts, _sha(prune_texts))
+    pruned = prune_task(cfg, base, prune_texts, texts_sha(prune_texts))
     distilled = teacher_task(cfg, teacher_ref(cfg, base), records, tag)
     tuned = finetune_task(cfg, pruned, distilled, tag)
     return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
@@ -156,18 +145,8 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
 
 
 def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluations: dict[str, StageManifest]) -> dict[str, float]:
-    """Seconds each stage took when it was computed (a cached stage reports its original time)."""
-    out: dict[str, float] = {}
-    names = {"corpus": curated.corpus, "seeds": curated.seeds, "saliency": curated.saliency,
-             "activations-corpus": curated.activations, "activations-seeds": curated.seed_activations,
-             "sae": curated.sae, "curated": curated.curated}  # fmt: skip
-    out.update({name: round(m.seconds, 1) for name, m in names.items() if m is not None})
-    for name, v in variants.items():
-        for m in (v.pruned, v.distilled, v.tuned):
-            out[f"{m.stage}{'-' + name if name else ''}"] = round(m.seconds, 1)
-    for name, m in evaluations.items():
-        out[f"evaluate-{name}"] = round(m.seconds, 1)
-    return out
+    curate = {field: getattr(curated, field) for field in CURATE_SECONDS}
+    return stage_seconds(curate, {name: [v.pruned, v.distilled, v.tuned] for name, v in variants.items()}, evaluations)
 
 
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:

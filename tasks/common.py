@@ -56,6 +56,21 @@ class RunResults(CachePolicy):
 RUN_RESULTS = RunResults()
 
 
+@dataclass(frozen=True)
+class StageKey:
+    """What a stage's cache key is made of. Each task builds its own with a `*_key` function, and
+    `finescope store plan` calls the same functions, so the plan cannot drift from what runs."""
+
+    stage: str
+    version: str
+    config: Any
+    inputs: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.stage, self.version, self.config, self.inputs)
+
+
 class StageManifest(BaseModel):
     """What a task returns: where its artifact is and how to recognise it. Never tensors or models."""
 
@@ -134,22 +149,15 @@ def _block_credentials(name: str) -> dict[str, str]:
 
 
 def run_cached(
-    store: ArtifactStore,
-    stage: str,
-    version: str,
-    config: Any,
-    inputs: dict[str, str],
-    build: Callable[[Path], dict[str, Any]],
-    *,
-    resume: bool = False,
+    store: ArtifactStore, spec: StageKey, build: Callable[[Path], dict[str, Any]], *, resume: bool = False
 ) -> StageManifest:
-    """Return the stored artifact for this (stage, config, inputs) or build, commit and return it.
+    """Return the stored artifact for this stage key or build, commit and return it.
 
     The key is content-addressed, so a re-run with the same inputs recomputes nothing, and an
     artifact deleted from the store is a miss. With `resume`, files a killed run left in the
     stage's work dir are kept for `build` to continue from.
     """
-    key = cache_key(stage, version, config, inputs)
+    stage, key = spec.stage, spec.key
     found = store.lookup(stage, key)
     if found is not None:
         logger().info("%s: cached (%s)", stage, found.uri)
@@ -159,15 +167,16 @@ def run_cached(
     with store.work_dir(stage, key, resume=resume) as work:
         info = build(work)
         seconds = time.perf_counter() - start
-        record = {"version": version, "code_version": CODE_VERSION, "config": config, "inputs": inputs, "info": info, "seconds": seconds}
+        record = {"version": spec.version, "code_version": CODE_VERSION, "config": spec.config, "inputs": spec.inputs,
+                  "info": info, "seconds": seconds}
         artifact = store.commit(work, stage, key, record)
     logger().info("%s: done in %.1fs (%s)", stage, seconds, artifact.uri)
     return _manifest(artifact, cached=False, seconds=seconds)
 
 
-def lookup_stage(store: ArtifactStore, stage: str, version: str, config: Any, inputs: dict[str, str]) -> StageManifest | None:
-    """The committed artifact `run_cached` would return for these arguments, or None; builds nothing."""
-    found = store.lookup(stage, cache_key(stage, version, config, inputs))
+def lookup_stage(store: ArtifactStore, spec: StageKey) -> StageManifest | None:
+    """The committed artifact `run_cached` would return for this key, or None; builds nothing."""
+    found = store.lookup(spec.stage, spec.key)
     return None if found is None else _manifest(found, cached=True, seconds=0.0)
 
 
@@ -206,20 +215,33 @@ def model_ref(spec: str, store: ArtifactStore) -> ModelRef:
     """
     if spec == DEFAULT_MODEL:
         gguf = locate_default_gguf()
-        digest = _file_digest(str(gguf))
 
         def build(work: Path) -> dict[str, Any]:
             convert_gguf(gguf, work / DEFAULT_MODEL_NAME)
             return {"source": gguf.name}
 
-        manifest = run_cached(store, "models", "1", {"gguf": gguf.name}, {"gguf": digest}, build)
+        manifest = run_cached(store, default_model_key(gguf), build)
         return ModelRef(path=str(artifact_dir(store, manifest) / DEFAULT_MODEL_NAME), sha256=manifest.sha256)
+    return ModelRef(path=_model_path(spec), sha256=model_digest(spec))
+
+
+def default_model_key(gguf: Path) -> StageKey:
+    """The `models` stage: the bundled GGUF converted once into a plain HF directory."""
+    return StageKey("models", "1", {"gguf": gguf.name}, {"gguf": _file_digest(str(gguf))})
+
+
+def model_digest(spec: str) -> str:
+    """Content hash of a model that is not the bundled default: its config and weight files, or its hub id."""
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
-        digest = hashlib.sha256("".join(_file_digest(str(p)) for p in files).encode()).hexdigest()
-        return ModelRef(path=str(path), sha256=digest)
-    return ModelRef(path=spec, sha256=hashlib.sha256(spec.encode()).hexdigest())
+        return hashlib.sha256("".join(_file_digest(str(p)) for p in files).encode()).hexdigest()
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def _model_path(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return str(path) if path.is_dir() else spec
 
 
 @functools.lru_cache(maxsize=64)

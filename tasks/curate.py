@@ -30,6 +30,7 @@ from tasks.common import (
     RUN_RESULTS,
     ModelRef,
     Progress,
+    StageKey,
     StageManifest,
     artifact_dir,
     logger,
@@ -96,12 +97,17 @@ def read_records(path: Path) -> RecordSet:
     )
 
 
+def records_key(stage: str, records_sha: str) -> StageKey:
+    """`corpus` / `seeds`: the validated records, keyed by their content (`RecordSet.sha256`) alone."""
+    return StageKey(stage, "1", {}, {"records": records_sha})
+
+
 def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]) -> StageManifest:
     def build(work: Path) -> dict[str, Any]:
         _write_records(work / "records.jsonl", records.records)
         return {"records": len(records), **info}
 
-    return run_cached(open_store(cfg), stage, "1", {}, {"records": records.sha256}, build)
+    return run_cached(open_store(cfg), records_key(stage, records.sha256), build)
 
 
 @task(name="inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
@@ -137,12 +143,14 @@ def _model(cfg: FinescopeConfig, ref: ModelRef):
     return using_model(ref.path, cfg.device)
 
 
-def _saliency_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any]:
+def saliency_key(cfg: FinescopeConfig, model_sha: str, corpus_sha: str, layers: list[int]) -> StageKey:
+    """`saliency`: settings of the selector, on the model and the corpus artifact."""
     c = cfg.curate
-    return {
+    config = {
         "layers": layers, "selector": c.selector, "k_act": c.k_act, "probes": c.probes,
         "reference_size": c.reference_size, "max_length": c.max_length, "skip_first": c.skip_first, "seed": cfg.seed,
     }
+    return StageKey("saliency", "1", config, {"model": model_sha, "corpus": corpus_sha})
 
 
 @task(name="saliency", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
@@ -153,8 +161,7 @@ def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, la
         with _model(cfg, ref) as (model, tok):
             return core.saliency_stage(model, tok, load_data(cfg, corpus), layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
 
-    inputs = {"model": ref.sha256, "corpus": corpus.sha256}
-    return run_cached(open_store(cfg), "saliency", "1", _saliency_config(cfg, layers), inputs, build)
+    return run_cached(open_store(cfg), saliency_key(cfg, ref.sha256, corpus.sha256, layers), build)
 
 
 def _activation_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any]:
@@ -162,8 +169,24 @@ def _activation_config(cfg: FinescopeConfig, layers: list[int]) -> dict[str, Any
     return {"layers": layers, "max_length": c.max_length, "skip_first": c.skip_first}
 
 
-def _activation_inputs(ref: ModelRef, records: StageManifest, sal: StageManifest | None) -> dict[str, str]:
-    return {"model": ref.sha256, "records": records.sha256, "saliency": sal.sha256 if sal else "all-coordinates"}
+def _activation_inputs(model_sha: str, records_sha: str, sal_sha: str | None) -> dict[str, str]:
+    return {"model": model_sha, "records": records_sha, "saliency": sal_sha or "all-coordinates"}
+
+
+def shard_key(
+    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None, start: int, stop: int
+) -> StageKey:
+    """`activation-shards`: pooled activations of records [start, stop) (all coordinates without saliency)."""
+    config = {**_activation_config(cfg, layers), "start": start, "stop": stop}
+    return StageKey("activation-shards", "1", config, _activation_inputs(model_sha, records_sha, sal_sha))
+
+
+def activations_key(
+    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None
+) -> StageKey:
+    """`activations`: the list of a record set's shards (the shard size decides how it is split)."""
+    config = {**_activation_config(cfg, layers), "shard_size": cfg.curate.shard_size}
+    return StageKey("activations", ACTIVATIONS_VERSION, config, _activation_inputs(model_sha, records_sha, sal_sha))
 
 
 def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -190,13 +213,8 @@ def activation_shard_task(
         with _model(cfg, ref) as (model, tok):
             return core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))
 
-    config = {**_activation_config(cfg, layers), "start": start, "stop": stop}
-    return run_cached(store, "activation-shards", "1", config, _activation_inputs(ref, records, sal), build)
-
-
-def _gathered_key(cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None):
-    config = {**_activation_config(cfg, layers), "shard_size": cfg.curate.shard_size}
-    return config, _activation_inputs(ref, records, sal)
+    spec = shard_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop)
+    return run_cached(store, spec, build)
 
 
 def lookup_activations(
@@ -204,14 +222,18 @@ def lookup_activations(
 ) -> StageManifest | None:
     """The gathered activations of `records` when they and every shard they list are in the store."""
     store = open_store(cfg)
-    found = lookup_stage(store, "activations", ACTIVATIONS_VERSION, *_gathered_key(cfg, ref, records, layers, sal))
+    found = lookup_stage(store, activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None))
     if found is None:
         return None
-    shards = json.loads((artifact_dir(store, found) / "shards.json").read_text())
-    if any(store.lookup(s["stage"], s["key"]) is None for s in shards):
+    if any(store.lookup(s["stage"], s["key"]) is None for s in listed_shards(store, found)):
         logger().info("activations of %s: a shard was deleted from the store; recomputing it", records.stage)
         return None
     return found
+
+
+def listed_shards(store: ArtifactStore, acts: StageManifest) -> list[dict[str, Any]]:
+    """The shard references of a gathered activations artifact: [{stage, key, sha256, rows}] in row order."""
+    return json.loads((artifact_dir(store, acts) / "shards.json").read_text())
 
 
 @task(name="activations", task_run_name="activations-{records.stage}", cache_policy=RUN_RESULTS, **STORE_RETRIES)
@@ -229,16 +251,14 @@ def gather_activations_task(
         (work / "shards.json").write_text(json.dumps(listed, indent=1))
         return {"layers": layers, "rows": rows, "shards": len(shards)}
 
-    store = open_store(cfg)
-    config, inputs = _gathered_key(cfg, ref, records, layers, sal)
-    return run_cached(store, "activations", ACTIVATIONS_VERSION, config, inputs, build)
+    spec = activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None)
+    return run_cached(open_store(cfg), spec, build)
 
 
 def activation_dirs(store: ArtifactStore, acts: StageManifest) -> list[Path]:
     """Local directories of the shards a gathered activations artifact lists, in row order."""
-    listed = json.loads((artifact_dir(store, acts) / "shards.json").read_text())
     dirs = []
-    for s in listed:
+    for s in listed_shards(store, acts):
         found = store.lookup(s["stage"], s["key"])
         if found is None or found.sha256 != s["sha256"]:
             raise FileNotFoundError(
@@ -257,6 +277,16 @@ def _sae_config(cfg: FinescopeConfig) -> dict[str, Any]:
     return {"sae": cfg.curate.sae.model_dump(), "seed": cfg.seed}
 
 
+def sae_layers_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str, layer_ids: list[int]) -> StageKey:
+    """`sae-layers`: the SAEs of some hooked layers (by layer id), trained on the corpus activations."""
+    return StageKey("sae-layers", "1", {**_sae_config(cfg), "layers": layer_ids}, {"activations": acts_sha, "saliency": sal_sha})
+
+
+def sae_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str) -> StageKey:
+    """`sae`: every hooked layer's SAE in one artifact."""
+    return StageKey("sae", SAE_VERSION, _sae_config(cfg), {"activations": acts_sha, "saliency": sal_sha})
+
+
 @task(name="sae-layers", task_run_name="sae-layers-{positions}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def sae_layers_task(
     cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], positions: list[int]
@@ -270,12 +300,11 @@ def sae_layers_task(
         progress = Progress(f"sae training (layers {ids})")
         return core.sae_stage(activation_dirs(store, acts), layers, indices, cfg.curate, cfg.seed, work, progress, positions)
 
-    config = {**_sae_config(cfg), "layers": ids}
-    return run_cached(store, "sae-layers", "1", config, {"activations": acts.sha256, "saliency": sal.sha256}, build)
+    return run_cached(store, sae_layers_key(cfg, acts.sha256, sal.sha256, ids), build)
 
 
 def lookup_sae(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest) -> StageManifest | None:
-    return lookup_stage(open_store(cfg), "sae", SAE_VERSION, _sae_config(cfg), {"activations": acts.sha256, "saliency": sal.sha256})
+    return lookup_stage(open_store(cfg), sae_key(cfg, acts.sha256, sal.sha256))
 
 
 @task(name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
@@ -297,13 +326,17 @@ def gather_sae_task(
             raise ValueError(f"no SAE was trained for layers {missing}; re-run")
         return {"layers": layers, "metrics": [metrics[layer] for layer in layers]}
 
-    inputs = {"activations": acts.sha256, "saliency": sal.sha256}
-    return run_cached(store, "sae", SAE_VERSION, _sae_config(cfg), inputs, build)
+    return run_cached(store, sae_key(cfg, acts.sha256, sal.sha256), build)
 
 
-def _retrieval_config(cfg: FinescopeConfig) -> dict[str, Any]:
+def curated_key(
+    cfg: FinescopeConfig, corpus_sha: str, seeds_sha: str, acts_shas: list[str] | None, sae_sha: str | None
+) -> StageKey:
+    """`curated`: retrieval and vote, on corpus and seeds, their activations and the SAEs (per method)."""
     c = cfg.curate
-    return {"method": c.method, "top_m": c.top_m, "final_size": c.final_size, "seed": cfg.seed}
+    config = {"method": c.method, "top_m": c.top_m, "final_size": c.final_size, "seed": cfg.seed}
+    inputs = {"corpus": corpus_sha, "seeds": seeds_sha, "activations": "+".join(acts_shas or []), "sae": sae_sha or ""}
+    return StageKey("curated", "1", config, inputs)
 
 
 @task(name="retrieve", cache_policy=RUN_RESULTS, **STORE_RETRIES)
@@ -330,11 +363,8 @@ def retrieve_task(
         summary = {"method": cfg.curate.method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra}
         return core.write_curated(rows, work, summary)
 
-    inputs = {
-        "corpus": corpus.sha256, "seeds": seeds.sha256,
-        "activations": "+".join(a.sha256 for a in acts) if acts else "", "sae": sae.sha256 if sae else "",
-    }
-    return run_cached(store, "curated", "1", _retrieval_config(cfg), inputs, build)
+    acts_shas = [a.sha256 for a in acts] if acts else None
+    return run_cached(store, curated_key(cfg, corpus.sha256, seeds.sha256, acts_shas, sae.sha256 if sae else None), build)
 
 
 def _embeddings(cfg, store, seeds: RecordSet, corpus: RecordSet, acts, sae):

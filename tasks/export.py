@@ -19,6 +19,7 @@ from finescope_core import __version__
 from finescope_core.cards import RunFacts, base_model_id, dataset_card, model_card
 from finescope_core.config import FinescopeConfig
 from finescope_core.export import Output, export_outputs, output_uri
+from finescope_core.store_admin import OUTPUTS_DIR
 from tasks.common import (
     StageManifest,
     artifact_dir,
@@ -42,7 +43,7 @@ class Exported(BaseModel):
 
 def output_location(cfg: FinescopeConfig) -> str:
     """`config.output`, or `<store>/outputs/<name>`."""
-    return cfg.output or output_uri(output_uri(cfg.store, "outputs"), run_name(cfg))
+    return cfg.output or output_uri(output_uri(cfg.store, OUTPUTS_DIR), run_name(cfg))
 
 
 def run_facts(cfg: FinescopeConfig, curated: StageManifest | None, prune_info: dict[str, Any] | None = None,

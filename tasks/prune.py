@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -17,6 +18,7 @@ from tasks.common import (
     RUN_RESULTS,
     ModelRef,
     Progress,
+    StageKey,
     StageManifest,
     artifact_dir,
     open_store,
@@ -52,8 +54,19 @@ def pruning_texts(cfg: FinescopeConfig, corpus: StageManifest, curated: StageMan
     return load_records([choice], role="prune.data", storage_options=storage_options(cfg)).texts
 
 
+def texts_sha(texts: list[str]) -> str:
+    """Content hash of the pruning texts, in order (the same texts from another source hit the cache)."""
+    return hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
+
+
+def pruned_key(cfg: FinescopeConfig, model_sha: str, texts_digest: str) -> StageKey:
+    """`pruned`: the pruning settings, on the base model and the texts that score importance."""
+    config = {**cfg.prune.model_dump(), "seed": cfg.seed}
+    return StageKey("pruned", "1", config, {"model": model_sha, "texts": texts_digest})
+
+
 @task(name="prune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
-def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_sha: str) -> StageManifest:
+def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_digest: str) -> StageManifest:
     """LLM-Pruner-style structured pruning to `prune.ratio`, saved as a plain HF directory under `model/`."""
 
     def build(work: Path) -> dict[str, Any]:
@@ -66,5 +79,4 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_sha:
         keys = ("target_ratio", "achieved_ratio", "params_before", "params_after", "widths_before", "widths_after")
         return {k: report[k] for k in keys}
 
-    config = {**cfg.prune.model_dump(), "seed": cfg.seed}
-    return run_cached(open_store(cfg), "pruned", "1", config, {"model": ref.sha256, "texts": texts_sha}, build)
+    return run_cached(open_store(cfg), pruned_key(cfg, ref.sha256, texts_digest), build)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tasks.common import (
     RUN_RESULTS,
     ModelRef,
     Progress,
+    StageKey,
     StageManifest,
     artifact_dir,
     model_ref,
@@ -40,11 +42,25 @@ def records_sha(records: list[Record]) -> str:
     return h.hexdigest()
 
 
+def baseline_records(name: str, corpus: list[Record], held_ids: set[str], size: int, seed: int) -> list[Record]:
+    """`random`: a seeded corpus sample as large as the curated training set; `corpus`: the whole corpus."""
+    pool = [r for r in corpus if r.id not in held_ids]
+    if name == "corpus":
+        return pool
+    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), min(size, len(pool))))]
+
+
 def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
     """The teacher: the unpruned base model unless `teacher.model` names another."""
     if cfg.teacher.model == "base":
         return base
     return model_ref(cfg.teacher.model, open_store(cfg))
+
+
+def distilled_key(cfg: FinescopeConfig, teacher_sha: str, records: list[Record]) -> StageKey:
+    """`distilled`: teacher settings, on the teacher model and the records it answers."""
+    config = {**cfg.teacher.model_dump(), "seed": cfg.seed}
+    return StageKey("distilled", "1", config, {"teacher": teacher_sha, "records": records_sha(records)})
 
 
 @task(name="teacher", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **IO_RETRIES)
@@ -58,9 +74,13 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
         )
         return summary.to_dict()
 
-    config = {**cfg.teacher.model_dump(), "seed": cfg.seed}
-    inputs = {"teacher": teacher.sha256, "records": records_sha(records)}
-    return run_cached(open_store(cfg), "distilled", "1", config, inputs, build, resume=True)
+    return run_cached(open_store(cfg), distilled_key(cfg, teacher.sha256, records), build, resume=True)
+
+
+def tuned_key(cfg: FinescopeConfig, pruned_sha: str, distilled_sha: str) -> StageKey:
+    """`tuned`: LoRA settings, on the pruned model and the distilled data."""
+    config = {**cfg.finetune.model_dump(), "seed": cfg.seed}
+    return StageKey("tuned", "1", config, {"pruned": pruned_sha, "distilled": distilled_sha})
 
 
 @task(name="finetune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
@@ -75,8 +95,7 @@ def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageM
         info = summary.to_dict()
         return {k: info[k] for k in ("train_examples", "eval_examples", "steps", "eval_loss_before", "eval_loss", "seconds", "tokens_per_second")}
 
-    config = {**cfg.finetune.model_dump(), "seed": cfg.seed}
-    return run_cached(store, "tuned", "1", config, {"pruned": pruned.sha256, "distilled": distilled.sha256}, build)
+    return run_cached(store, tuned_key(cfg, pruned.sha256, distilled.sha256), build)
 
 
 def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[str], list[dict] | None, list[dict] | None]:
@@ -87,6 +106,12 @@ def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[st
     mc = load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None
     numeric = load_numeric_items(ev.numeric_file, storage_options=options) if ev.numeric_file else None
     return texts, mc, numeric
+
+
+def evaluation_key(cfg: FinescopeConfig, model_sha: str, data: tuple[list[str], list[dict] | None, list[dict] | None]) -> StageKey:
+    """`evaluation`: eval settings, on a model and the eval data `eval_inputs` returns."""
+    data_sha = hashlib.sha256(json.dumps(list(data), default=str).encode()).hexdigest()
+    return StageKey("evaluation", "1", cfg.evaluate.model_dump(), {"model": model_sha, "data": data_sha})
 
 
 @task(name="evaluate", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
@@ -104,8 +129,30 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
-    data_sha = hashlib.sha256(json.dumps([texts, mc, numeric], default=str).encode()).hexdigest()
-    return run_cached(open_store(cfg), "evaluation", "1", cfg.evaluate.model_dump(), {"model": model_sha, "data": data_sha}, build)
+    return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, (texts, mc, numeric)), build)
+
+
+# CurateResult's stage fields and their names in metrics.json's stage_seconds, in pipeline order.
+CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "saliency": "saliency", "activations": "activations-corpus",
+                  "seed_activations": "activations-seeds", "sae": "sae", "curated": "curated"}  # fmt: skip
+
+
+def stage_seconds(
+    curate: dict[str, StageManifest | None], variants: dict[str, list[StageManifest]], evaluations: dict[str, StageManifest]
+) -> dict[str, float]:
+    """Seconds each stage took when it was computed (a cached stage reports its original time).
+
+    Args:
+        curate: the curate stages by CurateResult field name (`CURATE_SECONDS`); None for skipped ones.
+        variants: each variant's (pruned, distilled, tuned) by variant name ("" for the curated one).
+    """
+    out = {CURATE_SECONDS[f]: round(m.seconds, 1) for f in CURATE_SECONDS if (m := curate.get(f)) is not None}
+    for name, stages in variants.items():
+        for m in stages:
+            out[f"{m.stage}{'-' + name if name else ''}"] = round(m.seconds, 1)
+    for name, m in evaluations.items():
+        out[f"evaluate-{name}"] = round(m.seconds, 1)
+    return out
 
 
 def metrics_document(evaluations: dict[str, StageManifest], seconds: dict[str, float]) -> dict[str, Any]:
@@ -128,6 +175,12 @@ def _retrieval_scores(emb_path: Path) -> np.ndarray:
     return np.mean(per_layer, axis=0)
 
 
+def report_key(cfg: FinescopeConfig, metrics: dict[str, Any], curated_sha: str) -> StageKey:
+    """`report`: on the metrics document (every evaluation and stage time) and the curated set."""
+    inputs = {"metrics": hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest(), "curated": curated_sha}
+    return StageKey("report", "1", {"ratio": cfg.prune.ratio}, inputs)
+
+
 @task(name="report", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def report_task(cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], prune_info: dict[str, Any]) -> StageManifest:
     """report.md with plots: saliency, SAE metrics, retrieval scores + examples, parameters, evaluation."""
@@ -139,8 +192,7 @@ def report_task(cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], prun
         rep.write_report(work, title=f"finescope: {cfg.curate.method} curation, ratio {cfg.prune.ratio}", sections=sections)
         return {"sections": [s.heading for s in sections]}
 
-    inputs = {"metrics": hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest(), "curated": curate.curated.sha256}
-    return run_cached(store, "report", "1", {"ratio": cfg.prune.ratio}, inputs, build)
+    return run_cached(store, report_key(cfg, metrics, curate.curated.sha256), build)
 
 
 def _report_sections(cfg, store, curate, metrics, prune_info, work: Path) -> list[rep.ReportSection]:

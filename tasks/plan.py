@@ -1,0 +1,336 @@
+"""`finescope store plan`: which stages the next run of a config reuses and which it computes.
+
+Every stage's key comes from the `*_key` function its task calls, and reuse is decided by the same
+lookups the flows make (`lookup_stage`, `lookup_activations`, `lookup_sae`), so the plan cannot drift
+from what a run does. A key hashes the content of the upstream artifacts, so once a stage has to be
+computed the keys below it are unknown: those stages are planned as "after X". Planning reads and
+hashes input data and small artifacts (records, the curated set); it loads no model and needs no
+Prefect server: only plain functions are called, never tasks or flows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.curate import resolve_layers
+from finescope_core.data import Record
+from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, model_config
+from tasks.common import (
+    ModelRef,
+    StageKey,
+    StageManifest,
+    default_model_key,
+    lookup_stage,
+    model_digest,
+    open_store,
+)
+from tasks.curate import (
+    activations_key,
+    curated_key,
+    listed_shards,
+    load_data,
+    lookup_activations,
+    lookup_sae,
+    read_inputs,
+    records_key,
+    sae_groups,
+    sae_key,
+    sae_layers_key,
+    saliency_key,
+    shard_key,
+    shard_plan,
+)
+from tasks.prune import curated_split, pruned_key, pruning_texts, texts_sha
+from tasks.specialize import (
+    CURATE_SECONDS,
+    baseline_records,
+    distilled_key,
+    eval_inputs,
+    evaluation_key,
+    metrics_document,
+    report_key,
+    stage_seconds,
+    tuned_key,
+)
+
+Status = Literal["reuse", "compute", "after"]
+FLOWS = ("specialize", "prune", "curate")
+
+
+@dataclass(frozen=True)
+class PlannedPart:
+    """One piece of a fanned-out stage (an activation shard, the SAEs of some layers)."""
+
+    stage: str
+    key: str
+    reused: bool
+
+
+@dataclass
+class PlannedStage:
+    """One stage of the plan. `key` is None when an upstream stage (`after`) must be computed first."""
+
+    name: str
+    stage: str
+    status: Status
+    key: str | None = None
+    uri: str | None = None
+    after: str | None = None
+    parts: list[PlannedPart] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        parts = {"reused": sum(p.reused for p in self.parts), "total": len(self.parts)} if self.parts else None
+        return {"name": self.name, "stage": self.stage, "status": self.status, "key": self.key, "uri": self.uri,
+                "after": self.after, "parts": parts}
+
+
+@dataclass
+class Plan:
+    flow: str
+    store: str
+    stages: list[PlannedStage]
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(row.status == s for row in self.stages) for s in ("reuse", "compute", "after")}
+
+    def keys(self) -> set[tuple[str, str]]:
+        """Every (stage, key) the run would read or write, fanned-out parts included: what `gc` keeps."""
+        out = {(row.stage, row.key) for row in self.stages if row.key is not None}
+        return out | {(p.stage, p.key) for row in self.stages for p in row.parts}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"flow": self.flow, "store": self.store, "counts": self.counts(), "stages": [s.to_json() for s in self.stages]}
+
+
+@dataclass(frozen=True)
+class Dep:
+    """What a planned stage hands downstream: its artifact when reused, else the stage to compute first."""
+
+    sha256: str | None = None
+    manifest: StageManifest | None = None
+    blocker: str | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.sha256 is not None
+
+
+def plan(cfg: FinescopeConfig, flow: str = "specialize") -> Plan:
+    """The plan of the next `flow` run of `cfg` against its store.
+
+    Raises:
+        ValueError: an unknown flow, or input data the run would refuse too (same checks, same messages).
+    """
+    if flow not in FLOWS:
+        raise ValueError(f"flow {flow!r} cannot be planned; choose one of {', '.join(FLOWS)}")
+    planner = _Planner(cfg)
+    if flow == "curate":
+        planner.curate()
+    elif flow == "prune":
+        planner.prune_flow()
+    else:
+        planner.specialize()
+    return Plan(flow, cfg.store, planner.rows)
+
+
+class _Planner:
+    def __init__(self, cfg: FinescopeConfig):
+        self.cfg = cfg
+        self.store = open_store(cfg)
+        self.rows: list[PlannedStage] = []
+        self._models: dict[str, Dep] = {}
+
+    def _blocked(self, name: str, stage: str, deps: Sequence[Dep | None]) -> Dep | None:
+        """A Dep blocked by the first missing upstream stage (and its row), or None when all are known."""
+        blocker = next((d.blocker for d in deps if d is not None and not d.known), None)
+        if blocker is None:
+            return None
+        self.rows.append(PlannedStage(name, stage, "after", after=blocker))
+        return Dep(blocker=blocker)
+
+    def _row(self, name: str, spec: StageKey, found: StageManifest | None, parts: list[PlannedPart] | None = None) -> Dep:
+        status: Status = "reuse" if found is not None else "compute"
+        uri = self.store.artifact_uri(spec.stage, spec.key)
+        self.rows.append(PlannedStage(name, spec.stage, status, spec.key, uri, parts=parts or []))
+        return Dep(found.sha256, found) if found is not None else Dep(blocker=name)
+
+    def step(self, name: str, stage: str, deps: Sequence[Dep | None], spec: Callable[[], StageKey]) -> Dep:
+        """Plan one stage whose key `spec()` builds once every dep is known."""
+        blocked = self._blocked(name, stage, deps)
+        if blocked is not None:
+            return blocked
+        key = spec()
+        return self._row(name, key, lookup_stage(self.store, key))
+
+    def model(self, spec: str, name: str = "models") -> Dep:
+        """The bundled default is a stage (converted once into the store); any other model is hashed."""
+        if spec not in self._models:
+            if spec == DEFAULT_MODEL:
+                self._models[spec] = self.step(name, "models", [], lambda: default_model_key(locate_default_gguf()))
+            else:
+                self._models[spec] = Dep(model_digest(spec))
+        return self._models[spec]
+
+    # --- curate ---------------------------------------------------------------------------------
+
+    def curate(self) -> dict[str, Dep | None]:
+        """The curate flow's stages, by CurateResult field name (None where the method skips one)."""
+        cfg = self.cfg
+        seeds, prepared = read_inputs(cfg)
+        out: dict[str, Dep | None] = dict.fromkeys(CURATE_SECONDS)
+        corpus = out["corpus"] = self.step("corpus", "corpus", [], lambda: records_key("corpus", prepared.corpus.sha256))
+        seed_dep = out["seeds"] = self.step("seeds", "seeds", [], lambda: records_key("seeds", seeds.sha256))
+        acts: list[Dep] = []
+        sae: Dep | None = None
+        if cfg.curate.method in ("sae", "activation"):
+            layers = resolve_layers(model_config(cfg.model).num_hidden_layers, cfg.curate)
+            model = self.model(cfg.model)
+            sal = out["saliency"] = self.step(
+                "saliency", "saliency", [model, corpus], lambda: saliency_key(cfg, model.sha256, corpus.sha256, layers)
+            )
+            acts = [self.activations("activations (corpus)", model, corpus, len(prepared.corpus), layers, sal),
+                    self.activations("activations (seeds)", model, seed_dep, len(seeds), layers, sal)]
+            out["activations"], out["seed_activations"] = acts
+            if cfg.curate.method == "sae":
+                sae = out["sae"] = self.sae(acts[0], sal, layers)
+
+        def spec() -> StageKey:
+            shas = [a.sha256 for a in acts] if acts else None
+            return curated_key(cfg, corpus.sha256, seed_dep.sha256, shas, sae.sha256 if sae else None)
+
+        out["curated"] = self.step("curated", "curated", [corpus, seed_dep, *acts, sae], spec)
+        return out
+
+    def activations(self, name: str, model: Dep, records: Dep, rows: int, layers: list[int], sal: Dep) -> Dep:
+        """Gathered activations: reused only with every shard they list (`lookup_activations`)."""
+        blocked = self._blocked(name, "activations", [model, records, sal])
+        if blocked is not None:
+            return blocked
+        cfg = self.cfg
+        ref = ModelRef(path=cfg.model, sha256=model.sha256)
+        found = lookup_activations(cfg, ref, records.manifest, layers, sal.manifest)
+        if found is not None:
+            parts = [PlannedPart(s["stage"], s["key"], True) for s in listed_shards(self.store, found)]
+        else:
+            specs = [shard_key(cfg, model.sha256, records.sha256, layers, sal.sha256, a, b)
+                     for a, b in shard_plan(rows, cfg.curate.shard_size)]
+            parts = self._parts(specs)
+        spec = activations_key(cfg, model.sha256, records.sha256, layers, sal.sha256)
+        return self._row(name, spec, found, parts)
+
+    def sae(self, acts: Dep, sal: Dep, layers: list[int]) -> Dep:
+        blocked = self._blocked("sae", "sae", [acts, sal])
+        if blocked is not None:
+            return blocked
+        cfg = self.cfg
+        groups = sae_groups(len(layers), cfg.orchestration.sae_layers_per_task)
+        parts = self._parts([sae_layers_key(cfg, acts.sha256, sal.sha256, [layers[i] for i in g]) for g in groups])
+        return self._row("sae", sae_key(cfg, acts.sha256, sal.sha256), lookup_sae(cfg, acts.manifest, sal.manifest), parts)
+
+    def _parts(self, specs: list[StageKey]) -> list[PlannedPart]:
+        return [PlannedPart(s.stage, s.key, self.store.lookup(s.stage, s.key) is not None) for s in specs]
+
+    # --- prune and specialize -------------------------------------------------------------------
+
+    def prune_flow(self) -> None:
+        """The prune flow runs curate only when the pruning data comes from it."""
+        cfg = self.cfg
+        deps: list[Dep | None] = []
+        if cfg.prune.data in ("curated", "random"):
+            curate = self.curate()
+            deps = [curate["corpus"], curate["curated"]]
+
+        def texts() -> list[str]:
+            corpus, curated = (d.manifest if d else None for d in deps) if deps else (None, None)
+            return pruning_texts(cfg, corpus, curated)
+
+        base = self.model(cfg.model)
+        self.step("pruned", "pruned", [base, *deps], lambda: pruned_key(cfg, base.sha256, texts_sha(texts())))
+
+    def specialize(self) -> None:
+        cfg = self.cfg
+        curate = self.curate()
+        corpus, curated = curate["corpus"], curate["curated"]
+        split = _Split(cfg, corpus, curated)
+        base = self.model(cfg.model)
+        teacher = base if cfg.teacher.model == "base" else self.model(cfg.teacher.model, "models (teacher)")
+        prune_deps = [corpus, curated] if cfg.prune.data in ("curated", "random") else []
+        variants = {"": self.variant("", base, teacher, prune_deps, split.pruning_texts, split.train, curated)}
+        for name in cfg.evaluate.baselines:
+            variants[name] = self.variant(
+                name, base, teacher, [curated], lambda n=name: [r.text for r in split.baseline(n)],
+                lambda n=name: split.baseline(n), curated,
+            )
+        evaluations = self.evaluations(base, variants, split, curated)
+        self.report(curate, variants, evaluations)
+
+    def variant(self, name: str, base: Dep, teacher: Dep, prune_deps: list, texts: Callable[[], list[str]],
+                records: Callable[[], list[Record]], curated: Dep | None) -> list[Dep]:
+        """(pruned, distilled, tuned) of one variant, as `flows.specialize._variant` chains them."""
+        cfg, label = self.cfg, f" ({name})" if name else ""
+        pruned = self.step(f"pruned{label}", "pruned", [base, *prune_deps], lambda: pruned_key(cfg, base.sha256, texts_sha(texts())))
+        distilled = self.step(f"distilled{label}", "distilled", [teacher, curated],
+                              lambda: distilled_key(cfg, teacher.sha256, records()))
+        tuned = self.step(f"tuned{label}", "tuned", [pruned, distilled], lambda: tuned_key(cfg, pruned.sha256, distilled.sha256))
+        return [pruned, distilled, tuned]
+
+    def evaluations(self, base: Dep, variants: dict[str, list[Dep]], split: _Split, curated: Dep | None) -> dict[str, Dep]:
+        cfg = self.cfg
+        # With an eval file the held-out curated records are not read: the base model's evaluation needs no curation.
+        data_deps = [] if cfg.evaluate.eval_file else [curated]
+        data = functools.cache(lambda: eval_inputs(cfg, split.held_texts()))
+        models = {"base": base}
+        for name, (pruned, _, tuned) in variants.items():
+            suffix = f"-{name}" if name else ""
+            models[f"pruned{suffix}"], models[f"tuned{suffix}"] = pruned, tuned
+        return {
+            name: self.step(f"evaluation ({name})", "evaluation", [model, *data_deps],
+                            lambda m=model: evaluation_key(cfg, m.sha256, data()))
+            for name, model in models.items()
+        }
+
+    def report(self, curate: dict[str, Dep | None], variants: dict[str, list[Dep]], evaluations: dict[str, Dep]) -> None:
+        """The report's key hashes the metrics document: every evaluation and every stage's recorded time."""
+        cfg = self.cfg
+        stages = [d for d in curate.values() if d is not None] + [d for v in variants.values() for d in v]
+
+        def spec() -> StageKey:
+            seconds = stage_seconds({f: d.manifest if d else None for f, d in curate.items()},
+                                    {n: [d.manifest for d in v] for n, v in variants.items()},
+                                    {n: d.manifest for n, d in evaluations.items()})
+            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds)
+            return report_key(cfg, metrics, curate["curated"].sha256)
+
+        self.step("report", "report", [*stages, *evaluations.values()], spec)
+
+
+class _Split:
+    """The curated set split as `flows.specialize` splits it, read only when a key needs it."""
+
+    def __init__(self, cfg: FinescopeConfig, corpus: Dep | None, curated: Dep | None):
+        self.cfg, self.corpus, self.curated = cfg, corpus, curated
+
+    @functools.cached_property
+    def _parts(self) -> tuple[list[Record], list[Record], list[dict[str, Any]], list[str]]:
+        cfg = self.cfg
+        train_rows, held_rows = curated_split(cfg, self.curated.manifest)
+        records = load_data(cfg, self.corpus.manifest).records
+        by_id = {r.id: r for r in records}
+        return records, [by_id[r["id"]] for r in train_rows], held_rows, [by_id[r["id"]].text for r in held_rows]
+
+    def train(self) -> list[Record]:
+        return self._parts[1]
+
+    def held_texts(self) -> list[str]:
+        return self._parts[3] if self.curated is not None and self.curated.known else []
+
+    def pruning_texts(self) -> list[str]:
+        return pruning_texts(self.cfg, self.corpus.manifest, self.curated.manifest)
+
+    def baseline(self, name: str) -> list[Record]:
+        records, train, held_rows, _ = self._parts
+        return baseline_records(name, records, {r["id"] for r in held_rows}, len(train), self.cfg.seed)
