@@ -1,0 +1,80 @@
+"""Small file helpers shared by the stages: JSON lines in and out, and atomic writes.
+
+A stage writing inside its store work dir needs no atomic write: the store commits the whole
+directory at once (`ArtifactStore.commit`). `write_atomic` is for files written anywhere else
+(exported outputs, demo data, resume files that a killed run may leave half written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+
+class JsonlError(ValueError):
+    """A JSON lines file with a bad line; the message names the file and line."""
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The objects of a JSON lines file, blank lines skipped.
+
+    Raises:
+        JsonlError: a line that is not a JSON object, naming `path:line` and the fix.
+    """
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JsonlError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+            if not isinstance(row, dict):
+                raise JsonlError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def dump_jsonl(rows: Iterable[dict[str, Any]], f: IO[str]) -> None:
+    """One JSON object per line to an open text file, UTF-8, non-ASCII kept as is."""
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path, *, atomic: bool = False) -> Path:
+    """Write `rows` as JSON lines to `path` (atomically: see `write_atomic`)."""
+    path = Path(path)
+    if atomic:
+        return write_atomic(path, lambda f: dump_jsonl(rows, f))
+    with path.open("w", encoding="utf-8") as f:
+        dump_jsonl(rows, f)
+    return path
+
+
+def write_atomic(path: str | Path, write: Any) -> Path:
+    """Write `path` through a temporary file beside it, renamed into place: readers see old or new, never half.
+
+    Args:
+        write: called with the open temporary text file (or a str / bytes to write as they are).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A plain open (not mkstemp, which creates 0600 files), so the file gets the usual umask mode.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if isinstance(write, bytes):
+            tmp.write_bytes(write)
+        elif isinstance(write, str):
+            tmp.write_text(write, encoding="utf-8")
+        else:
+            with tmp.open("x", encoding="utf-8") as f:
+                write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
