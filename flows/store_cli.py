@@ -25,7 +25,7 @@ COMMAND_OF = {"specialize": "finescope run", "prune": "finescope prune", "curate
 
 def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add `store` and its sub-commands to the `finescope` parser's sub-commands."""
-    from flows.cli import _add_config_options
+    from flows.cli import SECTIONS, _add_config_options
 
     store = subparsers.add_parser("store", help="list, plan, delete and garbage-collect the artifacts of a store",
                                   description=__doc__.splitlines()[0])
@@ -39,7 +39,7 @@ def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--flow", choices=FLOW_CHOICES, default="specialize",
                       help="the flow to plan: specialize (`finescope run`, default), prune or curate")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_config_options(plan)
+    _add_config_options(plan, SECTIONS["run"])
 
     rm = sub.add_parser("rm", help="delete one stage's artifacts (a dry run unless --yes)")
     rm.add_argument("stage", help="stage directory name as `finescope store ls` shows it, e.g. sae, curated, pruned")
