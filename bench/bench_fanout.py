@@ -51,8 +51,9 @@ def main() -> None:
     from finescope_core.model import load_model
     from finescope_core.tiny import save_tiny
     from flows.fanout import embed
+    from tasks.activations import activation_dirs
     from tasks.common import open_store
-    from tasks.curate import activation_dirs, data_task, model_task, read_inputs
+    from tasks.data import data_task, model_task, read_inputs
 
     root = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
     save_tiny(root / "model", "qwen3", hidden=args.hidden, layers=args.layers, intermediate=2 * args.hidden)

@@ -15,10 +15,17 @@ from finescope_core.curate import check_curation_fits, resolve_layers
 from finescope_core.data import PreparedCorpus, RecordSet, shown_text
 from finescope_core.model import model_config
 from flows.fanout import embed, train_saes
-from flows.runtime import apply_gpu_limit, check_runner, prefect_results, publish_outputs
+from flows.runtime import (
+    apply_gpu_limit,
+    check_runner,
+    prefect_results,
+    publish_outputs,
+)
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
-from tasks.curate import data_task, inputs_task, model_task, retrieve_task, saliency_task
+from tasks.data import data_task, inputs_task, model_task
 from tasks.export import Exported, curated_outputs, export_task, run_facts
+from tasks.retrieve import retrieve_task
+from tasks.saliency import saliency_task
 
 
 class CurateResult(BaseModel):

@@ -12,7 +12,12 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from finescope_core.config import ConfigError, FinescopeConfig, load_config
-from finescope_core.demo import DEMO_DOMAINS, base_rate, build_demo_corpus, domain_precision
+from finescope_core.demo import (
+    DEMO_DOMAINS,
+    base_rate,
+    build_demo_corpus,
+    domain_precision,
+)
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
 from tasks.common import artifact_dir, artifact_key, logger, open_store

@@ -11,18 +11,15 @@ from prefect import flow, unmapped
 
 from finescope_core.config import FinescopeConfig
 from flows.runtime import task_runner
-from tasks.common import ModelRef, StageManifest
-from tasks.curate import (
+from tasks.activations import (
     activation_shard_task,
     gather_activations_task,
-    gather_sae_task,
-    load_data,
     lookup_activations,
-    lookup_sae,
-    sae_groups,
-    sae_layers_task,
     shard_plan,
 )
+from tasks.common import ModelRef, StageManifest
+from tasks.data import load_data
+from tasks.sae import gather_sae_task, lookup_sae, sae_groups, sae_layers_task
 
 
 @flow(name="embed", log_prints=True)

@@ -17,8 +17,14 @@ from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
 from flows.runtime import prefect_results, publish_outputs
 from tasks.common import StageManifest, artifact_key, logger
-from tasks.curate import model_task
-from tasks.export import Exported, curated_outputs, export_task, pruned_output, run_facts
+from tasks.data import model_task
+from tasks.export import (
+    Exported,
+    curated_outputs,
+    export_task,
+    pruned_output,
+    run_facts,
+)
 from tasks.prune import prune_task, pruning_texts, texts_sha
 
 

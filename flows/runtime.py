@@ -16,8 +16,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.store_admin import RESULTS_DIR
-from tasks.common import artifact_key, logger, storage_options
-from tasks.curate import GPU_TAGS
+from tasks.common import GPU_TAGS, artifact_key, logger, storage_options
 from tasks.export import Exported
 
 _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "finescope[ray]")}

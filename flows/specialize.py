@@ -20,21 +20,26 @@ from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
 from flows.runtime import prefect_results, publish_outputs
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
-from tasks.curate import load_data, model_task
-from tasks.export import Exported, curated_outputs, export_task, output_location, pruned_output, run_facts
-from tasks.prune import curated_split, prune_task, pruning_texts, texts_sha
-from tasks.specialize import (
-    CURATE_SECONDS,
-    baseline_records,
-    eval_inputs,
-    evaluate_task,
-    finetune_task,
-    metrics_document,
-    report_task,
-    stage_seconds,
-    teacher_ref,
-    teacher_task,
+from tasks.data import load_data, model_task
+from tasks.evaluate import eval_inputs, evaluate_task
+from tasks.export import (
+    Exported,
+    curated_outputs,
+    export_task,
+    output_location,
+    pruned_output,
+    run_facts,
 )
+from tasks.finetune import finetune_task
+from tasks.prune import (
+    baseline_records,
+    curated_split,
+    prune_task,
+    pruning_texts,
+    texts_sha,
+)
+from tasks.report import CURATE_SECONDS, metrics_document, report_task, stage_seconds
+from tasks.teacher import teacher_ref, teacher_task
 
 
 class Variant(BaseModel):
@@ -139,7 +144,7 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
         )
     seconds = _stage_seconds(curated, variants, evaluations)
     metrics = metrics_document(evaluations, seconds)
-    report = report_task(config, curated, metrics, variants[""].pruned.info)
+    report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
     return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)
 

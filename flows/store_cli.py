@@ -17,7 +17,15 @@ from typing import Any
 
 from finescope_core.config import ConfigError, FinescopeConfig, StorageConfig
 from finescope_core.store import ArtifactStore
-from finescope_core.store_admin import StoreListing, artifacts_of, collect, find_garbage, human, scan
+from finescope_core.store_admin import (
+from flows.options import SECTIONS, add_config_options, overrides
+    StoreListing,
+    artifacts_of,
+    collect,
+    find_garbage,
+    human,
+    scan,
+)
 
 FLOW_CHOICES = ("specialize", "prune", "curate")
 COMMAND_OF = {"specialize": "finescope run", "prune": "finescope prune", "curate": "finescope curate"}
@@ -25,7 +33,6 @@ COMMAND_OF = {"specialize": "finescope run", "prune": "finescope prune", "curate
 
 def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add `store` and its sub-commands to the `finescope` parser's sub-commands."""
-    from flows.cli import SECTIONS, _add_config_options
 
     store = subparsers.add_parser("store", help="list, plan, delete and garbage-collect the artifacts of a store",
                                   description=__doc__.splitlines()[0])
@@ -39,7 +46,7 @@ def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--flow", choices=FLOW_CHOICES, default="specialize",
                       help="the flow to plan: specialize (`finescope run`, default), prune or curate")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_config_options(plan, SECTIONS["run"])
+    add_config_options(plan, SECTIONS["run"])
 
     rm = sub.add_parser("rm", help="delete one stage's artifacts (a dry run unless --yes)")
     rm.add_argument("stage", help="stage directory name as `finescope store ls` shows it, e.g. sae, curated, pruned")
@@ -143,10 +150,9 @@ def _when(epoch: float) -> str:
 
 def _plan(args: argparse.Namespace) -> int:
     from finescope_core.config import load_config
-    from flows.cli import _overrides
     from tasks.plan import plan
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_config(args.config, overrides(args))
     result = plan(cfg, args.flow)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from prefect import get_run_logger
@@ -20,7 +20,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.exceptions import MissingContextError
 from prefect.settings import get_current_settings
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from finescope_core import __version__
 from finescope_core.config import ConfigError, FinescopeConfig, slug
@@ -31,9 +31,35 @@ from finescope_core.model import (
     load_model,
     locate_default_gguf,
 )
-from finescope_core.store import Artifact, ArtifactStore, cache_key, sha256_file
+from finescope_core.store import Artifact, ArtifactStore, StoreError, cache_key, is_transient, sha256_file
 
 CODE_VERSION = __version__
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O trouble, never bad input or bad settings (ValueError) nor a broken store (StoreError)."""
+    try:
+        state.result()
+    except (ValueError, StoreError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _retry_storage_outage(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a compute stage only when the store stayed unreachable through the store's own retries."""
+    try:
+        state.result()
+    except Exception as e:
+        return is_transient(e)
+    return False
+
+
+IO_RETRIES: dict[str, Any] = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_transient)
+# Compute stages: a model or data error must fail at once, but a longer storage outage is worth waiting out.
+STORE_RETRIES: dict[str, Any] = dict(retries=2, retry_delay_seconds=[30, 60], retry_condition_fn=_retry_storage_outage)
+GPU_TAGS = ["finescope-gpu"]
 
 
 @dataclass
@@ -69,6 +95,51 @@ class StageKey:
     @property
     def key(self) -> str:
         return cache_key(self.stage, self.version, self.config, self.inputs)
+
+
+class StageKeyModel(BaseModel):
+    """A stage's cache key, typed: the config fields the stage reads, derived settings, its inputs' hashes.
+
+    Subclasses name their stage and `VERSION` (bump it when the stage's output changes for the same
+    key), and map each config-derived field to the dotted config field it copies (`CONFIG`). Fields
+    computed from config fields (the resolved `layers`, a shard's rows) name their sources in
+    `DERIVED`. The key is a hash of the full `model_dump()`, so a field cannot be left out of it by
+    accident; `tests/flows/test_keys.py` walks every config field against `reads()`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    STAGE: ClassVar[str]
+    VERSION: ClassVar[str]
+    CONFIG: ClassVar[dict[str, str]] = {}
+    """Key field -> the dotted config field it copies."""
+    DERIVED: ClassVar[tuple[str, ...]] = ()
+    """Dotted config fields that reach the key through a derived field."""
+
+    inputs: dict[str, str]
+    """Content hashes of the stage's inputs (artifacts, models, data)."""
+
+    @classmethod
+    def reads(cls) -> set[str]:
+        """Every config field that changes this stage's key."""
+        return set(cls.CONFIG.values()) | set(cls.DERIVED)
+
+    @classmethod
+    def of(cls, cfg: FinescopeConfig, inputs: dict[str, str], **derived: Any) -> Self:
+        """The key of this stage for `cfg`, its inputs and its derived settings."""
+        fields = {name: config_value(cfg, dotted) for name, dotted in cls.CONFIG.items()}
+        return cls(**fields, **derived, inputs=inputs)
+
+    def spec(self) -> StageKey:
+        return StageKey(self.STAGE, self.VERSION, self.model_dump(mode="json", exclude={"inputs"}), dict(self.inputs))
+
+
+def config_value(cfg: BaseModel, dotted: str) -> Any:
+    """The value of a dotted config field (a section comes back as a plain dict)."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
 class StageManifest(BaseModel):

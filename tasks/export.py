@@ -21,6 +21,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.export import Output, export_outputs, output_uri
 from finescope_core.store_admin import OUTPUTS_DIR
 from tasks.common import (
+    IO_RETRIES,
     StageManifest,
     artifact_dir,
     code_version,
@@ -29,7 +30,6 @@ from tasks.common import (
     run_name,
     storage_options,
 )
-from tasks.curate import IO_RETRIES
 
 CURATED_FILES = ("curated.jsonl", "curated.parquet", "curation.json")
 

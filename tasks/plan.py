@@ -19,6 +19,13 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.curate import resolve_layers
 from finescope_core.data import Record
 from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, model_config
+from tasks.activations import (
+    activations_key,
+    listed_shards,
+    lookup_activations,
+    shard_key,
+    shard_plan,
+)
 from tasks.common import (
     ModelRef,
     StageKey,
@@ -28,34 +35,21 @@ from tasks.common import (
     model_digest,
     open_store,
 )
-from tasks.curate import (
-    activations_key,
-    curated_key,
-    listed_shards,
-    load_data,
-    lookup_activations,
-    lookup_sae,
-    read_inputs,
-    records_key,
-    sae_groups,
-    sae_key,
-    sae_layers_key,
-    saliency_key,
-    shard_key,
-    shard_plan,
-)
-from tasks.prune import curated_split, pruned_key, pruning_texts, texts_sha
-from tasks.specialize import (
-    CURATE_SECONDS,
+from tasks.data import load_data, read_inputs, records_key
+from tasks.evaluate import eval_inputs, evaluation_key
+from tasks.finetune import tuned_key
+from tasks.prune import (
     baseline_records,
-    distilled_key,
-    eval_inputs,
-    evaluation_key,
-    metrics_document,
-    report_key,
-    stage_seconds,
-    tuned_key,
+    curated_split,
+    pruned_key,
+    pruning_texts,
+    texts_sha,
 )
+from tasks.report import CURATE_SECONDS, metrics_document, report_key, stage_seconds
+from tasks.retrieve import curated_key
+from tasks.sae import lookup_sae, sae_groups, sae_key, sae_layers_key
+from tasks.saliency import saliency_key
+from tasks.teacher import distilled_key
 
 Status = Literal["reuse", "compute", "after"]
 FLOWS = ("specialize", "prune", "curate")
@@ -303,7 +297,7 @@ class _Planner:
                                     {n: [d.manifest for d in v] for n, v in variants.items()},
                                     {n: d.manifest for n, d in evaluations.items()})
             metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds)
-            return report_key(cfg, metrics, curate["curated"].sha256)
+            return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
         self.step("report", "report", [*stages, *evaluations.values()], spec)
 

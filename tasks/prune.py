@@ -11,21 +11,24 @@ from typing import Any
 from prefect import task
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.data import heldout_split, load_records
+from finescope_core.data import Record, heldout_split, load_records
 from finescope_core.model import load_model
 from finescope_core.prune import prune_model, save_pruned
 from tasks.common import (
+    GPU_TAGS,
     RUN_RESULTS,
+    STORE_RETRIES,
     ModelRef,
     Progress,
     StageKey,
+    StageKeyModel,
     StageManifest,
     artifact_dir,
     open_store,
     run_cached,
     storage_options,
 )
-from tasks.curate import GPU_TAGS, STORE_RETRIES, load_data
+from tasks.data import load_data
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -59,10 +62,29 @@ def texts_sha(texts: list[str]) -> str:
     return hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
 
 
+class PrunedKey(StageKeyModel):
+    """`pruned`: the pruning settings, on the base model and the texts that score importance.
+
+    `prune.data` reaches it through the texts' hash (the same texts from another source hit the cache).
+    """
+
+    STAGE = "pruned"
+    VERSION = "1"
+    CONFIG = {
+        "ratio": "prune.ratio", "importance": "prune.importance", "attention": "prune.attention",
+        "widths": "prune.widths", "max_length": "prune.max_length", "batch_size": "prune.batch_size",
+    }  # fmt: skip
+
+    ratio: float
+    importance: str
+    attention: str
+    widths: str
+    max_length: int
+    batch_size: int
+
+
 def pruned_key(cfg: FinescopeConfig, model_sha: str, texts_digest: str) -> StageKey:
-    """`pruned`: the pruning settings, on the base model and the texts that score importance."""
-    config = {**cfg.prune.model_dump(), "seed": cfg.seed}
-    return StageKey("pruned", "1", config, {"model": model_sha, "texts": texts_digest})
+    return PrunedKey.of(cfg, {"model": model_sha, "texts": texts_digest}).spec()
 
 
 @task(name="prune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
@@ -80,3 +102,11 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
         return {k: report[k] for k in keys}
 
     return run_cached(open_store(cfg), pruned_key(cfg, ref.sha256, texts_digest), build)
+
+
+def baseline_records(name: str, corpus: list[Record], held_ids: set[str], size: int, seed: int) -> list[Record]:
+    """`random`: a seeded corpus sample as large as the curated training set; `corpus`: the whole corpus."""
+    pool = [r for r in corpus if r.id not in held_ids]
+    if name == "corpus":
+        return pool
+    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), min(size, len(pool))))]

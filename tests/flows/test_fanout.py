@@ -19,7 +19,8 @@ from finescope_core.store import ArtifactStore
 from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
 from flows.runtime import RESULTS_DIR
-from tasks.curate import activation_dirs, sae_groups, shard_plan
+from tasks.activations import activation_dirs, shard_plan
+from tasks.sae import sae_groups
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,12 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
     """Per-layer SAE tasks (tagged finescope-gpu) overlap on 4 threads, unless the tag limit is 1."""
     from prefect import get_client
 
-    import tasks.curate
+    import tasks.sae
 
     intervals: list[tuple[float, float]] = []
     started: list[float] = []
     wait_for_all = True
-    train = tasks.curate.core.sae_stage
+    train = tasks.sae.core.sae_stage
 
     def timed_training(*args, **kwargs):
         begin = time.monotonic()
@@ -123,7 +124,7 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
         intervals.append((begin, time.monotonic()))
         return out
 
-    monkeypatch.setattr(tasks.curate.core, "sae_stage", timed_training)
+    monkeypatch.setattr(tasks.sae.core, "sae_stage", timed_training)
 
     def overlaps() -> int:
         spans = sorted(intervals)

@@ -1,0 +1,164 @@
+"""Tasks of the `activations` stage: pooled activations per corpus shard, gathered by reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from finescope_core import curate as core
+from finescope_core.config import FinescopeConfig
+from finescope_core.data import (
+    RecordSet,
+)
+from finescope_core.saliency import LayerSaliency
+from finescope_core.store import ArtifactStore
+from tasks.common import (
+    GPU_TAGS,
+    RUN_RESULTS,
+    STORE_RETRIES,
+    ModelRef,
+    Progress,
+    StageKey,
+    StageKeyModel,
+    StageManifest,
+    artifact_dir,
+    logger,
+    lookup_stage,
+    open_store,
+    run_cached,
+    using_model,
+)
+from tasks.data import load_data
+
+
+class ShardKey(StageKeyModel):
+    """`activation-shards`: pooled activations of records [start, stop) at the saliency-selected coordinates
+    (all coordinates without saliency), on the model, the record set and the saliency artifact.
+
+    The batch size is not in it: padding is masked out of attention and pooling, so it changes nothing
+    beyond float rounding.
+    """
+
+    STAGE = "activation-shards"
+    VERSION = "1"
+    CONFIG = {"max_length": "curate.max_length", "skip_first": "curate.skip_first"}
+    DERIVED = ("curate.layers", "curate.num_layers", "curate.shard_size")
+
+    layers: list[int]
+    max_length: int
+    skip_first: int
+    start: int
+    stop: int
+
+
+class ActivationsKey(StageKeyModel):
+    """`activations`: the list of a record set's shards (the shard size decides how it is split)."""
+
+    STAGE = "activations"
+    VERSION = "2"  # 2: the fanned-out layout, shards listed by reference
+    CONFIG = {"max_length": "curate.max_length", "skip_first": "curate.skip_first", "shard_size": "curate.shard_size"}
+    DERIVED = ("curate.layers", "curate.num_layers")
+
+    layers: list[int]
+    max_length: int
+    skip_first: int
+    shard_size: int
+
+
+def _activation_inputs(model_sha: str, records_sha: str, sal_sha: str | None) -> dict[str, str]:
+    return {"model": model_sha, "records": records_sha, "saliency": sal_sha or "all-coordinates"}
+
+
+def shard_key(
+    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None, start: int, stop: int
+) -> StageKey:
+    inputs = _activation_inputs(model_sha, records_sha, sal_sha)
+    return ShardKey.of(cfg, inputs, layers=layers, start=start, stop=stop).spec()
+
+
+def activations_key(
+    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None
+) -> StageKey:
+    return ActivationsKey.of(cfg, _activation_inputs(model_sha, records_sha, sal_sha), layers=layers).spec()
+
+
+def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `shard_size` records: one embedding task each."""
+    return [(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
+
+
+@task(name="embed-shard", task_run_name="embed-{records.stage}-{start}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+def activation_shard_task(
+    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None,
+    start: int, stop: int,
+) -> StageManifest:
+    """Pooled activations of records [start, stop) at the selected coordinates (all without `sal`).
+
+    Each shard is its own artifact, so shards run on different workers and a killed run keeps the
+    shards it finished.
+    """
+    store = open_store(cfg)
+
+    def build(work: Path) -> dict[str, Any]:
+        indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
+        part = RecordSet(load_data(cfg, records).records[start:stop])
+        what = f"activations ({records.stage} {start}:{stop})"
+        with using_model(ref.path, cfg.device) as (model, tok):
+            return core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))
+
+    spec = shard_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop)
+    return run_cached(store, spec, build)
+
+
+def lookup_activations(
+    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None
+) -> StageManifest | None:
+    """The gathered activations of `records` when they and every shard they list are in the store."""
+    store = open_store(cfg)
+    found = lookup_stage(store, activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None))
+    if found is None:
+        return None
+    if any(store.lookup(s["stage"], s["key"]) is None for s in listed_shards(store, found)):
+        logger().info("activations of %s: a shard was deleted from the store; recomputing it", records.stage)
+        return None
+    return found
+
+
+def listed_shards(store: ArtifactStore, acts: StageManifest) -> list[dict[str, Any]]:
+    """The shard references of a gathered activations artifact: [{stage, key, sha256, rows}] in row order."""
+    return json.loads((artifact_dir(store, acts) / "shards.json").read_text())
+
+
+@task(name="activations", task_run_name="activations-{records.stage}", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+def gather_activations_task(
+    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None,
+    shards: list[StageManifest], rows: int,
+) -> StageManifest:
+    """One artifact that lists the shard artifacts of `records` (`rows` records) in row order (references, not copies)."""
+    covered = sum(s.info.get("rows", 0) for s in shards)
+    if covered != rows:
+        raise ValueError(f"activation shards cover {covered} of {rows} records of {records.uri}; re-run")
+
+    def build(work: Path) -> dict[str, Any]:
+        listed = [{"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)} for s in shards]
+        (work / "shards.json").write_text(json.dumps(listed, indent=1))
+        return {"layers": layers, "rows": rows, "shards": len(shards)}
+
+    spec = activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None)
+    return run_cached(open_store(cfg), spec, build)
+
+
+def activation_dirs(store: ArtifactStore, acts: StageManifest) -> list[Path]:
+    """Local directories of the shards a gathered activations artifact lists, in row order."""
+    dirs = []
+    for s in listed_shards(store, acts):
+        found = store.lookup(s["stage"], s["key"])
+        if found is None or found.sha256 != s["sha256"]:
+            raise FileNotFoundError(
+                f"{store.artifact_uri(s['stage'], s['key'])} (listed by {acts.uri}) is missing or changed; re-run to rebuild it"
+            )
+        dirs.append(store.local_path(found))
+    return dirs

@@ -1,0 +1,116 @@
+"""Tasks of the `data` and `models` stages: validated seeds and corpus by content hash, the model to use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.data import (
+    PreparedCorpus,
+    Record,
+    RecordSet,
+    check_sizes,
+    deduplicate,
+    load_records,
+    seed_copies,
+    write_jsonl,
+)
+from tasks.common import (
+    IO_RETRIES,
+    RUN_RESULTS,
+    ModelRef,
+    StageKey,
+    StageKeyModel,
+    StageManifest,
+    artifact_dir,
+    model_ref,
+    open_store,
+    run_cached,
+    storage_options,
+)
+
+
+def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
+    """Load and validate seeds and corpus; no model work, nothing written."""
+    options = storage_options(cfg)
+    seeds = load_records(cfg.seeds, role="seeds", storage_options=options)
+    prepared = deduplicate(load_records(cfg.corpus, role="corpus", storage_options=options))
+    usable = len(prepared.corpus) - len(seed_copies(prepared.corpus, seeds))
+    check_sizes(usable, needed=cfg.curate.final_size, what="curate.final_size")
+    return seeds, prepared
+
+
+def _write_records(path: Path, records: list[Record]) -> None:
+    # No origin paths: the artifact's hash (and every key downstream of it) must not change when the
+    # same data moves, e.g. from a local directory to s3://.
+    with open(path, "w", encoding="utf-8") as f:
+        write_jsonl(({"id": r.id, "text": r.text, "fields": r.fields} for r in records), f)
+
+
+def read_records(path: Path) -> RecordSet:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return RecordSet(
+        [Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}") for i, r in enumerate(rows, 1)]
+    )
+
+
+class CorpusKey(StageKeyModel):
+    """`corpus`: the validated, de-duplicated records, keyed by their content (`RecordSet.sha256`) alone."""
+
+    STAGE = "corpus"
+    VERSION = "1"
+
+
+class SeedsKey(CorpusKey):
+    """`seeds`: the validated seed records, keyed by their content alone."""
+
+    STAGE = "seeds"
+
+
+def records_key(stage: str, records_sha: str) -> StageKey:
+    """The key of the `corpus` or `seeds` stage."""
+    model = CorpusKey if stage == "corpus" else SeedsKey
+    return model(inputs={"records": records_sha}).spec()
+
+
+def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]) -> StageManifest:
+    def build(work: Path) -> dict[str, Any]:
+        _write_records(work / "records.jsonl", records.records)
+        return {"records": len(records), **info}
+
+    return run_cached(open_store(cfg), records_key(stage, records.sha256), build)
+
+
+@task(name="inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+def inputs_task(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
+    """`read_inputs` as a task, so transient read errors of remote inputs are retried."""
+    return read_inputs(cfg)
+
+
+@task(name="data", cache_policy=RUN_RESULTS, **IO_RETRIES)
+def data_task(cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]) -> tuple[StageManifest, StageManifest]:
+    """Validated (corpus, seeds) from `inputs_task`, each stored by content hash; the corpus de-duplicated.
+
+    They are separate artifacts so that everything computed from the corpus alone (saliency, corpus
+    activations, SAEs) is reused when only the seeds change.
+    """
+    seeds, prepared = inputs
+    corpus = _store_records(cfg, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates})
+    return corpus, _store_records(cfg, "seeds", seeds, {})
+
+
+def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:
+    """The records of a committed corpus/seeds artifact."""
+    return read_records(artifact_dir(open_store(cfg), records) / "records.jsonl")
+
+
+@task(name="model", cache_policy=RUN_RESULTS, **IO_RETRIES)
+def model_task(cfg: FinescopeConfig) -> ModelRef:
+    """Resolve the model (converting the bundled default once into the store)."""
+    return model_ref(cfg.model, open_store(cfg))

@@ -1,0 +1,49 @@
+"""Every stage's key model in one list, and each config field that no key reads, with the reason.
+
+A new config field must land in one of the two: read by a stage (in its key model's `CONFIG` or
+`DERIVED`), or listed here with why it cannot change any stage's output. `tests/flows/test_keys.py`
+changes every field in turn and checks the keys that change are exactly those of the stages that read it.
+"""
+
+from __future__ import annotations
+
+from tasks.activations import ActivationsKey, ShardKey
+from tasks.common import StageKeyModel
+from tasks.data import CorpusKey, SeedsKey
+from tasks.evaluate import EvaluationKey
+from tasks.finetune import TunedKey
+from tasks.prune import PrunedKey
+from tasks.report import ReportKey
+from tasks.retrieve import CuratedKey
+from tasks.sae import SaeKey, SaeLayersKey
+from tasks.saliency import SaliencyKey
+from tasks.teacher import DistilledKey
+
+KEY_MODELS: tuple[type[StageKeyModel], ...] = (
+    CorpusKey, SeedsKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, CuratedKey,
+    PrunedKey, DistilledKey, TunedKey, EvaluationKey, ReportKey,
+)  # fmt: skip
+
+UNKEYED: dict[str, str] = {
+    "name": "names the run's Prefect artifacts and default output directory",
+    "output": "where the outputs are exported, after every stage",
+    "model": "reaches every key through the model's content hash (`ModelRef.sha256`)",
+    "seeds": "reaches the keys through the seeds' content hash",
+    "corpus": "reaches the keys through the corpus' content hash",
+    "store": "where the artifacts are kept",
+    "storage": "how the store is reached",
+    "device": "where model work runs: the same results on any device, up to float rounding",
+    "prune.data": "reaches the pruning key through the pruning texts' content hash",
+    "teacher.model": "reaches the distilled key through the teacher's content hash",
+    "evaluate.heldout_fraction": "reaches the keys through the split: pruning texts, teacher records, evaluation data",
+    "evaluate.eval_file": "reaches the evaluation key through the evaluation data's content hash",
+    "evaluate.mc_file": "reaches the evaluation key through the evaluation data's content hash",
+    "evaluate.numeric_file": "reaches the evaluation key through the evaluation data's content hash",
+    "evaluate.baselines": "decides which variants run, not what any stage computes",
+    "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
+    "orchestration.address": "where stages run",
+    "orchestration.workers": "how many run at once",
+    "orchestration.gpu_concurrency": "how many GPU tasks run at once",
+    "orchestration.persist_results": "whether Prefect keeps its task results; the artifacts are the same",
+}
+"""Config fields (or whole sections) that no stage key reads, and why."""

@@ -1,0 +1,106 @@
+"""Tasks of the `sae` stage: one SAE per hooked layer, trained in groups of layers, gathered into one artifact."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from finescope_core import curate as core
+from finescope_core.config import FinescopeConfig
+from finescope_core.saliency import LayerSaliency
+from tasks.activations import activation_dirs
+from tasks.common import (
+    GPU_TAGS,
+    RUN_RESULTS,
+    STORE_RETRIES,
+    Progress,
+    StageKey,
+    StageKeyModel,
+    StageManifest,
+    artifact_dir,
+    lookup_stage,
+    open_store,
+    run_cached,
+)
+
+
+def sae_groups(num_layers: int, per_task: int) -> list[list[int]]:
+    """Positions of the hooked layers, `per_task` at a time: one SAE training task each."""
+    return [list(range(i, min(i + per_task, num_layers))) for i in range(0, num_layers, per_task)]
+
+
+class SaeLayersKey(StageKeyModel):
+    """`sae-layers`: the SAEs of some hooked layers (by layer id), trained on the corpus activations."""
+
+    STAGE = "sae-layers"
+    VERSION = "1"
+    CONFIG = {"sae": "curate.sae", "seed": "seed"}
+    DERIVED = ("curate.layers", "curate.num_layers", "orchestration.sae_layers_per_task")
+
+    sae: dict[str, Any]
+    seed: int
+    layers: list[int]
+
+
+class SaeKey(StageKeyModel):
+    """`sae`: every hooked layer's SAE in one artifact (the hooked layers come with the activations)."""
+
+    STAGE = "sae"
+    VERSION = "2"  # 2: gathered from per-layer-group artifacts
+    CONFIG = {"sae": "curate.sae", "seed": "seed"}
+
+    sae: dict[str, Any]
+    seed: int
+
+
+def sae_layers_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str, layer_ids: list[int]) -> StageKey:
+    return SaeLayersKey.of(cfg, {"activations": acts_sha, "saliency": sal_sha}, layers=layer_ids).spec()
+
+
+def sae_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str) -> StageKey:
+    return SaeKey.of(cfg, {"activations": acts_sha, "saliency": sal_sha}).spec()
+
+
+@task(name="sae-layers", task_run_name="sae-layers-{positions}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+def sae_layers_task(
+    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], positions: list[int]
+) -> StageManifest:
+    """Eq. 3-5 / §6: the SAEs of some hooked layers (batched into one module), on their activations only."""
+    store = open_store(cfg)
+    ids = [layers[i] for i in positions]
+
+    def build(work: Path) -> dict[str, Any]:
+        indices = LayerSaliency.load(artifact_dir(store, sal)).indices
+        progress = Progress(f"sae training (layers {ids})")
+        return core.sae_stage(activation_dirs(store, acts), layers, indices, cfg.curate, cfg.seed, work, progress, positions)
+
+    return run_cached(store, sae_layers_key(cfg, acts.sha256, sal.sha256, ids), build)
+
+
+def lookup_sae(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest) -> StageManifest | None:
+    return lookup_stage(open_store(cfg), sae_key(cfg, acts.sha256, sal.sha256))
+
+
+@task(name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+def gather_sae_task(
+    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], parts: list[StageManifest]
+) -> StageManifest:
+    """Every layer's SAE in one artifact (copied: SAEs are small), metrics in layer order."""
+    store = open_store(cfg)
+
+    def build(work: Path) -> dict[str, Any]:
+        metrics: dict[int, Any] = {}
+        for part in parts:
+            src = artifact_dir(store, part)
+            for layer, m in zip(part.info["layers"], part.info["metrics"], strict=True):
+                shutil.copytree(src / f"layer_{layer:02d}", work / f"layer_{layer:02d}")
+                metrics[layer] = m
+        missing = sorted(set(layers) - set(metrics))
+        if missing:
+            raise ValueError(f"no SAE was trained for layers {missing}; re-run")
+        return {"layers": layers, "metrics": [metrics[layer] for layer in layers]}
+
+    return run_cached(store, sae_key(cfg, acts.sha256, sal.sha256), build)

@@ -1,0 +1,66 @@
+"""Task of the `saliency` stage: per-coordinate Jacobian saliency of every hooked layer (eq. 6-10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from finescope_core import curate as core
+from finescope_core.config import FinescopeConfig
+from tasks.common import (
+    GPU_TAGS,
+    RUN_RESULTS,
+    STORE_RETRIES,
+    ModelRef,
+    Progress,
+    StageKey,
+    StageKeyModel,
+    StageManifest,
+    open_store,
+    run_cached,
+    using_model,
+)
+from tasks.data import load_data
+
+
+class SaliencyKey(StageKeyModel):
+    """`saliency`: the selector's settings on the hooked layers, on the model and the corpus artifact.
+
+    The batch size is part of it: each Rademacher probe is drawn at the padded shape of its batch.
+    """
+
+    STAGE = "saliency"
+    VERSION = "2"
+    CONFIG = {
+        "selector": "curate.selector", "k_act": "curate.k_act", "probes": "curate.probes",
+        "reference_size": "curate.reference_size", "max_length": "curate.max_length",
+        "skip_first": "curate.skip_first", "batch_size": "curate.batch_size", "seed": "seed",
+    }  # fmt: skip
+    DERIVED = ("curate.layers", "curate.num_layers")
+
+    layers: list[int]
+    selector: str
+    k_act: int
+    probes: int
+    reference_size: int
+    max_length: int
+    skip_first: int
+    batch_size: int
+    seed: int
+
+
+def saliency_key(cfg: FinescopeConfig, model_sha: str, corpus_sha: str, layers: list[int]) -> StageKey:
+    return SaliencyKey.of(cfg, {"model": model_sha, "corpus": corpus_sha}, layers=layers).spec()
+
+
+@task(name="saliency", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, layers: list[int]) -> StageManifest:
+    """Eq. 6-10: per-coordinate saliency of every hooked layer on D0; top-k_act indices per layer."""
+
+    def build(work: Path) -> dict[str, Any]:
+        with using_model(ref.path, cfg.device) as (model, tok):
+            return core.saliency_stage(model, tok, load_data(cfg, corpus), layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
+
+    return run_cached(open_store(cfg), saliency_key(cfg, ref.sha256, corpus.sha256, layers), build)

@@ -1,0 +1,82 @@
+"""Task of the `distilled` stage: teacher responses (SDFT rewrite), written incrementally, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.data import (
+    Record,
+)
+from finescope_core.model import load_model
+from finescope_core.teacher import generate_distilled
+from tasks.common import (
+    GPU_TAGS,
+    IO_RETRIES,
+    RUN_RESULTS,
+    ModelRef,
+    Progress,
+    StageKey,
+    StageKeyModel,
+    StageManifest,
+    model_ref,
+    open_store,
+    run_cached,
+)
+
+
+def records_sha(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.fields], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+
+def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
+    """The teacher: the unpruned base model unless `teacher.model` names another."""
+    if cfg.teacher.model == "base":
+        return base
+    return model_ref(cfg.teacher.model, open_store(cfg))
+
+
+class DistilledKey(StageKeyModel):
+    """`distilled`: the generation settings, on the teacher model (`teacher.model`, by content) and the records."""
+
+    STAGE = "distilled"
+    VERSION = "1"
+    CONFIG = {
+        "max_new_tokens": "teacher.max_new_tokens", "max_prompt_length": "teacher.max_prompt_length",
+        "batch_size": "teacher.batch_size", "temperature": "teacher.temperature",
+        "min_response_chars": "teacher.min_response_chars", "seed": "seed",
+    }  # fmt: skip
+
+    max_new_tokens: int
+    max_prompt_length: int
+    batch_size: int
+    temperature: float
+    min_response_chars: int
+    seed: int
+
+
+def distilled_key(cfg: FinescopeConfig, teacher_sha: str, records: list[Record]) -> StageKey:
+    return DistilledKey.of(cfg, {"teacher": teacher_sha, "records": records_sha(records)}).spec()
+
+
+@task(name="teacher", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **IO_RETRIES)
+def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record], tag: str) -> StageManifest:
+    """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
+
+    def build(work: Path) -> dict[str, Any]:
+        model, tok = load_model(teacher.path, Path("."), device=cfg.device)
+        summary = generate_distilled(
+            model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
+        )
+        return summary.to_dict()
+
+    return run_cached(open_store(cfg), distilled_key(cfg, teacher.sha256, records), build, resume=True)
