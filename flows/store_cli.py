@@ -18,7 +18,6 @@ from typing import Any
 from finescope_core.config import ConfigError, FinescopeConfig, StorageConfig
 from finescope_core.store import ArtifactStore
 from finescope_core.store_admin import (
-from flows.options import SECTIONS, add_config_options, overrides
     StoreListing,
     artifacts_of,
     collect,
@@ -26,6 +25,7 @@ from flows.options import SECTIONS, add_config_options, overrides
     human,
     scan,
 )
+from flows.options import SECTIONS, add_config_options, overrides
 
 FLOW_CHOICES = ("specialize", "prune", "curate")
 COMMAND_OF = {"specialize": "finescope run", "prune": "finescope prune", "curate": "finescope curate"}
