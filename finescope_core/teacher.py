@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.config import TeacherConfig
 from finescope_core.data import Record
+from finescope_core.progress import Progress
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 """Prompt format for tokenizers without a chat template (Alpaca style)."""
@@ -63,7 +64,6 @@ FORMAT_PHRASES = ("### instruction", "### response")
 COPY_THRESHOLD = 0.8
 """A response whose word trigrams come from the prompt at least this often is a copy of it."""
 
-Progress = Callable[[int, int], None]
 
 
 class TeacherError(ValueError):

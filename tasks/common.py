@@ -359,7 +359,8 @@ class Progress:
         except Exception:  # no Prefect run context (a plain function call): terminal only
             self.artifact_id = None
 
-    def __call__(self, done: int, total: int, *extra: Any) -> None:
+    def __call__(self, done: int, total: int, /, **info: Any) -> None:
+        """The `finescope_core.progress.Progress` protocol; `info` (loss, metric...) joins the log line."""
         if total <= 0:  # size unknown up front: no percentage to show
             return
         pct = min(100, int(100 * done / total))
@@ -370,7 +371,7 @@ class Progress:
             self._show(pct)
         if pct // 10 > self.logged_decile or done >= total:
             self.logged_decile = pct // 10
-            detail = _short(f" {extra[0]}") if extra and isinstance(extra[0], dict) else ""
+            detail = _short(f" {info}") if info else ""
             elapsed = time.perf_counter() - self.start
             logger().info("%s: %d/%d (%d%%, %.0fs)%s", self.what, done, total, pct, elapsed, detail)
 
