@@ -15,16 +15,16 @@ import gzip
 import importlib.resources
 import importlib.util
 import json
-import os
 import random
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from finescope_core import io
 
 Record = dict[str, str]
 
@@ -211,35 +211,12 @@ def _select(groups: Mapping[str, list[Record]], caps: Mapping[str, int | None], 
     return kept
 
 
-def write_jsonl_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Write records as JSON lines to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open (not mkstemp, which creates 0600 files) so the result gets the usual umask mode.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("x", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file (blank lines skipped); a bad line raises naming the file and line."""
-    records = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DemoDataError(
-                    f"{path}:{lineno} is not valid JSON ({err.msg}); fix or remove the line"
-                ) from err
-    return records
+    """Records of a demo JSONL file; a bad line raises naming the file and line."""
+    try:
+        return io.read_jsonl(path)
+    except io.JsonlError as e:
+        raise DemoDataError(str(e)) from None
 
 
 def load_seeds(domain: str) -> list[Record]:
@@ -270,11 +247,11 @@ def build_demo_corpus(
     _check_caps(caps, groups)
     corpus = _select(groups, caps, seed)
     out_dir = Path(out_dir)
-    write_jsonl_atomic(out_dir / "corpus.jsonl", corpus)
+    io.write_jsonl(corpus, out_dir / "corpus.jsonl", atomic=True)
     seeds = {}
     for domain in DEMO_DOMAINS:
         seeds[domain] = out_dir / f"seeds-{domain}.jsonl"
-        write_jsonl_atomic(seeds[domain], load_seeds(domain))
+        io.write_jsonl(load_seeds(domain), seeds[domain], atomic=True)
     counts = {source: len(records) for source, records in _group_by_source(corpus).items()}
     return DemoData(corpus=out_dir / "corpus.jsonl", seeds=seeds, sources=dict(sorted(counts.items())))
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import check_curation_fits, resolve_layers
 from finescope_core.data import PreparedCorpus, RecordSet, shown_text
+from finescope_core.io import read_jsonl
 from finescope_core.model import model_config
 from flows.fanout import embed, train_saes
 from flows.runtime import (
@@ -135,11 +136,7 @@ def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
 
 
 def _top_records(cfg: FinescopeConfig, curated: StageManifest, n: int) -> list[dict[str, Any]]:
-    import json
-
-    path = artifact_dir(open_store(cfg), curated) / "curated.jsonl"
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+    return read_jsonl(artifact_dir(open_store(cfg), curated) / "curated.jsonl")[:n]
 
 
 def _markdown(cfg: FinescopeConfig, result: CurateResult, top: list[dict[str, Any]]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,12 @@ from finescope_core.demo import (
     build_demo_corpus,
     domain_precision,
 )
+from finescope_core.io import read_jsonl, write_atomic
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
 from tasks.common import artifact_dir, artifact_key, logger, open_store
 
 PRECISION_AT = (25, 50, 100)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @flow(name="demo", log_prints=True)
@@ -46,7 +41,7 @@ def demo_flow(
         cfg.curate.method = method  # type: ignore[assignment]
         start = time.perf_counter()
         result = curate_flow(cfg, export=False)
-        rows = _read_jsonl(artifact_dir(open_store(cfg), result.curated) / "curated.jsonl")
+        rows = read_jsonl(artifact_dir(open_store(cfg), result.curated) / "curated.jsonl")
         results[method] = {
             "precision": {f"@{k}": domain_precision(rows[:k], domain) for k in PRECISION_AT if len(rows) >= k},
             "records": len(rows),
@@ -87,15 +82,9 @@ def run_demo(
     corpus = {"base_rate": base_rate(data.corpus, domain), "sources": data.sources}
     summary = demo_flow(base, domain, methods, str(out), corpus, specialize)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "demo.json", json.dumps(summary, indent=2))
-    _write_atomic(out / "report.md", _report(summary))
+    write_atomic(out / "demo.json", json.dumps(summary, indent=2))
+    write_atomic(out / "report.md", _report(summary))
     return out / "report.md"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _report(s: dict[str, Any]) -> str:

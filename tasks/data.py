@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from finescope_core.data import (
     deduplicate,
     load_records,
     seed_copies,
-    write_jsonl,
 )
+from finescope_core.io import read_jsonl, write_jsonl
 from tasks.common import (
     IO_RETRIES,
     RUN_RESULTS,
@@ -48,13 +47,11 @@ def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
 def _write_records(path: Path, records: list[Record]) -> None:
     # No origin paths: the artifact's hash (and every key downstream of it) must not change when the
     # same data moves, e.g. from a local directory to s3://.
-    with open(path, "w", encoding="utf-8") as f:
-        write_jsonl(({"id": r.id, "text": r.text, "fields": r.fields} for r in records), f)
+    write_jsonl(({"id": r.id, "text": r.text, "fields": r.fields} for r in records), path)
 
 
 def read_records(path: Path) -> RecordSet:
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_jsonl(path)
     return RecordSet(
         [Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}") for i, r in enumerate(rows, 1)]
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from prefect import task
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record, heldout_split, load_records
+from finescope_core.io import read_jsonl
 from finescope_core.model import load_model
 from finescope_core.prune import prune_model, save_pruned
 from tasks.common import (
@@ -31,14 +31,9 @@ from tasks.common import (
 from tasks.data import load_data
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def curated_split(cfg: FinescopeConfig, curated: StageManifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, held-out) curated records; held-out ones never guide pruning or tuning."""
-    rows = _read_jsonl(artifact_dir(open_store(cfg), curated) / "curated.jsonl")
+    rows = read_jsonl(artifact_dir(open_store(cfg), curated) / "curated.jsonl")
     return heldout_split(rows, cfg.evaluate.heldout_fraction, cfg.seed)
 
 

