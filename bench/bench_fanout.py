@@ -76,7 +76,7 @@ def main() -> None:
     print(f"{args.texts} texts, max_length {args.max_length}, qwen3 hidden {args.hidden} x {args.layers} layers, "
           f"shards of {args.shard_size}")
 
-    model, tok = load_model(str(root / "model"), Path("."), device="cpu", dtype=torch.float32)
+    model, tok = load_model(str(root / "model"), device="cpu", dtype=torch.float32)
     texts = [r["text"] for r in corpus(args.texts)]
     start = time.perf_counter()
     write_activation_shards(model, tok, texts, layers, root / "direct", indices=None, max_length=args.max_length,

@@ -83,8 +83,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model_path(spec: str, cache_dir: Path) -> str:
-    """Turn a config's `model` into something `from_pretrained` takes, converting the default once.
+DEFAULT_CACHE = Path(".finescope-cache")
+"""Where `load_model("default")` outside a flow keeps the converted bundled model (flows keep it in the store)."""
+
+
+def resolve_model_path(spec: str, cache_dir: Path = DEFAULT_CACHE) -> str:
+    """Turn a config's `model` into something `from_pretrained` takes, converting the default once into `cache_dir`.
 
     Raises:
         ModelError: a local directory without config.json or without safetensors weights.
@@ -118,7 +122,7 @@ def _model_config(spec: str) -> PretrainedConfig:
     if spec == DEFAULT_MODEL:
         gguf = locate_default_gguf()
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoConfig.from_pretrained(resolve_model_path(spec, Path(".")))
+    return AutoConfig.from_pretrained(resolve_model_path(spec))
 
 
 def pick_device(device: str) -> torch.device:
@@ -132,7 +136,7 @@ def pick_device(device: str) -> torch.device:
 
 def load_model(
     spec: str,
-    cache_dir: Path,
+    cache_dir: Path = DEFAULT_CACHE,
     *,
     device: str = "auto",
     dtype: torch.dtype = torch.float32,
@@ -140,7 +144,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (weights only from safetensors), in eval mode.
 
-    The tokenizer always has a pad token (eos when the model defines none).
+    The tokenizer always has a pad token (eos when the model defines none). `cache_dir` only matters
+    for `default`: where its de-quantised copy is kept.
     """
     path = resolve_model_path(spec, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(

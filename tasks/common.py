@@ -323,7 +323,7 @@ def _file_digest(path: str) -> str:
 @functools.lru_cache(maxsize=2)
 def cached_model(path: str, device: str) -> tuple[Any, Any]:
     """Load a model once per process; stages of one flow run share it (read-only use only)."""
-    return load_model(path, Path("."), device=device, dtype=torch.float32)
+    return load_model(path, device=device, dtype=torch.float32)
 
 
 _MODEL_LOCKS: dict[tuple[str, str], threading.Lock] = {}

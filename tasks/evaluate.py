@@ -70,7 +70,7 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
     texts, mc, numeric = eval_inputs(cfg, heldout_texts)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(model_path, Path("."), device=cfg.device)
+        model, tok = load_model(model_path, device=cfg.device)
         shown = Progress(f"evaluate {name}")
         metrics = evaluate_model(
             model, tok, domain_texts=texts, mc_items=mc, numeric_items=numeric, cfg=cfg.evaluate,

@@ -46,7 +46,7 @@ def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageM
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), Path("."), device=cfg.device)
+        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), device=cfg.device)
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"))
         info = summary.to_dict()

@@ -87,7 +87,7 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
     """LLM-Pruner-style structured pruning to `prune.ratio`, saved as a plain HF directory under `model/`."""
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(ref.path, Path("."), device=cfg.device)  # a private copy: pruning is in place
+        model, tok = load_model(ref.path, device=cfg.device)  # a private copy: pruning is in place
         batches = -(-len(texts) // cfg.prune.batch_size)
         shown = Progress("prune importance")
         plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=lambda done: shown(done, batches))

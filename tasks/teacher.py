@@ -73,7 +73,7 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(teacher.path, Path("."), device=cfg.device)
+        model, tok = load_model(teacher.path, device=cfg.device)
         summary = generate_distilled(
             model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
         )
