@@ -116,7 +116,7 @@ def pooling_mask(attention_mask: Tensor, skip_first: int) -> Tensor:
     """Positions that enter the sequence-level mean: real tokens except the first `skip_first` of each text.
 
     The first position is the attention sink, where a few "massive activation" coordinates live; left in,
-    it dominates the mean (DESIGN.md, "Pooling pitfalls"). A text with <= `skip_first` tokens keeps its
+    it dominates the mean (docs/architecture.md, "Pooling"). A text with <= `skip_first` tokens keeps its
     last real token so that no row is empty. The mask is derived from `attention_mask` alone (a running
     count of real tokens), so right and left padding both work.
 

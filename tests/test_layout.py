@@ -1,4 +1,4 @@
-"""The core library knows nothing of orchestration (CONVENTIONS.md habit 1)."""
+"""The core library knows nothing of orchestration (docs/architecture.md, "Layers"), and nothing imports in a cycle."""
 
 import ast
 from pathlib import Path
