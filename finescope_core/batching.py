@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max
         raise BatchingError(
             f"texts {empty[:5]} (0-based) produce no tokens; drop empty records before embedding them"
         )
-    return encoded
+    return cast(list[list[int]], encoded)
 
 
 def iter_text_batches(

@@ -129,7 +129,7 @@ def model_card(kind: Literal["pruned", "tuned", "adapter"], facts: RunFacts) -> 
         "of the run when they were exported with it).", "", _metrics_table(facts), "",
         "## Use", "", _load_snippet(kind), "",
     ]  # fmt: skip
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content)
 
 
 def _size_category(n: int) -> str:
@@ -163,4 +163,4 @@ def dataset_card(
         "```python\nfrom datasets import load_dataset\n\n"
         f'ds = load_dataset("json", data_files="{data_files[0]}", split="train")\n```', "",
     ]  # fmt: skip
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content)

@@ -217,8 +217,9 @@ def _from_turns(turns: list[Turn], name: str, origin: str) -> RecordParts:
 
 def shown_text(fields: dict[str, Any]) -> str:
     """What a table of records shows for one (curated.jsonl row or input fields): its text, else its request."""
-    if isinstance(fields.get("text"), str):
-        return fields["text"]
+    text = fields.get("text")
+    if isinstance(text, str):
+        return text
     try:
         return record_parts(fields, "").prompt or ""
     except DataError:  # a row written by another version: show nothing rather than fail a report
@@ -271,7 +272,7 @@ def _expand(uri: str, storage_options: dict[str, Any] | None) -> list[tuple[fssp
 
 
 def _is_hf_dataset_dir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    return fs.isdir(path) and (fs.exists(f"{path}/dataset_info.json") or fs.exists(f"{path}/state.json"))
+    return bool(fs.isdir(path) and (fs.exists(f"{path}/dataset_info.json") or fs.exists(f"{path}/state.json")))
 
 
 def _read_jsonl(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
@@ -497,7 +498,8 @@ def heldout_split(rows: Sequence[dict[str, Any]], fraction: float, seed: int) ->
     A record's side depends only on its id and the seed, so the split is stable when the curated set
     grows or is re-ordered, and pruning, tuning and evaluation all agree on it.
     """
-    train, held = [], []
+    train: list[dict[str, Any]] = []
+    held: list[dict[str, Any]] = []
     for row in rows:
         digest = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
         (held if int.from_bytes(digest[:8], "big") / 2**64 < fraction else train).append(row)

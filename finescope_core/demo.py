@@ -211,7 +211,7 @@ def _select(groups: Mapping[str, list[Record]], caps: Mapping[str, int | None], 
     return kept
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a demo JSONL file; a bad line raises naming the file and line."""
     try:
         return io.read_jsonl(path)

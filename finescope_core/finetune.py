@@ -186,7 +186,7 @@ def _step(
     for micro in group:
         batch = {k: v.to(device) for k, v in pad_batch(micro, pad_id).items()}
         loss, _ = response_loss(model, batch)
-        (loss / weight).backward()
+        (loss / weight).backward()  # type: ignore[no-untyped-call]  # loss comes from an untyped HF forward
         total, seen = total + loss.item(), seen + int(batch["attention_mask"].sum())
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
@@ -323,7 +323,7 @@ def _save(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, summary: Fi
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     summary.adapter_dir, summary.merged_dir = str(out_dir / "adapter"), str(out_dir / "merged")
     try:
-        peft_model.save_pretrained(tmp / "adapter")
+        peft_model.save_pretrained(str(tmp / "adapter"))
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")

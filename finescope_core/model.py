@@ -10,6 +10,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a quantizer; None drops it)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -121,8 +122,8 @@ def _model_config(spec: str) -> PretrainedConfig:
     # Parsing the bundled GGUF header takes ~5 s; preflight checks ask for it several times per run.
     if spec == DEFAULT_MODEL:
         gguf = locate_default_gguf()
-        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoConfig.from_pretrained(resolve_model_path(spec))
+        return cast(PretrainedConfig, AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    return cast(PretrainedConfig, AutoConfig.from_pretrained(resolve_model_path(spec)))
 
 
 def pick_device(device: str) -> torch.device:
@@ -153,7 +154,8 @@ def load_model(
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer)
-    model.to(pick_device(device)).eval()
+    nn.Module.to(model, pick_device(device))  # transformers' wrapper of `to` hides its signature
+    model.train(False)
     resolve_arch(model)  # fail early on architectures we cannot hook or prune
     return model, tokenizer
 
@@ -231,7 +233,7 @@ def resolve_arch(model: PreTrainedModel) -> DecoderArch:
         ModelError: the model is not a supported decoder, naming the missing piece.
     """
     cfg = model.config
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # type: ignore[no-untyped-call]  # untyped in transformers
     layers = next(
         (m for m in backbone.children() if isinstance(m, nn.ModuleList) and len(m) == cfg.num_hidden_layers),
         None,
@@ -267,7 +269,7 @@ def resolve_arch(model: PreTrainedModel) -> DecoderArch:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
     arch = DecoderArch(
         backbone=backbone,
-        embed=model.get_input_embeddings(),
+        embed=cast(nn.Embedding, model.get_input_embeddings()),
         layers=layers,
         attention=tuple(attention),
         mlp=tuple(mlp),

@@ -252,12 +252,12 @@ def generate_batch(
     side = tokenizer.padding_side
     try:
         tokenizer.padding_side = "left"
-        enc = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
+        padded = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    enc: dict[str, torch.Tensor] = {k: v.to(model.device) for k, v in padded.items()}
     gen = _generation_config(model, tokenizer.pad_token_id, eos, max_new_tokens, temperature)
-    out = model.generate(**enc, generation_config=gen)
+    out = model.generate(**enc, generation_config=gen)  # type: ignore[operator]  # transformers types generate as a Tensor attribute
     new = out[:, enc["input_ids"].shape[1] :].tolist()
     return [_cut_at_eos(row, eos) for row in new]
 
@@ -360,7 +360,7 @@ def _distill_batch(
         gens = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     lines = []
     for record, gen in zip(batch, gens, strict=True):
-        text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        text = str(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
         lines.append(distilled_line(record, text, gen.truncated, cfg.min_response_chars))
     return lines, sum(len(g.token_ids) for g in gens)
 

@@ -7,7 +7,7 @@ to try the pipeline end to end without a real model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -36,7 +36,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # untyped in transformers
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=None
     )
     tok.chat_template = CHAT_TEMPLATE
@@ -54,7 +54,7 @@ def tiny_config(
     vocab: int = 259,
 ) -> PretrainedConfig:
     """Config of a tiny GQA decoder (head_dim = hidden / heads)."""
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -76,20 +76,22 @@ def tiny_config(
     raise ValueError(f"unknown tiny arch {arch!r}; choose llama, qwen2 or qwen3")
 
 
-def tiny_model(arch: Arch = "llama", *, seed: int = 0, attn_implementation: str = "eager", **kw: int) -> PreTrainedModel:
+def tiny_model(arch: Arch = "llama", *, seed: int = 0, attn_implementation: str = "eager", **kw: Any) -> PreTrainedModel:
     """A randomly initialised tiny decoder in eval mode, fp32, on the CPU."""
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **kw)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = cast(PreTrainedModel, AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]  # untyped in transformers
+        cfg, attn_implementation=attn_implementation, dtype=torch.float32))
     # Random init leaves biases and norms at trivial values; perturb the norms so the tests see them.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    model.train(False)
+    return model
 
 
-def save_tiny(out_dir: Path, arch: Arch = "llama", *, seed: int = 0, **kw: int) -> Path:
+def save_tiny(out_dir: Path, arch: Arch = "llama", *, seed: int = 0, **kw: Any) -> Path:
     """Write a tiny model + tokenizer as a normal HF directory (safetensors)."""
     model = tiny_model(arch, seed=seed, **kw)
     model.save_pretrained(out_dir, safe_serialization=True)
