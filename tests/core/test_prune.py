@@ -1,4 +1,4 @@
-"""Tests of finescope_core.prune on tiny random Llama / Qwen2 / Qwen3 decoders with GQA."""
+"""Tests of the finescope_core.prune package on tiny random Llama / Qwen2 / Qwen3 decoders with GQA."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from finescope_core.prune import (
     PruneError,
     PrunePlan,
     Widths,
-    _config_refusal,
-    _removed_score,
     apply_pruning,
     build_plan,
     count_parameters,
@@ -30,6 +28,7 @@ from finescope_core.prune import (
     prune_model,
     save_pruned,
 )
+from finescope_core.prune.widths import _config_refusal, _removed_score
 from finescope_core.tiny import byte_tokenizer, tiny_config, tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3"]
@@ -288,7 +287,7 @@ def test_impossible_ratio_is_refused_before_any_work(monkeypatch: pytest.MonkeyP
     def boom(*args: object, **kwargs: object) -> GroupScores:
         raise AssertionError("importance must not run for an unreachable ratio")
 
-    monkeypatch.setattr("finescope_core.prune.group_importance", boom)
+    monkeypatch.setattr("finescope_core.prune.stage.group_importance", boom)
     with pytest.raises(PruneError, match="cannot be reached"):
         prune_model(model, byte_tokenizer(), TEXTS, PruneConfig(ratio=0.95))
 

@@ -1,0 +1,97 @@
+"""The whole prune stage: importance on the pruning texts -> plan for the ratio -> prune -> save.
+
+`save_pruned` writes a plain `save_pretrained` directory with the plan as `prune_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finescope_core.config import PruneConfig
+from finescope_core.prune.apply import apply_pruning
+from finescope_core.prune.batches import lm_batches
+from finescope_core.prune.errors import PruneError
+from finescope_core.prune.importance import Method, group_importance
+from finescope_core.prune.plan import PrunePlan, build_plan
+from finescope_core.prune.widths import WidthRule, plan_widths
+
+
+def prune_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    cfg: PruneConfig,
+    *,
+    rule: WidthRule = "importance",
+    progress: Callable[[int], None] | None = None,
+) -> PrunePlan:
+    """Importance on `texts` -> widths and plan for `cfg.ratio` -> prune `model` in place.
+
+    An unreachable ratio is refused before any forward pass. At ratio 0 no gradients are computed.
+
+    Args:
+        model: the model to prune (changed in place).
+        tokenizer: its tokenizer (needs a pad token).
+        texts: the pruning data (the curated domain set).
+        cfg: ratio, importance method, attention unit, batch shape.
+        rule: how the widths are chosen among those that reach the ratio (see `plan_widths`).
+        progress: called with the number of batches done after each backward pass.
+
+    Returns:
+        The applied plan (`plan.ratio` is the achieved ratio).
+    """
+    plan_widths(model, cfg.ratio, cfg.attention, rule="proportional")  # refuse before any work
+    method: Method = "magnitude" if cfg.ratio == 0 else cfg.importance
+    batches: Iterable[dict[str, Tensor]] = []
+    if method != "magnitude":
+        batches = lm_batches(tokenizer, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    scores = group_importance(model, batches, method=method, progress=progress)
+    widths = plan_widths(model, cfg.ratio, cfg.attention, scores=scores, rule=rule)
+    plan = build_plan(model, scores, widths, target_ratio=cfg.ratio, attention=cfg.attention)
+    plan.importance = cfg.importance
+    plan.width_rule = rule
+    apply_pruning(model, plan)
+    return plan
+
+
+def save_pruned(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: PrunePlan, out_dir: str | Path
+) -> Path:
+    """Write the pruned model (safetensors), tokenizer and `prune_report.json` into `out_dir`, atomically.
+
+    Everything goes into a temporary sibling directory that is renamed into place only when complete;
+    an existing `out_dir` is replaced.
+
+    Returns:
+        `out_dir`, loadable with plain `AutoModelForCausalLM.from_pretrained`.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prune_report.json").write_text(json.dumps(plan.to_dict(), indent=1), encoding="utf-8")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_report(model_dir: str | Path) -> PrunePlan:
+    """The plan saved next to a pruned model by `save_pruned`."""
+    path = Path(model_dir) / "prune_report.json"
+    if not path.is_file():
+        raise PruneError(f"{path} does not exist; is {model_dir} a directory written by save_pruned?")
+    return PrunePlan.from_dict(json.loads(path.read_text(encoding="utf-8")))
