@@ -16,11 +16,11 @@ from finescope_core.prune.counts import PARAM_KEYS, count_parameters
 from finescope_core.prune.errors import PruneError
 from finescope_core.prune.importance import GroupScores, Method, group_importance
 from finescope_core.prune.plan import PrunePlan, build_plan, plan_pruning
-from finescope_core.prune.stage import load_report, prune_model, save_pruned
+from finescope_core.prune.stage import prune_model, save_pruned
 from finescope_core.prune.widths import RATIO_TOLERANCE, AttentionUnit, WidthRule, Widths, plan_widths
 
 __all__ = [
     "PARAM_KEYS", "RATIO_TOLERANCE", "AttentionUnit", "GroupScores", "LMBatches", "Method", "PruneError",
     "PrunePlan", "WidthRule", "Widths", "apply_pruning", "build_plan", "count_parameters", "group_importance",
-    "lm_batches", "load_report", "plan_pruning", "plan_widths", "prune_model", "save_pruned",
+    "lm_batches", "plan_pruning", "plan_widths", "prune_model", "save_pruned",
 ]  # fmt: skip

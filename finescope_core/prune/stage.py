@@ -17,9 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from finescope_core.config import PruneConfig
 from finescope_core.prune.apply import apply_pruning
 from finescope_core.prune.batches import lm_batches
-from finescope_core.prune.errors import PruneError
 from finescope_core.prune.importance import Method, group_importance
-from finescope_core.prune.plan import PrunePlan, build_plan
+from finescope_core.prune.plan import PrunePlan, plan_pruning
 from finescope_core.prune.widths import WidthRule, plan_widths
 
 
@@ -53,10 +52,8 @@ def prune_model(
     if method != "magnitude":
         batches = lm_batches(tokenizer, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)
     scores = group_importance(model, batches, method=method, progress=progress)
-    widths = plan_widths(model, cfg.ratio, cfg.attention, scores=scores, rule=rule)
-    plan = build_plan(model, scores, widths, target_ratio=cfg.ratio, attention=cfg.attention)
-    plan.importance = cfg.importance
-    plan.width_rule = rule
+    plan = plan_pruning(model, scores, cfg.ratio, cfg.attention, rule=rule)
+    plan.importance = cfg.importance  # what was asked for, also at ratio 0 (scored by magnitude)
     apply_pruning(model, plan)
     return plan
 
@@ -87,11 +84,3 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def load_report(model_dir: str | Path) -> PrunePlan:
-    """The plan saved next to a pruned model by `save_pruned`."""
-    path = Path(model_dir) / "prune_report.json"
-    if not path.is_file():
-        raise PruneError(f"{path} does not exist; is {model_dir} a directory written by save_pruned?")
-    return PrunePlan.from_dict(json.loads(path.read_text(encoding="utf-8")))

@@ -22,7 +22,6 @@ from finescope_core.prune import (
     count_parameters,
     group_importance,
     lm_batches,
-    load_report,
     plan_pruning,
     plan_widths,
     prune_model,
@@ -403,7 +402,7 @@ def test_saved_model_reloads_with_plain_transformers(arch: str, tmp_path: pytest
     assert count_parameters(reloaded) == plan.params_after
     report = json.loads((out / "prune_report.json").read_text())
     assert report["achieved_ratio"] == pytest.approx(plan.ratio) and report["importance"] == "taylor"
-    assert load_report(out).to_dict() == plan.to_dict()
+    assert PrunePlan.from_dict(report).to_dict() == plan.to_dict()
     save_pruned(model, tokenizer, plan, out)  # replacing an existing directory works too
     assert (out / "config.json").is_file()
 
