@@ -13,7 +13,7 @@ channel one row of gate_proj and up_proj (+ biases) and the matching column of d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from finescope_core.model import AttentionParts, DecoderArch, MLPParts, resolve_arch
+from finescope_core.progress import Progress, no_progress
 from finescope_core.prune.counts import projections
 from finescope_core.prune.errors import PruneError
 
@@ -53,7 +54,7 @@ def group_importance(
     batches: Iterable[dict[str, Tensor]],
     *,
     method: Method = "taylor",
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> GroupScores:
     """Score every query head, KV group and MLP channel of every layer.
 
@@ -62,7 +63,8 @@ def group_importance(
         batches: dicts with `input_ids`, `attention_mask` and `labels` ([B, T], pads -100), e.g. from
             `lm_batches`. Ignored for `magnitude`.
         method: `taylor` (sum |w*g|), `vector` (|sum w*g|) or `magnitude` (sum |w|).
-        progress: called with the number of batches done after each backward pass.
+        progress: called as progress(batches done, batches in all) after each backward pass; the
+            total is 0 when `batches` has no length.
 
     Returns:
         The scores. Any `.grad` the model held is discarded; gradients are cleared again on return.
@@ -89,10 +91,7 @@ def _prunable_params(arch: DecoderArch) -> list[nn.Parameter]:
 
 
 def _accumulate_grads(
-    model: PreTrainedModel,
-    arch: DecoderArch,
-    batches: Iterable[dict[str, Tensor]],
-    progress: Callable[[int], None] | None,
+    model: PreTrainedModel, arch: DecoderArch, batches: Iterable[dict[str, Tensor]], progress: Progress
 ) -> int:
     """Leave in `.grad` the gradient of the mean token loss over all batches; return the token count.
 
@@ -103,6 +102,7 @@ def _accumulate_grads(
     was_training = model.training
     prunable = _prunable_params(arch)
     device = next(model.parameters()).device
+    total = len(batches) if isinstance(batches, Sized) else 0
     tokens = 0
     try:
         model.train(False)  # no dropout: the scores should not depend on a random mask
@@ -117,8 +117,7 @@ def _accumulate_grads(
                 if n:
                     torch.autograd.backward(loss)
                 tokens += n
-                if progress is not None:
-                    progress(done)
+                progress(done, total)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.config import PruneConfig
+from finescope_core.progress import Progress, no_progress
 from finescope_core.prune.apply import apply_pruning
 from finescope_core.prune.batches import lm_batches
 from finescope_core.prune.importance import Method, group_importance
@@ -29,7 +30,7 @@ def prune_model(
     cfg: PruneConfig,
     *,
     rule: WidthRule = "importance",
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> PrunePlan:
     """Importance on `texts` -> widths and plan for `cfg.ratio` -> prune `model` in place.
 
@@ -41,7 +42,7 @@ def prune_model(
         texts: the pruning data (the curated domain set).
         cfg: ratio, importance method, attention unit, batch shape.
         rule: how the widths are chosen among those that reach the ratio (see `plan_widths`).
-        progress: called with the number of batches done after each backward pass.
+        progress: called as progress(batches done, batches in all) after each backward pass.
 
     Returns:
         The applied plan (`plan.ratio` is the achieved ratio).

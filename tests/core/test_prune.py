@@ -428,15 +428,22 @@ def test_plan_round_trips_through_json() -> None:
 
 def test_progress_is_reported_per_batch() -> None:
     seen: list[int] = []
+    totals: set[int] = set()
+
+    def progress(done: int, total: int, /, **info: float | str) -> None:
+        seen.append(done)
+        totals.add(total)
+
     model = _model("llama", intermediate=256)
     prune_model(
         model,
         byte_tokenizer(),
         TEXTS,
         PruneConfig(ratio=0.2, batch_size=2, max_length=16),
-        progress=seen.append,
+        progress=progress,
     )
     assert seen == [1, 2, 3]
+    assert totals == {3}, "the total is the number of batches"
 
 
 def test_build_plan_refuses_scores_that_do_not_fit() -> None:
