@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,6 +20,9 @@ from finescope_core.prune.batches import lm_batches
 from finescope_core.prune.importance import Method, group_importance
 from finescope_core.prune.plan import PrunePlan, plan_pruning
 from finescope_core.prune.widths import WidthRule, plan_widths
+
+REPORT_FILE = "prune_report.json"
+"""The plan, next to the weights of a pruned model (`PrunePlan.to_dict`)."""
 
 
 def prune_model(
@@ -62,26 +64,17 @@ def prune_model(
 def save_pruned(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: PrunePlan, out_dir: str | Path
 ) -> Path:
-    """Write the pruned model (safetensors), tokenizer and `prune_report.json` into `out_dir`, atomically.
+    """Write the pruned model (safetensors), tokenizer and `prune_report.json` into `out_dir`.
 
-    Everything goes into a temporary sibling directory that is renamed into place only when complete;
-    an existing `out_dir` is replaced.
+    An existing `out_dir` is replaced. The writes are not atomic and need not be: the stage writes into
+    its store work dir, which the store commits as a whole, so a killed run leaves nothing behind.
 
     Returns:
         `out_dir`, loadable with plain `AutoModelForCausalLM.from_pretrained`.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "prune_report.json").write_text(json.dumps(plan.to_dict(), indent=1), encoding="utf-8")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # no stale shards of an earlier save beside the new ones
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / REPORT_FILE).write_text(json.dumps(plan.to_dict(), indent=1), encoding="utf-8")
     return out
