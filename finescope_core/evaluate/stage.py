@@ -1,0 +1,72 @@
+"""All metrics of one model, as the evaluate stage stores them (one `models` entry of metrics.json)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from finescope_core.config import EvalConfig
+from finescope_core.evaluate.choice import mc_accuracy
+from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, Progress
+from finescope_core.evaluate.numeric import numeric_exact_match
+from finescope_core.evaluate.perplexity import perplexity
+
+EvalProgress = Callable[[str, int, int], None]
+"""Called as progress(metric, done, total); metric is "perplexity", "mc" or "numeric"."""
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total parameters, each tensor once: tied input/output embeddings are one Parameter."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _stage(progress: EvalProgress | None, metric: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(metric, done, total)
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    domain_texts: Sequence[str],
+    mc_items: Sequence[Mapping[str, Any]] | None = None,
+    numeric_items: Sequence[Mapping[str, Any]] | None = None,
+    cfg: EvalConfig,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: EvalProgress | None = None,
+) -> dict[str, Any]:
+    """All metrics of one model, each eval set cut to its first `cfg.max_examples` examples.
+
+    Returns:
+        {"perplexity": float, "parameters": int, "mc_accuracy"?: float, "mc_accuracy_norm"?: float,
+        "numeric_exact_match"?: float, "n": {"perplexity": int, "mc"?: int, "numeric"?: int}}.
+    """
+    texts = list(domain_texts)[: cfg.max_examples]
+    result: dict[str, Any] = {
+        "perplexity": perplexity(
+            model, tokenizer, texts, max_length=cfg.max_length, batch_size=batch_size,
+            progress=_stage(progress, "perplexity"),
+        ),
+        "parameters": count_parameters(model),
+        "n": {"perplexity": len(texts)},
+    }
+    if mc_items:
+        mc = mc_accuracy(
+            model, tokenizer, list(mc_items)[: cfg.max_examples], max_length=cfg.max_length,
+            batch_size=batch_size, progress=_stage(progress, "mc"),
+        )
+        result.update(mc_accuracy=mc["accuracy"], mc_accuracy_norm=mc["accuracy_norm"])
+        result["n"]["mc"] = mc["n"]
+    if numeric_items:
+        num = numeric_exact_match(
+            model, tokenizer, list(numeric_items)[: cfg.max_examples], max_new_tokens=cfg.max_new_tokens,
+            batch_size=batch_size, progress=_stage(progress, "numeric"),
+        )
+        result["numeric_exact_match"] = num["exact_match"]
+        result["n"]["numeric"] = num["n"]
+    return result
