@@ -28,11 +28,11 @@ from finescope_core.evaluate.numeric import (
     reference_number,
 )
 from finescope_core.evaluate.perplexity import perplexity
-from finescope_core.evaluate.stage import count_parameters, evaluate_model
+from finescope_core.evaluate.stage import evaluate_model
 
 __all__ = [
     "ACCURACY_KEYS", "DEFAULT_BATCH_SIZE", "REQUIRED_MODELS", "STOP_STRINGS", "EvalError", "check_mc_item",
-    "check_numeric_item", "choice_logprobs", "count_parameters", "encode_continuation", "evaluate_model",
+    "check_numeric_item", "choice_logprobs", "encode_continuation", "evaluate_model",
     "extract_number", "generate_answers", "generation_prompt", "load_mc_items", "load_numeric_items",
     "mc_accuracy", "mc_prompt", "metrics_schema_errors", "numeric_exact_match", "perplexity",
     "reference_number",

@@ -5,22 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.config import EvalConfig
 from finescope_core.evaluate.choice import mc_accuracy
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, Progress
 from finescope_core.evaluate.numeric import numeric_exact_match
 from finescope_core.evaluate.perplexity import perplexity
+from finescope_core.prune.counts import count_parameters
 
 EvalProgress = Callable[[str, int, int], None]
 """Called as progress(metric, done, total); metric is "perplexity", "mc" or "numeric"."""
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Total parameters, each tensor once: tied input/output embeddings are one Parameter."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _stage(progress: EvalProgress | None, metric: str) -> Progress | None:
@@ -30,7 +25,7 @@ def _stage(progress: EvalProgress | None, metric: str) -> Progress | None:
 
 
 def evaluate_model(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     *,
     domain_texts: Sequence[str],
@@ -42,6 +37,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """All metrics of one model, each eval set cut to its first `cfg.max_examples` examples.
 
+    `parameters` is the `total` of `finescope_core.prune.counts.count_parameters`, the count the prune
+    report gives (tied embeddings once), so base / pruned / tuned sizes compare with it.
+
     Returns:
         {"perplexity": float, "parameters": int, "mc_accuracy"?: float, "mc_accuracy_norm"?: float,
         "numeric_exact_match"?: float, "n": {"perplexity": int, "mc"?: int, "numeric"?: int}}.
@@ -52,7 +50,7 @@ def evaluate_model(
             model, tokenizer, texts, max_length=cfg.max_length, batch_size=batch_size,
             progress=_stage(progress, "perplexity"),
         ),
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(model)["total"],
         "n": {"perplexity": len(texts)},
     }
     if mc_items:

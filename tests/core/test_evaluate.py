@@ -20,7 +20,6 @@ from finescope_core.evaluate import (
     EvalError,
     check_mc_item,
     choice_logprobs,
-    count_parameters,
     encode_continuation,
     evaluate_model,
     extract_number,
@@ -35,6 +34,7 @@ from finescope_core.evaluate import (
     perplexity,
     reference_number,
 )
+from finescope_core.prune import count_parameters
 from finescope_core.tiny import SPECIALS, byte_tokenizer, tiny_config, tiny_model
 
 TEXTS = [
@@ -375,8 +375,10 @@ def test_count_parameters_counts_tied_embeddings_once() -> None:
     tied = AutoModelForCausalLM.from_config(cfg)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     vocab_by_hidden = cfg.vocab_size * cfg.hidden_size
-    assert count_parameters(untied) - count_parameters(tied) == vocab_by_hidden
-    assert count_parameters(untied) == sum(p.numel() for _, p in untied.named_parameters(remove_duplicate=False))
+    assert count_parameters(untied)["total"] - count_parameters(tied)["total"] == vocab_by_hidden
+    assert count_parameters(untied)["total"] == sum(
+        p.numel() for _, p in untied.named_parameters(remove_duplicate=False)
+    )
 
 
 def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
@@ -393,7 +395,7 @@ def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
     assert_close(result["perplexity"], perplexity(model, tok, TEXTS[:2], max_length=32), rtol=1e-6, atol=0)
     assert result["mc_accuracy"] == mc_accuracy(model, tok, MC_ITEMS[:2], max_length=32)["accuracy"]
     assert 0 <= result["numeric_exact_match"] <= 1 and "mc_accuracy_norm" in result
-    assert result["parameters"] == count_parameters(model)
+    assert result["parameters"] == count_parameters(model)["total"]
     metrics = json.loads(json.dumps({"models": {"base": result, "pruned": result, "tuned": result}}))
     assert metrics_schema_errors(metrics) == []
 
