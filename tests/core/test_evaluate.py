@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from finescope_core.config import EvalConfig
 from finescope_core.evaluate import (
     EvalError,
+    MetricsDocument,
+    ModelMetrics,
     check_mc_item,
     choice_logprobs,
     encode_continuation,
@@ -433,3 +435,46 @@ def test_metrics_schema_accepts_baselines() -> None:
 def test_metrics_schema_errors_name_the_path(metrics: object, fragment: str) -> None:
     errors = metrics_schema_errors(metrics)
     assert any(fragment in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ([], "metrics: must be an object with a 'models' object"),
+        ({"models": []}, "metrics: must be an object with a 'models' object"),
+        ({"models": {"base": GOOD, "tuned": GOOD}}, "models.pruned: missing"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": [GOOD]}}, "models.tuned: must be an object of metrics"),
+        ({"models": {"base": {**GOOD, "perplexity": float("inf")}, "pruned": GOOD, "tuned": GOOD}},
+         "models.base.perplexity: must be a finite number > 0, got inf"),
+        ({"models": {"base": {**GOOD, "perplexity": "12"}, "pruned": GOOD, "tuned": GOOD}},
+         "models.base.perplexity: must be a finite number > 0, got '12'"),
+        ({"models": {"base": {"perplexity": 3.0}, "pruned": GOOD, "tuned": GOOD}}, "models.base.parameters: missing"),
+        ({"models": {"base": {**GOOD, "parameters": -4}, "pruned": GOOD, "tuned": GOOD}},
+         "models.base.parameters: must be an integer > 0, got -4"),
+        ({"models": {"base": GOOD, "pruned": {**GOOD, "numeric_exact_match": None}, "tuned": GOOD}},
+         "models.pruned.numeric_exact_match: must be a number in [0, 1], got None"),
+        ({"models": {"base": GOOD, "pruned": {**GOOD, "mc_accuracy_norm": -0.1}, "tuned": GOOD}},
+         "models.pruned.mc_accuracy_norm: must be a number in [0, 1], got -0.1"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": 3}}}, "models.tuned.n: must be an object"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"mc": 2}}}}, "models.tuned.n.perplexity: missing"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 0}}}},
+         "models.tuned.n.perplexity: must be an integer > 0, got 0"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 2, "numeric": 1.0}}}},
+         "models.tuned.n.numeric: must be an integer > 0, got 1.0"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": GOOD, "pruned-random": {**GOOD, "parameters": None}}},
+         "models.pruned-random.parameters: must be an integer > 0, got None"),
+    ],
+)
+def test_metrics_model_rejects_each_bad_shape_naming_the_path(metrics: object, message: str) -> None:
+    assert metrics_schema_errors(metrics) == [message]
+
+
+def test_metrics_model_reads_baselines_as_model_metrics() -> None:
+    counts = {"perplexity": 2, "mc": 2, "numeric": 2}
+    doc = {"models": {name: {**GOOD, "n": counts} for name in ("base", "pruned", "tuned", "pruned-random")},
+           "stage_seconds": {"sae": 1.5}}  # fmt: skip
+    parsed = MetricsDocument.model_validate(doc)
+    extra = parsed.models.model_extra or {}
+    assert isinstance(extra["pruned-random"], ModelMetrics) and extra["pruned-random"].parameters == 1000
+    assert parsed.models.tuned.n is not None and parsed.models.tuned.n.numeric == 2
+    assert parsed.models.base.numeric_exact_match is None  # not measured: left out, not null
