@@ -124,7 +124,7 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
         shown = Progress(f"evaluate {name}")
         metrics = evaluate_model(
             model, tok, domain_texts=texts, mc_items=mc, numeric_items=numeric, cfg=cfg.evaluate,
-            progress=lambda metric, done, total: shown(done, total),
+            progress=lambda done, total, **info: shown(done, total),
         )
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics

@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from finescope_core.batching import right_pad
 from finescope_core.evaluate.errors import EvalError
-from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, Progress, eval_mode, model_device
+from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, eval_mode, model_device
+from finescope_core.progress import Progress, no_progress
 
 
 def mc_prompt(question: str) -> str:
@@ -69,7 +70,7 @@ def choice_logprobs(
     *,
     max_length: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> list[list[float]]:
     """Sum of the log-probabilities of each choice's tokens given the question prompt.
 
@@ -99,7 +100,7 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def _score_requests(
-    model: nn.Module, requests: list[tuple[list[int], int]], pad_id: int, batch_size: int, progress: Progress | None
+    model: nn.Module, requests: list[tuple[list[int], int]], pad_id: int, batch_size: int, progress: Progress
 ) -> list[float]:
     device = model_device(model)
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r][0]))
@@ -111,8 +112,7 @@ def _score_requests(
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for b, r in enumerate(rows):
                 out[r] = _continuation_logprob(logits[b], ids[b], len(requests[r][0]), requests[r][1])
-            if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
+            progress(min(start + batch_size, len(order)), len(order))
     return out
 
 
@@ -131,7 +131,7 @@ def mc_accuracy(
     *,
     max_length: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, float | int]:
     """Multiple-choice accuracy by log-likelihood (MMLU style).
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-
-Progress = Callable[[int, int], None]
-"""Called as progress(done, total) after each batch."""
 
 DEFAULT_BATCH_SIZE = 8
 

@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from finescope_core.evaluate.choice import mc_prompt
 from finescope_core.evaluate.errors import EvalError
-from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, Progress, eval_mode, model_device
+from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, eval_mode, model_device
+from finescope_core.progress import Progress, no_progress
 
 # A model that keeps talking after its answer (plain prompt format) starts the next question.
 STOP_STRINGS = ("\nQuestion:",)
@@ -94,7 +95,7 @@ def generate_answers(
     *,
     max_new_tokens: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> list[str]:
     """Greedy answers to `questions`, generated in left-padded batches of similar prompt length.
 
@@ -116,8 +117,7 @@ def generate_answers(
             texts = _generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)
             for i, text in zip(rows, texts, strict=True):
                 answers[i] = _cut_at_stop(text)
-            if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
+            progress(min(start + batch_size, len(order)), len(order))
     return answers
 
 
@@ -152,7 +152,7 @@ def numeric_exact_match(
     *,
     max_new_tokens: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, float | int]:
     """Share of questions whose generated final number equals the reference's final number.
 

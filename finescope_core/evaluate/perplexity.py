@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerBase
 
 from finescope_core.batching import iter_text_batches
 from finescope_core.evaluate.errors import EvalError
-from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, Progress, eval_mode, model_device
+from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, eval_mode, model_device
+from finescope_core.progress import Progress, no_progress
 
 
 def perplexity(
@@ -21,7 +22,7 @@ def perplexity(
     *,
     max_length: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> float:
     """Token-level perplexity exp(sum of NLL / predicted tokens) over all texts together.
 
@@ -55,7 +56,7 @@ def _summed_nll(
     texts: Sequence[str],
     max_length: int,
     batch_size: int,
-    progress: Progress | None,
+    progress: Progress,
 ) -> tuple[float, int]:
     device = model_device(model)
     total, tokens, done = 0.0, 0, 0
@@ -69,6 +70,5 @@ def _summed_nll(
             total += float(nll)
             tokens += int(predicted.sum())
             done += len(batch)
-            if progress is not None:
-                progress(done, len(texts))
+            progress(done, len(texts))
     return total, tokens

@@ -390,7 +390,7 @@ def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
     seen: set[str] = set()
     result = evaluate_model(
         model, tok, domain_texts=TEXTS, mc_items=MC_ITEMS, numeric_items=numeric, cfg=cfg,
-        progress=lambda metric, done, total: seen.add(metric),
+        progress=lambda done, total, **info: seen.add(str(info["metric"])),
     )
     assert seen == {"perplexity", "mc", "numeric"}
     assert result["n"] == {"perplexity": 2, "mc": 2, "numeric": 2}
