@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from finescope_core.evaluate.choice import mc_prompt
@@ -84,7 +84,9 @@ def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
     """The question as a user turn of the tokenizer's chat template, or "Question: ...\\nAnswer:" without one."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(prompt, str), "tokenize=False renders the template as text"
+        return prompt
     return mc_prompt(question)
 
 
@@ -129,7 +131,7 @@ def _generate_batch(
     enc = tokenizer(
         prompts, padding=True, padding_side="left", add_special_tokens=not templated, return_tensors="pt"
     ).to(model_device(model))
-    out = model.generate(
+    out = _generate_fn(model)(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
         max_new_tokens=max_new_tokens,
@@ -137,6 +139,17 @@ def _generate_batch(
         pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _generate_fn(model: nn.Module) -> Callable[..., Tensor]:
+    """The model's `generate` (transformers' GenerationMixin, or any module with one)."""
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
+        raise EvalError(
+            f"{type(model).__name__} has no generate(); numeric exact match needs a causal LM that generates "
+            "(an AutoModelForCausalLM)"
+        )
+    return cast("Callable[..., Tensor]", generate)  # GenerationMixin.generate returns the token ids
 
 
 def _cut_at_stop(text: str) -> str:
