@@ -102,6 +102,7 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def _score_requests(
     model: nn.Module, requests: list[tuple[list[int], int]], pad_id: int, batch_size: int, progress: Progress
 ) -> list[float]:
+    """Summed continuation log-probability of every request, run longest first so batches pad little."""
     device = model_device(model)
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r][0]))
     out = [0.0] * len(requests)
@@ -185,6 +186,7 @@ def check_mc_item(item: Any, where: str) -> dict[str, Any]:
 
 
 def _answer_index(answer: Any) -> int | None:
+    """0-based index of an int or letter answer; None for anything else (a bool is no index)."""
     if isinstance(answer, bool):
         return None
     if isinstance(answer, int):

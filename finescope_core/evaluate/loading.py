@@ -33,6 +33,7 @@ def _jsonl_objects(path: str, storage_options: dict[str, Any] | None) -> Iterato
 def _load_items(
     path: str, check: Callable[[Any, str], dict[str, Any]], storage_options: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
+    """Every item of an eval file, each checked by `check` with its file:line; an empty file is refused."""
     items = [check(obj, origin) for obj, origin in _jsonl_objects(path, storage_options)]
     if not items:
         raise EvalError(f"eval file {path} holds no items; add one JSON object per line")

@@ -126,6 +126,7 @@ def generate_answers(
 def _generate_batch(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
 ) -> list[str]:
+    """The greedy continuation of each prompt, decoded, from one left-padded `generate` call."""
     # A chat template writes its own special tokens (BOS included, where the model uses one).
     templated = bool(getattr(tokenizer, "chat_template", None))
     enc = tokenizer(

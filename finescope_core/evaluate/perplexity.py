@@ -58,6 +58,7 @@ def _summed_nll(
     batch_size: int,
     progress: Progress,
 ) -> tuple[float, int]:
+    """(summed NLL, predicted tokens) over all texts: summed, so batches weigh by their tokens."""
     device = model_device(model)
     total, tokens, done = 0.0, 0, 0
     with eval_mode(model):

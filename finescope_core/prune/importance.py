@@ -191,6 +191,7 @@ def _layer_scores(
 
 @torch.no_grad()
 def _collect_scores(arch: DecoderArch, method: Method, tokens: int) -> GroupScores:
+    """Every layer's group scores, stacked [L, ...] on the CPU (the plan is made there)."""
     per_layer = [_layer_scores(a, m, arch, method) for a, m in zip(arch.attention, arch.mlp, strict=True)]
     heads, kv, channels = (torch.stack([s[i] for s in per_layer]).cpu() for i in range(3))
     return GroupScores(heads=heads, kv=kv, channels=channels, method=method, tokens=tokens)

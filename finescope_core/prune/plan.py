@@ -185,6 +185,7 @@ def plan_pruning(
 
 
 def _widths_of(arch: DecoderArch) -> dict[str, int]:
+    """The config widths before pruning, under the config's names (for the report)."""
     return {
         "num_attention_heads": arch.num_heads,
         "num_key_value_heads": arch.num_kv_heads,

@@ -49,6 +49,7 @@ class _Units:
 
 
 def _units(arch: DecoderArch) -> _Units:
+    """Per-unit parameter costs, from layer 0 (every layer has the same widths, `resolve_arch` checks)."""
     a, m, hd = arch.attention[0], arch.mlp[0], arch.head_dim
     per_channel = m.gate_proj.in_features + m.up_proj.in_features + m.down_proj.out_features
     per_channel += (m.gate_proj.bias is not None) + (m.up_proj.bias is not None)
@@ -206,6 +207,7 @@ def _unreachable(
     attention: AttentionUnit,
     refused: list[str],
 ) -> str:
+    """The refusal of an unreachable ratio: what both attention units can reach, and what was skipped."""
     other: AttentionUnit = "kv_groups" if attention == "heads" else "heads"
     msg = (
         f"prune ratio {ratio} cannot be reached with attention={attention!r} while keeping at least one head "
