@@ -71,10 +71,9 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
 
     def build(work: Path) -> dict[str, Any]:
         model, tok = load_model(model_path, device=cfg.device)
-        shown = Progress(f"evaluate {name}")
         metrics = evaluate_model(
             model, tok, domain_texts=texts, mc_items=mc, numeric_items=numeric, cfg=cfg.evaluate,
-            progress=lambda metric, done, total: shown(done, total),
+            progress=Progress(f"evaluate {name}"),
         )
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics

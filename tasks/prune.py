@@ -88,9 +88,7 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
 
     def build(work: Path) -> dict[str, Any]:
         model, tok = load_model(ref.path, device=cfg.device)  # a private copy: pruning is in place
-        batches = -(-len(texts) // cfg.prune.batch_size)
-        shown = Progress("prune importance")
-        plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=lambda done: shown(done, batches))
+        plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance"))
         save_pruned(model, tok, plan, work / "model")
         report = plan.to_dict()
         keys = ("target_ratio", "achieved_ratio", "params_before", "params_after", "widths_before", "widths_after")

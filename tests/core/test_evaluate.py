@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from finescope_core.config import EvalConfig
 from finescope_core.evaluate import (
     EvalError,
+    MetricsDocument,
+    ModelMetrics,
     check_mc_item,
     choice_logprobs,
-    count_parameters,
     encode_continuation,
     evaluate_model,
     extract_number,
@@ -35,6 +36,7 @@ from finescope_core.evaluate import (
     perplexity,
     reference_number,
 )
+from finescope_core.prune import count_parameters
 from finescope_core.tiny import SPECIALS, byte_tokenizer, tiny_config, tiny_model
 
 TEXTS = [
@@ -375,8 +377,10 @@ def test_count_parameters_counts_tied_embeddings_once() -> None:
     tied = AutoModelForCausalLM.from_config(cfg)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     vocab_by_hidden = cfg.vocab_size * cfg.hidden_size
-    assert count_parameters(untied) - count_parameters(tied) == vocab_by_hidden
-    assert count_parameters(untied) == sum(p.numel() for _, p in untied.named_parameters(remove_duplicate=False))
+    assert count_parameters(untied)["total"] - count_parameters(tied)["total"] == vocab_by_hidden
+    assert count_parameters(untied)["total"] == sum(
+        p.numel() for _, p in untied.named_parameters(remove_duplicate=False)
+    )
 
 
 def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
@@ -386,14 +390,14 @@ def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
     seen: set[str] = set()
     result = evaluate_model(
         model, tok, domain_texts=TEXTS, mc_items=MC_ITEMS, numeric_items=numeric, cfg=cfg,
-        progress=lambda metric, done, total: seen.add(metric),
+        progress=lambda done, total, **info: seen.add(str(info["metric"])),
     )
     assert seen == {"perplexity", "mc", "numeric"}
     assert result["n"] == {"perplexity": 2, "mc": 2, "numeric": 2}
     assert_close(result["perplexity"], perplexity(model, tok, TEXTS[:2], max_length=32), rtol=1e-6, atol=0)
     assert result["mc_accuracy"] == mc_accuracy(model, tok, MC_ITEMS[:2], max_length=32)["accuracy"]
     assert 0 <= result["numeric_exact_match"] <= 1 and "mc_accuracy_norm" in result
-    assert result["parameters"] == count_parameters(model)
+    assert result["parameters"] == count_parameters(model)["total"]
     metrics = json.loads(json.dumps({"models": {"base": result, "pruned": result, "tuned": result}}))
     assert metrics_schema_errors(metrics) == []
 
@@ -431,3 +435,46 @@ def test_metrics_schema_accepts_baselines() -> None:
 def test_metrics_schema_errors_name_the_path(metrics: object, fragment: str) -> None:
     errors = metrics_schema_errors(metrics)
     assert any(fragment in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ([], "metrics: must be an object with a 'models' object"),
+        ({"models": []}, "metrics: must be an object with a 'models' object"),
+        ({"models": {"base": GOOD, "tuned": GOOD}}, "models.pruned: missing"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": [GOOD]}}, "models.tuned: must be an object of metrics"),
+        ({"models": {"base": {**GOOD, "perplexity": float("inf")}, "pruned": GOOD, "tuned": GOOD}},
+         "models.base.perplexity: must be a finite number > 0, got inf"),
+        ({"models": {"base": {**GOOD, "perplexity": "12"}, "pruned": GOOD, "tuned": GOOD}},
+         "models.base.perplexity: must be a finite number > 0, got '12'"),
+        ({"models": {"base": {"perplexity": 3.0}, "pruned": GOOD, "tuned": GOOD}}, "models.base.parameters: missing"),
+        ({"models": {"base": {**GOOD, "parameters": -4}, "pruned": GOOD, "tuned": GOOD}},
+         "models.base.parameters: must be an integer > 0, got -4"),
+        ({"models": {"base": GOOD, "pruned": {**GOOD, "numeric_exact_match": None}, "tuned": GOOD}},
+         "models.pruned.numeric_exact_match: must be a number in [0, 1], got None"),
+        ({"models": {"base": GOOD, "pruned": {**GOOD, "mc_accuracy_norm": -0.1}, "tuned": GOOD}},
+         "models.pruned.mc_accuracy_norm: must be a number in [0, 1], got -0.1"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": 3}}}, "models.tuned.n: must be an object"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"mc": 2}}}}, "models.tuned.n.perplexity: missing"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 0}}}},
+         "models.tuned.n.perplexity: must be an integer > 0, got 0"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 2, "numeric": 1.0}}}},
+         "models.tuned.n.numeric: must be an integer > 0, got 1.0"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": GOOD, "pruned-random": {**GOOD, "parameters": None}}},
+         "models.pruned-random.parameters: must be an integer > 0, got None"),
+    ],
+)
+def test_metrics_model_rejects_each_bad_shape_naming_the_path(metrics: object, message: str) -> None:
+    assert metrics_schema_errors(metrics) == [message]
+
+
+def test_metrics_model_reads_baselines_as_model_metrics() -> None:
+    counts = {"perplexity": 2, "mc": 2, "numeric": 2}
+    doc = {"models": {name: {**GOOD, "n": counts} for name in ("base", "pruned", "tuned", "pruned-random")},
+           "stage_seconds": {"sae": 1.5}}  # fmt: skip
+    parsed = MetricsDocument.model_validate(doc)
+    extra = parsed.models.model_extra or {}
+    assert isinstance(extra["pruned-random"], ModelMetrics) and extra["pruned-random"].parameters == 1000
+    assert parsed.models.tuned.n is not None and parsed.models.tuned.n.numeric == 2
+    assert parsed.models.base.numeric_exact_match is None  # not measured: left out, not null

@@ -1,4 +1,4 @@
-"""Tests of finescope_core.prune on tiny random Llama / Qwen2 / Qwen3 decoders with GQA."""
+"""Tests of the finescope_core.prune package on tiny random Llama / Qwen2 / Qwen3 decoders with GQA."""
 
 from __future__ import annotations
 
@@ -17,19 +17,17 @@ from finescope_core.prune import (
     PruneError,
     PrunePlan,
     Widths,
-    _config_refusal,
-    _removed_score,
     apply_pruning,
     build_plan,
     count_parameters,
     group_importance,
     lm_batches,
-    load_report,
     plan_pruning,
     plan_widths,
     prune_model,
     save_pruned,
 )
+from finescope_core.prune.widths import _config_refusal, _removed_score
 from finescope_core.tiny import byte_tokenizer, tiny_config, tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3"]
@@ -288,7 +286,7 @@ def test_impossible_ratio_is_refused_before_any_work(monkeypatch: pytest.MonkeyP
     def boom(*args: object, **kwargs: object) -> GroupScores:
         raise AssertionError("importance must not run for an unreachable ratio")
 
-    monkeypatch.setattr("finescope_core.prune.group_importance", boom)
+    monkeypatch.setattr("finescope_core.prune.stage.group_importance", boom)
     with pytest.raises(PruneError, match="cannot be reached"):
         prune_model(model, byte_tokenizer(), TEXTS, PruneConfig(ratio=0.95))
 
@@ -404,7 +402,7 @@ def test_saved_model_reloads_with_plain_transformers(arch: str, tmp_path: pytest
     assert count_parameters(reloaded) == plan.params_after
     report = json.loads((out / "prune_report.json").read_text())
     assert report["achieved_ratio"] == pytest.approx(plan.ratio) and report["importance"] == "taylor"
-    assert load_report(out).to_dict() == plan.to_dict()
+    assert PrunePlan.from_dict(report).to_dict() == plan.to_dict()
     save_pruned(model, tokenizer, plan, out)  # replacing an existing directory works too
     assert (out / "config.json").is_file()
 
@@ -430,15 +428,22 @@ def test_plan_round_trips_through_json() -> None:
 
 def test_progress_is_reported_per_batch() -> None:
     seen: list[int] = []
+    totals: set[int] = set()
+
+    def progress(done: int, total: int, /, **info: float | str) -> None:
+        seen.append(done)
+        totals.add(total)
+
     model = _model("llama", intermediate=256)
     prune_model(
         model,
         byte_tokenizer(),
         TEXTS,
         PruneConfig(ratio=0.2, batch_size=2, max_length=16),
-        progress=seen.append,
+        progress=progress,
     )
     assert seen == [1, 2, 3]
+    assert totals == {3}, "the total is the number of batches"
 
 
 def test_build_plan_refuses_scores_that_do_not_fit() -> None:

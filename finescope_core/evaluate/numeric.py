@@ -1,0 +1,190 @@
+"""Numeric exact match (GSM8K style): greedy generation, then the final number against the reference's."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any, cast
+
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from finescope_core.evaluate.choice import mc_prompt
+from finescope_core.evaluate.errors import EvalError
+from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, eval_mode, model_device
+from finescope_core.progress import Progress, no_progress
+
+# A model that keeps talking after its answer (plain prompt format) starts the next question.
+STOP_STRINGS = ("\nQuestion:",)
+
+_NUMBER = re.compile(r"(?:(?<![\w.])[-−])?(?:\$[-−]?)?(?:\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|\.\d+)")
+
+
+def extract_number(text: str) -> Decimal | None:
+    """The final numeric answer in a text, GSM8K convention.
+
+    The first number after the last "####" if there is one, else the last number in the text. Commas
+    between digit groups, "$" and a trailing "." are dropped; "-" is a sign only when it does not follow
+    a word character ("3-4" reads as 3 and 4).
+
+    Returns:
+        The number as a Decimal (so "42.0" equals "42"), or None when the text holds no number.
+    """
+    if "####" in text:
+        found = _NUMBER.search(text.rsplit("####", 1)[1])
+        if found is not None:
+            return _to_decimal(found.group())
+    numbers = _NUMBER.findall(text)
+    return _to_decimal(numbers[-1]) if numbers else None
+
+
+def _to_decimal(token: str) -> Decimal:
+    cleaned = token.replace("$", "").replace(",", "").replace("−", "-")
+    try:
+        return Decimal(cleaned)
+    except InvalidOperation:  # "--5": two signs; the digits are still the answer
+        return Decimal(cleaned.lstrip("-"))
+
+
+def reference_number(answer: Any, where: str) -> Decimal:
+    """The reference's final number: a JSON number, or a text such as a GSM8K solution ending in "#### 42".
+
+    Raises:
+        EvalError: the answer is neither a number nor a text containing one.
+    """
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
+        return Decimal(str(answer))
+    if isinstance(answer, str):
+        value = extract_number(answer)
+        if value is not None:
+            return value
+    raise EvalError(f"{where}: field 'answer' must be a number or a text ending in one, got {answer!r:.80}")
+
+
+def check_numeric_item(item: Any, where: str) -> dict[str, Any]:
+    """A validated numeric item `{question: str, answer: number | str}` (answer kept as given).
+
+    Raises:
+        EvalError: naming `where` and the missing or bad field.
+    """
+    if not isinstance(item, Mapping):
+        raise EvalError(f"{where}: an item must be an object with question, answer")
+    question = item.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise EvalError(f"{where}: missing or empty field 'question' (a non-empty string)")
+    if "answer" not in item:
+        raise EvalError(f"{where}: missing field 'answer' (the reference number or solution text)")
+    reference_number(item["answer"], where)
+    return {"question": question, "answer": item["answer"]}
+
+
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The question as a user turn of the tokenizer's chat template, or "Question: ...\\nAnswer:" without one."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": question}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(prompt, str), "tokenize=False renders the template as text"
+        return prompt
+    return mc_prompt(question)
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> list[str]:
+    """Greedy answers to `questions`, generated in left-padded batches of similar prompt length.
+
+    Returns:
+        The decoded new text of each question, in input order, cut at "\\nQuestion:" (a model that goes
+        on to invent the next question would otherwise have its numbers read as its answer).
+
+    Raises:
+        EvalError: the tokenizer has no pad token.
+    """
+    if tokenizer.pad_token_id is None:
+        raise EvalError("the tokenizer has no pad token; pass it through finescope_core.model.prepare_tokenizer")
+    prompts = [generation_prompt(tokenizer, q) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers = [""] * len(prompts)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            texts = _generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)
+            for i, text in zip(rows, texts, strict=True):
+                answers[i] = _cut_at_stop(text)
+            progress(min(start + batch_size, len(order)), len(order))
+    return answers
+
+
+def _generate_batch(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
+) -> list[str]:
+    """The greedy continuation of each prompt, decoded, from one left-padded `generate` call."""
+    # A chat template writes its own special tokens (BOS included, where the model uses one).
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    enc = tokenizer(
+        prompts, padding=True, padding_side="left", add_special_tokens=not templated, return_tensors="pt"
+    ).to(model_device(model))
+    out = _generate_fn(model)(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _generate_fn(model: nn.Module) -> Callable[..., Tensor]:
+    """The model's `generate` (transformers' GenerationMixin, or any module with one)."""
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
+        raise EvalError(
+            f"{type(model).__name__} has no generate(); numeric exact match needs a causal LM that generates "
+            "(an AutoModelForCausalLM)"
+        )
+    return cast("Callable[..., Tensor]", generate)  # GenerationMixin.generate returns the token ids
+
+
+def _cut_at_stop(text: str) -> str:
+    for stop in STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    return text
+
+
+def numeric_exact_match(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> dict[str, float | int]:
+    """Share of questions whose generated final number equals the reference's final number.
+
+    Returns:
+        {"exact_match": float, "n": int}.
+
+    Raises:
+        EvalError: no items, or an item without question / a numeric answer.
+    """
+    if not items:
+        raise EvalError("no numeric items; pass at least one {question, answer} item")
+    checked = [check_numeric_item(item, f"item {i}") for i, item in enumerate(items)]
+    answers = generate_answers(
+        model, tokenizer, [c["question"] for c in checked], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, progress=progress,
+    )
+    hits = sum(
+        extract_number(text) == reference_number(item["answer"], f"item {i}")
+        for i, (item, text) in enumerate(zip(checked, answers, strict=True))
+    )
+    return {"exact_match": hits / len(checked), "n": len(checked)}

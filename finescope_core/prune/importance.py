@@ -1,0 +1,197 @@
+"""Importance of every query head, KV group and MLP channel (LLM-Pruner's first-order Taylor scores).
+
+Gradients are accumulated over the whole pruning set first (one gradient copy in memory, however many
+batches), then each group scores `taylor` = sum |w * g| (element-wise), `vector` = |sum w * g|, or
+`magnitude` = sum |w| (no data), with g the gradient of the token-averaged LM loss over all pruning
+tokens. Only the projections require grad meanwhile, so embeddings and lm_head cost no gradient memory
+or compute.
+
+Groups (GQA-safe): a query head is its `head_dim` rows of q_proj (+ bias) and its `head_dim` columns of
+o_proj; a KV group its rows of k_proj and v_proj (+ biases) and all the query heads that read it; an MLP
+channel one row of gate_proj and up_proj (+ biases) and the matching column of down_proj.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sized
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from finescope_core.model import AttentionParts, DecoderArch, MLPParts, resolve_arch
+from finescope_core.progress import Progress, no_progress
+from finescope_core.prune.counts import projections
+from finescope_core.prune.errors import PruneError
+
+Method = Literal["taylor", "vector", "magnitude"]
+
+
+@dataclass
+class GroupScores:
+    """Importance of every prunable group (higher = keep), as float32 CPU tensors.
+
+    Attributes:
+        heads: [L, H] query heads.
+        kv: [L, KV] KV groups (their k/v rows plus all their query heads).
+        channels: [L, I] MLP channels.
+        method: how they were computed.
+        tokens: loss tokens the gradients were averaged over (0 for `magnitude`).
+    """
+
+    heads: Tensor
+    kv: Tensor
+    channels: Tensor
+    method: str
+    tokens: int = 0
+
+
+def group_importance(
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    method: Method = "taylor",
+    progress: Progress = no_progress,
+) -> GroupScores:
+    """Score every query head, KV group and MLP channel of every layer.
+
+    Args:
+        model: a Llama/Qwen2/Qwen3-style causal LM; its weights are not changed.
+        batches: dicts with `input_ids`, `attention_mask` and `labels` ([B, T], pads -100), e.g. from
+            `lm_batches`. Ignored for `magnitude`.
+        method: `taylor` (sum |w*g|), `vector` (|sum w*g|) or `magnitude` (sum |w|).
+        progress: called as progress(batches done, batches in all) after each backward pass; the
+            total is 0 when `batches` has no length.
+
+    Returns:
+        The scores. Any `.grad` the model held is discarded; gradients are cleared again on return.
+        They accumulate in the parameters' dtype: load the model in float32 for exact sums.
+
+    Raises:
+        PruneError: an unknown method, or batches without a single loss token.
+    """
+    if method not in ("taylor", "vector", "magnitude"):
+        raise PruneError(f"importance method {method!r} is unknown; choose taylor, vector or magnitude")
+    arch = resolve_arch(model)
+    if method == "magnitude":
+        return _collect_scores(arch, method, tokens=0)
+    try:
+        tokens = _accumulate_grads(model, arch, batches, progress)
+        return _collect_scores(arch, method, tokens)
+    finally:
+        for p in model.parameters():
+            p.grad = None
+
+
+def _prunable_params(arch: DecoderArch) -> list[nn.Parameter]:
+    return [p for _, lin in projections(arch) for p in lin.parameters()]
+
+
+def _accumulate_grads(
+    model: PreTrainedModel, arch: DecoderArch, batches: Iterable[dict[str, Tensor]], progress: Progress
+) -> int:
+    """Leave in `.grad` the gradient of the mean token loss over all batches; return the token count.
+
+    Only the projections' weights require grad meanwhile (embeddings, norms and lm_head would cost
+    memory for nothing); the previous flags and train/eval mode are restored afterwards.
+    """
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    prunable = _prunable_params(arch)
+    device = next(model.parameters()).device
+    total = len(batches) if isinstance(batches, Sized) else 0
+    tokens = 0
+    try:
+        model.train(False)  # no dropout: the scores should not depend on a random mask
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for p in prunable:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for done, batch in enumerate(batches, start=1):
+                loss, n = _summed_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+                if n:
+                    torch.autograd.backward(loss)
+                tokens += n
+                progress(done, total)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if tokens == 0:
+        raise PruneError(
+            "the pruning batches hold no loss tokens (all padding or empty texts); give longer texts"
+        )
+    for p in prunable:
+        assert p.grad is not None, "every projection takes part in the forward pass"
+        p.grad.div_(tokens)
+    return tokens
+
+
+def _summed_lm_loss(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """Sum (not mean) of next-token NLL over non-ignored labels, so batches weigh by their tokens.
+
+    Returns:
+        (scalar loss, number of tokens it sums over).
+    """
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    target = batch["labels"][:, 1:]
+    n = int((target != -100).sum())
+    loss = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss, n
+
+
+def _elementwise(p: Tensor, method: Method) -> Tensor:
+    """Per-element contribution: |w*g| (taylor), w*g (vector, abs taken per group), |w| (magnitude)."""
+    w = p.detach().float()
+    if method == "magnitude":
+        return w.abs()
+    assert p.grad is not None, "importance from gradients runs after the backward passes"
+    wg = w * p.grad.float()
+    return wg.abs() if method == "taylor" else wg
+
+
+def _rows(lin: nn.Linear, units: int, method: Method) -> Tensor:
+    """[units] contribution of consecutive equal blocks of output rows (+ their bias)."""
+    s = _elementwise(lin.weight, method).view(units, -1).sum(1)
+    if lin.bias is not None:
+        s = s + _elementwise(lin.bias, method).view(units, -1).sum(1)
+    return s
+
+
+def _cols(lin: nn.Linear, units: int, method: Method) -> Tensor:
+    """[units] contribution of consecutive equal blocks of input columns (the bias is not per column)."""
+    w = _elementwise(lin.weight, method)
+    return w.view(lin.out_features, units, -1).sum((0, 2))
+
+
+def _layer_scores(
+    a: AttentionParts, m: MLPParts, arch: DecoderArch, method: Method
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Signed group sums for one layer -> ([H], [KV], [I]) scores."""
+    h, kv = arch.num_heads, arch.num_kv_heads
+    heads = _rows(a.q_proj, h, method) + _cols(a.o_proj, h, method)
+    groups = _rows(a.k_proj, kv, method) + _rows(a.v_proj, kv, method) + heads.view(kv, -1).sum(1)
+    inter = _rows(m.gate_proj, m.gate_proj.out_features, method) + _rows(
+        m.up_proj, m.up_proj.out_features, method
+    )
+    inter = inter + _cols(m.down_proj, m.down_proj.in_features, method)
+    if method == "vector":  # |sum w*g| over the whole group, LLM-Pruner's `vector`
+        return heads.abs(), groups.abs(), inter.abs()
+    return heads, groups, inter
+
+
+@torch.no_grad()
+def _collect_scores(arch: DecoderArch, method: Method, tokens: int) -> GroupScores:
+    """Every layer's group scores, stacked [L, ...] on the CPU (the plan is made there)."""
+    per_layer = [_layer_scores(a, m, arch, method) for a, m in zip(arch.attention, arch.mlp, strict=True)]
+    heads, kv, channels = (torch.stack([s[i] for s in per_layer]).cpu() for i in range(3))
+    return GroupScores(heads=heads, kv=kv, channels=channels, method=method, tokens=tokens)

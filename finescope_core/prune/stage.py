@@ -1,0 +1,80 @@
+"""The whole prune stage: importance on the pruning texts -> plan for the ratio -> prune -> save.
+
+`save_pruned` writes a plain `save_pretrained` directory with the plan as `prune_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finescope_core.config import PruneConfig
+from finescope_core.progress import Progress, no_progress
+from finescope_core.prune.apply import apply_pruning
+from finescope_core.prune.batches import lm_batches
+from finescope_core.prune.importance import Method, group_importance
+from finescope_core.prune.plan import PrunePlan, plan_pruning
+from finescope_core.prune.widths import WidthRule, plan_widths
+
+REPORT_FILE = "prune_report.json"
+"""The plan, next to the weights of a pruned model (`PrunePlan.to_dict`)."""
+
+
+def prune_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    cfg: PruneConfig,
+    *,
+    rule: WidthRule = "importance",
+    progress: Progress = no_progress,
+) -> PrunePlan:
+    """Importance on `texts` -> widths and plan for `cfg.ratio` -> prune `model` in place.
+
+    An unreachable ratio is refused before any forward pass. At ratio 0 no gradients are computed.
+
+    Args:
+        model: the model to prune (changed in place).
+        tokenizer: its tokenizer (needs a pad token).
+        texts: the pruning data (the curated domain set).
+        cfg: ratio, importance method, attention unit, batch shape.
+        rule: how the widths are chosen among those that reach the ratio (see `plan_widths`).
+        progress: called as progress(batches done, batches in all) after each backward pass.
+
+    Returns:
+        The applied plan (`plan.ratio` is the achieved ratio).
+    """
+    plan_widths(model, cfg.ratio, cfg.attention, rule="proportional")  # refuse before any work
+    method: Method = "magnitude" if cfg.ratio == 0 else cfg.importance
+    batches: Iterable[dict[str, Tensor]] = []
+    if method != "magnitude":
+        batches = lm_batches(tokenizer, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    scores = group_importance(model, batches, method=method, progress=progress)
+    plan = plan_pruning(model, scores, cfg.ratio, cfg.attention, rule=rule)
+    plan.importance = cfg.importance  # what was asked for, also at ratio 0 (scored by magnitude)
+    apply_pruning(model, plan)
+    return plan
+
+
+def save_pruned(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: PrunePlan, out_dir: str | Path
+) -> Path:
+    """Write the pruned model (safetensors), tokenizer and `prune_report.json` into `out_dir`.
+
+    An existing `out_dir` is replaced. The writes are not atomic and need not be: the stage writes into
+    its store work dir, which the store commits as a whole, so a killed run leaves nothing behind.
+
+    Returns:
+        `out_dir`, loadable with plain `AutoModelForCausalLM.from_pretrained`.
+    """
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)  # no stale shards of an earlier save beside the new ones
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / REPORT_FILE).write_text(json.dumps(plan.to_dict(), indent=1), encoding="utf-8")
+    return out
