@@ -22,13 +22,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
 
 import faiss
 import numpy as np
 import torch
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
 Matrix = np.ndarray | torch.Tensor
 
 _CHUNK_ELEMENTS = 1 << 21  # float64 values per rescoring chunk (16 MiB)
@@ -208,18 +206,10 @@ def _exclude_mask(exclude: np.ndarray | torch.Tensor | None, n: int) -> np.ndarr
     return mask
 
 
-def _check_index_options(
-    index: str, nlist: int | None, nprobe: int, hnsw_m: int, ef_search: int, threads: int | None
-) -> None:
-    """Raise before any work when an index option cannot be used."""
-    if index not in ("flat", "ivf", "hnsw"):
-        raise RetrievalInputError(f"index must be 'flat', 'ivf' or 'hnsw', got {index!r}")
-    positive = {"nprobe": nprobe, "ef_search": ef_search, "nlist": nlist, "threads": threads}
-    bad = {k: v for k, v in positive.items() if v is not None and v < 1}
-    if hnsw_m < 2:
-        bad["hnsw_m"] = hnsw_m
-    if bad:
-        raise RetrievalInputError(f"index options must be >= 1 (hnsw_m >= 2), got {bad}")
+def _check_threads(threads: int | None) -> None:
+    """Raise before any work when the FAISS thread count cannot be used."""
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise RetrievalInputError(f"threads must be >= 1 (or None for every available CPU), got {threads!r}")
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:
@@ -275,74 +265,31 @@ def _flat_topm(corpus_n: np.ndarray, seeds_n: np.ndarray, m: int) -> tuple[np.nd
         k = min(n, 2 * k)
 
 
-def _build_approx_index(
-    corpus_n: np.ndarray, kind: IndexKind, nlist: int | None, hnsw_m: int, seed: int
-) -> faiss.Index:
-    """An IVF-flat or HNSW-flat inner-product index over `corpus_n` [n, d] (trained if needed)."""
-    n, d = corpus_n.shape
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.add(corpus_n)
-        return index
-    # k-means wants >= 39 training points per list; 4*sqrt(n) lists is the usual IVF rule of thumb.
-    lists = nlist if nlist is not None else max(1, min(int(4 * np.sqrt(n)), n // 39))
-    if lists > n:
-        raise RetrievalInputError(f"nlist={lists} exceeds the {n} corpus rows left to index; lower nlist")
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
-    train_size = min(n, 64 * lists)
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=train_size, replace=False))
-    index.cp.seed = seed
-    index.train(corpus_n[sample])
-    index.add(corpus_n)  # the faiss wrapper keeps `quantizer` alive through index.referenced_objects
-    return index
-
-
-def _approx_topm(
-    index: faiss.Index, corpus_n: np.ndarray, seeds_n: np.ndarray, m: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-m local rows among the approximate per-seed neighbour lists, rescored exactly."""
-    _, ids = index.search(seeds_n, _candidate_k(m, corpus_n.shape[0]))
-    candidates = np.unique(ids[ids >= 0])
-    return _select(candidates, _exact_scores(corpus_n[candidates], seeds_n), m)
-
-
 def topm_max_over_seeds(
     corpus: Matrix,
     seeds: Matrix,
     m: int,
     *,
     exclude: np.ndarray | torch.Tensor | None = None,
-    index: IndexKind = "flat",
-    nlist: int | None = None,
-    nprobe: int = 32,
-    hnsw_m: int = 32,
-    ef_search: int = 256,
     threads: int | None = None,
-    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 12-13: the m corpus rows with the highest max-over-seeds cosine, via FAISS.
+    """Eq. 12-13: the exact m corpus rows with the highest max-over-seeds cosine, via FAISS.
+
+    Equal, bit for bit, to `brute_force_topm`; only faster on a large corpus.
 
     Args:
         corpus: [N, d] codes (numpy or torch). Zero rows score 0.
         seeds: [S, d] seed codes. A zero seed is an error.
         m: rows to select; fewer come back when fewer than m rows are not excluded.
         exclude: optional bool [N]; True rows are never selected (seed copies, duplicates).
-        index: "flat" (exact, equal to `brute_force_topm`), "ivf" (IndexIVFFlat) or "hnsw"
-            (IndexHNSWFlat): approximate membership, exact scores for what they return.
-        nlist: IVF lists; None: 4*sqrt(N) capped so each list has >= 39 training points.
-        nprobe: IVF lists visited per seed.
-        hnsw_m: HNSW graph degree.
-        ef_search: HNSW search breadth (raised to the number of neighbours asked if smaller).
         threads: FAISS threads for this call (restored afterwards); None: all CPUs available.
-        seed: RNG seed of the IVF training sample and k-means.
 
     Returns:
         (idx [m'] int64 corpus rows, score [m'] float64), by score desc then row asc;
         m' = min(m, N - excluded).
     """
     _check_m(m)
-    _check_index_options(index, nlist, nprobe, hnsw_m, ef_search, threads)
+    _check_threads(threads)
     x = _as_float32_matrix(corpus, "corpus")
     seeds_n = _normalised_seeds(seeds, x.shape[1])
     mask = _exclude_mask(exclude, x.shape[0])
@@ -355,15 +302,7 @@ def topm_max_over_seeds(
         rows, scores = _select(np.arange(n), _exact_scores(corpus_n, seeds_n), n)
         return kept[rows], scores
     with _faiss_threads(threads):
-        if index == "flat":
-            rows, scores = _flat_topm(corpus_n, seeds_n, m)
-        else:
-            approx = _build_approx_index(corpus_n, index, nlist, hnsw_m, seed)
-            if index == "ivf":
-                approx.nprobe = nprobe
-            else:
-                approx.hnsw.efSearch = max(ef_search, _candidate_k(m, n))
-            rows, scores = _approx_topm(approx, corpus_n, seeds_n, m)
+        rows, scores = _flat_topm(corpus_n, seeds_n, m)
     return kept[rows], scores
 
 
@@ -398,22 +337,6 @@ def brute_force_topm(
     threshold = np.partition(approx, approx.size - mm)[approx.size - mm]
     candidates = np.flatnonzero(approx >= threshold - 2 * _score_tolerance(x.shape[1]))
     return _select(candidates, _exact_scores(corpus_n[candidates], seeds_n), mm)
-
-
-def recall_at_m(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
-    """Fraction of the exact top-m rows that an approximate search also returned.
-
-    Args:
-        approx_idx: [m'] rows from an approximate search.
-        exact_idx: [m'] rows from the exact search.
-
-    Returns:
-        |approx & exact| / |exact|; 1.0 when `exact_idx` is empty (nothing to recall).
-    """
-    exact = np.unique(np.asarray(exact_idx))
-    if exact.size == 0:
-        return 1.0
-    return float(np.intersect1d(np.asarray(approx_idx), exact).size / exact.size)
 
 
 # ---------------------------------------------------------------------------------------------
