@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from finescope_core import retrieval
 from finescope_core.retrieval import (
     LayerSelection,
     RetrievalInputError,
@@ -17,6 +16,7 @@ from finescope_core.retrieval import (
     topm_max_over_seeds,
     vote,
 )
+from finescope_core.retrieval.scores import exact_scores, l2_normalise, normalised_seeds
 
 
 def naive_topm(corpus: np.ndarray, seeds: np.ndarray, m: int, exclude: np.ndarray | None = None):
@@ -88,9 +88,9 @@ def test_duplicate_rows_tie_break_by_lower_row() -> None:
 
 def _canonical_reference(corpus: np.ndarray, seeds: np.ndarray, m: int):
     """Full canonical scoring of every row, for bit-exact comparisons on tie-heavy data."""
-    corpus_n = retrieval._l2_normalise(np.ascontiguousarray(corpus, np.float32), "corpus")
-    seeds_n = retrieval._normalised_seeds(seeds, corpus.shape[1])
-    scores = retrieval._exact_scores(corpus_n, seeds_n)
+    corpus_n = l2_normalise(np.ascontiguousarray(corpus, np.float32), "corpus")
+    seeds_n = normalised_seeds(seeds, corpus.shape[1])
+    scores = exact_scores(corpus_n, seeds_n)
     order = np.lexsort((np.arange(len(scores)), -scores))[:m]
     return order.astype(np.int64), scores[order]
 
