@@ -24,6 +24,7 @@ from finescope_core import activations, retrieval, sae, saliency
 from finescope_core.batching import iter_text_batches
 from finescope_core.config import CurateConfig
 from finescope_core.data import Record, RecordSet, write_jsonl
+from finescope_core.hooks import resolve_layers
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,17 @@ class CurationError(ValueError):
     """A curation setting does not fit the model or data; the message names the field."""
 
 
-def resolve_layers(num_hidden_layers: int, cfg: CurateConfig) -> list[int]:
-    """The decoder layers to hook: `cfg.layers` (negatives from the end) or `num_layers` evenly spaced.
+def hooked_layers(num_hidden_layers: int, cfg: CurateConfig) -> list[int]:
+    """The decoder layers to hook, ascending: `cfg.layers` (checked by `hooks.resolve_layers`) or
+    `cfg.num_layers` evenly spaced.
 
     The automatic choice skips the first layers, whose outputs are still close to the token embeddings.
+
+    Raises:
+        LayerSelectionError: `cfg.layers` is empty, out of range or names a layer twice.
     """
     if cfg.layers is not None:
-        out = []
-        for layer in cfg.layers:
-            idx = layer + num_hidden_layers if layer < 0 else layer
-            if not 0 <= idx < num_hidden_layers:
-                raise CurationError(
-                    f"curate.layers contains {layer}, but the model has {num_hidden_layers} layers "
-                    f"(valid: 0..{num_hidden_layers - 1} or -{num_hidden_layers}..-1)"
-                )
-            out.append(idx)
-        return sorted(set(out))
+        return sorted(resolve_layers(cfg.layers, num_hidden_layers, setting="curate.layers"))
     count = min(cfg.num_layers, num_hidden_layers)
     start = min(2, num_hidden_layers - count)
     return sorted({round(x) for x in np.linspace(start, num_hidden_layers - 1, count)})
