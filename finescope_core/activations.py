@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from finescope_core.batching import TextBatch, iter_text_batches, masked_mean, pooling_mask
 from finescope_core.hooks import capture_layers, resolve_layers
 from finescope_core.model import DecoderArch, resolve_arch
+from finescope_core.progress import Progress, no_progress
 
-Progress = Callable[[int, int], None]
 MANIFEST = "activations.json"
 FORMAT = "finescope-activations/1"
 
@@ -146,7 +146,7 @@ def extract_pooled(
     *,
     skip_first: int,
     indices: Tensor | None = None,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Pooled activations a(l)(x), or a~(l)(x) = a(l)(x)[I(l)] (eq. 11), for every batch.
 
@@ -181,15 +181,14 @@ def _iter_pooled(
     skip_first: int,
     indices: Tensor | None,
     device: torch.device,
-    progress: Progress | None,
+    progress: Progress,
     total: int,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     done = 0
     for batch in batches:
         acts = _pool_batch(arch, layers, batch.to(device), skip_first, indices)
         done += len(batch)
-        if progress is not None:
-            progress(done, total)
+        progress(done, total)
         yield batch.rows, acts
 
 
@@ -237,7 +236,7 @@ def write_activation_shards(
     skip_first: int,
     shard_size: int,
     dtype: torch.dtype = torch.float32,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> ActivationManifest:
     """Embed `texts` and write `shard-NNNNN.safetensors` files (`acts` [n, L, k], `rows` [n]) plus `activations.json`.
 
@@ -270,8 +269,7 @@ def write_activation_shards(
     for rows, acts in extract_pooled(model, batches, resolved, skip_first=skip_first, indices=indices):
         writer.add(rows, acts)
         width = acts.shape[-1]
-        if progress is not None:
-            progress(writer.buffered + sum(s.num_rows for s in writer.shards), len(texts))
+        progress(writer.buffered + sum(s.num_rows for s in writer.shards), len(texts))
     shards = writer.close()
     _remove_stale_shards(out_dir, {s.file for s in shards})
     manifest = ActivationManifest(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,14 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core import activations, retrieval, sae, saliency
-from finescope_core.batching import iter_text_batches
+from finescope_core.batching import TextBatch, iter_text_batches
 from finescope_core.config import CurateConfig
 from finescope_core.data import Record, RecordSet, write_jsonl
 from finescope_core.hooks import resolve_layers
+from finescope_core.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 OUTPUT_FIELDS = ("rank", "score", "votes", "layers")
 """Columns finescope adds to each curated record; input fields with these names are kept as `input_<name>`."""
 
@@ -75,7 +75,7 @@ def saliency_stage(
     cfg: CurateConfig,
     seed: int,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Score every coordinate of every hooked layer on D0 (a seeded corpus sample) and keep the top k_act."""
     rows = _sample_rows(len(corpus), cfg.reference_size, seed)
@@ -96,7 +96,10 @@ def saliency_stage(
     return {"layers": layers, "k_act": cfg.k_act, "reference_rows": len(rows), "selector": cfg.selector}
 
 
-def _pooled_all(model, batches, layers, skip_first: int, n: int, progress: Progress | None) -> torch.Tensor:
+def _pooled_all(
+    model: PreTrainedModel, batches: list[TextBatch], layers: list[int], skip_first: int, n: int, progress: Progress
+) -> torch.Tensor:
+    """[n, L, d] pooled activations of every text in `batches`, rows in text order."""
     out: torch.Tensor | None = None
     for rows, acts in activations.extract_pooled(model, batches, layers, skip_first=skip_first, indices=None, progress=progress):
         if out is None:
@@ -117,7 +120,7 @@ def activation_stage(
     indices: torch.Tensor | None,
     cfg: CurateConfig,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Pooled activations of `records` at the selected coordinates, every layer from one pass, sharded."""
     manifest = activations.write_activation_shards(
@@ -137,7 +140,7 @@ def sae_stage(
     cfg: CurateConfig,
     seed: int,
     out_dir: Path,
-    progress=None,
+    progress: Progress = no_progress,
     positions: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train one SAE per layer (batched) on the corpus activations; save each with its metrics.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,11 @@ from finescope_core.activations import extract_pooled, write_json_atomic, write_
 from finescope_core.batching import TextBatch, masked_mean, pooling_mask
 from finescope_core.hooks import LayerCapture, capture_layers, resolve_layers
 from finescope_core.model import DecoderArch, resolve_arch
+from finescope_core.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 
 Selector = Literal["jacobian", "magnitude", "variance"]
-Progress = Callable[[int, int], None]
 SALIENCY_JSON = "saliency.json"
 SALIENCY_TENSORS = "saliency.safetensors"
 
@@ -244,7 +244,7 @@ def jacobian_saliency(
     probes: int,
     skip_first: int,
     generator: torch.Generator,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> Tensor:
     """W(l)_j (eq. 9): the mean over the reference corpus of the per-sample saliency ŝ(l)_j (eq. 8).
 
@@ -280,8 +280,7 @@ def jacobian_saliency(
             s_hat = _saliency_with_probes(arch, cap, batch.to(device), draws, skip_first)
             total = s_hat.sum(dim=0) if total is None else total + s_hat.sum(dim=0)
             done += len(batch)
-            if progress is not None:
-                progress(done, total_rows)
+            progress(done, total_rows)
     if total is None:
         raise SaliencyError("the reference corpus D0 is empty; give at least one text (curate.reference_size)")
     return (total / done).cpu()
@@ -332,7 +331,7 @@ def compute_saliency(
     probes: int,
     skip_first: int,
     generator: torch.Generator,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> LayerSaliency:
     """Score every coordinate of the hooked layers on D0 and pick the top `k_act` per layer.
 

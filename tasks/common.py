@@ -288,7 +288,9 @@ class Progress:
         except Exception:  # no Prefect run context (a plain function call): terminal only
             self.artifact_id = None
 
-    def __call__(self, done: int, total: int, *extra: Any) -> None:
+    def __call__(self, done: int, total: int, *extra: Any, **info: Any) -> None:
+        # `info` (finescope_core.progress) is shown in the log line; `extra` is the older positional
+        # form, still passed by finetune (its loss) and ignored here as before.
         if total <= 0:  # size unknown up front: no percentage to show
             return
         pct = min(100, int(100 * done / total))
@@ -299,7 +301,7 @@ class Progress:
             self._show(pct)
         if pct // 10 > self.logged_decile or done >= total:
             self.logged_decile = pct // 10
-            detail = _short(f" {extra[0]}") if extra and isinstance(extra[0], dict) else ""
+            detail = _short(f" {info}") if info else ""
             elapsed = time.perf_counter() - self.start
             logger().info("%s: %d/%d (%d%%, %.0fs)%s", self.what, done, total, pct, elapsed, detail)
 

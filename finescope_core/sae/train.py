@@ -16,20 +16,18 @@ Choices, and why:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from finescope_core.config import SAEConfig
+from finescope_core.progress import Progress, no_progress
 from finescope_core.sae.losses import SAELosses, sae_losses
 from finescope_core.sae.metrics import LayerMetrics, SAEEval, evaluate_saes
 from finescope_core.sae.model import BatchedSAE, SAEInputError
 
 _CURVE_POINTS = 100
-
-ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
 
 def layer_seed(seed: int, layer_id: int) -> int:
@@ -207,7 +205,7 @@ def train_saes(
     *,
     seed: int,
     device: torch.device | str = "cpu",
-    progress: ProgressFn | None = None,
+    progress: Progress = no_progress,
     layer_ids: Sequence[int] | None = None,
 ) -> tuple[BatchedSAE, list[LayerMetrics]]:
     """Train one SAE per layer of `acts`, all layers at once, with Adam on FVU + alpha*AuxK + lambda*L1.
@@ -221,8 +219,8 @@ def train_saes(
         cfg: SAE hyper-parameters.
         seed: run seed.
         device: where to train.
-        progress: called as progress(step, steps, {"loss": [L floats], "fvu": [L floats]}) at each
-            curve point (~every 1% of the steps).
+        progress: called as progress(step, steps, loss=[L floats], fvu=[L floats]) at each curve
+            point (~every 1% of the steps), the per-layer means since the previous point.
         layer_ids: the model layer of each position in acts (default 0..L-1); seeds and messages.
 
     Returns:
@@ -248,7 +246,7 @@ def train_saes(
     for step in range(cfg.steps):
         rows = torch.stack([next(s) for s in samplers]).to(device)
         losses = _train_step(sae, optimizer, sae.normalize(acts[rows, layer_index]), tracker, cfg)
-        if curve.add(step, losses) and progress is not None:
-            progress(step + 1, cfg.steps, {"loss": curve.loss[-1], "fvu": curve.fvu[-1]})
+        if curve.add(step, losses):
+            progress(step + 1, cfg.steps, loss=curve.loss[-1], fvu=curve.fvu[-1])
     sae.eval()
     return sae, _layer_metrics(evaluate_saes(sae, acts), curve)
