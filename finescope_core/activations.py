@@ -3,13 +3,13 @@
 All requested layers are captured from the same pass, which stops right after the deepest of them
 (no later layer, final norm or lm_head runs). Shards hold at most `shard_size` texts, so a corpus
 larger than memory can be embedded; `activations.json` is written last and marks a complete directory.
+Files are written in place, not through temporary names: the curate stage writes into a store work
+dir, which the store commits whole (`ArtifactStore.commit`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,26 +32,6 @@ FORMAT = "finescope-activations/1"
 
 class ActivationError(ValueError):
     """Bad activation input, or an activation directory that is missing or incomplete."""
-
-
-def write_safetensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    """Save tensors under a temporary name in the same directory, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write JSON under a temporary name in the same directory, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -217,7 +197,7 @@ class _ShardWriter:
     def _write(self, n: int) -> None:
         rows, acts = torch.cat(self.rows), torch.cat(self.acts)
         name = f"shard-{len(self.shards):05d}.safetensors"
-        write_safetensors_atomic({"acts": acts[:n].contiguous(), "rows": rows[:n].contiguous()}, self.out_dir / name)
+        save_file({"acts": acts[:n].contiguous(), "rows": rows[:n].contiguous()}, str(self.out_dir / name))
         self.shards.append(ShardInfo(name, n))
         self.rows, self.acts = [rows[n:]], [acts[n:]]
         self.buffered -= n
@@ -282,7 +262,7 @@ def write_activation_shards(
         skip_first=skip_first,
         max_length=max_length,
     )
-    write_json_atomic(manifest.to_dict(), out_dir / MANIFEST)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1), encoding="utf-8")
     return manifest
 
 

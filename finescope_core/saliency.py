@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwad
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from finescope_core.activations import extract_pooled, write_json_atomic, write_safetensors_atomic
+from finescope_core.activations import extract_pooled
 from finescope_core.batching import TextBatch, masked_mean, pooling_mask
 from finescope_core.hooks import LayerCapture, capture_layers, resolve_layers
 from finescope_core.model import DecoderArch, resolve_arch
@@ -71,11 +71,14 @@ class LayerSaliency:
         }
 
     def save(self, out_dir: Path) -> Path:
-        """Write `saliency.safetensors` (scores, indices) then `saliency.json`, each atomically."""
+        """Write `saliency.safetensors` (scores, indices) then `saliency.json`, in place.
+
+        No temporary names: the saliency stage saves into a store work dir, committed whole by the store.
+        """
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {"scores": self.scores.contiguous(), "indices": self.indices.contiguous()}
-        write_safetensors_atomic(tensors, out_dir / SALIENCY_TENSORS)
-        write_json_atomic(self.to_dict(), out_dir / SALIENCY_JSON)
+        save_file(tensors, str(out_dir / SALIENCY_TENSORS))
+        (out_dir / SALIENCY_JSON).write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
         return out_dir
 
     @classmethod

@@ -1,21 +1,20 @@
 """SAEs on disk: one directory per layer, `layer_{l:02d}/` with cfg.json, sae.safetensors, metrics.json.
 
 One directory per layer (not one file for the batch) so that layers trained by different workers
-can be gathered by copying directories, and any subset loaded and stacked again.
+can be gathered by copying directories, and any subset loaded and stacked again. Files are written
+in place, not through temporary names: the curate stage saves into a store work dir, which the store
+commits whole (`ArtifactStore.commit`), so no reader ever sees a half-written SAE.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from finescope_core.config import SAEConfig
 from finescope_core.sae.metrics import LayerMetrics
@@ -27,26 +26,9 @@ METRICS_FILE = "metrics.json"
 _TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "mean", "std")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Sorted keys and a fixed layout: the bytes (and so the artifact's hash) depend on the content only."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _per_layer_extras(
@@ -74,8 +56,9 @@ def save_saes(
 ) -> list[Path]:
     """Write one directory per layer, `out_dir/layer_{l:02d}/` with cfg.json, sae.safetensors, metrics.json.
 
-    Each file is written to a temporary name and renamed into place; cfg.json goes last, so a
-    directory with a cfg.json is complete.
+    cfg.json goes last, so a directory with a cfg.json holds the other two; `load_saes` skips any
+    without. Files are written in place (see the module docstring): save into a directory that is
+    committed whole, like a store work dir.
 
     Args:
         sae: L-layer SAEs.
@@ -109,9 +92,9 @@ def save_saes(
         layer_dir.mkdir(parents=True, exist_ok=True)
         one = sae.layer(i)
         tensors = {name: getattr(one, name).detach()[0].contiguous().cpu() for name in _TENSOR_NAMES}
-        _atomic_save_tensors(layer_dir / SAE_FILE, tensors)
-        _atomic_write_json(layer_dir / METRICS_FILE, asdict(metrics[i]))
-        _atomic_write_json(layer_dir / CFG_FILE, {**base, "layer": layer, **extras[i]})
+        save_file(tensors, layer_dir / SAE_FILE)
+        _write_json(layer_dir / METRICS_FILE, asdict(metrics[i]))
+        _write_json(layer_dir / CFG_FILE, {**base, "layer": layer, **extras[i]})
         dirs.append(layer_dir)
     return dirs
 
