@@ -168,15 +168,18 @@ def _metric_summary(m: Any) -> dict[str, float]:
 # --- retrieval and output ---------------------------------------------------------------------------
 
 
+def _usable_seeds(seeds: np.ndarray) -> np.ndarray:
+    """The seeds with a direction: a sparse code can be all zero for a seed, and then it cannot vote."""
+    return seeds[np.linalg.norm(seeds, axis=1) > 0]
+
+
 def retrieve_by_layer(
     corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], top_m: int, exclude: np.ndarray | None = None
 ) -> list[retrieval.LayerSelection]:
     """Exact top-M by max-over-seeds cosine in every layer's embedding space (`exclude`d rows never chosen)."""
     out = []
     for layer, emb in corpus_emb.items():
-        seeds = seed_emb[layer]
-        # A sparse code can be all zero for a seed: it has no direction, so it cannot vote in this layer.
-        seeds = seeds[np.linalg.norm(seeds, axis=1) > 0]
+        seeds = _usable_seeds(seed_emb[layer])
         if len(seeds) == 0:
             log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
             continue
@@ -248,30 +251,86 @@ def select_records(
     seed: int,
     exclude_rows: Sequence[int] = (),
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
-    """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row."""
+    """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row.
+
+    Returns:
+        The voted records, best first, and what the summary records about the vote: per layer the
+        mean top-M score (and, with `cfg.layer_weighting` "quality", the layer's vote weight), the M
+        actually used, and how many seed copies were excluded.
+    """
     excluded = set(exclude_rows)
     if method == "random":
-        pool = [i for i in range(corpus_size) if i not in excluded]
-        rows = [pool[i] for i in _sample_rows(len(pool), cfg.final_size, seed)]
-        np.random.default_rng(seed).shuffle(rows)
-        return [retrieval.VotedRecord(row=r, votes=0.0, mean_score=0.0, layers=[]) for r in rows], {}
-    assert corpus_emb is not None and seed_emb is not None
+        return _random_sample(corpus_size, excluded, cfg.final_size, seed), {}
+    assert corpus_emb is not None and seed_emb is not None, f"method {method!r} needs embeddings"
     mask = np.zeros(corpus_size, dtype=bool)
     mask[list(excluded)] = True
-    usable = corpus_size - len(excluded)
-    # The vote ranks the union of the per-layer lists; widen M until that union can fill final_size.
+    selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg)
+    weights = layer_vote_weights(selections, corpus_emb, seed_emb, cfg, seed)
+    voted = retrieval.vote(selections, cfg.final_size, weights=weights)
+    per_layer: dict[int, dict[str, float]] = {
+        s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections
+    }
+    if weights is not None:  # only then: a plain vote's summary stays as it always was
+        for layer, weight in weights.items():
+            per_layer[layer]["weight"] = weight
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded)}
+
+
+def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: int) -> list[retrieval.VotedRecord]:
+    """The `random` baseline: a seeded uniform sample of the rows not excluded, in seeded order."""
+    pool = [i for i in range(corpus_size) if i not in excluded]
+    rows = [pool[i] for i in _sample_rows(len(pool), final_size, seed)]
+    np.random.default_rng(seed).shuffle(rows)
+    return [retrieval.VotedRecord(row=r, votes=0.0, mean_score=0.0, layers=[]) for r in rows]
+
+
+def _widened_selections(
+    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], mask: np.ndarray, cfg: CurateConfig
+) -> tuple[list[retrieval.LayerSelection], int]:
+    """Per-layer top-M lists whose union can fill `final_size`, and the M that took.
+
+    The vote ranks the union of the per-layer lists, so M is doubled from `cfg.top_m` until that
+    union holds `final_size` rows or M covers every row not excluded (`mask`).
+    """
+    usable = int((~mask).sum())
+    exclude = mask if mask.any() else None
     top_m = cfg.top_m
     while True:
-        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, mask if excluded else None)
+        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, exclude)
         union = len(set().union(*(s.rows.tolist() for s in selections)))
         if union >= cfg.final_size or top_m >= usable:
             break
         top_m = min(2 * top_m, usable)
     if top_m != cfg.top_m:
         log.info("per-layer top-%d left fewer than %d records; used top-%d", cfg.top_m, cfg.final_size, top_m)
-    voted = retrieval.vote(selections, cfg.final_size)
-    per_layer = {s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections}
-    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded)}
+    return selections, top_m
+
+
+def layer_vote_weights(
+    selections: Sequence[retrieval.LayerSelection],
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    cfg: CurateConfig,
+    seed: int,
+) -> dict[int, float] | None:
+    """The vote weight of each voting layer under `cfg.layer_weighting`; None for the plain vote.
+
+    "quality" weights come from `retrieval.layer_weights` on the seeds that vote in each layer (those
+    with a non-zero code) against the whole corpus, sampled with the run `seed`.
+
+    Raises:
+        CurationError: "quality" with fewer than 2 usable seeds in a voting layer (leave-one-out needs 2).
+    """
+    if cfg.layer_weighting == "vote":
+        return None
+    seeds = {s.layer: _usable_seeds(seed_emb[s.layer]) for s in selections}
+    few = {layer: len(codes) for layer, codes in seeds.items() if len(codes) < 2}
+    if few:
+        raise CurationError(
+            f"curate.layer_weighting=quality weighs each layer by leaving one seed out, so every voting layer needs "
+            f"at least 2 seeds with a non-zero code; seeds per layer: {few}. Add seeds or set curate.layer_weighting: vote"
+        )
+    return retrieval.layer_weights(seeds, {layer: corpus_emb[layer] for layer in seeds}, seed=seed)
 
 
 def save_embeddings(path: Path, corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray]) -> None:
