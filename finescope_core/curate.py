@@ -161,7 +161,8 @@ def sae_stage(
     return {"layers": ids, "metrics": [_metric_summary(m) for m in metrics]}
 
 
-def _metric_summary(m: Any) -> dict[str, float]:
+def _metric_summary(m: sae.LayerMetrics) -> dict[str, float]:
+    """What the stage summary keeps of a layer's metrics: the final numbers, not the curves."""
     return {"fvu": float(m.fvu), "l0": float(m.l0), "dead_fraction": float(m.dead_fraction)}
 
 
@@ -170,7 +171,8 @@ def _metric_summary(m: Any) -> dict[str, float]:
 
 def _usable_seeds(seeds: np.ndarray) -> np.ndarray:
     """The seeds with a direction: a sparse code can be all zero for a seed, and then it cannot vote."""
-    return seeds[np.linalg.norm(seeds, axis=1) > 0]
+    usable: np.ndarray = seeds[np.linalg.norm(seeds, axis=1) > 0]
+    return usable
 
 
 def retrieve_by_layer(
@@ -341,6 +343,7 @@ def save_embeddings(path: Path, corpus_emb: dict[int, np.ndarray], seed_emb: dic
 
 
 def load_embeddings(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The (corpus, seeds) embeddings per layer that `save_embeddings` kept."""
     tensors = load_file(str(path))
     corpus = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("corpus.")}
     seeds = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("seeds.")}

@@ -193,25 +193,33 @@ def _saliency_with_probes(
     Returns:
         [B, L, d] float32 on the model's device.
     """
-    ids, mask = batch.input_ids, batch.attention_mask
+    mask = batch.attention_mask
     pmask = pooling_mask(mask, skip_first)
-    embeds = arch.embed(ids)
+    embeds = arch.embed(batch.input_ids)
     sq_sum: Tensor | None = None
     count = 0
     for probe in probes:
-        with fwad.dual_level():
-            dual = fwad.make_dual(embeds, probe.to(embeds.device, embeds.dtype))
-            pooled = capture.run(
-                lambda d=dual: arch.backbone(inputs_embeds=d, attention_mask=mask, use_cache=False),
-                reduce=lambda h: masked_mean(h, pmask),
-            )
-            tangents = [fwad.unpack_dual(p).tangent for p in pooled]
-            assert all(t is not None for t in tangents), "a hooked layer output carried no tangent"
-            u_sq = torch.stack(tangents, dim=1).float().square()  # [B, L, d]
+        u_sq = _squared_tangents(arch, capture, embeds, probe, mask, pmask)
         sq_sum = u_sq if sq_sum is None else sq_sum + u_sq
         count += 1
     assert sq_sum is not None, "no probes given"
     return (sq_sum / count).sqrt()
+
+
+def _squared_tangents(
+    arch: DecoderArch, capture: LayerCapture, embeds: Tensor, probe: Tensor, mask: Tensor, pmask: Tensor
+) -> Tensor:
+    """u_j^2 with u = J r for one probe r: one forward-mode pass serves every hooked layer. [B, L, d] float32."""
+    # torch.autograd.forward_ad ships without annotations (torch 2.13), hence the two ignores below.
+    with fwad.dual_level():
+        dual: Tensor = fwad.make_dual(embeds, probe.to(embeds.device, embeds.dtype))  # type: ignore[no-untyped-call]
+        pooled = capture.run(
+            lambda: arch.backbone(inputs_embeds=dual, attention_mask=mask, use_cache=False),
+            reduce=lambda h: masked_mean(h, pmask),
+        )
+        tangents = [fwad.unpack_dual(p).tangent for p in pooled]  # type: ignore[no-untyped-call]
+        assert all(t is not None for t in tangents), "a hooked layer output carried no tangent"
+        return torch.stack(tangents, dim=1).float().square()
 
 
 def batch_saliency(
@@ -320,7 +328,10 @@ def exact_saliency(model: PreTrainedModel, batch: TextBatch, layers: Sequence[in
             # Samples do not interact, so d(sum_b a[b])/d e[b] is sample b's own Jacobian: B times fewer rows.
             return torch.stack(outs, dim=1).sum(dim=0)  # [L, d]
 
-        jac = torch.autograd.functional.jacobian(pooled_sum, embeds, vectorize=True)  # [L, d, B, T, D]
+        # torch.autograd.functional ships without annotations (torch 2.13).
+        jac: Tensor = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
+            pooled_sum, embeds, vectorize=True
+        )  # [L, d, B, T, D]
     return jac.float().square().sum(dim=(-2, -1)).permute(2, 0, 1).sqrt().cpu()
 
 

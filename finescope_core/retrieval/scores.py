@@ -75,8 +75,10 @@ def l2_normalise(
         [n, d] or [k, d] float32.
     """
     norms = _safe_norms(x, name, ignore)
+    out: np.ndarray
     if rows is None:
-        return x / norms[:, None]
+        out = x / norms[:, None]
+        return out
     out = x[rows]  # the gather is the only copy of the corpus; divide in place
     out /= norms[rows, None]
     return out

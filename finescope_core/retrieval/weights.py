@@ -5,6 +5,8 @@ Used by the vote when `curate.layer_weighting` is "quality"; the plain vote give
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -42,7 +44,7 @@ def _held_out_zscores(seeds_n: np.ndarray, sample_n: np.ndarray) -> np.ndarray:
 
 
 def layer_quality(
-    seed_codes: dict[int, Matrix], corpus_codes: dict[int, Matrix], *, sample_size: int = 8192, seed: int = 0
+    seed_codes: Mapping[int, Matrix], corpus_codes: Mapping[int, Matrix], *, sample_size: int = 8192, seed: int = 0
 ) -> dict[int, float]:
     """Unsupervised quality of each layer's code space for seed-based retrieval (leave-one-seed-out).
 
@@ -89,7 +91,7 @@ def layer_quality(
 
 
 def layer_weights(
-    seed_codes: dict[int, Matrix], corpus_codes: dict[int, Matrix], *, sample_size: int = 8192, seed: int = 0
+    seed_codes: Mapping[int, Matrix], corpus_codes: Mapping[int, Matrix], *, sample_size: int = 8192, seed: int = 0
 ) -> dict[int, float]:
     """Vote weights from `layer_quality`: max(quality, 0), scaled to mean 1 over the layers.
 

@@ -176,7 +176,7 @@ def _train_step(
     losses = sae_losses(sae, x_norm, tracker.dead_mask(), cfg)
     optimizer.zero_grad(set_to_none=True)
     # Layers share no parameters, so the sum gives each layer exactly its own gradient.
-    losses.total.sum().backward()
+    torch.autograd.backward(losses.total.sum())  # Tensor.backward's own call, typed
     sae.remove_parallel_decoder_grad_()
     optimizer.step()
     sae.normalize_decoder_()
