@@ -47,7 +47,7 @@ def main() -> None:
 
     from finescope_core.activations import load_activations, write_activation_shards
     from finescope_core.config import FinescopeConfig
-    from finescope_core.data import write_jsonl
+    from finescope_core.io import dump_jsonl
     from finescope_core.model import load_model
     from finescope_core.tiny import save_tiny
     from flows.fanout import embed
@@ -58,7 +58,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
     save_tiny(root / "model", "qwen3", hidden=args.hidden, layers=args.layers, intermediate=2 * args.hidden)
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
-        write_jsonl(corpus(args.texts), f)
+        dump_jsonl(corpus(args.texts), f)
     (root / "seeds.jsonl").write_text(json.dumps({"text": "seed"}) + "\n")
     layers = list(range(args.layers))
 

@@ -1,8 +1,7 @@
 """Benchmark: exact top-M by max-over-seeds cosine with FAISS (union of per-seed lists) vs brute force.
 
-    python bench/bench_retrieval.py                 # 1M codes, d=256, 10 seeds, top-100, + IVF
+    python bench/bench_retrieval.py                 # 1M codes, d=256, 10 seeds, top-100
     python bench/bench_retrieval.py --n 100000      # smaller corpus
-    python bench/bench_retrieval.py --hnsw          # also HNSW (slow to build on a few cores)
 
 The corpus imitates SAE codes: non-negative, clustered, sparse-ish. The seeds are noisy copies of
 rows from one cluster; those source rows are excluded, as the pipeline excludes seed copies.
@@ -23,8 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a plain script
-from finescope_core import retrieval
-from finescope_core.retrieval import brute_force_topm, recall_at_m, topm_max_over_seeds
+from finescope_core.retrieval import brute_force_topm, topm_max_over_seeds
 
 
 def make_codes(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
@@ -91,14 +89,6 @@ def main() -> None:
     p.add_argument("--m", type=int, default=100)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=2, help="timing runs per method (best is reported)")
-    p.add_argument(
-        "--nlist",
-        type=int,
-        default=256,
-        help="IVF lists (0: the library default 4*sqrt(N), slow to build on a few cores)",
-    )
-    p.add_argument("--nprobe", type=int, default=32)
-    p.add_argument("--hnsw", action="store_true", help="also build and search an HNSW index")
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all available)")
     args = p.parse_args()
 
@@ -139,45 +129,6 @@ def main() -> None:
         print(f"  {name:50s} {t:7.3f} s   time / faiss-flat time = {t / times[flat_name]:.2f}")
     for name in list(runs)[1:]:
         print("  " + compare(name, results[name], exact))
-
-    approximate(corpus, seeds, exclude, exact[0], args)
-
-
-def approximate(
-    corpus: np.ndarray,
-    seeds: np.ndarray,
-    exclude: np.ndarray,
-    exact_rows: np.ndarray,
-    args: argparse.Namespace,
-) -> None:
-    """IVF (and HNSW) with build and search timed apart: the library builds and searches in one
-    call, but only the search would shrink if an index were reused, so the split is what matters."""
-    kept = np.flatnonzero(~exclude)
-    corpus_n = retrieval._l2_normalise(corpus, "corpus", rows=kept)
-    seeds_n = retrieval._normalised_seeds(seeds, corpus.shape[1])
-    kinds = ["ivf", "hnsw"] if args.hnsw else ["ivf"]
-    print("\napproximate indices (same exclusions; scores of what they return are exact):")
-    with retrieval._faiss_threads(args.threads):
-        for kind in kinds:
-            t_build, index = timed(
-                lambda k=kind: retrieval._build_approx_index(corpus_n, k, args.nlist or None, 32, 0), 1
-            )
-            settings = (
-                [("nprobe", p) for p in sorted({1, 4, args.nprobe})] if kind == "ivf" else [("efSearch", 256)]
-            )
-            for key, value in settings:
-                if kind == "ivf":
-                    index.nprobe = value
-                else:
-                    index.hnsw.efSearch = value
-                t_search, (rows, _) = timed(
-                    lambda i=index: retrieval._approx_topm(i, corpus_n, seeds_n, args.m), 3
-                )
-                label = f"IVF-flat nlist={index.nlist}" if kind == "ivf" else "HNSW-flat M=32"
-                print(
-                    f"  {label:22s} {key}={value:<4d} build {t_build:7.2f} s   search {t_search:6.3f} s   "
-                    f"recall@{args.m}={recall_at_m(kept[rows], exact_rows):.3f}"
-                )
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
 All requested layers are captured from the same pass, which stops right after the deepest of them
 (no later layer, final norm or lm_head runs). Shards hold at most `shard_size` texts, so a corpus
 larger than memory can be embedded; `activations.json` is written last and marks a complete directory.
+Files are written in place, not through temporary names: the curate stage writes into a store work
+dir, which the store commits whole (`ArtifactStore.commit`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,34 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from finescope_core.batching import TextBatch, iter_text_batches, masked_mean, pooling_mask
 from finescope_core.hooks import capture_layers, resolve_layers
 from finescope_core.model import DecoderArch, resolve_arch
+from finescope_core.progress import Progress, no_progress
 
-Progress = Callable[[int, int], None]
 MANIFEST = "activations.json"
 FORMAT = "finescope-activations/1"
 
 
 class ActivationError(ValueError):
     """Bad activation input, or an activation directory that is missing or incomplete."""
-
-
-def write_safetensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    """Save tensors under a temporary name in the same directory, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write JSON under a temporary name in the same directory, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -146,7 +126,7 @@ def extract_pooled(
     *,
     skip_first: int,
     indices: Tensor | None = None,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Pooled activations a(l)(x), or a~(l)(x) = a(l)(x)[I(l)] (eq. 11), for every batch.
 
@@ -181,15 +161,14 @@ def _iter_pooled(
     skip_first: int,
     indices: Tensor | None,
     device: torch.device,
-    progress: Progress | None,
+    progress: Progress,
     total: int,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     done = 0
     for batch in batches:
         acts = _pool_batch(arch, layers, batch.to(device), skip_first, indices)
         done += len(batch)
-        if progress is not None:
-            progress(done, total)
+        progress(done, total)
         yield batch.rows, acts
 
 
@@ -218,7 +197,7 @@ class _ShardWriter:
     def _write(self, n: int) -> None:
         rows, acts = torch.cat(self.rows), torch.cat(self.acts)
         name = f"shard-{len(self.shards):05d}.safetensors"
-        write_safetensors_atomic({"acts": acts[:n].contiguous(), "rows": rows[:n].contiguous()}, self.out_dir / name)
+        save_file({"acts": acts[:n].contiguous(), "rows": rows[:n].contiguous()}, str(self.out_dir / name))
         self.shards.append(ShardInfo(name, n))
         self.rows, self.acts = [rows[n:]], [acts[n:]]
         self.buffered -= n
@@ -237,7 +216,7 @@ def write_activation_shards(
     skip_first: int,
     shard_size: int,
     dtype: torch.dtype = torch.float32,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> ActivationManifest:
     """Embed `texts` and write `shard-NNNNN.safetensors` files (`acts` [n, L, k], `rows` [n]) plus `activations.json`.
 
@@ -270,8 +249,7 @@ def write_activation_shards(
     for rows, acts in extract_pooled(model, batches, resolved, skip_first=skip_first, indices=indices):
         writer.add(rows, acts)
         width = acts.shape[-1]
-        if progress is not None:
-            progress(writer.buffered + sum(s.num_rows for s in writer.shards), len(texts))
+        progress(writer.buffered + sum(s.num_rows for s in writer.shards), len(texts))
     shards = writer.close()
     _remove_stale_shards(out_dir, {s.file for s in shards})
     manifest = ActivationManifest(
@@ -284,7 +262,7 @@ def write_activation_shards(
         skip_first=skip_first,
         max_length=max_length,
     )
-    write_json_atomic(manifest.to_dict(), out_dir / MANIFEST)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1), encoding="utf-8")
     return manifest
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core import activations, retrieval, sae, saliency
-from finescope_core.batching import iter_text_batches
+from finescope_core.batching import TextBatch, iter_text_batches
 from finescope_core.config import CurateConfig
-from finescope_core.data import Record, RecordSet, write_jsonl
+from finescope_core.data import Record, RecordSet
+from finescope_core.hooks import resolve_layers
+from finescope_core.io import write_jsonl
+from finescope_core.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 OUTPUT_FIELDS = ("rank", "score", "votes", "layers")
 """Columns finescope adds to each curated record; input fields with these names are kept as `input_<name>`."""
 
@@ -36,22 +38,17 @@ class CurationError(ValueError):
     """A curation setting does not fit the model or data; the message names the field."""
 
 
-def resolve_layers(num_hidden_layers: int, cfg: CurateConfig) -> list[int]:
-    """The decoder layers to hook: `cfg.layers` (negatives from the end) or `num_layers` evenly spaced.
+def hooked_layers(num_hidden_layers: int, cfg: CurateConfig) -> list[int]:
+    """The decoder layers to hook, ascending: `cfg.layers` (checked by `hooks.resolve_layers`) or
+    `cfg.num_layers` evenly spaced.
 
     The automatic choice skips the first layers, whose outputs are still close to the token embeddings.
+
+    Raises:
+        LayerSelectionError: `cfg.layers` is empty, out of range or names a layer twice.
     """
     if cfg.layers is not None:
-        out = []
-        for layer in cfg.layers:
-            idx = layer + num_hidden_layers if layer < 0 else layer
-            if not 0 <= idx < num_hidden_layers:
-                raise CurationError(
-                    f"curate.layers contains {layer}, but the model has {num_hidden_layers} layers "
-                    f"(valid: 0..{num_hidden_layers - 1} or -{num_hidden_layers}..-1)"
-                )
-            out.append(idx)
-        return sorted(set(out))
+        return sorted(resolve_layers(cfg.layers, num_hidden_layers, setting="curate.layers"))
     count = min(cfg.num_layers, num_hidden_layers)
     start = min(2, num_hidden_layers - count)
     return sorted({round(x) for x in np.linspace(start, num_hidden_layers - 1, count)})
@@ -79,7 +76,7 @@ def saliency_stage(
     cfg: CurateConfig,
     seed: int,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Score every coordinate of every hooked layer on D0 (a seeded corpus sample) and keep the top k_act."""
     rows = _sample_rows(len(corpus), cfg.reference_size, seed)
@@ -100,7 +97,10 @@ def saliency_stage(
     return {"layers": layers, "k_act": cfg.k_act, "reference_rows": len(rows), "selector": cfg.selector}
 
 
-def _pooled_all(model, batches, layers, skip_first: int, n: int, progress: Progress | None) -> torch.Tensor:
+def _pooled_all(
+    model: PreTrainedModel, batches: list[TextBatch], layers: list[int], skip_first: int, n: int, progress: Progress
+) -> torch.Tensor:
+    """[n, L, d] pooled activations of every text in `batches`, rows in text order."""
     out: torch.Tensor | None = None
     for rows, acts in activations.extract_pooled(model, batches, layers, skip_first=skip_first, indices=None, progress=progress):
         if out is None:
@@ -121,7 +121,7 @@ def activation_stage(
     indices: torch.Tensor | None,
     cfg: CurateConfig,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Pooled activations of `records` at the selected coordinates, every layer from one pass, sharded."""
     manifest = activations.write_activation_shards(
@@ -141,7 +141,7 @@ def sae_stage(
     cfg: CurateConfig,
     seed: int,
     out_dir: Path,
-    progress=None,
+    progress: Progress = no_progress,
     positions: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train one SAE per layer (batched) on the corpus activations; save each with its metrics.
@@ -162,11 +162,18 @@ def sae_stage(
     return {"layers": ids, "metrics": [_metric_summary(m) for m in metrics]}
 
 
-def _metric_summary(m: Any) -> dict[str, float]:
+def _metric_summary(m: sae.LayerMetrics) -> dict[str, float]:
+    """What the stage summary keeps of a layer's metrics: the final numbers, not the curves."""
     return {"fvu": float(m.fvu), "l0": float(m.l0), "dead_fraction": float(m.dead_fraction)}
 
 
 # --- retrieval and output ---------------------------------------------------------------------------
+
+
+def _usable_seeds(seeds: np.ndarray) -> np.ndarray:
+    """The seeds with a direction: a sparse code can be all zero for a seed, and then it cannot vote."""
+    usable: np.ndarray = seeds[np.linalg.norm(seeds, axis=1) > 0]
+    return usable
 
 
 def retrieve_by_layer(
@@ -175,9 +182,7 @@ def retrieve_by_layer(
     """Exact top-M by max-over-seeds cosine in every layer's embedding space (`exclude`d rows never chosen)."""
     out = []
     for layer, emb in corpus_emb.items():
-        seeds = seed_emb[layer]
-        # A sparse code can be all zero for a seed: it has no direction, so it cannot vote in this layer.
-        seeds = seeds[np.linalg.norm(seeds, axis=1) > 0]
+        seeds = _usable_seeds(seed_emb[layer])
         if len(seeds) == 0:
             log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
             continue
@@ -223,8 +228,7 @@ def curated_rows(corpus: RecordSet, voted: Sequence[retrieval.VotedRecord]) -> l
 
 def write_curated(rows: list[dict[str, Any]], out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Write curated.jsonl, curated.parquet and curation.json into out_dir."""
-    with open(out_dir / "curated.jsonl", "w", encoding="utf-8") as f:
-        write_jsonl(rows, f)
+    write_jsonl(rows, out_dir / "curated.jsonl")
     pq.write_table(_arrow_table(rows), out_dir / "curated.parquet")
     summary = {**summary, "records": len(rows)}
     (out_dir / "curation.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -249,30 +253,86 @@ def select_records(
     seed: int,
     exclude_rows: Sequence[int] = (),
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
-    """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row."""
+    """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row.
+
+    Returns:
+        The voted records, best first, and what the summary records about the vote: per layer the
+        mean top-M score (and, with `cfg.layer_weighting` "quality", the layer's vote weight), the M
+        actually used, and how many seed copies were excluded.
+    """
     excluded = set(exclude_rows)
     if method == "random":
-        pool = [i for i in range(corpus_size) if i not in excluded]
-        rows = [pool[i] for i in _sample_rows(len(pool), cfg.final_size, seed)]
-        np.random.default_rng(seed).shuffle(rows)
-        return [retrieval.VotedRecord(row=r, votes=0.0, mean_score=0.0, layers=[]) for r in rows], {}
-    assert corpus_emb is not None and seed_emb is not None
+        return _random_sample(corpus_size, excluded, cfg.final_size, seed), {}
+    assert corpus_emb is not None and seed_emb is not None, f"method {method!r} needs embeddings"
     mask = np.zeros(corpus_size, dtype=bool)
     mask[list(excluded)] = True
-    usable = corpus_size - len(excluded)
-    # The vote ranks the union of the per-layer lists; widen M until that union can fill final_size.
+    selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg)
+    weights = layer_vote_weights(selections, corpus_emb, seed_emb, cfg, seed)
+    voted = retrieval.vote(selections, cfg.final_size, weights=weights)
+    per_layer: dict[int, dict[str, float]] = {
+        s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections
+    }
+    if weights is not None:  # only then: a plain vote's summary stays as it always was
+        for layer, weight in weights.items():
+            per_layer[layer]["weight"] = weight
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded)}
+
+
+def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: int) -> list[retrieval.VotedRecord]:
+    """The `random` baseline: a seeded uniform sample of the rows not excluded, in seeded order."""
+    pool = [i for i in range(corpus_size) if i not in excluded]
+    rows = [pool[i] for i in _sample_rows(len(pool), final_size, seed)]
+    np.random.default_rng(seed).shuffle(rows)
+    return [retrieval.VotedRecord(row=r, votes=0.0, mean_score=0.0, layers=[]) for r in rows]
+
+
+def _widened_selections(
+    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], mask: np.ndarray, cfg: CurateConfig
+) -> tuple[list[retrieval.LayerSelection], int]:
+    """Per-layer top-M lists whose union can fill `final_size`, and the M that took.
+
+    The vote ranks the union of the per-layer lists, so M is doubled from `cfg.top_m` until that
+    union holds `final_size` rows or M covers every row not excluded (`mask`).
+    """
+    usable = int((~mask).sum())
+    exclude = mask if mask.any() else None
     top_m = cfg.top_m
     while True:
-        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, mask if excluded else None)
+        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, exclude)
         union = len(set().union(*(s.rows.tolist() for s in selections)))
         if union >= cfg.final_size or top_m >= usable:
             break
         top_m = min(2 * top_m, usable)
     if top_m != cfg.top_m:
         log.info("per-layer top-%d left fewer than %d records; used top-%d", cfg.top_m, cfg.final_size, top_m)
-    voted = retrieval.vote(selections, cfg.final_size)
-    per_layer = {s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections}
-    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded)}
+    return selections, top_m
+
+
+def layer_vote_weights(
+    selections: Sequence[retrieval.LayerSelection],
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    cfg: CurateConfig,
+    seed: int,
+) -> dict[int, float] | None:
+    """The vote weight of each voting layer under `cfg.layer_weighting`; None for the plain vote.
+
+    "quality" weights come from `retrieval.layer_weights` on the seeds that vote in each layer (those
+    with a non-zero code) against the whole corpus, sampled with the run `seed`.
+
+    Raises:
+        CurationError: "quality" with fewer than 2 usable seeds in a voting layer (leave-one-out needs 2).
+    """
+    if cfg.layer_weighting == "vote":
+        return None
+    seeds = {s.layer: _usable_seeds(seed_emb[s.layer]) for s in selections}
+    few = {layer: len(codes) for layer, codes in seeds.items() if len(codes) < 2}
+    if few:
+        raise CurationError(
+            f"curate.layer_weighting=quality weighs each layer by leaving one seed out, so every voting layer needs "
+            f"at least 2 seeds with a non-zero code; seeds per layer: {few}. Add seeds or set curate.layer_weighting: vote"
+        )
+    return retrieval.layer_weights(seeds, {layer: corpus_emb[layer] for layer in seeds}, seed=seed)
 
 
 def save_embeddings(path: Path, corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray]) -> None:
@@ -283,6 +343,7 @@ def save_embeddings(path: Path, corpus_emb: dict[int, np.ndarray], seed_emb: dic
 
 
 def load_embeddings(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The (corpus, seeds) embeddings per layer that `save_embeddings` kept."""
     tensors = load_file(str(path))
     corpus = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("corpus.")}
     seeds = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("seeds.")}

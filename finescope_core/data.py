@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -484,12 +484,6 @@ def check_sizes(usable: int, *, needed: int, what: str) -> None:
             f"the corpus has {usable} usable records (after removing duplicates and copies of seeds) but "
             f"{what} asks for {needed}; lower {what} or add corpus records"
         )
-
-
-def write_jsonl(records: Iterable[dict[str, Any]], f: io.TextIOBase) -> None:
-    """One JSON object per line, UTF-8, non-ASCII kept as is."""
-    for obj in records:
-        f.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
 
 
 def heldout_split(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -26,24 +26,37 @@ class _StopForward(Exception):
     """Raised by the deepest hook to abandon the rest of the forward pass (later layers, norm, lm_head)."""
 
 
-def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
-    """Normalise layer indices (negative counts from the end) and check them.
+def resolve_layers(layers: Sequence[int], num_layers: int, *, setting: str = "layers") -> list[int]:
+    """Normalise decoder layer indices (negative counts from the end) and check them, keeping their order.
+
+    The one place layer indices are checked. A repeated layer is refused, not dropped: a typo in a
+    config (`[-1, 11]` on a 12-layer model) must not silently shrink the set of hooked layers.
+
+    Args:
+        layers: decoder layer indices.
+        num_layers: decoder layers of the model.
+        setting: what the caller's user calls `layers` (e.g. "curate.layers"), named in errors.
 
     Raises:
-        LayerSelectionError: empty list, an index out of range, or a duplicate.
+        LayerSelectionError: empty list, an index out of range, or the same layer twice.
     """
     if not layers:
-        raise LayerSelectionError("no layers requested; give at least one decoder layer index")
-    out = []
+        raise LayerSelectionError(f"no layers requested in {setting}; give at least one decoder layer index")
+    out: list[int] = []
     for layer in layers:
         if not -num_layers <= layer < num_layers:
             raise LayerSelectionError(
-                f"layer {layer} is out of range for a model with {num_layers} decoder layers "
-                f"(valid: 0..{num_layers - 1}, or negative from the end)"
+                f"{setting} contains {layer}, which is out of range: the model has {num_layers} layers "
+                f"(valid: 0..{num_layers - 1} or -{num_layers}..-1)"
             )
-        out.append(layer % num_layers)
-    if len(set(out)) != len(out):
-        raise LayerSelectionError(f"layers {list(layers)} name the same decoder layer twice; list each once")
+        idx = layer % num_layers
+        if idx in out:
+            first = layers[out.index(idx)]
+            raise LayerSelectionError(
+                f"{setting} {list(layers)} names decoder layer {idx} twice (as {first} and {layer}); "
+                "list each layer once"
+            )
+        out.append(idx)
     return out
 
 

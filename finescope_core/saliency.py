@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +19,19 @@ from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwad
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from finescope_core.activations import extract_pooled, write_json_atomic, write_safetensors_atomic
+from finescope_core.activations import extract_pooled
 from finescope_core.batching import TextBatch, masked_mean, pooling_mask
 from finescope_core.hooks import LayerCapture, capture_layers, resolve_layers
 from finescope_core.model import DecoderArch, resolve_arch
+from finescope_core.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 
 Selector = Literal["jacobian", "magnitude", "variance"]
-Progress = Callable[[int, int], None]
 SALIENCY_JSON = "saliency.json"
 SALIENCY_TENSORS = "saliency.safetensors"
 
@@ -71,11 +71,14 @@ class LayerSaliency:
         }
 
     def save(self, out_dir: Path) -> Path:
-        """Write `saliency.safetensors` (scores, indices) then `saliency.json`, each atomically."""
+        """Write `saliency.safetensors` (scores, indices) then `saliency.json`, in place.
+
+        No temporary names: the saliency stage saves into a store work dir, committed whole by the store.
+        """
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {"scores": self.scores.contiguous(), "indices": self.indices.contiguous()}
-        write_safetensors_atomic(tensors, out_dir / SALIENCY_TENSORS)
-        write_json_atomic(self.to_dict(), out_dir / SALIENCY_JSON)
+        save_file(tensors, str(out_dir / SALIENCY_TENSORS))
+        (out_dir / SALIENCY_JSON).write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
         return out_dir
 
     @classmethod
@@ -190,25 +193,33 @@ def _saliency_with_probes(
     Returns:
         [B, L, d] float32 on the model's device.
     """
-    ids, mask = batch.input_ids, batch.attention_mask
+    mask = batch.attention_mask
     pmask = pooling_mask(mask, skip_first)
-    embeds = arch.embed(ids)
+    embeds = arch.embed(batch.input_ids)
     sq_sum: Tensor | None = None
     count = 0
     for probe in probes:
-        with fwad.dual_level():
-            dual = fwad.make_dual(embeds, probe.to(embeds.device, embeds.dtype))
-            pooled = capture.run(
-                lambda d=dual: arch.backbone(inputs_embeds=d, attention_mask=mask, use_cache=False),
-                reduce=lambda h: masked_mean(h, pmask),
-            )
-            tangents = [fwad.unpack_dual(p).tangent for p in pooled]
-            assert all(t is not None for t in tangents), "a hooked layer output carried no tangent"
-            u_sq = torch.stack(tangents, dim=1).float().square()  # [B, L, d]
+        u_sq = _squared_tangents(arch, capture, embeds, probe, mask, pmask)
         sq_sum = u_sq if sq_sum is None else sq_sum + u_sq
         count += 1
     assert sq_sum is not None, "no probes given"
     return (sq_sum / count).sqrt()
+
+
+def _squared_tangents(
+    arch: DecoderArch, capture: LayerCapture, embeds: Tensor, probe: Tensor, mask: Tensor, pmask: Tensor
+) -> Tensor:
+    """u_j^2 with u = J r for one probe r: one forward-mode pass serves every hooked layer. [B, L, d] float32."""
+    # torch.autograd.forward_ad ships without annotations (torch 2.13), hence the two ignores below.
+    with fwad.dual_level():
+        dual: Tensor = fwad.make_dual(embeds, probe.to(embeds.device, embeds.dtype))  # type: ignore[no-untyped-call]
+        pooled = capture.run(
+            lambda: arch.backbone(inputs_embeds=dual, attention_mask=mask, use_cache=False),
+            reduce=lambda h: masked_mean(h, pmask),
+        )
+        tangents = [fwad.unpack_dual(p).tangent for p in pooled]  # type: ignore[no-untyped-call]
+        assert all(t is not None for t in tangents), "a hooked layer output carried no tangent"
+        return torch.stack(tangents, dim=1).float().square()
 
 
 def batch_saliency(
@@ -244,7 +255,7 @@ def jacobian_saliency(
     probes: int,
     skip_first: int,
     generator: torch.Generator,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> Tensor:
     """W(l)_j (eq. 9): the mean over the reference corpus of the per-sample saliency ŝ(l)_j (eq. 8).
 
@@ -280,8 +291,7 @@ def jacobian_saliency(
             s_hat = _saliency_with_probes(arch, cap, batch.to(device), draws, skip_first)
             total = s_hat.sum(dim=0) if total is None else total + s_hat.sum(dim=0)
             done += len(batch)
-            if progress is not None:
-                progress(done, total_rows)
+            progress(done, total_rows)
     if total is None:
         raise SaliencyError("the reference corpus D0 is empty; give at least one text (curate.reference_size)")
     return (total / done).cpu()
@@ -318,7 +328,10 @@ def exact_saliency(model: PreTrainedModel, batch: TextBatch, layers: Sequence[in
             # Samples do not interact, so d(sum_b a[b])/d e[b] is sample b's own Jacobian: B times fewer rows.
             return torch.stack(outs, dim=1).sum(dim=0)  # [L, d]
 
-        jac = torch.autograd.functional.jacobian(pooled_sum, embeds, vectorize=True)  # [L, d, B, T, D]
+        # torch.autograd.functional ships without annotations (torch 2.13).
+        jac: Tensor = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
+            pooled_sum, embeds, vectorize=True
+        )  # [L, d, B, T, D]
     return jac.float().square().sum(dim=(-2, -1)).permute(2, 0, 1).sqrt().cpu()
 
 
@@ -332,7 +345,7 @@ def compute_saliency(
     probes: int,
     skip_first: int,
     generator: torch.Generator,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> LayerSaliency:
     """Score every coordinate of the hooked layers on D0 and pick the top `k_act` per layer.
 

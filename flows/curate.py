@@ -11,7 +11,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.curate import check_curation_fits, resolve_layers
+from finescope_core.curate import check_curation_fits, hooked_layers
 from finescope_core.data import PreparedCorpus, RecordSet, shown_text
 from finescope_core.io import read_jsonl
 from finescope_core.model import model_config
@@ -70,7 +70,7 @@ def preflight(cfg: FinescopeConfig) -> tuple[list[int], tuple[RecordSet, Prepare
     layers: list[int] = []
     if cfg.curate.method in ("sae", "activation"):
         num_layers, hidden = model_shape(cfg)
-        layers = resolve_layers(num_layers, cfg.curate)
+        layers = hooked_layers(num_layers, cfg.curate)
         check_curation_fits(cfg.curate, hidden)
     check_runner(cfg)
     inputs = inputs_task(cfg)

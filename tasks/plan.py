@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.curate import resolve_layers
+from finescope_core.curate import hooked_layers
 from finescope_core.data import Record
 from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, model_config
 from tasks.activations import (
@@ -181,7 +181,7 @@ class _Planner:
         acts: list[Dep] = []
         sae: Dep | None = None
         if cfg.curate.method in ("sae", "activation"):
-            layers = resolve_layers(model_config(cfg.model).num_hidden_layers, cfg.curate)
+            layers = hooked_layers(model_config(cfg.model).num_hidden_layers, cfg.curate)
             model = self.model(cfg.model)
             sal = out["saliency"] = self.step(
                 "saliency", "saliency", [model, corpus], lambda: saliency_key(cfg, model.sha256, corpus.sha256, layers)

@@ -36,11 +36,13 @@ class CuratedKey(StageKeyModel):
 
     STAGE = "curated"
     VERSION = "1"
-    CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size", "seed": "seed"}
+    CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
+              "layer_weighting": "curate.layer_weighting", "seed": "seed"}  # fmt: skip
 
     method: str
     top_m: int
     final_size: int
+    layer_weighting: str
     seed: int
 
 

@@ -12,14 +12,14 @@ from finescope_core.evaluate.choice import mc_accuracy
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE
 from finescope_core.evaluate.numeric import numeric_exact_match
 from finescope_core.evaluate.perplexity import perplexity
-from finescope_core.progress import Progress, no_progress
+from finescope_core.progress import Info, Progress, no_progress
 from finescope_core.prune.counts import count_parameters
 
 
 def _tagged(progress: Progress, metric: str) -> Progress:
     """`progress` with `metric=<metric>` added, so one callback can tell the metrics apart."""
 
-    def report(done: int, total: int, /, **info: float | str) -> None:
+    def report(done: int, total: int, /, **info: Info) -> None:
         progress(done, total, **{**info, "metric": metric})
 
     return report

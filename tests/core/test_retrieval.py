@@ -1,4 +1,4 @@
-"""Tests for finescope_core.retrieval: exact top-M by max-over-seeds cosine, approximate indices, vote."""
+"""Tests for finescope_core.retrieval: exact top-M by max-over-seeds cosine, vote, layer weights."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from finescope_core import retrieval
 from finescope_core.retrieval import (
     LayerSelection,
     RetrievalInputError,
     brute_force_topm,
     layer_quality,
     layer_weights,
-    recall_at_m,
     topm_max_over_seeds,
     vote,
 )
+from finescope_core.retrieval.scores import exact_scores, l2_normalise, normalised_seeds
 
 
 def naive_topm(corpus: np.ndarray, seeds: np.ndarray, m: int, exclude: np.ndarray | None = None):
@@ -89,9 +88,9 @@ def test_duplicate_rows_tie_break_by_lower_row() -> None:
 
 def _canonical_reference(corpus: np.ndarray, seeds: np.ndarray, m: int):
     """Full canonical scoring of every row, for bit-exact comparisons on tie-heavy data."""
-    corpus_n = retrieval._l2_normalise(np.ascontiguousarray(corpus, np.float32), "corpus")
-    seeds_n = retrieval._normalised_seeds(seeds, corpus.shape[1])
-    scores = retrieval._exact_scores(corpus_n, seeds_n)
+    corpus_n = l2_normalise(np.ascontiguousarray(corpus, np.float32), "corpus")
+    seeds_n = normalised_seeds(seeds, corpus.shape[1])
+    scores = exact_scores(corpus_n, seeds_n)
     order = np.lexsort((np.arange(len(scores)), -scores))[:m]
     return order.astype(np.int64), scores[order]
 
@@ -192,31 +191,8 @@ def test_bad_inputs_name_the_problem() -> None:
     )
     with pytest.raises(RetrievalInputError, match="m must be a positive integer"):
         topm_max_over_seeds(corpus, np.ones((1, 4)), 0)
-    with pytest.raises(RetrievalInputError, match="index must be"):
-        topm_max_over_seeds(corpus, np.ones((1, 4)), 2, index="lsh")  # type: ignore[arg-type]
-    with pytest.raises(RetrievalInputError, match="nprobe"):
-        topm_max_over_seeds(corpus, np.ones((1, 4)), 2, index="ivf", nprobe=0)
-
-
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_indices_have_high_recall_and_exact_scores(kind: str) -> None:
-    corpus, labels = clustered(6000, 16, 50, seed=8)
-    seeds = corpus[np.flatnonzero(labels == labels[0])[:5]] + 0.05
-    exact = topm_max_over_seeds(corpus, seeds, 100)
-    # One thread keeps HNSW construction quick on small shared CPUs.
-    approx = topm_max_over_seeds(
-        corpus, seeds, 100, index=kind, nprobe=8, hnsw_m=16, ef_search=128, threads=1
-    )
-    assert recall_at_m(approx[0], exact[0]) > 0.9
-    exact_score = dict(zip(exact[0].tolist(), exact[1].tolist(), strict=True))
-    shared = [(r, s) for r, s in zip(*approx, strict=True) if r in exact_score]
-    assert shared and all(s == exact_score[r] for r, s in shared)
-
-
-def test_recall_at_m_hand_example() -> None:
-    assert recall_at_m(np.array([1, 2, 3, 9]), np.array([4, 3, 2, 1])) == 0.75
-    assert recall_at_m(np.array([5, 6]), np.array([1, 2])) == 0.0
-    assert recall_at_m(np.array([], dtype=int), np.array([], dtype=int)) == 1.0
+    with pytest.raises(RetrievalInputError, match="threads must be >= 1"):
+        topm_max_over_seeds(corpus, np.ones((1, 4)), 2, threads=0)
 
 
 def _hand_selections() -> list[LayerSelection]:

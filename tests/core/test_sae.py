@@ -221,7 +221,7 @@ def test_training_recovers_sparse_dictionary() -> None:
     acts = sparse_data()
     cfg = SAEConfig(d_sae=128, steps=300, batch_size=128, lr=3e-3, l1_coef=3e-2, dead_after=512, k_aux=32)
     calls = []
-    sae, metrics = train_saes(acts, cfg, seed=0, progress=lambda *args: calls.append(args))
+    sae, metrics = train_saes(acts, cfg, seed=0, progress=lambda *args, **info: calls.append((*args, info)))
     assert len(metrics) == 2
     assert len(calls) == 100 and calls[-1][:2] == (300, 300)
     assert calls[-1][2]["fvu"] == [m.fvu_curve[-1] for m in metrics]

@@ -7,7 +7,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.curate import resolve_layers
+from finescope_core.curate import hooked_layers
 from finescope_core.data import Record
 from tasks.activations import activations_key, shard_key, shard_plan
 from tasks.data import records_key
@@ -28,7 +28,7 @@ ROWS = 10_000
 
 def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
     """Every stage's key for `cfg`, on fixed input hashes, built by the functions the tasks call."""
-    layers = resolve_layers(MODEL_LAYERS, cfg.curate)
+    layers = hooked_layers(MODEL_LAYERS, cfg.curate)
     groups = [[layers[i] for i in g] for g in sae_groups(len(layers), cfg.orchestration.sae_layers_per_task)]
     record = [Record(id="r", text="t", fields={"id": "r", "text": "t"}, origin="x:1")]
     specs = [

@@ -1,0 +1,24 @@
+"""Retrieval (paper eq. 12-13): the top-M corpus rows by max-over-seeds cosine per layer, and the vote across layers.
+
+- `search`: the exact top-M (FAISS, certified against rounding and ties) and its brute-force reference;
+- `scores`: the canonical score and input checks both share;
+- `vote`: per-layer selections aggregated into one ranking;
+- `weights`: optional unsupervised per-layer vote weights (`curate.layer_weighting: quality`).
+"""
+
+from finescope_core.retrieval.scores import Matrix, RetrievalInputError
+from finescope_core.retrieval.search import brute_force_topm, topm_max_over_seeds
+from finescope_core.retrieval.vote import LayerSelection, VotedRecord, vote
+from finescope_core.retrieval.weights import layer_quality, layer_weights
+
+__all__ = [
+    "LayerSelection",
+    "Matrix",
+    "RetrievalInputError",
+    "VotedRecord",
+    "brute_force_topm",
+    "layer_quality",
+    "layer_weights",
+    "topm_max_over_seeds",
+    "vote",
+]

@@ -1,0 +1,139 @@
+"""The canonical max-over-seeds score and the input handling every retrieval path shares.
+
+Every score retrieval returns is computed one way (`exact_scores`: a float64 sum of the exact
+products of the float32-normalised vectors, one row at a time), so equal rows get equal scores
+wherever they sit and the FAISS search and the brute-force reference agree bit for bit. Faster
+float32 kernels (FAISS, BLAS) are used only to find candidates, trusted up to `score_tolerance`.
+Rows with a zero vector score 0 (never NaN); ties are broken by lower row index (`select_top`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+Matrix = np.ndarray | torch.Tensor
+
+_CHUNK_ELEMENTS = 1 << 21  # float64 values per rescoring chunk (16 MiB)
+
+
+class RetrievalInputError(ValueError):
+    """Codes, seeds, masks or selections that retrieval cannot use; the message names the input."""
+
+
+def as_float32_matrix(x: Matrix, name: str) -> np.ndarray:
+    """A C-contiguous float32 [n, d] numpy view or copy of `x` (numpy array or torch tensor)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise RetrievalInputError(f"{name} must be a 2-D matrix [rows, dim], got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise RetrievalInputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _safe_norms(x: np.ndarray, name: str, ignore: np.ndarray | None = None) -> np.ndarray:
+    """Row L2 norms of `x` [n, d] as divisors: zero norms become 1 so zero rows stay zero.
+
+    einsum reduces each row with the same code path whatever the matrix around it, so a row's
+    norm does not depend on which other rows are present.
+
+    Args:
+        x: [n, d] float32, C-contiguous.
+        name: what `x` is, for error messages.
+        ignore: optional bool [n]; rows that will not be used (their values are not checked).
+
+    Returns:
+        [n] float32.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    bad = ~np.isfinite(norms)
+    if ignore is not None:
+        bad &= ~ignore
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise RetrievalInputError(
+            f"{name} row {int(rows[0])} has non-finite values (or a norm beyond float32 range); "
+            f"{rows.size} such rows in all. Fix, drop or exclude them before retrieval."
+        )
+    return np.where(norms > 0, norms, np.float32(1.0))
+
+
+def l2_normalise(
+    x: np.ndarray, name: str, rows: np.ndarray | None = None, ignore: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows of `x` scaled to unit L2 norm (zero rows stay zero), in one new array.
+
+    Args:
+        x: [n, d] float32, C-contiguous.
+        name: what `x` is, for error messages.
+        rows: optional [k] row indices to keep (in this order); None: all rows.
+        ignore: optional bool [n]; rows whose values are not checked (e.g. excluded ones).
+
+    Returns:
+        [n, d] or [k, d] float32.
+    """
+    norms = _safe_norms(x, name, ignore)
+    out: np.ndarray
+    if rows is None:
+        out = x / norms[:, None]
+        return out
+    out = x[rows]  # the gather is the only copy of the corpus; divide in place
+    out /= norms[rows, None]
+    return out
+
+
+def normalised_seeds(seeds: Matrix, dim: int, name: str = "seeds") -> np.ndarray:
+    """L2-normalised seed codes [S, d]; a seed with a zero vector is an error (it has no direction)."""
+    s = as_float32_matrix(seeds, name)
+    if s.shape[0] == 0:
+        raise RetrievalInputError(f"{name} is empty; give at least one seed code")
+    if s.shape[1] != dim:
+        raise RetrievalInputError(f"{name} have dimension {s.shape[1]} but the corpus codes have {dim}")
+    s_n = l2_normalise(s, name)
+    zero = np.flatnonzero(~s_n.any(axis=1))
+    if zero.size:
+        raise RetrievalInputError(
+            f"{name} row(s) {zero.tolist()} are all-zero codes, so their cosine is undefined; "
+            "drop those seeds or use a layer whose codes are non-zero for them"
+        )
+    return s_n
+
+
+def exact_scores(rows_n: np.ndarray, seeds_n: np.ndarray) -> np.ndarray:
+    """Canonical max-over-seeds cosine of each row: float64 sums of exact float32 products.
+
+    Each (row, seed) value is numpy's pairwise sum over the same contiguous d products (exact in
+    float64), so it depends only on the two vectors, never on the batch shape (unlike BLAS kernels).
+
+    Args:
+        rows_n: [n, d] float32, L2-normalised.
+        seeds_n: [S, d] float32, L2-normalised.
+
+    Returns:
+        [n] float64.
+    """
+    seeds64 = seeds_n.astype(np.float64)
+    out = np.full(rows_n.shape[0], -np.inf)
+    step = max(1, _CHUNK_ELEMENTS // max(1, rows_n.shape[1]))
+    for start in range(0, rows_n.shape[0], step):
+        chunk = rows_n[start : start + step].astype(np.float64)
+        for seed in seeds64:
+            np.maximum(out[start : start + step], (chunk * seed).sum(axis=1), out=out[start : start + step])
+    return out
+
+
+def score_tolerance(dim: int) -> float:
+    """Bound on |BLAS/FAISS float32 inner product - canonical score| for unit vectors of length dim.
+
+    gamma_d = d*u/(1-d*u) with u = 2^-24 bounds any summation order (blocked, SIMD, FMA); the
+    factor 2 covers the norms of float32-normalised vectors differing from 1 and the float64 sum.
+    """
+    return 2.0 * (dim + 2) * 2.0**-24
+
+
+def select_top(rows: np.ndarray, scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The m best (rows, scores), ordered by score desc then row asc."""
+    order = np.lexsort((rows, -scores))[:m]
+    return rows[order].astype(np.int64), scores[order]
