@@ -21,9 +21,8 @@ import json
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.config import TeacherConfig
 from finescope_core.data import Record
+from finescope_core.distilled import (
+    TeacherError,
+    TeacherSummary,
+    check_ids,
+    pending_batches,
+    read_done,
+    summarise,
+)
 from finescope_core.progress import Progress
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -64,10 +71,6 @@ FORMAT_PHRASES = ("### instruction", "### response")
 COPY_THRESHOLD = 0.8
 """A response whose word trigrams come from the prompt at least this often is a copy of it."""
 
-
-
-class TeacherError(ValueError):
-    """Bad teacher input (records, resume file); the message names it and the fix."""
 
 
 def user_prompt(record: Record) -> str:
@@ -269,79 +272,6 @@ def _cut_at_eos(row: list[int], eos: list[int]) -> Generation:
     return Generation(row, truncated=True)
 
 
-@dataclass
-class TeacherSummary:
-    """Counts over the whole output file; `generated`, `new_tokens` and `seconds` cover this call only."""
-
-    total: int
-    generated: int
-    kept_teacher: int
-    fell_back_to_reference: int
-    dropped: int
-    resumed_from: int
-    rejected: dict[str, int] = field(default_factory=dict)
-    """Rejection reason -> number of records (fallbacks and drops together)."""
-    new_tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"tokens_per_second": self.tokens_per_second}
-
-
-def _check_ids(records: Sequence[Record]) -> None:
-    seen: dict[str, str] = {}
-    for r in records:
-        if r.id in seen:
-            raise TeacherError(
-                f"record id {r.id!r} appears twice ({seen[r.id]} and {r.origin}); resuming needs unique "
-                "ids: give the records distinct `id` fields or remove the duplicate"
-            )
-        seen[r.id] = r.origin
-
-
-def read_done(out_path: Path, ids: set[str]) -> list[dict[str, Any]]:
-    """The complete lines of an earlier run's file, after cutting a partial last line off the file.
-
-    Raises:
-        TeacherError: a complete line that is not JSON, or ids this input does not have (another run's file).
-    """
-    if not out_path.exists():
-        return []
-    data = out_path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        # A kill mid-write leaves a partial line: drop it so appending continues on a line boundary.
-        with out_path.open("r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    lines = []
-    for lineno, raw in enumerate(data[:end].splitlines(), start=1):
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError as e:
-            raise TeacherError(f"{out_path}:{lineno} is not valid JSON ({e}); delete {out_path} to start over") from None
-    stray = [str(line.get("id")) for line in lines if line.get("id") not in ids]
-    if stray:
-        raise TeacherError(
-            f"{out_path} holds ids that are not in this input (e.g. {stray[0]!r}): it belongs to another "
-            "run; delete it or write to another path"
-        )
-    return lines
-
-
-def _pending_batches(records: Sequence[Record], done: set[str], batch_size: int) -> Iterator[tuple[int, list[Record]]]:
-    """(batch number, records still to do), batches fixed over the whole input so a resume keeps them."""
-    for start in range(0, len(records), batch_size):
-        todo = [r for r in records[start : start + batch_size] if r.id not in done]
-        if todo:
-            yield start // batch_size, todo
-
-
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's RNG for one batch without disturbing the caller's RNG state."""
@@ -363,22 +293,6 @@ def _distill_batch(
         text = str(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
         lines.append(distilled_line(record, text, gen.truncated, cfg.min_response_chars))
     return lines, sum(len(g.token_ids) for g in gens)
-
-
-def _summarise(lines: list[dict[str, Any]], generated: int, resumed: int, tokens: int, seconds: float) -> TeacherSummary:
-    sources = Counter(line.get("source") for line in lines)
-    reasons = Counter(line["rejected"] for line in lines if line.get("rejected"))
-    return TeacherSummary(
-        total=len(lines),
-        generated=generated,
-        kept_teacher=sources["teacher"],
-        fell_back_to_reference=sources["reference"],
-        dropped=sources[None],
-        resumed_from=resumed,
-        rejected=dict(sorted(reasons.items())),
-        new_tokens=tokens,
-        seconds=seconds,
-    )
 
 
 def generate_distilled(
@@ -408,14 +322,14 @@ def generate_distilled(
     Returns:
         Counts over the whole file, plus this call's generated records, new tokens and seconds.
     """
-    _check_ids(records)
+    check_ids(records)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     lines = read_done(out_path, {r.id for r in records})
     resumed, done = len(lines), {line["id"] for line in lines}
     generated = tokens = 0
     start = time.perf_counter()
     with out_path.open("a", encoding="utf-8") as f:
-        for batch_no, batch in _pending_batches(records, done, cfg.batch_size):
+        for batch_no, batch in pending_batches(records, done, cfg.batch_size):
             new, n_tokens = _distill_batch(model, tokenizer, batch, cfg, seed * 1_000_003 + batch_no)
             f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
             f.flush()
@@ -424,19 +338,4 @@ def generate_distilled(
             generated, tokens = generated + len(new), tokens + n_tokens
             if progress is not None:
                 progress(len(lines), len(records))
-    return _summarise(lines, generated, resumed, tokens, time.perf_counter() - start)
-
-
-def read_distilled(path: Path) -> list[dict[str, Any]]:
-    """The usable rows of a distilled file (dropped records left out): dicts with id, prompt, response, source."""
-    rows = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise TeacherError(f"{path}:{lineno} is not valid JSON ({e}); regenerate the distilled data") from None
-        if line.get("response") is not None:
-            rows.append({k: line[k] for k in ("id", "prompt", "response", "source")})
-    return rows
+    return summarise(lines, generated, resumed, tokens, time.perf_counter() - start)

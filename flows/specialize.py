@@ -13,9 +13,9 @@ from pydantic import BaseModel
 from finescope_core.cards import dataset_card, model_card
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
+from finescope_core.distilled import read_distilled
 from finescope_core.export import Output, output_uri
 from finescope_core.report import embed_images
-from finescope_core.teacher import read_distilled
 from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
 from flows.runtime import prefect_results, publish_outputs

@@ -8,9 +8,9 @@ from typing import Any
 from prefect import task
 
 from finescope_core.config import FinescopeConfig
+from finescope_core.distilled import read_distilled
 from finescope_core.finetune import lora_finetune
 from finescope_core.model import load_model
-from finescope_core.teacher import read_distilled
 from tasks.common import (
     GPU_TAGS,
     RUN_RESULTS,

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from finescope_core.config import TeacherConfig
 from finescope_core.data import Record
+from finescope_core.distilled import read_distilled
 from finescope_core.teacher import (
     PLAIN_TEMPLATE,
     REWRITE_INSTRUCTION,
@@ -20,7 +21,6 @@ from finescope_core.teacher import (
     format_prompt,
     generate_batch,
     generate_distilled,
-    read_distilled,
     reject_reason,
     teacher_message,
     user_prompt,

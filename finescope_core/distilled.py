@@ -1,0 +1,125 @@
+"""The distilled-data file a teacher run writes: resuming it after a kill, reading it back, its counts.
+
+One JSON line per record (`id`, `prompt`, `response`, `source`, `rejected`), appended batch by batch,
+so a killed run leaves complete lines (and at most one partial last line, cut off on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finescope_core.data import Record
+
+
+class TeacherError(ValueError):
+    """Bad teacher input (records, resume file); the message names it and the fix."""
+
+
+@dataclass
+class TeacherSummary:
+    """Counts over the whole output file; `generated`, `new_tokens` and `seconds` cover this call only."""
+
+    total: int
+    generated: int
+    kept_teacher: int
+    fell_back_to_reference: int
+    dropped: int
+    resumed_from: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rejection reason -> number of records (fallbacks and drops together)."""
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"tokens_per_second": self.tokens_per_second}
+
+
+def check_ids(records: Sequence[Record]) -> None:
+    seen: dict[str, str] = {}
+    for r in records:
+        if r.id in seen:
+            raise TeacherError(
+                f"record id {r.id!r} appears twice ({seen[r.id]} and {r.origin}); resuming needs unique "
+                "ids: give the records distinct `id` fields or remove the duplicate"
+            )
+        seen[r.id] = r.origin
+
+
+def read_done(out_path: Path, ids: set[str]) -> list[dict[str, Any]]:
+    """The complete lines of an earlier run's file, after cutting a partial last line off the file.
+
+    Raises:
+        TeacherError: a complete line that is not JSON, or ids this input does not have (another run's file).
+    """
+    if not out_path.exists():
+        return []
+    data = out_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        # A kill mid-write leaves a partial line: drop it so appending continues on a line boundary.
+        with out_path.open("r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    lines = []
+    for lineno, raw in enumerate(data[:end].splitlines(), start=1):
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError as e:
+            raise TeacherError(f"{out_path}:{lineno} is not valid JSON ({e}); delete {out_path} to start over") from None
+    stray = [str(line.get("id")) for line in lines if line.get("id") not in ids]
+    if stray:
+        raise TeacherError(
+            f"{out_path} holds ids that are not in this input (e.g. {stray[0]!r}): it belongs to another "
+            "run; delete it or write to another path"
+        )
+    return lines
+
+
+def pending_batches(records: Sequence[Record], done: set[str], batch_size: int) -> Iterator[tuple[int, list[Record]]]:
+    """(batch number, records still to do), batches fixed over the whole input so a resume keeps them."""
+    for start in range(0, len(records), batch_size):
+        todo = [r for r in records[start : start + batch_size] if r.id not in done]
+        if todo:
+            yield start // batch_size, todo
+
+
+def summarise(lines: list[dict[str, Any]], generated: int, resumed: int, tokens: int, seconds: float) -> TeacherSummary:
+    sources = Counter(line.get("source") for line in lines)
+    reasons = Counter(line["rejected"] for line in lines if line.get("rejected"))
+    return TeacherSummary(
+        total=len(lines),
+        generated=generated,
+        kept_teacher=sources["teacher"],
+        fell_back_to_reference=sources["reference"],
+        dropped=sources[None],
+        resumed_from=resumed,
+        rejected=dict(sorted(reasons.items())),
+        new_tokens=tokens,
+        seconds=seconds,
+    )
+
+
+def read_distilled(path: Path) -> list[dict[str, Any]]:
+    """The usable rows of a distilled file (dropped records left out): dicts with id, prompt, response, source."""
+    rows = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise TeacherError(f"{path}:{lineno} is not valid JSON ({e}); regenerate the distilled data") from None
+        if line.get("response") is not None:
+            rows.append({k: line[k] for k in ("id", "prompt", "response", "source")})
+    return rows
