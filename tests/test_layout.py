@@ -51,3 +51,17 @@ def test_no_import_cycles():
         if name not in done:
             visit(name, [name])
     assert cycles == []
+
+
+def test_public_api_resolves_and_stays_lazy():
+    """Every name `finescope_core` exports exists, and importing the package alone loads no torch."""
+    import subprocess
+    import sys
+
+    import finescope_core
+
+    for name in finescope_core.__all__:
+        assert getattr(finescope_core, name) is not None, name
+    code = "import sys, finescope_core; print('torch' in sys.modules, finescope_core.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False" and out[1] == finescope_core.__version__
