@@ -348,3 +348,36 @@ def load_embeddings(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.nda
     corpus = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("corpus.")}
     seeds = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("seeds.")}
     return corpus, seeds
+
+
+def method_embeddings(
+    method: str,
+    corpus: RecordSet,
+    seeds: RecordSet,
+    *,
+    activations: tuple[Sequence[Path], Sequence[Path]] | None = None,
+    layers: Sequence[int] = (),
+    sae_dir: Path | None = None,
+    device: str = "cpu",
+    progress: Progress = no_progress,
+) -> tuple[dict[int, np.ndarray] | None, dict[int, np.ndarray] | None]:
+    """What each method retrieves with, per layer: (corpus, seeds) embeddings (None, None for `random`).
+
+    `sentence` embeds the texts (one pseudo-layer, -1); `activation` reads the pooled activations at
+    the saliency-selected coordinates; `sae` encodes them with each layer's SAE.
+    """
+    if method == "random":
+        return None, None
+    if method == "sentence":
+        from finescope_core.sentence import sentence_embeddings
+
+        corpus_emb = sentence_embeddings(corpus.texts, device=device, progress=progress)
+        return {-1: corpus_emb}, {-1: sentence_embeddings(seeds.texts, device=device)}
+    if activations is None:
+        raise CurationError(f"curate.method {method!r} needs the corpus and seed activations; run their stages first")
+    corpus_dirs, seed_dirs = activations
+    if method == "activation":
+        return raw_activation_embeddings(corpus_dirs, seed_dirs, list(layers))
+    if sae_dir is None:
+        raise CurationError("curate.method 'sae' needs the trained SAEs; run the sae stage first")
+    return sae_codes(corpus_dirs, seed_dirs, sae_dir)

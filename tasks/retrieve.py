@@ -11,10 +11,8 @@ from prefect import task
 from finescope_core import curate as core
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import (
-    RecordSet,
     seed_copies,
 )
-from finescope_core.sentence import sentence_embeddings
 from tasks.activations import activation_dirs
 from tasks.common import (
     RUN_RESULTS,
@@ -24,7 +22,6 @@ from tasks.common import (
     StageKeyModel,
     StageManifest,
     artifact_dir,
-    logger,
     open_store,
     run_cached,
 )
@@ -66,7 +63,13 @@ def retrieve_task(
 
     def build(work: Path) -> dict[str, Any]:
         seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
-        corpus_emb, seed_emb = _embeddings(cfg, store, seed_records, corpus_records, acts, sae)
+        corpus_emb, seed_emb = core.method_embeddings(
+            cfg.curate.method, corpus_records, seed_records,
+            activations=(activation_dirs(store, acts[0]), activation_dirs(store, acts[1])) if acts else None,
+            layers=acts[0].info["layers"] if acts else (), sae_dir=artifact_dir(store, sae) if sae else None,
+            device="cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
+            progress=Progress(f"{cfg.curate.method} embeddings"),
+        )  # fmt: skip
         if corpus_emb is not None:
             core.save_embeddings(work / "embeddings.safetensors", corpus_emb, seed_emb)
         excluded = seed_copies(corpus_records, seed_records)
@@ -79,19 +82,3 @@ def retrieve_task(
 
     acts_shas = [a.sha256 for a in acts] if acts else None
     return run_cached(store, curated_key(cfg, corpus.sha256, seeds.sha256, acts_shas, sae.sha256 if sae else None), build)
-
-
-def _embeddings(cfg, store, seeds: RecordSet, corpus: RecordSet, acts, sae):
-    method = cfg.curate.method
-    if method == "random":
-        return None, None
-    if method == "sentence":
-        progress = Progress("sentence embeddings")
-        device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-        corpus_emb = sentence_embeddings(corpus.texts, device=device, progress=progress)
-        return {-1: corpus_emb}, {-1: sentence_embeddings(seeds.texts, device=device)}
-    corpus_dir, seed_dir = activation_dirs(store, acts[0]), activation_dirs(store, acts[1])
-    if method == "activation":
-        return core.raw_activation_embeddings(corpus_dir, seed_dir, acts[0].info["layers"])
-    logger().info("encoding corpus and seeds with the SAEs")
-    return core.sae_codes(corpus_dir, seed_dir, artifact_dir(store, sae))

@@ -1,0 +1,88 @@
+"""The `report` stage: report.md with a section (and a plot) per stage, from the run's artifacts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finescope_core import report as rep
+from finescope_core.curate import load_embeddings
+from finescope_core.data import shown_text
+from finescope_core.io import read_jsonl
+from finescope_core.saliency import LayerSaliency
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report shows, as local directories and plain numbers."""
+
+    curated_dir: Path
+    """The curated artifact (curated.jsonl, and embeddings.safetensors when the method has them)."""
+    metrics: Mapping[str, Any]
+    """metrics.json: `{"models": {name: {...}}, "stage_seconds": {...}}`."""
+    prune_info: Mapping[str, Any]
+    """The prune stage's info: params_before / params_after / achieved_ratio / target_ratio."""
+    saliency_dir: Path | None = None
+    sae_metrics: Mapping[int, Mapping[str, float]] | None = None
+    """SAE metrics by layer, when the method trained SAEs."""
+
+
+def retrieval_scores(emb_path: Path) -> np.ndarray:
+    """Every corpus record's score as the curated set defines it: max-over-seeds cosine, mean over layers."""
+    corpus, seeds = load_embeddings(emb_path)
+    per_layer = []
+    for layer, c in corpus.items():
+        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        s = seeds[layer] / np.maximum(np.linalg.norm(seeds[layer], axis=1, keepdims=True), 1e-12)
+        per_layer.append((c @ s.T).max(axis=1))
+    return np.asarray(np.mean(per_layer, axis=0))
+
+
+def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.ReportSection]:
+    """One section per stage, each with its plot written into `work`."""
+    sections = []
+    if inputs.saliency_dir is not None:
+        sal = LayerSaliency.load(inputs.saliency_dir)
+        scores = {layer: sal.scores[i].numpy() for i, layer in enumerate(sal.layers)}
+        sections.append(rep.ReportSection("Saliency per layer", f"selector `{sal.selector}`, k_act {k_act}",
+                                          [rep.plot_saliency(scores, work / "saliency.png", k_act=k_act)]))  # fmt: skip
+    if inputs.sae_metrics is not None:
+        rows = [{"layer": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in inputs.sae_metrics.items()]
+        sections.append(rep.ReportSection("SAE metrics", rep.markdown_table(rows),
+                                          [rep.plot_sae_metrics(inputs.sae_metrics, work / "sae.png")]))  # fmt: skip
+    sections.append(_curated_section(inputs.curated_dir, work))
+    sections.append(_parameters_section(inputs.metrics, inputs.prune_info, work))
+    table = [{"model": name, **{k: v for k, v in m.items() if k != "n"}} for name, m in inputs.metrics["models"].items()]
+    sections.append(rep.ReportSection("Evaluation", rep.markdown_table(table), [rep.plot_eval(inputs.metrics, work / "evaluation.png")]))
+    return sections
+
+
+def _curated_section(curated_dir: Path, work: Path) -> rep.ReportSection:
+    rows = read_jsonl(curated_dir / "curated.jsonl")
+    images: list[str | Path] = []
+    if (curated_dir / "embeddings.safetensors").is_file():
+        cut = rows[-1]["score"] if rows else None
+        images.append(rep.plot_retrieval_scores(retrieval_scores(curated_dir / "embeddings.safetensors"), cut, work / "retrieval.png"))
+    examples = [{"text": shown_text(r), **{k: r[k] for k in ("rank", "id", "score", "votes")}} for r in rows]
+    return rep.ReportSection("Curated set", rep.example_records_table(examples, 8), images)
+
+
+def _parameters_section(metrics: Mapping[str, Any], prune_info: Mapping[str, Any], work: Path) -> rep.ReportSection:
+    params = {name: m["parameters"] for name, m in metrics["models"].items()}
+    before, after = prune_info["params_before"], prune_info["params_after"]
+    body = rep.markdown_table([{"module": k, "before": v, "after": after.get(k)} for k, v in before.items()])
+    body += f"\n\nAchieved ratio {prune_info['achieved_ratio']:.4f} (target {prune_info['target_ratio']})."
+    return rep.ReportSection("Parameters", body, [rep.plot_parameters(params, work / "parameters.png")])
+
+
+def report_stage(inputs: ReportInputs, *, title: str, k_act: int, work: Path) -> dict[str, Any]:
+    """Write report.md (with its plots) and metrics.json into `work`; returns the section headings."""
+    sections = report_sections(inputs, k_act, work)
+    (work / "metrics.json").write_text(json.dumps(inputs.metrics, indent=2))
+    rep.write_report(work, title=title, sections=sections)
+    return {"sections": [s.heading for s in sections]}
