@@ -100,9 +100,9 @@ def _load_snippet(kind: Literal["pruned", "tuned", "adapter"]) -> str:
     return (
         f"```python\n{imports}\n\n{load}\n"
         'messages = [{"role": "user", "content": "Your question"}]\n'
-        "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n"
-        "out = model.generate(ids, max_new_tokens=128, do_sample=False)\n"
-        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```"
+        "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
+        "out = model.generate(**inputs, max_new_tokens=128, do_sample=False)\n"
+        "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n```"
     )
 
 

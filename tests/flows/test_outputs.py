@@ -116,3 +116,15 @@ def test_report_artifact_embeds_its_plots_and_keys_are_namespaced(cli_run):
     assert all(Path(uri).exists() for uri in by_name.values())
     for key in ("specialize-math-evaluation", "curate-math-curated-set", "curate-math-stages"):
         _artifact(key)
+
+
+@pytest.mark.parametrize("folder", ["tuned-model", "pruned-model", "tuned-adapter"])
+def test_each_model_cards_use_snippet_runs_as_written(cli_run, folder, monkeypatch):
+    """The card's "Use" code is what a user pastes: run it, from the output directory, as it stands."""
+    _, out = cli_run
+    card = (out / folder / "README.md").read_text()
+    [code] = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    monkeypatch.chdir(out)
+    namespace: dict = {}
+    exec(compile(code.replace("max_new_tokens=128", "max_new_tokens=3"), f"{folder}/README.md", "exec"), namespace)
+    assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]  # it generated
