@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,8 +110,6 @@ def _put_local(root: Path, out: Output) -> Path:
 
 def _put_remote(fs: fsspec.AbstractFileSystem, root: str, out: Output, dest: str) -> str:
     """Upload under a temporary prefix, then swap it in: no rename on object stores, so copy server-side."""
-    import tempfile
-
     target = f"{root.rstrip('/')}/{out.name}"
     with tempfile.TemporaryDirectory(prefix="finescope-export-") as scratch:
         staged = Path(scratch) / "out"

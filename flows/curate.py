@@ -20,7 +20,6 @@ from flows.runtime import (
     apply_gpu_limit,
     check_runner,
     prefect_results,
-    publish_outputs,
 )
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import data_task, inputs_task, model_task
@@ -95,7 +94,6 @@ def curate_flow(config: FinescopeConfig, export: bool = True) -> CurateResult:
             facts = run_facts(config, result.curated)
             outputs = curated_outputs(config, result.curated, facts)
             result.exported = export_task(config, "curate", outputs, result.manifests(), time.perf_counter() - start)
-            publish_outputs(config, "curate", result.exported)
     return result
 
 

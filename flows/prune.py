@@ -15,7 +15,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
-from flows.runtime import prefect_results, publish_outputs
+from flows.runtime import prefect_results
 from tasks.common import StageManifest, artifact_key, logger
 from tasks.data import model_task
 from tasks.export import (
@@ -66,7 +66,6 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
             if curated is not None:
                 outputs += curated_outputs(config, curated, facts, prefix="curated/")
             result.exported = export_task(config, "prune", outputs, result.manifests(), time.perf_counter() - start)
-            publish_outputs(config, "prune", result.exported)
     return result
 
 

@@ -16,8 +16,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.store_admin import RESULTS_DIR
-from tasks.common import GPU_TAGS, artifact_key, logger, storage_options
-from tasks.export import Exported
+from tasks.common import GPU_TAGS, logger, storage_options
 
 _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "finescope[ray]")}
 
@@ -138,11 +137,3 @@ def prefect_results(cfg: FinescopeConfig) -> Iterator[None]:
         ctx.model_copy(update={"result_store": store, "persist_result": True}),
     ):
         yield
-
-
-def publish_outputs(cfg: FinescopeConfig, flow: str, exported: Exported) -> None:
-    """A table artifact with every output's URI, so the UI says where the model and data went."""
-    from prefect.artifacts import create_table_artifact
-
-    rows = [{"output": name, "uri": uri} for name, uri in exported.outputs.items()]
-    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"), description=f"outputs in {exported.location}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,26 +9,16 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from finescope_core.cards import dataset_card, model_card
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
-from finescope_core.distilled import read_distilled
-from finescope_core.export import Output, output_uri
 from finescope_core.report import embed_images
 from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
-from flows.runtime import prefect_results, publish_outputs
+from flows.runtime import prefect_results
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import load_data, model_task
 from tasks.evaluate import eval_inputs, evaluate_task
-from tasks.export import (
-    Exported,
-    curated_outputs,
-    export_task,
-    output_location,
-    pruned_output,
-    run_facts,
-)
+from tasks.export import Exported, export_task, specialize_outputs
 from tasks.finetune import finetune_task
 from tasks.prune import (
     baseline_records,
@@ -88,34 +77,11 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     eval_inputs(config, [])  # bad eval files fail here, before any work
     with prefect_results(config):
         result = _specialize(config)
-        result.exported = export_task(config, "specialize", _outputs(config, result), result.manifests(),
-                                      time.perf_counter() - start)  # fmt: skip
-        publish_outputs(config, "specialize", result.exported)
+        main = result.variants[""]
+        outputs = specialize_outputs(config, result.report, result.curate.curated, main.pruned, main.distilled,
+                                     main.tuned, result.metrics)  # fmt: skip
+        result.exported = export_task(config, "specialize", outputs, result.manifests(), time.perf_counter() - start)
     return result
-
-
-def _outputs(cfg: FinescopeConfig, result: SpecializeResult) -> list[Output]:
-    """Report files, both models with cards, the adapter pointing at the exported pruned model, the data."""
-    store = open_store(cfg)
-    main = result.variants[""]
-    facts = run_facts(cfg, result.curate.curated, main.pruned.info, result.metrics)
-    report_dir = artifact_dir(store, result.report)
-    outputs = [Output(p.name, source=p) for p in sorted(report_dir.iterdir()) if p.is_file() and not p.name.startswith("_")]
-    tuned = artifact_dir(store, main.tuned)
-    adapter_config = json.loads((tuned / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
-    # The adapter applies to the pruned model exported beside it, not to the store's copy of it.
-    adapter_config["base_model_name_or_path"] = output_uri(output_location(cfg), "pruned-model")
-    outputs += [
-        pruned_output(cfg, main.pruned, facts),
-        Output("tuned-model", source=tuned / "merged", files={"README.md": model_card("tuned", facts)}),
-        Output("tuned-adapter", source=tuned / "adapter", files={
-            "README.md": model_card("adapter", facts), "adapter_config.json": json.dumps(adapter_config, indent=2)}),
-    ]  # fmt: skip
-    distilled = artifact_dir(store, main.distilled) / "distilled.jsonl"
-    rows = read_distilled(distilled)
-    card = dataset_card("distilled", facts, len(rows), ["distilled.jsonl"], list(rows[0]) if rows else [])
-    outputs += [Output("distilled/distilled.jsonl", source=distilled), Output("distilled/README.md", text=card)]
-    return outputs + curated_outputs(cfg, result.curate.curated, facts, prefix="curated/")
 
 
 def _specialize(config: FinescopeConfig) -> SpecializeResult:

@@ -12,18 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from finescope_core import __version__
 from finescope_core.cards import RunFacts, base_model_id, dataset_card, model_card
 from finescope_core.config import FinescopeConfig
+from finescope_core.distilled import read_distilled
 from finescope_core.export import Output, export_outputs, output_uri
 from finescope_core.store_admin import OUTPUTS_DIR
 from tasks.common import (
     IO_RETRIES,
     StageManifest,
     artifact_dir,
+    artifact_key,
     code_version,
     logger,
     open_store,
@@ -72,6 +75,32 @@ def pruned_output(cfg: FinescopeConfig, pruned: StageManifest, facts: RunFacts) 
                   files={"README.md": model_card("pruned", facts)})  # fmt: skip
 
 
+def specialize_outputs(
+    cfg: FinescopeConfig, report: StageManifest, curated: StageManifest, pruned: StageManifest,
+    distilled: StageManifest, tuned: StageManifest, metrics: dict[str, Any],
+) -> list[Output]:  # fmt: skip
+    """Report files, both models with cards, the adapter pointing at the exported pruned model, the data."""
+    store = open_store(cfg)
+    facts = run_facts(cfg, curated, pruned.info, metrics)
+    report_dir = artifact_dir(store, report)
+    outputs = [Output(p.name, source=p) for p in sorted(report_dir.iterdir()) if p.is_file() and not p.name.startswith("_")]
+    tuned_dir = artifact_dir(store, tuned)
+    adapter_config = json.loads((tuned_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    # The adapter applies to the pruned model exported beside it, not to the store's copy of it.
+    adapter_config["base_model_name_or_path"] = output_uri(output_location(cfg), "pruned-model")
+    outputs += [
+        pruned_output(cfg, pruned, facts),
+        Output("tuned-model", source=tuned_dir / "merged", files={"README.md": model_card("tuned", facts)}),
+        Output("tuned-adapter", source=tuned_dir / "adapter", files={
+            "README.md": model_card("adapter", facts), "adapter_config.json": json.dumps(adapter_config, indent=2)}),
+    ]  # fmt: skip
+    distilled_file = artifact_dir(store, distilled) / "distilled.jsonl"
+    rows = read_distilled(distilled_file)
+    card = dataset_card("distilled", facts, len(rows), ["distilled.jsonl"], list(rows[0]) if rows else [])
+    outputs += [Output("distilled/distilled.jsonl", source=distilled_file), Output("distilled/README.md", text=card)]
+    return outputs + curated_outputs(cfg, curated, facts, prefix="curated/")
+
+
 def run_manifest(cfg: FinescopeConfig, flow: str, stages: dict[str, Any], seconds: float, outputs: dict[str, str]) -> str:
     """run.json: parameters, every stage's artifact URI and key, the code version, every output's URI."""
     from prefect.runtime import deployment, flow_run
@@ -99,4 +128,7 @@ def export_task(cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: 
     manifest = run_manifest(cfg, flow, stages, seconds, written)
     export_outputs([Output("run.json", text=manifest)], location, storage_options(cfg))
     logger().info("outputs exported to %s (%d items)", location, len(written))
+    # Every output's URI in the UI, so a deployment run says where its model and data went.
+    rows = [{"output": name, "uri": uri} for name, uri in written.items()]
+    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"), description=f"outputs in {location}")
     return Exported(location=location, outputs=written)

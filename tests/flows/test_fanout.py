@@ -25,7 +25,11 @@ from tasks.sae import sae_groups
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fanout")
+    return write_inputs(tmp_path_factory.mktemp("fanout"))
+
+
+def write_inputs(root):
+    """A tiny qwen3 model, 30 records of each topic, three multiplication seeds."""
     save_tiny(root / "model", "qwen3", hidden=48, layers=3, intermediate=96)
     corpus = [{"id": f"{t}-{i}", "text": tpl[i % 3].format(a=i, b=i * 7 % 13)} for t, tpl in TOPICS.items() for i in range(30)]
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in corpus) + "\n")

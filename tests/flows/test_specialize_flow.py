@@ -14,7 +14,11 @@ from flows.specialize import specialize_flow
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("specialize")
+    return write_workspace(tmp_path_factory.mktemp("specialize"))
+
+
+def write_workspace(root):
+    """A tiny qwen2 model, a corpus of 40 sums and 40 greetings, one sum as the seed."""
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
     rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
     rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(40)]

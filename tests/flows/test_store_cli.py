@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_curate_flow import TOPICS
+from test_fanout import write_inputs
+from test_specialize_flow import config as specialize_config
+from test_specialize_flow import write_workspace
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.store import ArtifactStore
-from finescope_core.tiny import save_tiny
 from flows.cli import main
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
@@ -53,12 +54,7 @@ def write_config(cfg: FinescopeConfig, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def curated_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store-curate")
-    save_tiny(root / "model", "qwen3", hidden=48, layers=3, intermediate=96)
-    corpus = [{"id": f"{t}-{i}", "text": tpl[i % 3].format(a=i, b=i * 7 % 13)} for t, tpl in TOPICS.items() for i in range(30)]
-    (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in corpus) + "\n")
-    seeds = [{"id": f"s{i}", "text": f"Compute {i} times 3."} for i in (4, 5, 6)]
-    (root / "seeds.jsonl").write_text("\n".join(json.dumps(r) for r in seeds) + "\n")
+    root = write_inputs(tmp_path_factory.mktemp("store-curate"))
     cfg = FinescopeConfig(
         model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
         store=str(root / "store"), device="cpu",
@@ -231,22 +227,7 @@ def test_cli_gc_keeps_what_the_config_uses_and_frees_the_rest(curated_run, capsy
 
 @pytest.fixture(scope="module")
 def specialized_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store-specialize")
-    save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
-    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
-    rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(40)]
-    (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
-    cfg = FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu",
-        curate={"final_size": 30, "top_m": 30, "k_act": 16, "reference_size": 8, "max_length": 32,
-                "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
-        prune={"ratio": 0.2, "max_length": 32},
-        teacher={"max_new_tokens": 8, "batch_size": 8},
-        finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "cutoff": 48},
-        evaluate={"heldout_fraction": 0.3, "max_length": 32, "baselines": ["random"]},
-    )
+    cfg = specialize_config(write_workspace(tmp_path_factory.mktemp("store-specialize")))
     return cfg, specialize_flow(cfg)
 
 
