@@ -269,6 +269,11 @@ class FinescopeConfig(_Strict):
     """Credentials and endpoint for an object-store `store`."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where model work runs. auto: cuda when available."""
+    model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Precision every model stage loads the base, teacher, pruned and tuned models in. auto: bfloat16 on
+    a CUDA device that supports it, float32 otherwise (CPU). Saliency, pooled activations, importance
+    scores and losses accumulate in float32 whatever this is; the pruned and tuned models are saved in
+    the dtype of the base checkpoint."""
     seed: int = 0
     """Random seed for every sampled choice (probes, D0, SAE init, random baseline)."""
     curate: CurateConfig = Field(default_factory=CurateConfig)

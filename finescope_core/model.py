@@ -135,26 +135,61 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""The precisions `model_dtype` names (besides `auto`)."""
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The torch dtype of a `model_dtype` setting on `device`.
+
+    `auto` is bfloat16 on a CUDA device that supports it and float32 everywhere else: on CPUs bf16
+    matmuls are slower than fp32 on most hardware, and float16 trains unstably without loss scaling.
+
+    Raises:
+        ModelError: a name that is not `auto` or a key of `DTYPES`.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name not in DTYPES:
+        raise ModelError(f"model_dtype {name!r} is unknown; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def checkpoint_dtype(spec: str, cache_dir: Path = DEFAULT_CACHE) -> torch.dtype:
+    """The floating-point dtype a checkpoint's weights are stored in (its config's `dtype`), float32 when
+    the config does not say; pruned and tuned models are saved in the dtype of their base."""
+    config = AutoConfig.from_pretrained(resolve_model_path(spec, cache_dir))
+    stored = getattr(config, "dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored.removeprefix("torch."))
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
+
+
 def load_model(
     spec: str,
     cache_dir: Path = DEFAULT_CACHE,
     *,
     device: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (weights only from safetensors), in eval mode.
 
     The tokenizer always has a pad token (eos when the model defines none). `cache_dir` only matters
-    for `default`: where its de-quantised copy is kept.
+    for `default`: where its de-quantised copy is kept. `dtype` is a torch dtype or a `model_dtype`
+    name (`auto` resolved for `device`, see `resolve_dtype`).
     """
     path = resolve_model_path(spec, cache_dir)
+    target = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
+        path, dtype=resolve_dtype(dtype, target), attn_implementation=attn_implementation, use_safetensors=True
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer)
-    nn.Module.to(model, pick_device(device))  # transformers' wrapper of `to` hides its signature
+    nn.Module.to(model, target)  # transformers' wrapper of `to` hides its signature
     model.train(False)
     resolve_arch(model)  # fail early on architectures we cannot hook or prune
     return model, tokenizer

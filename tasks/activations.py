@@ -20,9 +20,9 @@ from tasks.common import (
     RUN_RESULTS,
     STORE_RETRIES,
     ModelRef,
+    ModelStageKey,
     Progress,
     StageKey,
-    StageKeyModel,
     StageManifest,
     artifact_dir,
     logger,
@@ -34,7 +34,7 @@ from tasks.common import (
 from tasks.data import load_data
 
 
-class ShardKey(StageKeyModel):
+class ShardKey(ModelStageKey):
     """`activation-shards`: pooled activations of records [start, stop) at the saliency-selected coordinates
     (all coordinates without saliency), on the model, the record set and the saliency artifact.
 
@@ -45,7 +45,7 @@ class ShardKey(StageKeyModel):
     STAGE = "activation-shards"
     VERSION = "1"
     CONFIG = {"max_length": "curate.max_length", "skip_first": "curate.skip_first"}
-    DERIVED = ("curate.layers", "curate.num_layers", "curate.shard_size")
+    DERIVED = ("curate.layers", "curate.num_layers", "curate.shard_size", "model_dtype")
 
     layers: list[int]
     max_length: int
@@ -54,13 +54,13 @@ class ShardKey(StageKeyModel):
     stop: int
 
 
-class ActivationsKey(StageKeyModel):
+class ActivationsKey(ModelStageKey):
     """`activations`: the list of a record set's shards (the shard size decides how it is split)."""
 
     STAGE = "activations"
     VERSION = "2"  # 2: the fanned-out layout, shards listed by reference
     CONFIG = {"max_length": "curate.max_length", "skip_first": "curate.skip_first", "shard_size": "curate.shard_size"}
-    DERIVED = ("curate.layers", "curate.num_layers")
+    DERIVED = ("curate.layers", "curate.num_layers", "model_dtype")
 
     layers: list[int]
     max_length: int
@@ -106,7 +106,7 @@ def activation_shard_task(
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
         part = RecordSet(load_data(cfg, records).records[start:stop])
         what = f"activations ({records.stage} {start}:{stop})"
-        with using_model(ref.path, cfg.device) as (model, tok):
+        with using_model(ref.path, cfg.device, cfg.model_dtype) as (model, tok):
             return core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))
 
     spec = shard_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop)

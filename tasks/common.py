@@ -30,6 +30,7 @@ from finescope_core.model import (
     convert_gguf,
     load_model,
     locate_default_gguf,
+    resolve_dtype,
 )
 from finescope_core.store import Artifact, ArtifactStore, StoreError, cache_key, is_transient, sha256_file
 
@@ -132,6 +133,29 @@ class StageKeyModel(BaseModel):
 
     def spec(self) -> StageKey:
         return StageKey(self.STAGE, self.VERSION, self.model_dump(mode="json", exclude={"inputs"}), dict(self.inputs))
+
+
+class ModelStageKey(StageKeyModel):
+    """The key of a stage that runs a model: it also holds the precision the model runs in (`dtype`,
+    `model_dtype` resolved for the device), so a bf16 artifact is never served to a float32 run.
+
+    Subclasses list `model_dtype` in `DERIVED` (the field comes from it).
+    """
+
+    DERIVED: ClassVar[tuple[str, ...]] = ("model_dtype",)
+
+    dtype: str
+
+    @classmethod
+    def of(cls, cfg: FinescopeConfig, inputs: dict[str, str], **derived: Any) -> Self:
+        return super().of(cfg, inputs, **{"dtype": compute_dtype(cfg), **derived})
+
+
+def compute_dtype(cfg: FinescopeConfig) -> str:
+    """The dtype name the model stages run in: `model_dtype` resolved for `device` (never raises for a
+    missing GPU: a `cuda` run on a machine without one fails when it loads the model, not here)."""
+    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return str(resolve_dtype(cfg.model_dtype, torch.device("cuda" if on_cuda else "cpu"))).removeprefix("torch.")
 
 
 def config_value(cfg: BaseModel, dotted: str) -> Any:
@@ -321,9 +345,11 @@ def _file_digest(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_model(path: str, device: str) -> tuple[Any, Any]:
-    """Load a model once per process; stages of one flow run share it (read-only use only)."""
-    return load_model(path, device=device, dtype=torch.float32)
+def cached_model(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a model once per process; stages of one flow run share it (read-only use only).
+
+    `dtype` is a `model_dtype` name (`auto` resolved for the device)."""
+    return load_model(path, device=device, dtype=dtype)
 
 
 _MODEL_LOCKS: dict[tuple[str, str], threading.Lock] = {}
@@ -331,7 +357,7 @@ _LOCKS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def using_model(path: str, device: str) -> Iterator[tuple[Any, Any]]:
+def using_model(path: str, device: str, dtype: str = "float32") -> Iterator[tuple[Any, Any]]:
     """The process's shared copy of a model, held by one task at a time.
 
     Stages attach forward hooks to the shared modules, so two threads of one process must not run it
@@ -340,7 +366,7 @@ def using_model(path: str, device: str) -> Iterator[tuple[Any, Any]]:
     with _LOCKS_LOCK:
         lock = _MODEL_LOCKS.setdefault((path, device), threading.Lock())
     with lock:
-        yield cached_model(path, device)
+        yield cached_model(path, device, dtype)
 
 
 class Progress:

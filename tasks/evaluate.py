@@ -23,9 +23,9 @@ from tasks.common import (
     GPU_TAGS,
     RUN_RESULTS,
     STORE_RETRIES,
+    ModelStageKey,
     Progress,
     StageKey,
-    StageKeyModel,
     StageManifest,
     open_store,
     run_cached,
@@ -43,7 +43,7 @@ def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[st
     return texts, mc, numeric
 
 
-class EvaluationKey(StageKeyModel):
+class EvaluationKey(ModelStageKey):
     """`evaluation`: the scoring settings, on a model and the evaluation data (`eval_inputs`, by content).
 
     `evaluate.eval_file`, `mc_file`, `numeric_file` and `heldout_fraction` reach it through that data.
@@ -70,7 +70,7 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
     texts, mc, numeric = eval_inputs(cfg, heldout_texts)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(model_path, device=cfg.device)
+        model, tok = load_model(model_path, device=cfg.device, dtype=cfg.model_dtype)
         metrics = evaluate_model(
             model, tok, domain_texts=texts, mc_items=mc, numeric_items=numeric, cfg=cfg.evaluate,
             progress=Progress(f"evaluate {name}"),

@@ -15,9 +15,9 @@ from tasks.common import (
     GPU_TAGS,
     RUN_RESULTS,
     STORE_RETRIES,
+    ModelStageKey,
     Progress,
     StageKey,
-    StageKeyModel,
     StageManifest,
     artifact_dir,
     open_store,
@@ -25,7 +25,7 @@ from tasks.common import (
 )
 
 
-class TunedKey(StageKeyModel):
+class TunedKey(ModelStageKey):
     """`tuned`: every LoRA setting, on the pruned model and the distilled data."""
 
     STAGE = "tuned"
@@ -46,7 +46,7 @@ def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageM
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), device=cfg.device)
+        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), device=cfg.device, dtype=cfg.model_dtype)
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"))
         info = summary.to_dict()

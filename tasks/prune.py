@@ -12,16 +12,16 @@ from prefect import task
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record, heldout_split, load_records
 from finescope_core.io import read_jsonl
-from finescope_core.model import load_model
+from finescope_core.model import checkpoint_dtype, load_model
 from finescope_core.prune import prune_model, save_pruned
 from tasks.common import (
     GPU_TAGS,
     RUN_RESULTS,
     STORE_RETRIES,
     ModelRef,
+    ModelStageKey,
     Progress,
     StageKey,
-    StageKeyModel,
     StageManifest,
     artifact_dir,
     open_store,
@@ -57,7 +57,7 @@ def texts_sha(texts: list[str]) -> str:
     return hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
 
 
-class PrunedKey(StageKeyModel):
+class PrunedKey(ModelStageKey):
     """`pruned`: the pruning settings, on the base model and the texts that score importance.
 
     `prune.data` reaches it through the texts' hash (the same texts from another source hit the cache).
@@ -87,9 +87,9 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
     """LLM-Pruner-style structured pruning to `prune.ratio`, saved as a plain HF directory under `model/`."""
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(ref.path, device=cfg.device)  # a private copy: pruning is in place
+        model, tok = load_model(ref.path, device=cfg.device, dtype=cfg.model_dtype)  # a private copy: pruning is in place
         plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance"))
-        save_pruned(model, tok, plan, work / "model")
+        save_pruned(model, tok, plan, work / "model", dtype=checkpoint_dtype(ref.path))
         report = plan.to_dict()
         keys = ("target_ratio", "achieved_ratio", "params_before", "params_after", "widths_before", "widths_after")
         return {k: report[k] for k in keys}

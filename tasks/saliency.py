@@ -14,9 +14,9 @@ from tasks.common import (
     RUN_RESULTS,
     STORE_RETRIES,
     ModelRef,
+    ModelStageKey,
     Progress,
     StageKey,
-    StageKeyModel,
     StageManifest,
     open_store,
     run_cached,
@@ -25,7 +25,7 @@ from tasks.common import (
 from tasks.data import load_data
 
 
-class SaliencyKey(StageKeyModel):
+class SaliencyKey(ModelStageKey):
     """`saliency`: the selector's settings on the hooked layers, on the model and the corpus artifact.
 
     The batch size is part of it: each Rademacher probe is drawn at the padded shape of its batch.
@@ -38,7 +38,7 @@ class SaliencyKey(StageKeyModel):
         "reference_size": "curate.reference_size", "max_length": "curate.max_length",
         "skip_first": "curate.skip_first", "batch_size": "curate.batch_size", "seed": "seed",
     }  # fmt: skip
-    DERIVED = ("curate.layers", "curate.num_layers")
+    DERIVED = ("curate.layers", "curate.num_layers", "model_dtype")
 
     layers: list[int]
     selector: str
@@ -60,7 +60,7 @@ def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, la
     """Eq. 6-10: per-coordinate saliency of every hooked layer on D0; top-k_act indices per layer."""
 
     def build(work: Path) -> dict[str, Any]:
-        with using_model(ref.path, cfg.device) as (model, tok):
+        with using_model(ref.path, cfg.device, cfg.model_dtype) as (model, tok):
             return core.saliency_stage(model, tok, load_data(cfg, corpus), layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
 
     return run_cached(open_store(cfg), saliency_key(cfg, ref.sha256, corpus.sha256, layers), build)

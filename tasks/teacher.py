@@ -20,9 +20,9 @@ from tasks.common import (
     IO_RETRIES,
     RUN_RESULTS,
     ModelRef,
+    ModelStageKey,
     Progress,
     StageKey,
-    StageKeyModel,
     StageManifest,
     model_ref,
     open_store,
@@ -45,7 +45,7 @@ def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
     return model_ref(cfg.teacher.model, open_store(cfg))
 
 
-class DistilledKey(StageKeyModel):
+class DistilledKey(ModelStageKey):
     """`distilled`: the generation settings, on the teacher model (`teacher.model`, by content) and the records."""
 
     STAGE = "distilled"
@@ -73,7 +73,7 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(teacher.path, device=cfg.device)
+        model, tok = load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype)
         summary = generate_distilled(
             model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
         )

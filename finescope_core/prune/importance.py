@@ -13,7 +13,7 @@ channel one row of gate_proj and up_proj (+ biases) and the matching column of d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,7 +68,8 @@ def group_importance(
 
     Returns:
         The scores. Any `.grad` the model held is discarded; gradients are cleared again on return.
-        They accumulate in the parameters' dtype: load the model in float32 for exact sums.
+        Gradients accumulate in float32 whatever the parameters' dtype (a bf16 model keeps a float32
+        copy of the projections' gradients meanwhile).
 
     Raises:
         PruneError: an unknown method, or batches without a single loss token.
@@ -77,10 +78,10 @@ def group_importance(
         raise PruneError(f"importance method {method!r} is unknown; choose taylor, vector or magnitude")
     arch = resolve_arch(model)
     if method == "magnitude":
-        return _collect_scores(arch, method, tokens=0)
+        return _collect_scores(arch, method, tokens=0, grads={})
     try:
-        tokens = _accumulate_grads(model, arch, batches, progress)
-        return _collect_scores(arch, method, tokens)
+        tokens, grads = _accumulate_grads(model, arch, batches, progress)
+        return _collect_scores(arch, method, tokens, grads)
     finally:
         for p in model.parameters():
             p.grad = None
@@ -92,11 +93,14 @@ def _prunable_params(arch: DecoderArch) -> list[nn.Parameter]:
 
 def _accumulate_grads(
     model: PreTrainedModel, arch: DecoderArch, batches: Iterable[dict[str, Tensor]], progress: Progress
-) -> int:
-    """Leave in `.grad` the gradient of the mean token loss over all batches; return the token count.
+) -> tuple[int, dict[Tensor, Tensor]]:
+    """The float32 gradient of the mean token loss over all batches per projection parameter, and the
+    token count.
 
     Only the projections' weights require grad meanwhile (embeddings, norms and lm_head would cost
-    memory for nothing); the previous flags and train/eval mode are restored afterwards.
+    memory for nothing); the previous flags and train/eval mode are restored afterwards. Parameters
+    stored in a lower precision have their gradient moved into a float32 sum after every batch, so the
+    sum over many batches does not round at bf16 precision.
     """
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -104,6 +108,7 @@ def _accumulate_grads(
     device = next(model.parameters()).device
     total = len(batches) if isinstance(batches, Sized) else 0
     tokens = 0
+    sums: dict[Tensor, Tensor] = {}
     try:
         model.train(False)  # no dropout: the scores should not depend on a random mask
         for p in model.parameters():
@@ -116,6 +121,7 @@ def _accumulate_grads(
                 loss, n = _summed_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
                 if n:
                     torch.autograd.backward(loss)
+                    _fold_low_precision(prunable, sums)
                 tokens += n
                 progress(done, total)
     finally:
@@ -126,10 +132,21 @@ def _accumulate_grads(
         raise PruneError(
             "the pruning batches hold no loss tokens (all padding or empty texts); give longer texts"
         )
+    grads: dict[Tensor, Tensor] = {}
     for p in prunable:
-        assert p.grad is not None, "every projection takes part in the forward pass"
-        p.grad.div_(tokens)
-    return tokens
+        grad = sums.get(p, p.grad)
+        assert grad is not None, "every projection takes part in the forward pass"
+        grads[p] = grad.div_(tokens)
+    return tokens, grads
+
+
+def _fold_low_precision(params: Sequence[nn.Parameter], sums: dict[Tensor, Tensor]) -> None:
+    """Move the fresh `.grad` of every non-float32 parameter into its float32 running sum."""
+    for p in params:
+        if p.dtype != torch.float32 and p.grad is not None:
+            grad = p.grad.float()
+            sums[p] = grad if p not in sums else sums[p].add_(grad)
+            p.grad = None
 
 
 def _summed_lm_loss(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -149,49 +166,51 @@ def _summed_lm_loss(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[T
     return loss, n
 
 
-def _elementwise(p: Tensor, method: Method) -> Tensor:
+def _elementwise(p: Tensor, method: Method, grads: Mapping[Tensor, Tensor]) -> Tensor:
     """Per-element contribution: |w*g| (taylor), w*g (vector, abs taken per group), |w| (magnitude)."""
     w = p.detach().float()
     if method == "magnitude":
         return w.abs()
-    assert p.grad is not None, "importance from gradients runs after the backward passes"
-    wg = w * p.grad.float()
+    assert p in grads, "importance from gradients runs after the backward passes"
+    wg = w * grads[p]
     return wg.abs() if method == "taylor" else wg
 
 
-def _rows(lin: nn.Linear, units: int, method: Method) -> Tensor:
+def _rows(lin: nn.Linear, units: int, method: Method, grads: Mapping[Tensor, Tensor]) -> Tensor:
     """[units] contribution of consecutive equal blocks of output rows (+ their bias)."""
-    s = _elementwise(lin.weight, method).view(units, -1).sum(1)
+    s = _elementwise(lin.weight, method, grads).view(units, -1).sum(1)
     if lin.bias is not None:
-        s = s + _elementwise(lin.bias, method).view(units, -1).sum(1)
+        s = s + _elementwise(lin.bias, method, grads).view(units, -1).sum(1)
     return s
 
 
-def _cols(lin: nn.Linear, units: int, method: Method) -> Tensor:
+def _cols(lin: nn.Linear, units: int, method: Method, grads: Mapping[Tensor, Tensor]) -> Tensor:
     """[units] contribution of consecutive equal blocks of input columns (the bias is not per column)."""
-    w = _elementwise(lin.weight, method)
+    w = _elementwise(lin.weight, method, grads)
     return w.view(lin.out_features, units, -1).sum((0, 2))
 
 
 def _layer_scores(
-    a: AttentionParts, m: MLPParts, arch: DecoderArch, method: Method
+    a: AttentionParts, m: MLPParts, arch: DecoderArch, method: Method, grads: Mapping[Tensor, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Signed group sums for one layer -> ([H], [KV], [I]) scores."""
     h, kv = arch.num_heads, arch.num_kv_heads
-    heads = _rows(a.q_proj, h, method) + _cols(a.o_proj, h, method)
-    groups = _rows(a.k_proj, kv, method) + _rows(a.v_proj, kv, method) + heads.view(kv, -1).sum(1)
-    inter = _rows(m.gate_proj, m.gate_proj.out_features, method) + _rows(
-        m.up_proj, m.up_proj.out_features, method
+    heads = _rows(a.q_proj, h, method, grads) + _cols(a.o_proj, h, method, grads)
+    groups = _rows(a.k_proj, kv, method, grads) + _rows(a.v_proj, kv, method, grads) + heads.view(kv, -1).sum(1)
+    inter = _rows(m.gate_proj, m.gate_proj.out_features, method, grads) + _rows(
+        m.up_proj, m.up_proj.out_features, method, grads
     )
-    inter = inter + _cols(m.down_proj, m.down_proj.in_features, method)
+    inter = inter + _cols(m.down_proj, m.down_proj.in_features, method, grads)
     if method == "vector":  # |sum w*g| over the whole group, LLM-Pruner's `vector`
         return heads.abs(), groups.abs(), inter.abs()
     return heads, groups, inter
 
 
 @torch.no_grad()
-def _collect_scores(arch: DecoderArch, method: Method, tokens: int) -> GroupScores:
+def _collect_scores(
+    arch: DecoderArch, method: Method, tokens: int, grads: Mapping[Tensor, Tensor]
+) -> GroupScores:
     """Every layer's group scores, stacked [L, ...] on the CPU (the plan is made there)."""
-    per_layer = [_layer_scores(a, m, arch, method) for a, m in zip(arch.attention, arch.mlp, strict=True)]
+    per_layer = [_layer_scores(a, m, arch, method, grads) for a, m in zip(arch.attention, arch.mlp, strict=True)]
     heads, kv, channels = (torch.stack([s[i] for s in per_layer]).cpu() for i in range(3))
     return GroupScores(heads=heads, kv=kv, channels=channels, method=method, tokens=tokens)

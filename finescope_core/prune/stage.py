@@ -10,7 +10,8 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.config import PruneConfig
@@ -62,18 +63,29 @@ def prune_model(
 
 
 def save_pruned(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: PrunePlan, out_dir: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: PrunePlan,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the pruned model (safetensors), tokenizer and `prune_report.json` into `out_dir`.
 
     An existing `out_dir` is replaced. The writes are not atomic and need not be: the stage writes into
     its store work dir, which the store commits as a whole, so a killed run leaves nothing behind.
 
+    Args:
+        dtype: the precision to store the weights in (the base checkpoint's, `model.checkpoint_dtype`);
+            None keeps the model's. The model is cast in place: this is the stage's last use of it.
+
     Returns:
         `out_dir`, loadable with plain `AutoModelForCausalLM.from_pretrained`.
     """
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)  # no stale shards of an earlier save beside the new ones
+    if dtype is not None and dtype != model.dtype:
+        nn.Module.to(model, dtype)  # transformers' wrapper of `to` hides its signature
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / REPORT_FILE).write_text(json.dumps(plan.to_dict(), indent=1), encoding="utf-8")

@@ -198,6 +198,20 @@ def test_importance_is_batching_invariant_and_leaves_model_clean() -> None:
     assert model.lm_head.weight.requires_grad and model.training
 
 
+def test_bf16_importance_accumulates_in_float32() -> None:
+    """A bf16 model's scores equal those of the same (bf16-rounded) weights in float32, to bf16 precision of
+    one backward pass: per-batch gradients are summed in float32, so many small batches add no error."""
+    model = _model("llama").to(torch.bfloat16)
+    reference = copy.deepcopy(model).to(torch.float32)
+    low = group_importance(model, _batches(batch_size=1))
+    exact = group_importance(reference, _batches(batch_size=1))
+    assert low.heads.dtype == torch.float32
+    for got, want in ((low.heads, exact.heads), (low.channels, exact.channels)):
+        rel = (got - want).abs().sum() / want.abs().sum()
+        assert rel < 0.05, float(rel)
+    assert all(p.grad is None for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------------------- counting
 
 
