@@ -5,7 +5,8 @@ math seeds, Jacobian saliency and pooled activations at the selected coordinates
 settings of configs/demo.yaml (computed once, then cached in --cache). Each variant trains one SAE per
 layer with `finescope_core.sae.train_saes` (held-out split and early stopping as configured) and
 reports, as the mean over layers: held-out FVU, held-out dead fraction (latents that fire on no
-held-out row), held-out L0, training FVU, steps trained, seconds; and the demo's curation precision
+held-out row), held-out L0, training FVU, steps trained, wall seconds and process CPU seconds (the
+steadier of the two on a shared machine); and the demo's curation precision
 (share of GSM8K records among the top `final_size` chosen by the layer vote over the variant's codes,
 `finescope_core.curate.select_records`), beside the `activation` baseline (the same pooled
 activations without an SAE).
@@ -99,9 +100,9 @@ def split(x: torch.Tensor, layers: Sequence[int]) -> dict[int, np.ndarray]:
 
 
 def run_ours(name: str, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[str, Any]:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     sae, metrics = train_saes(d.corpus_acts, cfg, seed=SEED, layer_ids=d.layers)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     prec = precision(split(encode(sae, d.corpus_acts), d.layers), split(encode(sae, d.seed_acts), d.layers), d, ccfg)
 
     def mean(key: str) -> float:
@@ -109,7 +110,7 @@ def run_ours(name: str, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[str
 
     return {
         "variant": name, "val_fvu": mean("val_fvu"), "val_dead": mean("val_dead_fraction"), "val_l0": mean("val_l0"),
-        "train_fvu": mean("fvu"), "train_dead": mean("dead_fraction"), "steps": mean("steps_trained"), "seconds": seconds,
+        "train_fvu": mean("fvu"), "train_dead": mean("dead_fraction"), "steps": mean("steps_trained"), "seconds": seconds, "cpu_s": cpu,
         "precision": prec,
     }  # fmt: skip
 
@@ -122,7 +123,7 @@ def run_sparsify(k: int, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[st
     train, val = d.corpus_acts[train_rows].float(), d.corpus_acts[val_rows].float()
     mean, std = standardisation_stats(train, d.layers)
     lr = 2e-4 / (cfg.d_sae / 2**14) ** 0.5
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     val_fvu, val_dead, train_fvu, train_dead, codes_c, codes_s = [], [], [], [], [], []
     for i in range(len(d.layers)):
         torch.manual_seed(SEED + i)
@@ -158,12 +159,12 @@ def run_sparsify(k: int, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[st
             for acts, sink in ((d.corpus_acts, codes_c), (d.seed_acts, codes_s)):
                 enc = coder.encode((acts[:, i].float() - mean[i]) / std[i])
                 sink.append(torch.zeros(len(acts), cfg.d_sae).scatter(1, enc.top_indices, enc.top_acts))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     prec = precision(split(torch.stack(codes_c, 1), d.layers), split(torch.stack(codes_s, 1), d.layers), d, ccfg)
     return {
         "variant": f"sparsify topk k={k}", "val_fvu": float(np.mean(val_fvu)), "val_dead": float(np.mean(val_dead)),
         "val_l0": float(k), "train_fvu": float(np.mean(train_fvu)), "train_dead": float(np.mean(train_dead)), "steps": float(cfg.steps),
-        "seconds": seconds, "precision": prec,
+        "seconds": seconds, "cpu_s": cpu, "precision": prec,
     }  # fmt: skip
 
 
@@ -177,7 +178,7 @@ def sparsify_status() -> str | None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["variant", "val_fvu", "val_dead", "val_l0", "train_fvu", "train_dead", "steps", "seconds", "precision"]
+    cols = ["variant", "val_fvu", "val_dead", "val_l0", "train_fvu", "train_dead", "steps", "seconds", "cpu_s", "precision"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "finescope-bench-sae-codes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--no-sparsify", action="store_true")
+    parser.add_argument("--l1", type=float, nargs="*", help="ReLU variants' l1_coef values (default: 3e-3 1e-2 3e-2; --quick 3e-3)")
+    parser.add_argument("--k", type=int, nargs="*", help="TopK variants' k values (default: 16 32 64; --quick 32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -200,8 +203,8 @@ def main() -> None:
         keep = list(range(0, len(d.layers), 2))
         d = Demo(d.corpus_acts[:, keep], d.seed_acts[:, keep], [d.layers[i] for i in keep], d.ids, d.exclude, d.extract_s)
     base = SAEConfig(steps=600 if args.quick else 1000)  # configs/demo.yaml trains 1000 steps
-    relu = [3e-3] if args.quick else [3e-3, 1e-2, 3e-2]
-    ks = [32] if args.quick else [16, 32, 64]
+    relu = args.l1 if args.l1 is not None else [3e-3] if args.quick else [3e-3, 1e-2, 3e-2]
+    ks = args.k if args.k is not None else [32] if args.quick else [16, 32, 64]
     print(
         f"machine: {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), torch {torch.__version__}, {args.threads} thread(s)\n"
         f"demo: {len(d.ids)} corpus records, {len(d.seed_acts)} {DOMAIN} seeds, layers {d.layers}, k_act {ccfg.k_act}; "
@@ -215,7 +218,7 @@ def main() -> None:
     base_prec = precision(split((d.corpus_acts - mean) / std, d.layers), split((d.seed_acts - mean) / std, d.layers), d, ccfg)
     nan = float("nan")
     rows.append({"variant": "activation (no SAE)", "val_fvu": nan, "val_dead": nan, "val_l0": nan, "train_fvu": nan,
-                 "train_dead": nan, "steps": 0.0, "seconds": 0.0, "precision": base_prec})  # fmt: skip
+                 "train_dead": nan, "steps": 0.0, "seconds": 0.0, "cpu_s": 0.0, "precision": base_prec})  # fmt: skip
     for coef in relu:
         rows.append(run_ours(f"relu l1={coef:g}", base.model_copy(update={"l1_coef": coef}), d, ccfg))
         print_table(rows[-1:])
