@@ -77,10 +77,17 @@ class StorageConfig(_Strict):
 class SAEConfig(_Strict):
     """Sparse autoencoder training (paper eq. 3-5 and §6: FVU + alpha*AuxK + lambda*L1)."""
 
+    kind: Literal["relu", "topk"] = "relu"
+    """Activation of the codes. `relu`: ReLU codes with an L1 penalty (the paper), so L0 follows from
+    `l1_coef`; `topk`: the `k` largest ReLU pre-activations per sample, the rest zero (Gao et al. 2024,
+    EleutherAI sparsify), so L0 is at most `k` and there is no L1 term. Retrieval encodes with the same
+    activation."""
+    k: int = Field(32, ge=1)
+    """Latents kept per sample when `kind` is `topk` (at most `d_sae`); unused by `relu`."""
     d_sae: int = Field(1024, ge=8)
     """Latents per layer."""
     l1_coef: float = Field(3e-3, ge=0)
-    """lambda: weight of the L1 penalty on the (post-ReLU) codes, per latent and sample."""
+    """lambda: weight of the L1 penalty on the (post-ReLU) codes, per latent and sample; `relu` only."""
     aux_alpha: float = Field(1 / 32, ge=0)
     """alpha: weight of the AuxK loss that lets dead latents predict the residual."""
     k_aux: int = Field(256, ge=1)
@@ -88,11 +95,27 @@ class SAEConfig(_Strict):
     dead_after: int = Field(2048, ge=1)
     """A latent is dead once it has not fired on this many consecutive training samples."""
     steps: int = Field(1500, ge=1)
-    """Optimiser steps (all layers train together, so this is also the per-layer count)."""
+    """Most optimiser steps (all layers train together, so this is also the per-layer count); early
+    stopping (`patience`) can end a layer's training before."""
     batch_size: int = Field(256, ge=1)
     """Samples per step."""
     lr: float = Field(1e-3, gt=0)
     """Adam learning rate."""
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the corpus activations held out (a seeded split, the same rows for every layer) to
+    measure FVU, L0 and dead latents on data the SAE never trained on, and to stop early. 0: none
+    (also when it would leave fewer than 2 rows on either side)."""
+    eval_every: int = Field(50, ge=1)
+    """Optimiser steps between evaluations on the held-out rows."""
+    patience: int = Field(5, ge=0)
+    """Evaluations without a held-out FVU improvement (by 0.1% relative) after which a layer stops
+    training; its weights are the ones with the best held-out FVU either way. 0: train all `steps`."""
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> SAEConfig:
+        if self.kind == "topk" and self.k > self.d_sae:
+            raise ValueError(f"curate.sae.k={self.k} exceeds curate.sae.d_sae={self.d_sae}; keep at most d_sae latents")
+        return self
 
 
 class CurateConfig(_Strict):

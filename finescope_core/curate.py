@@ -162,9 +162,9 @@ def sae_stage(
     return {"layers": ids, "metrics": [_metric_summary(m) for m in metrics]}
 
 
-def _metric_summary(m: sae.LayerMetrics) -> dict[str, float]:
-    """What the stage summary keeps of a layer's metrics: the final numbers, not the curves."""
-    return {"fvu": float(m.fvu), "l0": float(m.l0), "dead_fraction": float(m.dead_fraction)}
+def _metric_summary(m: sae.LayerMetrics) -> dict[str, Any]:
+    """What the stage summary keeps of a layer's metrics: the final numbers (training and held-out rows), not the curves."""
+    return m.summary()
 
 
 # --- retrieval and output ---------------------------------------------------------------------------

@@ -53,7 +53,9 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.Re
                                           [rep.plot_saliency(scores, work / "saliency.png", k_act=k_act)]))  # fmt: skip
     if inputs.sae_metrics is not None:
         rows = [{"layer": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in inputs.sae_metrics.items()]
-        sections.append(rep.ReportSection("SAE metrics", rep.markdown_table(rows),
+        held_out = any("val_fvu" in d for d in inputs.sae_metrics.values())
+        note = "\n\n`fvu`, `l0`, `dead_fraction`: training rows; `val_*`: the held-out rows (`curate.sae.val_fraction`)." if held_out else ""
+        sections.append(rep.ReportSection("SAE metrics", rep.markdown_table(rows) + note,
                                           [rep.plot_sae_metrics(inputs.sae_metrics, work / "sae.png")]))  # fmt: skip
     sections.append(_curated_section(inputs.curated_dir, work))
     sections.append(_parameters_section(inputs.metrics, inputs.prune_info, work))

@@ -36,7 +36,7 @@ class SaeLayersKey(StageKeyModel):
     """`sae-layers`: the SAEs of some hooked layers (by layer id), trained on the corpus activations."""
 
     STAGE = "sae-layers"
-    VERSION = "1"
+    VERSION = "2"  # 2: held-out split, early stopping, TopK
     CONFIG = {"sae": "curate.sae", "seed": "seed"}
     DERIVED = ("curate.layers", "curate.num_layers", "orchestration.sae_layers_per_task")
 
@@ -49,7 +49,7 @@ class SaeKey(StageKeyModel):
     """`sae`: every hooked layer's SAE in one artifact (the hooked layers come with the activations)."""
 
     STAGE = "sae"
-    VERSION = "2"  # 2: gathered from per-layer-group artifacts
+    VERSION = "3"  # 2: gathered from per-layer-group artifacts; 3: held-out split, early stopping, TopK
     CONFIG = {"sae": "curate.sae", "seed": "seed"}
 
     sae: dict[str, Any]

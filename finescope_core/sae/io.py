@@ -4,6 +4,9 @@ One directory per layer (not one file for the batch) so that layers trained by d
 can be gathered by copying directories, and any subset loaded and stacked again. Files are written
 in place, not through temporary names: the curate stage saves into a store work dir, which the store
 commits whole (`ArtifactStore.commit`), so no reader ever sees a half-written SAE.
+
+cfg.json records the activation (`kind`, and `k` for TopK) from the SAE itself. SAEs saved before
+TopK existed have no `kind`: they load as the ReLU SAEs they are.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def save_saes(
             f"save_saes got repeated layer ids {list(layers)}; each layer needs its own directory"
         )
     extras = _per_layer_extras(extra_cfg, sae.num_layers)
-    base = {"d_in": sae.d_in, "d_sae": sae.d_sae, **(cfg.model_dump() if cfg is not None else {})}
+    # The SAE's own activation last: it is what `load_saes` rebuilds (k is null for a ReLU SAE).
+    base = {"d_in": sae.d_in, "d_sae": sae.d_sae, **(cfg.model_dump() if cfg is not None else {}), "kind": sae.kind, "k": sae.k}
     clash = sorted({key for extra in extras for key in extra} & (set(base) | {"layer"}))
     if clash:
         raise SAEInputError(f"extra_cfg keys {clash} would overwrite SAE fields; rename them")
@@ -105,7 +109,8 @@ def _load_layer(layer_dir: Path) -> tuple[BatchedSAE, dict[str, Any]]:
     missing = sorted(set(_TENSOR_NAMES) - set(tensors))
     if missing:
         raise SAEInputError(f"{layer_dir / SAE_FILE} lacks tensors {missing}; re-run SAE training")
-    sae = BatchedSAE(1, cfg["d_in"], cfg["d_sae"])
+    # No `kind`: saved before TopK existed, so a ReLU SAE.
+    sae = BatchedSAE(1, cfg["d_in"], cfg["d_sae"], cfg.get("kind", "relu"), cfg.get("k"))
     sae.load_state_dict({name: tensors[name][None] for name in _TENSOR_NAMES})
     return sae, cfg
 

@@ -86,13 +86,14 @@ def sae_losses(sae: BatchedSAE, x_norm: Tensor, dead_mask: Tensor | None, cfg: S
     """All loss terms of eq. 27 for a batch of standardised inputs, per layer.
 
     The L1 term is normalised as the batch mean of each sample's code L1 norm, sum_j |z_ij|
-    (eq. 26 divided by B), so that, like L_FVU, it does not grow with the batch size.
+    (eq. 26 divided by B), so that, like L_FVU, it does not grow with the batch size. It is reported
+    for every SAE but weighs in only for `relu`: a TopK SAE's sparsity is fixed by k.
 
     Args:
         sae: the SAEs.
         x_norm: [L, B, k] standardised activations.
         dead_mask: [L, d_sae] bool, or None for no AuxK term.
-        cfg: supplies l1_coef (lambda), aux_alpha (alpha) and k_aux.
+        cfg: supplies l1_coef (lambda, `relu` only), aux_alpha (alpha) and k_aux.
     """
     out = sae(x_norm)
     variance = total_variance(x_norm).clamp_min(torch.finfo(x_norm.dtype).tiny)
@@ -102,5 +103,6 @@ def sae_losses(sae: BatchedSAE, x_norm: Tensor, dead_mask: Tensor | None, cfg: S
     else:
         aux = auxk_loss(sae.W_dec, out.pre_acts, x_norm - out.recon, dead_mask, cfg.k_aux, variance)
     l1 = out.codes.sum(dim=-1).mean(dim=-1)
-    total = fvu + cfg.aux_alpha * aux + cfg.l1_coef * l1
+    l1_coef = cfg.l1_coef if sae.kind == "relu" else 0.0
+    total = fvu + cfg.aux_alpha * aux + l1_coef * l1
     return SAELosses(total, fvu, aux, l1, out.codes)

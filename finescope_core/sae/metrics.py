@@ -1,13 +1,14 @@
 """How good trained SAEs are: full-dataset FVU, L0 and dead latents, and the per-layer training summary.
 
 These are what `metrics.json` records next to each layer's SAE and what the curate stage reports, so
-they are measured over the whole training set after training, not over the last minibatches.
+they are measured over whole row sets after training, not over the last minibatches: the training
+rows, and the held-out validation rows (`val_*`) when there are any.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,7 +21,9 @@ class LayerMetrics:
     """Training summary of one layer's SAE.
 
     `fvu`, `l0` and `dead_fraction` are measured after training on the full training set;
-    a latent counts as dead there when it fires on no training sample.
+    a latent counts as dead there when it fires on no training sample. The `val_*` fields are the
+    same on the held-out rows (None without a validation split); FVU there is around the held-out
+    rows' own mean, with the training rows' standardisation.
     """
 
     fvu: float
@@ -30,6 +33,24 @@ class LayerMetrics:
     fvu_curve: list[float] = field(default_factory=list)
     curve_steps: list[int] = field(default_factory=list)
     """Optimiser step (1-based) at which each curve point ends; a point averages the steps since the last."""
+    val_fvu: float | None = None
+    val_l0: float | None = None
+    val_dead_fraction: float | None = None
+    val_fvu_curve: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    """Optimiser step after which each `val_fvu_curve` point was measured."""
+    best_step: int | None = None
+    """The step whose weights were kept (the best held-out FVU); None without a validation split."""
+    steps_trained: int = 0
+    """Optimiser steps this layer took before it stopped (early stopping) or ran out of `steps`."""
+
+    def summary(self) -> dict[str, Any]:
+        """The final numbers without the curves (what stage info and reports show); val_* only when measured."""
+        out: dict[str, Any] = {"fvu": self.fvu, "l0": self.l0, "dead_fraction": self.dead_fraction}
+        if self.val_fvu is not None:
+            out.update(val_fvu=self.val_fvu, val_l0=self.val_l0, val_dead_fraction=self.val_dead_fraction, best_step=self.best_step)
+        out["steps_trained"] = self.steps_trained
+        return out
 
 
 class SAEEval(NamedTuple):

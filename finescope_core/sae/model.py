@@ -1,6 +1,8 @@
-"""The batched SAE module: L independent ReLU SAEs (one per hooked layer) stored as [L, ...] tensors.
+"""The batched SAE module: L independent SAEs (one per hooked layer) stored as [L, ...] tensors.
 
-Paper eq. 3-4: z = ReLU(W_enc^T (x - b_dec) + b_enc), x_hat = W_dec^T z + b_dec. The layers share
+Paper eq. 3-4: z = ReLU(W_enc^T (x - b_dec) + b_enc), x_hat = W_dec^T z + b_dec. With `kind="topk"`
+(Gao et al. 2024, as in EleutherAI's sparsify) z keeps only the k largest of those ReLU values per
+sample, so L0 is at most k by construction instead of through an L1 penalty. The layers share
 no parameters; they live in one module so that a training step is one set of batched ops instead of
 L sets. Choices, and why:
 
@@ -17,14 +19,28 @@ L sets. Choices, and why:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
+SAEKind = Literal["relu", "topk"]
+"""The code activation: plain ReLU, or ReLU then the k largest per sample."""
+
 
 class SAEInputError(ValueError):
     """Activations or saved SAEs that cannot be used; the message names the input and the fix."""
+
+
+def _checked_kind(kind: str, k: int | None, d_sae: int) -> tuple[SAEKind, int | None]:
+    """(kind, k) validated: `topk` needs 1 <= k <= d_sae; `relu` takes no k."""
+    if kind == "relu":
+        return "relu", None
+    if kind != "topk":
+        raise SAEInputError(f"unknown SAE kind {kind!r}; choose relu or topk")
+    if k is None or not 1 <= k <= d_sae:
+        raise SAEInputError(f"a topk SAE needs 1 <= k <= d_sae={d_sae}; got k={k}")
+    return "topk", k
 
 
 class SAEOutput(NamedTuple):
@@ -36,19 +52,23 @@ class SAEOutput(NamedTuple):
 
 
 class BatchedSAE(nn.Module):
-    """L independent ReLU SAEs (one per hooked layer) stored as tensors with a leading layer dim.
+    """L independent SAEs (one per hooked layer) stored as tensors with a leading layer dim.
 
     Parameters: W_enc [L, k, d_sae], b_enc [L, d_sae], W_dec [L, d_sae, k] (unit-norm rows),
     b_dec [L, k]. Buffers: mean, std [L, k], the input standardisation of each layer.
     Tensors passed to `forward`/`encode_normalized` are layer-major: [L, B, k].
+    `kind` and `k` (the activation, see `activate`) are the same for every layer.
     """
 
     # Buffers, declared for the type checker (nn.Module's __getattr__ would type them Tensor | Module).
     mean: Tensor
     std: Tensor
 
-    def __init__(self, num_layers: int, d_in: int, d_sae: int) -> None:
+    def __init__(
+        self, num_layers: int, d_in: int, d_sae: int, kind: SAEKind = "relu", k: int | None = None
+    ) -> None:
         super().__init__()
+        self.kind, self.k = _checked_kind(kind, k, d_sae)
         self.W_enc = nn.Parameter(torch.zeros(num_layers, d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(num_layers, d_sae))
         self.W_dec = nn.Parameter(torch.zeros(num_layers, d_sae, d_in))
@@ -69,7 +89,9 @@ class BatchedSAE(nn.Module):
         return self.W_enc.shape[2]
 
     @classmethod
-    def initialised(cls, d_in: int, d_sae: int, layer_seeds: Sequence[int]) -> BatchedSAE:
+    def initialised(
+        cls, d_in: int, d_sae: int, layer_seeds: Sequence[int], kind: SAEKind = "relu", k: int | None = None
+    ) -> BatchedSAE:
         """A fresh SAE per seed: random unit decoder rows, W_enc = c * W_dec^T, zero biases.
 
         c = min(1, 2 * d_in / d_sae). For a random unit direction d, E[ReLU(x.d) d] = x / (2 d_in),
@@ -81,8 +103,10 @@ class BatchedSAE(nn.Module):
             d_in: input coordinates per layer (k).
             d_sae: latents per layer.
             layer_seeds: one seed per layer; layer l's weights depend on `layer_seeds[l]` only.
+            kind: the code activation (`relu` or `topk`).
+            k: latents kept per sample for `topk`.
         """
-        sae = cls(len(layer_seeds), d_in, d_sae)
+        sae = cls(len(layer_seeds), d_in, d_sae, kind, k)
         enc_scale = min(1.0, 2 * d_in / d_sae)
         with torch.no_grad():
             for i, layer_seed in enumerate(layer_seeds):
@@ -100,9 +124,21 @@ class BatchedSAE(nn.Module):
         """Encoder pre-activations (x - b_dec) W_enc + b_enc. x_norm: [L, B, k] -> [L, B, d_sae]."""
         return torch.baddbmm(self.b_enc[:, None], x_norm - self.b_dec[:, None], self.W_enc)
 
+    def activate(self, pre_acts: Tensor) -> Tensor:
+        """Codes from pre-activations [L, B, d_sae]: ReLU, and for `topk` only the k largest per sample.
+
+        TopK keeps exactly k entries per sample (ties broken by `torch.topk`); some of them are zero
+        when fewer than k pre-activations are positive. The gradient flows to the kept entries only.
+        """
+        codes = torch.relu(pre_acts)
+        if self.kind == "relu":
+            return codes
+        values, indices = codes.topk(cast(int, self.k), dim=-1, sorted=False)
+        return torch.zeros_like(codes).scatter(-1, indices, values)
+
     def encode_normalized(self, x_norm: Tensor) -> Tensor:
-        """Codes (eq. 3/19) of standardised inputs. x_norm: [L, B, k] -> [L, B, d_sae]."""
-        return torch.relu(self.pre_activations(x_norm))
+        """Codes (eq. 3/19, or TopK) of standardised inputs. x_norm: [L, B, k] -> [L, B, d_sae]."""
+        return self.activate(self.pre_activations(x_norm))
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction (eq. 4) in standardised units. codes: [L, B, d_sae] -> [L, B, k]."""
@@ -111,7 +147,7 @@ class BatchedSAE(nn.Module):
     def forward(self, x_norm: Tensor) -> SAEOutput:
         """Encode and decode standardised inputs x_norm: [L, B, k]."""
         pre = self.pre_activations(x_norm)
-        codes = torch.relu(pre)
+        codes = self.activate(pre)
         return SAEOutput(pre, codes, self.decode(codes))
 
     @torch.no_grad()
@@ -136,7 +172,7 @@ class BatchedSAE(nn.Module):
         if not -self.num_layers <= i < self.num_layers:
             raise IndexError(f"layer {i} out of range for an SAE with {self.num_layers} layers")
         i %= self.num_layers
-        out = BatchedSAE(1, self.d_in, self.d_sae).to(self.W_enc.device)
+        out = BatchedSAE(1, self.d_in, self.d_sae, self.kind, self.k).to(self.W_enc.device)
         out.load_state_dict({name: t[i : i + 1].clone() for name, t in self.state_dict().items()})
         return out
 
@@ -148,8 +184,12 @@ class BatchedSAE(nn.Module):
         shapes = {(s.d_in, s.d_sae) for s in saes}
         if len(shapes) != 1:
             raise SAEInputError(f"cannot stack SAEs of different (d_in, d_sae) shapes: {sorted(shapes)}")
+        kinds = {(s.kind, s.k) for s in saes}
+        if len(kinds) != 1:
+            raise SAEInputError(f"cannot stack SAEs of different activations (kind, k): {sorted(kinds, key=str)}")
         d_in, d_sae = shapes.pop()
-        out = BatchedSAE(sum(s.num_layers for s in saes), d_in, d_sae).to(saes[0].W_enc.device)
+        kind, k = kinds.pop()
+        out = BatchedSAE(sum(s.num_layers for s in saes), d_in, d_sae, kind, k).to(saes[0].W_enc.device)
         states = [s.state_dict() for s in saes]
         out.load_state_dict({name: torch.cat([st[name] for st in states]) for name in states[0]})
         return out

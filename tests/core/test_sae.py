@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from finescope_core.sae import (
     save_saes,
     total_variance,
     train_saes,
+    validation_split,
 )
 
 
@@ -183,8 +185,8 @@ def test_auxk_sends_gradient_to_dead_latents_only_when_enabled() -> None:
 def test_auxk_revives_latents_that_never_fire(monkeypatch) -> None:
     fresh = BatchedSAE.initialised
 
-    def half_dead_init(d_in: int, d_sae: int, layer_seeds: list[int]) -> BatchedSAE:
-        sae = fresh(d_in, d_sae, layer_seeds)
+    def half_dead_init(d_in: int, d_sae: int, layer_seeds: list[int], *args: Any) -> BatchedSAE:
+        sae = fresh(d_in, d_sae, layer_seeds, *args)
         with torch.no_grad():
             sae.b_enc[:, :32] = -1.0  # silent on (almost) every sample from the first step
         return sae
@@ -231,14 +233,17 @@ def test_training_recovers_sparse_dictionary() -> None:
         assert m.fvu_curve[-1] < 0.5 * m.fvu_curve[0]
         assert len(m.loss_curve) == len(m.fvu_curve) == len(m.curve_steps) == 100
     assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, 128))
-    assert_close(evaluate_saes(sae, acts).fvu, torch.tensor([m.fvu for m in metrics]))
+    # `fvu` is over the training rows (the held-out ones have their own metrics).
+    train_rows, _ = validation_split(len(acts), cfg.val_fraction, 0)
+    assert_close(evaluate_saes(sae, acts[train_rows]).fvu, torch.tensor([m.fvu for m in metrics]))
 
 
 def test_training_stores_standardisation_statistics() -> None:
     acts = sparse_data(n=300, layers=2) * torch.tensor([1.0, 50.0])[None, :, None] + 7.0
     sae, _ = train_saes(acts, SMALL.model_copy(update={"steps": 2}), seed=0)
-    assert_close(sae.mean, acts.mean(dim=0))
-    assert_close(sae.std, acts.std(dim=0, unbiased=False))
+    train_rows, _ = validation_split(len(acts), SMALL.val_fraction, 0)  # the held-out rows are not seen
+    assert_close(sae.mean, acts[train_rows].mean(dim=0))
+    assert_close(sae.std, acts[train_rows].std(dim=0, unbiased=False))
 
 
 def test_training_is_deterministic() -> None:
