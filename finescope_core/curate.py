@@ -177,17 +177,27 @@ def _usable_seeds(seeds: np.ndarray) -> np.ndarray:
 
 
 def retrieve_by_layer(
-    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], top_m: int, exclude: np.ndarray | None = None
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    top_m: int,
+    exclude: np.ndarray | None = None,
+    priority: np.ndarray | None = None,
 ) -> list[retrieval.LayerSelection]:
-    """Exact top-M by max-over-seeds cosine in every layer's embedding space (`exclude`d rows never chosen)."""
+    """Exact top-M by max-over-seeds cosine in every layer's embedding space.
+
+    `exclude`d rows are never chosen, and neither are rows scoring 0 or less (an all-zero code, or
+    one orthogonal to every seed): a layer's list may then be shorter than M. Ties in score go to the
+    lower `priority` (`retrieval.tie_priority` of the record ids), so they do not depend on row order.
+    """
     out = []
     for layer, emb in corpus_emb.items():
         seeds = _usable_seeds(seed_emb[layer])
         if len(seeds) == 0:
             log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
             continue
-        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m, exclude=exclude)
-        out.append(retrieval.LayerSelection(layer=layer, rows=rows, scores=scores))
+        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m, exclude=exclude, priority=priority)
+        positive = scores > 0
+        out.append(retrieval.LayerSelection(layer=layer, rows=rows[positive], scores=scores[positive]))
     if not out:
         raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
     return out
@@ -252,8 +262,14 @@ def select_records(
     cfg: CurateConfig,
     seed: int,
     exclude_rows: Sequence[int] = (),
+    ids: Sequence[str] | None = None,
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
     """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row.
+
+    Rows scoring 0 or less in every layer are never selected, so fewer than `cfg.final_size` records
+    can come back. Ties (in votes and mean score) are broken by a hash of each record's id seeded
+    with `seed` (`ids`, one per corpus row; None: by the lower row), so with ids the curated set
+    does not depend on the order of the corpus.
 
     Returns:
         The voted records, best first, and what the summary records about the vote: per layer the
@@ -266,9 +282,12 @@ def select_records(
     assert corpus_emb is not None and seed_emb is not None, f"method {method!r} needs embeddings"
     mask = np.zeros(corpus_size, dtype=bool)
     mask[list(excluded)] = True
-    selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg)
+    if ids is not None and len(ids) != corpus_size:
+        raise CurationError(f"ids has {len(ids)} entries for a corpus of {corpus_size} rows; give one id per row")
+    priority = None if ids is None else retrieval.tie_priority(ids, seed)
+    selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg, priority)
     weights = layer_vote_weights(selections, corpus_emb, seed_emb, cfg, seed)
-    voted = retrieval.vote(selections, cfg.final_size, weights=weights)
+    voted = retrieval.vote(selections, cfg.final_size, weights=weights, priority=priority)
     per_layer: dict[int, dict[str, float]] = {
         s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections
     }
@@ -287,7 +306,11 @@ def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: 
 
 
 def _widened_selections(
-    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], mask: np.ndarray, cfg: CurateConfig
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    mask: np.ndarray,
+    cfg: CurateConfig,
+    priority: np.ndarray | None = None,
 ) -> tuple[list[retrieval.LayerSelection], int]:
     """Per-layer top-M lists whose union can fill `final_size`, and the M that took.
 
@@ -298,7 +321,7 @@ def _widened_selections(
     exclude = mask if mask.any() else None
     top_m = cfg.top_m
     while True:
-        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, exclude)
+        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, exclude, priority)
         union = len(set().union(*(s.rows.tolist() for s in selections)))
         if union >= cfg.final_size or top_m >= usable:
             break

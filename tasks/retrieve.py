@@ -32,7 +32,7 @@ class CuratedKey(StageKeyModel):
     """`curated`: retrieval and the vote, on corpus and seeds, their activations and the SAEs (per method)."""
 
     STAGE = "curated"
-    VERSION = "1"
+    VERSION = "2"  # 2: zero-score rows never selected, ties broken by a seeded hash of the id
     CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
               "layer_weighting": "curate.layer_weighting", "seed": "seed"}  # fmt: skip
 
@@ -74,7 +74,8 @@ def retrieve_task(
             core.save_embeddings(work / "embeddings.safetensors", corpus_emb, seed_emb)
         excluded = seed_copies(corpus_records, seed_records)
         voted, extra = core.select_records(
-            cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded
+            cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded,
+            ids=[r.id for r in corpus_records.records],
         )
         rows = core.curated_rows(corpus_records, voted)
         summary = {"method": cfg.curate.method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra}

@@ -6,7 +6,7 @@
 - `weights`: optional unsupervised per-layer vote weights (`curate.layer_weighting: quality`).
 """
 
-from finescope_core.retrieval.scores import Matrix, RetrievalInputError
+from finescope_core.retrieval.scores import Matrix, RetrievalInputError, tie_priority
 from finescope_core.retrieval.search import brute_force_topm, topm_max_over_seeds
 from finescope_core.retrieval.vote import LayerSelection, VotedRecord, vote
 from finescope_core.retrieval.weights import layer_quality, layer_weights
@@ -19,6 +19,7 @@ __all__ = [
     "brute_force_topm",
     "layer_quality",
     "layer_weights",
+    "tie_priority",
     "topm_max_over_seeds",
     "vote",
 ]

@@ -13,6 +13,7 @@ from finescope_core.retrieval import (
     brute_force_topm,
     layer_quality,
     layer_weights,
+    tie_priority,
     topm_max_over_seeds,
     vote,
 )
@@ -210,6 +211,49 @@ def test_vote_orders_by_votes_then_mean_score_then_row() -> None:
     assert out[0].layers == [0, 1, 2] and out[0].mean_score == pytest.approx((0.8 + 0.95 + 0.4) / 3)
     assert out[1].layers == [0, 1] and out[1].mean_score == pytest.approx(0.75)
     assert [r.row for r in vote(_hand_selections(), final_size=4)] == [3, 5, 9, 7]
+
+
+def test_vote_drops_zero_scores_and_breaks_ties_by_priority() -> None:
+    sel = [
+        LayerSelection(0, np.array([4, 2, 6, 1]), np.array([0.5, 0.5, 0.0, 0.0])),
+        LayerSelection(1, np.array([2, 4, 1, 6]), np.array([0.5, 0.5, 0.0, -0.1])),
+    ]
+    assert [r.row for r in vote(sel, 10)] == [2, 4]  # zero and negative picks are no votes; row order breaks the tie
+    priority = np.zeros(7, dtype=np.uint64)
+    priority[[2, 4]] = [9, 3]
+    out = vote(sel, 10, priority=priority)
+    assert [r.row for r in out] == [4, 2] and [r.votes for r in out] == [2.0, 2.0]
+    assert vote([LayerSelection(0, np.array([0, 1]), np.zeros(2))], 5) == []  # all-zero codes: nothing chosen
+    with pytest.raises(RetrievalInputError, match="priority has 3 entries"):
+        vote(sel, 10, priority=np.zeros(3, dtype=np.uint64))
+
+
+def test_tie_priority_follows_the_id_and_the_seed() -> None:
+    ids = [f"r{i}" for i in range(200)]
+    p = tie_priority(ids, seed=0)
+    assert p.dtype == np.uint64 and len(set(p.tolist())) == 200
+    perm = np.random.default_rng(1).permutation(200)
+    np.testing.assert_array_equal(tie_priority([ids[i] for i in perm], seed=0), p[perm])
+    assert not np.array_equal(tie_priority(ids, seed=1), p)
+    assert np.argsort(p)[:20].tolist() != list(range(20))  # not row order
+
+
+def test_search_breaks_score_ties_by_priority() -> None:
+    """300 tied rows at the top, more than m: the winners are those of lowest priority, in both paths."""
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((500, 8)).astype(np.float32)
+    seed = rng.standard_normal((1, 8)).astype(np.float32)
+    corpus[100:400] = seed[0] * 2.0
+    priority = tie_priority([f"id{i}" for i in range(500)], seed=5)
+    exclude = np.zeros(500, dtype=bool)
+    exclude[[101, 250]] = True
+    for ex in (None, exclude):
+        rows, _ = topm_max_over_seeds(corpus, seed, 40, exclude=ex, priority=priority)
+        tied = np.arange(100, 400) if ex is None else np.setdiff1d(np.arange(100, 400), [101, 250])
+        assert rows.tolist() == tied[np.argsort(priority[tied], kind="stable")][:40].tolist()
+        assert_same((rows, _), brute_force_topm(corpus, seed, 40, exclude=ex, priority=priority))
+    with pytest.raises(RetrievalInputError, match="priority must be an integer array"):
+        topm_max_over_seeds(corpus, seed, 4, priority=np.zeros(3, dtype=np.int64))
 
 
 def test_vote_with_weights() -> None:
