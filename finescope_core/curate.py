@@ -381,20 +381,30 @@ def method_embeddings(
     activations: tuple[Sequence[Path], Sequence[Path]] | None = None,
     layers: Sequence[int] = (),
     sae_dir: Path | None = None,
+    sentence_corpus: np.ndarray | None = None,
     device: str = "cpu",
     progress: Progress = no_progress,
 ) -> tuple[dict[int, np.ndarray] | None, dict[int, np.ndarray] | None]:
     """What each method retrieves with, per layer: (corpus, seeds) embeddings (None, None for `random`).
 
-    `sentence` embeds the texts (one pseudo-layer, -1); `activation` reads the pooled activations at
-    the saliency-selected coordinates; `sae` encodes them with each layer's SAE.
+    `sentence` embeds the texts (one pseudo-layer, -1), the corpus's only when `sentence_corpus`
+    (its cached embeddings, `sentence.read_corpus_embeddings`) is not given; `activation` reads the
+    pooled activations at the saliency-selected coordinates; `sae` encodes them with each layer's SAE.
     """
     if method == "random":
         return None, None
     if method == "sentence":
         from finescope_core.sentence import sentence_embeddings
 
-        corpus_emb = sentence_embeddings(corpus.texts, device=device, progress=progress)
+        if sentence_corpus is not None and sentence_corpus.shape[0] != len(corpus):
+            raise CurationError(
+                f"the cached sentence embeddings have {sentence_corpus.shape[0]} rows for a corpus of {len(corpus)}"
+            )
+        corpus_emb = (
+            sentence_corpus
+            if sentence_corpus is not None
+            else sentence_embeddings(corpus.texts, device=device, progress=progress)
+        )
         return {-1: corpus_emb}, {-1: sentence_embeddings(seeds.texts, device=device)}
     if activations is None:
         raise CurationError(f"curate.method {method!r} needs the corpus and seed activations; run their stages first")
