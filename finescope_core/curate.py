@@ -273,7 +273,7 @@ def select_records(
 
     Returns:
         The voted records, best first, and what the summary records about the vote: per layer the
-        mean top-M score (and, with `cfg.layer_weighting` "quality", the layer's vote weight), the M
+        mean top-M score (and, with a `cfg.layer_weighting` other than "vote", the layer's vote weight), the M
         actually used, and how many seed copies were excluded.
     """
     excluded = set(exclude_rows)
@@ -294,7 +294,8 @@ def select_records(
     if weights is not None:  # only then: a plain vote's summary stays as it always was
         for layer, weight in weights.items():
             per_layer[layer]["weight"] = weight
-    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded)}
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded),
+                   "layer_weighting": cfg.layer_weighting}  # fmt: skip
 
 
 def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: int) -> list[retrieval.VotedRecord]:
@@ -341,13 +342,17 @@ def layer_vote_weights(
     """The vote weight of each voting layer under `cfg.layer_weighting`; None for the plain vote.
 
     "quality" weights come from `retrieval.layer_weights` on the seeds that vote in each layer (those
-    with a non-zero code) against the whole corpus, sampled with the run `seed`.
+    with a non-zero code) against the whole corpus, sampled with the run `seed`; "agreement" weights
+    from `retrieval.agreement_weights` on the layers' lists themselves.
 
     Raises:
         CurationError: "quality" with fewer than 2 usable seeds in a voting layer (leave-one-out needs 2).
     """
     if cfg.layer_weighting == "vote":
         return None
+    if cfg.layer_weighting == "agreement":
+        corpus_size = next(iter(corpus_emb.values())).shape[0]
+        return retrieval.agreement_weights(selections, corpus_size)
     seeds = {s.layer: _usable_seeds(seed_emb[s.layer]) for s in selections}
     few = {layer: len(codes) for layer, codes in seeds.items() if len(codes) < 2}
     if few:

@@ -135,3 +135,15 @@ def test_ties_and_zero_codes_do_not_depend_on_row_order() -> None:
         p_ids[v.row]
         for v in select_records("sae", p_corpus, seeds, 300, cfg.model_copy(update={"final_size": 300}), 0, p_excluded, ids=p_ids)[0]
     ]
+
+
+def test_agreement_weighting_is_reachable_from_the_config() -> None:
+    corpus, seeds = _two_layer_embeddings()
+    corpus[7] = corpus[4].copy()  # a third layer that agrees with layer 4
+    seeds[7] = seeds[4].copy()
+    cfg = CurateConfig(top_m=30, final_size=25, layer_weighting="agreement")
+    voted, summary = select_records("sae", corpus, seeds, 600, cfg, 0, [7])
+    weights = {layer: s["weight"] for layer, s in summary["per_layer"].items()}
+    assert weights[4] == weights[7] > 1.0 and weights[9] == 0.0 and summary["layer_weighting"] == "agreement"
+    assert all(v.votes == sum(weights[layer] for layer in v.layers) for v in voted)
+    assert all(v.row < 40 for v in voted)  # layer 9's near-copies count for nothing

@@ -10,7 +10,9 @@ import torch
 from finescope_core.retrieval import (
     LayerSelection,
     RetrievalInputError,
+    agreement_weights,
     brute_force_topm,
+    layer_agreement,
     layer_quality,
     layer_weights,
     tie_priority,
@@ -319,3 +321,22 @@ def test_layer_quality_rewards_a_domain_with_two_subtopics() -> None:
     seeds = np.maximum(np.repeat(centres, 5, axis=0) + 0.2 * rng.standard_normal((10, 32)), 0)
     quality = layer_quality({3: torch.from_numpy(seeds)}, {3: corpus}, sample_size=1000)
     assert quality[3] > 3.0
+
+
+def test_agreement_weights_count_layers_by_overlap_beyond_chance() -> None:
+    """Layers 0 and 1 share 8 of 10 rows; layer 2's list is disjoint from both: it gets weight 0."""
+    sel = [
+        LayerSelection(0, np.arange(10), np.ones(10)),
+        LayerSelection(1, np.arange(2, 12), np.ones(10)),
+        LayerSelection(2, np.arange(50, 60), np.ones(10)),
+    ]
+    a = layer_agreement(sel, 1000)
+    assert a[0] == pytest.approx((0.8 - 0.01 + 0.0 - 0.01) / 2) and a[0] == pytest.approx(a[1])
+    assert a[2] == pytest.approx(-0.01)
+    w = agreement_weights(sel, 1000)
+    assert w[2] == 0.0 and w[0] == pytest.approx(1.5) and sum(w.values()) == pytest.approx(3.0)
+    # No evidence (a lone layer, or lists that overlap no more than chance): every layer counts 1.
+    assert agreement_weights(sel[:1], 1000) == {0: 1.0}
+    assert agreement_weights([sel[0], sel[2]], 1000) == {0: 1.0, 2: 1.0}
+    with pytest.raises(RetrievalInputError, match="corpus_size"):
+        layer_agreement(sel, 0)
