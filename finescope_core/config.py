@@ -116,6 +116,13 @@ class CurateConfig(_Strict):
     the other layers' lists beyond chance (clipped at 0, scaled to mean 1; no labels, any number of
     seeds), on the view that layers agree on the domain and err independently. `quality` needs at
     least 2 seeds; `random` ignores this setting."""
+    fusion: Literal["none", "sentence"] = "none"
+    """`sentence`: fuse the method's ranking with the `sentence` baseline's by reciprocal rank
+    (score = sum of 1 / (60 + rank) over the two rankings, each 2 x `final_size` deep); the output's
+    `score` is then the fused score. Ignored by `sentence` and `random`."""
+    expand_seeds: int = Field(0, ge=0)
+    """Seed expansion: after a first retrieval, add its this many best records as pseudo-seeds
+    (their codes, in every layer) and retrieve again. 0: off (the paper's single round)."""
     layers: list[int] | None = None
     """Decoder layers (0-based; negative counts from the end) to hook. None: `num_layers` evenly spaced."""
     num_layers: int = Field(8, ge=1)

@@ -263,6 +263,7 @@ def select_records(
     seed: int,
     exclude_rows: Sequence[int] = (),
     ids: Sequence[str] | None = None,
+    fusion_emb: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None = None,
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
     """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row.
 
@@ -270,6 +271,13 @@ def select_records(
     can come back. Ties (in votes and mean score) are broken by a hash of each record's id seeded
     with `seed` (`ids`, one per corpus row; None: by the lower row), so with ids the curated set
     does not depend on the order of the corpus.
+
+    With `cfg.expand_seeds` > 0 the best records of a first round join the seeds (their codes, in
+    every layer) for a second round. With `fusion_emb` (the sentence baseline's (corpus, seeds)
+    embeddings, for `cfg.fusion: sentence`) the method's ranking and the sentence ranking, each
+    2 x `final_size` deep, are fused by reciprocal rank; each record's `mean_score` is then its fused
+    score, `votes` its votes in the method's ranking (0 when only the sentence ranking holds it),
+    and `layers` gains -1 when the sentence ranking holds it.
 
     Returns:
         The voted records, best first, and what the summary records about the vote: per layer the
@@ -285,6 +293,35 @@ def select_records(
     if ids is not None and len(ids) != corpus_size:
         raise CurationError(f"ids has {len(ids)} entries for a corpus of {corpus_size} rows; give one id per row")
     priority = None if ids is None else retrieval.tie_priority(ids, seed)
+    fuse = fusion_emb is not None and method != "sentence"
+    depth = 2 * cfg.final_size if fuse else cfg.final_size
+    round_cfg = cfg.model_copy(update={"final_size": depth})
+    voted, summary = _vote_round(corpus_emb, seed_emb, mask, round_cfg, seed, priority)
+    if cfg.expand_seeds > 0 and voted:
+        pseudo = [v.row for v in voted[: cfg.expand_seeds]]
+        seed_emb = {layer: np.concatenate([codes, corpus_emb[layer][pseudo]]) for layer, codes in seed_emb.items()}
+        voted, summary = _vote_round(corpus_emb, seed_emb, mask, round_cfg, seed, priority)
+        summary["pseudo_seeds"] = len(pseudo)
+    if fuse:
+        assert fusion_emb is not None
+        plain = round_cfg.model_copy(update={"layer_weighting": "vote"})
+        other, _ = _vote_round(fusion_emb[0], fusion_emb[1], mask, plain, seed, priority)
+        voted = _fused(voted, other, cfg.final_size, priority)
+        summary["fusion"] = {"with": "sentence", "k": 60, "depth": depth,
+                             "in_both": sum(-1 in v.layers and v.votes > 0 for v in voted)}  # fmt: skip
+    summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting)
+    return voted, summary
+
+
+def _vote_round(
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    mask: np.ndarray,
+    cfg: CurateConfig,
+    seed: int,
+    priority: np.ndarray | None,
+) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
+    """One retrieval round: widened per-layer top-M, layer weights, the vote; and its summary."""
     selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg, priority)
     weights = layer_vote_weights(selections, corpus_emb, seed_emb, cfg, seed)
     voted = retrieval.vote(selections, cfg.final_size, weights=weights, priority=priority)
@@ -294,8 +331,27 @@ def select_records(
     if weights is not None:  # only then: a plain vote's summary stays as it always was
         for layer, weight in weights.items():
             per_layer[layer]["weight"] = weight
-    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded),
-                   "layer_weighting": cfg.layer_weighting}  # fmt: skip
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m}
+
+
+def _fused(
+    primary: list[retrieval.VotedRecord],
+    sentence: list[retrieval.VotedRecord],
+    final_size: int,
+    priority: np.ndarray | None,
+) -> list[retrieval.VotedRecord]:
+    """Reciprocal-rank fusion of the method's voted ranking with the sentence baseline's."""
+    by_row = {v.row: v for v in primary}
+    in_sentence = {v.row for v in sentence}
+    fused = retrieval.reciprocal_rank_fusion(
+        [[v.row for v in primary], [v.row for v in sentence]], final_size, priority=priority
+    )
+    out = []
+    for row, score, _ in fused:
+        own = by_row.get(row)
+        layers = (list(own.layers) if own else []) + ([-1] if row in in_sentence else [])
+        out.append(retrieval.VotedRecord(row=row, votes=own.votes if own else 0.0, mean_score=score, layers=layers))
+    return out
 
 
 def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: int) -> list[retrieval.VotedRecord]:

@@ -46,7 +46,7 @@ from tasks.prune import (
     texts_sha,
 )
 from tasks.report import CURATE_SECONDS, metrics_document, report_key, stage_seconds
-from tasks.retrieve import curated_key, sentence_key
+from tasks.retrieve import curated_key, needs_sentence, sentence_key
 from tasks.sae import lookup_sae, sae_groups, sae_key, sae_layers_key
 from tasks.saliency import saliency_key
 from tasks.teacher import distilled_key
@@ -192,7 +192,7 @@ class _Planner:
             if cfg.curate.method == "sae":
                 sae = out["sae"] = self.sae(acts[0], sal, layers)
         sent: Dep | None = None
-        if cfg.curate.method == "sentence":
+        if needs_sentence(cfg):
             sent = out["sentence_embeddings"] = self.step(
                 "sentence-embeddings", "sentence-embeddings", [corpus], lambda: sentence_key(corpus.sha256)
             )

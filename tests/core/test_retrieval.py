@@ -15,6 +15,7 @@ from finescope_core.retrieval import (
     layer_agreement,
     layer_quality,
     layer_weights,
+    reciprocal_rank_fusion,
     tie_priority,
     topm_max_over_seeds,
     vote,
@@ -340,3 +341,15 @@ def test_agreement_weights_count_layers_by_overlap_beyond_chance() -> None:
     assert agreement_weights([sel[0], sel[2]], 1000) == {0: 1.0, 2: 1.0}
     with pytest.raises(RetrievalInputError, match="corpus_size"):
         layer_agreement(sel, 0)
+
+
+def test_reciprocal_rank_fusion_by_hand() -> None:
+    fused = reciprocal_rank_fusion([[5, 3, 7], [3, 9]], final_size=10, k=0)
+    # 3: 1/2 + 1/1; 5: 1/1; 9: 1/2; 7: 1/3
+    assert fused == [(3, 1.5, 2), (5, 1.0, 1), (9, 0.5, 1), (7, pytest.approx(1 / 3), 1)]
+    assert [r for r, _, _ in reciprocal_rank_fusion([[1], [2]], 2)] == [1, 2]  # a tie: lower row
+    priority = np.array([0, 9, 1], dtype=np.uint64)
+    assert [r for r, _, _ in reciprocal_rank_fusion([[1], [2]], 2, priority=priority)] == [2, 1]
+    assert len(reciprocal_rank_fusion([[5, 3, 7], [3, 9]], final_size=2)) == 2
+    with pytest.raises(RetrievalInputError, match="more than once"):
+        reciprocal_rank_fusion([[1, 1]], 2)

@@ -146,3 +146,20 @@ def test_sentence_corpus_embeddings_are_a_cached_stage(workspace, tmp_path, monk
     assert read_jsonl(f"{tmp_path}/fresh/curated/{uncached.curated.key}/curated.jsonl") == read_jsonl(
         f"{tmp_path}/store/curated/{switched.curated.key}/curated.jsonl"
     )
+
+
+def test_fusion_and_seed_expansion_run_in_the_flow_and_plan(workspace, tmp_path):
+    from tasks.plan import plan
+
+    cfg = config(workspace, fusion="sentence", expand_seeds=3)
+    cfg.store = str(tmp_path / "store")
+    result = curate_flow(cfg, export=False)
+    info = result.curated.info
+    assert info["fusion"]["with"] == "sentence" and info["pseudo_seeds"] == 3
+    assert (tmp_path / "store" / "sentence-embeddings" / info["sentence_embeddings"]["key"]).is_dir()
+    rows = read_jsonl(f"{cfg.store}/curated/{result.curated.key}/curated.jsonl")
+    assert len(rows) == 20 and any(-1 in r["layers"] for r in rows)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)  # the fused score orders the set
+    p = plan(cfg, "curate")
+    assert "sentence-embeddings" in [s.name for s in p.stages] and all(s.status == "reuse" for s in p.stages)
