@@ -240,7 +240,7 @@ def write_curated(rows: list[dict[str, Any]], out_dir: Path, summary: dict[str, 
     """Write curated.jsonl, curated.parquet and curation.json into out_dir."""
     write_jsonl(rows, out_dir / "curated.jsonl")
     pq.write_table(_arrow_table(rows), out_dir / "curated.parquet")
-    summary = {**summary, "records": len(rows)}
+    summary = {"records": len(rows), **summary}  # first: `store ls` shows the leading info fields
     (out_dir / "curation.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
