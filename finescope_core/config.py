@@ -130,12 +130,22 @@ class CurateConfig(_Strict):
     """Records in the curated set D_s."""
     top_m: int = Field(100, ge=1)
     """M of eq. 13: records each layer selects before the vote across layers."""
-    layer_weighting: Literal["vote", "quality"] = "vote"
+    layer_weighting: Literal["vote", "quality", "agreement"] = "vote"
     """How much each layer's top-M list counts in the vote. `vote`: every layer counts 1 (eq. 13), so
     a record's votes are the number of layers that chose it. `quality`: each layer counts by how far
     its embedding lifts a held-out seed above the corpus (leave-one-seed-out z-score, clipped at 0 and
     scaled to mean 1 over the layers; no labels), so a layer where the seeds look like any corpus
-    record counts little or nothing. `quality` needs at least 2 seeds; `random` ignores this setting."""
+    record counts little or nothing. `agreement`: each layer counts by how much its top-M list overlaps
+    the other layers' lists beyond chance (clipped at 0, scaled to mean 1; no labels, any number of
+    seeds), on the view that layers agree on the domain and err independently. `quality` needs at
+    least 2 seeds; `random` ignores this setting."""
+    fusion: Literal["none", "sentence"] = "none"
+    """`sentence`: fuse the method's ranking with the `sentence` baseline's by reciprocal rank
+    (score = sum of 1 / (60 + rank) over the two rankings, each 2 x `final_size` deep); the output's
+    `score` is then the fused score. Ignored by `sentence` and `random`."""
+    expand_seeds: int = Field(0, ge=0)
+    """Seed expansion: after a first retrieval, add its this many best records as pseudo-seeds
+    (their codes, in every layer) and retrieve again. 0: off (the paper's single round)."""
     layers: list[int] | None = None
     """Decoder layers (0-based; negative counts from the end) to hook. None: `num_layers` evenly spaced."""
     num_layers: int = Field(8, ge=1)

@@ -177,17 +177,27 @@ def _usable_seeds(seeds: np.ndarray) -> np.ndarray:
 
 
 def retrieve_by_layer(
-    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], top_m: int, exclude: np.ndarray | None = None
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    top_m: int,
+    exclude: np.ndarray | None = None,
+    priority: np.ndarray | None = None,
 ) -> list[retrieval.LayerSelection]:
-    """Exact top-M by max-over-seeds cosine in every layer's embedding space (`exclude`d rows never chosen)."""
+    """Exact top-M by max-over-seeds cosine in every layer's embedding space.
+
+    `exclude`d rows are never chosen, and neither are rows scoring 0 or less (an all-zero code, or
+    one orthogonal to every seed): a layer's list may then be shorter than M. Ties in score go to the
+    lower `priority` (`retrieval.tie_priority` of the record ids), so they do not depend on row order.
+    """
     out = []
     for layer, emb in corpus_emb.items():
         seeds = _usable_seeds(seed_emb[layer])
         if len(seeds) == 0:
             log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
             continue
-        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m, exclude=exclude)
-        out.append(retrieval.LayerSelection(layer=layer, rows=rows, scores=scores))
+        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m, exclude=exclude, priority=priority)
+        positive = scores > 0
+        out.append(retrieval.LayerSelection(layer=layer, rows=rows[positive], scores=scores[positive]))
     if not out:
         raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
     return out
@@ -230,7 +240,7 @@ def write_curated(rows: list[dict[str, Any]], out_dir: Path, summary: dict[str, 
     """Write curated.jsonl, curated.parquet and curation.json into out_dir."""
     write_jsonl(rows, out_dir / "curated.jsonl")
     pq.write_table(_arrow_table(rows), out_dir / "curated.parquet")
-    summary = {**summary, "records": len(rows)}
+    summary = {"records": len(rows), **summary}  # first: `store ls` shows the leading info fields
     (out_dir / "curation.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -252,12 +262,26 @@ def select_records(
     cfg: CurateConfig,
     seed: int,
     exclude_rows: Sequence[int] = (),
+    ids: Sequence[str] | None = None,
+    fusion_emb: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None = None,
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
     """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row.
 
+    Rows scoring 0 or less in every layer are never selected, so fewer than `cfg.final_size` records
+    can come back. Ties (in votes and mean score) are broken by a hash of each record's id seeded
+    with `seed` (`ids`, one per corpus row; None: by the lower row), so with ids the curated set
+    does not depend on the order of the corpus.
+
+    With `cfg.expand_seeds` > 0 the best records of a first round join the seeds (their codes, in
+    every layer) for a second round. With `fusion_emb` (the sentence baseline's (corpus, seeds)
+    embeddings, for `cfg.fusion: sentence`) the method's ranking and the sentence ranking, each
+    2 x `final_size` deep, are fused by reciprocal rank; each record's `mean_score` is then its fused
+    score, `votes` its votes in the method's ranking (0 when only the sentence ranking holds it),
+    and `layers` gains -1 when the sentence ranking holds it.
+
     Returns:
         The voted records, best first, and what the summary records about the vote: per layer the
-        mean top-M score (and, with `cfg.layer_weighting` "quality", the layer's vote weight), the M
+        mean top-M score (and, with a `cfg.layer_weighting` other than "vote", the layer's vote weight), the M
         actually used, and how many seed copies were excluded.
     """
     excluded = set(exclude_rows)
@@ -266,16 +290,68 @@ def select_records(
     assert corpus_emb is not None and seed_emb is not None, f"method {method!r} needs embeddings"
     mask = np.zeros(corpus_size, dtype=bool)
     mask[list(excluded)] = True
-    selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg)
+    if ids is not None and len(ids) != corpus_size:
+        raise CurationError(f"ids has {len(ids)} entries for a corpus of {corpus_size} rows; give one id per row")
+    priority = None if ids is None else retrieval.tie_priority(ids, seed)
+    fuse = fusion_emb is not None and method != "sentence"
+    depth = 2 * cfg.final_size if fuse else cfg.final_size
+    round_cfg = cfg.model_copy(update={"final_size": depth})
+    voted, summary = _vote_round(corpus_emb, seed_emb, mask, round_cfg, seed, priority)
+    if cfg.expand_seeds > 0 and voted:
+        pseudo = [v.row for v in voted[: cfg.expand_seeds]]
+        seed_emb = {layer: np.concatenate([codes, corpus_emb[layer][pseudo]]) for layer, codes in seed_emb.items()}
+        voted, summary = _vote_round(corpus_emb, seed_emb, mask, round_cfg, seed, priority)
+        summary["pseudo_seeds"] = len(pseudo)
+    if fuse:
+        assert fusion_emb is not None
+        plain = round_cfg.model_copy(update={"layer_weighting": "vote"})
+        other, _ = _vote_round(fusion_emb[0], fusion_emb[1], mask, plain, seed, priority)
+        voted = _fused(voted, other, cfg.final_size, priority)
+        summary["fusion"] = {"with": "sentence", "k": 60, "depth": depth,
+                             "in_both": sum(-1 in v.layers and v.votes > 0 for v in voted)}  # fmt: skip
+    summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting)
+    return voted, summary
+
+
+def _vote_round(
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    mask: np.ndarray,
+    cfg: CurateConfig,
+    seed: int,
+    priority: np.ndarray | None,
+) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
+    """One retrieval round: widened per-layer top-M, layer weights, the vote; and its summary."""
+    selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg, priority)
     weights = layer_vote_weights(selections, corpus_emb, seed_emb, cfg, seed)
-    voted = retrieval.vote(selections, cfg.final_size, weights=weights)
+    voted = retrieval.vote(selections, cfg.final_size, weights=weights, priority=priority)
     per_layer: dict[int, dict[str, float]] = {
         s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections
     }
     if weights is not None:  # only then: a plain vote's summary stays as it always was
         for layer, weight in weights.items():
             per_layer[layer]["weight"] = weight
-    return voted, {"per_layer": per_layer, "effective_top_m": top_m, "excluded_seed_copies": len(excluded)}
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m}
+
+
+def _fused(
+    primary: list[retrieval.VotedRecord],
+    sentence: list[retrieval.VotedRecord],
+    final_size: int,
+    priority: np.ndarray | None,
+) -> list[retrieval.VotedRecord]:
+    """Reciprocal-rank fusion of the method's voted ranking with the sentence baseline's."""
+    by_row = {v.row: v for v in primary}
+    in_sentence = {v.row for v in sentence}
+    fused = retrieval.reciprocal_rank_fusion(
+        [[v.row for v in primary], [v.row for v in sentence]], final_size, priority=priority
+    )
+    out = []
+    for row, score, _ in fused:
+        own = by_row.get(row)
+        layers = (list(own.layers) if own else []) + ([-1] if row in in_sentence else [])
+        out.append(retrieval.VotedRecord(row=row, votes=own.votes if own else 0.0, mean_score=score, layers=layers))
+    return out
 
 
 def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: int) -> list[retrieval.VotedRecord]:
@@ -287,7 +363,11 @@ def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: 
 
 
 def _widened_selections(
-    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], mask: np.ndarray, cfg: CurateConfig
+    corpus_emb: dict[int, np.ndarray],
+    seed_emb: dict[int, np.ndarray],
+    mask: np.ndarray,
+    cfg: CurateConfig,
+    priority: np.ndarray | None = None,
 ) -> tuple[list[retrieval.LayerSelection], int]:
     """Per-layer top-M lists whose union can fill `final_size`, and the M that took.
 
@@ -298,7 +378,7 @@ def _widened_selections(
     exclude = mask if mask.any() else None
     top_m = cfg.top_m
     while True:
-        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, exclude)
+        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, exclude, priority)
         union = len(set().union(*(s.rows.tolist() for s in selections)))
         if union >= cfg.final_size or top_m >= usable:
             break
@@ -318,13 +398,17 @@ def layer_vote_weights(
     """The vote weight of each voting layer under `cfg.layer_weighting`; None for the plain vote.
 
     "quality" weights come from `retrieval.layer_weights` on the seeds that vote in each layer (those
-    with a non-zero code) against the whole corpus, sampled with the run `seed`.
+    with a non-zero code) against the whole corpus, sampled with the run `seed`; "agreement" weights
+    from `retrieval.agreement_weights` on the layers' lists themselves.
 
     Raises:
         CurationError: "quality" with fewer than 2 usable seeds in a voting layer (leave-one-out needs 2).
     """
     if cfg.layer_weighting == "vote":
         return None
+    if cfg.layer_weighting == "agreement":
+        corpus_size = next(iter(corpus_emb.values())).shape[0]
+        return retrieval.agreement_weights(selections, corpus_size)
     seeds = {s.layer: _usable_seeds(seed_emb[s.layer]) for s in selections}
     few = {layer: len(codes) for layer, codes in seeds.items() if len(codes) < 2}
     if few:
@@ -358,20 +442,30 @@ def method_embeddings(
     activations: tuple[Sequence[Path], Sequence[Path]] | None = None,
     layers: Sequence[int] = (),
     sae_dir: Path | None = None,
+    sentence_corpus: np.ndarray | None = None,
     device: str = "cpu",
     progress: Progress = no_progress,
 ) -> tuple[dict[int, np.ndarray] | None, dict[int, np.ndarray] | None]:
     """What each method retrieves with, per layer: (corpus, seeds) embeddings (None, None for `random`).
 
-    `sentence` embeds the texts (one pseudo-layer, -1); `activation` reads the pooled activations at
-    the saliency-selected coordinates; `sae` encodes them with each layer's SAE.
+    `sentence` embeds the texts (one pseudo-layer, -1), the corpus's only when `sentence_corpus`
+    (its cached embeddings, `sentence.read_corpus_embeddings`) is not given; `activation` reads the
+    pooled activations at the saliency-selected coordinates; `sae` encodes them with each layer's SAE.
     """
     if method == "random":
         return None, None
     if method == "sentence":
         from finescope_core.sentence import sentence_embeddings
 
-        corpus_emb = sentence_embeddings(corpus.texts, device=device, progress=progress)
+        if sentence_corpus is not None and sentence_corpus.shape[0] != len(corpus):
+            raise CurationError(
+                f"the cached sentence embeddings have {sentence_corpus.shape[0]} rows for a corpus of {len(corpus)}"
+            )
+        corpus_emb = (
+            sentence_corpus
+            if sentence_corpus is not None
+            else sentence_embeddings(corpus.texts, device=device, progress=progress)
+        )
         return {-1: corpus_emb}, {-1: sentence_embeddings(seeds.texts, device=device)}
     if activations is None:
         raise CurationError(f"curate.method {method!r} needs the corpus and seed activations; run their stages first")

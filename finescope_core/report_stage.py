@@ -58,6 +58,9 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.Re
         sections.append(rep.ReportSection("SAE metrics", rep.markdown_table(rows) + note,
                                           [rep.plot_sae_metrics(inputs.sae_metrics, work / "sae.png")]))  # fmt: skip
     sections.append(_curated_section(inputs.curated_dir, work))
+    weights = layer_weights_section(inputs.curated_dir)
+    if weights is not None:
+        sections.append(weights)
     sections.append(_parameters_section(inputs.metrics, inputs.prune_info, work))
     table = [{"model": name, **{k: v for k, v in m.items() if k != "n"}} for name, m in inputs.metrics["models"].items()]
     sections.append(rep.ReportSection("Evaluation", rep.markdown_table(table), [rep.plot_eval(inputs.metrics, work / "evaluation.png")]))
@@ -72,6 +75,31 @@ def _curated_section(curated_dir: Path, work: Path) -> rep.ReportSection:
         images.append(rep.plot_retrieval_scores(retrieval_scores(curated_dir / "embeddings.safetensors"), cut, work / "retrieval.png"))
     examples = [{"text": shown_text(r), **{k: r[k] for k in ("rank", "id", "score", "votes")}} for r in rows]
     return rep.ReportSection("Curated set", rep.example_records_table(examples, 8), images)
+
+
+def layer_weights_section(curated_dir: Path) -> rep.ReportSection | None:
+    """Each voting layer's weight in the vote and its mean top-M score, from `curation.json`.
+
+    None when the curation had no layers (`random`) or predates the per-layer summary. A plain vote
+    (`curate.layer_weighting: vote`) records no weights: every layer counts 1.
+    """
+    path = curated_dir / "curation.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    per_layer: Mapping[str, Mapping[str, float]] = summary.get("per_layer") or {}
+    if not per_layer:
+        return None
+    rows = [
+        {"layer": layer, "weight": round(float(d.get("weight", 1.0)), 4), "mean top-M score": round(float(d["mean_top_score"]), 4)}
+        for layer, d in sorted(per_layer.items(), key=lambda kv: int(kv[0]))
+    ]
+    rule = summary.get("layer_weighting", "vote")
+    top_m = summary.get("effective_top_m")
+    note = f"Weighting `{rule}`" + (f", per-layer top-{top_m}." if top_m is not None else ".")
+    if "-1" in per_layer:
+        note += " Layer -1 is the sentence embedding (one space, so its weight is 1)."
+    return rep.ReportSection("Layer weights", f"{note}\n\n{rep.markdown_table(rows)}")
 
 
 def _parameters_section(metrics: Mapping[str, Any], prune_info: Mapping[str, Any], work: Path) -> rep.ReportSection:

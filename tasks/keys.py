@@ -14,13 +14,13 @@ from tasks.evaluate import EvaluationKey
 from tasks.finetune import TunedKey
 from tasks.prune import PrunedKey
 from tasks.report import ReportKey
-from tasks.retrieve import CuratedKey
+from tasks.retrieve import CuratedKey, SentenceKey
 from tasks.sae import SaeKey, SaeLayersKey
 from tasks.saliency import SaliencyKey
 from tasks.teacher import DistilledKey
 
 KEY_MODELS: tuple[type[StageKeyModel], ...] = (
-    CorpusKey, SeedsKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, CuratedKey,
+    CorpusKey, SeedsKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, SentenceKey, CuratedKey,
     PrunedKey, DistilledKey, TunedKey, EvaluationKey, ReportKey,
 )  # fmt: skip
 

@@ -46,7 +46,7 @@ from tasks.prune import (
     texts_sha,
 )
 from tasks.report import CURATE_SECONDS, metrics_document, report_key, stage_seconds
-from tasks.retrieve import curated_key
+from tasks.retrieve import curated_key, needs_sentence, sentence_key
 from tasks.sae import lookup_sae, sae_groups, sae_key, sae_layers_key
 from tasks.saliency import saliency_key
 from tasks.teacher import distilled_key
@@ -191,12 +191,18 @@ class _Planner:
             out["activations"], out["seed_activations"] = acts
             if cfg.curate.method == "sae":
                 sae = out["sae"] = self.sae(acts[0], sal, layers)
+        sent: Dep | None = None
+        if needs_sentence(cfg):
+            sent = out["sentence_embeddings"] = self.step(
+                "sentence-embeddings", "sentence-embeddings", [corpus], lambda: sentence_key(corpus.sha256)
+            )
 
         def spec() -> StageKey:
             shas = [a.sha256 for a in acts] if acts else None
-            return curated_key(cfg, corpus.sha256, seed_dep.sha256, shas, sae.sha256 if sae else None)
+            return curated_key(cfg, corpus.sha256, seed_dep.sha256, shas, sae.sha256 if sae else None,
+                               sent.sha256 if sent else None)  # fmt: skip
 
-        out["curated"] = self.step("curated", "curated", [corpus, seed_dep, *acts, sae], spec)
+        out["curated"] = self.step("curated", "curated", [corpus, seed_dep, *acts, sae, sent], spec)
         return out
 
     def activations(self, name: str, model: Dep, records: Dep, rows: int, layers: list[int], sal: Dep) -> Dep:

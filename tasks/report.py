@@ -61,7 +61,7 @@ class ReportKey(StageKeyModel):
     """`report`: what the report shows, on the metrics document, the curated set and the pruned model."""
 
     STAGE = "report"
-    VERSION = "2"
+    VERSION = "3"  # 3: a "Layer weights" section
     CONFIG = {"ratio": "prune.ratio", "method": "curate.method", "k_act": "curate.k_act"}
 
     ratio: float

@@ -1,4 +1,9 @@
-"""Task of the `curated` stage: retrieval per layer, the vote across layers, the curated set."""
+"""Task of the `curated` stage: retrieval per layer, the vote across layers, the curated set.
+
+With `curate.method: sentence` (or `curate.fusion: sentence`) the task first looks up (or
+computes) the `sentence-embeddings` stage: the corpus's MiniLM embeddings, keyed by the corpus
+alone, so another seed set embeds only its seeds.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 from prefect import task
 
 from finescope_core import curate as core
+from finescope_core import sentence
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import (
     seed_copies,
@@ -32,22 +38,63 @@ class CuratedKey(StageKeyModel):
     """`curated`: retrieval and the vote, on corpus and seeds, their activations and the SAEs (per method)."""
 
     STAGE = "curated"
-    VERSION = "1"
+    VERSION = "2"  # 2: zero-score rows never selected, ties broken by a seeded hash of the id
     CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
-              "layer_weighting": "curate.layer_weighting", "seed": "seed"}  # fmt: skip
+              "layer_weighting": "curate.layer_weighting", "fusion": "curate.fusion",
+              "expand_seeds": "curate.expand_seeds", "seed": "seed"}  # fmt: skip
 
     method: str
     top_m: int
     final_size: int
     layer_weighting: str
+    fusion: str
+    expand_seeds: int
     seed: int
 
 
+def needs_sentence(cfg: FinescopeConfig) -> bool:
+    """Whether the retrieval reads the corpus's sentence embeddings (the method, or fusion with it)."""
+    method = cfg.curate.method
+    return method == "sentence" or (cfg.curate.fusion == "sentence" and method in ("sae", "activation"))
+
+
+class SentenceKey(StageKeyModel):
+    """`sentence-embeddings`: the corpus's all-MiniLM-L6-v2 embeddings; the corpus and the model pin only."""
+
+    STAGE = "sentence-embeddings"
+    VERSION = "1"
+
+
+def sentence_key(corpus_sha: str) -> StageKey:
+    return SentenceKey(inputs={"corpus": corpus_sha, "model": sentence.MODEL_PIN}).spec()
+
+
 def curated_key(
-    cfg: FinescopeConfig, corpus_sha: str, seeds_sha: str, acts_shas: list[str] | None, sae_sha: str | None
+    cfg: FinescopeConfig,
+    corpus_sha: str,
+    seeds_sha: str,
+    acts_shas: list[str] | None,
+    sae_sha: str | None,
+    sentence_sha: str | None = None,
 ) -> StageKey:
-    inputs = {"corpus": corpus_sha, "seeds": seeds_sha, "activations": "+".join(acts_shas or []), "sae": sae_sha or ""}
+    inputs = {"corpus": corpus_sha, "seeds": seeds_sha, "activations": "+".join(acts_shas or []), "sae": sae_sha or "",
+              "sentence": sentence_sha or ""}  # fmt: skip
     return CuratedKey.of(cfg, inputs).spec()
+
+
+def _device(cfg: FinescopeConfig) -> str:
+    return "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def sentence_stage(cfg: FinescopeConfig, corpus: StageManifest) -> StageManifest:
+    """The corpus's sentence embeddings from the store, computed on a miss (a plain call, inside the task)."""
+    store = open_store(cfg)
+
+    def build(work: Path) -> dict[str, Any]:
+        texts = load_data(cfg, corpus).texts
+        return sentence.write_corpus_embeddings(texts, work, device=_device(cfg), progress=Progress("sentence corpus embeddings"))
+
+    return run_cached(store, sentence_key(corpus.sha256), build)
 
 
 @task(name="retrieve", cache_policy=RUN_RESULTS, **STORE_RETRIES)
@@ -60,25 +107,37 @@ def retrieve_task(
 ) -> StageManifest:
     """Eq. 12-13 per layer, the vote across layers, and the curated set (JSONL + Parquet)."""
     store = open_store(cfg)
+    sent = sentence_stage(cfg, corpus) if needs_sentence(cfg) else None
 
     def build(work: Path) -> dict[str, Any]:
         seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
+        cached = sentence.read_corpus_embeddings(artifact_dir(store, sent), len(corpus_records)) if sent else None
         corpus_emb, seed_emb = core.method_embeddings(
             cfg.curate.method, corpus_records, seed_records,
             activations=(activation_dirs(store, acts[0]), activation_dirs(store, acts[1])) if acts else None,
             layers=acts[0].info["layers"] if acts else (), sae_dir=artifact_dir(store, sae) if sae else None,
-            device="cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu",
+            sentence_corpus=cached, device=_device(cfg),
             progress=Progress(f"{cfg.curate.method} embeddings"),
         )  # fmt: skip
         if corpus_emb is not None:
             core.save_embeddings(work / "embeddings.safetensors", corpus_emb, seed_emb)
+        fusion = None
+        if cached is not None and cfg.curate.method != "sentence":  # curate.fusion: sentence
+            f_corpus, f_seeds = core.method_embeddings("sentence", corpus_records, seed_records, sentence_corpus=cached,
+                                                       device=_device(cfg))  # fmt: skip
+            assert f_corpus is not None and f_seeds is not None
+            fusion = (f_corpus, f_seeds)
         excluded = seed_copies(corpus_records, seed_records)
         voted, extra = core.select_records(
-            cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded
+            cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded,
+            ids=[r.id for r in corpus_records.records], fusion_emb=fusion,
         )
         rows = core.curated_rows(corpus_records, voted)
         summary = {"method": cfg.curate.method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra}
+        if sent is not None:
+            summary["sentence_embeddings"] = {"key": sent.key, "uri": sent.uri}
         return core.write_curated(rows, work, summary)
 
     acts_shas = [a.sha256 for a in acts] if acts else None
-    return run_cached(store, curated_key(cfg, corpus.sha256, seeds.sha256, acts_shas, sae.sha256 if sae else None), build)
+    spec = curated_key(cfg, corpus.sha256, seeds.sha256, acts_shas, sae.sha256 if sae else None, sent.sha256 if sent else None)
+    return run_cached(store, spec, build)

@@ -3,22 +3,28 @@
 - `search`: the exact top-M (FAISS, certified against rounding and ties) and its brute-force reference;
 - `scores`: the canonical score and input checks both share;
 - `vote`: per-layer selections aggregated into one ranking;
-- `weights`: optional unsupervised per-layer vote weights (`curate.layer_weighting: quality`).
+- `fusion`: reciprocal-rank fusion of several rankings (`curate.fusion: sentence`);
+- `weights`: optional unsupervised per-layer vote weights (`curate.layer_weighting: quality|agreement`).
 """
 
-from finescope_core.retrieval.scores import Matrix, RetrievalInputError
+from finescope_core.retrieval.fusion import reciprocal_rank_fusion
+from finescope_core.retrieval.scores import Matrix, RetrievalInputError, tie_priority
 from finescope_core.retrieval.search import brute_force_topm, topm_max_over_seeds
 from finescope_core.retrieval.vote import LayerSelection, VotedRecord, vote
-from finescope_core.retrieval.weights import layer_quality, layer_weights
+from finescope_core.retrieval.weights import agreement_weights, layer_agreement, layer_quality, layer_weights
 
 __all__ = [
     "LayerSelection",
     "Matrix",
     "RetrievalInputError",
     "VotedRecord",
+    "agreement_weights",
     "brute_force_topm",
+    "layer_agreement",
     "layer_quality",
     "layer_weights",
+    "reciprocal_rank_fusion",
+    "tie_priority",
     "topm_max_over_seeds",
     "vote",
 ]

@@ -4,10 +4,15 @@ Every score retrieval returns is computed one way (`exact_scores`: a float64 sum
 products of the float32-normalised vectors, one row at a time), so equal rows get equal scores
 wherever they sit and the FAISS search and the brute-force reference agree bit for bit. Faster
 float32 kernels (FAISS, BLAS) are used only to find candidates, trusted up to `score_tolerance`.
-Rows with a zero vector score 0 (never NaN); ties are broken by lower row index (`select_top`).
+Rows with a zero vector score 0 (never NaN). Ties are broken by a per-row priority when one is given
+(`tie_priority`: a seeded hash of each record's id, so the order does not depend on where a record
+sits in the corpus), else by lower row index (`select_top`).
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -133,7 +138,38 @@ def score_tolerance(dim: int) -> float:
     return 2.0 * (dim + 2) * 2.0**-24
 
 
-def select_top(rows: np.ndarray, scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """The m best (rows, scores), ordered by score desc then row asc."""
-    order = np.lexsort((rows, -scores))[:m]
+def tie_priority(ids: Sequence[str], seed: int = 0) -> np.ndarray:
+    """Per-row tie-break priority: a seeded 64-bit hash of each record id (lower wins a tie).
+
+    The priority follows the record, not its row, so a permuted corpus breaks ties the same way; the
+    seed varies which of several tied records wins without favouring early rows.
+
+    Args:
+        ids: one id per corpus row (ids are unique within a corpus).
+        seed: the run's seed, mixed into the hash.
+
+    Returns:
+        [N] uint64.
+    """
+    salt = f"finescope-tie:{seed}:".encode()
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + str(i).encode(), digest_size=8).digest(), "big") for i in ids),
+        dtype=np.uint64,
+        count=len(ids),
+    )
+
+
+def select_top(
+    rows: np.ndarray, scores: np.ndarray, m: int, priority: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The m best (rows, scores), ordered by score desc, then `priority[row]` asc (if given), then row asc.
+
+    Args:
+        rows: [n] row indices (into `priority` when given).
+        scores: [n] their scores.
+        m: how many to keep.
+        priority: optional [N] per-row tie-break key (`tie_priority`), indexed by `rows`.
+    """
+    keys = (rows, -scores) if priority is None else (rows, priority[rows], -scores)
+    order = np.lexsort(keys)[:m]
     return rows[order].astype(np.int64), scores[order]

@@ -50,6 +50,19 @@ def _exclude_mask(exclude: np.ndarray | torch.Tensor | None, n: int) -> np.ndarr
     return mask
 
 
+def _check_priority(priority: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The tie-break priority as a [n] integer array, or None."""
+    if priority is None:
+        return None
+    arr = np.asarray(priority)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+        raise RetrievalInputError(
+            f"priority must be an integer array of shape ({n},) (one tie-break key per corpus row), "
+            f"got dtype {arr.dtype} and shape {arr.shape}"
+        )
+    return arr
+
+
 def _check_threads(threads: int | None) -> None:
     """Raise before any work when the FAISS thread count cannot be used."""
     if threads is not None and (isinstance(threads, bool) or threads < 1):
@@ -80,13 +93,16 @@ def _candidate_k(m: int, n: int) -> int:
     return min(n, m + max(16, m // 8))
 
 
-def _flat_topm(corpus_n: np.ndarray, seeds_n: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+def _flat_topm(
+    corpus_n: np.ndarray, seeds_n: np.ndarray, m: int, priority: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-m local rows by max-over-seeds score, certified against rounding and ties.
 
     Args:
         corpus_n: [n, d] float32 normalised rows (excluded rows already removed), n > m.
         seeds_n: [S, d] float32 normalised seeds.
         m: rows to return.
+        priority: optional [n] tie-break key of the local rows (`scores.tie_priority`).
 
     Returns:
         ([m] local row indices, [m] canonical scores), best first.
@@ -98,7 +114,7 @@ def _flat_topm(corpus_n: np.ndarray, seeds_n: np.ndarray, m: int) -> tuple[np.nd
         # faiss.knn is IndexFlatIP's exhaustive kernel without copying the corpus into an index.
         sims, ids = faiss.knn(seeds_n, corpus_n, k, metric=faiss.METRIC_INNER_PRODUCT)
         candidates = np.unique(ids)
-        rows, scores = select_top(candidates, exact_scores(corpus_n[candidates], seeds_n), m)
+        rows, scores = select_top(candidates, exact_scores(corpus_n[candidates], seeds_n), m, priority)
         # A row outside every list scores at most max_s(k-th similarity of seed s) + tol.
         if k == n or float(sims[:, -1].max()) + tol < float(scores[-1]):
             return rows, scores
@@ -112,6 +128,7 @@ def topm_max_over_seeds(
     *,
     exclude: np.ndarray | torch.Tensor | None = None,
     threads: int | None = None,
+    priority: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 12-13: the exact m corpus rows with the highest max-over-seeds cosine, via FAISS.
 
@@ -123,14 +140,18 @@ def topm_max_over_seeds(
         m: rows to select; fewer come back when fewer than m rows are not excluded.
         exclude: optional bool [N]; True rows are never selected (seed copies, duplicates).
         threads: FAISS threads for this call (restored afterwards); None: all CPUs available.
+        priority: optional [N] tie-break key per corpus row (`scores.tie_priority`); ties in score
+            go to the lower priority, then the lower row. Every row tied with the m-th score is
+            among the rescored candidates (the certification above), so the choice is exact.
 
     Returns:
-        (idx [m'] int64 corpus rows, score [m'] float64), by score desc then row asc;
+        (idx [m'] int64 corpus rows, score [m'] float64), by score desc then priority asc then row asc;
         m' = min(m, N - excluded).
     """
     _check_m(m)
     _check_threads(threads)
     x = as_float32_matrix(corpus, "corpus")
+    priority = _check_priority(priority, x.shape[0])
     seeds_n = normalised_seeds(seeds, x.shape[1])
     mask = _exclude_mask(exclude, x.shape[0])
     kept = np.flatnonzero(~mask)
@@ -138,16 +159,22 @@ def topm_max_over_seeds(
     n = corpus_n.shape[0]
     if n == 0:
         return _empty()
+    local_priority = priority[kept] if priority is not None and mask.any() else priority
     if n <= m:
-        rows, scores = select_top(np.arange(n), exact_scores(corpus_n, seeds_n), n)
+        rows, scores = select_top(np.arange(n), exact_scores(corpus_n, seeds_n), n, local_priority)
         return kept[rows], scores
     with _faiss_threads(threads):
-        rows, scores = _flat_topm(corpus_n, seeds_n, m)
+        rows, scores = _flat_topm(corpus_n, seeds_n, m, local_priority)
     return kept[rows], scores
 
 
 def brute_force_topm(
-    corpus: Matrix, seeds: Matrix, m: int, *, exclude: np.ndarray | torch.Tensor | None = None
+    corpus: Matrix,
+    seeds: Matrix,
+    m: int,
+    *,
+    exclude: np.ndarray | torch.Tensor | None = None,
+    priority: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference for `topm_max_over_seeds`: the full [N, S] cosine matrix with numpy.
 
@@ -159,12 +186,15 @@ def brute_force_topm(
         seeds: [S, d] seed codes.
         m: rows to select.
         exclude: optional bool [N]; True rows are never selected.
+        priority: optional [N] tie-break key per row, as in `topm_max_over_seeds`.
 
     Returns:
-        (idx [m'] int64, score [m'] float64), by score desc then row asc; m' = min(m, N - excluded).
+        (idx [m'] int64, score [m'] float64), by score desc then priority asc then row asc;
+        m' = min(m, N - excluded).
     """
     _check_m(m)
     x = as_float32_matrix(corpus, "corpus")
+    priority = _check_priority(priority, x.shape[0])
     seeds_n = normalised_seeds(seeds, x.shape[1])
     mask = _exclude_mask(exclude, x.shape[0])
     corpus_n = l2_normalise(x, "corpus", ignore=mask)
@@ -176,4 +206,4 @@ def brute_force_topm(
     mm = min(m, keep)
     threshold = np.partition(approx, approx.size - mm)[approx.size - mm]
     candidates = np.flatnonzero(approx >= threshold - 2 * score_tolerance(x.shape[1]))
-    return select_top(candidates, exact_scores(corpus_n[candidates], seeds_n), mm)
+    return select_top(candidates, exact_scores(corpus_n[candidates], seeds_n), mm, priority)

@@ -1,8 +1,11 @@
 """The vote across layers (paper eq. 13): rows chosen by more layers rank first.
 
 Each layer's top-M list is one ballot; a row's votes are the number of layers that chose it (or the
-sum of their weights, see `weights`), ties broken by the mean score over those layers, then by the
-lower row index, so the order is fully deterministic.
+sum of their weights, see `weights`), ties broken by the mean score over those layers, then by a
+per-row priority (`scores.tie_priority`: a seeded hash of the record id, so the order does not
+depend on where a record sits in the corpus), then by the lower row index. A pick with a score of 0
+or less is no vote: a row whose code is all zero (or points away from every seed) resembles no
+seed in that layer, and such rows would otherwise fill a short list in row order.
 """
 
 from __future__ import annotations
@@ -75,16 +78,22 @@ def _checked_weights(layers: list[int], weights: dict[int, float] | None) -> dic
 
 
 def vote(
-    selections: list[LayerSelection], final_size: int, *, weights: dict[int, float] | None = None
+    selections: list[LayerSelection],
+    final_size: int,
+    *,
+    weights: dict[int, float] | None = None,
+    priority: np.ndarray | None = None,
 ) -> list[VotedRecord]:
-    """Aggregate per-layer selections: order rows by (votes desc, mean score desc, row asc).
+    """Aggregate per-layer selections: order rows by (votes desc, mean score desc, priority asc, row asc).
 
     Args:
         selections: one `LayerSelection` per layer (each layer at most once).
-        final_size: records to return. Fewer come back when the union of the layers' rows is
-            smaller than `final_size` (the vote never invents rows).
+        final_size: records to return. Fewer come back when the union of the layers' rows with a
+            positive score is smaller than `final_size` (the vote never invents rows).
         weights: optional layer -> weight >= 0 (e.g. from `layer_weights`); a row's votes are then
             the sum of the weights of the layers that selected it instead of their count.
+        priority: optional integer array indexed by row (`scores.tie_priority` of the record ids);
+            None: ties go to the lower row.
 
     Returns:
         Up to `final_size` `VotedRecord`s, best first.
@@ -99,7 +108,10 @@ def vote(
     for sel in sorted(selections, key=lambda s: s.layer):
         _check_selection(sel)
         for row, score in zip(np.asarray(sel.rows).tolist(), np.asarray(sel.scores).tolist(), strict=True):
-            hits.setdefault(int(row), []).append((sel.layer, float(score)))
+            if score > 0:
+                hits.setdefault(int(row), []).append((sel.layer, float(score)))
+    if priority is not None and hits and max(hits) >= len(priority):
+        raise RetrievalInputError(f"priority has {len(priority)} entries but row {max(hits)} was selected")
     records = [
         VotedRecord(
             row=row,
@@ -109,5 +121,8 @@ def vote(
         )
         for row, picks in hits.items()
     ]
-    records.sort(key=lambda r: (-r.votes, -r.mean_score, r.row))
+    if priority is None:
+        records.sort(key=lambda r: (-r.votes, -r.mean_score, r.row))
+    else:
+        records.sort(key=lambda r: (-r.votes, -r.mean_score, int(priority[r.row]), r.row))
     return records[:final_size]

@@ -1,11 +1,14 @@
-"""Per-layer vote weights without labels: how well a layer's code space separates the seeds from the corpus.
+"""Per-layer vote weights without labels, for `curate.layer_weighting` (the plain vote gives every layer 1).
 
-Used by the vote when `curate.layer_weighting` is "quality"; the plain vote gives every layer weight 1.
+- "quality" (`layer_quality`, `layer_weights`): how well a layer's code space separates a held-out
+  seed from the corpus;
+- "agreement" (`layer_agreement`, `agreement_weights`): how much a layer's top-M list overlaps the
+  other layers' lists, beyond chance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ from finescope_core.retrieval.scores import (
     l2_normalise,
     normalised_seeds,
 )
+from finescope_core.retrieval.vote import LayerSelection
 
 
 def _held_out_zscores(seeds_n: np.ndarray, sample_n: np.ndarray) -> np.ndarray:
@@ -104,9 +108,56 @@ def layer_weights(
     Returns:
         layer -> weight >= 0.
     """
-    quality = layer_quality(seed_codes, corpus_codes, sample_size=sample_size, seed=seed)
-    clipped = {layer: max(q, 0.0) for layer, q in quality.items()}
+    return _mean_one(layer_quality(seed_codes, corpus_codes, sample_size=sample_size, seed=seed))
+
+
+def _mean_one(scores: Mapping[int, float]) -> dict[int, float]:
+    """max(score, 0) scaled to mean 1 over the layers; every layer 1 when none is positive."""
+    clipped = {layer: max(q, 0.0) for layer, q in scores.items()}
     total = sum(clipped.values())
     if total <= 0:
-        return dict.fromkeys(quality, 1.0)
+        return dict.fromkeys(scores, 1.0)
     return {layer: c * len(clipped) / total for layer, c in clipped.items()}
+
+
+def layer_agreement(selections: Sequence[LayerSelection], corpus_size: int) -> dict[int, float]:
+    """How much each layer's top-M list agrees with the other layers', beyond chance (no labels, no seed count).
+
+    a_l = mean over the other layers k of |T_l & T_k| / |T_l|, minus |T_k| / N, the overlap two
+    random lists of those sizes would have. Why it tracks a layer's precision: if a list is the
+    domain rows a layer finds plus noise, and the noise of different layers is independent while the
+    domain is shared, the overlap of layers l and k grows with the product of their precisions, so
+    for fixed other layers a_l grows with layer l's. Its weakness is the converse of that
+    assumption: neighbouring layers make correlated mistakes, and a block of redundant layers
+    agreeing on the same wrong rows outweighs a lone correct one. Cheap (set intersections), and
+    unlike `layer_quality` it needs no second seed.
+
+    Args:
+        selections: one list per layer (rows with a positive score, as the vote counts them).
+        corpus_size: N, the rows the lists were drawn from (for the chance level).
+
+    Returns:
+        layer -> agreement in [-1, 1]; 0 for a lone layer or an empty list.
+    """
+    if corpus_size < 1:
+        raise RetrievalInputError(f"corpus_size must be >= 1, got {corpus_size}")
+    sets = {s.layer: set(np.asarray(s.rows).tolist()) for s in selections}
+    out: dict[int, float] = {}
+    for layer, rows in sets.items():
+        others = [k for k in sets if k != layer]
+        if not rows or not others:
+            out[layer] = 0.0
+            continue
+        out[layer] = float(np.mean([len(rows & sets[k]) / len(rows) - len(sets[k]) / corpus_size for k in others]))
+    return out
+
+
+def agreement_weights(selections: Sequence[LayerSelection], corpus_size: int) -> dict[int, float]:
+    """Vote weights from `layer_agreement`: max(agreement, 0), scaled to mean 1 (all 1 without evidence).
+
+    Args: as `layer_agreement`.
+
+    Returns:
+        layer -> weight >= 0.
+    """
+    return _mean_one(layer_agreement(selections, corpus_size))

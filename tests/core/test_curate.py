@@ -93,3 +93,57 @@ def test_quality_weighting_needs_two_usable_seeds_per_layer() -> None:
         select_records("sae", corpus, seeds, 600, cfg, 0, [7])
     voted, _ = select_records("sae", corpus, seeds, 600, cfg.model_copy(update={"layer_weighting": "vote"}), 0, [7])
     assert len(voted) == 25
+
+
+def _tied_codes() -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Two layers over 300 rows: 60 exact copies tied at the top of both layers, 100 all-zero codes."""
+    rng = np.random.default_rng(4)
+    corpus = {layer: np.maximum(rng.standard_normal((300, 16)), 0).astype(np.float32) for layer in (1, 2)}
+    seeds = {layer: np.maximum(rng.standard_normal((3, 16)), 0).astype(np.float32) for layer in (1, 2)}
+    for layer in (1, 2):
+        corpus[layer][40:100] = seeds[layer][0] * 3.0  # ties: the same score in the same layers
+        corpus[layer][200:] = 0.0  # dead codes: score 0 everywhere
+    return corpus, seeds
+
+
+def test_ties_and_zero_codes_do_not_depend_on_row_order() -> None:
+    corpus, seeds = _tied_codes()
+    ids = [f"rec-{i}" for i in range(300)]
+    cfg = CurateConfig(top_m=50, final_size=30)
+    voted, _ = select_records("sae", corpus, seeds, 300, cfg, 0, [5], ids=ids)
+    chosen = [ids[v.row] for v in voted]
+    assert all(40 <= v.row < 100 for v in voted)  # the tied copies win the top
+    assert chosen != [f"rec-{i}" for i in range(40, 70)]  # not row order
+    tied = [f"rec-{i}" for i in range(40, 100)]
+    by_hash = sorted(tied, key=lambda i: int(retrieval.tie_priority([i], 0)[0]))
+    assert chosen == by_hash[:30]
+
+    perm = np.random.default_rng(8).permutation(300)
+    p_corpus = {layer: c[perm] for layer, c in corpus.items()}
+    p_ids = [ids[i] for i in perm]
+    p_excluded = [int(np.flatnonzero(perm == 5)[0])]
+    p_voted, _ = select_records("sae", p_corpus, seeds, 300, cfg, 0, p_excluded, ids=p_ids)
+    assert [p_ids[v.row] for v in p_voted] == chosen
+    assert [(v.votes, v.mean_score) for v in p_voted] == [(v.votes, v.mean_score) for v in voted]
+    other_seed, _ = select_records("sae", corpus, seeds, 300, cfg, 1, [5], ids=ids)
+    assert [ids[v.row] for v in other_seed] != chosen  # the seed picks among tied records
+
+    # Asking for more than the rows with a positive score: the all-zero codes are never filled in.
+    everything, _ = select_records("sae", corpus, seeds, 300, cfg.model_copy(update={"final_size": 300}), 0, [5], ids=ids)
+    assert len(everything) == 199 and all(v.row < 200 for v in everything)
+    assert [ids[v.row] for v in everything] == [
+        p_ids[v.row]
+        for v in select_records("sae", p_corpus, seeds, 300, cfg.model_copy(update={"final_size": 300}), 0, p_excluded, ids=p_ids)[0]
+    ]
+
+
+def test_agreement_weighting_is_reachable_from_the_config() -> None:
+    corpus, seeds = _two_layer_embeddings()
+    corpus[7] = corpus[4].copy()  # a third layer that agrees with layer 4
+    seeds[7] = seeds[4].copy()
+    cfg = CurateConfig(top_m=30, final_size=25, layer_weighting="agreement")
+    voted, summary = select_records("sae", corpus, seeds, 600, cfg, 0, [7])
+    weights = {layer: s["weight"] for layer, s in summary["per_layer"].items()}
+    assert weights[4] == weights[7] > 1.0 and weights[9] == 0.0 and summary["layer_weighting"] == "agreement"
+    assert all(v.votes == sum(weights[layer] for layer in v.layers) for v in voted)
+    assert all(v.row < 40 for v in voted)  # layer 9's near-copies count for nothing

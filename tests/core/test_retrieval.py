@@ -10,9 +10,13 @@ import torch
 from finescope_core.retrieval import (
     LayerSelection,
     RetrievalInputError,
+    agreement_weights,
     brute_force_topm,
+    layer_agreement,
     layer_quality,
     layer_weights,
+    reciprocal_rank_fusion,
+    tie_priority,
     topm_max_over_seeds,
     vote,
 )
@@ -212,6 +216,49 @@ def test_vote_orders_by_votes_then_mean_score_then_row() -> None:
     assert [r.row for r in vote(_hand_selections(), final_size=4)] == [3, 5, 9, 7]
 
 
+def test_vote_drops_zero_scores_and_breaks_ties_by_priority() -> None:
+    sel = [
+        LayerSelection(0, np.array([4, 2, 6, 1]), np.array([0.5, 0.5, 0.0, 0.0])),
+        LayerSelection(1, np.array([2, 4, 1, 6]), np.array([0.5, 0.5, 0.0, -0.1])),
+    ]
+    assert [r.row for r in vote(sel, 10)] == [2, 4]  # zero and negative picks are no votes; row order breaks the tie
+    priority = np.zeros(7, dtype=np.uint64)
+    priority[[2, 4]] = [9, 3]
+    out = vote(sel, 10, priority=priority)
+    assert [r.row for r in out] == [4, 2] and [r.votes for r in out] == [2.0, 2.0]
+    assert vote([LayerSelection(0, np.array([0, 1]), np.zeros(2))], 5) == []  # all-zero codes: nothing chosen
+    with pytest.raises(RetrievalInputError, match="priority has 3 entries"):
+        vote(sel, 10, priority=np.zeros(3, dtype=np.uint64))
+
+
+def test_tie_priority_follows_the_id_and_the_seed() -> None:
+    ids = [f"r{i}" for i in range(200)]
+    p = tie_priority(ids, seed=0)
+    assert p.dtype == np.uint64 and len(set(p.tolist())) == 200
+    perm = np.random.default_rng(1).permutation(200)
+    np.testing.assert_array_equal(tie_priority([ids[i] for i in perm], seed=0), p[perm])
+    assert not np.array_equal(tie_priority(ids, seed=1), p)
+    assert np.argsort(p)[:20].tolist() != list(range(20))  # not row order
+
+
+def test_search_breaks_score_ties_by_priority() -> None:
+    """300 tied rows at the top, more than m: the winners are those of lowest priority, in both paths."""
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((500, 8)).astype(np.float32)
+    seed = rng.standard_normal((1, 8)).astype(np.float32)
+    corpus[100:400] = seed[0] * 2.0
+    priority = tie_priority([f"id{i}" for i in range(500)], seed=5)
+    exclude = np.zeros(500, dtype=bool)
+    exclude[[101, 250]] = True
+    for ex in (None, exclude):
+        rows, _ = topm_max_over_seeds(corpus, seed, 40, exclude=ex, priority=priority)
+        tied = np.arange(100, 400) if ex is None else np.setdiff1d(np.arange(100, 400), [101, 250])
+        assert rows.tolist() == tied[np.argsort(priority[tied], kind="stable")][:40].tolist()
+        assert_same((rows, _), brute_force_topm(corpus, seed, 40, exclude=ex, priority=priority))
+    with pytest.raises(RetrievalInputError, match="priority must be an integer array"):
+        topm_max_over_seeds(corpus, seed, 4, priority=np.zeros(3, dtype=np.int64))
+
+
 def test_vote_with_weights() -> None:
     out = vote(_hand_selections(), final_size=10, weights={0: 1.0, 1: 0.0, 2: 3.0})
     assert [(r.row, r.votes) for r in out] == [(3, 4.0), (9, 3.0), (11, 3.0), (5, 1.0), (7, 1.0), (8, 0.0)]
@@ -275,3 +322,34 @@ def test_layer_quality_rewards_a_domain_with_two_subtopics() -> None:
     seeds = np.maximum(np.repeat(centres, 5, axis=0) + 0.2 * rng.standard_normal((10, 32)), 0)
     quality = layer_quality({3: torch.from_numpy(seeds)}, {3: corpus}, sample_size=1000)
     assert quality[3] > 3.0
+
+
+def test_agreement_weights_count_layers_by_overlap_beyond_chance() -> None:
+    """Layers 0 and 1 share 8 of 10 rows; layer 2's list is disjoint from both: it gets weight 0."""
+    sel = [
+        LayerSelection(0, np.arange(10), np.ones(10)),
+        LayerSelection(1, np.arange(2, 12), np.ones(10)),
+        LayerSelection(2, np.arange(50, 60), np.ones(10)),
+    ]
+    a = layer_agreement(sel, 1000)
+    assert a[0] == pytest.approx((0.8 - 0.01 + 0.0 - 0.01) / 2) and a[0] == pytest.approx(a[1])
+    assert a[2] == pytest.approx(-0.01)
+    w = agreement_weights(sel, 1000)
+    assert w[2] == 0.0 and w[0] == pytest.approx(1.5) and sum(w.values()) == pytest.approx(3.0)
+    # No evidence (a lone layer, or lists that overlap no more than chance): every layer counts 1.
+    assert agreement_weights(sel[:1], 1000) == {0: 1.0}
+    assert agreement_weights([sel[0], sel[2]], 1000) == {0: 1.0, 2: 1.0}
+    with pytest.raises(RetrievalInputError, match="corpus_size"):
+        layer_agreement(sel, 0)
+
+
+def test_reciprocal_rank_fusion_by_hand() -> None:
+    fused = reciprocal_rank_fusion([[5, 3, 7], [3, 9]], final_size=10, k=0)
+    # 3: 1/2 + 1/1; 5: 1/1; 9: 1/2; 7: 1/3
+    assert fused == [(3, 1.5, 2), (5, 1.0, 1), (9, 0.5, 1), (7, pytest.approx(1 / 3), 1)]
+    assert [r for r, _, _ in reciprocal_rank_fusion([[1], [2]], 2)] == [1, 2]  # a tie: lower row
+    priority = np.array([0, 9, 1], dtype=np.uint64)
+    assert [r for r, _, _ in reciprocal_rank_fusion([[1], [2]], 2, priority=priority)] == [2, 1]
+    assert len(reciprocal_rank_fusion([[5, 3, 7], [3, 9]], final_size=2)) == 2
+    with pytest.raises(RetrievalInputError, match="more than once"):
+        reciprocal_rank_fusion([[1, 1]], 2)

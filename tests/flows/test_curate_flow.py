@@ -113,3 +113,53 @@ def test_cli_bad_config_fails_before_writing(workspace, tmp_path, capsys):
     assert main(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out")]) == 2
     assert "curate.top_mm: unknown field" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_sentence_corpus_embeddings_are_a_cached_stage(workspace, tmp_path, monkeypatch):
+    """Another seed set embeds only the seeds; the cached corpus embeddings give what a fresh store gives."""
+    import finescope_core.sentence as sentence
+
+    calls = []
+    real = sentence.sentence_embeddings
+    monkeypatch.setattr(sentence, "sentence_embeddings", lambda texts, **kw: calls.append(len(texts)) or real(texts, **kw))
+    cfg = config(workspace, method="sentence")
+    cfg.store = str(tmp_path / "store")
+    first = curate_flow(cfg, export=False)
+    stage = first.curated.info["sentence_embeddings"]
+    assert calls == [81, 3]  # the corpus (82 records less the exact duplicate), then the seeds
+    assert (tmp_path / "store" / "sentence-embeddings" / stage["key"] / sentence.CORPUS_FILE).is_file()
+
+    (tmp_path / "seeds2.jsonl").write_text(json.dumps({"text": "Hello, how are you 3?"}) + "\n")
+    other = cfg.model_copy(update={"seeds": [str(tmp_path / "seeds2.jsonl")]})
+    calls.clear()
+    switched = curate_flow(other, export=False)
+    assert calls == [1]  # the new seed only: the corpus embeddings came from the store
+    assert switched.curated.cached is False and switched.curated.info["sentence_embeddings"] == stage
+    assert sorted(p.name for p in (tmp_path / "store" / "sentence-embeddings").iterdir() if not p.name.startswith(".")) == [
+        stage["key"]
+    ]
+
+    fresh = other.model_copy(update={"store": str(tmp_path / "fresh")})
+    calls.clear()
+    uncached = curate_flow(fresh, export=False)
+    assert calls == [81, 1]
+    assert read_jsonl(f"{tmp_path}/fresh/curated/{uncached.curated.key}/curated.jsonl") == read_jsonl(
+        f"{tmp_path}/store/curated/{switched.curated.key}/curated.jsonl"
+    )
+
+
+def test_fusion_and_seed_expansion_run_in_the_flow_and_plan(workspace, tmp_path):
+    from tasks.plan import plan
+
+    cfg = config(workspace, fusion="sentence", expand_seeds=3)
+    cfg.store = str(tmp_path / "store")
+    result = curate_flow(cfg, export=False)
+    info = result.curated.info
+    assert info["fusion"]["with"] == "sentence" and info["pseudo_seeds"] == 3
+    assert (tmp_path / "store" / "sentence-embeddings" / info["sentence_embeddings"]["key"]).is_dir()
+    rows = read_jsonl(f"{cfg.store}/curated/{result.curated.key}/curated.jsonl")
+    assert len(rows) == 20 and any(-1 in r["layers"] for r in rows)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)  # the fused score orders the set
+    p = plan(cfg, "curate")
+    assert "sentence-embeddings" in [s.name for s in p.stages] and all(s.status == "reuse" for s in p.stages)

@@ -16,7 +16,7 @@ from tasks.finetune import tuned_key
 from tasks.keys import KEY_MODELS, UNKEYED
 from tasks.prune import pruned_key
 from tasks.report import report_key
-from tasks.retrieve import curated_key
+from tasks.retrieve import curated_key, sentence_key
 from tasks.sae import sae_groups, sae_key, sae_layers_key
 from tasks.saliency import saliency_key
 from tasks.teacher import distilled_key
@@ -34,6 +34,7 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
     specs = [
         records_key("corpus", "c"), records_key("seeds", "s"), saliency_key(cfg, "m", "c", layers),
         activations_key(cfg, "m", "c", layers, "sal"), sae_key(cfg, "a", "sal"), curated_key(cfg, "c", "s", ["a", "b"], "sae"),
+        sentence_key("c"),
         pruned_key(cfg, "m", "t"), distilled_key(cfg, "teacher", record), tuned_key(cfg, "p", "d"),
         evaluation_key(cfg, "m", (["x"], None, None)), report_key(cfg, {"models": {}}, "cur", "p"),
     ]  # fmt: skip

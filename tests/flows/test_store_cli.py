@@ -126,13 +126,17 @@ def test_a_deleted_curate_stage_computes_and_everything_below_it_waits(curated_r
 @pytest.mark.parametrize(("method", "rows"), [
     ("activation", ["corpus", "seeds", "saliency", "activations (corpus)", "activations (seeds)", "curated"]),
     ("random", ["corpus", "seeds", "curated"]),
-    ("sentence", ["corpus", "seeds", "curated"]),
+    ("sentence", ["corpus", "seeds", "sentence-embeddings", "curated"]),
 ])
 def test_other_methods_plan_only_their_stages_and_share_the_sae_runs(curated_run, method, rows):
     cfg, _, _ = curated_run
     other = cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"method": method})})
     p = plan(other, "curate")
     assert [s.name for s in p.stages] == rows
+    if method == "sentence":  # the corpus's sentence embeddings are a stage of their own, then retrieval waits on it
+        assert [s.status for s in p.stages] == ["reuse", "reuse", "compute", "after"]
+        assert p.stages[-1].after == "sentence-embeddings"
+        return
     assert [s.status for s in p.stages] == ["reuse"] * (len(rows) - 1) + ["compute"]  # only retrieval is new
 
 
