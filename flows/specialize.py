@@ -60,8 +60,9 @@ class SpecializeResult(BaseModel):
 
 def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
     pruned = prune_task(cfg, base, prune_texts, texts_sha(prune_texts))
-    distilled = teacher_task(cfg, teacher_ref(cfg, base), records, tag)
-    tuned = finetune_task(cfg, pruned, distilled, tag)
+    teacher = teacher_ref(cfg, base)
+    distilled = teacher_task(cfg, teacher, records, tag)
+    tuned = finetune_task(cfg, pruned, distilled, tag, teacher)
     return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
 
 

@@ -269,7 +269,9 @@ class _Planner:
         pruned = self.step(f"pruned{label}", "pruned", [base, *prune_deps], lambda: pruned_key(cfg, base.sha256, texts_sha(texts())))
         distilled = self.step(f"distilled{label}", "distilled", [teacher, curated],
                               lambda: distilled_key(cfg, teacher.sha256, records()))
-        tuned = self.step(f"tuned{label}", "tuned", [pruned, distilled], lambda: tuned_key(cfg, pruned.sha256, distilled.sha256))
+        kd = cfg.finetune.kd_weight > 0  # the loss reads the teacher
+        tuned = self.step(f"tuned{label}", "tuned", [pruned, distilled, *([teacher] if kd else [])],
+                          lambda: tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256))
         return [pruned, distilled, tuned]
 
     def evaluations(self, base: Dep, variants: dict[str, list[Dep]], split: _Split, curated: Dep | None) -> dict[str, Dep]:
