@@ -110,7 +110,7 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
             config, f"tuned{suffix}", str(artifact_dir(store, v.tuned) / "merged"), v.tuned.sha256, held_texts
         )
     seconds = _stage_seconds(curated, variants, evaluations)
-    metrics = metrics_document(evaluations, seconds)
+    metrics = metrics_document(evaluations, seconds, {name: v.distilled for name, v in variants.items()})
     report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
     return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)

@@ -298,7 +298,8 @@ class _Planner:
             seconds = stage_seconds({f: d.manifest if d else None for f, d in curate.items()},
                                     {n: [d.manifest for d in v] for n, v in variants.items()},
                                     {n: d.manifest for n, d in evaluations.items()})
-            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds)
+            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds,
+                                       {n: v[1].manifest for n, v in variants.items()})
             return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
         self.step("report", "report", [*stages, *evaluations.values()], spec)
