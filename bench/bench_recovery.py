@@ -4,7 +4,7 @@
     python bench/bench_recovery.py --quick    # fewer records and variants, ~3 min
 
 The bundled model (`load_model("default")`) is pruned at ratio 0.3 (Taylor importance on the
-training problems' texts), then tuned on the GSM8K training problems (the first 32 are the pruning data) with their reference
+training problems' texts), then tuned on the GSM8K training problems (the first `--prune-texts`, 32, are the pruning data) with their reference
 answers as targets (no teacher generation), one epoch each. Every model is scored on other GSM8K
 problems: the chat-formatted response perplexity (prompt through `teacher.encode_prompt`, loss on
 the response tokens only). `recovered` is the share of the pruning loss in log-perplexity won back:
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=None, help="training (and pruning) problems")
     ap.add_argument("--eval", type=int, default=50, help="held-out problems scored")
     ap.add_argument("--cutoff", type=int, default=192)
+    ap.add_argument("--prune-texts", type=int, default=32, help="training problems used as pruning data")
     ap.add_argument("--importance", default="taylor", choices=["taylor", "magnitude"], help="pruning importance")
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all, or the quick set)")
     args = ap.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     ppl = {"base": response_ppl(base, tok, eval_rows, args.cutoff)}
     print(f"base scored ({time.perf_counter() - t0:.0f}s)", flush=True)
     pruned = copy.deepcopy(base)
-    texts = [f"{r['instruction']}\n{r['output']}" for r in train_rec[:32]]
+    texts = [f"{r['instruction']}\n{r['output']}" for r in train_rec[: args.prune_texts]]
     prune_model(pruned, tok, texts, PruneConfig(ratio=0.3, importance=args.importance))
     pruned.eval()
     ppl["pruned"] = response_ppl(pruned, tok, eval_rows, args.cutoff)
