@@ -38,6 +38,8 @@ class RunFacts:
     metrics: Mapping[str, Any] | None = None
     """metrics.json (`{"models": {name: {...}}}`), when the run evaluated."""
     extra_tags: Sequence[str] = ()
+    tuning: str = "lora"
+    """How the tuned model was trained (`finetune.method`): `lora` (adapter merged in) or `full`."""
 
 
 def base_model_id(spec: str, is_local_dir: bool) -> str | None:
@@ -107,16 +109,17 @@ def _load_snippet(kind: Literal["pruned", "tuned", "adapter"]) -> str:
 
 
 def model_card(kind: Literal["pruned", "tuned", "adapter"], facts: RunFacts) -> str:
-    """README.md of `pruned-model/`, `tuned-model/` (LoRA merged in) or `tuned-adapter/` (peft)."""
+    """README.md of `pruned-model/`, `tuned-model/` (LoRA merged in, or fully tuned) or `tuned-adapter/` (peft)."""
     what = {
         "pruned": "the base model after structured pruning guided by the curated domain data, before recovery",
-        "tuned": "the pruned model after teacher-guided LoRA distillation, with the adapter merged in",
+        "tuned": "the pruned model after teacher-guided LoRA distillation, with the adapter merged in"
+        if facts.tuning == "lora" else "the pruned model after teacher-guided distillation, all of its weights tuned",
         "adapter": "the LoRA adapter of the tuned model; it applies to `pruned-model/` of the same run",
     }[kind]
     data = ModelCardData(
         base_model=facts.base_model_id, library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag="text-generation", model_name=f"{facts.name}-{kind}",
-        tags=["finescope", "structured-pruning", *(["distillation", "lora"] if kind != "pruned" else []), *facts.extra_tags],
+        tags=["finescope", "structured-pruning", *(["distillation", *(["lora"] if facts.tuning == "lora" or kind == "adapter" else [])] if kind != "pruned" else []), *facts.extra_tags],
         eval_results=_eval_results(facts, "pruned" if kind == "pruned" else "tuned") or None,
     )  # fmt: skip
     body = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -197,16 +197,28 @@ class TeacherConfig(_Strict):
 
     model: str = Field("base", json_schema_extra=NAME_OR_PATH)
     """`base`: the unpruned base model; or any HF directory / hub id."""
-    max_new_tokens: int = Field(128, ge=1)
-    """Longest teacher response, in tokens."""
+    max_new_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Longest teacher response, in tokens. `auto`: 1.25 x the 95th percentile of the reference
+    answers' token lengths, clamped to [32, 1024] (128 when no record has a reference); the value
+    used is in the stage info (`max_new_tokens_used`)."""
     max_prompt_length: int = Field(384, ge=8)
-    """Prompt tokens kept (longer prompts are truncated from the left)."""
+    """Most prompt tokens. A rewrite prompt that is too long has its reference answer shortened
+    first; when the request alone does not fit, the record keeps its reference (reason `prompt_too_long`)."""
     batch_size: int = Field(8, ge=1)
     """Prompts per generate() call (left padded)."""
     temperature: float = Field(0.0, ge=0)
     """0: greedy decoding (reproducible); above 0: sampling at this temperature."""
     min_response_chars: int = Field(8, ge=0)
     """Responses shorter than this are rejected (the reference is kept instead, when there is one)."""
+    check_answer: bool = True
+    """When a reference has a numeric final answer (GSM8K `#### 42`, `\\boxed{42}`, or a reference
+    that ends with a number), reject a response whose final number differs (reason `wrong_answer`)."""
+
+
+KD_WEIGHT = 0.5
+"""Default `finetune.kd_weight` (bench/bench_recovery.py)."""
+KD_TEMPERATURE = 1.0
+"""Default `finetune.temperature` (bench/bench_recovery.py)."""
 
 
 class FinetuneConfig(_Strict):
@@ -233,7 +245,19 @@ class FinetuneConfig(_Strict):
     cutoff: int = Field(256, ge=8)
     """Tokens per example (prompt + response), truncated beyond."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of the distilled data held out for the per-epoch eval loss."""
+    """Share of the distilled data held out for the per-epoch eval loss (and best-epoch selection)."""
+    method: Literal["lora", "full"] = "lora"
+    """`lora`: peft adapters on `target_modules` (outputs the adapter and the merged model); `full`:
+    every weight of the pruned model (outputs the full model, no adapter)."""
+    kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
+    """w in `(1 - w) * CE + w * T^2 * KL(teacher || student)`: logit distillation from the teacher
+    (`teacher.model`, the unpruned base model by default) on the response tokens; 0: cross entropy only."""
+    temperature: float = Field(KD_TEMPERATURE, gt=0)
+    """T of the distillation term: both next-token distributions are softened by it."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of the optimiser steps with a linear learning-rate warm-up (then cosine decay to 0)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping (global L2 norm)."""
 
 
 class EvalConfig(_Strict):

@@ -33,6 +33,12 @@ class TeacherSummary:
     resumed_from: int
     rejected: dict[str, int] = field(default_factory=dict)
     """Rejection reason -> number of records (fallbacks and drops together)."""
+    fell_back: dict[str, int] = field(default_factory=dict)
+    """Rejection reason -> records that kept their reference answer instead of the teacher's response."""
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    """Rejection reason -> records dropped (rejected, and no reference to fall back to)."""
+    max_new_tokens_used: int | None = None
+    """The generation budget this run used (`teacher.max_new_tokens`, `auto` resolved)."""
     new_tokens: int = 0
     seconds: float = 0.0
 
@@ -97,6 +103,8 @@ def pending_batches(records: Sequence[Record], done: set[str], batch_size: int) 
 def summarise(lines: list[dict[str, Any]], generated: int, resumed: int, tokens: int, seconds: float) -> TeacherSummary:
     sources = Counter(line.get("source") for line in lines)
     reasons = Counter(line["rejected"] for line in lines if line.get("rejected"))
+    fell_back = Counter(line["rejected"] for line in lines if line.get("rejected") and line.get("source") == "reference")
+    dropped = Counter(line["rejected"] for line in lines if line.get("rejected") and line.get("source") is None)
     return TeacherSummary(
         total=len(lines),
         generated=generated,
@@ -105,6 +113,8 @@ def summarise(lines: list[dict[str, Any]], generated: int, resumed: int, tokens:
         dropped=sources[None],
         resumed_from=resumed,
         rejected=dict(sorted(reasons.items())),
+        fell_back=dict(sorted(fell_back.items())),
+        dropped_by_reason=dict(sorted(dropped.items())),
         new_tokens=tokens,
         seconds=seconds,
     )

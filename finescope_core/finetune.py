@@ -1,11 +1,19 @@
-"""LoRA recovery of the pruned model on the teacher-distilled data (paper §3.2.2 and §4).
+"""Recovery of the pruned model on the teacher-distilled data (paper §3.2.2 and §4).
 
 The student is trained on (prompt, response) pairs formatted exactly as at inference (the prompt
-format is shared with `teacher`), with the loss on the response tokens only. A plain torch loop keeps
-it small, CPU-friendly and deterministic: AdamW, gradient accumulation with token-weighted losses,
-seeded shuffling, dynamic right padding per micro-batch, and a seeded held-out split whose loss is
-reported after every epoch. Outputs: the peft adapter, the merged model (plain `from_pretrained`
-loads it) and `finetune.json`, published together by one directory rename.
+format is shared with `teacher`), with the loss on the response tokens only. The loss mixes cross
+entropy on the distilled targets with logit distillation from the unpruned teacher:
+`(1 - w) * CE + w * T^2 * KL(p_teacher^T || p_student^T)` per response token (`finetune.kd_weight`,
+`finetune.temperature`); the teacher's logits are computed on the fly without gradients.
+
+Training runs on the transformers `Trainer` (AdamW, linear warm-up + cosine decay, gradient clipping,
+seeded shuffling, dynamic right padding) with a custom `compute_loss` that sums the loss over the
+response tokens and divides by the response tokens of the whole accumulated step, so every token
+weighs the same however tokens fall into micro-batches. After every epoch the held-out share's loss
+is measured; the weights of the epoch with the lowest held-out loss are the ones saved.
+`finetune.method` is `lora` (peft adapters; outputs the adapter and the merged model) or `full`
+(every weight of the pruned model; outputs the full model only). Outputs are published together, with
+`finetune.json`, by one directory rename.
 """
 
 from __future__ import annotations
@@ -25,7 +33,16 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from finescope_core.config import FinetuneConfig
 from finescope_core.progress import Progress
@@ -115,6 +132,87 @@ def response_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, i
     return loss, int((targets != IGNORE).sum())
 
 
+def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits of the positions that predict a labelled token, [n, vocab], and those targets, [n]."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return logits[:, :-1][keep].float(), targets[keep]
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Summed `T^2 * KL(p_teacher^T || p_student^T)` over positions, each a row of `[n, vocab]` logits.
+
+    Args:
+        student_logits: the student's logits at the positions that carry loss.
+        teacher_logits: the teacher's logits at the same positions (same vocabulary).
+        temperature: softens both distributions; T^2 keeps the gradient scale comparable to CE.
+
+    Returns:
+        A scalar: the sum over positions (0 for no positions).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise FinetuneError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
+            "the teacher must share the student's vocabulary (the pruned model keeps the base model's)"
+        )
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum")
+    return kl * temperature**2
+
+
+@dataclass
+class LossParts:
+    """Summed loss terms of one batch over its response tokens."""
+
+    loss: Tensor
+    """The mixed loss, summed: `(1 - w) * CE + w * KD` (what is back-propagated)."""
+    ce: float
+    kd: float
+    tokens: int
+
+
+def distill_loss(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    teacher: nn.Module | None = None,
+    kd_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> LossParts:
+    """Summed `(1 - w) * CE + w * T^2 * KL(teacher || student)` over the batch's response tokens.
+
+    Without a teacher (or at `kd_weight` 0) it is the plain summed cross entropy of `response_loss`.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    student, targets = _shifted(logits, batch["labels"])
+    ce = F.cross_entropy(student, targets, reduction="sum")
+    if teacher is None or kd_weight == 0:
+        return LossParts(ce, float(ce.detach()), 0.0, int(targets.numel()))
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t_sel, _ = _shifted(t_logits, batch["labels"])
+    kd = kd_loss(student, t_sel, temperature)
+    loss = (1 - kd_weight) * ce + kd_weight * kd
+    return LossParts(loss, float(ce.detach()), float(kd.detach()), int(targets.numel()))
+
+
+@torch.no_grad()
+def evaluate_kd(
+    model: nn.Module, teacher: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, temperature: float = 1.0
+) -> float:
+    """Mean `T^2 * KL(teacher || student)` per response token over `examples`, NaN when there are none."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
+        parts = distill_loss(model, batch, teacher, 1.0, temperature)
+        total, tokens = total + parts.kd, tokens + parts.tokens
+    model.train(was_training)
+    return total / tokens if tokens else math.nan
+
+
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded (train, held-out) index split; at least one example on each side when fraction > 0 and n > 1."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -166,63 +264,149 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     return total / tokens if tokens else math.nan
 
 
-def _micro_batches(examples: Sequence[Example], order: list[int], size: int) -> list[list[Example]]:
-    return [[examples[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
-
-
-def _labelled(batch: list[Example]) -> int:
-    """Response tokens that carry loss (the first position predicts nothing)."""
-    return sum(sum(t != IGNORE for t in e["labels"][1:]) for e in batch)
-
-
-def _step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, group: list[list[Example]], pad_id: int
-) -> tuple[float, int]:
-    """One optimiser step over a group of micro-batches; returns (mean loss per response token, tokens seen)."""
-    device = next(model.parameters()).device
-    weight = max(sum(_labelled(b) for b in group), 1)
-    total, seen = 0.0, 0
-    optimizer.zero_grad(set_to_none=True)
-    for micro in group:
-        batch = {k: v.to(device) for k, v in pad_batch(micro, pad_id).items()}
-        loss, _ = response_loss(model, batch)
-        (loss / weight).backward()  # type: ignore[no-untyped-call]  # loss comes from an untyped HF forward
-        total, seen = total + loss.item(), seen + int(batch["attention_mask"].sum())
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    return total / weight, seen
-
 
 @dataclass
 class FinetuneSummary:
-    """What a LoRA run did; written to `finetune.json`."""
+    """What a tuning run did; written to `finetune.json`."""
 
     train_examples: int
     eval_examples: int
     dropped: int
     truncated: int
     epochs: int
+    method: str = "lora"
+    kd_weight: float = 0.0
+    temperature: float = 1.0
     steps: int = 0
     train_loss: list[float] = field(default_factory=list)
-    """Mean loss per response token at every optimiser step."""
+    """Mean mixed loss per response token at every optimiser step."""
+    train_kd: list[float] = field(default_factory=list)
+    """Mean KD term per response token at every optimiser step (empty without KD)."""
     eval_loss_before: float | None = None
-    """Held-out loss of the untuned model (None without a held-out split)."""
+    """Held-out loss (cross entropy per response token) of the untuned model (None without a held-out split)."""
     eval_loss: list[float] = field(default_factory=list)
     """Held-out loss after every epoch."""
+    best_epoch: int = 0
+    """1-based epoch whose weights were saved: the lowest held-out loss (the last epoch without a held-out split)."""
     trainable_params: int = 0
     tokens: int = 0
     """Non-padding tokens processed in training."""
     seconds: float = 0.0
-    adapter_dir: str = ""
+    adapter_dir: str | None = ""
+    """The peft adapter; None for `method: full` (no adapter)."""
     merged_dir: str = ""
+    """The tuned model as a plain transformers directory."""
 
     def to_dict(self) -> dict[str, Any]:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         return asdict(self) | {"tokens_per_second": rate}
 
 
+class _ListDataset(torch.utils.data.Dataset[Example]):
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+class _DistillTrainer(Trainer):
+    """`Trainer` whose loss is the summed mixed loss over response tokens / the step's response tokens."""
+
+    def __init__(self, *args: Any, teacher: nn.Module | None, kd_weight: float, temperature: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's response tokens
+        self.step_sums = [0.0, 0.0, 0.0, 0]  # loss, ce, kd (summed), non-padding tokens of the current step
+
+    def _get_num_items_in_batch(self, batch_samples: list[dict[str, Tensor]], device: torch.device) -> Tensor:
+        """Response tokens that carry loss over the whole accumulated step (the first position predicts nothing)."""
+        return torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batch_samples), device=device)
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        parts = distill_loss(model, inputs, self.teacher, self.kd_weight, self.temperature)
+        weight = max(int(num_items_in_batch), 1) if num_items_in_batch is not None else max(parts.tokens, 1)
+        s = self.step_sums
+        s[0], s[1], s[2] = s[0] + float(parts.loss.detach()) / weight, s[1] + parts.ce / weight, s[2] + parts.kd / weight
+        s[3] += int(inputs["attention_mask"].sum())
+        loss = parts.loss / weight
+        return (loss, None) if return_outputs else loss
+
+
+class _EpochCallback(TrainerCallback):
+    """Per-step progress and losses; per-epoch held-out loss and a copy of the best epoch's weights."""
+
+    def __init__(
+        self, trainer_ref: list[_DistillTrainer], summary: FinetuneSummary, held: list[Example],
+        batch_size: int, pad_id: int, progress: Progress | None,
+    ) -> None:  # fmt: skip
+        self.trainer_ref, self.summary, self.held = trainer_ref, summary, held
+        self.batch_size, self.pad_id, self.progress = batch_size, pad_id, progress
+        self.best: dict[str, Tensor] | None = None
+        self.best_loss = math.inf
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        trainer = self.trainer_ref[0]
+        loss, _, kd, seen = trainer.step_sums
+        trainer.step_sums = [0.0, 0.0, 0.0, 0]
+        s = self.summary
+        s.train_loss.append(loss)
+        if trainer.teacher is not None and trainer.kd_weight > 0:
+            s.train_kd.append(kd)
+        s.steps, s.tokens = state.global_step, s.tokens + int(seen)
+        if self.progress is not None:
+            self.progress(state.global_step, state.max_steps, loss=loss)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        model = self.trainer_ref[0].model
+        assert model is not None
+        epoch = len(self.summary.eval_loss) + 1 if self.held else round(state.epoch or 0)
+        if self.held:
+            loss = evaluate_loss(model, self.held, self.batch_size, self.pad_id)
+            self.summary.eval_loss.append(loss)
+            better = loss < self.best_loss
+        else:
+            better = True  # no held-out split: the last epoch
+        if better:
+            self.best_loss = self.summary.eval_loss[-1] if self.held else math.inf
+            self.summary.best_epoch = epoch
+            self.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _training_args(cfg: FinetuneConfig, n_train: int, seed: int, work: Path, device: torch.device) -> TrainingArguments:
+    per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
+    return TrainingArguments(
+        output_dir=str(work),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(cfg.warmup_ratio * per_epoch * cfg.epochs),
+        max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_torch",
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+    )
+
+
 def _train(
-    peft_model: PeftModel,
+    model: nn.Module,
     train: list[Example],
     held: list[Example],
     cfg: FinetuneConfig,
@@ -230,25 +414,33 @@ def _train(
     summary: FinetuneSummary,
     seed: int,
     progress: Progress | None,
+    teacher: nn.Module | None,
+    work: Path,
 ) -> None:
-    """The epoch loop: seeded shuffles, accumulated steps, held-out loss after each epoch (fills `summary`)."""
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = per_epoch * cfg.epochs
-    peft_model.train()
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1 + epoch)).tolist()
-        micro = _micro_batches(train, order, cfg.batch_size)
-        for s in range(0, len(micro), cfg.grad_accum):
-            loss, seen = _step(peft_model, optimizer, micro[s : s + cfg.grad_accum], pad_id)
-            summary.train_loss.append(loss)
-            summary.steps, summary.tokens = summary.steps + 1, summary.tokens + seen
-            if progress is not None:
-                progress(summary.steps, total_steps, loss=loss)
-        if held:
-            summary.eval_loss.append(evaluate_loss(peft_model, held, cfg.batch_size, pad_id))
-    peft_model.eval()
+    """Train with the Trainer, then load the best epoch's weights into `model` (fills `summary`)."""
+    device = next(model.parameters()).device
+    trainer_ref: list[_DistillTrainer] = []
+    callback = _EpochCallback(trainer_ref, summary, held, cfg.batch_size, pad_id, progress)
+    trainer = _DistillTrainer(
+        model=model,
+        args=_training_args(cfg, len(train), seed, work, device),
+        train_dataset=_ListDataset(train),
+        data_collator=lambda batch: pad_batch(batch, pad_id),
+        callbacks=[callback],
+        teacher=teacher,
+        kd_weight=cfg.kd_weight,
+        temperature=cfg.temperature,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer_ref.append(trainer)
+    model.train()
+    trainer.train()
+    if callback.best is not None:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in callback.best.items():
+                params[name].copy_(value)
+    model.eval()
 
 
 @contextlib.contextmanager
@@ -276,23 +468,31 @@ def lora_finetune(
     *,
     seed: int = 0,
     progress: Progress | None = None,
+    teacher: nn.Module | None = None,
 ) -> FinetuneSummary:
-    """LoRA-tune `model` on distilled rows and write `adapter/`, `merged/` and `finetune.json` to `out_dir`.
+    """Tune `model` on distilled rows (LoRA or full) and write the outputs and `finetune.json` to `out_dir`.
 
-    The model is changed in place: when this returns it holds the merged weights (no peft layers left).
+    `method: lora` writes `adapter/` and `merged/`; `method: full` writes `merged/` only (the full
+    tuned model). The model is changed in place: when this returns it holds the saved (best epoch's,
+    merged) weights, with no peft layers left.
 
     Args:
         model: the student (e.g. the pruned model), on its training device.
         rows: dicts with `prompt` and `response` (`teacher.read_distilled` gives them).
-        cfg: LoRA and optimiser settings.
+        cfg: method, LoRA, distillation and optimiser settings.
         out_dir: replaced atomically; its parent gets a temporary sibling while writing.
         seed: LoRA init, dropout, the held-out split and the epoch shuffles.
         progress: called as `progress(step, total_steps, loss=step_loss)` after each optimiser step.
+        teacher: the model whose next-token distributions the student learns (same vocabulary), on
+            the student's device; required when `cfg.kd_weight > 0`, unused otherwise.
 
     Returns:
         The summary also written to `out_dir/finetune.json`.
     """
-    check_targets(model, cfg.target_modules)
+    if cfg.kd_weight > 0 and teacher is None:
+        raise FinetuneError("finetune.kd_weight > 0 needs the teacher model; pass teacher= or set finetune.kd_weight: 0")
+    if cfg.method == "lora":
+        check_targets(model, cfg.target_modules)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     built = build_examples(tokenizer, rows, cfg.cutoff)
     if not built.examples:
@@ -303,28 +503,53 @@ def lora_finetune(
     train_idx, eval_idx = split_indices(len(built.examples), cfg.eval_fraction, seed)
     train = [built.examples[i] for i in train_idx]
     held = [built.examples[i] for i in eval_idx]
-    summary = FinetuneSummary(len(train), len(held), built.dropped, built.truncated, cfg.epochs)
+    kd_weight = cfg.kd_weight if teacher is not None else 0.0
+    summary = FinetuneSummary(
+        len(train), len(held), built.dropped, built.truncated, cfg.epochs, cfg.method, kd_weight, cfg.temperature
+    )
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     start = time.perf_counter()
-    with _private_rng(model.device):
-        peft_model = attach_lora(model, cfg, seed)
-        summary.trainable_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        if held:
-            with peft_model.disable_adapter():
-                summary.eval_loss_before = evaluate_loss(peft_model, held, cfg.batch_size, pad_id)
-        _train(peft_model, train, held, cfg, pad_id, summary, seed, progress)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.with_name(f".{out_dir.name}.trainer-{uuid.uuid4().hex[:8]}")
+    try:
+        with _private_rng(model.device):
+            if held:
+                summary.eval_loss_before = evaluate_loss(model, held, cfg.batch_size, pad_id)
+            student: nn.Module
+            if cfg.method == "lora":
+                student = attach_lora(model, cfg, seed)
+            else:
+                student = model
+                for p in student.parameters():
+                    p.requires_grad_(True)
+            summary.trainable_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
+            _train(student, train, held, cfg, pad_id, summary, seed, progress, teacher, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     summary.seconds = time.perf_counter() - start
-    _save(peft_model, tokenizer, summary, Path(out_dir))
+    _save(student, tokenizer, summary, out_dir)
     return summary
 
 
-def _save(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, summary: FinetuneSummary, out_dir: Path) -> None:
+finetune = lora_finetune
+"""The stage's entry point under its method-neutral name."""
+
+
+def _save(student: nn.Module, tokenizer: PreTrainedTokenizerBase, summary: FinetuneSummary, out_dir: Path) -> None:
     """Adapter first (merging removes it), then the merged model and the summary; one rename publishes all."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    summary.adapter_dir, summary.merged_dir = str(out_dir / "adapter"), str(out_dir / "merged")
+    summary.merged_dir = str(out_dir / "merged")
+    summary.adapter_dir = str(out_dir / "adapter") if isinstance(student, PeftModel) else None
     try:
-        peft_model.save_pretrained(str(tmp / "adapter"))
-        merged = peft_model.merge_and_unload()
+        merged: Any = student
+        if isinstance(student, PeftModel):
+            student.save_pretrained(str(tmp / "adapter"))
+            merged = student.merge_and_unload()
         merged.save_pretrained(tmp / "merged", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "merged")
         (tmp / "finetune.json").write_text(json.dumps(summary.to_dict(), indent=1), encoding="utf-8")

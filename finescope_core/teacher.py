@@ -2,8 +2,11 @@
 
 The teacher (by default the unpruned base model) answers every curated record. When the record has a
 reference answer, the teacher sees it and writes its own response (SDFT's rewrite); otherwise it just
-answers. A reject filter catches empty, cut-off, too-short and scaffold-parroting responses: the
-reference answer is kept instead when there is one, and the record is dropped when there is not.
+answers. A reject filter catches empty, cut-off, too-short and scaffold-parroting responses, and
+(for numeric domains) responses whose final number differs from the reference's: the reference answer
+is kept instead when there is one, and the record is dropped when there is not. The generation budget
+fits the domain (`max_new_tokens: auto`, from the references' lengths), and a long prompt is shortened
+in its reference part, never in the request; a request that alone does not fit is `prompt_too_long`.
 
 Plain-text records (only `text`) are used as the user message as they are: a chat teacher answers or
 comments on the passage, a base model continues it. Either way the student learns the teacher's
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import time
@@ -184,11 +188,71 @@ def reject_reason(
     return None
 
 
-def distilled_line(record: Record, response: str, truncated: bool, min_chars: int) -> dict[str, Any]:
-    """The output line of one record: the teacher's response, the reference, or a drop (response None)."""
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+_GSM8K_FINAL = re.compile(r"####\s*\$?\s*(" + _NUMBER + r")")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_ANY_NUMBER = re.compile(_NUMBER)
+_ENDS_WITH_NUMBER = re.compile(r"(" + _NUMBER + r")\s*[%$€£)*.!]*\s*$")
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def final_number(text: str, *, strict: bool = False) -> float | None:
+    """The final numeric answer of a text: GSM8K's `#### 42`, else the last `\\boxed{42}`, else a number.
+
+    Args:
+        strict: for references. Only a text that *ends* with a number (after `####` and `\\boxed` are
+            ruled out) counts as having a numeric answer, so an essay with a year in it has none. Not
+            strict (for responses): the last number anywhere.
+
+    Returns:
+        The number, or None when the text has no numeric final answer.
+    """
+    if m := _GSM8K_FINAL.search(text):
+        return _as_number(m.group(1))
+    boxed = [b for b in _BOXED.findall(text) if _ANY_NUMBER.search(b)]
+    if boxed:
+        return _as_number(_ANY_NUMBER.findall(boxed[-1])[-1])
+    if strict:
+        m = _ENDS_WITH_NUMBER.search(text)
+        return _as_number(m.group(1)) if m else None
+    numbers = _ANY_NUMBER.findall(text)
+    return _as_number(numbers[-1]) if numbers else None
+
+
+def wrong_answer(response: str, reference: str | None) -> bool:
+    """True when the reference has a numeric final answer and the response's final number differs (or is missing)."""
+    if reference is None:
+        return False
+    expected = final_number(reference, strict=True)
+    if expected is None:
+        return False
+    got = final_number(response)
+    return got is None or not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def distilled_line(
+    record: Record, response: str, truncated: bool, min_chars: int, *, check_answer: bool = True
+) -> dict[str, Any]:
+    """The output line of one record: the teacher's response, the reference, or a drop (response None).
+
+    With `check_answer`, a response whose final number differs from the reference's numeric final
+    answer is rejected as `wrong_answer` (the reference is kept).
+    """
     parts = [p for p in (user_prompt(record), record.reference) if p]
     rewrite = record.reference is not None
     reason = reject_reason(response, parts, min_chars=min_chars, truncated=truncated, rewrite=rewrite)
+    if reason is None and check_answer and wrong_answer(response, record.reference):
+        reason = "wrong_answer"
+    return _line(record, response, reason)
+
+
+def _line(record: Record, response: str, reason: str | None) -> dict[str, Any]:
     line: dict[str, Any] = {"id": record.id, "prompt": user_prompt(record)}
     if reason is None:
         return line | {"response": response.strip(), "source": "teacher", "rejected": None}
@@ -281,17 +345,84 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+AUTO_FACTOR = 1.25
+"""`max_new_tokens: auto` = this x the 95th percentile of the references' token lengths ..."""
+AUTO_RANGE = (32, 1024)
+"""... clamped to this range."""
+AUTO_FALLBACK = 128
+"""`auto` when no record has a reference answer."""
+
+
+def auto_max_new_tokens(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record]) -> int:
+    """A generation budget that fits the domain: 1.25 x the 95th percentile of the reference answers'
+    token lengths (with EOS), clamped to [32, 1024]; 128 when no record has a reference."""
+    lengths = sorted(
+        len(tokenizer(r.reference, add_special_tokens=False)["input_ids"]) + 1 for r in records if r.reference is not None
+    )
+    if not lengths:
+        return AUTO_FALLBACK
+    p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
+    return int(min(max(math.ceil(AUTO_FACTOR * p95), AUTO_RANGE[0]), AUTO_RANGE[1]))
+
+
+def resolve_max_new_tokens(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: TeacherConfig) -> int:
+    """`cfg.max_new_tokens`, with `auto` derived from the records' references (`auto_max_new_tokens`)."""
+    return auto_max_new_tokens(tokenizer, records) if cfg.max_new_tokens == "auto" else int(cfg.max_new_tokens)
+
+
+def fit_prompt(tokenizer: PreTrainedTokenizerBase, record: Record, max_length: int) -> list[int] | None:
+    """The teacher prompt's token ids within `max_length`, never cutting the request.
+
+    A rewrite prompt that is too long gets its reference answer shortened (its tail cut, marked with
+    `...`); the request and the instruction stay whole.
+
+    Returns:
+        The ids, or None when the request (with the rewrite scaffolding, if any) alone does not fit.
+    """
+    ids = encode_prompt(tokenizer, teacher_message(record))
+    if len(ids) <= max_length:
+        return ids
+    reference = record.reference
+    if reference is None:
+        return None
+    prompt = user_prompt(record)
+    ref_ids = list(tokenizer(reference, add_special_tokens=False)["input_ids"])
+
+    def encoded(keep: int) -> list[int]:
+        cut = str(tokenizer.decode(ref_ids[:keep], skip_special_tokens=True)).rstrip() + " ..."
+        return encode_prompt(tokenizer, REWRITE_TEMPLATE.format(prompt=prompt, reference=cut))
+
+    keep = max(len(ref_ids) - (len(ids) - max_length), 0)
+    while keep > 0:
+        ids = encoded(keep)
+        if len(ids) <= max_length:
+            return ids
+        keep -= max(len(ids) - max_length, 1)  # re-tokenising at the cut can move a token or two
+    return None
+
+
 def _distill_batch(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: list[Record], cfg: TeacherConfig, seed: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Record],
+    cfg: TeacherConfig,
+    seed: int,
+    max_new_tokens: int,
 ) -> tuple[list[dict[str, Any]], int]:
     """Output lines for one batch, and the number of new tokens generated."""
-    prompts = [encode_prompt(tokenizer, teacher_message(r))[-cfg.max_prompt_length :] for r in batch]
-    with _seeded(seed, model.device):
-        gens = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    lines = []
-    for record, gen in zip(batch, gens, strict=True):
+    fitted = [fit_prompt(tokenizer, r, cfg.max_prompt_length) for r in batch]
+    todo = [(r, p) for r, p in zip(batch, fitted, strict=True) if p is not None]
+    gens: list[Generation] = []
+    if todo:
+        with _seeded(seed, model.device):
+            gens = generate_batch(
+                model, tokenizer, [p for _, p in todo], max_new_tokens=max_new_tokens, temperature=cfg.temperature
+            )
+    by_id = {}
+    for (record, _), gen in zip(todo, gens, strict=True):
         text = str(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
-        lines.append(distilled_line(record, text, gen.truncated, cfg.min_response_chars))
+        by_id[record.id] = distilled_line(record, text, gen.truncated, cfg.min_response_chars, check_answer=cfg.check_answer)
+    lines = [by_id.get(r.id) or _line(r, "", "prompt_too_long") for r in batch]
     return lines, sum(len(g.token_ids) for g in gens)
 
 
@@ -327,10 +458,11 @@ def generate_distilled(
     lines = read_done(out_path, {r.id for r in records})
     resumed, done = len(lines), {line["id"] for line in lines}
     generated = tokens = 0
+    max_new_tokens = resolve_max_new_tokens(tokenizer, records, cfg)
     start = time.perf_counter()
     with out_path.open("a", encoding="utf-8") as f:
         for batch_no, batch in pending_batches(records, done, cfg.batch_size):
-            new, n_tokens = _distill_batch(model, tokenizer, batch, cfg, seed * 1_000_003 + batch_no)
+            new, n_tokens = _distill_batch(model, tokenizer, batch, cfg, seed * 1_000_003 + batch_no, max_new_tokens)
             f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
             f.flush()
             os.fsync(f.fileno())
@@ -338,4 +470,6 @@ def generate_distilled(
             generated, tokens = generated + len(new), tokens + n_tokens
             if progress is not None:
                 progress(len(lines), len(records))
-    return summarise(lines, generated, resumed, tokens, time.perf_counter() - start)
+    summary = summarise(lines, generated, resumed, tokens, time.perf_counter() - start)
+    summary.max_new_tokens_used = max_new_tokens
+    return summary

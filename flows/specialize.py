@@ -60,8 +60,9 @@ class SpecializeResult(BaseModel):
 
 def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
     pruned = prune_task(cfg, base, prune_texts, texts_sha(prune_texts))
-    distilled = teacher_task(cfg, teacher_ref(cfg, base), records, tag)
-    tuned = finetune_task(cfg, pruned, distilled, tag)
+    teacher = teacher_ref(cfg, base)
+    distilled = teacher_task(cfg, teacher, records, tag)
+    tuned = finetune_task(cfg, pruned, distilled, tag, teacher)
     return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
 
 
@@ -109,7 +110,7 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
             config, f"tuned{suffix}", str(artifact_dir(store, v.tuned) / "merged"), v.tuned.sha256, held_texts
         )
     seconds = _stage_seconds(curated, variants, evaluations)
-    metrics = metrics_document(evaluations, seconds)
+    metrics = metrics_document(evaluations, seconds, {name: v.distilled for name, v in variants.items()})
     report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
     return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)

@@ -6,6 +6,7 @@ flow, not the CLI, writes them: to `config.output`, or `<store>/outputs/<name>` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -79,21 +80,23 @@ def specialize_outputs(
     cfg: FinescopeConfig, report: StageManifest, curated: StageManifest, pruned: StageManifest,
     distilled: StageManifest, tuned: StageManifest, metrics: dict[str, Any],
 ) -> list[Output]:  # fmt: skip
-    """Report files, both models with cards, the adapter pointing at the exported pruned model, the data."""
+    """Report files, both models with cards, the adapter pointing at the exported pruned model (LoRA
+    tuning only: `finetune.method: full` has no adapter), the data."""
     store = open_store(cfg)
-    facts = run_facts(cfg, curated, pruned.info, metrics)
+    facts = dataclasses.replace(run_facts(cfg, curated, pruned.info, metrics), tuning=str(tuned.info.get("method", "lora")))
     report_dir = artifact_dir(store, report)
     outputs = [Output(p.name, source=p) for p in sorted(report_dir.iterdir()) if p.is_file() and not p.name.startswith("_")]
     tuned_dir = artifact_dir(store, tuned)
-    adapter_config = json.loads((tuned_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
-    # The adapter applies to the pruned model exported beside it, not to the store's copy of it.
-    adapter_config["base_model_name_or_path"] = output_uri(output_location(cfg), "pruned-model")
     outputs += [
         pruned_output(cfg, pruned, facts),
         Output("tuned-model", source=tuned_dir / "merged", files={"README.md": model_card("tuned", facts)}),
-        Output("tuned-adapter", source=tuned_dir / "adapter", files={
-            "README.md": model_card("adapter", facts), "adapter_config.json": json.dumps(adapter_config, indent=2)}),
-    ]  # fmt: skip
+    ]
+    if (tuned_dir / "adapter").is_dir():
+        adapter_config = json.loads((tuned_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+        # The adapter applies to the pruned model exported beside it, not to the store's copy of it.
+        adapter_config["base_model_name_or_path"] = output_uri(output_location(cfg), "pruned-model")
+        outputs.append(Output("tuned-adapter", source=tuned_dir / "adapter", files={
+            "README.md": model_card("adapter", facts), "adapter_config.json": json.dumps(adapter_config, indent=2)}))  # fmt: skip
     distilled_file = artifact_dir(store, distilled) / "distilled.jsonl"
     rows = read_distilled(distilled_file)
     card = dataset_card("distilled", facts, len(rows), ["distilled.jsonl"], list(rows[0]) if rows else [])

@@ -1,4 +1,5 @@
-"""Task of the `tuned` stage: LoRA on the pruned model with the distilled data."""
+"""Task of the `tuned` stage: LoRA (or full) tuning of the pruned model on the distilled data, with
+logit distillation from the teacher when `finetune.kd_weight > 0`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tasks.common import (
     GPU_TAGS,
     RUN_RESULTS,
     STORE_RETRIES,
+    ModelRef,
     ModelStageKey,
     Progress,
     StageKey,
@@ -24,32 +26,60 @@ from tasks.common import (
     run_cached,
 )
 
+INFO = (
+    "method", "kd_weight", "temperature", "train_examples", "eval_examples", "steps", "eval_loss_before", "eval_loss",
+    "best_epoch", "seconds", "tokens_per_second",
+)  # fmt: skip
+"""The summary fields kept in the stage info."""
+
 
 class TunedKey(ModelStageKey):
-    """`tuned`: every LoRA setting, on the pruned model and the distilled data."""
+    """`tuned`: every tuning setting, on the pruned model, the distilled data and (with KD) the teacher model."""
 
     STAGE = "tuned"
-    VERSION = "1"
+    VERSION = "2"  # 2: Trainer loop (warm-up + cosine, best epoch), logit distillation, method lora | full
     CONFIG = {"finetune": "finetune", "seed": "seed"}
 
     finetune: dict[str, Any]
     seed: int
 
 
-def tuned_key(cfg: FinescopeConfig, pruned_sha: str, distilled_sha: str) -> StageKey:
-    return TunedKey.of(cfg, {"pruned": pruned_sha, "distilled": distilled_sha}).spec()
+def tuned_key(cfg: FinescopeConfig, pruned_sha: str, distilled_sha: str, teacher_sha: str | None = None) -> StageKey:
+    """The `tuned` key; the teacher's content hash is an input exactly when the loss reads the teacher.
+
+    Raises:
+        ValueError: `finetune.kd_weight > 0` without the teacher's hash.
+    """
+    inputs = {"pruned": pruned_sha, "distilled": distilled_sha}
+    if cfg.finetune.kd_weight > 0:
+        if teacher_sha is None:
+            raise ValueError("finetune.kd_weight > 0: the tuned key needs the teacher model's hash")
+        inputs["teacher"] = teacher_sha
+    return TunedKey.of(cfg, inputs).spec()
 
 
 @task(name="finetune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
-def finetune_task(cfg: FinescopeConfig, pruned: StageManifest, distilled: StageManifest, tag: str) -> StageManifest:
-    """LoRA on the pruned model with the distilled data; adapter + merged model (plain HF directories)."""
+def finetune_task(
+    cfg: FinescopeConfig, pruned: StageManifest, distilled: StageManifest, tag: str, teacher: ModelRef | None = None
+) -> StageManifest:
+    """Tune the pruned model with the distilled data (KD from `teacher` when `finetune.kd_weight > 0`);
+    the merged model (plain HF directory) and, for LoRA, the adapter."""
     store = open_store(cfg)
+    use_teacher = cfg.finetune.kd_weight > 0
+    if use_teacher and teacher is None:
+        raise ValueError("finetune.kd_weight > 0 needs the teacher model (tasks.teacher.teacher_ref)")
 
     def build(work: Path) -> dict[str, Any]:
         model, tok = load_model(str(artifact_dir(store, pruned) / "model"), device=cfg.device, dtype=cfg.model_dtype)
+        teacher_model = (
+            load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype)[0] if use_teacher and teacher is not None else None
+        )
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
-        summary = lora_finetune(model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"))
+        summary = lora_finetune(
+            model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"), teacher=teacher_model
+        )
         info = summary.to_dict()
-        return {k: info[k] for k in ("train_examples", "eval_examples", "steps", "eval_loss_before", "eval_loss", "seconds", "tokens_per_second")}
+        return {k: info[k] for k in INFO}
 
-    return run_cached(store, tuned_key(cfg, pruned.sha256, distilled.sha256), build)
+    key = tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256 if teacher is not None else None)
+    return run_cached(store, key, build)

@@ -275,7 +275,9 @@ class _Planner:
         pruned = self.step(f"pruned{label}", "pruned", [base, *prune_deps], lambda: pruned_key(cfg, base.sha256, texts_sha(texts())))
         distilled = self.step(f"distilled{label}", "distilled", [teacher, curated],
                               lambda: distilled_key(cfg, teacher.sha256, records()))
-        tuned = self.step(f"tuned{label}", "tuned", [pruned, distilled], lambda: tuned_key(cfg, pruned.sha256, distilled.sha256))
+        kd = cfg.finetune.kd_weight > 0  # the loss reads the teacher
+        tuned = self.step(f"tuned{label}", "tuned", [pruned, distilled, *([teacher] if kd else [])],
+                          lambda: tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256))
         return [pruned, distilled, tuned]
 
     def evaluations(self, base: Dep, variants: dict[str, list[Dep]], split: _Split, curated: Dep | None) -> dict[str, Dep]:
@@ -302,7 +304,8 @@ class _Planner:
             seconds = stage_seconds({f: d.manifest if d else None for f, d in curate.items()},
                                     {n: [d.manifest for d in v] for n, v in variants.items()},
                                     {n: d.manifest for n, d in evaluations.items()})
-            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds)
+            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds,
+                                       {n: v[1].manifest for n, v in variants.items()})
             return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
         self.step("report", "report", [*stages, *evaluations.values()], spec)

@@ -24,6 +24,7 @@ from tasks.common import (
     open_store,
     run_cached,
 )
+from tasks.teacher import distillation_info
 
 # CurateResult's stage fields and their names in metrics.json's stage_seconds, in pipeline order.
 CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "saliency": "saliency", "activations": "activations-corpus",
@@ -48,9 +49,18 @@ def stage_seconds(
     return out
 
 
-def metrics_document(evaluations: dict[str, StageManifest], seconds: dict[str, float]) -> dict[str, Any]:
-    """`metrics.json`: {"models": {name: metrics}, "stage_seconds": {...}}, schema-checked."""
-    doc = {"models": {name: m.info for name, m in evaluations.items()}, "stage_seconds": seconds}
+def metrics_document(
+    evaluations: dict[str, StageManifest], seconds: dict[str, float], distilled: dict[str, StageManifest] | None = None
+) -> dict[str, Any]:
+    """`metrics.json`: {"models": {name: metrics}, "stage_seconds": {...}}, schema-checked.
+
+    Args:
+        distilled: each variant's distilled manifest by variant name ("" for the curated one); adds
+            `distillation`: {variant: teacher kept / fallback counts by reason, generation budget}.
+    """
+    doc: dict[str, Any] = {"models": {name: m.info for name, m in evaluations.items()}, "stage_seconds": seconds}
+    if distilled:
+        doc["distillation"] = {name or "curated": distillation_info(m) for name, m in distilled.items()}
     errors = metrics_schema_errors(doc)
     if errors:
         raise ValueError("metrics.json would be malformed: " + "; ".join(errors))

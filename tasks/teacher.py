@@ -49,18 +49,19 @@ class DistilledKey(ModelStageKey):
     """`distilled`: the generation settings, on the teacher model (`teacher.model`, by content) and the records."""
 
     STAGE = "distilled"
-    VERSION = "1"
+    VERSION = "2"  # 2: max_new_tokens auto, prompts shortened in the reference, wrong_answer check
     CONFIG = {
         "max_new_tokens": "teacher.max_new_tokens", "max_prompt_length": "teacher.max_prompt_length",
         "batch_size": "teacher.batch_size", "temperature": "teacher.temperature",
-        "min_response_chars": "teacher.min_response_chars", "seed": "seed",
+        "min_response_chars": "teacher.min_response_chars", "check_answer": "teacher.check_answer", "seed": "seed",
     }  # fmt: skip
 
-    max_new_tokens: int
+    max_new_tokens: int | str
     max_prompt_length: int
     batch_size: int
     temperature: float
     min_response_chars: int
+    check_answer: bool
     seed: int
 
 
@@ -80,3 +81,12 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
         return summary.to_dict()
 
     return run_cached(open_store(cfg), distilled_key(cfg, teacher.sha256, records), build, resume=True)
+
+
+FALLBACK_INFO = ("rejected", "fell_back", "dropped_by_reason", "max_new_tokens_used", "kept_teacher", "fell_back_to_reference", "dropped")
+"""The distilled stage's info fields that say how much of the data is the teacher's, and why not."""
+
+
+def distillation_info(distilled: StageManifest) -> dict[str, Any]:
+    """The teacher's keep / fallback counts by reason from a distilled manifest (for metrics.json)."""
+    return {k: distilled.info[k] for k in FALLBACK_INFO if k in distilled.info}

@@ -116,3 +116,9 @@ def test_embed_images_refuses_missing_or_non_png(tmp_path):
     (tmp_path / "fake.png").write_text("not a png")
     with pytest.raises(ReportError, match="is not a PNG"):
         embed_images("![f](fake.png)", tmp_path)
+
+
+def test_tuned_card_says_how_the_model_was_tuned() -> None:
+    lora, full = model_card("tuned", _facts()), model_card("tuned", _facts(tuning="full"))
+    assert "adapter merged in" in lora and "- lora" in lora
+    assert "all of its weights tuned" in full and "adapter" not in full and "- lora" not in full

@@ -33,7 +33,7 @@ ROWS = [
     {"prompt": "Hi", "response": "Hello, how can I help?"},
     {"prompt": "Spell cat backwards.", "response": "tac"},
 ]
-SMALL = dict(rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, cutoff=128)
+SMALL = dict(rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, cutoff=128, kd_weight=0.0)
 
 
 @torch.no_grad()

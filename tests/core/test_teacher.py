@@ -133,7 +133,8 @@ def test_scaffold_words_the_user_wrote_are_allowed() -> None:
 def test_rejected_response_falls_back_to_reference_or_drops() -> None:
     with_ref = _record(0, instruction="Add 2 and 3.", output="The sum is 5.")
     no_ref = _record(1, instruction="Add 2 and 3.")
-    kept = distilled_line(with_ref, " 2 plus 3 gives five. ", truncated=False, min_chars=8)
+    # (the numeric check would reject it: "five" is no number; tests/core/test_teacher_fixes.py covers it)
+    kept = distilled_line(with_ref, " 2 plus 3 gives five. ", truncated=False, min_chars=8, check_answer=False)
     assert kept == {"id": "r0", "prompt": "Add 2 and 3.", "response": "2 plus 3 gives five.", "source": "teacher", "rejected": None}
     back = distilled_line(with_ref, "The reference answer says 5.", truncated=False, min_chars=8)
     assert (back["response"], back["source"], back["rejected"]) == ("The sum is 5.", "reference", "mentions_scaffolding")
@@ -285,9 +286,9 @@ def test_resume_refuses_another_runs_file_and_duplicate_ids(tmp_path: Path) -> N
         generate_distilled(model, tok, [recs[0], recs[0]], TeacherConfig(), tmp_path / "e.jsonl")
 
 
-def test_prompts_are_truncated_from_the_left(tmp_path: Path) -> None:
+def test_a_request_too_long_for_the_prompt_budget_is_skipped_not_cut(tmp_path: Path) -> None:
     model, tok = tiny_model(), byte_tokenizer()
-    long = _record(0, instruction="x" * 300 + " end")
+    long = _record(0, instruction="x" * 300 + " end", output="ref")
     calls: list[torch.Tensor] = []
     original = model.generate
 
@@ -296,9 +297,9 @@ def test_prompts_are_truncated_from_the_left(tmp_path: Path) -> None:
         return original(**kw)
 
     model.generate = spy
-    generate_distilled(model, tok, [long], TeacherConfig(max_new_tokens=2, max_prompt_length=16), tmp_path / "d.jsonl")
-    full = encode_prompt(tok, teacher_message(long))
-    assert calls[0][0].tolist() == full[-16:]
+    summary = generate_distilled(model, tok, [long], TeacherConfig(max_new_tokens=2, max_prompt_length=16), tmp_path / "d.jsonl")
+    assert calls == [] and summary.fell_back == {"prompt_too_long": 1}
+    assert read_distilled(tmp_path / "d.jsonl")[0]["response"] == "ref"
 
 
 @pytest.mark.slow

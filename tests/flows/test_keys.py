@@ -35,7 +35,7 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
         records_key("corpus", "c"), records_key("seeds", "s"), saliency_key(cfg, "m", "c", layers),
         activations_key(cfg, "m", "c", layers, "sal"), sae_key(cfg, "a", "sal"), curated_key(cfg, "c", "s", ["a", "b"], "sae"),
         sentence_key("c"),
-        pruned_key(cfg, "m", "t"), distilled_key(cfg, "teacher", record), tuned_key(cfg, "p", "d"),
+        pruned_key(cfg, "m", "t"), distilled_key(cfg, "teacher", record), tuned_key(cfg, "p", "d", "teacher"),
         evaluation_key(cfg, "m", (["x"], None, None)), report_key(cfg, {"models": {}}, "cur", "p"),
     ]  # fmt: skip
     keys = {s.stage: s.key for s in specs}
@@ -68,6 +68,9 @@ def _candidates(annotation: Any, value: Any) -> list[Any]:
     if get_origin(annotation) is Literal:
         return [a for a in get_args(annotation) if a != value]
     args = [a for a in get_args(annotation) if a is not type(None)]
+    literals = [a for a in args if get_origin(a) is Literal]
+    if literals and len(args) > 1:  # a number or a keyword, e.g. int | Literal["auto"]
+        return [a for a in (*get_args(literals[0]), 128, 64) if a != value]
     if get_origin(annotation) is list or (args and get_origin(args[0]) is list):
         inner = get_args(args[0] if args and get_origin(args[0]) is list else annotation)
         if inner and get_origin(inner[0]) is Literal:
