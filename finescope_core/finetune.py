@@ -24,7 +24,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,14 +201,31 @@ def evaluate_kd(
     model: nn.Module, teacher: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, temperature: float = 1.0
 ) -> float:
     """Mean `T^2 * KL(teacher || student)` per response token over `examples`, NaN when there are none."""
+
+    def kd_sum(batch: dict[str, Tensor]) -> tuple[float, int]:
+        parts = distill_loss(model, batch, teacher, 1.0, temperature)
+        return parts.kd, parts.tokens
+
+    return _per_token_mean(model, examples, batch_size, pad_id, kd_sum)
+
+
+def _per_token_mean(
+    model: nn.Module,
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    summed: Callable[[dict[str, Tensor]], tuple[float, int]],
+) -> float:
+    """`summed` (a batch's loss sum and its token count) over `examples` in padded batches, per token,
+    with dropout off; NaN when there are no tokens."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
-        parts = distill_loss(model, batch, teacher, 1.0, temperature)
-        total, tokens = total + parts.kd, tokens + parts.tokens
+        value, n = summed(batch)
+        total, tokens = total + value, tokens + n
     model.train(was_training)
     return total / tokens if tokens else math.nan
 
@@ -252,16 +269,12 @@ def attach_lora(model: PreTrainedModel, cfg: FinetuneConfig, seed: int = 0) -> P
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int) -> float:
     """Mean cross entropy per response token over `examples` (dropout off), NaN when there are none."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
+
+    def ce_sum(batch: dict[str, Tensor]) -> tuple[float, int]:
         loss, n = response_loss(model, batch)
-        total, tokens = total + float(loss), tokens + n
-    model.train(was_training)
-    return total / tokens if tokens else math.nan
+        return float(loss), n
+
+    return _per_token_mean(model, examples, batch_size, pad_id, ce_sum)
 
 
 

@@ -27,13 +27,8 @@ from finescope_core.finetune import (
     split_indices,
 )
 from finescope_core.tiny import byte_tokenizer, tiny_model
+from tests.core.test_finetune import ROWS
 
-ROWS = [
-    {"prompt": "Add 2 and 3.", "response": "5"},
-    {"prompt": "Name a colour of the sky on a clear day.", "response": "Blue."},
-    {"prompt": "Hi", "response": "Hello, how can I help?"},
-    {"prompt": "Spell cat backwards.", "response": "tac"},
-]
 SMALL = dict(rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, cutoff=128, warmup_ratio=0.0, kd_weight=0.0)
 
 
