@@ -261,12 +261,28 @@ class FinetuneConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Evaluation of base / pruned / tuned models."""
+    """Evaluation of base / pruned / tuned models (and the baselines) on one set of held-out items."""
 
-    heldout_fraction: float = Field(0.2, gt=0, lt=1)
-    """Share of the curated records held out of pruning and tuning, for domain perplexity."""
     eval_file: str | None = Field(None, json_schema_extra=PATH)
-    """Optional file/URI of held-out domain texts (any supported format) used instead of the held-out share."""
+    """File/URI of held-out domain items (any supported record format): the domain yardstick. Corpus
+    records that duplicate one of its items leave the curation pool. None: the domain items are the
+    `domain_items` evaluation-split records nearest the seeds' centroid."""
+    split_fraction: float = Field(0.05, gt=0, lt=0.5)
+    """Share of the (de-duplicated) corpus set aside as the evaluation split before curation, by a
+    seeded hash of each record's id (the same for every `curate.method`). The split never reaches
+    curation, pruning, the teacher, tuning or the baselines."""
+    split_max: int = Field(2000, ge=1)
+    """Most records in the evaluation split (those with the lowest hash)."""
+    domain_items: int = Field(100, ge=1)
+    """Without `eval_file`: the split records nearest the seeds' centroid in all-MiniLM-L6-v2 space
+    that are the domain evaluation items."""
+    general_file: str | None = Field(None, json_schema_extra=PATH)
+    """File/URI of general, out-of-domain texts (any supported format) for the specialisation trade-off.
+    None: a seeded sample of the split records that are not domain items."""
+    general_items: int = Field(200, ge=1)
+    """Most general evaluation items (a seeded sample when there are more)."""
+    bootstrap_resamples: int = Field(1000, ge=100)
+    """Bootstrap resamples (over items, seeded) behind every metric's 95 % interval."""
     mc_file: str | None = Field(None, json_schema_extra=PATH)
     """Optional MMLU-style JSONL: {question, choices: [...], answer: index}; accuracy by log-likelihood."""
     numeric_file: str | None = Field(None, json_schema_extra=PATH)
@@ -279,6 +295,14 @@ class EvalConfig(_Strict):
     """At most this many examples per eval set (keeps CPU runs short)."""
     baselines: list[Literal["random", "corpus"]] = Field(default_factory=list)
     """Also prune+tune with random corpus data / the whole corpus at the same ratio (paper Tables 1-4)."""
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness task names run on base / pruned / tuned (zero-shot, seeded); empty: none.
+    They are looked up in `lm_eval_include`, or among lm-eval's stock tasks (which need the hub)."""
+    lm_eval_include: str | None = Field(None, json_schema_extra=PATH)
+    """Local directory of lm-eval task YAMLs (over local data files) defining `lm_eval_tasks`; only its
+    tasks are visible when set. None: lm-eval's stock tasks."""
+    lm_eval_limit: int | None = Field(None, ge=1)
+    """At most this many examples per lm-eval task. None: `max_examples`."""
 
 
 class OrchestrationConfig(_Strict):

@@ -1,20 +1,35 @@
 """Evaluation of base / pruned / tuned models: domain perplexity, multiple-choice accuracy, numeric exact match.
 
-Perplexity is token-level over all held-out texts (`perplexity`). Multiple-choice questions (MMLU style)
+Perplexity is token-level over all held-out texts (`perplexity`), on raw text and on the chat-formatted
+response tokens LoRA tuning learns from (`chat_nll`); every metric carries a seeded bootstrap 95 %
+interval over items (`bootstrap`). `split` draws the evaluation split and its items, `contamination`
+drops items that overlap the training data. Multiple-choice questions (MMLU style)
 are scored by the log-likelihood the model gives each choice after the prompt, as lm-evaluation-harness
 does (`choice`); numeric questions (GSM8K style) by greedy generation and comparison of the final number
 (`numeric`). `loading` reads their eval files, `stage.evaluate_model` runs every metric on one model, and
-`metrics` is the `metrics.json` the evaluate stage writes, as pydantic models.
+`metrics` is the `metrics.json` the evaluate stage writes, as pydantic models. `harness` runs
+lm-evaluation-harness tasks on the same in-memory model, with bootstrap CIs from lm-eval's per-sample log.
 """
 
+from finescope_core.evaluate.bootstrap import Interval, mean_interval, overlap, perplexity_interval
 from finescope_core.evaluate.choice import (
     check_mc_item,
     choice_logprobs,
     encode_continuation,
     mc_accuracy,
+    mc_hits,
     mc_prompt,
 )
+from finescope_core.evaluate.contamination import Contamination, check_contamination, internal_duplicates
 from finescope_core.evaluate.errors import EvalError
+from finescope_core.evaluate.harness import (
+    bootstrap_ci,
+    check_harness_config,
+    harness_include_sha,
+    harness_limit,
+    harness_metrics,
+    run_harness,
+)
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE
 from finescope_core.evaluate.loading import load_mc_items, load_numeric_items
 from finescope_core.evaluate.metrics import (
@@ -32,15 +47,19 @@ from finescope_core.evaluate.numeric import (
     generate_answers,
     generation_prompt,
     numeric_exact_match,
+    numeric_hits,
     reference_number,
 )
-from finescope_core.evaluate.perplexity import perplexity
+from finescope_core.evaluate.perplexity import chat_nll, perplexity, text_nll
 from finescope_core.evaluate.stage import evaluate_model
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "REQUIRED_MODELS", "STOP_STRINGS", "EvalCounts", "EvalError", "MetricsDocument",
-    "ModelMetrics", "ModelsByName", "check_mc_item", "check_numeric_item", "choice_logprobs",
+    "DEFAULT_BATCH_SIZE", "REQUIRED_MODELS", "STOP_STRINGS", "Contamination", "EvalCounts", "EvalError",
+    "Interval", "MetricsDocument", "ModelMetrics", "ModelsByName", "bootstrap_ci", "chat_nll",
+    "check_contamination", "check_harness_config", "check_mc_item", "check_numeric_item", "choice_logprobs",
     "encode_continuation", "evaluate_model", "extract_number", "generate_answers", "generation_prompt",
-    "load_mc_items", "load_numeric_items", "mc_accuracy", "mc_prompt", "metrics_schema_errors",
-    "numeric_exact_match", "perplexity", "reference_number",
+    "harness_include_sha", "harness_limit", "harness_metrics", "internal_duplicates", "load_mc_items",
+    "load_numeric_items", "mc_accuracy", "mc_hits", "mc_prompt", "mean_interval", "metrics_schema_errors",
+    "numeric_exact_match", "numeric_hits", "overlap", "perplexity", "perplexity_interval",
+    "reference_number", "run_harness", "text_nll",
 ]  # fmt: skip

@@ -125,6 +125,33 @@ def _continuation_logprob(logits: Tensor, ids: Tensor, length: int, n_cont: int)
     return float(logp.gather(-1, ids[start:length, None]).sum())
 
 
+def mc_hits(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    max_length: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> tuple[list[int], list[int]]:
+    """Per item, 1 when the highest-scoring choice is the answer: by summed log-probability, and by that
+    sum per character (`acc_norm`). Ties go to the first choice.
+
+    Raises:
+        EvalError: no items, or an item without question / choices / a valid answer index.
+    """
+    if not items:
+        raise EvalError("no multiple-choice items; pass at least one {question, choices, answer} item")
+    checked = [check_mc_item(item, f"item {i}") for i, item in enumerate(items)]
+    scores = choice_logprobs(model, tokenizer, checked, max_length=max_length, batch_size=batch_size, progress=progress)
+    hits, hits_norm = [], []
+    for item, row in zip(checked, scores, strict=True):
+        normed = [s / len(f" {c}") for s, c in zip(row, item["choices"], strict=True)]
+        hits.append(int(_argmax(row) == item["answer"]))
+        hits_norm.append(int(_argmax(normed) == item["answer"]))
+    return hits, hits_norm
+
+
 def mc_accuracy(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -138,7 +165,7 @@ def mc_accuracy(
 
     `accuracy` picks the choice with the highest summed log-probability; `accuracy_norm` divides each
     sum by the choice's length in characters (lm-evaluation-harness `acc_norm`), which removes the bias
-    towards short choices. Ties go to the first choice.
+    towards short choices. Ties go to the first choice (`mc_hits` gives the per-item hits).
 
     Returns:
         {"accuracy": float, "accuracy_norm": float, "n": int}.
@@ -146,16 +173,8 @@ def mc_accuracy(
     Raises:
         EvalError: no items, or an item without question / choices / a valid answer index.
     """
-    if not items:
-        raise EvalError("no multiple-choice items; pass at least one {question, choices, answer} item")
-    checked = [check_mc_item(item, f"item {i}") for i, item in enumerate(items)]
-    scores = choice_logprobs(model, tokenizer, checked, max_length=max_length, batch_size=batch_size, progress=progress)
-    hits = hits_norm = 0
-    for item, row in zip(checked, scores, strict=True):
-        normed = [s / len(f" {c}") for s, c in zip(row, item["choices"], strict=True)]
-        hits += int(_argmax(row) == item["answer"])
-        hits_norm += int(_argmax(normed) == item["answer"])
-    return {"accuracy": hits / len(items), "accuracy_norm": hits_norm / len(items), "n": len(items)}
+    hits, hits_norm = mc_hits(model, tokenizer, items, max_length=max_length, batch_size=batch_size, progress=progress)
+    return {"accuracy": sum(hits) / len(items), "accuracy_norm": sum(hits_norm) / len(items), "n": len(items)}
 
 
 def _argmax(values: Sequence[float]) -> int:

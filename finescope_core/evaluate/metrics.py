@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
@@ -55,6 +56,7 @@ Perplexity = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False), _ex
 Parameters = Annotated[int, Field(strict=True, gt=0), _expect("an integer > 0")]
 Accuracy = Annotated[float, Field(strict=True, ge=0, le=1), _expect("a number in [0, 1]")]
 OptionalAccuracy = Annotated[Accuracy | None, _not_null("a number in [0, 1]")]
+OptionalPerplexity = Annotated[Perplexity | None, _not_null("a finite number > 0")]
 Count = Annotated[int, Field(strict=True, gt=0), _expect("an integer > 0")]
 OptionalCount = Annotated[Count | None, _not_null("an integer > 0")]
 
@@ -66,8 +68,53 @@ class EvalCounts(BaseModel):
     __pydantic_extra__: dict[str, Count] = Field(init=False)  # a count of any further metric
 
     perplexity: Count
+    chat: OptionalCount = None
+    general: OptionalCount = None
     mc: OptionalCount = None
     numeric: OptionalCount = None
+
+
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False), _expect("a finite number")]
+
+
+class HarnessMetric(BaseModel):
+    """One lm-evaluation-harness metric of one task (`finescope_core.evaluate.harness.task_metrics`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: FiniteNumber
+    ci: Annotated[tuple[FiniteNumber, FiniteNumber], _expect("[low, high], two finite numbers")]
+    n: Count
+    stderr: FiniteNumber | None = None
+    """lm-eval's own stderr; None where it gives none (one sample)."""
+
+
+HarnessTask = dict[str, HarnessMetric]
+"""metric name (`acc`, `acc_norm`, `exact_match`, ...) -> that metric."""
+
+
+class IntervalEstimate(BaseModel):
+    """One metric's value with its bootstrap 95 % interval [low, high] over `n` items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False), _expect("a finite number")]
+    low: Annotated[float, Field(strict=True, allow_inf_nan=False), _expect("a finite number")]
+    high: Annotated[float, Field(strict=True, allow_inf_nan=False), _expect("a finite number")]
+    n: Count
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntervalEstimate:
+        if not self.low <= self.value <= self.high:
+            raise PydanticCustomError(
+                _BAD_VALUE, "must satisfy low <= value <= high, got {got}", {"got": f"{self.low}, {self.value}, {self.high}"}
+            )
+        return self
+
+
+INTERVAL_METRICS = ("perplexity", "chat_perplexity", "general_perplexity", "mc_accuracy", "mc_accuracy_norm",
+                    "numeric_exact_match")  # fmt: skip
+"""The metrics that carry an interval in `ci` whenever they are present."""
 
 
 class ModelMetrics(BaseModel):
@@ -76,11 +123,34 @@ class ModelMetrics(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     perplexity: Perplexity
+    """Raw-text perplexity of the domain items."""
+    chat_perplexity: OptionalPerplexity = None
+    """Perplexity of the domain items' references (+ EOS) after the chat-formatted prompt (as tuned)."""
+    general_perplexity: OptionalPerplexity = None
+    """Raw-text perplexity of the general, out-of-domain items."""
     parameters: Parameters
     mc_accuracy: OptionalAccuracy = None
     mc_accuracy_norm: OptionalAccuracy = None
     numeric_exact_match: OptionalAccuracy = None
-    n: EvalCounts | None = None
+    n: EvalCounts
+    ci: dict[str, IntervalEstimate]
+    """Bootstrap 95 % interval of every metric present (exactly those), with its value and n."""
+    lm_eval: dict[str, HarnessTask] | None = None
+    """lm-evaluation-harness results, task -> metric -> value / 95 % CI / n; present when
+    `evaluate.lm_eval_tasks` is set."""
+
+    @model_validator(mode="after")
+    def _intervals_match(self) -> ModelMetrics:
+        present = {m for m in INTERVAL_METRICS if getattr(self, m) is not None}
+        if set(self.ci) != present:
+            raise PydanticCustomError(
+                _BAD_VALUE, "ci must hold exactly the metrics present ({want}), got {got}",
+                {"want": ", ".join(sorted(present)), "got": ", ".join(sorted(self.ci)) or "none"},
+            )
+        for name in present:
+            if abs(self.ci[name].value - getattr(self, name)) > 1e-9 * max(1.0, abs(getattr(self, name))):
+                raise PydanticCustomError(_BAD_VALUE, "ci.{name}.value differs from {name}", {"name": name})
+        return self
 
 
 class ModelsByName(BaseModel):
@@ -95,7 +165,8 @@ class ModelsByName(BaseModel):
 
 
 class MetricsDocument(BaseModel):
-    """The whole `metrics.json`; `stage_seconds` and any other top-level key are not checked."""
+    """The whole `metrics.json`; `evaluation` (how the eval sets were made), `stage_seconds` and any
+    other top-level key are not checked."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -109,8 +180,10 @@ REQUIRED_MODELS = tuple(ModelsByName.model_fields)
 def metrics_schema_errors(metrics: Any) -> list[str]:
     """Problems with the shape of `metrics.json` (see `MetricsDocument`).
 
-    Each model needs `perplexity` (a finite number > 0) and `parameters` (an int > 0); accuracies, when
-    present, are numbers in [0, 1], and counts in `n` ints > 0. More models are allowed.
+    Each model needs `perplexity` (a finite number > 0), `parameters` (an int > 0), `n` and `ci`;
+    the other perplexities, when present, are finite numbers > 0, accuracies numbers in [0, 1], counts
+    in `n` ints > 0, and `ci` holds an interval {value, low, high, n} with low <= value <= high for
+    exactly the metrics present. More models are allowed.
 
     Returns:
         One message per problem, naming the dotted path; empty when the metrics are well formed.

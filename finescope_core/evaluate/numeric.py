@@ -159,6 +159,33 @@ def _cut_at_stop(text: str) -> str:
     return text
 
 
+def numeric_hits(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> list[int]:
+    """Per question, 1 when the generated final number equals the reference's final number.
+
+    Raises:
+        EvalError: no items, or an item without question / a numeric answer.
+    """
+    if not items:
+        raise EvalError("no numeric items; pass at least one {question, answer} item")
+    checked = [check_numeric_item(item, f"item {i}") for i, item in enumerate(items)]
+    answers = generate_answers(
+        model, tokenizer, [c["question"] for c in checked], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, progress=progress,
+    )
+    return [
+        int(extract_number(text) == reference_number(item["answer"], f"item {i}"))
+        for i, (item, text) in enumerate(zip(checked, answers, strict=True))
+    ]
+
+
 def numeric_exact_match(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -176,15 +203,5 @@ def numeric_exact_match(
     Raises:
         EvalError: no items, or an item without question / a numeric answer.
     """
-    if not items:
-        raise EvalError("no numeric items; pass at least one {question, answer} item")
-    checked = [check_numeric_item(item, f"item {i}") for i, item in enumerate(items)]
-    answers = generate_answers(
-        model, tokenizer, [c["question"] for c in checked], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, progress=progress,
-    )
-    hits = sum(
-        extract_number(text) == reference_number(item["answer"], f"item {i}")
-        for i, (item, text) in enumerate(zip(checked, answers, strict=True))
-    )
-    return {"exact_match": hits / len(checked), "n": len(checked)}
+    hits = numeric_hits(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return {"exact_match": sum(hits) / len(hits), "n": len(hits)}

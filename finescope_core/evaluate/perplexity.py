@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from finescope_core.batching import iter_text_batches
@@ -73,3 +73,78 @@ def _summed_nll(
             done += len(batch)
             progress(done, len(texts))
     return total, tokens
+
+
+def text_nll(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> tuple[list[float], list[int]]:
+    """Per text: summed NLL of every token after the first, and the number of those tokens (raw text).
+
+    `perplexity(texts)` is exp(sum of the first list / sum of the second).
+    """
+    device = model_device(model)
+    nll, tokens, done = [0.0] * len(texts), [0] * len(texts), 0
+    with eval_mode(model):
+        for batch in iter_text_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size):
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
+            _fill(nll, tokens, batch.rows.tolist(), logits, targets)
+            done += len(batch)
+            progress(done, len(texts))
+    return nll, tokens
+
+
+def chat_nll(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    max_length: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> tuple[list[float], list[int]]:
+    """Per (prompt, reference): summed NLL of the reference's tokens and EOS after the chat-formatted prompt.
+
+    The tokens are exactly those LoRA tuning learns from (`finetune.build_examples`: the prompt through
+    `teacher.encode_prompt`, loss on the response tokens + EOS, cut at `max_length`). A pair whose
+    prompt alone fills `max_length` has no scored token (0, 0).
+    """
+    from finescope_core.finetune import IGNORE, build_examples, pad_batch
+
+    device = model_device(model)
+    built: list[dict[str, list[int]] | None] = []
+    for prompt, reference in pairs:
+        one = build_examples(tokenizer, [{"prompt": prompt, "response": reference}], max_length).examples
+        built.append(one[0] if one else None)
+    rows = sorted((i for i, e in enumerate(built) if e is not None), key=lambda i: -len(built[i]["input_ids"]))  # type: ignore[index]
+    nll, tokens = [0.0] * len(pairs), [0] * len(pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            part = rows[start : start + batch_size]
+            batch = pad_batch([e for i in part if (e := built[i]) is not None], pad)
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False).logits  # fmt: skip
+            targets = batch["labels"][:, 1:].to(device)
+            assert IGNORE == -100, "cross_entropy's default ignore_index"
+            _fill(nll, tokens, part, logits, targets)
+            progress(min(start + batch_size, len(rows)), len(rows))
+    return nll, tokens
+
+
+def _fill(nll: list[float], tokens: list[int], rows: Sequence[int], logits: Tensor, targets: Tensor) -> None:
+    """Add each batch row's summed NLL over its targets (-100: not scored) into `nll[rows[b]]`."""
+    per_token = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )  # [B, T-1]
+    scored = targets != -100
+    for b, row in enumerate(rows):
+        nll[row] = float(per_token[b][scored[b]].sum())
+        tokens[row] = int(scored[b].sum())

@@ -8,10 +8,12 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finescope_core.config import EvalConfig
-from finescope_core.evaluate.choice import mc_accuracy
+from finescope_core.evaluate.bootstrap import Interval, mean_interval, perplexity_interval
+from finescope_core.evaluate.choice import mc_hits
+from finescope_core.evaluate.errors import EvalError
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE
-from finescope_core.evaluate.numeric import numeric_exact_match
-from finescope_core.evaluate.perplexity import perplexity
+from finescope_core.evaluate.numeric import numeric_hits
+from finescope_core.evaluate.perplexity import chat_nll, text_nll
 from finescope_core.progress import Info, Progress, no_progress
 from finescope_core.prune.counts import count_parameters
 
@@ -30,43 +32,75 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     *,
     domain_texts: Sequence[str],
+    chat_pairs: Sequence[tuple[str, str]] = (),
+    general_texts: Sequence[str] = (),
     mc_items: Sequence[Mapping[str, Any]] | None = None,
     numeric_items: Sequence[Mapping[str, Any]] | None = None,
     cfg: EvalConfig,
+    seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
-    """All metrics of one model, each eval set cut to its first `cfg.max_examples` examples.
+    """All metrics of one model with bootstrap 95 % intervals, each eval set cut to `cfg.max_examples`.
+
+    * `perplexity`: raw-text token perplexity of the domain texts;
+    * `chat_perplexity`: perplexity of the references' tokens (+ EOS) after the chat-formatted prompts,
+      the tokens LoRA tuning learns from (`chat_pairs`: the domain items that have both);
+    * `general_perplexity`: raw-text perplexity of the general, out-of-domain texts;
+    * `mc_accuracy`, `mc_accuracy_norm`, `numeric_exact_match` when their items are given.
 
     `parameters` is the `total` of `finescope_core.prune.counts.count_parameters`, the count the prune
     report gives (tied embeddings once), so base / pruned / tuned sizes compare with it. `progress` is
-    called as progress(done, total, metric=...) per batch, metric "perplexity", "mc" or "numeric".
+    called as progress(done, total, metric=...) per batch, metric "perplexity", "chat", "general", "mc"
+    or "numeric". Intervals resample items (`cfg.bootstrap_resamples` times, seeded with `seed`).
 
     Returns:
-        {"perplexity": float, "parameters": int, "mc_accuracy"?: float, "mc_accuracy_norm"?: float,
-        "numeric_exact_match"?: float, "n": {"perplexity": int, "mc"?: int, "numeric"?: int}}.
+        {"perplexity": float, "parameters": int, <optional metrics>: float, "n": {metric set: int},
+        "ci": {metric: {"value", "low", "high", "n"}}}.
     """
     texts = list(domain_texts)[: cfg.max_examples]
-    result: dict[str, Any] = {
-        "perplexity": perplexity(
-            model, tokenizer, texts, max_length=cfg.max_length, batch_size=batch_size,
-            progress=_tagged(progress, "perplexity"),
-        ),
-        "parameters": count_parameters(model)["total"],
-        "n": {"perplexity": len(texts)},
-    }
+    if not texts:
+        raise EvalError("no domain evaluation texts; give evaluate.eval_file or a corpus with an evaluation split")
+    resamples = cfg.bootstrap_resamples
+    ci: dict[str, Interval] = {}
+    nll, tokens = text_nll(model, tokenizer, texts, max_length=cfg.max_length, batch_size=batch_size,
+                           progress=_tagged(progress, "perplexity"))  # fmt: skip
+    ci["perplexity"] = _perplexity(nll, tokens, resamples, seed, "domain texts")
+    counts = {"perplexity": len(texts)}
+    pairs = list(chat_pairs)[: cfg.max_examples]
+    if pairs:
+        nll, tokens = chat_nll(model, tokenizer, pairs, max_length=cfg.max_length, batch_size=batch_size,
+                               progress=_tagged(progress, "chat"))  # fmt: skip
+        if sum(tokens):
+            ci["chat_perplexity"] = _perplexity(nll, tokens, resamples, seed, "chat items")
+            counts["chat"] = len(pairs)
+    general = list(general_texts)[: cfg.max_examples]
+    if general:
+        nll, tokens = text_nll(model, tokenizer, general, max_length=cfg.max_length, batch_size=batch_size,
+                               progress=_tagged(progress, "general"))  # fmt: skip
+        ci["general_perplexity"] = _perplexity(nll, tokens, resamples, seed, "general texts")
+        counts["general"] = len(general)
     if mc_items:
-        mc = mc_accuracy(
+        hits, hits_norm = mc_hits(
             model, tokenizer, list(mc_items)[: cfg.max_examples], max_length=cfg.max_length,
             batch_size=batch_size, progress=_tagged(progress, "mc"),
         )
-        result.update(mc_accuracy=mc["accuracy"], mc_accuracy_norm=mc["accuracy_norm"])
-        result["n"]["mc"] = mc["n"]
+        ci["mc_accuracy"] = mean_interval(hits, resamples=resamples, seed=seed)
+        ci["mc_accuracy_norm"] = mean_interval(hits_norm, resamples=resamples, seed=seed)
+        counts["mc"] = len(hits)
     if numeric_items:
-        num = numeric_exact_match(
+        num = numeric_hits(
             model, tokenizer, list(numeric_items)[: cfg.max_examples], max_new_tokens=cfg.max_new_tokens,
             batch_size=batch_size, progress=_tagged(progress, "numeric"),
         )
-        result["numeric_exact_match"] = num["exact_match"]
-        result["n"]["numeric"] = num["n"]
+        ci["numeric_exact_match"] = mean_interval(num, resamples=resamples, seed=seed)
+        counts["numeric"] = len(num)
+    result: dict[str, Any] = {name: interval.value for name, interval in ci.items()}
+    result.update(parameters=count_parameters(model)["total"], n=counts, ci={k: v.to_dict() for k, v in ci.items()})
     return result
+
+
+def _perplexity(nll: list[float], tokens: list[int], resamples: int, seed: int, what: str) -> Interval:
+    if sum(tokens) == 0:
+        raise EvalError(f"every one of the {what} is a single token, so no token is predicted; pass longer texts")
+    return perplexity_interval(nll, tokens, resamples=resamples, seed=seed)

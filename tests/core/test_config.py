@@ -120,3 +120,16 @@ def test_override_paths_stay_relative_to_the_working_directory(tmp_path):
     cfg = load_config(tmp_path / "c.yaml", {"seeds": ["out/demo/seeds.jsonl"]})
     assert cfg.seeds == ["out/demo/seeds.jsonl"]
     assert cfg.corpus == [str(tmp_path / "c.jsonl")]
+
+
+def test_every_shipped_config_validates():
+    """configs/*.yaml (the demo's and the quality benchmark's) are valid configs as shipped."""
+    from pathlib import Path
+
+    from finescope_core.config import load_config
+
+    shipped = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"demo.yaml", "quality.yaml"}
+    for path in shipped:
+        cfg = load_config(path, {"seeds": ["s.jsonl"], "corpus": ["c.jsonl"]})
+        assert cfg.model == "default", path

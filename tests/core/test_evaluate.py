@@ -394,6 +394,8 @@ def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
     )
     assert seen == {"perplexity", "mc", "numeric"}
     assert result["n"] == {"perplexity": 2, "mc": 2, "numeric": 2}
+    assert set(result["ci"]) == {"perplexity", "mc_accuracy", "mc_accuracy_norm", "numeric_exact_match"}
+    assert all(c["low"] <= c["value"] <= c["high"] and c["value"] == result[k] for k, c in result["ci"].items())
     assert_close(result["perplexity"], perplexity(model, tok, TEXTS[:2], max_length=32), rtol=1e-6, atol=0)
     assert result["mc_accuracy"] == mc_accuracy(model, tok, MC_ITEMS[:2], max_length=32)["accuracy"]
     assert 0 <= result["numeric_exact_match"] <= 1 and "mc_accuracy_norm" in result
@@ -404,12 +406,17 @@ def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
 
 def test_evaluate_model_without_optional_sets() -> None:
     result = evaluate_model(tiny_model(), byte_tokenizer(), domain_texts=TEXTS, cfg=EvalConfig(max_length=16))
-    assert set(result) == {"perplexity", "parameters", "n"}
+    assert set(result) == {"perplexity", "parameters", "n", "ci"}
 
 
 # ------------------------------------------------------------------------------------- metrics.json
 
-GOOD = {"perplexity": 12.5, "parameters": 1000, "mc_accuracy": 0.25}
+GOOD = {
+    "perplexity": 12.5, "parameters": 1000, "mc_accuracy": 0.25, "n": {"perplexity": 4, "mc": 4},
+    "ci": {"perplexity": {"value": 12.5, "low": 10.0, "high": 15.0, "n": 4},
+           "mc_accuracy": {"value": 0.25, "low": 0.0, "high": 0.75, "n": 4}},
+}  # fmt: skip
+NO_PARAMETERS = {k: v for k, v in GOOD.items() if k != "parameters"}
 
 
 def test_metrics_schema_accepts_baselines() -> None:
@@ -448,7 +455,7 @@ def test_metrics_schema_errors_name_the_path(metrics: object, fragment: str) -> 
          "models.base.perplexity: must be a finite number > 0, got inf"),
         ({"models": {"base": {**GOOD, "perplexity": "12"}, "pruned": GOOD, "tuned": GOOD}},
          "models.base.perplexity: must be a finite number > 0, got '12'"),
-        ({"models": {"base": {"perplexity": 3.0}, "pruned": GOOD, "tuned": GOOD}}, "models.base.parameters: missing"),
+        ({"models": {"base": NO_PARAMETERS, "pruned": GOOD, "tuned": GOOD}}, "models.base.parameters: missing"),
         ({"models": {"base": {**GOOD, "parameters": -4}, "pruned": GOOD, "tuned": GOOD}},
          "models.base.parameters: must be an integer > 0, got -4"),
         ({"models": {"base": GOOD, "pruned": {**GOOD, "numeric_exact_match": None}, "tuned": GOOD}},
@@ -461,6 +468,14 @@ def test_metrics_schema_errors_name_the_path(metrics: object, fragment: str) -> 
          "models.tuned.n.perplexity: must be an integer > 0, got 0"),
         ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 2, "numeric": 1.0}}}},
          "models.tuned.n.numeric: must be an integer > 0, got 1.0"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "ci": {"perplexity": GOOD["ci"]["perplexity"]}}}},
+         "models.tuned: ci must hold exactly the metrics present (mc_accuracy, perplexity), got perplexity"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "ci": {**GOOD["ci"], "perplexity": {
+            "value": 12.5, "low": 13.0, "high": 15.0, "n": 4}}}}},
+         "models.tuned.ci.perplexity: must satisfy low <= value <= high, got 13.0, 12.5, 15.0"),
+        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "ci": {**GOOD["ci"], "perplexity": {
+            "value": 11.0, "low": 10.0, "high": 15.0, "n": 4}}}}},
+         "models.tuned: ci.perplexity.value differs from perplexity"),
         ({"models": {"base": GOOD, "pruned": GOOD, "tuned": GOOD, "pruned-random": {**GOOD, "parameters": None}}},
          "models.pruned-random.parameters: must be an integer > 0, got None"),
     ],
