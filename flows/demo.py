@@ -17,12 +17,29 @@ from finescope_core.demo import (
     build_demo_corpus,
     domain_precision,
 )
+from finescope_core.demo_lm_eval import NEXT_STEP_TASK
 from finescope_core.io import read_jsonl, write_atomic
+from finescope_core.report import harness_table
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
 from tasks.common import artifact_dir, artifact_key, logger, open_store
 
 PRECISION_AT = (25, 50, 100)
+DEMO_LM_EVAL_TASKS = [NEXT_STEP_TASK]
+"""lm-eval tasks the math demo runs on base / pruned / tuned. The answer task (`ANSWER_TASK`, generation)
+is written beside it but not run by default: on SmolLM2-135M it costs ~30 CPU-seconds an item
+(measured on 2 items, both wrong), minutes of the demo per model; `--evaluate.lm_eval_tasks` adds it."""
+DEMO_LM_EVAL_LIMIT = 8
+"""Examples per lm-eval task in the demo: the next-step task costs ~46 CPU-seconds for 8 on SmolLM2-135M
+(measured), an estimated 25 s per model on 2 idle cores; `--evaluate.lm_eval_limit N` overrides it."""
+
+
+def demo_harness(domain: str, include: Path | None) -> dict[str, Any]:
+    """Config overrides that run the demo's lm-eval tasks (`finescope_core.demo_lm_eval`): math only."""
+    if domain != "math" or include is None:
+        return {}
+    return {"evaluate.lm_eval_tasks": list(DEMO_LM_EVAL_TASKS), "evaluate.lm_eval_include": str(include),
+            "evaluate.lm_eval_limit": DEMO_LM_EVAL_LIMIT}  # fmt: skip
 
 
 @flow(name="demo", log_prints=True)
@@ -75,8 +92,20 @@ def run_demo(
         raise ConfigError(f"--methods has unknown methods {sorted(unknown)}; choose from sae, sentence, activation, random")
     out = out.resolve()
     data = build_demo_corpus(out / "data")
-    overrides = {"seeds": [str(data.seeds[domain])], "corpus": [str(data.corpus)], **overrides}
+    # The domain's yardstick: its source's records the corpus does not hold (overridable).
+    overrides = {"seeds": [str(data.seeds[domain])], "corpus": [str(data.corpus)],
+                 "evaluate.eval_file": str(data.evals[domain]), **overrides}  # fmt: skip
     base = load_config(config, overrides)
+    # The demo's lm-eval tasks, unless the config or the command line chose tasks of its own (then only
+    # the include dir is filled in when they left it unset, so `configs/quality.yaml` can name both).
+    harness = demo_harness(domain, data.lm_eval)
+    if harness and not base.evaluate.lm_eval_tasks:
+        base.evaluate = base.evaluate.model_copy(update={
+            "lm_eval_tasks": harness["evaluate.lm_eval_tasks"], "lm_eval_include": harness["evaluate.lm_eval_include"],
+            "lm_eval_limit": harness["evaluate.lm_eval_limit"],
+        })  # fmt: skip
+    elif harness and base.evaluate.lm_eval_include is None:
+        base.evaluate = base.evaluate.model_copy(update={"lm_eval_include": harness["evaluate.lm_eval_include"]})
     if base.name is None:
         base.name = f"demo-{domain}"
     corpus = {"base_rate": base_rate(data.corpus, domain), "sources": data.sources}
@@ -109,11 +138,14 @@ def _report(s: dict[str, Any]) -> str:
             "",
             "## The specialised model (sae curation -> prune -> teacher -> LoRA)",
             "",
-            "| model | perplexity (held-out domain text) | parameters |",
+            "| model | perplexity (held-out domain items, raw text) | parameters |",
             "|---|---:|---:|",
         ]
         for name, m in s["specialize"]["models"].items():
             lines.append(f"| {name} | {m['perplexity']:.2f} | {m['parameters']:,} |")
+        harness = harness_table(s["specialize"]["models"])
+        if harness:
+            lines += ["", "### lm-evaluation-harness (GSM8K problems outside the corpus)", "", harness]
         seconds = s["specialize"].get("stage_seconds", {})
         lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()), "",
                   "Full report with plots: [specialize/report.md](specialize/report.md)"]

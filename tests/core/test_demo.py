@@ -60,8 +60,8 @@ def test_corpus_lines_are_valid_records_with_unique_ids(built: demo.DemoData) ->
 def test_default_composition(built: demo.DemoData, corpus: list[dict]) -> None:
     chat = {s: n for s, n in built.sources.items() if s.startswith("chat-")}
     assert built.sources["gsm8k"] == demo.DEFAULT_SOURCE_CAPS["gsm8k"]
-    assert built.sources["gpqa"] == GPQA_DIAMOND
-    assert built.sources["humaneval"] == HUMANEVAL
+    assert built.sources["gpqa"] == GPQA_DIAMOND - round(demo.DEMO_EVAL_SHARE["gpqa"] * GPQA_DIAMOND)
+    assert built.sources["humaneval"] == HUMANEVAL - round(demo.DEMO_EVAL_SHARE["humaneval"] * HUMANEVAL)
     assert sum(chat.values()) == CHAT_DISTINCT_PAIRS
     assert {"chat-ai", "chat-science", "chat-sports", "chat-trivia"} <= set(chat)
     # tech_support.yml repeats 10 distinct pairs 1,050 times; duplicates are dropped.
@@ -78,12 +78,27 @@ def test_build_is_deterministic_and_seed_dependent(built: demo.DemoData, tmp_pat
     assert other.sources == built.sources
 
 
+def built_humaneval(total: int) -> int:
+    return total - round(demo.DEMO_EVAL_SHARE["humaneval"] * total)
+
+
+@needs_assets
+def test_eval_files_hold_each_domain_source_outside_the_corpus(built: demo.DemoData, corpus: list[dict]) -> None:
+    in_corpus = {r["id"] for r in corpus}
+    texts = {(r["instruction"], r["output"]) for r in corpus}
+    for domain, source in demo.DEMO_DOMAINS.items():
+        items = [json.loads(line) for line in built.evals[domain].read_text().splitlines()]
+        assert 0 < len(items) <= demo.DEMO_EVAL_ITEMS and {r["source"] for r in items} == {source}
+        assert not {r["id"] for r in items} & in_corpus and not {(r["instruction"], r["output"]) for r in items} & texts
+    assert len([1 for _ in built.evals["math"].read_text().splitlines()]) == demo.DEMO_EVAL_ITEMS  # 1319 - 400 left
+
+
 @needs_assets
 def test_caps_apply_per_source_and_leave_other_samples_alone(tmp_path: Path) -> None:
     small = build_demo_corpus(tmp_path / "a", per_source_cap={"gsm8k": 5, "chat": 3, "gpqa": 0})
     assert small.sources["gsm8k"] == 5
     assert "gpqa" not in small.sources
-    assert small.sources["humaneval"] == HUMANEVAL
+    assert small.sources["humaneval"] == built_humaneval(HUMANEVAL)
     assert small.sources["chat-health"] == 1
     assert all(n <= 3 for s, n in small.sources.items() if s.startswith("chat-"))
     override = build_demo_corpus(tmp_path / "b", per_source_cap={"gsm8k": 5, "chat": 3, "chat-ai": 7})

@@ -1,0 +1,280 @@
+"""lm-evaluation-harness tasks on an in-memory model: the ecosystem's numbers, with our own bootstrap CIs.
+
+`harness_metrics` wraps the model the evaluate stage already loaded in lm-eval's `HFLM` (no re-load),
+runs each task through `lm_eval.simple_evaluate` with lm-eval's per-sample log (`log_samples=True`),
+and returns, per task and metric, lm-eval's value and stderr beside `n` and a seeded 95 % percentile
+bootstrap CI that we compute from the per-sample values. Tasks come from a directory of task YAMLs
+(`evaluate.lm_eval_include`) over local data files, so nothing is fetched from a hub; without one,
+lm-eval's stock tasks are visible (they need the hub or a filled HF datasets cache).
+
+lm_eval is imported inside the functions: importing it costs seconds, and runs that set no
+`evaluate.lm_eval_tasks` never pay for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from finescope_core.config import EvalConfig
+from finescope_core.evaluate.errors import EvalError
+from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, model_device
+from finescope_core.progress import Progress, no_progress
+
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples of our percentile bootstrap (lm-eval's own stderr uses its `bootstrap_iters` separately)."""
+CI_LEVEL = 0.95
+_LM_EVAL_BOOTSTRAP_ITERS = 1000
+"""lm-eval's bootstrap for the stderr of non-mean aggregations (its default, 100000, takes minutes)."""
+
+
+def harness_limit(cfg: EvalConfig) -> int:
+    """Examples per task: `evaluate.lm_eval_limit`, or `evaluate.max_examples` when it is None."""
+    return cfg.lm_eval_limit if cfg.lm_eval_limit is not None else cfg.max_examples
+
+
+def _task_manager(include: str | None) -> Any:
+    """lm-eval's task index: only the YAMLs under `include`, or lm-eval's stock tasks without it."""
+    from lm_eval.tasks import TaskManager
+
+    if include is None:
+        return TaskManager()
+    return TaskManager(include_path=str(include), include_defaults=False)
+
+
+def check_harness_config(cfg: EvalConfig) -> Any:
+    """Refuse a bad lm-eval setup before any model work: a missing include directory, an unknown task.
+
+    Returns:
+        The lm-eval `TaskManager` that resolves the tasks (None when `lm_eval_tasks` is empty).
+
+    Raises:
+        EvalError: naming `evaluate.lm_eval_include` / `evaluate.lm_eval_tasks` and the fix.
+    """
+    if not cfg.lm_eval_tasks:
+        return None
+    include = cfg.lm_eval_include
+    if include is not None:
+        if "://" in include:
+            raise EvalError(
+                f"evaluate.lm_eval_include: {include!r} is a URI; lm-eval reads task YAMLs from a local "
+                "directory, so copy them to one and name it"
+            )
+        if not Path(include).is_dir():
+            raise EvalError(
+                f"evaluate.lm_eval_include: {include} is not a directory; point it at the directory that "
+                "holds your lm-eval task YAMLs (relative paths resolve against the config file), or leave "
+                "it out to use lm-eval's stock tasks"
+            )
+    manager = _task_manager(include)
+    known = set(manager.all_tasks)
+    unknown = [name for name in cfg.lm_eval_tasks if name not in known]
+    if unknown:
+        where = f"in {include}" if include is not None else "among lm-eval's stock tasks"
+        hint = sorted(known)[:10] if include is not None else "run `lm_eval ls tasks`"
+        raise EvalError(
+            f"evaluate.lm_eval_tasks: {unknown} not found {where}; use the `task:` names of the YAMLs "
+            f"(found: {hint}), or set evaluate.lm_eval_include to the directory that defines them"
+        )
+    return manager
+
+
+def _yaml_data_files(doc: Any) -> list[str]:
+    """Local paths named by a task YAML's `dataset_kwargs.data_files` (a string, list or split mapping)."""
+    if not isinstance(doc, dict):
+        return []
+    kwargs = doc.get("dataset_kwargs")
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    values = list(files.values()) if isinstance(files, dict) else [files]
+    out: list[str] = []
+    for value in values:
+        out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return out
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """Reads lm-eval YAMLs, whose `!function` tags a plain safe loader refuses, without running them."""
+
+
+_LenientLoader.add_multi_constructor("!", lambda loader, suffix, node: None)  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+
+
+def harness_include_sha(include: str | None) -> str | None:
+    """Content hash of the include directory: every file under it, plus local data files its YAMLs name
+    outside it (so an edited task YAML or data file never serves a stale evaluation).
+
+    Returns:
+        A sha256 hex digest, or None without an include directory.
+    """
+    if include is None:
+        return None
+    root = Path(include)
+    if not root.is_dir():
+        return hashlib.sha256(f"missing:{include}".encode()).hexdigest()
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    extra: set[Path] = set()
+    for path in files:
+        h.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        data = path.read_bytes()
+        h.update(hashlib.sha256(data).digest())
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                doc = yaml.load(data, Loader=_LenientLoader)  # noqa: S506  # a SafeLoader subclass
+            except yaml.YAMLError:
+                continue
+            for name in _yaml_data_files(doc):
+                p = Path(name) if Path(name).is_absolute() else path.parent / name
+                if p.is_file() and root.resolve() not in p.resolve().parents:
+                    extra.add(p.resolve())
+    for path in sorted(extra):
+        h.update(f"{path}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def bootstrap_ci(values: Sequence[float], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES,
+                 level: float = CI_LEVEL) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap CI of the mean of per-sample values, seeded.
+
+    The interval is widened, if need be, to contain the sample mean itself (a percentile interval can
+    miss it by a rounding hair when nearly all resamples agree).
+
+    Raises:
+        EvalError: no values.
+    """
+    if not values:
+        raise EvalError("no per-sample values to bootstrap")
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    tail = (1 - level) / 2
+    lo, hi = (float(q) for q in np.quantile(means, [tail, 1 - tail]))
+    mean = float(x.mean())
+    return min(lo, mean), max(hi, mean)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a per-sample metric value (bools and numpy scalars included), else None."""
+    if isinstance(value, bool | np.bool_):
+        return float(value)
+    if isinstance(value, int | float | np.integer | np.floating):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    return None
+
+
+def task_metrics(task: str, results: dict[str, Any], *, seed: int) -> dict[str, dict[str, Any]]:
+    """One task's metrics from `simple_evaluate`'s output: value, stderr, n and our bootstrap CI.
+
+    A metric under lm-eval's filter `none` keeps its name (`acc`); under another filter it is
+    `<metric>,<filter>` as lm-eval writes it (`exact_match,strict-match`). Only metrics whose
+    per-sample values are numbers (mean-type metrics: acc, acc_norm, exact_match...) are returned.
+
+    Returns:
+        {metric: {"value": float, "ci": [lo, hi], "n": int, "stderr": float | None}}.
+    """
+    summary = results["results"][task]
+    by_filter: dict[str, list[dict[str, Any]]] = {}
+    for sample in results["samples"][task]:
+        by_filter.setdefault(str(sample.get("filter", "none")), []).append(sample)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in summary.items():
+        metric, sep, filt = key.partition(",")
+        if not sep or metric.endswith("_stderr") or filt not in by_filter:
+            continue
+        point = _number(value)
+        per_sample = [_number(s.get(metric)) for s in by_filter[filt]]
+        if point is None or not per_sample or any(v is None for v in per_sample):
+            continue
+        values = [v for v in per_sample if v is not None]
+        stderr = _number(summary.get(f"{metric}_stderr,{filt}"))
+        lo, hi = bootstrap_ci(values, seed=seed)
+        # lm-eval's value is its aggregation (the mean here); the CI is widened to contain it exactly.
+        name = metric if filt == "none" else key
+        out[name] = {"value": point, "ci": [min(lo, point), max(hi, point)], "n": len(values), "stderr": stderr}
+    return out
+
+
+def run_harness(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> dict[str, dict[str, Any]]:
+    """Run `cfg.lm_eval_tasks` with lm-evaluation-harness on an in-memory model and tokenizer.
+
+    The model is wrapped in lm-eval's `HFLM` as it is (no copy, no re-load). Each task is cut to
+    `harness_limit(cfg)` examples and run zero-shot with every lm-eval seed set to `seed`, one
+    `simple_evaluate` call per task; `progress(done, total, metric="lm_eval", task=name)` is called
+    after each task (lm-eval offers its Python API no per-batch hook).
+
+    Returns:
+        task -> lm-eval's output for it (`results`, `configs`, and `samples`: the per-sample log).
+
+    Raises:
+        EvalError: a bad include directory or unknown task (`check_harness_config`), or a name that
+            lm-eval returns no results for (a group of tasks: name its tasks instead).
+    """
+    manager = check_harness_config(cfg)
+    if manager is None:
+        return {}
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
+    out: dict[str, dict[str, Any]] = {}
+    tasks = list(cfg.lm_eval_tasks)
+    for i, name in enumerate(tasks):
+        results = simple_evaluate(
+            model=lm, tasks=[name], task_manager=manager, limit=harness_limit(cfg), log_samples=True,
+            bootstrap_iters=_LM_EVAL_BOOTSTRAP_ITERS, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING",
+        )  # fmt: skip
+        if results is None or name not in results.get("results", {}) or name not in results.get("samples", {}):
+            raise EvalError(
+                f"evaluate.lm_eval_tasks: lm-eval returned no results for {name!r}; if it is a group, "
+                "name its tasks instead"
+            )
+        out[name] = results
+        progress(i + 1, len(tasks), metric="lm_eval", task=name)
+    return out
+
+
+def harness_metrics(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`run_harness`, reduced to each task's metrics with n and our bootstrap CI (`task_metrics`).
+
+    Returns:
+        {task: {metric: {"value", "ci": [lo, hi], "n", "stderr"}}}; {} when `cfg.lm_eval_tasks` is empty.
+
+    Raises:
+        EvalError: as `run_harness`, or a task that yields no metric with per-sample numbers.
+    """
+    runs = run_harness(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, results in runs.items():
+        out[name] = task_metrics(name, results, seed=seed)
+        if not out[name]:
+            raise EvalError(
+                f"evaluate.lm_eval_tasks: task {name!r} has no metric with per-sample numbers (acc, "
+                "exact_match, ...) to report"
+            )
+    return out
