@@ -312,20 +312,6 @@ def check_sizes(usable: int, *, needed: int, what: str) -> None:
     """Refuse a corpus with fewer usable records than a stage asks for."""
     if usable < needed:
         raise DataError(
-            f"the corpus has {usable} usable records (after removing duplicates and copies of seeds) but "
+            f"the corpus has {usable} usable records (after removing duplicates, copies of seeds and records held out for evaluation) but "
             f"{what} asks for {needed}; lower {what} or add corpus records"
         )
-
-
-def heldout_split(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split records into (train, held-out) by a seeded hash of their id.
-
-    A record's side depends only on its id and the seed, so the split is stable when the curated set
-    grows or is re-ordered, and pruning, tuning and evaluation all agree on it.
-    """
-    train: list[dict[str, Any]] = []
-    held: list[dict[str, Any]] = []
-    for row in rows:
-        digest = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
-        (held if int.from_bytes(digest[:8], "big") / 2**64 < fraction else train).append(row)
-    return train, held

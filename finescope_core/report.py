@@ -254,15 +254,25 @@ def plot_eval(metrics: Mapping[str, Any], out: str | Path) -> Path:
     keys = [k for k in ACCURACY_LABELS if any(k in models[n] for n in names)]
     fig = _new_figure(10.0 if keys else 6.0, 4.0)
     ax = fig.add_subplot(1, 2 if keys else 1, 1)
-    bars = ax.bar(names, _zeros_for_nan(ppl), color="tab:orange")
+    bars = ax.bar(names, _zeros_for_nan(ppl), color="tab:orange", yerr=_error_bars(models, names, ppl), capsize=3)
     _bar_labels(ax, bars, ppl, ".2f")
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel("domain perplexity, raw text (lower is better; bars: 95 % interval)")
     ax.tick_params(axis="x", labelrotation=20)
     ax.margins(y=0.15)
     if keys:
         _accuracy_panel(fig.add_subplot(1, 2, 2), models, names, keys)
     fig.suptitle(title)
     return _save(fig, out)
+
+
+def _error_bars(models: Mapping[str, Any], names: list[str], values: list[float]) -> np.ndarray | None:
+    """[2, n] distances from each value to its interval's ends (perplexity `ci`), or None without intervals."""
+    cis = [(models[n].get("ci") or {}).get("perplexity") for n in names]
+    if not any(cis):
+        return None
+    low = [v - _number(c["low"]) if c and math.isfinite(v) else 0.0 for v, c in zip(values, cis, strict=True)]
+    high = [_number(c["high"]) - v if c and math.isfinite(v) else 0.0 for v, c in zip(values, cis, strict=True)]
+    return np.asarray(np.maximum(np.array([low, high]), 0.0))
 
 
 def _number(value: Any) -> float:
@@ -281,6 +291,57 @@ def _accuracy_panel(ax: Axes, models: Mapping[str, Any], names: list[str], keys:
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("accuracy (higher is better)")
     ax.legend(fontsize=8)
+
+
+# ------------------------------------------------------------------------------ intervals table
+
+METRIC_LABELS = {
+    "chat_perplexity": "domain perplexity (chat, response tokens)",
+    "perplexity": "domain perplexity (raw text)",
+    "general_perplexity": "general perplexity (raw text)",
+    **ACCURACY_LABELS,
+}
+"""The metrics with intervals, in table order, and their column names."""
+LOWER_IS_BETTER = {"chat_perplexity", "perplexity", "general_perplexity"}
+
+
+def interval_cell(ci: Mapping[str, Any] | None) -> str:
+    """`value [low, high] (n=N)` of one metric's interval, or "" when it was not measured."""
+    if not ci:
+        return ""
+    return f"{ci['value']:.4g} [{ci['low']:.4g}, {ci['high']:.4g}] (n={ci['n']})"
+
+
+def metric_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model: parameters and, per metric measured for any model, `value [low, high] (n=N)`."""
+    keys = [k for k in METRIC_LABELS if any(k in m.get("ci", {}) for m in models.values())]
+    return [
+        {"model": name, "parameters": m.get("parameters"),
+         **{METRIC_LABELS[k]: interval_cell(m.get("ci", {}).get(k)) for k in keys}}
+        for name, m in models.items()
+    ]  # fmt: skip
+
+
+def comparisons(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Whether the 95 % intervals overlap, per metric: tuned vs base, tuned vs pruned, each baseline's
+    tuned (and pruned) model vs the main tuned model. Overlapping intervals: no clear difference at this n."""
+    pairs = [("tuned", "base"), ("tuned", "pruned")]
+    pairs += [(name, "tuned") for name in models if name.startswith(("tuned-", "pruned-"))]
+    lines = []
+    for a, b in pairs:
+        if a not in models or b not in models:
+            continue
+        for key in METRIC_LABELS:
+            ca, cb = models[a].get("ci", {}).get(key), models[b].get("ci", {}).get(key)
+            if not ca or not cb:
+                continue
+            if ca["low"] <= cb["high"] and cb["low"] <= ca["high"]:
+                verdict = "intervals overlap: no clear difference"
+            else:
+                better = (ca["value"] < cb["value"]) == (key in LOWER_IS_BETTER)
+                verdict = f"intervals do not overlap: {a} is {'better' if better else 'worse'}"
+            lines.append(f"- {a} vs {b}, {METRIC_LABELS[key]}: {interval_cell(ca)} vs {interval_cell(cb)}; {verdict}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- markdown
@@ -320,6 +381,37 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     ]
     lines.extend("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows)
     return "\n".join(lines)
+
+
+def harness_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """lm-evaluation-harness results as rows task × metric, one column per model: `value [lo, hi]`.
+
+    Args:
+        models: metrics.json's `models`; a model's `lm_eval` is `{task: {metric: {value, ci, n, ...}}}`.
+
+    Returns:
+        `{"task", "metric", "n", <model>: "0.412 [0.331, 0.494]", ...}` per task and metric, in the order
+        first seen; empty when no model has lm-eval results. `n` is the first model's (all share the limit).
+    """
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, m in models.items():
+        for task, metrics in (m.get("lm_eval") or {}).items():
+            for metric, r in metrics.items():
+                row = rows.setdefault((task, metric), {"task": task, "metric": metric, "n": r["n"]})
+                row[name] = f"{r['value']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+    return list(rows.values())
+
+
+def harness_table(models: Mapping[str, Mapping[str, Any]]) -> str:
+    """`harness_rows` as a markdown table (task × model, with 95 % bootstrap CIs); "" without results."""
+    rows = harness_rows(models)
+    if not rows:
+        return ""
+    columns = ["task", "metric", "n", *[name for name in models if any(name in row for row in rows)]]
+    return markdown_table(rows, columns) + (
+        "\n\nValue [95 % CI]: lm-eval's value; the interval is a seeded percentile bootstrap over its "
+        "per-sample results. `metrics.json` also holds lm-eval's own stderr."
+    )
 
 
 def example_records_table(

@@ -62,9 +62,58 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.Re
     if weights is not None:
         sections.append(weights)
     sections.append(_parameters_section(inputs.metrics, inputs.prune_info, work))
-    table = [{"model": name, **{k: v for k, v in m.items() if k != "n"}} for name, m in inputs.metrics["models"].items()]
-    sections.append(rep.ReportSection("Evaluation", rep.markdown_table(table), [rep.plot_eval(inputs.metrics, work / "evaluation.png")]))
+    sections.append(rep.ReportSection("Evaluation", evaluation_body(inputs.metrics),
+                                      [rep.plot_eval(inputs.metrics, work / "evaluation.png")]))  # fmt: skip
+    sections += _harness_section(inputs.metrics)
     return sections
+
+
+def evaluation_body(metrics: Mapping[str, Any]) -> str:
+    """The model x metric table (value [95 % interval] (n)), how the eval sets were made, and the comparisons."""
+    models = metrics["models"]
+    parts = [
+        "Every model is scored on the same items. Each cell is the value with its bootstrap 95 % interval "
+        "(items resampled, seeded) and n.",
+        rep.markdown_table(rep.metric_rows(models)),
+    ]
+    info = metrics.get("evaluation")
+    if info:
+        parts.append(_eval_sets_text(info))
+    lines = rep.comparisons(models)
+    if lines:
+        parts.append("Comparisons (overlapping intervals: the difference is not clear at this n):\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _eval_sets_text(info: Mapping[str, Any]) -> str:
+    lines = []
+    for name in ("domain", "general"):
+        d = info.get(name) or {}
+        if d:
+            lines.append(
+                f"- {name} items: {d.get('rule', '?')} ({d.get('source', '?')}); {d.get('kept', '?')} kept of "
+                f"{d.get('checked', '?')}, dropped as contaminated: {d.get('dropped_ngram', 0)} by 13-gram overlap, "
+                f"{d.get('dropped_near_duplicate', 0)} as near duplicates"
+            )
+    split = info.get("split") or {}
+    if split:
+        lines.append(
+            f"- evaluation split: {split.get('records', 0)} corpus records (share {split.get('fraction')}), kept out of "
+            f"curation, pruning, teacher, tuning and baselines; within it {split.get('exact', 0)} exact and "
+            f"{split.get('near', 0)} near duplicates"
+        )
+    if info.get("eval_file_duplicates_removed_from_pool"):
+        lines.append(f"- corpus records removed from the curation pool as duplicates of eval-file items: "
+                     f"{info['eval_file_duplicates_removed_from_pool']}")  # fmt: skip
+    if info.get("contamination_rule"):
+        lines.append(f"- contamination check: {info['contamination_rule']}")
+    return "\n".join(lines)
+
+
+def _harness_section(metrics: Mapping[str, Any]) -> list[rep.ReportSection]:
+    """The lm-evaluation-harness table (task × model, with CIs), when the run ran lm-eval tasks."""
+    table = rep.harness_table(metrics["models"])
+    return [rep.ReportSection("lm-evaluation-harness", table)] if table else []
 
 
 def _curated_section(curated_dir: Path, work: Path) -> rep.ReportSection:

@@ -102,7 +102,9 @@ def _run_flow(command: str, cfg: FinescopeConfig) -> None:
 
         result = specialize_flow(cfg)
         for name, m in result.metrics["models"].items():
-            print(f"{name:>16}: perplexity {m['perplexity']:.2f}, parameters {m['parameters']:,}")
+            ci = m["ci"]["perplexity"]
+            print(f"{name:>16}: perplexity {m['perplexity']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] (n={ci['n']}), "
+                  f"parameters {m['parameters']:,}")  # fmt: skip
         print(f"report, models and data in {_where(result.exported)}")
 
 

@@ -8,11 +8,12 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import check_curation_fits, hooked_layers
-from finescope_core.data import PreparedCorpus, RecordSet, shown_text
+from finescope_core.data import PreparedCorpus, RecordSet, check_sizes, shown_text
+from finescope_core.evaluate.split import Holdout
 from finescope_core.io import read_jsonl
 from finescope_core.model import model_config
 from flows.fanout import embed, train_saes
@@ -23,7 +24,9 @@ from flows.runtime import (
 )
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import data_task, inputs_task, model_task
+from tasks.evalset import holdout
 from tasks.export import Exported, curated_outputs, export_task, run_facts
+from tasks.prune import training_pool
 from tasks.retrieve import retrieve_task
 from tasks.saliency import saliency_task
 
@@ -39,12 +42,15 @@ class CurateResult(BaseModel):
     seed_activations: StageManifest | None = None
     sae: StageManifest | None = None
     curated: StageManifest
+    held_out: Holdout = Field(default_factory=Holdout)
+    """Corpus ids kept out of curation (and all training data) for evaluation."""
     exported: Exported | None = None
     """Where the outputs went (None when a parent flow exports them)."""
 
     def manifests(self) -> dict[str, Any]:
         """Every stage's manifest by name, for run.json."""
-        return {k: v for k, v in self.model_dump().items() if k not in ("layers", "exported") and v is not None}
+        skip = ("layers", "exported", "held_out")
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
     def stages(self) -> list[StageManifest]:
         """The stages this run used, in pipeline order."""
@@ -58,13 +64,15 @@ def model_shape(cfg: FinescopeConfig) -> tuple[int, int]:
     return hf.num_hidden_layers, hf.hidden_size
 
 
-def preflight(cfg: FinescopeConfig) -> tuple[list[int], tuple[RecordSet, PreparedCorpus]]:
-    """Everything that can be checked before work starts: model, layer settings, input data, store access.
+def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int], tuple[RecordSet, PreparedCorpus], Holdout]:
+    """Everything that can be checked before work starts: model, layer settings, input data, evaluation
+    files and split, store access.
 
     The store is touched last, so bad input leaves nothing behind in it (not even a probe).
 
     Returns:
-        The layers to hook (empty for methods without a model) and the validated (seeds, corpus).
+        The layers to hook (empty for methods without a model), the validated (seeds, corpus) and the
+        records held out of curation for evaluation.
     """
     layers: list[int] = []
     if cfg.curate.method in ("sae", "activation"):
@@ -73,22 +81,27 @@ def preflight(cfg: FinescopeConfig) -> tuple[list[int], tuple[RecordSet, Prepare
         check_curation_fits(cfg.curate, hidden)
     check_runner(cfg)
     inputs = inputs_task(cfg)
+    seeds, prepared = inputs
+    held = holdout(cfg, seeds, prepared.corpus, evaluating=evaluating)
+    usable = len(training_pool(prepared.corpus.records, seeds.records, held.excluded))
+    check_sizes(usable, needed=cfg.curate.final_size, what="curate.final_size")
     open_store(cfg).check_writable()
     apply_gpu_limit(cfg)
-    return layers, inputs
+    return layers, inputs, held
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(config: FinescopeConfig, export: bool = True) -> CurateResult:
+def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool = False) -> CurateResult:
     """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store).
 
     With `export` (off when a parent flow exports), the curated set goes to the run's output location
-    as a dataset directory (data, dataset card, run.json).
+    as a dataset directory (data, dataset card, run.json). The evaluation split is kept out of the
+    curated set either way; `evaluating` (the specialize flow) also requires it to hold items.
     """
     start = time.perf_counter()
-    layers, inputs = preflight(config)
+    layers, inputs, held = preflight(config, evaluating)
     with prefect_results(config):
-        result = _curate(config, layers, inputs)
+        result = _curate(config, layers, inputs, held)
         publish(config, result)
         if export:
             facts = run_facts(config, result.curated)
@@ -97,7 +110,9 @@ def curate_flow(config: FinescopeConfig, export: bool = True) -> CurateResult:
     return result
 
 
-def _curate(config: FinescopeConfig, layers: list[int], inputs: tuple[RecordSet, PreparedCorpus]) -> CurateResult:
+def _curate(
+    config: FinescopeConfig, layers: list[int], inputs: tuple[RecordSet, PreparedCorpus], held: Holdout
+) -> CurateResult:
     # quote: the records are data, not futures; Prefect need not walk every one of them.
     corpus, seeds = data_task(config, quote(inputs))
     method = config.curate.method
@@ -110,10 +125,12 @@ def _curate(config: FinescopeConfig, layers: list[int], inputs: tuple[RecordSet,
         acts, seed_acts = embed(config, ref, [corpus, seeds], layers, sal)
         if method == "sae":
             sae = train_saes(config, acts, sal, layers)
-    curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae)
+    curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held))
+    logger().info("held out of curation for evaluation: %d split records, %d eval-file duplicates",
+                  len(held.split), len(held.file_duplicates))  # fmt: skip
     return CurateResult(
         layers=layers, corpus=corpus, seeds=seeds, saliency=sal, activations=acts, seed_activations=seed_acts,
-        sae=sae, curated=curated,
+        sae=sae, curated=curated, held_out=held,
     )
 
 

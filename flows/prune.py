@@ -71,7 +71,10 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
 
 def _prune(config: FinescopeConfig) -> PruneResult:
     curated = curate_flow(config, export=False) if config.prune.data in ("curated", "random") else None
-    texts = pruning_texts(config, curated.corpus if curated else None, curated.curated if curated else None)
+    texts = pruning_texts(
+        config, curated.corpus if curated else None, curated.curated if curated else None,
+        seeds=curated.seeds if curated else None, excluded=curated.held_out.excluded if curated else (),
+    )
     pruned = prune_task(config, model_task(config), texts, texts_sha(texts))
     info = pruned.info
     rows = [

@@ -11,21 +11,24 @@ from pydantic import BaseModel
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
-from finescope_core.report import embed_images
+from finescope_core.evaluate import check_harness_config
+from finescope_core.report import embed_images, harness_rows, metric_rows
 from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
-from tasks.data import load_data, model_task
-from tasks.evaluate import eval_inputs, evaluate_task
+from tasks.data import load_data, model_task, read_inputs
+from tasks.evalset import candidate_items, decontaminate, eval_files, holdout, training_texts
+from tasks.evaluate import evaluate_task
 from tasks.export import Exported, export_task, specialize_outputs
 from tasks.finetune import finetune_task
 from tasks.prune import (
     baseline_records,
-    curated_split,
+    curated_records,
     prune_task,
     pruning_texts,
     texts_sha,
+    training_pool,
 )
 from tasks.report import CURATE_SECONDS, metrics_document, report_task, stage_seconds
 from tasks.teacher import teacher_ref, teacher_task
@@ -75,7 +78,10 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     """
     start = time.perf_counter()
     check_ratio(config)
-    eval_inputs(config, [])  # bad eval files fail here, before any work
+    check_harness_config(config.evaluate)  # a missing lm-eval include dir or an unknown task name: refused first
+    # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
+    seeds, prepared = read_inputs(config)
+    holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)
     with prefect_results(config):
         result = _specialize(config)
         main = result.variants[""]
@@ -86,31 +92,44 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
 
 
 def _specialize(config: FinescopeConfig) -> SpecializeResult:
-    curated = curate_flow(config, export=False)
-    train_rows, held_rows = curated_split(config, curated.curated)
-    corpus = load_data(config, curated.corpus)
-    by_id = {r.id: r for r in corpus.records}
-    train = [by_id[r["id"]] for r in train_rows]
-    held_texts = [by_id[r["id"]].text for r in held_rows]
-    logger().info("curated set: %d records for pruning/tuning, %d held out for evaluation", len(train), len(held_texts))
+    curated = curate_flow(config, export=False, evaluating=True)
+    held = curated.held_out
+    corpus, seeds = load_data(config, curated.corpus), load_data(config, curated.seeds)
+    train = curated_records(config, curated.corpus, curated.curated)
+    logger().info("curated set: %d records for pruning/tuning; %d corpus records held out for evaluation",
+                  len(train), len(held.excluded))  # fmt: skip
     base = model_task(config)
-    variants = {"": _variant(config, base, pruning_texts(config, curated.corpus, curated.curated), train, "curated")}
+    main_texts = pruning_texts(config, curated.corpus, curated.curated, seeds=curated.seeds, excluded=held.excluded)
+    variants = {"": _variant(config, base, main_texts, train, "curated")}
+    training = {"": (train, main_texts)}
+    pool = training_pool(corpus.records, seeds.records, held.excluded)
     for name in config.evaluate.baselines:
-        records = baseline_records(name, corpus.records, {r["id"] for r in held_rows}, len(train), config.seed)
-        variants[name] = _variant(config, base, [r.text for r in records], records, name)
+        records = baseline_records(name, pool, len(train), config.seed)
+        texts = [r.text for r in records]
+        variants[name] = _variant(config, base, texts, records, name)
+        training[name] = (records, texts)
 
+    files = eval_files(config)
+    domain, general, info = candidate_items(config, seeds, corpus, held, files)
+    learned = [t for name, v in variants.items() for t in training_texts(config, *training[name], v.distilled)]
+    data = decontaminate(domain, general, learned, info, files)
+    logger().info("evaluation: %d domain items (%d dropped as contaminated), %d general items",
+                  len(data.domain), data.info["domain"]["dropped_ngram"] + data.info["domain"]["dropped_near_duplicate"],
+                  len(data.general))  # fmt: skip
+    payload = data.payload()
     store = open_store(config)
-    evaluations = {"base": evaluate_task(config, "base", base.path, base.sha256, held_texts)}
+    evaluations = {"base": evaluate_task(config, "base", base.path, base.sha256, payload)}
     for name, v in variants.items():
         suffix = f"-{name}" if name else ""
         evaluations[f"pruned{suffix}"] = evaluate_task(
-            config, f"pruned{suffix}", str(artifact_dir(store, v.pruned) / "model"), v.pruned.sha256, held_texts
+            config, f"pruned{suffix}", str(artifact_dir(store, v.pruned) / "model"), v.pruned.sha256, payload
         )
         evaluations[f"tuned{suffix}"] = evaluate_task(
-            config, f"tuned{suffix}", str(artifact_dir(store, v.tuned) / "merged"), v.tuned.sha256, held_texts
+            config, f"tuned{suffix}", str(artifact_dir(store, v.tuned) / "merged"), v.tuned.sha256, payload
         )
     seconds = _stage_seconds(curated, variants, evaluations)
-    metrics = metrics_document(evaluations, seconds, {name: v.distilled for name, v in variants.items()})
+    metrics = metrics_document(evaluations, seconds, evaluation=data.info,
+                               distilled={name: v.distilled for name, v in variants.items()})
     report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
     return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)
@@ -122,11 +141,21 @@ def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluati
 
 
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:
-    rows = [{"model": name, **{k: v for k, v in m.items() if k != "n"}} for name, m in metrics["models"].items()]
-    create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"), description="base / pruned / tuned")
+    rows = metric_rows(metrics["models"])
+    create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"),
+                          description="every model x metric: value [95 % bootstrap interval] (n)")  # fmt: skip
+    _publish_harness(cfg, metrics)
     create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
                           key=artifact_key("specialize", cfg, "stage-seconds"))  # fmt: skip
     report_dir = artifact_dir(open_store(cfg), report)
     # The UI has no directory to resolve the plots' relative links against: they travel inline.
     body = embed_images((report_dir / "report.md").read_text(encoding="utf-8"), report_dir)
     create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"), description="finescope report")
+
+
+def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
+    """The lm-evaluation-harness results as a table artifact (task × model, value [95 % CI]), when run."""
+    rows = harness_rows(metrics["models"])
+    if rows:
+        create_table_artifact(rows, key=artifact_key("specialize", cfg, "lm-eval"),
+                              description="lm-evaluation-harness: value [95 % bootstrap CI] per task and model")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Task of the `evaluation` stage: perplexity (+ MC accuracy, numeric exact match) of one model."""
+"""Task of the `evaluation` stage: every metric of one model, with bootstrap intervals (+ lm-eval tasks)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,7 @@ from typing import Any
 from prefect import task
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.data import (
-    load_records,
-)
-from finescope_core.evaluate import (
-    evaluate_model,
-    load_mc_items,
-    load_numeric_items,
-)
+from finescope_core.evaluate import check_harness_config, evaluate_model, harness_include_sha, harness_metrics
 from finescope_core.model import load_model
 from tasks.common import (
     GPU_TAGS,
@@ -29,53 +22,61 @@ from tasks.common import (
     StageManifest,
     open_store,
     run_cached,
-    storage_options,
 )
 
 
-def eval_inputs(cfg: FinescopeConfig, heldout_texts: list[str]) -> tuple[list[str], list[dict] | None, list[dict] | None]:
-    """Domain texts (a user file, or the held-out curated records) and the optional MC / numeric sets."""
-    options = storage_options(cfg)
-    ev = cfg.evaluate
-    texts = load_records([ev.eval_file], role="evaluate.eval_file", storage_options=options).texts if ev.eval_file else heldout_texts
-    mc = load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None
-    numeric = load_numeric_items(ev.numeric_file, storage_options=options) if ev.numeric_file else None
-    return texts, mc, numeric
-
-
 class EvaluationKey(ModelStageKey):
-    """`evaluation`: the scoring settings, on a model and the evaluation data (`eval_inputs`, by content).
+    """`evaluation`: the scoring settings, on a model and the evaluation data (`EvalData.payload`, by content).
 
-    `evaluate.eval_file`, `mc_file`, `numeric_file` and `heldout_fraction` reach it through that data.
+    The evaluation files, the split settings and the item counts reach it through that data.
+    `evaluate.lm_eval_include` reaches it through the content hash of its task YAMLs and data (input `lm_eval`).
     """
 
     STAGE = "evaluation"
-    VERSION = "1"
+    VERSION = "2"
     CONFIG = {"max_length": "evaluate.max_length", "max_new_tokens": "evaluate.max_new_tokens",
-              "max_examples": "evaluate.max_examples"}  # fmt: skip
+              "max_examples": "evaluate.max_examples", "bootstrap_resamples": "evaluate.bootstrap_resamples",
+              "seed": "seed", "lm_eval_tasks": "evaluate.lm_eval_tasks", "lm_eval_limit": "evaluate.lm_eval_limit"}  # fmt: skip
 
     max_length: int
     max_new_tokens: int
     max_examples: int
+    bootstrap_resamples: int
+    seed: int
+    lm_eval_tasks: list[str]
+    lm_eval_limit: int | None
 
 
-def evaluation_key(cfg: FinescopeConfig, model_sha: str, data: tuple[list[str], list[dict] | None, list[dict] | None]) -> StageKey:
-    data_sha = hashlib.sha256(json.dumps(list(data), default=str).encode()).hexdigest()
-    return EvaluationKey.of(cfg, {"model": model_sha, "data": data_sha}).spec()
+def evaluation_key(cfg: FinescopeConfig, model_sha: str, data: dict[str, Any]) -> StageKey:
+    data_sha = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    inputs = {"model": model_sha, "data": data_sha}
+    if cfg.evaluate.lm_eval_tasks and (include_sha := harness_include_sha(cfg.evaluate.lm_eval_include)):
+        inputs["lm_eval"] = include_sha
+    return EvaluationKey.of(cfg, inputs).spec()
+
+
+def with_harness(cfg: FinescopeConfig, model: Any, tok: Any, metrics: dict[str, Any], name: str) -> dict[str, Any]:
+    """`metrics` plus `lm_eval` (task -> metric -> value / CI / n) when `evaluate.lm_eval_tasks` is set."""
+    if cfg.evaluate.lm_eval_tasks:
+        metrics["lm_eval"] = harness_metrics(model, tok, cfg.evaluate, seed=cfg.seed, progress=Progress(f"lm-eval {name}"))
+    return metrics
 
 
 @task(name="evaluate", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
-def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, heldout_texts: list[str]) -> StageManifest:
-    """Perplexity on held-out domain text (+ MC accuracy / numeric exact match when files are given)."""
-    texts, mc, numeric = eval_inputs(cfg, heldout_texts)
+def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, data: dict[str, Any]) -> StageManifest:
+    """Domain perplexity (raw and chat-formatted), general perplexity, MC accuracy / numeric exact match
+    when given, each with a bootstrap 95 % interval; `data` is `tasks.evalset.EvalData.payload()`."""
 
     def build(work: Path) -> dict[str, Any]:
+        check_harness_config(cfg.evaluate)  # a bad lm-eval task setup fails before the model loads
         model, tok = load_model(model_path, device=cfg.device, dtype=cfg.model_dtype)
         metrics = evaluate_model(
-            model, tok, domain_texts=texts, mc_items=mc, numeric_items=numeric, cfg=cfg.evaluate,
-            progress=Progress(f"evaluate {name}"),
-        )
+            model, tok, domain_texts=data["domain"], chat_pairs=[tuple(p) for p in data["chat"]],
+            general_texts=data["general"], mc_items=data["mc"], numeric_items=data["numeric"], cfg=cfg.evaluate,
+            seed=cfg.seed, progress=Progress(f"evaluate {name}"),
+        )  # fmt: skip
+        metrics = with_harness(cfg, model, tok, metrics, name)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
-    return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, (texts, mc, numeric)), build)
+    return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, data), build)

@@ -35,10 +35,18 @@ UNKEYED: dict[str, str] = {
     "device": "where model work runs: the same results on any device, up to float rounding",
     "prune.data": "reaches the pruning key through the pruning texts' content hash",
     "teacher.model": "reaches the distilled key through the teacher's content hash",
-    "evaluate.heldout_fraction": "reaches the keys through the split: pruning texts, teacher records, evaluation data",
-    "evaluate.eval_file": "reaches the evaluation key through the evaluation data's content hash",
+    "evaluate.eval_file": "reaches the curated key through the held-out ids' hash (its duplicates leave the pool) "
+    "and the evaluation key through the evaluation data's content hash",
+    "evaluate.split_fraction": "reaches the keys through the split: the held-out ids' hash (curated), pruning "
+    "texts, teacher records, evaluation data",
+    "evaluate.split_max": "reaches the keys through the split, as evaluate.split_fraction",
+    "evaluate.domain_items": "reaches the evaluation key through the evaluation data's content hash",
+    "evaluate.general_file": "reaches the curated key through the held-out ids' hash and the evaluation key "
+    "through the evaluation data's content hash",
+    "evaluate.general_items": "reaches the evaluation key through the evaluation data's content hash",
     "evaluate.mc_file": "reaches the evaluation key through the evaluation data's content hash",
     "evaluate.numeric_file": "reaches the evaluation key through the evaluation data's content hash",
+    "evaluate.lm_eval_include": "reaches the evaluation key through its task YAMLs' and data files' content hash",
     "evaluate.baselines": "decides which variants run, not what any stage computes",
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
     "orchestration.address": "where stages run",

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import hooked_layers
-from finescope_core.data import Record
+from finescope_core.data import Record, RecordSet
+from finescope_core.evaluate.split import Holdout
 from finescope_core.model import DEFAULT_MODEL, locate_default_gguf, model_config
 from tasks.activations import (
     activations_key,
@@ -36,14 +37,16 @@ from tasks.common import (
     open_store,
 )
 from tasks.data import load_data, read_inputs, records_key
-from tasks.evaluate import eval_inputs, evaluation_key
+from tasks.evalset import EvalData, candidate_items, decontaminate, eval_files, holdout, training_texts
+from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
 from tasks.prune import (
     baseline_records,
-    curated_split,
+    curated_records,
     pruned_key,
     pruning_texts,
     texts_sha,
+    training_pool,
 )
 from tasks.report import CURATE_SECONDS, metrics_document, report_key, stage_seconds
 from tasks.retrieve import curated_key, needs_sentence, sentence_key
@@ -137,6 +140,8 @@ class _Planner:
         self.store = open_store(cfg)
         self.rows: list[PlannedStage] = []
         self._models: dict[str, Dep] = {}
+        self.held = Holdout()
+        self.eval_info: Callable[[], dict[str, Any]] = dict
 
     def _blocked(self, name: str, stage: str, deps: Sequence[Dep | None]) -> Dep | None:
         """A Dep blocked by the first missing upstream stage (and its row), or None when all are known."""
@@ -175,6 +180,7 @@ class _Planner:
         """The curate flow's stages, by CurateResult field name (None where the method skips one)."""
         cfg = self.cfg
         seeds, prepared = read_inputs(cfg)
+        self.held = holdout(cfg, seeds, prepared.corpus)  # an empty split is refused by the run, not the plan
         out: dict[str, Dep | None] = dict.fromkeys(CURATE_SECONDS)
         corpus = out["corpus"] = self.step("corpus", "corpus", [], lambda: records_key("corpus", prepared.corpus.sha256))
         seed_dep = out["seeds"] = self.step("seeds", "seeds", [], lambda: records_key("seeds", seeds.sha256))
@@ -200,7 +206,7 @@ class _Planner:
         def spec() -> StageKey:
             shas = [a.sha256 for a in acts] if acts else None
             return curated_key(cfg, corpus.sha256, seed_dep.sha256, shas, sae.sha256 if sae else None,
-                               sent.sha256 if sent else None)  # fmt: skip
+                               sent.sha256 if sent else None, self.held.sha256())  # fmt: skip
 
         out["curated"] = self.step("curated", "curated", [corpus, seed_dep, *acts, sae, sent], spec)
         return out
@@ -240,13 +246,17 @@ class _Planner:
         """The prune flow runs curate only when the pruning data comes from it."""
         cfg = self.cfg
         deps: list[Dep | None] = []
+        seeds: Dep | None = None
         if cfg.prune.data in ("curated", "random"):
             curate = self.curate()
             deps = [curate["corpus"], curate["curated"]]
+            seeds = curate["seeds"]
 
         def texts() -> list[str]:
             corpus, curated = (d.manifest if d else None for d in deps) if deps else (None, None)
-            return pruning_texts(cfg, corpus, curated)
+            if not deps:
+                return pruning_texts(cfg, None, None)
+            return pruning_texts(cfg, corpus, curated, seeds=seeds.manifest if seeds else None, excluded=self.held.excluded)
 
         base = self.model(cfg.model)
         self.step("pruned", "pruned", [base, *deps], lambda: pruned_key(cfg, base.sha256, texts_sha(texts())))
@@ -255,7 +265,7 @@ class _Planner:
         cfg = self.cfg
         curate = self.curate()
         corpus, curated = curate["corpus"], curate["curated"]
-        split = _Split(cfg, corpus, curated)
+        split = _Split(cfg, corpus, curate["seeds"], curated, self.held)
         base = self.model(cfg.model)
         teacher = base if cfg.teacher.model == "base" else self.model(cfg.teacher.model, "models (teacher)")
         prune_deps = [corpus, curated] if cfg.prune.data in ("curated", "random") else []
@@ -265,7 +275,7 @@ class _Planner:
                 name, base, teacher, [curated], lambda n=name: [r.text for r in split.baseline(n)],
                 lambda n=name: split.baseline(n), curated,
             )
-        evaluations = self.evaluations(base, variants, split, curated)
+        evaluations = self.evaluations(base, variants, split, curate)
         self.report(curate, variants, evaluations)
 
     def variant(self, name: str, base: Dep, teacher: Dep, prune_deps: list, texts: Callable[[], list[str]],
@@ -280,11 +290,13 @@ class _Planner:
                           lambda: tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256))
         return [pruned, distilled, tuned]
 
-    def evaluations(self, base: Dep, variants: dict[str, list[Dep]], split: _Split, curated: Dep | None) -> dict[str, Dep]:
+    def evaluations(self, base: Dep, variants: dict[str, list[Dep]], split: _Split, curate: dict[str, Dep | None]) -> dict[str, Dep]:
+        """The evaluation data is decontaminated against every variant's training data: known once they are."""
         cfg = self.cfg
-        # With an eval file the held-out curated records are not read: the base model's evaluation needs no curation.
-        data_deps = [] if cfg.evaluate.eval_file else [curated]
-        data = functools.cache(lambda: eval_inputs(cfg, split.held_texts()))
+        data_deps = [curate["corpus"], curate["seeds"], curate["curated"], *(v[1] for v in variants.values())]
+        full = functools.cache(lambda: split.eval_data({n: v[1] for n, v in variants.items()}))
+        self.eval_info = lambda: full().info
+        data = functools.cache(lambda: full().payload())
         models = {"base": base}
         for name, (pruned, _, tuned) in variants.items():
             suffix = f"-{name}" if name else ""
@@ -304,36 +316,42 @@ class _Planner:
             seconds = stage_seconds({f: d.manifest if d else None for f, d in curate.items()},
                                     {n: [d.manifest for d in v] for n, v in variants.items()},
                                     {n: d.manifest for n, d in evaluations.items()})
-            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds,
-                                       {n: v[1].manifest for n, v in variants.items()})
+            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds, evaluation=self.eval_info(),
+                                       distilled={n: v[1].manifest for n, v in variants.items()})  # fmt: skip
             return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
         self.step("report", "report", [*stages, *evaluations.values()], spec)
 
 
 class _Split:
-    """The curated set split as `flows.specialize` splits it, read only when a key needs it."""
+    """The training data and evaluation sets as `flows.specialize` builds them, read only when a key needs it."""
 
-    def __init__(self, cfg: FinescopeConfig, corpus: Dep | None, curated: Dep | None):
-        self.cfg, self.corpus, self.curated = cfg, corpus, curated
+    def __init__(self, cfg: FinescopeConfig, corpus: Dep | None, seeds: Dep | None, curated: Dep | None, held: Holdout):
+        self.cfg, self.corpus, self.seeds, self.curated, self.held = cfg, corpus, seeds, curated, held
 
     @functools.cached_property
-    def _parts(self) -> tuple[list[Record], list[Record], list[dict[str, Any]], list[str]]:
-        cfg = self.cfg
-        train_rows, held_rows = curated_split(cfg, self.curated.manifest)
-        records = load_data(cfg, self.corpus.manifest).records
-        by_id = {r.id: r for r in records}
-        return records, [by_id[r["id"]] for r in train_rows], held_rows, [by_id[r["id"]].text for r in held_rows]
+    def _records(self) -> tuple[RecordSet, RecordSet]:
+        return load_data(self.cfg, self.corpus.manifest), load_data(self.cfg, self.seeds.manifest)
 
     def train(self) -> list[Record]:
-        return self._parts[1]
-
-    def held_texts(self) -> list[str]:
-        return self._parts[3] if self.curated is not None and self.curated.known else []
+        return curated_records(self.cfg, self.corpus.manifest, self.curated.manifest)
 
     def pruning_texts(self) -> list[str]:
-        return pruning_texts(self.cfg, self.corpus.manifest, self.curated.manifest)
+        return pruning_texts(self.cfg, self.corpus.manifest, self.curated.manifest, seeds=self.seeds.manifest,
+                             excluded=self.held.excluded)  # fmt: skip
 
     def baseline(self, name: str) -> list[Record]:
-        records, train, held_rows, _ = self._parts
-        return baseline_records(name, records, {r["id"] for r in held_rows}, len(train), self.cfg.seed)
+        corpus, seeds = self._records
+        pool = training_pool(corpus.records, seeds.records, self.held.excluded)
+        return baseline_records(name, pool, len(self.train()), self.cfg.seed)
+
+    def eval_data(self, distilled: dict[str, Dep]) -> EvalData:
+        corpus, seeds = self._records
+        files = eval_files(self.cfg)
+        domain, general, info = candidate_items(self.cfg, seeds, corpus, self.held, files)
+        learned: list[str] = []
+        for name, dep in distilled.items():
+            records = self.train() if not name else self.baseline(name)
+            texts = self.pruning_texts() if not name else [r.text for r in records]
+            learned += training_texts(self.cfg, records, texts, dep.manifest)
+        return decontaminate(domain, general, learned, info, files)

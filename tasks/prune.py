@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.data import Record, heldout_split, load_records
+from finescope_core.data import Record, load_records, normalise_text
 from finescope_core.io import read_jsonl
 from finescope_core.model import checkpoint_dtype, load_model
 from finescope_core.prune import prune_model, save_pruned
@@ -31,24 +32,43 @@ from tasks.common import (
 from tasks.data import load_data
 
 
-def curated_split(cfg: FinescopeConfig, curated: StageManifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out) curated records; held-out ones never guide pruning or tuning."""
+def curated_records(cfg: FinescopeConfig, corpus: StageManifest, curated: StageManifest) -> list[Record]:
+    """The curated set's corpus records, best first: what pruning (`curated`) and the teacher read.
+
+    The whole set: evaluation items come from the evaluation split, which curation never sees.
+    """
     rows = read_jsonl(artifact_dir(open_store(cfg), curated) / "curated.jsonl")
-    return heldout_split(rows, cfg.evaluate.heldout_fraction, cfg.seed)
+    by_id = {r.id: r for r in load_data(cfg, corpus).records}
+    return [by_id[r["id"]] for r in rows]
 
 
-def pruning_texts(cfg: FinescopeConfig, corpus: StageManifest, curated: StageManifest | None) -> list[str]:
-    """The texts that score importance: curated train split, a random corpus sample of its size, or a file."""
+def training_pool(corpus: Sequence[Record], seeds: Sequence[Record], excluded: Collection[str]) -> list[Record]:
+    """The corpus records any training data may come from: not held out for evaluation, no seed copy."""
+    seed_texts = {normalise_text(r.text) for r in seeds}
+    skip = set(excluded)
+    return [r for r in corpus if r.id not in skip and normalise_text(r.text) not in seed_texts]
+
+
+def pruning_texts(
+    cfg: FinescopeConfig,
+    corpus: StageManifest | None,
+    curated: StageManifest | None,
+    *,
+    seeds: StageManifest | None = None,
+    excluded: Collection[str] = (),
+) -> list[str]:
+    """The texts that score importance: the curated set, a random sample of its size from the training
+    pool (`training_pool`: never the evaluation split, `excluded`, nor a seed copy), or a file."""
     choice = cfg.prune.data
     if choice in ("curated", "random"):
-        assert curated is not None, "curated data is needed for prune.data curated/random"
-        train, _ = curated_split(cfg, curated)
-        records = load_data(cfg, corpus).records
+        assert corpus is not None and curated is not None, "curated data is needed for prune.data curated/random"
+        train = curated_records(cfg, corpus, curated)
         if choice == "curated":
-            by_id = {r.id: r.text for r in records}
-            return [by_id[r["id"]] for r in train]
-        picked = random.Random(cfg.seed).sample(range(len(records)), min(len(train), len(records)))
-        return [records[i].text for i in sorted(picked)]
+            return [r.text for r in train]
+        seed_records = load_data(cfg, seeds).records if seeds is not None else []
+        pool = training_pool(load_data(cfg, corpus).records, seed_records, excluded)
+        picked = random.Random(cfg.seed).sample(range(len(pool)), min(len(train), len(pool)))
+        return [pool[i].text for i in sorted(picked)]
     return load_records([choice], role="prune.data", storage_options=storage_options(cfg)).texts
 
 
@@ -97,9 +117,9 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
     return run_cached(open_store(cfg), pruned_key(cfg, ref.sha256, texts_digest), build)
 
 
-def baseline_records(name: str, corpus: list[Record], held_ids: set[str], size: int, seed: int) -> list[Record]:
-    """`random`: a seeded corpus sample as large as the curated training set; `corpus`: the whole corpus."""
-    pool = [r for r in corpus if r.id not in held_ids]
+def baseline_records(name: str, pool: list[Record], size: int, seed: int) -> list[Record]:
+    """From the training pool (`training_pool`): `random`, a seeded sample as large as the curated set;
+    `corpus`, all of it."""
     if name == "corpus":
         return pool
     return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), min(size, len(pool))))]

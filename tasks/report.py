@@ -50,15 +50,22 @@ def stage_seconds(
 
 
 def metrics_document(
-    evaluations: dict[str, StageManifest], seconds: dict[str, float], distilled: dict[str, StageManifest] | None = None
+    evaluations: dict[str, StageManifest],
+    seconds: dict[str, float],
+    evaluation: dict[str, Any] | None = None,
+    distilled: dict[str, StageManifest] | None = None,
 ) -> dict[str, Any]:
-    """`metrics.json`: {"models": {name: metrics}, "stage_seconds": {...}}, schema-checked.
+    """`metrics.json`: {"models": {name: metrics}, "evaluation": how the eval sets were made,
+    "stage_seconds": {...}}, schema-checked.
 
     Args:
         distilled: each variant's distilled manifest by variant name ("" for the curated one); adds
             `distillation`: {variant: teacher kept / fallback counts by reason, generation budget}.
     """
-    doc: dict[str, Any] = {"models": {name: m.info for name, m in evaluations.items()}, "stage_seconds": seconds}
+    doc: dict[str, Any] = {"models": {name: m.info for name, m in evaluations.items()}}
+    if evaluation is not None:
+        doc["evaluation"] = evaluation
+    doc["stage_seconds"] = seconds
     if distilled:
         doc["distillation"] = {name or "curated": distillation_info(m) for name, m in distilled.items()}
     errors = metrics_schema_errors(doc)
@@ -71,7 +78,7 @@ class ReportKey(StageKeyModel):
     """`report`: what the report shows, on the metrics document, the curated set and the pruned model."""
 
     STAGE = "report"
-    VERSION = "3"  # 3: a "Layer weights" section
+    VERSION = "3"  # 3: a "Layer weights" section, intervals and comparisons
     CONFIG = {"ratio": "prune.ratio", "method": "curate.method", "k_act": "curate.k_act"}
 
     ratio: float

@@ -19,6 +19,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.data import (
     seed_copies,
 )
+from finescope_core.evaluate.split import Holdout
 from tasks.activations import activation_dirs
 from tasks.common import (
     RUN_RESULTS,
@@ -35,10 +36,11 @@ from tasks.data import load_data
 
 
 class CuratedKey(StageKeyModel):
-    """`curated`: retrieval and the vote, on corpus and seeds, their activations and the SAEs (per method)."""
+    """`curated`: retrieval and the vote, on corpus and seeds, their activations and the SAEs (per method),
+    never picking a record held out for evaluation (the ids' hash is an input)."""
 
     STAGE = "curated"
-    VERSION = "2"  # 2: zero-score rows never selected, ties broken by a seeded hash of the id
+    VERSION = "2"  # 2: zero-score rows never selected, ties broken by a seeded hash of the id; the evaluation split excluded
     CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
               "layer_weighting": "curate.layer_weighting", "fusion": "curate.fusion",
               "expand_seeds": "curate.expand_seeds", "seed": "seed"}  # fmt: skip
@@ -76,9 +78,10 @@ def curated_key(
     acts_shas: list[str] | None,
     sae_sha: str | None,
     sentence_sha: str | None = None,
+    excluded_sha: str = "",
 ) -> StageKey:
     inputs = {"corpus": corpus_sha, "seeds": seeds_sha, "activations": "+".join(acts_shas or []), "sae": sae_sha or "",
-              "sentence": sentence_sha or ""}  # fmt: skip
+              "sentence": sentence_sha or "", "excluded": excluded_sha}  # fmt: skip
     return CuratedKey.of(cfg, inputs).spec()
 
 
@@ -104,8 +107,10 @@ def retrieve_task(
     seeds: StageManifest,
     acts: tuple[StageManifest, StageManifest] | None,
     sae: StageManifest | None,
+    held: Holdout,
 ) -> StageManifest:
-    """Eq. 12-13 per layer, the vote across layers, and the curated set (JSONL + Parquet)."""
+    """Eq. 12-13 per layer, the vote across layers, and the curated set (JSONL + Parquet); the records of
+    `held` (the evaluation split, eval-file duplicates) and copies of seeds are never selected."""
     store = open_store(cfg)
     sent = sentence_stage(cfg, corpus) if needs_sentence(cfg) else None
 
@@ -127,17 +132,22 @@ def retrieve_task(
                                                        device=_device(cfg))  # fmt: skip
             assert f_corpus is not None and f_seeds is not None
             fusion = (f_corpus, f_seeds)
-        excluded = seed_copies(corpus_records, seed_records)
+        held_ids = set(held.excluded)
+        copies = seed_copies(corpus_records, seed_records)
+        excluded = sorted(set(copies) | {i for i, r in enumerate(corpus_records.records) if r.id in held_ids})
         voted, extra = core.select_records(
             cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded,
             ids=[r.id for r in corpus_records.records], fusion_emb=fusion,
         )
         rows = core.curated_rows(corpus_records, voted)
+        if "excluded_seed_copies" in extra:  # the held-out records are excluded too, but counted by the holdout
+            extra["excluded_seed_copies"] = len(copies)
         summary = {"method": cfg.curate.method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra}
         if sent is not None:
             summary["sentence_embeddings"] = {"key": sent.key, "uri": sent.uri}
         return core.write_curated(rows, work, summary)
 
     acts_shas = [a.sha256 for a in acts] if acts else None
-    spec = curated_key(cfg, corpus.sha256, seeds.sha256, acts_shas, sae.sha256 if sae else None, sent.sha256 if sent else None)
+    spec = curated_key(cfg, corpus.sha256, seeds.sha256, acts_shas, sae.sha256 if sae else None, sent.sha256 if sent else None,
+                       held.sha256())  # fmt: skip
     return run_cached(store, spec, build)

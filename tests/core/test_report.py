@@ -162,3 +162,37 @@ def test_write_report_links_images_relatively(tmp_path: Path) -> None:
 def test_write_report_refuses_a_missing_image(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="missing.png does not exist"):
         write_report(tmp_path, title="t", sections=[ReportSection("x", images=[tmp_path / "missing.png"])])
+
+
+def test_interval_table_and_overlap_statements() -> None:
+    from finescope_core.report import comparisons, metric_rows
+
+    def ci(value, low, high, n=50):
+        return {"value": value, "low": low, "high": high, "n": n}
+
+    models = {
+        "base": {"parameters": 10, "ci": {"perplexity": ci(8.0, 7.5, 8.5)}},
+        "pruned": {"parameters": 7, "ci": {"perplexity": ci(30.0, 28.0, 33.0)}},
+        "tuned": {"parameters": 7, "ci": {"perplexity": ci(8.2, 7.9, 8.6)}},
+        "tuned-random": {"parameters": 7, "ci": {"perplexity": ci(12.0, 11.0, 13.0)}},
+    }
+    rows = metric_rows(models)
+    assert rows[0] == {"model": "base", "parameters": 10, "domain perplexity (raw text)": "8 [7.5, 8.5] (n=50)"}
+    lines = comparisons(models)
+    assert any(line.startswith("- tuned vs base") and "intervals overlap" in line for line in lines)
+    assert any(line.startswith("- tuned vs pruned") and "do not overlap: tuned is better" in line for line in lines)
+    assert any(line.startswith("- tuned-random vs tuned") and "tuned-random is worse" in line for line in lines)
+
+
+def test_harness_table_is_task_by_model_with_cis_and_empty_without_results():
+    from finescope_core.report import harness_rows, harness_table
+
+    acc = {"value": 0.5, "ci": [0.25, 0.75], "n": 8, "stderr": 0.18}
+    models = {"base": {"perplexity": 3.0, "lm_eval": {"t": {"acc": acc}}}, "pruned": {"perplexity": 4.0},
+              "tuned": {"perplexity": 3.5, "lm_eval": {"t": {"acc": {**acc, "value": 0.625, "ci": [0.375, 0.875]}}}}}
+    assert harness_rows(models) == [{"task": "t", "metric": "acc", "n": 8, "base": "0.500 [0.250, 0.750]",
+                                     "tuned": "0.625 [0.375, 0.875]"}]
+    table = harness_table(models)
+    assert table.splitlines()[0] == "| task | metric | n | base | tuned |"
+    assert "| t | acc | 8 | 0.500 [0.250, 0.750] | 0.625 [0.375, 0.875] |" in table
+    assert harness_table({"base": {"perplexity": 3.0}}) == ""

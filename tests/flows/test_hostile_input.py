@@ -111,6 +111,12 @@ def _mc_file(tmp: Path) -> str:
     return _write(tmp / "mc.jsonl", good + "\n" + good + "\n" + json.dumps({"question": "1+1?", "choices": ["2"], "answer": 5}) + "\n")
 
 
+def _corpus_copy(ws: Path, tmp: Path) -> str:
+    """An eval file whose every item is a corpus record, re-cased and with other ids."""
+    rows = [json.loads(line) for line in (ws / "corpus.jsonl").read_text().splitlines()[:3]]
+    return _write(tmp / "eval.jsonl", "".join(json.dumps({"text": r["text"].upper()}) + "\n" for r in rows))
+
+
 def _store_file(tmp: Path) -> str:
     return _write(tmp / "store", "I am a file, not a directory\n")
 
@@ -171,6 +177,13 @@ CASES = [
      ["curate.k_act=1000", f"hidden size {HIDDEN}", f"use at most {HIDDEN}"]),
     ("prune-ratio-unreachable", "run", lambda c, w, t: _set(c, "prune.ratio", 0.95), ["prune.ratio", "0.95"]),
     ("mc-file-bad-line", "run", lambda c, w, t: _set(c, "evaluate.mc_file", _mc_file(t)), ["mc.jsonl:3", "'choices' must be a list of at least 2 strings"]),
+    ("eval-file-empty", "run", lambda c, w, t: _set(c, "evaluate.eval_file", _write(t / "eval.jsonl", "\n")),
+     ["eval.jsonl", "the file is empty"]),
+    ("eval-file-no-usable-field", "run",
+     lambda c, w, t: _set(c, "evaluate.eval_file", _corpus_with(t, json.dumps({"id": "e", "body": "hi"}), "eval.jsonl")[0]),
+     ["eval.jsonl:3", "no 'text' and no 'instruction'", "fields found: body, id"]),
+    ("eval-file-all-in-corpus", "run", lambda c, w, t: _set(c, "evaluate.eval_file", _corpus_copy(w, t)),
+     ["eval.jsonl:1", "every item of evaluate.eval_file", "overlaps the corpus", "give items the corpus does not contain"]),
     ("store-is-a-file", "curate", lambda c, w, t: _set(c, "store", _store_file(t)),
      ["store", "not writable", "check the path"]),
 ]

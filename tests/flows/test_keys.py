@@ -36,7 +36,7 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
         activations_key(cfg, "m", "c", layers, "sal"), sae_key(cfg, "a", "sal"), curated_key(cfg, "c", "s", ["a", "b"], "sae"),
         sentence_key("c"),
         pruned_key(cfg, "m", "t"), distilled_key(cfg, "teacher", record), tuned_key(cfg, "p", "d", "teacher"),
-        evaluation_key(cfg, "m", (["x"], None, None)), report_key(cfg, {"models": {}}, "cur", "p"),
+        evaluation_key(cfg, "m", {"domain": ["x"]}), report_key(cfg, {"models": {}}, "cur", "p"),
     ]  # fmt: skip
     keys = {s.stage: s.key for s in specs}
     # Fanned-out stages: the keys of all their parts.

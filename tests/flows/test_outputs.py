@@ -81,15 +81,17 @@ def test_model_cards_carry_base_pruning_and_metrics(cli_run):
     assert ModelCard.load(out / "tuned-adapter" / "README.md").data.library_name == "peft"
 
 
-def test_exported_datasets_load_with_datasets_and_match_their_cards(cli_run):
+def test_exported_datasets_load_with_datasets_and_match_their_cards(cli_run, tmp_path):
     from datasets import load_dataset
 
     _, out = cli_run
     for name, source in (("curated", "curated.jsonl"), ("distilled", "distilled.jsonl")):
         card = DatasetCard.load(out / name / "README.md")
         assert card.data.configs[0]["data_files"][0]["path"] == [source]
-        ds = load_dataset(str(out / name), split="train")
-        lines = (out / name / source).read_text().splitlines()
+        # a fresh cache: datasets' cache of a folder named `distilled` can hold an earlier run's rows
+        ds = load_dataset(str(out / name), split="train", cache_dir=str(tmp_path / "hf-cache"))
+        # split on "\n" only: str.splitlines would also split inside texts holding \x1c, \x85, \u2028...
+        lines = (out / name / source).read_text(encoding="utf-8").rstrip("\n").split("\n")
         assert len(ds) == len(lines) and f"{len(lines):,} records" in card.text
         assert ds[0]["id"] == json.loads(lines[0])["id"]
 

@@ -13,7 +13,7 @@ from finescope_core.tiny import save_tiny
 from flows.cli import main
 from flows.specialize import specialize_flow
 from tasks.common import artifact_dir, open_store
-from tasks.prune import curated_split
+from tasks.prune import curated_records
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def config(root, model_dir) -> FinescopeConfig:
         prune={"ratio": 0.2, "max_length": 32},
         teacher={"max_new_tokens": 4, "batch_size": 16},
         finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8, "grad_accum": 1, "cutoff": 48},
-        evaluate={"heldout_fraction": 0.3, "max_length": 32, "baselines": ["random"]},
+        evaluate={"split_fraction": 0.3, "max_length": 32, "baselines": ["random"]},
     )
 
 
@@ -65,7 +65,8 @@ def run_and_check(root, model_dir, corpus: list[dict], seed: dict) -> list[dict]
 
     result = specialize_flow(cfg)  # every stage cached: only to reach the artifacts
     store = open_store(cfg)
-    train, held = curated_split(cfg, result.curate.curated)
+    train = [{"id": r.id} for r in curated_records(cfg, result.curate.corpus, result.curate.curated)]
+    held = [{"id": i} for i in result.curate.held_out.split]
     corpus_ids = {str(r["id"]) for r in corpus}
     assert held and train and all(isinstance(r["id"], str) and r["id"] in corpus_ids for r in train + held)
 

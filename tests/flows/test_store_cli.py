@@ -259,7 +259,9 @@ def test_plan_after_a_specialize_run_reuses_every_stage_under_the_runs_keys(spec
 
 SPECIALIZE_DELETIONS = {
     "pruned": ({"pruned"}, {"tuned", "evaluation (pruned)", "evaluation (tuned)", "report"}),
-    "distilled": ({"distilled"}, {"tuned", "evaluation (tuned)", "report"}),
+    # Every evaluation waits: its items are checked for contamination against every variant's distilled data.
+    "distilled": ({"distilled"}, {"tuned", "evaluation (base)", "evaluation (pruned)", "evaluation (tuned)",
+                                  "evaluation (pruned-random)", "evaluation (tuned-random)", "report"}),
     "tuned (random)": ({"tuned (random)"}, {"evaluation (tuned-random)", "report"}),
     "evaluation (base)": ({"evaluation (base)"}, {"report"}),
     "report": ({"report"}, set()),

@@ -1,0 +1,185 @@
+"""The evaluation sets of a run: the split kept out of curation, the domain and general items, and the
+contamination check against every variant's training data (no Prefect task: plain functions the flows
+and `finescope store plan` call alike)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from finescope_core.config import FinescopeConfig
+from finescope_core.data import Record, RecordSet, load_records, seed_copies
+from finescope_core.distilled import read_distilled
+from finescope_core.evaluate import load_mc_items, load_numeric_items
+from finescope_core.evaluate.contamination import (
+    NEAR_DUPLICATE,
+    NGRAM,
+    check_contamination,
+    internal_duplicates,
+)
+from finescope_core.evaluate.split import (
+    DOMAIN_RULE,
+    GENERAL_RULE,
+    EvalItem,
+    Holdout,
+    evaluation_split,
+    general_sample,
+    nearest_to_centroid,
+)
+from finescope_core.formats import DataError
+from tasks.common import StageManifest, artifact_dir, open_store, storage_options
+
+
+@dataclass
+class EvalFiles:
+    """The user's evaluation files, loaded and validated (None where not given)."""
+
+    domain: list[Record] | None = None
+    general: list[Record] | None = None
+    mc: list[dict[str, Any]] | None = None
+    numeric: list[dict[str, Any]] | None = None
+
+
+def eval_files(cfg: FinescopeConfig) -> EvalFiles:
+    """Load every evaluation file the config names; bad files fail here, naming file and line."""
+    options = storage_options(cfg)
+    ev = cfg.evaluate
+
+    def records(uri: str | None, role: str) -> list[Record] | None:
+        return load_records([uri], role=role, storage_options=options).records if uri else None
+
+    return EvalFiles(
+        domain=records(ev.eval_file, "evaluate.eval_file"), general=records(ev.general_file, "evaluate.general_file"),
+        mc=load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None,
+        numeric=load_numeric_items(ev.numeric_file, storage_options=options) if ev.numeric_file else None,
+    )  # fmt: skip
+
+
+def holdout(
+    cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, files: EvalFiles | None = None, *, evaluating: bool = False
+) -> Holdout:
+    """The corpus ids kept out of curation: the evaluation split, and records overlapping an eval file's items.
+
+    Args:
+        evaluating: the run evaluates models, so it needs domain items (an eval file or a non-empty split).
+
+    Raises:
+        DataError: `evaluating` without eval file and with an empty split.
+        DataError: every item of `evaluate.eval_file` overlaps the corpus (13-gram or near duplicate), so
+            no domain item would be held out; names the file and its first line.
+    """
+    files = files or eval_files(cfg)
+    ev = cfg.evaluate
+    copies = {corpus.records[i].id for i in seed_copies(corpus, seeds)}
+    split = evaluation_split(corpus.records, ev.split_fraction, ev.split_max, cfg.seed, exclude=copies)
+    split_ids = {r.id for r in split}
+    if evaluating and not split and files.domain is None:
+        raise DataError(
+            f"the evaluation split of the corpus is empty (evaluate.split_fraction={ev.split_fraction} of "
+            f"{len(corpus)} records); raise evaluate.split_fraction or give evaluate.eval_file"
+        )
+    file_items = (files.domain or []) + (files.general or [])
+    duplicates: list[str] = []
+    if file_items:
+        pool = [r for r in corpus.records if r.id not in split_ids]
+        found = check_contamination([r.text for r in pool], [r.text for r in file_items])
+        duplicates = [pool[i].id for i in found.ngram + found.near_duplicate]
+    if files.domain:
+        against = check_contamination([r.text for r in files.domain], corpus.texts)
+        if not against.kept:
+            raise DataError(
+                f"{files.domain[0].origin}: every item of evaluate.eval_file ({ev.eval_file}, {len(files.domain)} "
+                f"items) overlaps the corpus ({NGRAM}-gram or near duplicate), so none is held out; give items "
+                "the corpus does not contain"
+            )
+    return Holdout(split=sorted(split_ids), file_duplicates=sorted(duplicates))
+
+
+@dataclass
+class EvalData:
+    """What every model is evaluated on, after the contamination check, and how it was made."""
+
+    domain: list[EvalItem]
+    general: list[EvalItem]
+    mc: list[dict[str, Any]] | None
+    numeric: list[dict[str, Any]] | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        """What the evaluation stage reads (and its key hashes)."""
+        return {
+            "domain": [i.text for i in self.domain],
+            "chat": [[i.prompt, i.reference] for i in self.domain if i.prompt and i.reference],
+            "general": [i.text for i in self.general], "mc": self.mc, "numeric": self.numeric,
+        }  # fmt: skip
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.payload(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def candidate_items(cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, held: Holdout, files: EvalFiles) -> tuple[list[EvalItem], list[EvalItem], dict[str, Any]]:
+    """Domain and general items before the contamination check, with the rules that chose them."""
+    ev = cfg.evaluate
+    split_ids = set(held.split)
+    split = [r for r in corpus.records if r.id in split_ids]
+    info: dict[str, Any] = {
+        "split": {"fraction": ev.split_fraction, "records": len(split), **internal_duplicates([r.text for r in split])},
+        "eval_file_duplicates_removed_from_pool": len(held.file_duplicates),
+    }
+    domain_ids: set[str] = set()
+    if files.domain is not None:
+        domain = [EvalItem.of(r) for r in files.domain]
+        info["domain"] = {"source": "evaluate.eval_file", "rule": f"every item of {ev.eval_file}"}
+    else:
+        from finescope_core.sentence import sentence_embeddings
+
+        device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+        split_emb = sentence_embeddings([r.text for r in split], device=device)
+        rows = nearest_to_centroid(split_emb, sentence_embeddings(seeds.texts, device=device), ev.domain_items)
+        domain = [EvalItem.of(split[i]) for i in rows]
+        domain_ids = {split[i].id for i in rows}
+        info["domain"] = {"source": "evaluation split", "rule": DOMAIN_RULE.format(n=ev.domain_items)}
+    if files.general is not None:
+        general = [EvalItem.of(r) for r in files.general]
+        info["general"] = {"source": "evaluate.general_file", "rule": f"every item of {ev.general_file}"}
+    else:
+        rest = [r for r in split if r.id not in domain_ids]
+        general = [EvalItem.of(r) for r in general_sample(rest, ev.general_items, cfg.seed)]
+        info["general"] = {"source": "evaluation split", "rule": GENERAL_RULE.format(n=ev.general_items)}
+    return domain, general, info
+
+
+def training_texts(store_cfg: FinescopeConfig, records: Sequence[Record], prune_texts: Sequence[str], distilled: StageManifest) -> list[str]:
+    """Everything one variant learns from: its curated (or baseline) records, pruning texts and distilled rows."""
+    rows = read_distilled(artifact_dir(open_store(store_cfg), distilled) / "distilled.jsonl")
+    return [*(r.text for r in records), *prune_texts, *(f"{row['prompt']}\n\n{row['response']}" for row in rows)]
+
+
+def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Sequence[str], info: dict[str, Any],
+                  files: EvalFiles) -> EvalData:  # fmt: skip
+    """Drop every item overlapping the training data; the counts and reasons go into `info`.
+
+    Raises:
+        DataError: no domain item is left.
+    """
+    out = dict(info)
+    kept = {}
+    for name, items in (("domain", domain), ("general", general)):
+        found = check_contamination([i.text for i in items], training)
+        kept[name] = [items[i] for i in found.kept]
+        out[name] = {**out.get(name, {}), **found.summary(),
+                     "dropped_items": [{"id": items[i].id, "origin": items[i].origin} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
+    out["contamination_rule"] = (f"an item is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
+                                 f"MinHash near duplicate (Jaccard >= {NEAR_DUPLICATE}) of, any curated, pruning, "
+                                 "distilled or tuning text of any variant")  # fmt: skip
+    if not kept["domain"]:
+        raise DataError(
+            f"no domain evaluation item is left after the contamination check ({len(domain)} checked); give "
+            "evaluate.eval_file, or a larger evaluate.split_fraction"
+        )
+    return EvalData(kept["domain"], kept["general"], files.mc, files.numeric, out)
