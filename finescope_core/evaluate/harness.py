@@ -25,13 +25,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from finescope_core.config import EvalConfig
+from finescope_core.evaluate.bootstrap import mean_interval
 from finescope_core.evaluate.errors import EvalError
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, model_device
 from finescope_core.progress import Progress, no_progress
 
-BOOTSTRAP_RESAMPLES = 2000
-"""Resamples of our percentile bootstrap (lm-eval's own stderr uses its `bootstrap_iters` separately)."""
-CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = EvalConfig.model_fields["bootstrap_resamples"].default
+"""Resamples of our percentile bootstrap when no config says (`evaluate.bootstrap_resamples`); lm-eval's
+own stderr uses its `bootstrap_iters` separately."""
 _LM_EVAL_BOOTSTRAP_ITERS = 1000
 """lm-eval's bootstrap for the stderr of non-mean aggregations (its default, 100000, takes minutes)."""
 
@@ -140,25 +141,17 @@ def harness_include_sha(include: str | None) -> str | None:
     return h.hexdigest()
 
 
-def bootstrap_ci(values: Sequence[float], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES,
-                 level: float = CI_LEVEL) -> tuple[float, float]:  # fmt: skip
-    """Percentile bootstrap CI of the mean of per-sample values, seeded.
-
-    The interval is widened, if need be, to contain the sample mean itself (a percentile interval can
-    miss it by a rounding hair when nearly all resamples agree).
+def bootstrap_ci(values: Sequence[float], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """Percentile bootstrap 95 % CI of the mean of per-sample values, seeded (`bootstrap.mean_interval`:
+    the same resampling as every other metric's interval, widened to contain the mean itself).
 
     Raises:
         EvalError: no values.
     """
     if not values:
         raise EvalError("no per-sample values to bootstrap")
-    x = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-    tail = (1 - level) / 2
-    lo, hi = (float(q) for q in np.quantile(means, [tail, 1 - tail]))
-    mean = float(x.mean())
-    return min(lo, mean), max(hi, mean)
+    interval = mean_interval(values, resamples=resamples, seed=seed)
+    return interval.low, interval.high
 
 
 def _number(value: Any) -> float | None:
@@ -171,7 +164,7 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def task_metrics(task: str, results: dict[str, Any], *, seed: int) -> dict[str, dict[str, Any]]:
+def task_metrics(task: str, results: dict[str, Any], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, dict[str, Any]]:
     """One task's metrics from `simple_evaluate`'s output: value, stderr, n and our bootstrap CI.
 
     A metric under lm-eval's filter `none` keeps its name (`acc`); under another filter it is
@@ -196,7 +189,7 @@ def task_metrics(task: str, results: dict[str, Any], *, seed: int) -> dict[str, 
             continue
         values = [v for v in per_sample if v is not None]
         stderr = _number(summary.get(f"{metric}_stderr,{filt}"))
-        lo, hi = bootstrap_ci(values, seed=seed)
+        lo, hi = bootstrap_ci(values, seed=seed, resamples=resamples)
         # lm-eval's value is its aggregation (the mean here); the CI is widened to contain it exactly.
         name = metric if filt == "none" else key
         out[name] = {"value": point, "ci": [min(lo, point), max(hi, point)], "n": len(values), "stderr": stderr}
@@ -271,7 +264,7 @@ def harness_metrics(
     runs = run_harness(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name, results in runs.items():
-        out[name] = task_metrics(name, results, seed=seed)
+        out[name] = task_metrics(name, results, seed=seed, resamples=cfg.bootstrap_resamples)
         if not out[name]:
             raise EvalError(
                 f"evaluate.lm_eval_tasks: task {name!r} has no metric with per-sample numbers (acc, "

@@ -16,7 +16,6 @@ import hashlib
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -63,9 +62,6 @@ class EvalItem:
     @classmethod
     def of(cls, record: Record) -> EvalItem:
         return cls(record.id, record.text, record.origin, record.prompt or None, record.reference)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "origin": self.origin, "prompt": self.prompt, "reference": self.reference}
 
 
 def nearest_to_centroid(item_emb: np.ndarray, seed_emb: np.ndarray, n: int) -> list[int]:
