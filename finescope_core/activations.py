@@ -346,3 +346,37 @@ def _iter_shard_slices(
                 # One contiguous range per requested position: reads only those layers' bytes.
                 acts = torch.stack([sliced[:, i : i + 1, :][:, 0] for i in positions], dim=1)
         yield rows, acts
+
+
+def num_rows(dirs: Path | Sequence[Path]) -> int:
+    """Texts in one activation directory, or in several together (from their manifests, nothing loaded)."""
+    paths = [Path(dirs)] if isinstance(dirs, str | Path) else [Path(d) for d in dirs]
+    return sum(ActivationManifest.read(p).num_rows for p in paths)
+
+
+def load_activation_rows(dirs: Sequence[Path], rows: Sequence[int], positions: Sequence[int] | None = None) -> Tensor:
+    """The activations of some rows of consecutive directories ([len(rows), L', k], in the given order),
+    reading one directory at a time: memory is the result plus one directory.
+
+    Args:
+        dirs: activation directories of consecutive slices of one text list, as in `load_activations`.
+        rows: rows of the concatenated text list.
+        positions: layer positions to read, as in `load_activations`.
+    """
+    want = torch.as_tensor(list(rows), dtype=torch.long)
+    total = num_rows(dirs)
+    if want.numel() == 0 or int(want.min()) < 0 or int(want.max()) >= total:
+        raise ActivationError(f"rows must be a non-empty selection of 0..{total - 1} (the texts of {len(dirs)} activation directories)")
+    out: Tensor | None = None
+    start = 0
+    for d in dirs:
+        n = ActivationManifest.read(Path(d)).num_rows
+        hit = torch.nonzero((want >= start) & (want < start + n)).flatten()
+        if hit.numel():
+            part = load_activations(d, positions)
+            if out is None:
+                out = torch.empty(len(want), *part.shape[1:], dtype=part.dtype)
+            out[hit] = part[want[hit] - start]
+        start += n
+    assert out is not None
+    return out

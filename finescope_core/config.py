@@ -107,6 +107,10 @@ class SAEConfig(_Strict):
     (also when it would leave fewer than 2 rows on either side)."""
     eval_every: int = Field(50, ge=1)
     """Optimiser steps between evaluations on the held-out rows."""
+    max_rows: int = Field(65536, ge=2)
+    """Most corpus records the SAEs train on (a seeded sample, the same for every layer, when the
+    corpus is larger); every record is encoded either way. Bounds the training's memory: at the
+    default steps and batch size training sees about 6 passes over this many records."""
     patience: int = Field(5, ge=0)
     """Evaluations without a held-out FVU improvement (by 0.1% relative) after which a layer stops
     training; its weights are the ones with the best held-out FVU either way. 0: train all `steps`."""
@@ -166,7 +170,16 @@ class CurateConfig(_Strict):
     """Leading positions left out of pooling: the attention-sink token carries the model's
     massive activations and would otherwise dominate the mean."""
     shard_size: int = Field(4096, ge=1)
-    """Records per activation shard on disk (bounds memory for large corpora)."""
+    """Records per corpus shard: one embedding task and one activation / code artifact each. Memory
+    of every corpus-side stage is bounded by one shard, so any corpus size fits."""
+    code_k: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
+    """SAE latents stored per record and layer (`sae` method). `all`: every nonzero latent, so the
+    stored codes are the codes (storage follows the SAEs' L0: with `sae.kind: topk`, `sae.k` latents,
+    8 layers x 32 x 4 bytes = 1 KB a record). A number keeps each code's largest that many, which
+    bounds storage for ReLU SAEs but changes retrieval a little (measured in bench/bench_scale.py;
+    the report gives the share of codes truncated)."""
+    code_dtype: Literal["float16", "float32"] = "float16"
+    """Storage type of the stored code values (indices are 16-bit up to 32768 latents)."""
     sae: SAEConfig = Field(default_factory=SAEConfig)
     """SAE training settings."""
 

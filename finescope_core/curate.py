@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from finescope_core.data import Record, RecordSet
 from finescope_core.hooks import resolve_layers
 from finescope_core.io import write_jsonl
 from finescope_core.progress import Progress, no_progress
+from finescope_core.retrieval.stream import Block, DenseSource, EmbeddingSource, StreamResult, stream_topm
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,14 @@ def sae_stage(
             Each layer's SAE depends only on (seed, layer), so any split gives the same SAEs.
     """
     picked = list(range(len(layers))) if positions is None else list(positions)
-    acts = activations.load_activations(acts_dirs, positions=picked)
+    dirs = [Path(acts_dirs)] if isinstance(acts_dirs, str | Path) else list(acts_dirs)
+    total = activations.num_rows(dirs)
+    if total > cfg.sae.max_rows:  # a seeded sample, the same rows for every layer (and every layer group)
+        rows = _sample_rows(total, cfg.sae.max_rows, seed)
+        acts = activations.load_activation_rows(dirs, rows, positions=picked)
+        log.info("sae training on %d of %d corpus records (curate.sae.max_rows)", len(rows), total)
+    else:
+        acts = activations.load_activations(dirs, positions=picked)
     ids = [layers[i] for i in picked]
     model, metrics = sae.train_saes(acts, cfg.sae, seed=seed, progress=progress, layer_ids=ids)
     extra = [{"coordinates": indices[i].tolist()} for i in picked]
@@ -176,33 +185,6 @@ def _usable_seeds(seeds: np.ndarray) -> np.ndarray:
     return usable
 
 
-def retrieve_by_layer(
-    corpus_emb: dict[int, np.ndarray],
-    seed_emb: dict[int, np.ndarray],
-    top_m: int,
-    exclude: np.ndarray | None = None,
-    priority: np.ndarray | None = None,
-) -> list[retrieval.LayerSelection]:
-    """Exact top-M by max-over-seeds cosine in every layer's embedding space.
-
-    `exclude`d rows are never chosen, and neither are rows scoring 0 or less (an all-zero code, or
-    one orthogonal to every seed): a layer's list may then be shorter than M. Ties in score go to the
-    lower `priority` (`retrieval.tie_priority` of the record ids), so they do not depend on row order.
-    """
-    out = []
-    for layer, emb in corpus_emb.items():
-        seeds = _usable_seeds(seed_emb[layer])
-        if len(seeds) == 0:
-            log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
-            continue
-        rows, scores = retrieval.topm_max_over_seeds(emb, seeds, top_m, exclude=exclude, priority=priority)
-        positive = scores > 0
-        out.append(retrieval.LayerSelection(layer=layer, rows=rows[positive], scores=scores[positive]))
-    if not out:
-        raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
-    return out
-
-
 def sae_codes(corpus_acts: Path | Sequence[Path], seed_acts: Path | Sequence[Path], sae_dir: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """SAE codes per layer for corpus and seeds: ({layer: [N,d_sae]}, {layer: [S,d_sae]})."""
     model, layers, _ = sae.load_saes(sae_dir)
@@ -219,6 +201,59 @@ def raw_activation_embeddings(
     seeds = activations.load_activations(seed_acts).float()
     mean, std = corpus.mean(0, keepdim=True), corpus.std(0, keepdim=True).clamp_min(1e-6)
     return _split_layers((corpus - mean) / std, layers), _split_layers((seeds - mean) / std, layers)
+
+
+class ZScoredActivations:
+    """The `activation` baseline's corpus side as an `EmbeddingSource`: each activation directory (one
+    corpus shard) a block, z-scored per coordinate with the corpus mean and standard deviation (one
+    pass over the shards when built, float64 sums)."""
+
+    def __init__(self, dirs: Sequence[Path], layers: Sequence[int]):
+        self.dirs, self._layers = [Path(d) for d in dirs], list(layers)
+        if not self.dirs:
+            raise CurationError("no corpus activation directories given; run the activations stage first")
+        total: torch.Tensor | None = None
+        squares: torch.Tensor | None = None
+        self._sizes = []
+        for d in self.dirs:
+            x = activations.load_activations(d).double()
+            total = x.sum(0) if total is None else total + x.sum(0)
+            squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+            self._sizes.append(x.shape[0])
+        assert total is not None and squares is not None
+        n = sum(self._sizes)
+        mean = total / n
+        var = ((squares - n * mean * mean) / max(1, n - 1)).clamp_min(0)
+        self.mean, self.std = mean.float()[None], var.sqrt().float().clamp_min(1e-6)[None]
+
+    @property
+    def layers(self) -> list[int]:
+        return self._layers
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self._sizes)
+
+    def scaled(self, x: torch.Tensor) -> dict[int, np.ndarray]:
+        """Activations [n, L, k] z-scored with the corpus statistics, per layer."""
+        return _split_layers((x.float() - self.mean) / self.std, self._layers)
+
+    def blocks(self) -> Iterator[Block]:
+        start = 0
+        for d, n in zip(self.dirs, self._sizes, strict=True):
+            yield Block(start, self.scaled(activations.load_activations(d)))
+            start += n
+
+    def gather(self, rows: Sequence[int]) -> dict[int, np.ndarray]:
+        want = np.asarray(rows, dtype=np.int64)
+        out: dict[int, np.ndarray] = {}
+        for block in self.blocks():
+            hit = np.flatnonzero((want >= block.start) & (want < block.start + block.size))
+            for layer, emb in block.embeddings.items():
+                if layer not in out:
+                    out[layer] = np.zeros((len(want), emb.shape[1]), dtype=np.float32)
+                out[layer][hit] = emb[want[hit] - block.start]
+        return out
 
 
 def _split_layers(x: torch.Tensor, layers: Sequence[int]) -> dict[int, np.ndarray]:
@@ -254,18 +289,55 @@ def _arrow_table(rows: list[dict[str, Any]]) -> pa.Table:
         return pa.Table.from_pylist(fixed)
 
 
+Embeddings = Mapping[int, np.ndarray] | EmbeddingSource
+"""A corpus's embeddings per layer: in memory ({layer: [N, d]}) or read block by block (a source)."""
+
+
+def _as_source(emb: Embeddings) -> EmbeddingSource:
+    return DenseSource(emb) if isinstance(emb, Mapping) else emb
+
+
+@dataclass
+class Curation:
+    """What the retrieval and vote give: the voted records, the summary, every row's score."""
+
+    voted: list[retrieval.VotedRecord]
+    summary: dict[str, Any]
+    mean_scores: np.ndarray | None = None
+    """[N] each corpus row's max-over-seeds cosine, averaged over the voting layers (None for `random`)."""
+
+
 def select_records(
     method: str,
-    corpus_emb: dict[int, np.ndarray] | None,
+    corpus_emb: Embeddings | None,
     seed_emb: dict[int, np.ndarray] | None,
     corpus_size: int,
     cfg: CurateConfig,
     seed: int,
     exclude_rows: Sequence[int] = (),
     ids: Sequence[str] | None = None,
-    fusion_emb: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None = None,
+    fusion_emb: tuple[Embeddings, dict[int, np.ndarray]] | None = None,
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
+    """`curate_records` without the per-row scores: (voted records, summary)."""
+    result = curate_records(method, corpus_emb, seed_emb, corpus_size, cfg, seed, exclude_rows, ids, fusion_emb)
+    return result.voted, result.summary
+
+
+def curate_records(
+    method: str,
+    corpus_emb: Embeddings | None,
+    seed_emb: dict[int, np.ndarray] | None,
+    corpus_size: int,
+    cfg: CurateConfig,
+    seed: int,
+    exclude_rows: Sequence[int] = (),
+    ids: Sequence[str] | None = None,
+    fusion_emb: tuple[Embeddings, dict[int, np.ndarray]] | None = None,
+) -> Curation:
     """Per-layer top-M then the vote across layers (or a seeded sample for `random`); never an excluded row.
+
+    The corpus embeddings may be a source read block by block (`retrieval.stream`): each round is one
+    pass over it with the memory of one block, and gives the same records as the whole matrix.
 
     Rows scoring 0 or less in every layer are never selected, so fewer than `cfg.final_size` records
     can come back. Ties (in votes and mean score) are broken by a hash of each record's id seeded
@@ -280,14 +352,17 @@ def select_records(
     and `layers` gains -1 when the sentence ranking holds it.
 
     Returns:
-        The voted records, best first, and what the summary records about the vote: per layer the
-        mean top-M score (and, with a `cfg.layer_weighting` other than "vote", the layer's vote weight), the M
-        actually used, and how many seed copies were excluded.
+        The voted records, best first; what the summary records about the vote: per layer the mean
+        top-M score (and, with a `cfg.layer_weighting` other than "vote", the layer's vote weight), the
+        M actually used, and how many seed copies were excluded; every row's mean score (last round).
     """
     excluded = set(exclude_rows)
     if method == "random":
-        return _random_sample(corpus_size, excluded, cfg.final_size, seed), {}
+        return Curation(_random_sample(corpus_size, excluded, cfg.final_size, seed), {})
     assert corpus_emb is not None and seed_emb is not None, f"method {method!r} needs embeddings"
+    source = _as_source(corpus_emb)
+    if source.num_rows != corpus_size:
+        raise CurationError(f"the corpus embeddings have {source.num_rows} rows for a corpus of {corpus_size}; re-run their stage")
     mask = np.zeros(corpus_size, dtype=bool)
     mask[list(excluded)] = True
     if ids is not None and len(ids) != corpus_size:
@@ -296,34 +371,37 @@ def select_records(
     fuse = fusion_emb is not None and method != "sentence"
     depth = 2 * cfg.final_size if fuse else cfg.final_size
     round_cfg = cfg.model_copy(update={"final_size": depth})
-    voted, summary = _vote_round(corpus_emb, seed_emb, mask, round_cfg, seed, priority)
+    voted, summary, scores = _vote_round(source, seed_emb, mask, round_cfg, seed, priority)
     if cfg.expand_seeds > 0 and voted:
         pseudo = [v.row for v in voted[: cfg.expand_seeds]]
-        seed_emb = {layer: np.concatenate([codes, corpus_emb[layer][pseudo]]) for layer, codes in seed_emb.items()}
-        voted, summary = _vote_round(corpus_emb, seed_emb, mask, round_cfg, seed, priority)
+        found = source.gather(pseudo)
+        seed_emb = {layer: np.concatenate([codes, found[layer]]) for layer, codes in seed_emb.items()}
+        voted, summary, scores = _vote_round(source, seed_emb, mask, round_cfg, seed, priority)
         summary["pseudo_seeds"] = len(pseudo)
     if fuse:
         assert fusion_emb is not None
         plain = round_cfg.model_copy(update={"layer_weighting": "vote"})
-        other, _ = _vote_round(fusion_emb[0], fusion_emb[1], mask, plain, seed, priority)
+        other, _, _ = _vote_round(_as_source(fusion_emb[0]), fusion_emb[1], mask, plain, seed, priority)
         voted = _fused(voted, other, cfg.final_size, priority)
         summary["fusion"] = {"with": "sentence", "k": 60, "depth": depth,
                              "in_both": sum(-1 in v.layers and v.votes > 0 for v in voted)}  # fmt: skip
     summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting)
-    return voted, summary
+    return Curation(voted, summary, scores)
 
 
 def _vote_round(
-    corpus_emb: dict[int, np.ndarray],
-    seed_emb: dict[int, np.ndarray],
+    source: EmbeddingSource,
+    seed_emb: Mapping[int, np.ndarray],
     mask: np.ndarray,
     cfg: CurateConfig,
     seed: int,
     priority: np.ndarray | None,
-) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
-    """One retrieval round: widened per-layer top-M, layer weights, the vote; and its summary."""
-    selections, top_m = _widened_selections(corpus_emb, seed_emb, mask, cfg, priority)
-    weights = layer_vote_weights(selections, corpus_emb, seed_emb, cfg, seed)
+) -> tuple[list[retrieval.VotedRecord], dict[str, Any], np.ndarray]:
+    """One retrieval round: widened per-layer top-M, layer weights, the vote; its summary and every row's score."""
+    sample = quality_sample(source.num_rows, seed) if cfg.layer_weighting == "quality" else None
+    result, top_m = _widened_selections(source, seed_emb, mask, cfg, priority, sample)
+    selections = result.selections
+    weights = layer_vote_weights(selections, result.sample or {}, seed_emb, cfg, seed, source.num_rows)
     voted = retrieval.vote(selections, cfg.final_size, weights=weights, priority=priority)
     per_layer: dict[int, dict[str, float]] = {
         s.layer: {"mean_top_score": float(np.mean(s.scores)) if len(s.scores) else 0.0} for s in selections
@@ -331,7 +409,7 @@ def _vote_round(
     if weights is not None:  # only then: a plain vote's summary stays as it always was
         for layer, weight in weights.items():
             per_layer[layer]["weight"] = weight
-    return voted, {"per_layer": per_layer, "effective_top_m": top_m}
+    return voted, {"per_layer": per_layer, "effective_top_m": top_m}, result.mean_scores
 
 
 def _fused(
@@ -362,44 +440,56 @@ def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: 
     return [retrieval.VotedRecord(row=r, votes=0.0, mean_score=0.0, layers=[]) for r in rows]
 
 
+def quality_sample(corpus_size: int, seed: int, sample_size: int = 8192) -> np.ndarray:
+    """The corpus rows `retrieval.layer_weights` measures a layer on, sorted (the same rows in every layer)."""
+    return np.sort(np.random.default_rng(seed).choice(corpus_size, size=min(corpus_size, sample_size), replace=False))
+
+
 def _widened_selections(
-    corpus_emb: dict[int, np.ndarray],
-    seed_emb: dict[int, np.ndarray],
+    source: EmbeddingSource,
+    seed_emb: Mapping[int, np.ndarray],
     mask: np.ndarray,
     cfg: CurateConfig,
     priority: np.ndarray | None = None,
-) -> tuple[list[retrieval.LayerSelection], int]:
+    sample: np.ndarray | None = None,
+) -> tuple[StreamResult, int]:
     """Per-layer top-M lists whose union can fill `final_size`, and the M that took.
 
     The vote ranks the union of the per-layer lists, so M is doubled from `cfg.top_m` until that
-    union holds `final_size` rows or M covers every row not excluded (`mask`).
+    union holds `final_size` rows or M covers every row not excluded (`mask`); each try is one pass.
     """
     usable = int((~mask).sum())
     exclude = mask if mask.any() else None
     top_m = cfg.top_m
     while True:
-        selections = retrieve_by_layer(corpus_emb, seed_emb, top_m, exclude, priority)
-        union = len(set().union(*(s.rows.tolist() for s in selections)))
+        result = stream_topm(source, seed_emb, top_m, exclude=exclude, priority=priority, sample_rows=sample)
+        if not result.selections:
+            raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
+        for layer in sorted(set(source.layers) - {s.layer for s in result.selections}):
+            log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
+        union = len(set().union(*(s.rows.tolist() for s in result.selections)))
         if union >= cfg.final_size or top_m >= usable:
             break
         top_m = min(2 * top_m, usable)
     if top_m != cfg.top_m:
         log.info("per-layer top-%d left fewer than %d records; used top-%d", cfg.top_m, cfg.final_size, top_m)
-    return selections, top_m
+    return result, top_m
 
 
 def layer_vote_weights(
     selections: Sequence[retrieval.LayerSelection],
-    corpus_emb: dict[int, np.ndarray],
-    seed_emb: dict[int, np.ndarray],
+    corpus_sample: Mapping[int, np.ndarray],
+    seed_emb: Mapping[int, np.ndarray],
     cfg: CurateConfig,
     seed: int,
+    corpus_size: int,
 ) -> dict[int, float] | None:
     """The vote weight of each voting layer under `cfg.layer_weighting`; None for the plain vote.
 
     "quality" weights come from `retrieval.layer_weights` on the seeds that vote in each layer (those
-    with a non-zero code) against the whole corpus, sampled with the run `seed`; "agreement" weights
-    from `retrieval.agreement_weights` on the layers' lists themselves.
+    with a non-zero code) against the corpus rows of `quality_sample` (`corpus_sample`: their
+    embeddings per layer, collected during the pass); "agreement" weights from
+    `retrieval.agreement_weights` on the layers' lists themselves.
 
     Raises:
         CurationError: "quality" with fewer than 2 usable seeds in a voting layer (leave-one-out needs 2).
@@ -407,31 +497,34 @@ def layer_vote_weights(
     if cfg.layer_weighting == "vote":
         return None
     if cfg.layer_weighting == "agreement":
-        corpus_size = next(iter(corpus_emb.values())).shape[0]
         return retrieval.agreement_weights(selections, corpus_size)
-    seeds = {s.layer: _usable_seeds(seed_emb[s.layer]) for s in selections}
+    seeds = {s.layer: _usable_seeds(np.asarray(seed_emb[s.layer])) for s in selections}
     few = {layer: len(codes) for layer, codes in seeds.items() if len(codes) < 2}
     if few:
         raise CurationError(
             f"curate.layer_weighting=quality weighs each layer by leaving one seed out, so every voting layer needs "
             f"at least 2 seeds with a non-zero code; seeds per layer: {few}. Add seeds or set curate.layer_weighting: vote"
         )
-    return retrieval.layer_weights(seeds, {layer: corpus_emb[layer] for layer in seeds}, seed=seed)
+    # The sample holds at most `sample_size` rows, so layer_weights takes all of them, in order.
+    return retrieval.layer_weights(seeds, {layer: corpus_sample[layer] for layer in seeds}, seed=seed)
 
 
-def save_embeddings(path: Path, corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray]) -> None:
-    """Keep the embeddings a retrieval used (for reports and re-ranking without recomputation)."""
-    tensors = {f"corpus.{k}": torch.from_numpy(v) for k, v in corpus_emb.items()}
-    tensors.update({f"seeds.{k}": torch.from_numpy(v) for k, v in seed_emb.items()})
+SCORES_FILE = "scores.safetensors"
+
+
+def save_scores(path: Path, mean_scores: np.ndarray, seed_emb: Mapping[int, np.ndarray]) -> None:
+    """Keep every corpus record's score (4 bytes a record, for the report's histogram) and the seeds'
+    embeddings per layer; never the corpus's embeddings (they stay in their own stages)."""
+    tensors = {"corpus_scores": torch.from_numpy(np.ascontiguousarray(mean_scores, dtype=np.float32))}
+    tensors.update({f"seeds.{k}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in seed_emb.items()})
     save_file(tensors, str(path))
 
 
-def load_embeddings(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """The (corpus, seeds) embeddings per layer that `save_embeddings` kept."""
+def load_scores(path: Path) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """(every corpus record's mean score [N], {layer: seed embeddings}) that `save_scores` kept."""
     tensors = load_file(str(path))
-    corpus = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("corpus.")}
     seeds = {int(k.split(".", 1)[1]): v.numpy() for k, v in tensors.items() if k.startswith("seeds.")}
-    return corpus, seeds
+    return tensors["corpus_scores"].numpy(), seeds
 
 
 def method_embeddings(
@@ -475,3 +568,34 @@ def method_embeddings(
     if sae_dir is None:
         raise CurationError("curate.method 'sae' needs the trained SAEs; run the sae stage first")
     return sae_codes(corpus_dirs, seed_dirs, sae_dir)
+
+
+def streamed_embeddings(
+    method: str,
+    corpus_acts: Sequence[Path],
+    seed_acts: Sequence[Path],
+    layers: Sequence[int],
+    *,
+    sae_dir: Path | None = None,
+    code_dirs: Sequence[Path] | None = None,
+) -> tuple[EmbeddingSource, dict[int, np.ndarray]]:
+    """The corpus side of `sae` or `activation` as a source read shard by shard, and the seeds' embeddings.
+
+    `sae` reads the corpus's stored sparse codes (`code_dirs`, the `sae-codes` stage) and encodes the
+    seeds' activations with the SAEs of `sae_dir`; `activation` z-scores each corpus shard with the
+    corpus statistics. Equal to `method_embeddings` (up to the stored codes' precision and `code_k`).
+    """
+    if method == "activation":
+        source = ZScoredActivations(corpus_acts, layers)
+        return source, source.scaled(activations.load_activations(seed_acts))
+    if method != "sae":
+        raise CurationError(f"curate.method {method!r} is not read from shards; use method_embeddings")
+    if sae_dir is None or code_dirs is None:
+        raise CurationError("curate.method 'sae' needs the trained SAEs and the corpus codes; run the sae and sae-codes stages first")
+    from finescope_core.sae.codes import SparseCodeSource
+
+    model, sae_layers, _ = sae.load_saes(sae_dir)
+    codes = SparseCodeSource(code_dirs)
+    if codes.layers != list(sae_layers):
+        raise CurationError(f"the stored codes are of layers {codes.layers}, the SAEs of {sae_layers}; re-run the sae-codes stage")
+    return codes, _split_layers(sae.encode(model, activations.load_activations(seed_acts)), sae_layers)

@@ -7,12 +7,15 @@ directory at once (`ArtifactStore.commit`). `write_atomic` is for files written 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 
 class JsonlError(ValueError):
@@ -78,3 +81,41 @@ def write_atomic(path: str | Path, write: Any) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@functools.lru_cache(maxsize=16)
+def _line_offsets(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    """Byte offset of each line start of `path` (and of its end): [lines + 1] int64. Keyed by the file's
+    size and modification time, so a changed file is indexed again."""
+    offsets = [0]
+    with open(path, "rb") as f:
+        for line in f:
+            offsets.append(offsets[-1] + len(line))
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def read_jsonl_rows(path: str | Path, start: int, stop: int) -> list[dict[str, Any]]:
+    """Lines [start, stop) of a JSON lines file with one object on every line (no blank lines), read
+    without parsing the others; the file's line index is built once per process.
+
+    Raises:
+        JsonlError: a range outside the file, or a line that is not a JSON object (naming `path:line`).
+    """
+    st = os.stat(path)
+    offsets = _line_offsets(str(path), st.st_size, st.st_mtime_ns)
+    lines = len(offsets) - 1
+    if not 0 <= start <= stop <= lines:
+        raise JsonlError(f"{path}: lines [{start}, {stop}) requested, the file has {lines}")
+    with open(path, "rb") as f:
+        f.seek(int(offsets[start]))
+        data = f.read(int(offsets[stop] - offsets[start]))
+    rows = []
+    for lineno, line in enumerate(data.splitlines(), start + 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JsonlError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise JsonlError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows

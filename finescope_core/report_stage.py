@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from finescope_core import report as rep
-from finescope_core.curate import load_embeddings
+from finescope_core.curate import SCORES_FILE, load_scores
 from finescope_core.data import shown_text
 from finescope_core.io import read_jsonl
 from finescope_core.saliency import LayerSaliency
@@ -22,7 +20,7 @@ class ReportInputs:
     """What the report shows, as local directories and plain numbers."""
 
     curated_dir: Path
-    """The curated artifact (curated.jsonl, and embeddings.safetensors when the method has them)."""
+    """The curated artifact (curated.jsonl, and scores.safetensors when the method scores records)."""
     metrics: Mapping[str, Any]
     """metrics.json: `{"models": {name: {...}}, "stage_seconds": {...}}`."""
     prune_info: Mapping[str, Any]
@@ -30,17 +28,6 @@ class ReportInputs:
     saliency_dir: Path | None = None
     sae_metrics: Mapping[int, Mapping[str, float]] | None = None
     """SAE metrics by layer, when the method trained SAEs."""
-
-
-def retrieval_scores(emb_path: Path) -> np.ndarray:
-    """Every corpus record's score as the curated set defines it: max-over-seeds cosine, mean over layers."""
-    corpus, seeds = load_embeddings(emb_path)
-    per_layer = []
-    for layer, c in corpus.items():
-        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-        s = seeds[layer] / np.maximum(np.linalg.norm(seeds[layer], axis=1, keepdims=True), 1e-12)
-        per_layer.append((c @ s.T).max(axis=1))
-    return np.asarray(np.mean(per_layer, axis=0))
 
 
 def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.ReportSection]:
@@ -119,9 +106,9 @@ def _harness_section(metrics: Mapping[str, Any]) -> list[rep.ReportSection]:
 def _curated_section(curated_dir: Path, work: Path) -> rep.ReportSection:
     rows = read_jsonl(curated_dir / "curated.jsonl")
     images: list[str | Path] = []
-    if (curated_dir / "embeddings.safetensors").is_file():
+    if (curated_dir / SCORES_FILE).is_file():
         cut = rows[-1]["score"] if rows else None
-        images.append(rep.plot_retrieval_scores(retrieval_scores(curated_dir / "embeddings.safetensors"), cut, work / "retrieval.png"))
+        images.append(rep.plot_retrieval_scores(load_scores(curated_dir / SCORES_FILE)[0], cut, work / "retrieval.png"))
     examples = [{"text": shown_text(r), **{k: r[k] for k in ("rank", "id", "score", "votes")}} for r in rows]
     return rep.ReportSection("Curated set", rep.example_records_table(examples, 8), images)
 

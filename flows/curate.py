@@ -16,7 +16,7 @@ from finescope_core.data import PreparedCorpus, RecordSet, check_sizes, shown_te
 from finescope_core.evaluate.split import Holdout
 from finescope_core.io import read_jsonl
 from finescope_core.model import model_config
-from flows.fanout import embed, train_saes
+from flows.fanout import embed, encode_corpus, train_saes
 from flows.runtime import (
     apply_gpu_limit,
     check_runner,
@@ -41,6 +41,8 @@ class CurateResult(BaseModel):
     activations: StageManifest | None = None
     seed_activations: StageManifest | None = None
     sae: StageManifest | None = None
+    codes: list[StageManifest] | None = None
+    """The corpus's sparse SAE codes, one artifact per shard (`sae` only)."""
     curated: StageManifest
     held_out: Holdout = Field(default_factory=Holdout)
     """Corpus ids kept out of curation (and all training data) for evaluation."""
@@ -48,9 +50,18 @@ class CurateResult(BaseModel):
     """Where the outputs went (None when a parent flow exports them)."""
 
     def manifests(self) -> dict[str, Any]:
-        """Every stage's manifest by name, for run.json."""
-        skip = ("layers", "exported", "held_out")
-        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+        """Every stage's manifest by name, for run.json (the per-shard codes as one entry listing its parts)."""
+        skip = ("layers", "exported", "held_out", "codes")
+        out = {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+        if self.codes:
+            first = self.codes[0]
+            out["codes"] = {
+                "stage": first.stage, "uri": first.uri.rsplit("/", 1)[0], "cached": all(c.cached for c in self.codes),
+                "seconds": sum(c.seconds for c in self.codes), "info": {"shards": len(self.codes),
+                "rows": sum(c.info.get("rows", 0) for c in self.codes)},
+                "parts": [{"key": c.key, "sha256": c.sha256} for c in self.codes],
+            }  # fmt: skip
+        return out
 
     def stages(self) -> list[StageManifest]:
         """The stages this run used, in pipeline order."""
@@ -92,7 +103,7 @@ def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int]
 
 @flow(name="curate", log_prints=True)
 def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool = False) -> CurateResult:
-    """Data -> saliency -> activations -> SAEs -> retrieval and vote (each stage cached in the store).
+    """Data -> saliency -> activations -> SAEs -> sparse codes -> retrieval and vote (each stage cached in the store).
 
     With `export` (off when a parent flow exports), the curated set goes to the run's output location
     as a dataset directory (data, dataset card, run.json). The evaluation split is kept out of the
@@ -116,7 +127,7 @@ def _curate(
     # quote: the records are data, not futures; Prefect need not walk every one of them.
     corpus, seeds = data_task(config, quote(inputs))
     method = config.curate.method
-    sal = acts = seed_acts = sae = None
+    sal = acts = seed_acts = sae = codes = None
     if method in ("sae", "activation"):
         ref = model_task(config)
         # `activation` reads the same selected coordinates as `sae`, so it isolates what the SAE adds
@@ -125,12 +136,13 @@ def _curate(
         acts, seed_acts = embed(config, ref, [corpus, seeds], layers, sal)
         if method == "sae":
             sae = train_saes(config, acts, sal, layers)
-    curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held))
+            codes = encode_corpus(config, acts, sae)
+    curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held), codes)
     logger().info("held out of curation for evaluation: %d split records, %d eval-file duplicates",
                   len(held.split), len(held.file_duplicates))  # fmt: skip
     return CurateResult(
         layers=layers, corpus=corpus, seeds=seeds, saliency=sal, activations=acts, seed_activations=seed_acts,
-        sae=sae, curated=curated, held_out=held,
+        sae=sae, codes=codes, curated=curated, held_out=held,
     )
 
 

@@ -1,4 +1,4 @@
-"""The fanned-out curation stages: corpus shards and per-layer SAEs as mapped tasks.
+"""The fanned-out curation stages: corpus shards, per-layer SAEs and per-shard SAE codes as mapped tasks.
 
 Each runs as a subflow on the task runner chosen by `orchestration.task_runner` (threads, Dask or
 Ray), so the rest of a run stays in its own process while these spread over workers. The parent
@@ -17,8 +17,9 @@ from tasks.activations import (
     lookup_activations,
     shard_plan,
 )
+from tasks.codes import codes_task, corpus_shard_refs, lookup_codes
 from tasks.common import ModelRef, StageManifest
-from tasks.data import load_data
+from tasks.data import record_count
 from tasks.sae import gather_sae_task, lookup_sae, sae_groups, sae_layers_task
 
 
@@ -27,7 +28,7 @@ def embed_flow(
     config: FinescopeConfig, ref: ModelRef, record_sets: list[StageManifest], layers: list[int], sal: StageManifest | None
 ) -> list[StageManifest]:
     """Every shard of every record set as one mapped task, then one gathered artifact per record set."""
-    sizes = [len(load_data(config, records)) for records in record_sets]
+    sizes = [record_count(config, records) for records in record_sets]
     plans = [shard_plan(size, config.curate.shard_size) for size in sizes]
     futures = [
         activation_shard_task.map(
@@ -70,3 +71,22 @@ def train_saes(config: FinescopeConfig, acts: StageManifest, sal: StageManifest,
     if found is not None:
         return found
     return sae_flow.with_options(task_runner=task_runner(config))(config, acts, sal, layers)
+
+
+@flow(name="sae-codes", log_prints=True)
+def codes_flow(config: FinescopeConfig, acts: StageManifest, sae: StageManifest, missing: list[int]) -> list[StageManifest]:
+    """One mapped task per corpus shard whose codes are not in the store yet."""
+    shards = corpus_shard_refs(config, acts)
+    futures = codes_task.map(unmapped(config), [shards[i] for i in missing], unmapped(sae), missing)
+    return list(futures.result())
+
+
+def encode_corpus(config: FinescopeConfig, acts: StageManifest, sae: StageManifest) -> list[StageManifest]:
+    """The sparse SAE codes of every corpus shard, in row order: from the store when cached, else through `codes_flow`."""
+    found = lookup_codes(config, acts, sae)
+    missing = [i for i, hit in enumerate(found) if hit is None]
+    if missing:
+        runner = codes_flow.with_options(task_runner=task_runner(config))
+        built = iter(runner(config, acts, sae, missing))
+        found = [hit if hit is not None else next(built) for hit in found]
+    return found  # type: ignore[return-value]

@@ -137,7 +137,8 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
 
 def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluations: dict[str, StageManifest]) -> dict[str, float]:
     curate = {field: getattr(curated, field) for field in CURATE_SECONDS}
-    return stage_seconds(curate, {name: [v.pruned, v.distilled, v.tuned] for name, v in variants.items()}, evaluations)
+    return stage_seconds(curate, {name: [v.pruned, v.distilled, v.tuned] for name, v in variants.items()}, evaluations,
+                         curated.codes)
 
 
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:

@@ -163,7 +163,7 @@ def _plan(args: argparse.Namespace) -> int:
     width = max(len(s.name) for s in result.stages)
     for s in result.stages:
         parts = f"  ({sum(p.reused for p in s.parts)} of {len(s.parts)} parts stored)" if s.parts and s.status != "reuse" else ""
-        detail = s.key if s.key else f"after {s.after}"
+        detail = s.key or (f"after {s.after}" if s.after else f"{len(s.parts)} shards")
         print(f"  {s.status:<8} {s.name:<{width}}  {detail}{parts}")
     if counts["after"]:
         print("stages `after X` run once X is computed: their keys hash X's content, so they are unknown until then "

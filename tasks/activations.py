@@ -10,9 +10,6 @@ from prefect import task
 
 from finescope_core import curate as core
 from finescope_core.config import FinescopeConfig
-from finescope_core.data import (
-    RecordSet,
-)
 from finescope_core.saliency import LayerSaliency
 from finescope_core.store import ArtifactStore
 from tasks.common import (
@@ -31,7 +28,7 @@ from tasks.common import (
     run_cached,
     using_model,
 )
-from tasks.data import load_data
+from tasks.data import load_rows
 
 
 class ShardKey(ModelStageKey):
@@ -104,7 +101,7 @@ def activation_shard_task(
 
     def build(work: Path) -> dict[str, Any]:
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
-        part = RecordSet(load_data(cfg, records).records[start:stop])
+        part = load_rows(cfg, records, start, stop)
         what = f"activations ({records.stage} {start}:{stop})"
         with using_model(ref.path, cfg.device, cfg.model_dtype) as (model, tok):
             return core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))

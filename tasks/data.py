@@ -18,7 +18,7 @@ from finescope_core.data import (
     load_records,
     seed_copies,
 )
-from finescope_core.io import read_jsonl, write_jsonl
+from finescope_core.io import read_jsonl, read_jsonl_rows, write_jsonl
 from tasks.common import (
     IO_RETRIES,
     RUN_RESULTS,
@@ -105,6 +105,20 @@ def data_task(cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]) ->
 def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:
     """The records of a committed corpus/seeds artifact."""
     return read_records(artifact_dir(open_store(cfg), records) / "records.jsonl")
+
+
+def load_rows(cfg: FinescopeConfig, records: StageManifest, start: int, stop: int) -> RecordSet:
+    """Records [start, stop) of a committed corpus/seeds artifact, without parsing the others (one shard's share)."""
+    path = artifact_dir(open_store(cfg), records) / "records.jsonl"
+    rows = read_jsonl_rows(path, start, stop)
+    return RecordSet([Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}")
+                      for i, r in enumerate(rows, start + 1)])  # fmt: skip
+
+
+def record_count(cfg: FinescopeConfig, records: StageManifest) -> int:
+    """Records in a committed corpus/seeds artifact (from its summary; counted when it has none)."""
+    count = records.info.get("records")
+    return int(count) if count is not None else len(load_data(cfg, records))
 
 
 @task(name="model", cache_policy=RUN_RESULTS, **IO_RETRIES)

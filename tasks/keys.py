@@ -8,6 +8,7 @@ changes every field in turn and checks the keys that change are exactly those of
 from __future__ import annotations
 
 from tasks.activations import ActivationsKey, ShardKey
+from tasks.codes import CodesKey
 from tasks.common import StageKeyModel
 from tasks.data import CorpusKey, SeedsKey
 from tasks.evaluate import EvaluationKey
@@ -20,7 +21,7 @@ from tasks.saliency import SaliencyKey
 from tasks.teacher import DistilledKey
 
 KEY_MODELS: tuple[type[StageKeyModel], ...] = (
-    CorpusKey, SeedsKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, SentenceKey, CuratedKey,
+    CorpusKey, SeedsKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, CodesKey, SentenceKey, CuratedKey,
     PrunedKey, DistilledKey, TunedKey, EvaluationKey, ReportKey,
 )  # fmt: skip
 

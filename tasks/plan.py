@@ -27,6 +27,7 @@ from tasks.activations import (
     shard_key,
     shard_plan,
 )
+from tasks.codes import codes_key
 from tasks.common import (
     ModelRef,
     StageKey,
@@ -142,6 +143,8 @@ class _Planner:
         self._models: dict[str, Dep] = {}
         self.held = Holdout()
         self.eval_info: Callable[[], dict[str, Any]] = dict
+        self.code_dep: Dep | None = None
+        self.code_manifests: list[StageManifest] | None = None
 
     def _blocked(self, name: str, stage: str, deps: Sequence[Dep | None]) -> Dep | None:
         """A Dep blocked by the first missing upstream stage (and its row), or None when all are known."""
@@ -197,6 +200,7 @@ class _Planner:
             out["activations"], out["seed_activations"] = acts
             if cfg.curate.method == "sae":
                 sae = out["sae"] = self.sae(acts[0], sal, layers)
+                self.code_dep = self.codes(acts[0], sae)
         sent: Dep | None = None
         if needs_sentence(cfg):
             sent = out["sentence_embeddings"] = self.step(
@@ -236,6 +240,23 @@ class _Planner:
         groups = sae_groups(len(layers), cfg.orchestration.sae_layers_per_task)
         parts = self._parts([sae_layers_key(cfg, acts.sha256, sal.sha256, [layers[i] for i in g]) for g in groups])
         return self._row("sae", sae_key(cfg, acts.sha256, sal.sha256), lookup_sae(cfg, acts.manifest, sal.manifest), parts)
+
+    def codes(self, acts: Dep, sae: Dep) -> Dep:
+        """The corpus's sparse codes, one artifact per activation shard (no gathered artifact: the curated
+        key hashes the activations and the SAEs they come from; the report's key, their seconds)."""
+        blocked = self._blocked("sae-codes", "sae-codes", [acts, sae])
+        if blocked is not None:
+            return blocked
+        assert acts.manifest is not None and sae.sha256 is not None
+        specs = [codes_key(self.cfg, s["sha256"], sae.sha256) for s in listed_shards(self.store, acts.manifest)]
+        found = [lookup_stage(self.store, spec) for spec in specs]
+        parts = [PlannedPart(spec.stage, spec.key, hit is not None) for spec, hit in zip(specs, found, strict=True)]
+        done = all(hit is not None for hit in found)
+        self.rows.append(PlannedStage("sae-codes", "sae-codes", "reuse" if done else "compute", parts=parts))
+        if not done:
+            return Dep(blocker="sae-codes")
+        self.code_manifests = [hit for hit in found if hit is not None]
+        return Dep(sha256="+".join(m.sha256 for m in self.code_manifests))
 
     def _parts(self, specs: list[StageKey]) -> list[PlannedPart]:
         return [PlannedPart(s.stage, s.key, self.store.lookup(s.stage, s.key) is not None) for s in specs]
@@ -315,12 +336,12 @@ class _Planner:
         def spec() -> StageKey:
             seconds = stage_seconds({f: d.manifest if d else None for f, d in curate.items()},
                                     {n: [d.manifest for d in v] for n, v in variants.items()},
-                                    {n: d.manifest for n, d in evaluations.items()})
+                                    {n: d.manifest for n, d in evaluations.items()}, self.code_manifests)
             metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds, evaluation=self.eval_info(),
                                        distilled={n: v[1].manifest for n, v in variants.items()})  # fmt: skip
             return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
-        self.step("report", "report", [*stages, *evaluations.values()], spec)
+        self.step("report", "report", [*stages, self.code_dep, *evaluations.values()], spec)
 
 
 class _Split:

@@ -32,15 +32,24 @@ CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "saliency": "saliency", 
 
 
 def stage_seconds(
-    curate: dict[str, StageManifest | None], variants: dict[str, list[StageManifest]], evaluations: dict[str, StageManifest]
+    curate: dict[str, StageManifest | None],
+    variants: dict[str, list[StageManifest]],
+    evaluations: dict[str, StageManifest],
+    codes: list[StageManifest] | None = None,
 ) -> dict[str, float]:
     """Seconds each stage took when it was computed (a cached stage reports its original time).
 
     Args:
         curate: the curate stages by CurateResult field name (`CURATE_SECONDS`); None for skipped ones.
         variants: each variant's (pruned, distilled, tuned) by variant name ("" for the curated one).
+        codes: the corpus's per-shard code artifacts (`sae` runs): one `sae-codes` entry, their sum.
     """
-    out = {CURATE_SECONDS[f]: round(m.seconds, 1) for f in CURATE_SECONDS if (m := curate.get(f)) is not None}
+    out: dict[str, float] = {}
+    for f in CURATE_SECONDS:
+        if (m := curate.get(f)) is not None:
+            out[CURATE_SECONDS[f]] = round(m.seconds, 1)
+        if f == "sae" and codes:
+            out["sae-codes"] = round(sum(c.seconds for c in codes), 1)
     for name, stages in variants.items():
         for m in stages:
             out[f"{m.stage}{'-' + name if name else ''}"] = round(m.seconds, 1)

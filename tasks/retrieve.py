@@ -20,7 +20,9 @@ from finescope_core.data import (
     seed_copies,
 )
 from finescope_core.evaluate.split import Holdout
+from finescope_core.sae.codes import SparseCodeSource
 from tasks.activations import activation_dirs
+from tasks.codes import code_dirs
 from tasks.common import (
     RUN_RESULTS,
     STORE_RETRIES,
@@ -40,10 +42,13 @@ class CuratedKey(StageKeyModel):
     never picking a record held out for evaluation (the ids' hash is an input)."""
 
     STAGE = "curated"
-    VERSION = "2"  # 2: zero-score rows never selected, ties broken by a seeded hash of the id; the evaluation split excluded
+    # 2: zero-score rows never selected, ties broken by a seeded hash of the id; the evaluation split excluded
+    # 3: `sae` reads the stored sparse codes shard by shard; scores.safetensors instead of every record's embeddings
+    VERSION = "3"
     CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
               "layer_weighting": "curate.layer_weighting", "fusion": "curate.fusion",
-              "expand_seeds": "curate.expand_seeds", "seed": "seed"}  # fmt: skip
+              "expand_seeds": "curate.expand_seeds", "code_k": "curate.code_k", "code_dtype": "curate.code_dtype",
+              "seed": "seed"}  # fmt: skip
 
     method: str
     top_m: int
@@ -51,6 +56,8 @@ class CuratedKey(StageKeyModel):
     layer_weighting: str
     fusion: str
     expand_seeds: int
+    code_k: int | str
+    code_dtype: str
     seed: int
 
 
@@ -108,26 +115,37 @@ def retrieve_task(
     acts: tuple[StageManifest, StageManifest] | None,
     sae: StageManifest | None,
     held: Holdout,
+    codes: list[StageManifest] | None = None,
 ) -> StageManifest:
     """Eq. 12-13 per layer, the vote across layers, and the curated set (JSONL + Parquet); the records of
-    `held` (the evaluation split, eval-file duplicates) and copies of seeds are never selected."""
+    `held` (the evaluation split, eval-file duplicates) and copies of seeds are never selected.
+
+    `sae` and `activation` read the corpus shard by shard (`codes`: the corpus's sparse SAE codes per
+    shard, for `sae`), so memory does not grow with the corpus beyond the records themselves and one
+    score per record."""
     store = open_store(cfg)
     sent = sentence_stage(cfg, corpus) if needs_sentence(cfg) else None
 
     def build(work: Path) -> dict[str, Any]:
         seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
         cached = sentence.read_corpus_embeddings(artifact_dir(store, sent), len(corpus_records)) if sent else None
-        corpus_emb, seed_emb = core.method_embeddings(
-            cfg.curate.method, corpus_records, seed_records,
-            activations=(activation_dirs(store, acts[0]), activation_dirs(store, acts[1])) if acts else None,
-            layers=acts[0].info["layers"] if acts else (), sae_dir=artifact_dir(store, sae) if sae else None,
-            sentence_corpus=cached, device=_device(cfg),
-            progress=Progress(f"{cfg.curate.method} embeddings"),
-        )  # fmt: skip
-        if corpus_emb is not None:
-            core.save_embeddings(work / "embeddings.safetensors", corpus_emb, seed_emb)
+        method = cfg.curate.method
+        summary: dict[str, Any] = {}
+        corpus_emb: core.Embeddings | None
+        if method in ("sae", "activation"):
+            assert acts is not None
+            dirs = code_dirs(cfg, codes) if codes else None
+            corpus_emb, seed_emb = core.streamed_embeddings(
+                method, activation_dirs(store, acts[0]), activation_dirs(store, acts[1]), acts[0].info["layers"],
+                sae_dir=artifact_dir(store, sae) if sae else None, code_dirs=dirs,
+            )  # fmt: skip
+            if isinstance(corpus_emb, SparseCodeSource):
+                summary["codes"] = corpus_emb.info()
+        else:
+            corpus_emb, seed_emb = core.method_embeddings(method, corpus_records, seed_records, sentence_corpus=cached,
+                                                          device=_device(cfg), progress=Progress(f"{method} embeddings"))  # fmt: skip
         fusion = None
-        if cached is not None and cfg.curate.method != "sentence":  # curate.fusion: sentence
+        if cached is not None and method != "sentence":  # curate.fusion: sentence
             f_corpus, f_seeds = core.method_embeddings("sentence", corpus_records, seed_records, sentence_corpus=cached,
                                                        device=_device(cfg))  # fmt: skip
             assert f_corpus is not None and f_seeds is not None
@@ -135,14 +153,17 @@ def retrieve_task(
         held_ids = set(held.excluded)
         copies = seed_copies(corpus_records, seed_records)
         excluded = sorted(set(copies) | {i for i, r in enumerate(corpus_records.records) if r.id in held_ids})
-        voted, extra = core.select_records(
-            cfg.curate.method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded,
+        result = core.curate_records(
+            method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded,
             ids=[r.id for r in corpus_records.records], fusion_emb=fusion,
         )
-        rows = core.curated_rows(corpus_records, voted)
+        if result.mean_scores is not None and seed_emb is not None:
+            core.save_scores(work / core.SCORES_FILE, result.mean_scores, seed_emb)
+        rows = core.curated_rows(corpus_records, result.voted)
+        extra = result.summary
         if "excluded_seed_copies" in extra:  # the held-out records are excluded too, but counted by the holdout
             extra["excluded_seed_copies"] = len(copies)
-        summary = {"method": cfg.curate.method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra}
+        summary = {"method": method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra, **summary}
         if sent is not None:
             summary["sentence_embeddings"] = {"key": sent.key, "uri": sent.uri}
         return core.write_curated(rows, work, summary)

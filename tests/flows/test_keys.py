@@ -10,6 +10,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.curate import hooked_layers
 from finescope_core.data import Record
 from tasks.activations import activations_key, shard_key, shard_plan
+from tasks.codes import codes_key
 from tasks.data import records_key
 from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
@@ -34,7 +35,7 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
     specs = [
         records_key("corpus", "c"), records_key("seeds", "s"), saliency_key(cfg, "m", "c", layers),
         activations_key(cfg, "m", "c", layers, "sal"), sae_key(cfg, "a", "sal"), curated_key(cfg, "c", "s", ["a", "b"], "sae"),
-        sentence_key("c"),
+        sentence_key("c"), codes_key(cfg, "shard", "sae"),
         pruned_key(cfg, "m", "t"), distilled_key(cfg, "teacher", record), tuned_key(cfg, "p", "d", "teacher"),
         evaluation_key(cfg, "m", {"domain": ["x"]}), report_key(cfg, {"models": {}}, "cur", "p"),
     ]  # fmt: skip

@@ -64,7 +64,7 @@ def curated_run(tmp_path_factory):
     return cfg, curate_flow(cfg), write_config(cfg, root / "cfg.json")
 
 
-CURATE_ROWS = ("corpus", "seeds", "saliency", "activations (corpus)", "activations (seeds)", "sae", "curated")
+CURATE_ROWS = ("corpus", "seeds", "saliency", "activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated")
 
 
 def test_plan_after_a_curate_run_reuses_every_stage_under_the_runs_keys(curated_run):
@@ -72,9 +72,12 @@ def test_plan_after_a_curate_run_reuses_every_stage_under_the_runs_keys(curated_
     p = plan(cfg, "curate")
     assert [s.name for s in p.stages] == list(CURATE_ROWS)
     assert all(s.status == "reuse" for s in p.stages)
-    ran = dict(zip(CURATE_ROWS, (result.corpus, result.seeds, result.saliency, result.activations,
-                                 result.seed_activations, result.sae, result.curated), strict=True))
-    assert {s.name: (s.stage, s.key) for s in p.stages} == {n: (m.stage, m.key) for n, m in ran.items()}
+    named = [n for n in CURATE_ROWS if n != "sae-codes"]
+    ran = dict(zip(named, (result.corpus, result.seeds, result.saliency, result.activations,
+                           result.seed_activations, result.sae, result.curated), strict=True))
+    assert {s.name: (s.stage, s.key) for s in p.stages if s.name != "sae-codes"} == {n: (m.stage, m.key) for n, m in ran.items()}
+    codes = p.stages[6]  # one artifact per corpus shard, listed as parts (no gathered artifact)
+    assert codes.key is None and [x.key for x in codes.parts] == [c.key for c in result.codes] and len(codes.parts) == 3
     corpus_acts = p.stages[3]
     assert len(corpus_acts.parts) == 3 and all(x.reused for x in corpus_acts.parts)  # 60 records, shards of 25
     assert [x.key for x in corpus_acts.parts] == [s["key"] for s in _shards(cfg, result.activations)]
@@ -87,13 +90,15 @@ def _shards(cfg, acts):
 
 # (what is deleted, the stages that compute, the stages that wait on it)
 DELETIONS = {
-    "corpus": ({"corpus"}, {"saliency", "activations (corpus)", "activations (seeds)", "sae", "curated"}),
+    "corpus": ({"corpus"}, {"saliency", "activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated"}),
     "seeds": ({"seeds"}, {"activations (seeds)", "curated"}),
-    "saliency": ({"saliency"}, {"activations (corpus)", "activations (seeds)", "sae", "curated"}),
-    "activations (corpus)": ({"activations (corpus)"}, {"sae", "curated"}),
+    "saliency": ({"saliency"}, {"activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated"}),
+    "activations (corpus)": ({"activations (corpus)"}, {"sae", "sae-codes", "curated"}),
     "activations (seeds)": ({"activations (seeds)"}, {"curated"}),
-    "one corpus shard": ({"activations (corpus)"}, {"sae", "curated"}),
-    "sae": ({"sae"}, {"curated"}),
+    "one corpus shard": ({"activations (corpus)"}, {"sae", "sae-codes", "curated"}),
+    "sae": ({"sae"}, {"sae-codes", "curated"}),
+    # The curated key hashes the activations and SAEs the codes come from, so it stays known (and stored).
+    "one code shard": ({"sae-codes"}, set()),
     "curated": ({"curated"}, set()),
 }
 
@@ -107,6 +112,8 @@ def test_a_deleted_curate_stage_computes_and_everything_below_it_waits(curated_r
     if deleted == "one corpus shard":
         shard = _shards(cfg, result.activations)[1]
         stage, key = shard["stage"], shard["key"]
+    elif deleted == "one code shard":
+        stage, key = result.codes[1].stage, result.codes[1].key
     else:
         stage, key = manifests[deleted].stage, manifests[deleted].key
     compute, after = DELETIONS[deleted]
@@ -163,8 +170,9 @@ def test_cli_plan_text_and_overrides(curated_run, capsys):
     _, _, cfg_file = curated_run
     assert main(["store", "plan", "--flow", "curate", "--config", str(cfg_file), "--curate.final_size", "10"]) == 0
     out = capsys.readouterr().out
-    assert "6 reused, 1 to compute, 0 after them" in out
-    assert [line.split()[0] for line in out.splitlines()[1:]] == ["reuse"] * 6 + ["compute"]
+    assert "7 reused, 1 to compute, 0 after them" in out
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["reuse"] * 7 + ["compute"]
+    assert ["reuse", "sae-codes", "3", "shards"] in [line.split() for line in out.splitlines()]
 
 
 def test_plan_needs_no_prefect_server(curated_run):
@@ -175,7 +183,7 @@ def test_plan_needs_no_prefect_server(curated_run):
     done = subprocess.run([sys.executable, "-m", "flows.cli", "store", "plan", "--flow", "curate", "--config", str(cfg_file)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "7 reused, 0 to compute" in done.stdout
+    assert "8 reused, 0 to compute" in done.stdout
     assert time.monotonic() - start < 60
 
 

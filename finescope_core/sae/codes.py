@@ -1,0 +1,249 @@
+"""Sparse SAE codes on disk: each record's largest nonzero latents per layer, written and read shard by shard.
+
+A code directory encodes one activation directory (one corpus shard). Its file `codes-00000.safetensors`
+holds, for its n records (in row order) and L layers, `values` [n, L, k] and
+`indices` [n, L, k] (each code's largest latents, largest first, padded with value 0 at index 0
+when the code has fewer nonzeros) and `rows` [n] (0..n-1). `codes.json`, written last, marks a complete directory and says how many codes had more
+nonzeros than k (truncated: their smallest latents were dropped).
+
+By default (`code_k=None`, config `curate.code_k: all`) every nonzero latent is kept, so the stored
+codes are the codes and storage follows the SAEs' L0 (a TopK SAE: k latents; 8 layers x 32 x (2 + 2
+bytes) = 1 KB a record). A number keeps each code's largest that many, which bounds the storage of
+ReLU codes at some cost in retrieval. Values are float16 by default (float32 on request).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from finescope_core.activations import load_activations
+from finescope_core.progress import Progress, no_progress
+from finescope_core.retrieval.stream import Block
+from finescope_core.sae.model import BatchedSAE, SAEInputError, encode
+
+MANIFEST = "codes.json"
+FORMAT = "finescope-sae-codes/1"
+VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class CodesError(ValueError):
+    """A code directory that is missing, incomplete or does not match what reads it."""
+
+
+@dataclass(frozen=True)
+class CodesManifest:
+    """Contents of `codes.json`.
+
+    Attributes:
+        layers: the model layer of each position of the L axis.
+        d_sae: latents per layer (indices lie in 0..d_sae-1).
+        code_k: latents stored per record and layer (the widest chunk's L0 when every nonzero is kept).
+        num_rows: records in all shards; `rows` values are 0..num_rows-1.
+        value_dtype: "float16" or "float32".
+        shards: (file, rows) per shard, in row order.
+        truncated: (record, layer) codes that had more than code_k nonzeros.
+        mean_l0: mean nonzeros per code before truncation.
+    """
+
+    layers: list[int]
+    d_sae: int
+    code_k: int
+    num_rows: int
+    value_dtype: str
+    shards: list[tuple[str, int]]
+    truncated: int = 0
+    mean_l0: float = 0.0
+    format: str = field(default=FORMAT)
+
+    @classmethod
+    def read(cls, out_dir: Path) -> CodesManifest:
+        path = out_dir / MANIFEST
+        if not path.is_file():
+            raise CodesError(f"{path} does not exist: {out_dir} is not a complete code directory; re-run the sae-codes stage")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{**raw, "shards": [tuple(s) for s in raw["shards"]]})
+
+
+def top_nonzeros(codes: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k largest latents of each code: (values [..., k], indices [..., k] int, nonzeros [...] of each code).
+
+    Codes are non-negative (ReLU / TopK); slots beyond a code's nonzeros hold value 0 at index 0.
+    """
+    k = min(k, codes.shape[-1])
+    values, indices = torch.topk(codes, k, dim=-1, sorted=True)
+    nonzero = (codes > 0).sum(dim=-1)
+    empty = values <= 0
+    return values.masked_fill(empty, 0.0), indices.masked_fill(empty, 0), nonzero
+
+
+def write_codes(
+    sae: BatchedSAE,
+    acts_dir: Path,
+    layers: Sequence[int],
+    out_dir: Path,
+    *,
+    code_k: int | None,
+    value_dtype: str = "float16",
+    chunk: int = 1024,
+    progress: Progress = no_progress,
+) -> CodesManifest:
+    """Encode the activations of one directory (a corpus shard) with `sae`; write its codes in row order.
+
+    The activations of one directory (at most `curate.shard_size` records) are read at once and
+    encoded `chunk` records at a time, so no dense [n, L, d_sae] matrix is held beyond one chunk. The
+    manifest is written last.
+
+    Args:
+        code_k: latents kept per record and layer (each code's largest); None: every nonzero one (the
+            shard's width is then its largest L0, so the codes are stored exactly).
+
+    Raises:
+        CodesError: an unknown value dtype, code_k < 1, or activations that do not fit the SAEs.
+    """
+    if value_dtype not in VALUE_DTYPES:
+        raise CodesError(f"value dtype {value_dtype!r} is not one of {sorted(VALUE_DTYPES)}")
+    if code_k is not None and code_k < 1:
+        raise CodesError(f"code_k={code_k} must be >= 1 (or None for every nonzero latent)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    acts = load_activations(acts_dir)
+    index_dtype = torch.int16 if sae.d_sae <= 2**15 else torch.int32
+    parts = []
+    for start in range(0, acts.shape[0], chunk):
+        try:
+            codes = encode(sae, acts[start : start + chunk])
+        except SAEInputError as e:
+            raise CodesError(f"{acts_dir}: {e}") from None
+        nonzero = (codes > 0).sum(dim=-1)
+        width = code_k if code_k is not None else max(1, int(nonzero.max()) if nonzero.numel() else 1)
+        v, i, _ = top_nonzeros(codes, width)
+        parts.append((v.to(VALUE_DTYPES[value_dtype]), i.to(index_dtype), nonzero))
+        progress(min(start + chunk, acts.shape[0]), acts.shape[0])
+    width = max(p[0].shape[-1] for p in parts)  # chunks of an exact store may differ: pad to the widest
+    values = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1])) for v, _, _ in parts])
+    indices = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for _, i, _ in parts])
+    nonzero = torch.cat([nz for _, _, nz in parts])
+    truncated = int((nonzero > width).sum())
+    l0_sum = float(nonzero.sum())
+    n = acts.shape[0]
+    name = "codes-00000.safetensors"
+    save_file({"values": values.contiguous(), "indices": indices.contiguous(), "rows": torch.arange(n)},
+              str(out_dir / name))  # fmt: skip
+    manifest = CodesManifest(
+        layers=list(layers), d_sae=sae.d_sae, code_k=width, num_rows=n, value_dtype=value_dtype,
+        shards=[(name, n)], truncated=truncated, mean_l0=l0_sum / max(1, n * len(layers)),
+    )  # fmt: skip
+    (out_dir / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1), encoding="utf-8")
+    return manifest
+
+
+@dataclass(frozen=True)
+class CodeShard:
+    """One code shard as read: record rows [n] and per layer position (values, indices) [n, k]."""
+
+    rows: np.ndarray
+    values: np.ndarray
+    indices: np.ndarray
+
+    def dense(self, position: int, d_sae: int) -> np.ndarray:
+        """[n, d_sae] float32 codes of one layer position (zeros where nothing is stored)."""
+        n = self.rows.shape[0]
+        out = np.zeros((n, d_sae), dtype=np.float32)
+        vals = self.values[:, position].astype(np.float32)
+        real = vals > 0  # padding slots (value 0 at index 0) are not written
+        out[np.nonzero(real)[0], self.indices[:, position].astype(np.int64)[real]] = vals[real]
+        return out
+
+
+def _read_shard(path: Path) -> CodeShard:
+    if not path.is_file():
+        raise CodesError(f"{path} is listed in {MANIFEST} but missing; re-run the sae-codes stage")
+    with safe_open(str(path), framework="np") as f:
+        return CodeShard(rows=f.get_tensor("rows"), values=f.get_tensor("values"), indices=f.get_tensor("indices"))
+
+
+class SparseCodeSource:
+    """The codes of consecutive code directories (one per corpus activation shard) as an `EmbeddingSource`.
+
+    Blocks are the code shards, decoded to dense [n, d_sae] one shard at a time.
+    """
+
+    def __init__(self, dirs: Sequence[Path]):
+        if not dirs:
+            raise CodesError("no code directories given; run the sae-codes stage first")
+        self.dirs = [Path(d) for d in dirs]
+        self.manifests = [CodesManifest.read(d) for d in self.dirs]
+        first = self.manifests[0]
+        for d, m in zip(self.dirs, self.manifests, strict=True):
+            if (m.layers, m.d_sae) != (first.layers, first.d_sae):
+                raise CodesError(f"{d} holds codes of layers {m.layers} x {m.d_sae}, {self.dirs[0]} of "
+                                 f"{first.layers} x {first.d_sae}; the shards of one corpus must share their SAEs")  # fmt: skip
+        self._offsets = np.cumsum([0] + [m.num_rows for m in self.manifests])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifests[0].layers)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def d_sae(self) -> int:
+        return self.manifests[0].d_sae
+
+    def shards(self) -> Iterator[tuple[int, CodeShard]]:
+        """(first corpus row, shard) of every shard, in row order; rows are checked to be consecutive."""
+        start = 0
+        for d, m in zip(self.dirs, self.manifests, strict=True):
+            local = 0
+            for file, n in m.shards:
+                shard = _read_shard(d / file)
+                if shard.rows.shape != (n,) or not np.array_equal(shard.rows, np.arange(local, local + n)):
+                    raise CodesError(f"{d / file}: rows are not the consecutive rows its manifest says; re-run the sae-codes stage")
+                yield start, shard
+                start, local = start + n, local + n
+
+    def blocks(self) -> Iterator[Block]:
+        for start, shard in self.shards():
+            yield Block(start, {layer: shard.dense(i, self.d_sae) for i, layer in enumerate(self.layers)})
+
+    def gather(self, rows: Sequence[int]) -> dict[int, np.ndarray]:
+        want = np.asarray(rows, dtype=np.int64)
+        out = {layer: np.zeros((len(want), self.d_sae), dtype=np.float32) for layer in self.layers}
+        for start, shard in self.shards():
+            hit = np.flatnonzero((want >= start) & (want < start + len(shard.rows)))
+            if hit.size == 0:
+                continue
+            for i, layer in enumerate(self.layers):
+                out[layer][hit] = shard.dense(i, self.d_sae)[want[hit] - start]
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """What the curation summary records about the codes."""
+        cells = self.num_rows * len(self.layers)
+        truncated = sum(m.truncated for m in self.manifests)
+        l0 = sum(m.mean_l0 * m.num_rows for m in self.manifests) / max(1, self.num_rows)
+        return {"code_k": self.manifests[0].code_k, "value_dtype": self.manifests[0].value_dtype,
+                "mean_l0": round(l0, 2), "truncated_fraction": round(truncated / max(1, cells), 4)}  # fmt: skip
+
+
+def dense_layer(dirs: Sequence[Path], position: int) -> np.ndarray:
+    """[N, d_sae] codes of one layer position over all `dirs` (seeds, and the dense baseline of the benchmark)."""
+    source = SparseCodeSource(dirs)
+    return np.concatenate([shard.dense(position, source.d_sae) for _, shard in source.shards()])
+
+
+def iter_code_shards(dirs: Sequence[Path]) -> SparseCodeSource:
+    """The codes of `dirs` as a source for `retrieval.stream.stream_topm`."""
+    return SparseCodeSource(dirs)

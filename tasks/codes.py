@@ -1,0 +1,82 @@
+"""Tasks of the `sae-codes` stage: the corpus's sparse SAE codes, one artifact per corpus shard.
+
+Each corpus activation shard is encoded by its own task (fanned out like the embedding), keyed by that
+shard's artifact and the SAEs, so a new seed set reuses every code and a killed run keeps the shards it
+finished. Retrieval streams them (`retrieval.stream`); nothing dense over the whole corpus is stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from finescope_core import sae as sae_lib
+from finescope_core.config import FinescopeConfig
+from finescope_core.sae.codes import write_codes
+from tasks.activations import listed_shards
+from tasks.common import (
+    GPU_TAGS,
+    RUN_RESULTS,
+    STORE_RETRIES,
+    Progress,
+    StageKey,
+    StageKeyModel,
+    StageManifest,
+    artifact_dir,
+    lookup_stage,
+    open_store,
+    run_cached,
+)
+
+
+class CodesKey(StageKeyModel):
+    """`sae-codes`: one corpus shard's SAE codes (every nonzero latent, or the largest `code_k`), on that
+    shard's activations and the SAEs."""
+
+    STAGE = "sae-codes"
+    VERSION = "1"
+    CONFIG = {"code_k": "curate.code_k", "code_dtype": "curate.code_dtype"}
+
+    code_k: int | str
+    code_dtype: str
+
+
+def codes_key(cfg: FinescopeConfig, shard_sha: str, sae_sha: str) -> StageKey:
+    return CodesKey.of(cfg, {"activations": shard_sha, "sae": sae_sha}).spec()
+
+
+def corpus_shard_refs(cfg: FinescopeConfig, acts: StageManifest) -> list[dict[str, Any]]:
+    """The shard references ({stage, key, sha256, rows}) of a gathered activations artifact, in row order."""
+    return listed_shards(open_store(cfg), acts)
+
+
+@task(name="sae-codes", task_run_name="sae-codes-{index}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, index: int) -> StageManifest:
+    """The sparse codes of one corpus shard (the `index`-th) under every layer's SAE."""
+    store = open_store(cfg)
+
+    def build(work: Path) -> dict[str, Any]:
+        found = store.lookup(shard["stage"], shard["key"])
+        if found is None or found.sha256 != shard["sha256"]:
+            raise FileNotFoundError(f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; re-run to rebuild it")
+        model, layers, _ = sae_lib.load_saes(artifact_dir(store, sae))
+        code_k = None if cfg.curate.code_k == "all" else cfg.curate.code_k
+        manifest = write_codes(model, store.local_path(found), layers, work, code_k=code_k,
+                               value_dtype=cfg.curate.code_dtype, progress=Progress(f"sae codes (shard {index})"))  # fmt: skip
+        return {"rows": manifest.num_rows, "truncated": manifest.truncated, "mean_l0": round(manifest.mean_l0, 2)}
+
+    return run_cached(store, codes_key(cfg, shard["sha256"], sae.sha256), build)
+
+
+def lookup_codes(cfg: FinescopeConfig, acts: StageManifest, sae: StageManifest) -> list[StageManifest | None]:
+    """Per corpus shard, its codes when they are in the store (None where not)."""
+    store = open_store(cfg)
+    return [lookup_stage(store, codes_key(cfg, s["sha256"], sae.sha256)) for s in corpus_shard_refs(cfg, acts)]
+
+
+def code_dirs(cfg: FinescopeConfig, codes: list[StageManifest]) -> list[Path]:
+    """Local directories of the code artifacts, in row order."""
+    store = open_store(cfg)
+    return [artifact_dir(store, c) for c in codes]
