@@ -82,7 +82,7 @@ def run_size(work: Path, model: Path, n: int, args: argparse.Namespace) -> dict[
         "model": str(model), "seeds": [str(case / "seeds.jsonl")], "corpus": [str(case / "corpus.jsonl")],
         "store": str(case / "store"), "device": "cpu", "output": str(case / "out"),
         "curate": {"k_act": min(128, args.hidden), "final_size": 100, "top_m": 100, "max_length": 32, "batch_size": 64, "reference_size": 64,
-                   "code_k": args.code_k, "code_dtype": args.code_dtype,
+                   "code_k": args.code_k if args.code_k == "all" else int(args.code_k), "code_dtype": args.code_dtype,
                    "sae": {"d_sae": args.d_sae, "steps": args.sae_steps, "kind": args.sae_kind}},
     }  # fmt: skip
     (case / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--sae-kind", default="relu", choices=("relu", "topk"))
     parser.add_argument("--sae-steps", type=int, default=300)
-    parser.add_argument("--code-k", type=int, default=64, help="curate.code_k (d_sae: every latent stored)")
+    parser.add_argument("--code-k", default="all", help="curate.code_k: all (the default: every nonzero latent) or a number")
     parser.add_argument("--code-dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--dense-max", type=int, default=100_000, help="largest size to time the dense retrieval on")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -271,6 +271,10 @@ class FinetuneConfig(_Strict):
     """Share of the optimiser steps with a linear learning-rate warm-up (then cosine decay to 0)."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping (global L2 norm)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    activation memory of one layer instead of all, for about a third more compute. The same updates
+    (tested): for long `max_length`, large batches or full tuning of a big model on one GPU."""
 
 
 class EvalConfig(_Strict):

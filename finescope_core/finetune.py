@@ -415,6 +415,9 @@ def _training_args(cfg: FinetuneConfig, n_train: int, seed: int, work: Path, dev
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=device.type == "cpu",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant: works with frozen inputs (LoRA), and keeps the RNG of dropout the same on recompute.
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
     )
 
 

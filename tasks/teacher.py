@@ -49,7 +49,9 @@ class DistilledKey(ModelStageKey):
     """`distilled`: the generation settings, on the teacher model (`teacher.model`, by content) and the records."""
 
     STAGE = "distilled"
-    VERSION = "2"  # 2: max_new_tokens auto, prompts shortened in the reference, wrong_answer check
+    # 2: max_new_tokens auto, prompts shortened in the reference, wrong_answer check
+    # 3: batches by prompt length (longest first), so batch composition and per-batch seeds differ
+    VERSION = "3"
     CONFIG = {
         "max_new_tokens": "teacher.max_new_tokens", "max_prompt_length": "teacher.max_prompt_length",
         "batch_size": "teacher.batch_size", "temperature": "teacher.temperature",

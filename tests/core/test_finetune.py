@@ -169,6 +169,20 @@ def test_eval_loss_per_epoch_and_reruns_are_deterministic(tmp_path: Path) -> Non
     assert json.loads((tmp_path / "out" / "finetune.json").read_text())["eval_loss"] == b.eval_loss
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path: Path, method: str) -> None:
+    """Recomputing the activations in the backward pass changes memory, not the updates."""
+    rows = ROWS * 2
+    base = SMALL | {"epochs": 2, "lr": 5e-3, "eval_fraction": 0.25, "dropout": 0.1, "method": method}
+    plain, ckpt = (
+        lora_finetune(_expressive_tiny(), byte_tokenizer(), rows, FinetuneConfig(**base | {"gradient_checkpointing": on}),
+                      tmp_path / f"out-{on}", seed=3)
+        for on in (False, True)
+    )  # fmt: skip
+    assert ckpt.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
+    assert ckpt.eval_loss == pytest.approx(plain.eval_loss, rel=1e-5)
+
+
 def test_no_usable_rows_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="cutoff"):
         lora_finetune(tiny_model(), byte_tokenizer(), [{"prompt": "p" * 200, "response": "r"}], FinetuneConfig(**SMALL), tmp_path / "out")

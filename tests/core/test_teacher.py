@@ -16,8 +16,10 @@ from finescope_core.teacher import (
     PLAIN_TEMPLATE,
     REWRITE_INSTRUCTION,
     TeacherError,
+    by_prompt_length,
     distilled_line,
     encode_prompt,
+    fit_prompt,
     format_prompt,
     generate_batch,
     generate_distilled,
@@ -239,11 +241,17 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
         generate_distilled(model, tok, records, cfg, part, progress=kill_after_two)
     lines = part.read_text().splitlines(keepends=True)
     assert len(lines) == 6
-    # A kill in the middle of the third batch's write leaves one complete line and a partial one.
     full_lines = full.read_text().splitlines(keepends=True)
-    assert lines == full_lines[:6]
+    assert [json.loads(line)["id"] for line in full_lines] == [r.id for r in records]  # finished: the records' order
+    # Until then lines are in generation order (longest prompt first).
+    order = [r.id for r in by_prompt_length(tok, records, cfg.max_prompt_length)]
+    assert order != [r.id for r in records]
+    by_id = {json.loads(line)["id"]: line for line in full_lines}
+    generated_order = [by_id[i] for i in order]
+    assert lines == generated_order[:6]
+    # A kill in the middle of the third batch's write leaves one complete line and a partial one.
     with part.open("a") as f:
-        f.write(full_lines[6] + full_lines[7][:9])
+        f.write(generated_order[6] + generated_order[7][:9])
 
     calls.clear()
     resumed = generate_distilled(model, tok, records, cfg, part)
@@ -318,3 +326,14 @@ def test_default_model_batched_generation_equals_one_by_one() -> None:
     single = [generate_batch(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
     assert batched == single
     assert tok.decode(prompts[1]).startswith("<|im_start|>system")
+
+
+def test_generation_order_is_longest_prompt_first_ties_in_input_order() -> None:
+    tok = byte_tokenizer()
+    records = _records(12)
+    ordered = by_prompt_length(tok, records, 512)
+    lengths = [len(fit_prompt(tok, r, 512) or ()) for r in ordered]
+    assert lengths == sorted(lengths, reverse=True) and sorted(r.id for r in ordered) == sorted(r.id for r in records)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if len(fit_prompt(tok, a, 512) or ()) == len(fit_prompt(tok, b, 512) or ()):
+            assert records.index(a) < records.index(b)
