@@ -210,6 +210,14 @@ class TeacherConfig(_Strict):
 
     model: str = Field("base", json_schema_extra=NAME_OR_PATH)
     """`base`: the unpruned base model; or any HF directory / hub id."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """`hf`: transformers `generate`, batched by prompt length (any device). `vllm`: the vLLM engine
+    (`pip install 'finescope[vllm]'`, CUDA only; continuous batching, raise `batch_size` to e.g. 256):
+    the same prompts, budget, EOS tokens, output file and reject filter. Greedy outputs may differ
+    from `hf` in the last float bits, so the choice is part of the distilled stage's key."""
+    device_map: Literal["single", "auto"] = "single"
+    """`hf` backend: `single` puts the teacher on `device`; `auto` lets accelerate spread its layers
+    over every visible GPU (then the CPU), for a teacher larger than one GPU. The same outputs."""
     max_new_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Longest teacher response, in tokens. `auto`: 1.25 x the 95th percentile of the reference
     answers' token lengths, clamped to [32, 1024] (128 when no record has a reference); the value

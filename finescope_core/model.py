@@ -175,24 +175,33 @@ def load_model(
     device: str = "auto",
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str = "sdpa",
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (weights only from safetensors), in eval mode.
 
     The tokenizer always has a pad token (eos when the model defines none). `cache_dir` only matters
     for `default`: where its de-quantised copy is kept. `dtype` is a torch dtype or a `model_dtype`
-    name (`auto` resolved for `device`, see `resolve_dtype`).
+    name (`auto` resolved for `device`, see `resolve_dtype`). `device_map="auto"` lets accelerate
+    spread the layers over every visible GPU (and the CPU for what does not fit) instead of moving
+    the whole model to `device`: for a model larger than one GPU (inference only).
     """
     path = resolve_model_path(spec, cache_dir)
     target = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype, target), attn_implementation=attn_implementation, use_safetensors=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prepare_tokenizer(tokenizer)
-    nn.Module.to(model, target)  # transformers' wrapper of `to` hides its signature
+        path, dtype=resolve_dtype(dtype, target), attn_implementation=attn_implementation, use_safetensors=True,
+        device_map=device_map,
+    )  # fmt: skip
+    tokenizer = load_tokenizer(path)
+    if device_map is None:
+        nn.Module.to(model, target)  # transformers' wrapper of `to` hides its signature
     model.train(False)
     resolve_arch(model)  # fail early on architectures we cannot hook or prune
     return model, tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A model directory's tokenizer, with a pad token (`prepare_tokenizer`)."""
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -273,8 +273,12 @@ class Generation:
     """True when generation stopped at max_new_tokens without an end-of-sequence token."""
 
 
-def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every token id that ends a response: the generation config's and the tokenizer's EOS."""
+def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token id that ends a response: the generation config's and the tokenizer's EOS.
+
+    Args:
+        model: anything with a `generation_config` (a model, or a `VLLMGenerator`).
+    """
     ids: list[int] = []
     configured = model.generation_config.eos_token_id
     for value in [*(configured if isinstance(configured, list) else [configured]), tokenizer.eos_token_id]:
@@ -403,8 +407,62 @@ def fit_prompt(tokenizer: PreTrainedTokenizerBase, record: Record, max_length: i
     return None
 
 
+class VLLMGenerator:
+    """Teacher generation through vLLM (`teacher.backend: vllm`, CUDA only): the same prompts (token ids),
+    EOS ids, budget and sampling as the HF path, so the same JSONL and reject filter follow.
+
+    vLLM batches continuously inside each call, so a larger `teacher.batch_size` (e.g. 256) keeps the
+    GPU busy; the batch is still the unit the output is written and resumed in.
+    """
+
+    def __init__(self, path: str, dtype: str, seed: int, **engine: Any):
+        try:
+            import vllm
+        except ImportError:
+            raise TeacherError("teacher.backend: vllm needs the vllm package: pip install 'finescope[vllm]' (CUDA only); "
+                               "or use teacher.backend: hf") from None  # fmt: skip
+        from transformers import GenerationConfig
+
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, **engine)
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            self.generation_config = GenerationConfig()  # type: ignore[no-untyped-call]  # untyped in transformers
+
+    def generate(
+        self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float,
+        seed: int,
+    ) -> list[Generation]:
+        """One `Generation` per prompt, in order (`Generation.truncated`: stopped by the budget)."""
+        eos = eos_ids(self, tokenizer)
+        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                           stop_token_ids=eos, detokenize=False)  # fmt: skip
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params, use_tqdm=False)
+        return [vllm_generation(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, eos) for o in outputs]
+
+
+def vllm_generation(token_ids: list[int], finish_reason: str | None, eos: list[int]) -> Generation:
+    """A vLLM completion as a `Generation`: cut before the first EOS (vLLM keeps a stop token in the
+    output), truncated when vLLM stopped for length."""
+    cut = _cut_at_eos(token_ids, eos)
+    return Generation(cut.token_ids, truncated=cut.truncated and finish_reason == "length")
+
+
+Teacher = PreTrainedModel | VLLMGenerator
+"""A model the HF path generates with, or the vLLM engine."""
+
+
+def _generate(teacher: Teacher, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], cfg: TeacherConfig,
+              seed: int, max_new_tokens: int) -> list[Generation]:  # fmt: skip
+    if isinstance(teacher, VLLMGenerator):
+        return teacher.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=seed)
+    with _seeded(seed, teacher.device):
+        return generate_batch(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature)
+
+
 def _distill_batch(
-    model: PreTrainedModel,
+    model: Teacher,
     tokenizer: PreTrainedTokenizerBase,
     batch: list[Record],
     cfg: TeacherConfig,
@@ -416,10 +474,7 @@ def _distill_batch(
     todo = [(r, p) for r, p in zip(batch, fitted, strict=True) if p is not None]
     gens: list[Generation] = []
     if todo:
-        with _seeded(seed, model.device):
-            gens = generate_batch(
-                model, tokenizer, [p for _, p in todo], max_new_tokens=max_new_tokens, temperature=cfg.temperature
-            )
+        gens = _generate(model, tokenizer, [p for _, p in todo], cfg, seed, max_new_tokens)
     by_id = {}
     for (record, _), gen in zip(todo, gens, strict=True):
         text = str(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
@@ -429,7 +484,7 @@ def _distill_batch(
 
 
 def generate_distilled(
-    model: PreTrainedModel,
+    model: Teacher,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Record],
     cfg: TeacherConfig,
@@ -445,7 +500,7 @@ def generate_distilled(
     rejected for the reason in `rejected`), and a dropped record has `response` and `source` null.
 
     Args:
-        model: the teacher, in eval mode.
+        model: the teacher, in eval mode (or a `VLLMGenerator`).
         records: the curated records, with unique ids, in output order.
         cfg: generation settings (batch size, budgets, temperature, reject threshold).
         out_path: the JSONL file; lines already there (from a killed run) are kept and skipped.

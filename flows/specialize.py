@@ -31,7 +31,7 @@ from tasks.prune import (
     training_pool,
 )
 from tasks.report import CURATE_SECONDS, metrics_document, report_task, stage_seconds
-from tasks.teacher import teacher_ref, teacher_task
+from tasks.teacher import check_teacher_backend, teacher_ref, teacher_task
 
 
 class Variant(BaseModel):
@@ -79,6 +79,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     start = time.perf_counter()
     check_ratio(config)
     check_harness_config(config.evaluate)  # a missing lm-eval include dir or an unknown task name: refused first
+    check_teacher_backend(config)  # vllm without the package or a GPU: refused before any model work
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     seeds, prepared = read_inputs(config)
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)

@@ -36,6 +36,7 @@ UNKEYED: dict[str, str] = {
     "device": "where model work runs: the same results on any device, up to float rounding",
     "prune.data": "reaches the pruning key through the pruning texts' content hash",
     "teacher.model": "reaches the distilled key through the teacher's content hash",
+    "teacher.device_map": "where the teacher's layers live: the same outputs on one device or spread over several",
     "evaluate.eval_file": "reaches the curated key through the held-out ids' hash (its duplicates leave the pool) "
     "and the evaluation key through the evaluation data's content hash",
     "evaluate.split_fraction": "reaches the keys through the split: the held-out ids' hash (curated), pruning "

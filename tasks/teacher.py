@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import task
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import (
     Record,
 )
-from finescope_core.model import load_model
-from finescope_core.teacher import generate_distilled
+from finescope_core.model import load_model, load_tokenizer
+from finescope_core.teacher import Teacher, TeacherError, VLLMGenerator, generate_distilled
 from tasks.common import (
     GPU_TAGS,
     IO_RETRIES,
@@ -24,6 +27,7 @@ from tasks.common import (
     Progress,
     StageKey,
     StageManifest,
+    compute_dtype,
     model_ref,
     open_store,
     run_cached,
@@ -50,12 +54,13 @@ class DistilledKey(ModelStageKey):
 
     STAGE = "distilled"
     # 2: max_new_tokens auto, prompts shortened in the reference, wrong_answer check
-    # 3: batches by prompt length (longest first), so batch composition and per-batch seeds differ
+    # 3: batches by prompt length (longest first), so batch composition and per-batch seeds differ; the backend
     VERSION = "3"
     CONFIG = {
         "max_new_tokens": "teacher.max_new_tokens", "max_prompt_length": "teacher.max_prompt_length",
         "batch_size": "teacher.batch_size", "temperature": "teacher.temperature",
-        "min_response_chars": "teacher.min_response_chars", "check_answer": "teacher.check_answer", "seed": "seed",
+        "min_response_chars": "teacher.min_response_chars", "check_answer": "teacher.check_answer",
+        "backend": "teacher.backend", "seed": "seed",
     }  # fmt: skip
 
     max_new_tokens: int | str
@@ -64,6 +69,7 @@ class DistilledKey(ModelStageKey):
     temperature: float
     min_response_chars: int
     check_answer: bool
+    backend: str
     seed: int
 
 
@@ -76,13 +82,32 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype)
+        model: Teacher
+        if cfg.teacher.backend == "vllm":
+            check_teacher_backend(cfg)
+            tok = load_tokenizer(teacher.path)
+            model = VLLMGenerator(teacher.path, compute_dtype(cfg) if cfg.model_dtype != "auto" else "auto", cfg.seed)
+        else:
+            device_map = "auto" if cfg.teacher.device_map == "auto" else None
+            model, tok = load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype, device_map=device_map)
         summary = generate_distilled(
             model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
         )
         return summary.to_dict()
 
     return run_cached(open_store(cfg), distilled_key(cfg, teacher.sha256, records), build, resume=True)
+
+
+def check_teacher_backend(cfg: FinescopeConfig) -> None:
+    """Refuse `teacher.backend: vllm` without the package or a CUDA device, before any work."""
+    if cfg.teacher.backend != "vllm":
+        return
+    if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
+        raise TeacherError("teacher.backend: vllm needs the vllm package: pip install 'finescope[vllm]' (CUDA only); "
+                           "or set teacher.backend: hf")  # fmt: skip
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        raise TeacherError(f"teacher.backend: vllm runs on CUDA only (device: {cfg.device}, CUDA available: "
+                           f"{torch.cuda.is_available()}); set teacher.backend: hf")  # fmt: skip
 
 
 FALLBACK_INFO = ("rejected", "fell_back", "dropped_by_reason", "max_new_tokens_used", "kept_teacher", "fell_back_to_reference", "dropped")
