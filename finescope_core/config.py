@@ -345,12 +345,26 @@ class OrchestrationConfig(_Strict):
     gpu_concurrency: int | None = Field(None, ge=1)
     """At most this many tasks tagged `finescope-gpu` run at once, across every run on the Prefect
     server (a tag concurrency limit, set when the run starts). None: leave the server's limit as it is."""
+    gpu_workers: bool = False
+    """`dask` only: one worker per GPU. The GPU-tagged fanned-out tasks (embedding shards, SAE layer
+    groups, code shards) ask for the Dask worker resource `GPU=1`, so they run only on workers that
+    have it, one at a time each. A local cluster then starts one single-threaded worker per visible
+    CUDA device (`workers` is ignored), each using its own device; on an existing cluster (`address`)
+    start one worker per GPU with that resource, e.g. `CUDA_VISIBLE_DEVICES=0 dask worker ADDR
+    --nthreads 1 --resources GPU=1` (the CUDA image does, see README)."""
     sae_layers_per_task: int = Field(1, ge=1)
     """Hooked layers trained together in one SAE task (one task per layer fans out the most; a
     larger value batches layers on one device). The SAEs are the same either way."""
     persist_results: bool = True
     """Persist Prefect task results under `<store>/prefect-results` (a result-storage block saved
     for the store), so the UI and reruns can read them back."""
+
+    @model_validator(mode="after")
+    def _gpu_workers_need_dask(self) -> OrchestrationConfig:
+        if self.gpu_workers and self.task_runner != "dask":
+            raise ValueError(f"orchestration.gpu_workers places tasks by Dask worker resources; set "
+                             f"orchestration.task_runner: dask (it is {self.task_runner!r}) or gpu_workers: false")  # fmt: skip
+        return self
 
 
 class FinescopeConfig(_Strict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow, unmapped
 
 from finescope_core.config import FinescopeConfig
-from flows.runtime import task_runner
+from flows.runtime import gpu_placement, task_runner
 from tasks.activations import (
     activation_shard_task,
     gather_activations_task,
@@ -30,13 +30,14 @@ def embed_flow(
     """Every shard of every record set as one mapped task, then one gathered artifact per record set."""
     sizes = [record_count(config, records) for records in record_sets]
     plans = [shard_plan(size, config.curate.shard_size) for size in sizes]
-    futures = [
-        activation_shard_task.map(
-            unmapped(config), unmapped(ref), unmapped(records), unmapped(layers), unmapped(sal),
-            [start for start, _ in plan], [stop for _, stop in plan],
-        )
-        for records, plan in zip(record_sets, plans, strict=True)
-    ]
+    with gpu_placement(config):
+        futures = [
+            activation_shard_task.map(
+                unmapped(config), unmapped(ref), unmapped(records), unmapped(layers), unmapped(sal),
+                [start for start, _ in plan], [stop for _, stop in plan],
+            )
+            for records, plan in zip(record_sets, plans, strict=True)
+        ]
     shards = [f.result() for f in futures]
     return [
         gather_activations_task(config, ref, records, layers, sal, done, size)
@@ -61,7 +62,8 @@ def embed(
 def sae_flow(config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int]) -> StageManifest:
     """One mapped task per group of `orchestration.sae_layers_per_task` layers, then one SAE artifact."""
     groups = sae_groups(len(layers), config.orchestration.sae_layers_per_task)
-    futures = sae_layers_task.map(unmapped(config), unmapped(acts), unmapped(sal), unmapped(layers), groups)
+    with gpu_placement(config):
+        futures = sae_layers_task.map(unmapped(config), unmapped(acts), unmapped(sal), unmapped(layers), groups)
     return gather_sae_task(config, acts, sal, layers, futures.result())
 
 
@@ -77,7 +79,8 @@ def train_saes(config: FinescopeConfig, acts: StageManifest, sal: StageManifest,
 def codes_flow(config: FinescopeConfig, acts: StageManifest, sae: StageManifest, missing: list[int]) -> list[StageManifest]:
     """One mapped task per corpus shard whose codes are not in the store yet."""
     shards = corpus_shard_refs(config, acts)
-    futures = codes_task.map(unmapped(config), [shards[i] for i in missing], unmapped(sae), missing)
+    with gpu_placement(config):
+        futures = codes_task.map(unmapped(config), [shards[i] for i in missing], unmapped(sae), missing)
     return list(futures.result())
 
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_TASKS_DEFAULT_PERSIST_RESULT, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -43,7 +44,13 @@ def task_runner(cfg: FinescopeConfig) -> TaskRunner:
         if o.address:
             return DaskTaskRunner(address=o.address)
         # One single-threaded worker process per slot: torch inside each task uses its own threads.
-        cluster = {"n_workers": o.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
+        cluster: dict[str, Any] = {"n_workers": o.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
+        if o.gpu_workers:
+            gpus = torch.cuda.device_count()
+            if gpus == 0:
+                raise ConfigError("orchestration.gpu_workers starts one Dask worker per GPU, and no CUDA device is visible; "
+                                  "set gpu_workers: false, or give an address of a cluster with GPU workers")  # fmt: skip
+            cluster.update(n_workers=gpus, resources={"GPU": 1})
         return DaskTaskRunner(cluster_kwargs=cluster)
     if o.task_runner == "ray":
         from prefect_ray import RayTaskRunner
@@ -137,3 +144,17 @@ def prefect_results(cfg: FinescopeConfig) -> Iterator[None]:
         ctx.model_copy(update={"result_store": store, "persist_result": True}),
     ):
         yield
+
+
+@contextlib.contextmanager
+def gpu_placement(cfg: FinescopeConfig) -> Iterator[None]:
+    """Around the `.map` of GPU-tagged tasks: with `orchestration.gpu_workers` they need the Dask worker
+    resource `GPU=1` (one per GPU worker, so one such task per GPU at a time)."""
+    if cfg.orchestration.gpu_workers:
+        import dask
+
+        with dask.annotate(resources={"GPU": 1}):
+            yield
+    else:
+        yield
+

@@ -356,6 +356,23 @@ _MODEL_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
 
 
+def pin_worker_gpu() -> None:
+    """On a worker of a local per-GPU cluster (workers named 0..n-1, every GPU visible), use GPU `name`.
+
+    A worker started with its own `CUDA_VISIBLE_DEVICES` sees one device and needs nothing.
+    """
+    if torch.cuda.device_count() < 2:
+        return
+    try:
+        from distributed import get_worker
+
+        name = str(get_worker().name)
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return
+    if name.isdigit():
+        torch.cuda.set_device(int(name) % torch.cuda.device_count())
+
+
 @contextlib.contextmanager
 def using_model(path: str, device: str, dtype: str = "float32") -> Iterator[tuple[Any, Any]]:
     """The process's shared copy of a model, held by one task at a time.
@@ -363,6 +380,7 @@ def using_model(path: str, device: str, dtype: str = "float32") -> Iterator[tupl
     Stages attach forward hooks to the shared modules, so two threads of one process must not run it
     at once; parallel embedding comes from worker processes (Dask, Ray), each with its own copy.
     """
+    pin_worker_gpu()
     with _LOCKS_LOCK:
         lock = _MODEL_LOCKS.setdefault((path, device), threading.Lock())
     with lock:

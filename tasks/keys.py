@@ -53,6 +53,7 @@ UNKEYED: dict[str, str] = {
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
     "orchestration.address": "where stages run",
     "orchestration.workers": "how many run at once",
+    "orchestration.gpu_workers": "which workers run the GPU tasks: every worker gives the same artifacts",
     "orchestration.gpu_concurrency": "how many GPU tasks run at once",
     "orchestration.persist_results": "whether Prefect keeps its task results; the artifacts are the same",
 }

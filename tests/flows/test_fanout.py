@@ -5,6 +5,8 @@ tasks; Prefect's own results must land in the artifact store.
 """
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 from test_curate_flow import TOPICS
 
 from finescope_core.activations import load_activations
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.store import ArtifactStore
 from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
@@ -208,3 +210,44 @@ def test_ray_runner_gives_the_same_curated_set(inputs, reference):
     result = curate_flow(cfg)
     assert curated_ids(cfg, result) == curated_ids(ref_cfg, ref)
     assert len(list((Path(cfg.store) / "activation-shards").iterdir())) == 2 + 1
+
+
+def _dask_worker(address: str, name: str, *resources: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", name,
+            "--no-dashboard", "--death-timeout", "60", *resources]  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_gpu_workers_run_every_gpu_task_on_a_worker_with_the_gpu_resource(inputs, reference):
+    """`orchestration.gpu_workers`: on a cluster of two GPU workers and one plain worker, the GPU-tagged
+    tasks (embedding shards, SAE layers, code shards) run only where the `GPU` resource is; the
+    curated set is the same. (The resource is a label: the test runs on CPU workers.)"""
+    distributed = pytest.importorskip("distributed")
+    ref_cfg, ref = reference
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        gpus = [_dask_worker(cluster.scheduler_address, f"gpu-{i}", "--resources", "GPU=1") for i in range(2)]
+        try:
+            with distributed.Client(cluster) as client:
+                client.wait_for_workers(3, timeout=120)
+                names = {addr: w["name"] for addr, w in client.scheduler_info()["workers"].items()}
+                with distributed.get_task_stream(client) as stream:
+                    cfg = config(inputs, str(inputs / "store-gpu-workers"), shard_size=16, task_runner="dask",
+                                 address=cluster.scheduler_address, gpu_workers=True)  # fmt: skip
+                    result = curate_flow(cfg)
+        finally:
+            for p in gpus:
+                p.terminate()
+                p.wait(timeout=30)
+    ran = {names.get(t["worker"], t["worker"]) for t in stream.data}
+    assert ran == {"gpu-0", "gpu-1"}, f"GPU tasks ran on {ran}"
+    assert curated_ids(cfg, result) == curated_ids(ref_cfg, ref)
+
+
+def test_gpu_workers_need_dask_and_a_visible_gpu(inputs):
+    with pytest.raises(ValueError, match="orchestration.gpu_workers places tasks by Dask worker resources"):
+        config(inputs, "store", gpu_workers=True)
+    if not torch.cuda.is_available():
+        from flows.runtime import task_runner
+
+        with pytest.raises(ConfigError, match="no CUDA device is visible"):
+            task_runner(config(inputs, "store", task_runner="dask", gpu_workers=True))
