@@ -11,7 +11,8 @@ sparse codes) on the same stored codes, with the peak memory of each.
     python bench/bench_scale.py                               # 10k, 100k records
     python bench/bench_scale.py --sizes 10000,100000,1000000  # the issue's three sizes (~1 h on 2 cores)
 
-Flat is the goal: seconds per 1k records, and bytes per record, should not grow with the size.
+Flat is the goal: seconds per 1k records (the marginal cost between sizes, and each stage's), and bytes
+per record, should not grow with the size; fixed costs (Prefect's start, SAE training) dominate small runs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ def store_bytes(store: Path) -> dict[str, int]:
     return out
 
 
+def stage_seconds(store: Path) -> dict[str, float]:
+    """Seconds each stage took, summed over its artifacts (every shard), from the store's markers."""
+    out: dict[str, float] = {}
+    for marker in sorted(store.glob("*/*/_COMPLETE.json")):
+        stage = marker.parent.parent.name
+        if stage in ("corpus", "seeds", "models", "activations", "sae"):  # inputs, and gathers of the shards
+            continue
+        out[stage] = out.get(stage, 0.0) + float(json.loads(marker.read_text()).get("seconds", 0.0))
+    return out
+
+
 def child(config: Path, out: Path) -> None:
     """Run `finescope curate` in this process and write its wall time and peak RSS to `out`."""
     sys.path.insert(0, str(ROOT))  # this checkout, not whichever one is installed
@@ -98,8 +110,7 @@ def run_size(work: Path, model: Path, n: int, args: argparse.Namespace) -> dict[
     derived = {k: v for k, v in stored.items() if k not in ("corpus", "seeds", "models")}
     curated = [json.loads(line) for line in (case / "out" / "curated.jsonl").open()]
     precision = sum(r["id"].startswith("t-") for r in curated) / max(1, len(curated))
-    stages = json.loads((case / "out" / "run.json").read_text())["stages"]
-    facts["stage_seconds"] = {name: m["seconds"] for name, m in stages.items() if isinstance(m, dict) and "seconds" in m}
+    facts["stage_seconds"] = stage_seconds(case / "store")
     return {"n": n, **facts, "stored": stored, "derived_bytes": sum(derived.values()), "precision": precision,
             "codes_bytes": stored.get("sae-codes", 0), "case": case}  # fmt: skip
 
@@ -178,8 +189,11 @@ def main() -> None:
             rows.append(r)
             print(f"{n:>9} {r['seconds']:>8.1f} {1000 * r['seconds'] / n:>6.2f} {r['peak_rss'] / 2**30:>7.2f}GB "
                   f"{r['derived_bytes'] / n:>12.0f} {r['codes_bytes'] / n:>11.0f} {r['precision']:>6.2f}", flush=True)  # fmt: skip
-        names = [k for k in rows[-1]["stage_seconds"] if k not in ("corpus", "seeds")]
-        print("\nseconds per 1k records by stage (a cached stage reports its first time):")
+        for a, b in zip(rows, rows[1:], strict=False):
+            marginal = 1000 * (b["seconds"] - a["seconds"]) / (b["n"] - a["n"])
+            print(f"marginal cost {a['n']} -> {b['n']}: {marginal:.3f} s per 1k records")
+        names = list(rows[-1]["stage_seconds"])
+        print("\nseconds per 1k records by stage (every shard's artifact summed; the whole run's includes Prefect's start):")
         print(f"{'records':>9} " + " ".join(f"{k[:16]:>16}" for k in names))
         for r in rows:
             print(f"{r['n']:>9} " + " ".join(f"{1000 * r['stage_seconds'].get(k, 0) / r['n']:>16.3f}" for k in names))
