@@ -359,13 +359,6 @@ class OrchestrationConfig(_Strict):
     """Persist Prefect task results under `<store>/prefect-results` (a result-storage block saved
     for the store), so the UI and reruns can read them back."""
 
-    @model_validator(mode="after")
-    def _gpu_workers_need_dask(self) -> OrchestrationConfig:
-        if self.gpu_workers and self.task_runner != "dask":
-            raise ValueError(f"orchestration.gpu_workers places tasks by Dask worker resources; set "
-                             f"orchestration.task_runner: dask (it is {self.task_runner!r}) or gpu_workers: false")  # fmt: skip
-        return self
-
 
 class FinescopeConfig(_Strict):
     """A whole finescope run. A config of just `seeds` and `corpus` is enough."""

@@ -25,6 +25,9 @@ _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_r
 def check_runner(cfg: FinescopeConfig) -> None:
     """Refuse a runner whose integration is not installed, before any work."""
     name = cfg.orchestration.task_runner
+    if cfg.orchestration.gpu_workers and name != "dask":
+        raise ConfigError(f"orchestration.gpu_workers places tasks by Dask worker resources; set "
+                          f"orchestration.task_runner: dask (it is {name!r}) or gpu_workers: false")  # fmt: skip
     if name in _RUNNER_PACKAGES:
         module, package = _RUNNER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:

@@ -244,10 +244,10 @@ def test_gpu_workers_run_every_gpu_task_on_a_worker_with_the_gpu_resource(inputs
 
 
 def test_gpu_workers_need_dask_and_a_visible_gpu(inputs):
-    with pytest.raises(ValueError, match="orchestration.gpu_workers places tasks by Dask worker resources"):
-        config(inputs, "store", gpu_workers=True)
-    if not torch.cuda.is_available():
-        from flows.runtime import task_runner
+    from flows.runtime import check_runner, task_runner
 
+    with pytest.raises(ConfigError, match="orchestration.gpu_workers places tasks by Dask worker resources"):
+        check_runner(config(inputs, "store", gpu_workers=True))  # preflight: before any work
+    if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device is visible"):
             task_runner(config(inputs, "store", task_runner="dask", gpu_workers=True))
