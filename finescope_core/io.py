@@ -28,19 +28,19 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     Raises:
         JsonlError: a line that is not a JSON object, naming `path:line` and the fix.
     """
-    rows = []
     with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JsonlError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(row, dict):
-                raise JsonlError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+        return [_parse_line(path, lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
+
+
+def _parse_line(path: str | Path, lineno: int, line: str | bytes) -> dict[str, Any]:
+    """One JSON lines line as an object, or a JsonlError naming `path:lineno` and the fix."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JsonlError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+    if not isinstance(row, dict):
+        raise JsonlError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+    return row
 
 
 def dump_jsonl(rows: Iterable[dict[str, Any]], f: IO[str]) -> None:
@@ -109,13 +109,4 @@ def read_jsonl_rows(path: str | Path, start: int, stop: int) -> list[dict[str, A
     with open(path, "rb") as f:
         f.seek(int(offsets[start]))
         data = f.read(int(offsets[stop] - offsets[start]))
-    rows = []
-    for lineno, line in enumerate(data.splitlines(), start + 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JsonlError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(row, dict):
-            raise JsonlError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return [_parse_line(path, lineno, line) for lineno, line in enumerate(data.splitlines(), start + 1)]
