@@ -1,15 +1,16 @@
 """Sparse SAE codes on disk: each record's largest nonzero latents per layer, written and read shard by shard.
 
 A code directory encodes one activation directory (one corpus shard). Its file `codes-00000.safetensors`
-holds, for its n records (in row order) and L layers, `values` [n, L, k] and
-`indices` [n, L, k] (each code's largest latents, largest first, padded with value 0 at index 0
-when the code has fewer nonzeros) and `rows` [n] (0..n-1). `codes.json`, written last, marks a complete directory and says how many codes had more
-nonzeros than k (truncated: their smallest latents were dropped).
+holds, for its n records (in row order) and L layers, the codes in CSR over (record, layer): `values`
+and `indices` [nnz] (the stored latents of each code) and `indptr` [n * L + 1], plus `rows` [n]
+(0..n-1). `codes.json`, written last, marks a complete directory and says how many codes had more
+nonzeros than `code_k` (truncated: their smallest latents were dropped).
 
 By default (`code_k=None`, config `curate.code_k: all`) every nonzero latent is kept, so the stored
 codes are the codes and storage follows the SAEs' L0 (a TopK SAE: k latents; 8 layers x 32 x (2 + 2
-bytes) = 1 KB a record). A number keeps each code's largest that many, which bounds the storage of
-ReLU codes at some cost in retrieval. Values are float16 by default (float32 on request).
+bytes) = 1 KB a record, plus 8 bytes of `indptr` per layer). A number keeps each code's largest that
+many, which bounds the storage of ReLU codes at some cost in retrieval. Values are float16 by default
+(float32 on request).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CodesManifest:
     Attributes:
         layers: the model layer of each position of the L axis.
         d_sae: latents per layer (indices lie in 0..d_sae-1).
-        code_k: latents stored per record and layer (the widest chunk's L0 when every nonzero is kept).
+        code_k: most latents stored per record and layer (d_sae when every nonzero is kept).
         num_rows: records in all shards; `rows` values are 0..num_rows-1.
         value_dtype: "float16" or "float32".
         shards: (file, rows) per shard, in row order.
@@ -105,7 +106,7 @@ def write_codes(
 
     Args:
         code_k: latents kept per record and layer (each code's largest); None: every nonzero one (the
-            shard's width is then its largest L0, so the codes are stored exactly).
+            codes are stored exactly).
 
     Raises:
         CodesError: an unknown value dtype, code_k < 1, or activations that do not fit the SAEs.
@@ -118,29 +119,33 @@ def write_codes(
     (out_dir / MANIFEST).unlink(missing_ok=True)
     acts = load_activations(acts_dir)
     index_dtype = torch.int16 if sae.d_sae <= 2**15 else torch.int32
-    parts = []
+    values, indices, counts = [], [], []
+    truncated, l0_sum = 0, 0.0
     for start in range(0, acts.shape[0], chunk):
         try:
             codes = encode(sae, acts[start : start + chunk])
         except SAEInputError as e:
             raise CodesError(f"{acts_dir}: {e}") from None
-        nonzero = (codes > 0).sum(dim=-1)
-        width = code_k if code_k is not None else max(1, int(nonzero.max()) if nonzero.numel() else 1)
-        v, i, _ = top_nonzeros(codes, width)
-        parts.append((v.to(VALUE_DTYPES[value_dtype]), i.to(index_dtype), nonzero))
+        nonzero = (codes > 0).sum(dim=-1)  # [c, L]
+        truncated += 0 if code_k is None else int((nonzero > code_k).sum())
+        l0_sum += float(nonzero.sum())
+        if code_k is None:  # every nonzero latent, in latent order
+            kept, latent = codes, torch.arange(codes.shape[-1]).expand_as(codes)
+        else:  # each code's largest code_k, largest first
+            kept, latent = top_nonzeros(codes, code_k)[:2]
+        mask = kept > 0  # row-major over (record, layer, slot): the CSR order
+        values.append(kept[mask].to(VALUE_DTYPES[value_dtype]))
+        indices.append(latent[mask].to(index_dtype))
+        counts.append(mask.sum(dim=-1).flatten())
         progress(min(start + chunk, acts.shape[0]), acts.shape[0])
-    width = max(p[0].shape[-1] for p in parts)  # chunks of an exact store may differ: pad to the widest
-    values = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1])) for v, _, _ in parts])
-    indices = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for _, i, _ in parts])
-    nonzero = torch.cat([nz for _, _, nz in parts])
-    truncated = int((nonzero > width).sum())
-    l0_sum = float(nonzero.sum())
     n = acts.shape[0]
+    indptr = torch.zeros(n * len(layers) + 1, dtype=torch.int64)
+    torch.cumsum(torch.cat(counts), 0, out=indptr[1:])
     name = "codes-00000.safetensors"
-    save_file({"values": values.contiguous(), "indices": indices.contiguous(), "rows": torch.arange(n)},
-              str(out_dir / name))  # fmt: skip
+    save_file({"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous(),
+               "indptr": indptr, "rows": torch.arange(n)}, str(out_dir / name))  # fmt: skip
     manifest = CodesManifest(
-        layers=list(layers), d_sae=sae.d_sae, code_k=width, num_rows=n, value_dtype=value_dtype,
+        layers=list(layers), d_sae=sae.d_sae, code_k=code_k or sae.d_sae, num_rows=n, value_dtype=value_dtype,
         shards=[(name, n)], truncated=truncated, mean_l0=l0_sum / max(1, n * len(layers)),
     )  # fmt: skip
     (out_dir / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1), encoding="utf-8")
@@ -149,19 +154,26 @@ def write_codes(
 
 @dataclass(frozen=True)
 class CodeShard:
-    """One code shard as read: record rows [n] and per layer position (values, indices) [n, k]."""
+    """One code shard as read: record rows [n] and its codes in CSR over (record, layer): the entries
+    of record r in layer position p are `values/indices[indptr[r * L + p] : indptr[r * L + p + 1]]`."""
 
     rows: np.ndarray
     values: np.ndarray
     indices: np.ndarray
+    indptr: np.ndarray
 
     def dense(self, position: int, d_sae: int) -> np.ndarray:
         """[n, d_sae] float32 codes of one layer position (zeros where nothing is stored)."""
         n = self.rows.shape[0]
+        layers = (len(self.indptr) - 1) // max(1, n)
+        counts = np.diff(self.indptr).reshape(n, layers)
+        starts = self.indptr[:-1].reshape(n, layers)[:, position]
+        take = counts[:, position]
+        rows = np.repeat(np.arange(n), take)
+        # Each record's entries of this layer: its start plus 0..count-1.
+        entry = np.repeat(starts - np.cumsum(take) + take, take) + np.arange(int(take.sum()))
         out = np.zeros((n, d_sae), dtype=np.float32)
-        vals = self.values[:, position].astype(np.float32)
-        real = vals > 0  # padding slots (value 0 at index 0) are not written
-        out[np.nonzero(real)[0], self.indices[:, position].astype(np.int64)[real]] = vals[real]
+        out[rows, self.indices[entry].astype(np.int64)] = self.values[entry].astype(np.float32)
         return out
 
 
@@ -169,7 +181,8 @@ def _read_shard(path: Path) -> CodeShard:
     if not path.is_file():
         raise CodesError(f"{path} is listed in {MANIFEST} but missing; re-run the sae-codes stage")
     with safe_open(str(path), framework="np") as f:
-        return CodeShard(rows=f.get_tensor("rows"), values=f.get_tensor("values"), indices=f.get_tensor("indices"))
+        return CodeShard(rows=f.get_tensor("rows"), values=f.get_tensor("values"), indices=f.get_tensor("indices"),
+                         indptr=f.get_tensor("indptr"))
 
 
 class SparseCodeSource:
