@@ -175,7 +175,7 @@ class CurateConfig(_Strict):
     code_k: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
     """SAE latents stored per record and layer (`sae` method). `all`: every nonzero latent, so the
     stored codes are the codes (storage follows the SAEs' L0: with `sae.kind: topk`, `sae.k` latents,
-    8 layers x 32 x 4 bytes = 1 KB a record). A number keeps each code's largest that many, which
+    8 layers x (32 x 4 + 8) bytes, about 1.1 KB a record). A number keeps each code's largest that many, which
     bounds storage for ReLU SAEs but changes retrieval a little (measured in bench/bench_scale.py;
     the report gives the share of codes truncated)."""
     code_dtype: Literal["float16", "float32"] = "float16"
