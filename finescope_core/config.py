@@ -171,13 +171,13 @@ class CurateConfig(_Strict):
     massive activations and would otherwise dominate the mean."""
     shard_size: int = Field(4096, ge=1)
     """Records per corpus shard: one embedding task and one activation / code artifact each. Memory
-    of every corpus-side stage is bounded by one shard, so any corpus size fits."""
+    of every corpus-side stage is bounded by one shard (beyond the records themselves)."""
     code_k: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
     """SAE latents stored per record and layer (`sae` method). `all`: every nonzero latent, so the
     stored codes are the codes (storage follows the SAEs' L0: with `sae.kind: topk`, `sae.k` latents,
     8 layers x (32 x 4 + 8) bytes, about 1.1 KB a record). A number keeps each code's largest that many, which
     bounds storage for ReLU SAEs but changes retrieval a little (measured in bench/bench_scale.py;
-    the report gives the share of codes truncated)."""
+    `curation.json` gives the mean L0 and the share of codes truncated)."""
     code_dtype: Literal["float16", "float32"] = "float16"
     """Storage type of the stored code values (indices are 16-bit up to 32768 latents)."""
     sae: SAEConfig = Field(default_factory=SAEConfig)
