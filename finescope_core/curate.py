@@ -28,7 +28,14 @@ from finescope_core.data import Record, RecordSet
 from finescope_core.hooks import resolve_layers
 from finescope_core.io import write_jsonl
 from finescope_core.progress import Progress, no_progress
-from finescope_core.retrieval.stream import Block, DenseSource, EmbeddingSource, StreamResult, stream_topm
+from finescope_core.retrieval.stream import (
+    Block,
+    DenseSource,
+    EmbeddingSource,
+    StreamResult,
+    gather_from_blocks,
+    stream_topm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +252,7 @@ class ZScoredActivations:
             start += n
 
     def gather(self, rows: Sequence[int]) -> dict[int, np.ndarray]:
-        want = np.asarray(rows, dtype=np.int64)
-        out: dict[int, np.ndarray] = {}
-        for block in self.blocks():
-            hit = np.flatnonzero((want >= block.start) & (want < block.start + block.size))
-            for layer, emb in block.embeddings.items():
-                if layer not in out:
-                    out[layer] = np.zeros((len(want), emb.shape[1]), dtype=np.float32)
-                out[layer][hit] = emb[want[hit] - block.start]
-        return out
+        return gather_from_blocks(self.blocks(), rows)
 
 
 def _split_layers(x: torch.Tensor, layers: Sequence[int]) -> dict[int, np.ndarray]:

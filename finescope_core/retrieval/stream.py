@@ -94,6 +94,20 @@ class DenseSource:
         return {layer: np.asarray(e[idx]) for layer, e in self._emb.items()}
 
 
+def gather_from_blocks(blocks: Iterator[Block], rows: Sequence[int]) -> dict[int, np.ndarray]:
+    """layer -> [len(rows), d] embeddings of the given corpus rows (in that order), from one pass over
+    `blocks`; a source's `gather` when it has no faster way to reach single rows."""
+    want = np.asarray(rows, dtype=np.int64)
+    out: dict[int, np.ndarray] = {}
+    for block in blocks:
+        hit = np.flatnonzero((want >= block.start) & (want < block.start + block.size))
+        for layer, emb in block.embeddings.items():
+            if layer not in out:
+                out[layer] = np.zeros((len(want), emb.shape[1]), dtype=np.float32)
+            out[layer][hit] = emb[want[hit] - block.start]
+    return out
+
+
 def materialise(source: EmbeddingSource) -> dict[int, np.ndarray]:
     """Every block of `source` as one {layer: [N, d]} matrix: the dense path, for tests and benchmarks only."""
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in source.layers}

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from finescope_core.activations import load_activations
 from finescope_core.progress import Progress, no_progress
-from finescope_core.retrieval.stream import Block
+from finescope_core.retrieval.stream import Block, gather_from_blocks
 from finescope_core.sae.model import BatchedSAE, SAEInputError, encode
 
 MANIFEST = "codes.json"
@@ -232,15 +232,7 @@ class SparseCodeSource:
             yield Block(start, {layer: shard.dense(i, self.d_sae) for i, layer in enumerate(self.layers)})
 
     def gather(self, rows: Sequence[int]) -> dict[int, np.ndarray]:
-        want = np.asarray(rows, dtype=np.int64)
-        out = {layer: np.zeros((len(want), self.d_sae), dtype=np.float32) for layer in self.layers}
-        for start, shard in self.shards():
-            hit = np.flatnonzero((want >= start) & (want < start + len(shard.rows)))
-            if hit.size == 0:
-                continue
-            for i, layer in enumerate(self.layers):
-                out[layer][hit] = shard.dense(i, self.d_sae)[want[hit] - start]
-        return out
+        return gather_from_blocks(self.blocks(), rows)
 
     def info(self) -> dict[str, Any]:
         """What the curation summary records about the codes."""
@@ -256,7 +248,3 @@ def dense_layer(dirs: Sequence[Path], position: int) -> np.ndarray:
     source = SparseCodeSource(dirs)
     return np.concatenate([shard.dense(position, source.d_sae) for _, shard in source.shards()])
 
-
-def iter_code_shards(dirs: Sequence[Path]) -> SparseCodeSource:
-    """The codes of `dirs` as a source for `retrieval.stream.stream_topm`."""
-    return SparseCodeSource(dirs)
