@@ -61,6 +61,8 @@ from finescope_core.sentence import sentence_embeddings  # noqa: E402
 
 SEED = 0
 KS = (25, 50, 100)
+MODEL_SIDE = {"layers", "num_layers", "selector", "k_act", "probes", "reference_size", "max_length", "batch_size", "skip_first"}
+"""The `curate` settings the cached activations and sentence embeddings depend on."""
 Emb = dict[int, np.ndarray]
 
 
@@ -83,7 +85,8 @@ def prepare(cache: Path, ccfg: CurateConfig) -> Prepared:
     data = curation_data.build(cache / "data", seed=SEED)
     corpus = deduplicate(load_records([str(data.corpus)], role="corpus")).corpus
     seeds = {t.name: load_records([str(data.seeds[t.name])], role="seeds") for t in curation_data.TOPICS}
-    tag = hashlib.sha256((corpus.sha256 + ccfg.model_dump_json()).encode()).hexdigest()[:12]
+    model_side = ccfg.model_dump_json(include=MODEL_SIDE)  # retrieval settings do not change the cache
+    tag = hashlib.sha256((corpus.sha256 + model_side).encode()).hexdigest()[:12]
     root = cache / tag
     if not (root / "done.json").is_file():
         print(f"computing activations of {len(corpus)} records (cached in {root})", flush=True)
@@ -165,6 +168,10 @@ class Runner:
         for weighting in ("vote", "quality", "agreement"):
             cfg = self.ccfg.model_copy(update={"layer_weighting": weighting})
             self.run(f"{prefix} {weighting}", method, corpus_emb, seed_emb, cfg)
+        for pooling in ("max", "mean", "softmax"):
+            if pooling != self.ccfg.seed_pooling:
+                cfg = self.ccfg.model_copy(update={"seed_pooling": pooling})
+                self.run(f"{prefix} vote, {pooling} over seeds", method, corpus_emb, seed_emb, cfg)
         self.run(f"{prefix} vote +fusion", method, corpus_emb, seed_emb, fusion=True)
         self.run(f"{prefix} quality +fusion", method, corpus_emb, seed_emb,
                  self.ccfg.model_copy(update={"layer_weighting": "quality"}), fusion=True)  # fmt: skip
@@ -222,7 +229,10 @@ def main() -> None:
     )
     print_rows([], p.topics)
     rand = run.add("random (expected)", {t.name: random_expectation(run.counts[t.name], n) for t in p.topics})
-    sentence = run.run("sentence", "sentence", {-1: p.sentence_corpus}, {k: {-1: v} for k, v in p.sentence_seeds.items()})
+    sentence_seeds = {k: {-1: v} for k, v in p.sentence_seeds.items()}
+    sentence = run.run("sentence", "sentence", {-1: p.sentence_corpus}, sentence_seeds)
+    run.run("sentence, max over seeds", "sentence", {-1: p.sentence_corpus}, sentence_seeds,
+            ccfg.model_copy(update={"seed_pooling": "max"}))  # fmt: skip
 
     # The activation baseline: corpus-statistics z-scores, as curate's `activation` method.
     mean = p.corpus_acts.float().mean(0, keepdim=True)
@@ -257,7 +267,9 @@ def main() -> None:
         worst = min(p.topics, key=lambda t: r["topics"][t.name][100])
         ratio = r["topics"][worst.name][100] / rand["topics"][worst.name][100]
         print(f"  {r['method']:<45} {worst.name:<12} {r['topics'][worst.name][100]:.2f} ({ratio:.1f}x)")
-    print(f"\nsentence mean @100 {sentence['mean'][100]:.3f}; best single layer {best['mean'][100]:.3f}")
+    default = next((r for r in run.rows if r["method"] == f"sae {saes[0]} vote"), None) if saes else None
+    print(f"\nsentence mean @100 {sentence['mean'][100]:.3f}; best single layer {best['mean'][100]:.3f}"
+          + (f"; sae {saes[0]} at the default settings {default['mean'][100]:.3f}" if default else ""))  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"n": n, "counts": run.counts, "layers": p.layers, "rows": run.rows}, indent=1))
 

@@ -143,6 +143,16 @@ class CurateConfig(_Strict):
     the other layers' lists beyond chance (clipped at 0, scaled to mean 1; no labels, any number of
     seeds), on the view that layers agree on the domain and err independently. `quality` needs at
     least 2 seeds; `random` ignores this setting."""
+    seed_pooling: Literal["softmax", "max", "mean"] = "softmax"
+    """How a record's cosines to the seeds (in one layer's space) become its score. `max`: the
+    nearest seed's cosine (eq. 12, the paper's rule); `mean`: the mean cosine over the seeds (a
+    centroid: robust to one stray seed, weak on a domain made of several sub-topics); `softmax`:
+    tau * log(mean_i exp(cos_i / tau)) with tau = `seed_temperature`, a smooth maximum between the
+    two (tau -> 0: max; tau -> inf: mean), so a record close to several seeds outranks one that is
+    close to a single seed, and a sub-topic with a few seeds still counts. Measured in
+    bench/bench_curation.py (README, "Curation quality")."""
+    seed_temperature: float = Field(0.2, gt=0)
+    """tau of `seed_pooling: softmax`, in units of cosine similarity."""
     fusion: Literal["none", "sentence"] = "none"
     """`sentence`: fuse the method's ranking with the `sentence` baseline's by reciprocal rank
     (score = sum of 1 / (60 + rank) over the two rankings, each 2 x `final_size` deep); the output's
@@ -182,6 +192,12 @@ class CurateConfig(_Strict):
     """Storage type of the stored code values (indices are 16-bit up to 32768 latents)."""
     sae: SAEConfig = Field(default_factory=SAEConfig)
     """SAE training settings."""
+    sae_corpus: list[str] | None = Field(None, json_schema_extra=PATH)
+    """Files/URIs of a general corpus (same formats as `corpus`) to train the SAEs on instead of the
+    corpus being curated, as the paper trains on a general pre-training corpus: the SAEs then do not
+    depend on what is curated, and one SAE set (cached by this corpus's hash) serves every corpus
+    and seed set. Its activations use the same layers and saliency coordinates. None: train on the
+    corpus being curated."""
 
 
 class PruneConfig(_Strict):

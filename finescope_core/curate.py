@@ -384,7 +384,8 @@ def curate_records(
         voted = _fused(voted, other, cfg.final_size, priority)
         summary["fusion"] = {"with": "sentence", "k": 60, "depth": depth,
                              "in_both": sum(-1 in v.layers and v.votes > 0 for v in voted)}  # fmt: skip
-    summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting)
+    pooling = {"seed_pooling": cfg.seed_pooling} | ({"seed_temperature": cfg.seed_temperature} if cfg.seed_pooling == "softmax" else {})
+    summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting, **pooling)
     return Curation(voted, summary, scores)
 
 
@@ -444,6 +445,11 @@ def quality_sample(corpus_size: int, seed: int, sample_size: int = 8192) -> np.n
     return np.sort(np.random.default_rng(seed).choice(corpus_size, size=min(corpus_size, sample_size), replace=False))
 
 
+def seed_pooling(cfg: CurateConfig) -> retrieval.SeedPooling:
+    """How `cfg` pools a record's cosines to the seeds into its score (`curate.seed_pooling`)."""
+    return retrieval.SeedPooling(cfg.seed_pooling, cfg.seed_temperature)
+
+
 def _widened_selections(
     source: EmbeddingSource,
     seed_emb: Mapping[int, np.ndarray],
@@ -461,7 +467,9 @@ def _widened_selections(
     exclude = mask if mask.any() else None
     top_m = cfg.top_m
     while True:
-        result = stream_topm(source, seed_emb, top_m, exclude=exclude, priority=priority, sample_rows=sample)
+        result = stream_topm(
+            source, seed_emb, top_m, exclude=exclude, priority=priority, sample_rows=sample, pooling=seed_pooling(cfg)
+        )
         if not result.selections:
             raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
         for layer in sorted(set(source.layers) - {s.layer for s in result.selections}):

@@ -44,9 +44,11 @@ class CuratedKey(StageKeyModel):
     STAGE = "curated"
     # 2: zero-score rows never selected, ties broken by a seeded hash of the id; the evaluation split excluded
     # 3: `sae` reads the stored sparse codes shard by shard; scores.safetensors instead of every record's embeddings
-    VERSION = "3"
+    # 4: curate.seed_pooling (softmax over the seeds by default, was their maximum)
+    VERSION = "4"
     CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
               "layer_weighting": "curate.layer_weighting", "fusion": "curate.fusion",
+              "seed_pooling": "curate.seed_pooling", "seed_temperature": "curate.seed_temperature",
               "expand_seeds": "curate.expand_seeds", "code_k": "curate.code_k", "code_dtype": "curate.code_dtype",
               "seed": "seed"}  # fmt: skip
 
@@ -54,6 +56,8 @@ class CuratedKey(StageKeyModel):
     top_m: int
     final_size: int
     layer_weighting: str
+    seed_pooling: str
+    seed_temperature: float
     fusion: str
     expand_seeds: int
     code_k: int | str

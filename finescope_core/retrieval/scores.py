@@ -1,4 +1,4 @@
-"""The canonical max-over-seeds score and the input handling every retrieval path shares.
+"""The canonical seed score (max-over-seeds cosine, or another `SeedPooling`) and the input handling every retrieval path shares.
 
 Every score retrieval returns is computed one way (`exact_scores`: a float64 sum of the exact
 products of the float32-normalised vectors, one row at a time), so equal rows get equal scores
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -106,8 +108,57 @@ def normalised_seeds(seeds: Matrix, dim: int, name: str = "seeds") -> np.ndarray
     return s_n
 
 
-def exact_scores(rows_n: np.ndarray, seeds_n: np.ndarray) -> np.ndarray:
-    """Canonical max-over-seeds cosine of each row: float64 sums of exact float32 products.
+SeedPoolingKind = Literal["max", "mean", "softmax"]
+
+
+@dataclass(frozen=True)
+class SeedPooling:
+    """How one row's cosines to the S seeds become its score (`curate.seed_pooling`).
+
+    `max`: the nearest seed (paper eq. 12); `mean`: the mean cosine; `softmax`: the smooth maximum
+    tau * log(mean_s exp(c_s / tau)), which lies between the two (max - tau * log S <= it <= max).
+    Each is 1-Lipschitz in the largest change of one cosine, so a score computed from cosines that
+    are each off by at most t is off by at most t: the rounding bound of the float32 kernels
+    (`score_tolerance`) certifies every pooled score as it does the maximum.
+
+    The seeds are pooled one after the other in their order, elementwise over the rows, so a row's
+    score depends only on its own cosines, never on the other rows of the batch.
+    """
+
+    kind: SeedPoolingKind = "max"
+    temperature: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("max", "mean", "softmax"):
+            raise RetrievalInputError(f"unknown seed pooling {self.kind!r}; choose max, mean or softmax")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise RetrievalInputError(f"the softmax temperature must be > 0, got {self.temperature}")
+
+    def __call__(self, sims: np.ndarray) -> np.ndarray:
+        """[n, S] cosines -> [n] float64 scores."""
+        cols = [np.asarray(sims[:, j], dtype=np.float64) for j in range(sims.shape[1])]
+        if not cols:
+            raise RetrievalInputError("no seeds to pool; give at least one seed")
+        top = cols[0].copy()
+        for c in cols[1:]:
+            np.maximum(top, c, out=top)
+        if self.kind == "max":
+            return top
+        acc = np.zeros_like(top)
+        for c in cols:
+            acc += c if self.kind == "mean" else np.exp((c - top) / self.temperature)
+        if self.kind == "mean":
+            return acc / len(cols)
+        out: np.ndarray = top + self.temperature * np.log(acc / len(cols))
+        return out
+
+
+MAX = SeedPooling()
+"""The paper's rule (eq. 12): every retrieval function's default."""
+
+
+def exact_similarities(rows_n: np.ndarray, seeds_n: np.ndarray) -> np.ndarray:
+    """Canonical cosines of each row with each seed: float64 sums of exact float32 products.
 
     Each (row, seed) value is numpy's pairwise sum over the same contiguous d products (exact in
     float64), so it depends only on the two vectors, never on the batch shape (unlike BLAS kernels).
@@ -117,16 +168,30 @@ def exact_scores(rows_n: np.ndarray, seeds_n: np.ndarray) -> np.ndarray:
         seeds_n: [S, d] float32, L2-normalised.
 
     Returns:
-        [n] float64.
+        [n, S] float64.
     """
     seeds64 = seeds_n.astype(np.float64)
-    out = np.full(rows_n.shape[0], -np.inf)
+    out = np.empty((rows_n.shape[0], seeds_n.shape[0]))
     step = max(1, _CHUNK_ELEMENTS // max(1, rows_n.shape[1]))
     for start in range(0, rows_n.shape[0], step):
         chunk = rows_n[start : start + step].astype(np.float64)
-        for seed in seeds64:
-            np.maximum(out[start : start + step], (chunk * seed).sum(axis=1), out=out[start : start + step])
+        for j, seed in enumerate(seeds64):
+            out[start : start + step, j] = (chunk * seed).sum(axis=1)
     return out
+
+
+def exact_scores(rows_n: np.ndarray, seeds_n: np.ndarray, pooling: SeedPooling = MAX) -> np.ndarray:
+    """Canonical score of each row: `pooling` of its canonical cosines (`exact_similarities`).
+
+    Args:
+        rows_n: [n, d] float32, L2-normalised.
+        seeds_n: [S, d] float32, L2-normalised.
+        pooling: how the S cosines become one score (default: their maximum, eq. 12).
+
+    Returns:
+        [n] float64.
+    """
+    return pooling(exact_similarities(rows_n, seeds_n))
 
 
 def score_tolerance(dim: int) -> float:

@@ -8,6 +8,12 @@ ties are handled by certification, not by hope: FAISS scores are trusted only up
 bound |fl(x.y) - x.y| <= gamma_d |x||y| (`scores.score_tolerance`), and the search is widened until
 every seed's k-th neighbour lies provably below the m-th best score, so no tie or near-tie outside
 the lists can belong to the top m. Every returned score is the canonical one (`scores.exact_scores`).
+
+Other seed poolings (`scores.SeedPooling`: the mean, or a smooth maximum) score a row by all its
+seed cosines, so no per-seed list bounds them; they take the float32 [N, S] cosine matrix from BLAS
+(the same arithmetic FAISS's exhaustive search does), pool it, and rescore canonically every row
+within twice the rounding bound of the m-th pooled score. Pooling is 1-Lipschitz in the cosines, so
+the bound carries over and the result is exact in the same sense.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import numpy as np
 import torch
 
 from finescope_core.retrieval.scores import (
+    MAX,
     Matrix,
     RetrievalInputError,
+    SeedPooling,
     as_float32_matrix,
     exact_scores,
     l2_normalise,
@@ -129,8 +137,10 @@ def topm_max_over_seeds(
     exclude: np.ndarray | torch.Tensor | None = None,
     threads: int | None = None,
     priority: np.ndarray | None = None,
+    pooling: SeedPooling = MAX,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 12-13: the exact m corpus rows with the highest max-over-seeds cosine, via FAISS.
+    """Eq. 12-13: the exact m corpus rows with the highest max-over-seeds cosine, via FAISS (or the
+    highest pooled score under another `pooling`, via BLAS: see the module docstring).
 
     Equal, bit for bit, to `brute_force_topm`; only faster on a large corpus.
 
@@ -143,6 +153,7 @@ def topm_max_over_seeds(
         priority: optional [N] tie-break key per corpus row (`scores.tie_priority`); ties in score
             go to the lower priority, then the lower row. Every row tied with the m-th score is
             among the rescored candidates (the certification above), so the choice is exact.
+        pooling: how a row's seed cosines become its score (default: the maximum, eq. 12).
 
     Returns:
         (idx [m'] int64 corpus rows, score [m'] float64), by score desc then priority asc then row asc;
@@ -161,11 +172,27 @@ def topm_max_over_seeds(
         return _empty()
     local_priority = priority[kept] if priority is not None and mask.any() else priority
     if n <= m:
-        rows, scores = select_top(np.arange(n), exact_scores(corpus_n, seeds_n), n, local_priority)
+        rows, scores = select_top(np.arange(n), exact_scores(corpus_n, seeds_n, pooling), n, local_priority)
+        return kept[rows], scores
+    if pooling.kind != "max":
+        rows, scores = _pooled_topm(corpus_n, seeds_n, m, pooling, local_priority)
         return kept[rows], scores
     with _faiss_threads(threads):
         rows, scores = _flat_topm(corpus_n, seeds_n, m, local_priority)
     return kept[rows], scores
+
+
+def _pooled_topm(
+    corpus_n: np.ndarray, seeds_n: np.ndarray, m: int, pooling: SeedPooling, priority: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-m local rows by pooled score: BLAS cosines pooled, candidates within 2 x tolerance rescored.
+
+    Args: as `_flat_topm` (every row of `corpus_n` usable), with the `pooling`.
+    """
+    approx = pooling(corpus_n @ seeds_n.T)
+    threshold = np.partition(approx, approx.size - m)[approx.size - m]
+    candidates = np.flatnonzero(approx >= threshold - 2 * score_tolerance(corpus_n.shape[1]))
+    return select_top(candidates, exact_scores(corpus_n[candidates], seeds_n, pooling), m, priority)
 
 
 def brute_force_topm(
@@ -175,6 +202,7 @@ def brute_force_topm(
     *,
     exclude: np.ndarray | torch.Tensor | None = None,
     priority: np.ndarray | None = None,
+    pooling: SeedPooling = MAX,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference for `topm_max_over_seeds`: the full [N, S] cosine matrix with numpy.
 
@@ -187,6 +215,7 @@ def brute_force_topm(
         m: rows to select.
         exclude: optional bool [N]; True rows are never selected.
         priority: optional [N] tie-break key per row, as in `topm_max_over_seeds`.
+        pooling: as in `topm_max_over_seeds`.
 
     Returns:
         (idx [m'] int64, score [m'] float64), by score desc then priority asc then row asc;
@@ -198,7 +227,7 @@ def brute_force_topm(
     seeds_n = normalised_seeds(seeds, x.shape[1])
     mask = _exclude_mask(exclude, x.shape[0])
     corpus_n = l2_normalise(x, "corpus", ignore=mask)
-    approx = (corpus_n @ seeds_n.T).max(axis=1)
+    approx = pooling(corpus_n @ seeds_n.T)
     approx[mask] = -np.inf
     keep = int((~mask).sum())
     if keep == 0:
@@ -206,4 +235,4 @@ def brute_force_topm(
     mm = min(m, keep)
     threshold = np.partition(approx, approx.size - mm)[approx.size - mm]
     candidates = np.flatnonzero(approx >= threshold - 2 * score_tolerance(x.shape[1]))
-    return select_top(candidates, exact_scores(corpus_n[candidates], seeds_n), mm, priority)
+    return select_top(candidates, exact_scores(corpus_n[candidates], seeds_n, pooling), mm, priority)

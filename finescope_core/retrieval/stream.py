@@ -19,7 +19,9 @@ from typing import Protocol
 import numpy as np
 
 from finescope_core.retrieval.scores import (
+    MAX,
     RetrievalInputError,
+    SeedPooling,
     as_float32_matrix,
     l2_normalise,
     normalised_seeds,
@@ -125,8 +127,8 @@ class StreamResult:
     """Per voting layer (a layer whose seeds all have zero codes does not vote): its top-M rows with a
     positive score, best first."""
     mean_scores: np.ndarray
-    """[N] float32: each row's max-over-seeds cosine averaged over the voting layers (excluded rows
-    included), for the score histogram of the report."""
+    """[N] float32: each row's max-over-seeds cosine (or pooled score) averaged over the voting layers
+    (excluded rows included), for the score histogram of the report."""
     sample: dict[int, np.ndarray] | None = None
     """layer -> the embeddings of the sampled rows (`sample_rows` of `stream_topm`), in row order."""
 
@@ -147,8 +149,10 @@ def stream_topm(
     priority: np.ndarray | None = None,
     sample_rows: np.ndarray | None = None,
     threads: int | None = None,
+    pooling: SeedPooling = MAX,
 ) -> StreamResult:
-    """Per layer, the exact m rows with the highest max-over-seeds cosine (eq. 12-13), in one pass.
+    """Per layer, the exact m rows with the highest max-over-seeds cosine (eq. 12-13; or pooled score
+    under another `pooling`), in one pass.
 
     Equal to `topm_max_over_seeds` on the whole matrix of each layer (rows, scores and order), with
     peak memory of one block.
@@ -163,6 +167,7 @@ def stream_topm(
         sample_rows: optional sorted corpus rows whose embeddings are collected on the way (for
             `weights.layer_weights`, which needs a corpus sample).
         threads: FAISS threads (None: every CPU available).
+        pooling: how a row's seed cosines become its score (`scores.SeedPooling`; default the maximum).
 
     Raises:
         RetrievalInputError: seeds for a layer the source lacks; masks or priorities of the wrong shape.
@@ -192,10 +197,12 @@ def stream_topm(
         local_pr = None if priority is None else np.asarray(priority[block.start : stop])
         for layer in voting:
             emb = as_float32_matrix(block.embeddings[layer], f"layer {layer} rows {block.start}:{stop}")
-            rows, scores = topm_max_over_seeds(emb, usable[layer], m, exclude=local_ex, priority=local_pr, threads=threads)
+            rows, scores = topm_max_over_seeds(
+                emb, usable[layer], m, exclude=local_ex, priority=local_pr, threads=threads, pooling=pooling
+            )
             kept[layer] = _merge(kept[layer], (rows + block.start, scores), m, priority)
             # The histogram's scores: float32 BLAS is plenty for a plot.
-            mean_scores[block.start : stop] += (l2_normalise(emb, "corpus") @ seeds_n[layer].T).max(axis=1) / len(voting)
+            mean_scores[block.start : stop] += pooling(l2_normalise(emb, "corpus") @ seeds_n[layer].T) / len(voting)
             if sample is not None:
                 inside = sample[(sample >= block.start) & (sample < stop)]
                 sampled[layer].append(emb[inside - block.start])

@@ -52,7 +52,7 @@ def _two_layer_embeddings() -> tuple[dict[int, np.ndarray], dict[int, np.ndarray
 
 def test_plain_vote_is_the_default_and_unchanged() -> None:
     corpus, seeds = _two_layer_embeddings()
-    cfg = CurateConfig(top_m=30, final_size=25)
+    cfg = CurateConfig(top_m=30, final_size=25, seed_pooling="max")
     assert cfg.layer_weighting == "vote"
     voted, summary = select_records("sae", corpus, seeds, 600, cfg, 0, [7])
     # Recorded with the code before layer_weighting existed: layer 9's near-copies outscore layer 4's cluster.
@@ -70,7 +70,7 @@ def test_plain_vote_is_the_default_and_unchanged() -> None:
 
 def test_quality_weighting_counts_each_layer_by_its_weight() -> None:
     corpus, seeds = _two_layer_embeddings()
-    cfg = CurateConfig(top_m=30, final_size=25, layer_weighting="quality")
+    cfg = CurateConfig(top_m=30, final_size=25, layer_weighting="quality", seed_pooling="max")
     voted, summary = select_records("sae", corpus, seeds, 600, cfg, 0, [7])
     weights = retrieval.layer_weights(seeds, corpus, seed=0)
     assert weights[4] > 1.0 > weights[9]  # the seeds stand out from the corpus in layer 4 only
@@ -88,7 +88,7 @@ def test_quality_weighting_counts_each_layer_by_its_weight() -> None:
 def test_quality_weighting_needs_two_usable_seeds_per_layer() -> None:
     corpus, seeds = _two_layer_embeddings()
     seeds[9][1:] = 0.0  # one seed left with a direction in layer 9
-    cfg = CurateConfig(top_m=30, final_size=25, layer_weighting="quality")
+    cfg = CurateConfig(top_m=30, final_size=25, layer_weighting="quality", seed_pooling="max")
     with pytest.raises(CurationError, match=r"seeds per layer: \{9: 1\}.*curate\.layer_weighting: vote"):
         select_records("sae", corpus, seeds, 600, cfg, 0, [7])
     voted, _ = select_records("sae", corpus, seeds, 600, cfg.model_copy(update={"layer_weighting": "vote"}), 0, [7])
