@@ -199,6 +199,18 @@ class CurateConfig(_Strict):
     and seed set. Its activations use the same layers and saliency coordinates. None: train on the
     corpus being curated."""
 
+    @field_validator("sae_corpus", mode="before")
+    @classmethod
+    def _sae_corpus_one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("sae_corpus")
+    @classmethod
+    def _sae_corpus_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one file or URI, or leave it unset to train on the curated corpus")
+        return value
+
 
 class PruneConfig(_Strict):
     """Structured pruning guided by the curated data (paper §3.2.1)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -23,7 +23,7 @@ from flows.runtime import (
     prefect_results,
 )
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
-from tasks.data import data_task, inputs_task, model_task
+from tasks.data import data_task, inputs_task, model_task, sae_data_task, sae_inputs_task
 from tasks.evalset import holdout
 from tasks.export import Exported, curated_outputs, export_task, run_facts
 from tasks.prune import training_pool
@@ -37,9 +37,13 @@ class CurateResult(BaseModel):
     layers: list[int]
     corpus: StageManifest
     seeds: StageManifest
+    sae_corpus: StageManifest | None = None
+    """The general corpus the SAEs train on (`curate.sae_corpus`; None: they train on `corpus`)."""
     saliency: StageManifest | None = None
     activations: StageManifest | None = None
     seed_activations: StageManifest | None = None
+    sae_activations: StageManifest | None = None
+    """The activations of `sae_corpus`, which the SAEs train on (None without it)."""
     sae: StageManifest | None = None
     codes: list[StageManifest] | None = None
     """The corpus's sparse SAE codes, one artifact per shard (`sae` only)."""
@@ -65,7 +69,8 @@ class CurateResult(BaseModel):
 
     def stages(self) -> list[StageManifest]:
         """The stages this run used, in pipeline order."""
-        order = (self.corpus, self.seeds, self.saliency, self.activations, self.seed_activations, self.sae, self.curated)
+        order = (self.corpus, self.seeds, self.sae_corpus, self.saliency, self.activations, self.seed_activations,
+                 self.sae_activations, self.sae, self.curated)  # fmt: skip
         return [m for m in order if m is not None]
 
 
@@ -75,14 +80,23 @@ def model_shape(cfg: FinescopeConfig) -> tuple[int, int]:
     return hf.num_hidden_layers, hf.hidden_size
 
 
-def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int], tuple[RecordSet, PreparedCorpus], Holdout]:
-    """Everything that can be checked before work starts: model, layer settings, input data, evaluation
-    files and split, store access.
+class Inputs(NamedTuple):
+    """The validated input data of a run, read by `preflight` before any work."""
+
+    records: tuple[RecordSet, PreparedCorpus]
+    """(seeds, corpus)."""
+    sae_corpus: PreparedCorpus | None
+    """The general corpus the SAEs train on (`curate.sae_corpus`, `sae` method only), else None."""
+
+
+def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int], Inputs, Holdout]:
+    """Everything that can be checked before work starts: model, layer settings, input data (the SAEs'
+    general corpus included), evaluation files and split, store access.
 
     The store is touched last, so bad input leaves nothing behind in it (not even a probe).
 
     Returns:
-        The layers to hook (empty for methods without a model), the validated (seeds, corpus) and the
+        The layers to hook (empty for methods without a model), the validated input data and the
         records held out of curation for evaluation.
     """
     layers: list[int] = []
@@ -93,12 +107,13 @@ def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int]
     check_runner(cfg)
     inputs = inputs_task(cfg)
     seeds, prepared = inputs
+    sae_corpus = sae_inputs_task(cfg)
     held = holdout(cfg, seeds, prepared.corpus, evaluating=evaluating)
     usable = len(training_pool(prepared.corpus.records, seeds.records, held.excluded))
     check_sizes(usable, needed=cfg.curate.final_size, what="curate.final_size")
     open_store(cfg).check_writable()
     apply_gpu_limit(cfg)
-    return layers, inputs, held
+    return layers, Inputs(inputs, sae_corpus), held
 
 
 @flow(name="curate", log_prints=True)
@@ -121,28 +136,32 @@ def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool =
     return result
 
 
-def _curate(
-    config: FinescopeConfig, layers: list[int], inputs: tuple[RecordSet, PreparedCorpus], held: Holdout
-) -> CurateResult:
+def _curate(config: FinescopeConfig, layers: list[int], inputs: Inputs, held: Holdout) -> CurateResult:
     # quote: the records are data, not futures; Prefect need not walk every one of them.
-    corpus, seeds = data_task(config, quote(inputs))
+    corpus, seeds = data_task(config, quote(inputs.records))
     method = config.curate.method
     sal = acts = seed_acts = sae = codes = None
+    # With `curate.sae_corpus` (`sae` only) the SAEs train on that corpus's activations. The saliency is
+    # taken on it too, so the coordinates, the activations and the SAEs depend on it alone and one SAE
+    # set serves every corpus and seed set; the corpus and seeds are embedded at those coordinates.
+    sae_corpus = sae_data_task(config, quote(inputs.sae_corpus)) if inputs.sae_corpus is not None else None
+    sae_acts = None
     if method in ("sae", "activation"):
         ref = model_task(config)
         # `activation` reads the same selected coordinates as `sae`, so it isolates what the SAE adds
-        # and reuses every corpus-side stage of an `sae` run.
-        sal = saliency_task(config, ref, corpus, layers)
-        acts, seed_acts = embed(config, ref, [corpus, seeds], layers, sal)
+        # and reuses every corpus-side stage of an `sae` run (without `sae_corpus`).
+        sal = saliency_task(config, ref, sae_corpus or corpus, layers)
+        acts, seed_acts, *rest = embed(config, ref, [corpus, seeds, *([sae_corpus] if sae_corpus else [])], layers, sal)
+        sae_acts = rest[0] if rest else None
         if method == "sae":
-            sae = train_saes(config, acts, sal, layers)
+            sae = train_saes(config, sae_acts or acts, sal, layers, sae_corpus or corpus)
             codes = encode_corpus(config, acts, sae)
     curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held), codes)
     logger().info("held out of curation for evaluation: %d split records, %d eval-file duplicates",
                   len(held.split), len(held.file_duplicates))  # fmt: skip
     return CurateResult(
-        layers=layers, corpus=corpus, seeds=seeds, saliency=sal, activations=acts, seed_activations=seed_acts,
-        sae=sae, codes=codes, curated=curated, held_out=held,
+        layers=layers, corpus=corpus, seeds=seeds, sae_corpus=sae_corpus, saliency=sal, activations=acts,
+        seed_activations=seed_acts, sae_activations=sae_acts, sae=sae, codes=codes, curated=curated, held_out=held,
     )
 
 
@@ -166,12 +185,23 @@ def _top_records(cfg: FinescopeConfig, curated: StageManifest, n: int) -> list[d
     return read_jsonl(artifact_dir(open_store(cfg), curated) / "curated.jsonl")[:n]
 
 
+def _sae_source(result: CurateResult) -> list[str]:
+    """The line naming the records the SAEs were trained on (none for methods without SAEs, or SAEs
+    stored before the stage info named them)."""
+    trained = result.sae.info.get("trained_on") if result.sae is not None else None
+    if not trained:
+        return []
+    what = "the general corpus `curate.sae_corpus`" if trained["stage"] == "sae-corpus" else "the corpus being curated"
+    return ["", f"SAEs trained on {what}: {trained['records']} records, sha256 `{trained['sha256'][:16]}`"]
+
+
 def _markdown(cfg: FinescopeConfig, result: CurateResult, top: list[dict[str, Any]]) -> str:
     lines = [
         f"# Curated set ({cfg.curate.method})",
         "",
         f"{result.curated.info.get('records', 0)} records from {result.curated.info.get('corpus_records', '?')} "
         f"(layers {result.layers or '-'}); artifact `{result.curated.uri}`",
+        *_sae_source(result),
         "",
         "| rank | id | score | votes | text |",
         "|---:|---|---:|---:|---|",

@@ -48,31 +48,40 @@ def embed_flow(
 def embed(
     config: FinescopeConfig, ref: ModelRef, record_sets: list[StageManifest], layers: list[int], sal: StageManifest | None
 ) -> list[StageManifest]:
-    """Activations of each record set: from the store when cached, else through `embed_flow`."""
+    """Activations of each record set: from the store when cached, else through `embed_flow`.
+
+    Record sets with the same content (the same artifact hash, e.g. a `curate.sae_corpus` that is the
+    corpus) have the same activations key: each is embedded once.
+    """
     found = [lookup_activations(config, ref, records, layers, sal) for records in record_sets]
-    missing = [records for records, hit in zip(record_sets, found, strict=True) if hit is None]
+    missing = list({records.sha256: records for records, hit in zip(record_sets, found, strict=True) if hit is None}.values())
     if missing:
         runner = embed_flow.with_options(task_runner=task_runner(config), flow_run_name="embed-" + "+".join(m.stage for m in missing))
-        built = iter(runner(config, ref, missing, layers, sal))
-        found = [hit if hit is not None else next(built) for hit in found]
+        built = dict(zip((m.sha256 for m in missing), runner(config, ref, missing, layers, sal), strict=True))
+        found = [hit if hit is not None else built[records.sha256] for records, hit in zip(record_sets, found, strict=True)]
     return found  # type: ignore[return-value]
 
 
 @flow(name="sae-training", log_prints=True)
-def sae_flow(config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int]) -> StageManifest:
+def sae_flow(
+    config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], records: StageManifest
+) -> StageManifest:
     """One mapped task per group of `orchestration.sae_layers_per_task` layers, then one SAE artifact."""
     groups = sae_groups(len(layers), config.orchestration.sae_layers_per_task)
     with gpu_placement(config):
         futures = sae_layers_task.map(unmapped(config), unmapped(acts), unmapped(sal), unmapped(layers), groups)
-    return gather_sae_task(config, acts, sal, layers, futures.result())
+    return gather_sae_task(config, acts, sal, layers, futures.result(), records)
 
 
-def train_saes(config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int]) -> StageManifest:
-    """The SAEs of every hooked layer: from the store when cached, else through `sae_flow`."""
+def train_saes(
+    config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], records: StageManifest
+) -> StageManifest:
+    """The SAEs of every hooked layer, trained on `acts` (the activations of `records`: the corpus, or
+    `curate.sae_corpus`): from the store when cached, else through `sae_flow`."""
     found = lookup_sae(config, acts, sal)
     if found is not None:
         return found
-    return sae_flow.with_options(task_runner=task_runner(config))(config, acts, sal, layers)
+    return sae_flow.with_options(task_runner=task_runner(config))(config, acts, sal, layers, records)
 
 
 @flow(name="sae-codes", log_prints=True)

@@ -1,4 +1,5 @@
-"""Tasks of the `data` and `models` stages: validated seeds and corpus by content hash, the model to use."""
+"""Tasks of the `data` and `models` stages: validated seeds and corpus (and the SAEs' general corpus) by
+content hash, the model to use."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from finescope_core.data import (
     load_records,
     seed_copies,
 )
+from finescope_core.formats import DataError
 from finescope_core.io import read_jsonl, read_jsonl_rows, write_jsonl
 from tasks.common import (
     IO_RETRIES,
@@ -42,6 +44,35 @@ def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
     usable = len(prepared.corpus) - len(seed_copies(prepared.corpus, seeds))
     check_sizes(usable, needed=cfg.curate.final_size, what="curate.final_size")
     return seeds, prepared
+
+
+SAE_CORPUS_FIELD = "curate.sae_corpus"
+
+
+def read_sae_corpus(cfg: FinescopeConfig) -> PreparedCorpus | None:
+    """Load and validate the general corpus the SAEs train on (`curate.sae_corpus`), de-duplicated like the
+    corpus; no model work, nothing written.
+
+    Returns:
+        None when the SAEs train on the corpus being curated: no `sae_corpus`, or a method without SAEs.
+
+    Raises:
+        DataError: what the corpus is refused for (a missing, empty or malformed file, a bad record: naming
+            file and line), prefixed with the field; fewer than 2 distinct records (an SAE needs 2 rows).
+    """
+    uris = cfg.curate.sae_corpus
+    if cfg.curate.method != "sae" or uris is None:
+        return None
+    try:
+        prepared = deduplicate(load_records(uris, role="sae_corpus", storage_options=storage_options(cfg)))
+    except DataError as e:
+        raise DataError(f"{SAE_CORPUS_FIELD}: {e}") from None
+    if len(prepared.corpus) < 2:
+        raise DataError(
+            f"{SAE_CORPUS_FIELD}: {', '.join(uris)} holds {len(prepared.corpus)} distinct record(s); the SAEs train on "
+            "at least 2 (a general corpus of thousands is what they are for): add records or unset the field"
+        )
+    return prepared
 
 
 def _write_records(path: Path, records: list[Record]) -> None:
@@ -70,10 +101,24 @@ class SeedsKey(CorpusKey):
     STAGE = "seeds"
 
 
+class SaeCorpusKey(CorpusKey):
+    """`sae-corpus`: the validated, de-duplicated general corpus the SAEs train on (`curate.sae_corpus`), keyed
+    by its content alone.
+
+    The same records as a `corpus` artifact give the same artifact hash, so every key downstream of
+    either (saliency, activations, SAEs) is shared.
+    """
+
+    STAGE = "sae-corpus"
+
+
+RECORD_KEYS: dict[str, type[CorpusKey]] = {m.STAGE: m for m in (CorpusKey, SeedsKey, SaeCorpusKey)}
+"""The key model of each record stage, by stage name."""
+
+
 def records_key(stage: str, records_sha: str) -> StageKey:
-    """The key of the `corpus` or `seeds` stage."""
-    model = CorpusKey if stage == "corpus" else SeedsKey
-    return model(inputs={"records": records_sha}).spec()
+    """The key of the `corpus`, `seeds` or `sae-corpus` stage."""
+    return RECORD_KEYS[stage](inputs={"records": records_sha}).spec()
 
 
 def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]) -> StageManifest:
@@ -100,6 +145,22 @@ def data_task(cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]) ->
     seeds, prepared = inputs
     corpus = _store_records(cfg, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates})
     return corpus, _store_records(cfg, "seeds", seeds, {})
+
+
+@task(name="sae-inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+def sae_inputs_task(cfg: FinescopeConfig) -> PreparedCorpus | None:
+    """`read_sae_corpus` as a task, so transient read errors of remote inputs are retried."""
+    return read_sae_corpus(cfg)
+
+
+@task(name="sae-data", cache_policy=RUN_RESULTS, **IO_RETRIES)
+def sae_data_task(cfg: FinescopeConfig, prepared: PreparedCorpus) -> StageManifest:
+    """The SAEs' general corpus from `sae_inputs_task`, stored by content hash (the `sae-corpus` stage).
+
+    Its own artifact, apart from the corpus being curated: the SAEs (and the saliency and activations
+    they train on) then depend on it alone, so one SAE set serves every corpus and seed set.
+    """
+    return _store_records(cfg, "sae-corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates})
 
 
 def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tasks.activations import ActivationsKey, ShardKey
 from tasks.codes import CodesKey
 from tasks.common import StageKeyModel
-from tasks.data import CorpusKey, SeedsKey
+from tasks.data import CorpusKey, SaeCorpusKey, SeedsKey
 from tasks.evaluate import EvaluationKey
 from tasks.finetune import TunedKey
 from tasks.prune import PrunedKey
@@ -21,8 +21,8 @@ from tasks.saliency import SaliencyKey
 from tasks.teacher import DistilledKey
 
 KEY_MODELS: tuple[type[StageKeyModel], ...] = (
-    CorpusKey, SeedsKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, CodesKey, SentenceKey, CuratedKey,
-    PrunedKey, DistilledKey, TunedKey, EvaluationKey, ReportKey,
+    CorpusKey, SeedsKey, SaeCorpusKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, CodesKey,
+    SentenceKey, CuratedKey, PrunedKey, DistilledKey, TunedKey, EvaluationKey, ReportKey,
 )  # fmt: skip
 
 UNKEYED: dict[str, str] = {
@@ -31,6 +31,8 @@ UNKEYED: dict[str, str] = {
     "model": "reaches every key through the model's content hash (`ModelRef.sha256`)",
     "seeds": "reaches the keys through the seeds' content hash",
     "corpus": "reaches the keys through the corpus' content hash",
+    "curate.sae_corpus": "reaches the saliency, activations and SAE keys through its content hash (as the "
+    "records they are computed on, in place of the corpus')",
     "store": "where the artifacts are kept",
     "storage": "how the store is reached",
     "device": "where model work runs: the same results on any device, up to float rounding",

@@ -37,7 +37,7 @@ from tasks.common import (
     model_digest,
     open_store,
 )
-from tasks.data import load_data, read_inputs, records_key
+from tasks.data import load_data, read_inputs, read_sae_corpus, records_key
 from tasks.evalset import EvalData, candidate_items, decontaminate, eval_files, holdout, training_texts
 from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
@@ -187,19 +187,30 @@ class _Planner:
         out: dict[str, Dep | None] = dict.fromkeys(CURATE_SECONDS)
         corpus = out["corpus"] = self.step("corpus", "corpus", [], lambda: records_key("corpus", prepared.corpus.sha256))
         seed_dep = out["seeds"] = self.step("seeds", "seeds", [], lambda: records_key("seeds", seeds.sha256))
+        general = read_sae_corpus(cfg)  # `sae` with `curate.sae_corpus`: saliency and SAEs come from it
+        sae_corpus = sae_acts = None
+        if general is not None:
+            sae_corpus = out["sae_corpus"] = self.step(
+                "sae-corpus", "sae-corpus", [], lambda: records_key("sae-corpus", general.corpus.sha256)
+            )
         acts: list[Dep] = []
         sae: Dep | None = None
         if cfg.curate.method in ("sae", "activation"):
             layers = hooked_layers(model_config(cfg.model).num_hidden_layers, cfg.curate)
             model = self.model(cfg.model)
+            source = sae_corpus or corpus
             sal = out["saliency"] = self.step(
-                "saliency", "saliency", [model, corpus], lambda: saliency_key(cfg, model.sha256, corpus.sha256, layers)
+                "saliency", "saliency", [model, source], lambda: saliency_key(cfg, model.sha256, source.sha256, layers)
             )
             acts = [self.activations("activations (corpus)", model, corpus, len(prepared.corpus), layers, sal),
                     self.activations("activations (seeds)", model, seed_dep, len(seeds), layers, sal)]
             out["activations"], out["seed_activations"] = acts
+            if sae_corpus is not None and general is not None:
+                sae_acts = out["sae_activations"] = self.activations(
+                    "activations (sae-corpus)", model, sae_corpus, len(general.corpus), layers, sal
+                )
             if cfg.curate.method == "sae":
-                sae = out["sae"] = self.sae(acts[0], sal, layers)
+                sae = out["sae"] = self.sae(sae_acts or acts[0], sal, layers)
                 self.code_dep = self.codes(acts[0], sae)
         sent: Dep | None = None
         if needs_sentence(cfg):

@@ -27,8 +27,9 @@ from tasks.common import (
 from tasks.teacher import distillation_info
 
 # CurateResult's stage fields and their names in metrics.json's stage_seconds, in pipeline order.
-CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "saliency": "saliency", "activations": "activations-corpus",
-                  "seed_activations": "activations-seeds", "sae": "sae", "curated": "curated"}  # fmt: skip
+CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "sae_corpus": "sae-corpus", "saliency": "saliency",
+                  "activations": "activations-corpus", "seed_activations": "activations-seeds",
+                  "sae_activations": "activations-sae-corpus", "sae": "sae", "curated": "curated"}  # fmt: skip
 
 
 def stage_seconds(

@@ -46,7 +46,11 @@ class SaeLayersKey(StageKeyModel):
 
 
 class SaeKey(StageKeyModel):
-    """`sae`: every hooked layer's SAE in one artifact (the hooked layers come with the activations)."""
+    """`sae`: every hooked layer's SAE in one artifact (the hooked layers come with the activations).
+
+    Keyed by the activations it trains on (the corpus's, or `curate.sae_corpus`'s) and the saliency,
+    never by the corpus being curated as such.
+    """
 
     STAGE = "sae"
     VERSION = "3"  # 2: gathered from per-layer-group artifacts; 3: held-out split, early stopping, TopK
@@ -84,11 +88,22 @@ def lookup_sae(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest) ->
     return lookup_stage(open_store(cfg), sae_key(cfg, acts.sha256, sal.sha256))
 
 
+def trained_on(records: StageManifest) -> dict[str, Any]:
+    """What the SAE stage info says of the records its activations are of: stage (`corpus`, or `sae-corpus`
+    for `curate.sae_corpus`), artifact hash and record count."""
+    return {"stage": records.stage, "sha256": records.sha256, "records": records.info.get("records")}
+
+
 @task(name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def gather_sae_task(
-    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], parts: list[StageManifest]
+    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], parts: list[StageManifest],
+    records: StageManifest,
 ) -> StageManifest:
-    """Every layer's SAE in one artifact (copied: SAEs are small), metrics in layer order."""
+    """Every layer's SAE in one artifact (copied: SAEs are small), metrics in layer order.
+
+    `records` are the records `acts` are of (the corpus, or `curate.sae_corpus`); the info names them
+    (`trained_on`). They are not in the key: the activations' hash already is, and it hashes them.
+    """
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
@@ -101,6 +116,6 @@ def gather_sae_task(
         missing = sorted(set(layers) - set(metrics))
         if missing:
             raise ValueError(f"no SAE was trained for layers {missing}; re-run")
-        return {"layers": layers, "metrics": [metrics[layer] for layer in layers]}
+        return {"layers": layers, "metrics": [metrics[layer] for layer in layers], "trained_on": trained_on(records)}
 
     return run_cached(store, sae_key(cfg, acts.sha256, sal.sha256), build)
