@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full CE": {"method": "full", "kd_weight": 0.0, "lr": 2e-5},
     "full KD w=0.5 T=1": {"method": "full", "kd_weight": 0.5, "temperature": 1.0, "lr": 2e-5},
     "full KD w=0.9 T=1": {"method": "full", "kd_weight": 0.9, "temperature": 1.0, "lr": 2e-5},
+    "full KD w=0.5 T=1 lr=1e-4": {"method": "full", "kd_weight": 0.5, "temperature": 1.0, "lr": 1e-4},
+    "lora KD w=0.5 T=1 lr=5e-4": {"method": "lora", "kd_weight": 0.5, "temperature": 1.0, "lr": 5e-4},
 }
 QUICK = ("lora CE", "lora KD w=0.5 T=1", "lora KD w=0.9 T=1", "full KD w=0.9 T=1")
 
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--prune-texts", type=int, default=32, help="training problems used as pruning data")
     ap.add_argument("--importance", default="taylor", choices=["taylor", "magnitude"], help="pruning importance")
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all, or the quick set)")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the training problems")
     args = ap.parse_args()
     n_train = args.train or (48 if args.quick else 128)
     n_eval = 24 if args.quick else args.eval
@@ -70,7 +73,7 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, cpus={os.cpu_count()}, "
         f"torch threads={torch.get_num_threads()}, torch {torch.__version__}, device=cpu; "
-        f"SmolLM2-135M-Instruct pruned at 0.3 ({args.importance}), {n_train} GSM8K train problems, {n_eval} held-out, 1 epoch"
+        f"SmolLM2-135M-Instruct pruned at 0.3 ({args.importance}), {n_train} GSM8K train problems, {n_eval} held-out, {args.epochs} epoch(s)"
     )
     records = gsm8k_records()
     train_rec, eval_rec = records[:n_train], records[-n_eval:]
@@ -90,7 +93,7 @@ def main() -> None:
     best_epoch: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            settings = {"epochs": 1, "eval_fraction": 0.1, "batch_size": 4, "grad_accum": 2, "cutoff": args.cutoff}
+            settings = {"epochs": args.epochs, "eval_fraction": 0.1, "batch_size": 4, "grad_accum": 2, "cutoff": args.cutoff}
             cfg = FinetuneConfig(**settings | VARIANTS[name])
             student = copy.deepcopy(pruned)
             start = time.perf_counter()

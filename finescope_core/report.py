@@ -182,7 +182,7 @@ def _zeros_for_nan(values: Sequence[float]) -> list[float]:
 
 
 def plot_retrieval_scores(scores: Any, selected_threshold: float | None, out: str | Path) -> Path:
-    """Histogram of retrieval scores (max-over-seeds cosine), with the score of the last record kept.
+    """Histogram of retrieval scores (each record's pooled seed cosine, `curate.seed_pooling`), with the score of the last record kept.
 
     Args:
         scores: [N] scores of the whole corpus (or of the selected records).
