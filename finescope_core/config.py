@@ -20,6 +20,11 @@ NAME_OR_PATH: dict[str, Any] = {"path": "if-exists"}
 that path exists there)."""
 
 
+def _one_or_many(cls: type, value: Any) -> Any:
+    """A list-of-files field given one file as a plain string: that file alone."""
+    return [value] if isinstance(value, str) else value
+
+
 class _Strict(BaseModel):
     """Base: unknown fields are errors (a typo must not silently fall back to a default)."""
 
@@ -199,10 +204,7 @@ class CurateConfig(_Strict):
     and seed set. Its activations use the same layers and saliency coordinates. None: train on the
     corpus being curated."""
 
-    @field_validator("sae_corpus", mode="before")
-    @classmethod
-    def _sae_corpus_one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    _sae_corpus_one_or_many = field_validator("sae_corpus", mode="before")(_one_or_many)
 
     @field_validator("sae_corpus")
     @classmethod
@@ -430,10 +432,7 @@ class FinescopeConfig(_Strict):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     """Task runner, GPU concurrency and Prefect result storage."""
 
-    @field_validator("seeds", "corpus", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    _one_or_many = field_validator("seeds", "corpus", mode="before")(_one_or_many)
 
     @field_validator("seeds", "corpus")
     @classmethod

@@ -384,8 +384,9 @@ def curate_records(
         voted = _fused(voted, other, cfg.final_size, priority)
         summary["fusion"] = {"with": "sentence", "k": 60, "depth": depth,
                              "in_both": sum(-1 in v.layers and v.votes > 0 for v in voted)}  # fmt: skip
-    pooling = {"seed_pooling": cfg.seed_pooling} | ({"seed_temperature": cfg.seed_temperature} if cfg.seed_pooling == "softmax" else {})
-    summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting, **pooling)
+    summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting, seed_pooling=cfg.seed_pooling)
+    if cfg.seed_pooling == "softmax":
+        summary["seed_temperature"] = cfg.seed_temperature
     return Curation(voted, summary, scores)
 
 
