@@ -305,6 +305,11 @@ class FinetuneConfig(_Strict):
     (`teacher.model`, the unpruned base model by default) on the response tokens; 0: cross entropy only."""
     temperature: float = Field(KD_TEMPERATURE, gt=0)
     """T of the distillation term: both next-token distributions are softened by it."""
+    kd_tokens: Literal["response", "all"] = "response"
+    """Positions of the distillation term. `response`: the response tokens, like the cross entropy;
+    `all`: every token of the formatted example, prompt included, so the pruned student also relearns
+    the teacher's distributions over the domain's own text (each term is averaged over its own
+    positions). Costs one log-softmax per position more; the teacher pass is the same."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Share of the optimiser steps with a linear learning-rate warm-up (then cosine decay to 0)."""
     max_grad_norm: float = Field(1.0, gt=0)

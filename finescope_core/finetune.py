@@ -3,13 +3,16 @@
 The student is trained on (prompt, response) pairs formatted exactly as at inference (the prompt
 format is shared with `teacher`), with the loss on the response tokens only. The loss mixes cross
 entropy on the distilled targets with logit distillation from the unpruned teacher:
-`(1 - w) * CE + w * T^2 * KL(p_teacher^T || p_student^T)` per response token (`finetune.kd_weight`,
-`finetune.temperature`); the teacher's logits are computed on the fly without gradients.
+`(1 - w) * CE + w * T^2 * KL(p_teacher^T || p_student^T)`, CE per response token and KD per response
+token (`finetune.kd_tokens: response`) or per token of the whole sequence, prompt included (`all`:
+the student also relearns the teacher's distributions over the domain's own text, as pruned models are
+recovered by distillation on whole sequences) (`finetune.kd_weight`, `finetune.temperature`); the
+teacher's logits are computed on the fly without gradients.
 
 Training runs on the transformers `Trainer` (AdamW, linear warm-up + cosine decay, gradient clipping,
-seeded shuffling, dynamic right padding) with a custom `compute_loss` that sums the loss over the
-response tokens and divides by the response tokens of the whole accumulated step, so every token
-weighs the same however tokens fall into micro-batches. After every epoch the held-out share's loss
+seeded shuffling, dynamic right padding) with a custom `compute_loss` that sums each term over its
+positions and divides by its positions in the whole accumulated step, so every token weighs the same
+however tokens fall into micro-batches. After every epoch the held-out share's loss
 is measured; the weights of the epoch with the lowest held-out loss are the ones saved.
 `finetune.method` is `lora` (peft adapters; outputs the adapter and the merged model) or `full`
 (every weight of the pruned model; outputs the full model only). Outputs are published together, with
@@ -163,13 +166,52 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
 @dataclass
 class LossParts:
-    """Summed loss terms of one batch over its response tokens."""
+    """Summed loss terms of one batch: CE over its response tokens, KD over its KD positions."""
 
-    loss: Tensor
-    """The mixed loss, summed: `(1 - w) * CE + w * KD` (what is back-propagated)."""
-    ce: float
-    kd: float
+    ce_sum: Tensor
+    """Cross entropy summed over the response tokens (carries the gradient)."""
+    kd_sum: Tensor | None
+    """`T^2 * KL(teacher || student)` summed over the KD positions (carries the gradient); None without KD."""
     tokens: int
+    """Response tokens (the positions of the CE term)."""
+    kd_positions: int
+    """Positions of the KD term: the response tokens (`kd_tokens: response`) or every position that
+    predicts a real token, prompt included (`kd_tokens: all`); 0 without KD."""
+    kd_weight: float = 0.0
+    """w of the mix (0 without KD)."""
+
+    @property
+    def ce(self) -> float:
+        return float(self.ce_sum.detach())
+
+    @property
+    def kd(self) -> float:
+        return float(self.kd_sum.detach()) if self.kd_sum is not None else 0.0
+
+    def mixed(self, ce_norm: float, kd_norm: float) -> Tensor:
+        """`(1 - w) * CE / ce_norm + w * KD / kd_norm`: each term per token of its own positions when the
+        norms are the step's counts of them (the step's response tokens for both when `kd_tokens: response`)."""
+        if self.kd_sum is None or self.kd_weight == 0:
+            return self.ce_sum / ce_norm
+        return (1 - self.kd_weight) * self.ce_sum / ce_norm + self.kd_weight * self.kd_sum / kd_norm
+
+    @property
+    def loss(self) -> Tensor:
+        """`(1 - w) * CE + w * KD`, both summed over their own positions."""
+        return self.mixed(1.0, 1.0)
+
+
+def kd_position_mask(batch: dict[str, Tensor], kd_tokens: str) -> Tensor:
+    """[batch, len - 1] bool: the positions whose next-token distributions the KD term compares.
+
+    `response`: those that predict a labelled (response) token; `all`: those that predict any real
+    (non-padding) token, so the student also learns the teacher's distributions over the prompt.
+    """
+    if kd_tokens == "response":
+        return batch["labels"][:, 1:] != IGNORE
+    if kd_tokens == "all":
+        return batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+    raise FinetuneError(f"unknown finetune.kd_tokens {kd_tokens!r}; choose response or all")
 
 
 def distill_loss(
@@ -178,33 +220,39 @@ def distill_loss(
     teacher: nn.Module | None = None,
     kd_weight: float = 0.0,
     temperature: float = 1.0,
+    kd_tokens: str = "response",
 ) -> LossParts:
-    """Summed `(1 - w) * CE + w * T^2 * KL(teacher || student)` over the batch's response tokens.
-
-    Without a teacher (or at `kd_weight` 0) it is the plain summed cross entropy of `response_loss`.
-    """
+    """Summed CE over the batch's response tokens and, with a teacher and `kd_weight` > 0, summed
+    `T^2 * KL(teacher || student)` over its KD positions (`kd_position_mask`)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     student, targets = _shifted(logits, batch["labels"])
     ce = F.cross_entropy(student, targets, reduction="sum")
     if teacher is None or kd_weight == 0:
-        return LossParts(ce, float(ce.detach()), 0.0, int(targets.numel()))
+        return LossParts(ce, None, int(targets.numel()), 0)
+    keep = kd_position_mask(batch, kd_tokens)
     with torch.no_grad():
         t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t_sel, _ = _shifted(t_logits, batch["labels"])
-    kd = kd_loss(student, t_sel, temperature)
-    loss = (1 - kd_weight) * ce + kd_weight * kd
-    return LossParts(loss, float(ce.detach()), float(kd.detach()), int(targets.numel()))
+        t_sel = t_logits[:, :-1][keep].float()
+    kd = kd_loss(logits[:, :-1][keep].float(), t_sel, temperature)
+    return LossParts(ce, kd, int(targets.numel()), int(keep.sum()), kd_weight)
 
 
 @torch.no_grad()
 def evaluate_kd(
-    model: nn.Module, teacher: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, temperature: float = 1.0
+    model: nn.Module,
+    teacher: nn.Module,
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    kd_tokens: str = "response",
 ) -> float:
-    """Mean `T^2 * KL(teacher || student)` per response token over `examples`, NaN when there are none."""
+    """Mean `T^2 * KL(teacher || student)` per KD position (`kd_position_mask`) over `examples`, NaN
+    when there are none."""
 
     def kd_sum(batch: dict[str, Tensor]) -> tuple[float, int]:
-        parts = distill_loss(model, batch, teacher, 1.0, temperature)
-        return parts.kd, parts.tokens
+        parts = distill_loss(model, batch, teacher, 1.0, temperature, kd_tokens)
+        return parts.kd, parts.kd_positions
 
     return _per_token_mean(model, examples, batch_size, pad_id, kd_sum)
 
@@ -290,11 +338,13 @@ class FinetuneSummary:
     method: str = "lora"
     kd_weight: float = 0.0
     temperature: float = 1.0
+    kd_tokens: str = "response"
+    """Positions of the KD term (`finetune.kd_tokens`)."""
     steps: int = 0
     train_loss: list[float] = field(default_factory=list)
     """Mean mixed loss per response token at every optimiser step."""
     train_kd: list[float] = field(default_factory=list)
-    """Mean KD term per response token at every optimiser step (empty without KD)."""
+    """Mean KD term per KD position at every optimiser step (empty without KD)."""
     eval_loss_before: float | None = None
     """Held-out loss (cross entropy per response token) of the untuned model (None without a held-out split)."""
     eval_loss: list[float] = field(default_factory=list)
@@ -327,28 +377,39 @@ class _ListDataset(torch.utils.data.Dataset[Example]):
 
 
 class _DistillTrainer(Trainer):
-    """`Trainer` whose loss is the summed mixed loss over response tokens / the step's response tokens."""
+    """`Trainer` whose loss is `(1 - w) * CE + w * KD`, each term summed over its positions in the
+    micro-batch and divided by its positions in the whole accumulated step, so every token weighs the
+    same however tokens fall into micro-batches."""
 
-    def __init__(self, *args: Any, teacher: nn.Module | None, kd_weight: float, temperature: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, teacher: nn.Module | None, kd_weight: float, temperature: float, kd_tokens: str = "response",
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.teacher = teacher
-        self.kd_weight, self.temperature = kd_weight, temperature
-        self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's response tokens
-        self.step_sums = [0.0, 0.0, 0.0, 0]  # loss, ce, kd (summed), non-padding tokens of the current step
+        self.kd_weight, self.temperature, self.kd_tokens = kd_weight, temperature, kd_tokens
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's token counts
+        self.step_kd_positions = 0  # KD positions of the current accumulated step
+        self.step_sums = [0.0, 0.0, 0.0, 0]  # loss, ce, kd (per token of the step), non-padding tokens of the step
 
     def _get_num_items_in_batch(self, batch_samples: list[dict[str, Tensor]], device: torch.device) -> Tensor:
-        """Response tokens that carry loss over the whole accumulated step (the first position predicts nothing)."""
+        """Response tokens that carry loss over the whole accumulated step (the first position predicts
+        nothing); the step's KD positions are kept beside it for `compute_loss`."""
+        self.step_kd_positions = sum(int(kd_position_mask(b, self.kd_tokens).sum()) for b in batch_samples)
         return torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batch_samples), device=device)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        parts = distill_loss(model, inputs, self.teacher, self.kd_weight, self.temperature)
-        weight = max(int(num_items_in_batch), 1) if num_items_in_batch is not None else max(parts.tokens, 1)
+        parts = distill_loss(model, inputs, self.teacher, self.kd_weight, self.temperature, self.kd_tokens)
+        if num_items_in_batch is not None:
+            ce_norm, kd_norm = max(int(num_items_in_batch), 1), max(self.step_kd_positions, 1)
+        else:
+            ce_norm, kd_norm = max(parts.tokens, 1), max(parts.kd_positions, 1)
+        loss = parts.mixed(ce_norm, kd_norm)
         s = self.step_sums
-        s[0], s[1], s[2] = s[0] + float(parts.loss.detach()) / weight, s[1] + parts.ce / weight, s[2] + parts.kd / weight
+        s[0], s[1], s[2] = s[0] + float(loss.detach()), s[1] + parts.ce / ce_norm, s[2] + parts.kd / kd_norm
         s[3] += int(inputs["attention_mask"].sum())
-        loss = parts.loss / weight
         return (loss, None) if return_outputs else loss
 
 
@@ -446,6 +507,7 @@ def _train(
         teacher=teacher,
         kd_weight=cfg.kd_weight,
         temperature=cfg.temperature,
+        kd_tokens=cfg.kd_tokens,
     )
     trainer.remove_callback(PrinterCallback)
     trainer_ref.append(trainer)
@@ -521,7 +583,8 @@ def lora_finetune(
     held = [built.examples[i] for i in eval_idx]
     kd_weight = cfg.kd_weight if teacher is not None else 0.0
     summary = FinetuneSummary(
-        len(train), len(held), built.dropped, built.truncated, cfg.epochs, cfg.method, kd_weight, cfg.temperature
+        len(train), len(held), built.dropped, built.truncated, cfg.epochs, cfg.method, kd_weight, cfg.temperature,
+        cfg.kd_tokens,
     )
     if teacher is not None:
         teacher.eval()

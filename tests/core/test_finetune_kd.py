@@ -141,3 +141,65 @@ def test_lora_merged_logits_equal_the_adapter_applied_logits(tmp_path: Path) -> 
     assert_close(_logits(merged), _logits(applied), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(_logits(merged), _logits(base.eval()), atol=1e-3)
     assert load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_kd_over_all_tokens_covers_every_real_position_and_matches_a_hand_kl() -> None:
+    tok = byte_tokenizer()
+    batch = pad_batch(build_examples(tok, ROWS, 128).examples, tok.pad_token_id)
+    student, teacher = _expressive_tiny(0).eval(), _expressive_tiny(1).eval()
+    with torch.no_grad():
+        resp = distill_loss(student, batch, teacher, 0.5, 2.0, "response")
+        every = distill_loss(student, batch, teacher, 0.5, 2.0, "all")
+        same = distill_loss(student, batch, copy.deepcopy(student), 0.5, 2.0, "all")
+        s_logits, t_logits = student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, teacher(
+            **{k: batch[k] for k in ("input_ids", "attention_mask")}
+        ).logits
+    real = batch["attention_mask"][:, 1:].bool()
+    assert every.kd_positions == int(real.sum()) > resp.kd_positions == resp.tokens
+    assert every.tokens == resp.tokens and every.ce == resp.ce  # the CE term stays on the responses
+    hand = kd_loss(s_logits[:, :-1][real], t_logits[:, :-1][real], 2.0)
+    assert_close(every.kd, float(hand), rtol=1e-5, atol=1e-5)
+    assert every.kd > resp.kd > 0 and abs(same.kd) < 1e-5
+    # The mix divides each term by its own positions.
+    assert_close(float(every.mixed(resp.tokens, every.kd_positions)), 0.5 * every.ce / resp.tokens + 0.5 * every.kd / every.kd_positions)
+    with pytest.raises(FinetuneError, match="kd_tokens"):
+        distill_loss(student, batch, teacher, 0.5, 1.0, "prompt")
+
+
+@pytest.mark.parametrize("kd_tokens", ["response", "all"])
+@pytest.mark.parametrize(("batch_size", "grad_accum"), [(4, 1), (1, 4), (2, 2)])
+def test_a_step_averages_each_term_over_its_positions_in_the_whole_step(
+    tmp_path: Path, kd_tokens: str, batch_size: int, grad_accum: int
+) -> None:
+    """The first step's loss (all 4 examples, whatever the micro-batches) is (1-w) CE / response
+    tokens + w KD / KD positions of the step, computed by hand on the untrained student."""
+    tok = byte_tokenizer()
+    teacher = _expressive_tiny(1).eval()
+    student = _expressive_tiny(0)
+    examples = build_examples(tok, ROWS, 128).examples
+    with torch.no_grad():
+        parts = distill_loss(copy.deepcopy(student).eval(), pad_batch(examples, tok.pad_token_id), teacher, 0.7, 1.5, kd_tokens)
+    hand = 0.3 * parts.ce / parts.tokens + 0.7 * parts.kd / parts.kd_positions
+    cfg = FinetuneConfig(
+        **SMALL
+        | {"batch_size": batch_size, "grad_accum": grad_accum, "epochs": 1, "lr": 1e-3, "eval_fraction": 0.0}
+        | {"kd_weight": 0.7, "temperature": 1.5, "kd_tokens": kd_tokens}
+    )
+    summary = lora_finetune(student, tok, ROWS, cfg, tmp_path / "out", teacher=teacher)
+    assert summary.steps == 1 and summary.kd_tokens == kd_tokens
+    assert_close(summary.train_loss[0], hand, rtol=1e-4, atol=1e-5)
+    assert_close(summary.train_kd[0], parts.kd / parts.kd_positions, rtol=1e-4, atol=1e-5)
+
+
+def test_kd_over_all_tokens_brings_the_prompt_distributions_closer_than_response_kd(tmp_path: Path) -> None:
+    tok = byte_tokenizer()
+    teacher = _expressive_tiny(1).eval()
+    examples = build_examples(tok, ROWS, 128).examples
+    after = {}
+    for kd_tokens in ("response", "all"):
+        cfg = FinetuneConfig(**SMALL | {"epochs": 10, "lr": 1e-2, "eval_fraction": 0.0, "kd_weight": 0.9, "kd_tokens": kd_tokens})
+        student = _expressive_tiny(0)
+        lora_finetune(student, tok, ROWS, cfg, tmp_path / kd_tokens, teacher=teacher)
+        after[kd_tokens] = evaluate_kd(student, teacher, examples, 4, tok.pad_token_id, kd_tokens="all")
+    before = evaluate_kd(_expressive_tiny(0), teacher, examples, 4, tok.pad_token_id, kd_tokens="all")
+    assert after["all"] < after["response"] < before
