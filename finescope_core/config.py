@@ -363,6 +363,11 @@ class EvalConfig(_Strict):
     tasks are visible when set. None: lm-eval's stock tasks."""
     lm_eval_limit: int | None = Field(None, ge=1)
     """At most this many examples per lm-eval task. None: `max_examples`."""
+    lm_eval_chat_template: Literal["off", "on", "both"] = "off"
+    """Run the lm-eval tasks with the tokenizer's chat template (lm-eval's `apply_chat_template`, the
+    stock CLI's `--apply_chat_template`): each prompt becomes a user turn, the way an instruct model is
+    used and the way finescope tunes it. `off`: plain prompts (the stock CLI's default); `on`: chat
+    template only; `both`: each task twice, the chat-template run named `<task>@chat`."""
 
 
 class OrchestrationConfig(_Strict):

@@ -344,6 +344,64 @@ def comparisons(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+PAIRED_LABELS = {
+    "chat_perplexity": "chat perplexity",
+    "perplexity": "domain perplexity (raw text)",
+    "general_perplexity": "general perplexity",
+    **ACCURACY_LABELS,
+}
+"""Short metric names of the paired-comparison lines."""
+
+
+def _paired_label(metric: str) -> str:
+    if metric.startswith("lm_eval:"):
+        task, _, name = metric.removeprefix("lm_eval:").partition(":")
+        return f"lm-eval {task} {name}"
+    return PAIRED_LABELS.get(metric, metric)
+
+
+def paired_rows(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The paired comparisons as table rows: a, b, metric, kind, value [low, high], n, clear."""
+    return [
+        {"a": c["a"], "b": c["b"], "metric": _paired_label(c["metric"]), "kind": c["kind"],
+         "value [95 % interval]": _paired_number(c), "n": c["n"], "clear": "yes" if c["clear"] else "not at this n"}
+        for c in comparisons
+    ]  # fmt: skip
+
+
+def _paired_number(c: Mapping[str, Any]) -> str:
+    """`value [low, high]`, with 2 decimals or as many more (up to 6) as it takes for the rounded numbers
+    to stay on their side of 1 (ratio) / 0 (difference): a clear 0.9997 [0.9995, 0.9999] never reads 1 [1, 1]."""
+    null = 1.0 if c["kind"] == "ratio" else 0.0
+    sign = "" if c["kind"] == "ratio" else "+"
+    value, low, high = float(c["value"]), float(c["low"]), float(c["high"])
+    for digits in range(2, 7):
+        r = [round(x, digits) for x in (value, low, high)]
+        keeps_value = value == null or r[0] != null
+        keeps_bounds = not c["clear"] or (r[1] > null if low > null else r[2] < null)
+        if keeps_value and keeps_bounds:
+            break
+    return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+def paired_lines(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per paired comparison (metrics.json's `comparisons`), e.g.
+    `- tuned vs tuned-random — chat perplexity ratio 0.89 [0.84, 0.94], n=150: tuned lower (clear)`;
+    a difference reads `MC accuracy difference +0.05 [-0.01, +0.11], n=100: tuned higher (not clear at this n)`.
+    """
+    lines = []
+    for c in comparisons:
+        null = 1.0 if c["kind"] == "ratio" else 0.0
+        if c["value"] == null:
+            direction = "no difference"
+        else:
+            direction = f"{c['a']} {'lower' if c['value'] < null else 'higher'}"
+        verdict = "clear" if c["clear"] else "not clear at this n"
+        lines.append(f"- {c['a']} vs {c['b']} — {_paired_label(c['metric'])} {c['kind']} {_paired_number(c)}, "
+                     f"n={c['n']}: {direction} ({verdict})")  # fmt: skip
+    return lines
+
+
 # ---------------------------------------------------------------------------------------- markdown
 
 _NEWLINES = re.compile(r"\r\n|\r|\n")

@@ -56,7 +56,8 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.Re
 
 
 def evaluation_body(metrics: Mapping[str, Any]) -> str:
-    """The model x metric table (value [95 % interval] (n)), how the eval sets were made, and the comparisons."""
+    """The model x metric table (value [95 % interval] (n)), how the eval sets were made, the interval
+    overlap comparisons and, when metrics.json has them, the paired comparisons on the same items."""
     models = metrics["models"]
     parts = [
         "Every model is scored on the same items. Each cell is the value with its bootstrap 95 % interval "
@@ -69,6 +70,14 @@ def evaluation_body(metrics: Mapping[str, Any]) -> str:
     lines = rep.comparisons(models)
     if lines:
         parts.append("Comparisons (overlapping intervals: the difference is not clear at this n):\n\n" + "\n".join(lines))
+    paired = rep.paired_lines(metrics.get("comparisons") or [])
+    if paired:
+        parts.append(
+            "Paired comparisons (same items, bootstrap over items): each resample draws one set of items and "
+            "recomputes both models' metric on it, giving a 95 % interval for the ratio of perplexities (A / B) "
+            "or the difference of accuracies (A − B); clear when it excludes 1 / 0. Two models whose separate "
+            "intervals overlap can still differ clearly when paired.\n\n" + "\n".join(paired)
+        )
     return "\n\n".join(parts)
 
 

@@ -12,14 +12,14 @@ from pydantic import BaseModel
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
-from finescope_core.report import embed_images, harness_rows, metric_rows
+from finescope_core.report import embed_images, harness_rows, metric_rows, paired_rows
 from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import load_data, model_task, read_inputs
 from tasks.evalset import candidate_items, decontaminate, eval_files, holdout, training_texts
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, evaluation_items
 from tasks.export import Exported, export_task, specialize_outputs
 from tasks.finetune import finetune_task
 from tasks.prune import (
@@ -130,7 +130,8 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
         )
     seconds = _stage_seconds(curated, variants, evaluations)
     metrics = metrics_document(evaluations, seconds, evaluation=data.info,
-                               distilled={name: v.distilled for name, v in variants.items()})
+                               distilled={name: v.distilled for name, v in variants.items()},
+                               items=evaluation_items(store, evaluations))
     report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
     return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)
@@ -147,6 +148,9 @@ def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifes
     create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"),
                           description="every model x metric: value [95 % bootstrap interval] (n)")  # fmt: skip
     _publish_harness(cfg, metrics)
+    if metrics.get("comparisons"):
+        create_table_artifact(paired_rows(metrics["comparisons"]), key=artifact_key("specialize", cfg, "paired"),
+                              description="paired comparisons on the same items: ratio / difference [95 % bootstrap interval over items]")  # fmt: skip
     create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
                           key=artifact_key("specialize", cfg, "stage-seconds"))  # fmt: skip
     report_dir = artifact_dir(open_store(cfg), report)

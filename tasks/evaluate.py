@@ -10,8 +10,16 @@ from typing import Any
 from prefect import task
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.evaluate import check_harness_config, evaluate_model, harness_include_sha, harness_metrics
+from finescope_core.evaluate import (
+    ITEMS_FILE,
+    check_harness_config,
+    evaluate_model_items,
+    harness_include_sha,
+    harness_results,
+    items_document,
+)
 from finescope_core.model import load_model
+from finescope_core.store import ArtifactStore
 from tasks.common import (
     GPU_TAGS,
     RUN_RESULTS,
@@ -20,6 +28,7 @@ from tasks.common import (
     Progress,
     StageKey,
     StageManifest,
+    artifact_dir,
     open_store,
     run_cached,
 )
@@ -33,10 +42,11 @@ class EvaluationKey(ModelStageKey):
     """
 
     STAGE = "evaluation"
-    VERSION = "2"
+    VERSION = "3"  # 3: per-item numbers (items.json) beside metrics.json, for paired comparisons
     CONFIG = {"max_length": "evaluate.max_length", "max_new_tokens": "evaluate.max_new_tokens",
               "max_examples": "evaluate.max_examples", "bootstrap_resamples": "evaluate.bootstrap_resamples",
-              "seed": "seed", "lm_eval_tasks": "evaluate.lm_eval_tasks", "lm_eval_limit": "evaluate.lm_eval_limit"}  # fmt: skip
+              "seed": "seed", "lm_eval_tasks": "evaluate.lm_eval_tasks", "lm_eval_limit": "evaluate.lm_eval_limit",
+              "lm_eval_chat_template": "evaluate.lm_eval_chat_template"}  # fmt: skip
 
     max_length: int
     max_new_tokens: int
@@ -45,6 +55,7 @@ class EvaluationKey(ModelStageKey):
     seed: int
     lm_eval_tasks: list[str]
     lm_eval_limit: int | None
+    lm_eval_chat_template: str
 
 
 def evaluation_key(cfg: FinescopeConfig, model_sha: str, data: dict[str, Any]) -> StageKey:
@@ -55,28 +66,47 @@ def evaluation_key(cfg: FinescopeConfig, model_sha: str, data: dict[str, Any]) -
     return EvaluationKey.of(cfg, inputs).spec()
 
 
-def with_harness(cfg: FinescopeConfig, model: Any, tok: Any, metrics: dict[str, Any], name: str) -> dict[str, Any]:
-    """`metrics` plus `lm_eval` (task -> metric -> value / CI / n) when `evaluate.lm_eval_tasks` is set."""
-    if cfg.evaluate.lm_eval_tasks:
-        metrics["lm_eval"] = harness_metrics(model, tok, cfg.evaluate, seed=cfg.seed, progress=Progress(f"lm-eval {name}"))
-    return metrics
+def with_harness(
+    cfg: FinescopeConfig, model: Any, tok: Any, metrics: dict[str, Any], name: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`metrics` plus `lm_eval` (task -> metric -> value / CI / n) when `evaluate.lm_eval_tasks` is set, and
+    lm-eval's per-sample values behind them (task -> metric -> doc ids / values; {} without tasks)."""
+    if not cfg.evaluate.lm_eval_tasks:
+        return metrics, {}
+    lm, samples = harness_results(model, tok, cfg.evaluate, seed=cfg.seed, progress=Progress(f"lm-eval {name}"))
+    metrics["lm_eval"] = lm
+    return metrics, samples
 
 
 @task(name="evaluate", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, data: dict[str, Any]) -> StageManifest:
     """Domain perplexity (raw and chat-formatted), general perplexity, MC accuracy / numeric exact match
-    when given, each with a bootstrap 95 % interval; `data` is `tasks.evalset.EvalData.payload()`."""
+    when given, each with a bootstrap 95 % interval; `data` is `tasks.evalset.EvalData.payload()`.
+
+    The artifact holds metrics.json (also the manifest's info) and `ITEMS_FILE`, every metric's per-item
+    numbers (lm-eval's per-sample values included), which paired comparisons between models read."""
 
     def build(work: Path) -> dict[str, Any]:
         check_harness_config(cfg.evaluate)  # a bad lm-eval task setup fails before the model loads
         model, tok = load_model(model_path, device=cfg.device, dtype=cfg.model_dtype)
-        metrics = evaluate_model(
+        metrics, items = evaluate_model_items(
             model, tok, domain_texts=data["domain"], chat_pairs=[tuple(p) for p in data["chat"]],
             general_texts=data["general"], mc_items=data["mc"], numeric_items=data["numeric"], cfg=cfg.evaluate,
             seed=cfg.seed, progress=Progress(f"evaluate {name}"),
         )  # fmt: skip
-        metrics = with_harness(cfg, model, tok, metrics, name)
+        metrics, samples = with_harness(cfg, model, tok, metrics, name)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        doc = items_document(items, seed=cfg.seed, resamples=cfg.evaluate.bootstrap_resamples, lm_eval=samples)
+        (work / ITEMS_FILE).write_text(json.dumps(doc))
         return metrics
 
     return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, data), build)
+
+
+def evaluation_items(store: ArtifactStore, evaluations: dict[str, StageManifest]) -> dict[str, dict[str, Any] | None]:
+    """Each evaluation's per-item numbers (`ITEMS_FILE`), by model name; None for an artifact without them."""
+    out: dict[str, dict[str, Any] | None] = {}
+    for name, manifest in evaluations.items():
+        path = artifact_dir(store, manifest) / ITEMS_FILE
+        out[name] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return out

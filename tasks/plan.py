@@ -39,7 +39,7 @@ from tasks.common import (
 )
 from tasks.data import load_data, read_inputs, read_sae_corpus, records_key
 from tasks.evalset import EvalData, candidate_items, decontaminate, eval_files, holdout, training_texts
-from tasks.evaluate import evaluation_key
+from tasks.evaluate import evaluation_items, evaluation_key
 from tasks.finetune import tuned_key
 from tasks.prune import (
     baseline_records,
@@ -348,8 +348,10 @@ class _Planner:
             seconds = stage_seconds({f: d.manifest if d else None for f, d in curate.items()},
                                     {n: [d.manifest for d in v] for n, v in variants.items()},
                                     {n: d.manifest for n, d in evaluations.items()}, self.code_manifests)
-            metrics = metrics_document({n: d.manifest for n, d in evaluations.items()}, seconds, evaluation=self.eval_info(),
-                                       distilled={n: v[1].manifest for n, v in variants.items()})  # fmt: skip
+            manifests = {n: d.manifest for n, d in evaluations.items()}
+            metrics = metrics_document(manifests, seconds, evaluation=self.eval_info(),
+                                       distilled={n: v[1].manifest for n, v in variants.items()},
+                                       items=evaluation_items(self.store, manifests))  # fmt: skip
             return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
         self.step("report", "report", [*stages, self.code_dep, *evaluations.values()], spec)

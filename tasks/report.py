@@ -11,6 +11,7 @@ from prefect import task
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.evaluate import (
+    comparisons,
     metrics_schema_errors,
 )
 from finescope_core.report_stage import ReportInputs, report_stage
@@ -64,15 +65,21 @@ def metrics_document(
     seconds: dict[str, float],
     evaluation: dict[str, Any] | None = None,
     distilled: dict[str, StageManifest] | None = None,
+    items: dict[str, dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
-    """`metrics.json`: {"models": {name: metrics}, "evaluation": how the eval sets were made,
-    "stage_seconds": {...}}, schema-checked.
+    """`metrics.json`: {"models": {name: metrics}, "comparisons": [...], "evaluation": how the eval sets
+    were made, "stage_seconds": {...}}, schema-checked.
 
     Args:
         distilled: each variant's distilled manifest by variant name ("" for the curated one); adds
             `distillation`: {variant: teacher kept / fallback counts by reason, generation budget}.
+        items: each evaluation's per-item numbers by model name (`tasks.evaluate.evaluation_items`);
+            adds `comparisons`, the paired comparisons of `finescope_core.evaluate.paired.comparisons`
+            (tuned vs every other model, each baseline's tuned model vs base).
     """
     doc: dict[str, Any] = {"models": {name: m.info for name, m in evaluations.items()}}
+    if items is not None:
+        doc["comparisons"] = comparisons({name: items.get(name) for name in evaluations})
     if evaluation is not None:
         doc["evaluation"] = evaluation
     doc["stage_seconds"] = seconds
@@ -88,7 +95,7 @@ class ReportKey(StageKeyModel):
     """`report`: what the report shows, on the metrics document, the curated set and the pruned model."""
 
     STAGE = "report"
-    VERSION = "3"  # 3: a "Layer weights" section, intervals and comparisons
+    VERSION = "4"  # 3: a "Layer weights" section, intervals and comparisons; 4: paired comparisons
     CONFIG = {"ratio": "prune.ratio", "method": "curate.method", "k_act": "curate.k_act"}
 
     ratio: float

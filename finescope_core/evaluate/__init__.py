@@ -9,9 +9,19 @@ does (`choice`); numeric questions (GSM8K style) by greedy generation and compar
 (`numeric`). `loading` reads their eval files, `stage.evaluate_model` runs every metric on one model, and
 `metrics` is the `metrics.json` the evaluate stage writes, as pydantic models. `harness` runs
 lm-evaluation-harness tasks on the same in-memory model, with bootstrap CIs from lm-eval's per-sample log.
+`paired` compares two models on the same items by a paired bootstrap over the per-item numbers the
+evaluate stage stores (`evaluate_model_items`, `harness.task_samples`).
 """
 
-from finescope_core.evaluate.bootstrap import Interval, mean_interval, overlap, perplexity_interval
+from finescope_core.evaluate.bootstrap import (
+    Interval,
+    excludes,
+    mean_interval,
+    overlap,
+    paired_mean_difference,
+    paired_perplexity_ratio,
+    perplexity_interval,
+)
 from finescope_core.evaluate.choice import (
     check_mc_item,
     choice_logprobs,
@@ -28,12 +38,15 @@ from finescope_core.evaluate.harness import (
     harness_include_sha,
     harness_limit,
     harness_metrics,
+    harness_results,
     run_harness,
+    task_samples,
 )
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE
 from finescope_core.evaluate.loading import load_mc_items, load_numeric_items
 from finescope_core.evaluate.metrics import (
     REQUIRED_MODELS,
+    Comparison,
     EvalCounts,
     MetricsDocument,
     ModelMetrics,
@@ -50,16 +63,19 @@ from finescope_core.evaluate.numeric import (
     numeric_hits,
     reference_number,
 )
+from finescope_core.evaluate.paired import ITEMS_FILE, comparisons, items_document
 from finescope_core.evaluate.perplexity import chat_nll, perplexity, text_nll
-from finescope_core.evaluate.stage import evaluate_model
+from finescope_core.evaluate.stage import evaluate_model, evaluate_model_items
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "REQUIRED_MODELS", "STOP_STRINGS", "Contamination", "EvalCounts", "EvalError",
-    "Interval", "MetricsDocument", "ModelMetrics", "ModelsByName", "bootstrap_ci", "chat_nll",
-    "check_contamination", "check_harness_config", "check_mc_item", "check_numeric_item", "choice_logprobs",
-    "encode_continuation", "evaluate_model", "extract_number", "generate_answers", "generation_prompt",
-    "harness_include_sha", "harness_limit", "harness_metrics", "internal_duplicates", "load_mc_items",
-    "load_numeric_items", "mc_accuracy", "mc_hits", "mc_prompt", "mean_interval", "metrics_schema_errors",
-    "numeric_exact_match", "numeric_hits", "overlap", "perplexity", "perplexity_interval",
-    "reference_number", "run_harness", "text_nll",
+    "DEFAULT_BATCH_SIZE", "ITEMS_FILE", "REQUIRED_MODELS", "STOP_STRINGS", "Comparison", "Contamination",
+    "EvalCounts", "EvalError", "Interval", "MetricsDocument", "ModelMetrics", "ModelsByName", "bootstrap_ci",
+    "chat_nll", "check_contamination", "check_harness_config", "check_mc_item", "check_numeric_item",
+    "choice_logprobs", "comparisons", "encode_continuation", "evaluate_model", "evaluate_model_items",
+    "excludes", "extract_number", "generate_answers", "generation_prompt", "harness_include_sha",
+    "harness_limit", "harness_metrics", "harness_results", "internal_duplicates", "items_document",
+    "load_mc_items", "load_numeric_items", "mc_accuracy", "mc_hits", "mc_prompt", "mean_interval",
+    "metrics_schema_errors", "numeric_exact_match", "numeric_hits", "overlap", "paired_mean_difference",
+    "paired_perplexity_ratio", "perplexity", "perplexity_interval", "reference_number", "run_harness",
+    "task_samples", "text_nll",
 ]  # fmt: skip

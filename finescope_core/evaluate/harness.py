@@ -37,6 +37,26 @@ _LM_EVAL_BOOTSTRAP_ITERS = 1000
 """lm-eval's bootstrap for the stderr of non-mean aggregations (its default, 100000, takes minutes)."""
 
 
+CHAT_SUFFIX = "@chat"
+"""Appended to a task's name for its run with the chat template (`evaluate.lm_eval_chat_template: both`)."""
+
+
+def harness_runs(cfg: EvalConfig) -> list[tuple[str, str, bool]]:
+    """(label, lm-eval task, with the chat template) of every run `cfg` asks for, in order: each task
+    plain and/or with the chat template (`evaluate.lm_eval_chat_template`); with `both`, the chat run
+    of a task is labelled `<task>@chat`."""
+    mode = cfg.lm_eval_chat_template
+    runs: list[tuple[str, str, bool]] = []
+    for task in cfg.lm_eval_tasks:
+        if mode == "on":
+            runs.append((task, task, True))
+            continue
+        runs.append((task, task, False))
+        if mode == "both":
+            runs.append((task + CHAT_SUFFIX, task, True))
+    return runs
+
+
 def harness_limit(cfg: EvalConfig) -> int:
     """Examples per task: `evaluate.lm_eval_limit`, or `evaluate.max_examples` when it is None."""
     return cfg.lm_eval_limit if cfg.lm_eval_limit is not None else cfg.max_examples
@@ -164,6 +184,26 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _numeric_metrics(task: str, results: dict[str, Any]) -> list[tuple[str, str, str, float, list[dict[str, Any]]]]:
+    """(name, metric, filter key, lm-eval's value, that filter's samples) of every metric of a task
+    whose per-sample values are all numbers; name is `metric` under filter `none`, else `metric,filter`."""
+    summary = results["results"][task]
+    by_filter: dict[str, list[dict[str, Any]]] = {}
+    for sample in results["samples"][task]:
+        by_filter.setdefault(str(sample.get("filter", "none")), []).append(sample)
+    out = []
+    for key, value in summary.items():
+        metric, sep, filt = key.partition(",")
+        if not sep or metric.endswith("_stderr") or filt not in by_filter:
+            continue
+        point = _number(value)
+        per_sample = [_number(s.get(metric)) for s in by_filter[filt]]
+        if point is None or not per_sample or any(v is None for v in per_sample):
+            continue
+        out.append((metric if filt == "none" else key, metric, filt, point, by_filter[filt]))
+    return out
+
+
 def task_metrics(task: str, results: dict[str, Any], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, dict[str, Any]]:
     """One task's metrics from `simple_evaluate`'s output: value, stderr, n and our bootstrap CI.
 
@@ -175,25 +215,35 @@ def task_metrics(task: str, results: dict[str, Any], *, seed: int, resamples: in
         {metric: {"value": float, "ci": [lo, hi], "n": int, "stderr": float | None}}.
     """
     summary = results["results"][task]
-    by_filter: dict[str, list[dict[str, Any]]] = {}
-    for sample in results["samples"][task]:
-        by_filter.setdefault(str(sample.get("filter", "none")), []).append(sample)
     out: dict[str, dict[str, Any]] = {}
-    for key, value in summary.items():
-        metric, sep, filt = key.partition(",")
-        if not sep or metric.endswith("_stderr") or filt not in by_filter:
-            continue
-        point = _number(value)
-        per_sample = [_number(s.get(metric)) for s in by_filter[filt]]
-        if point is None or not per_sample or any(v is None for v in per_sample):
-            continue
-        values = [v for v in per_sample if v is not None]
+    for name, metric, filt, point, samples in _numeric_metrics(task, results):
+        values = [float(s[metric]) for s in samples]
         stderr = _number(summary.get(f"{metric}_stderr,{filt}"))
         lo, hi = bootstrap_ci(values, seed=seed, resamples=resamples)
         # lm-eval's value is its aggregation (the mean here); the CI is widened to contain it exactly.
-        name = metric if filt == "none" else key
         out[name] = {"value": point, "ci": [min(lo, point), max(hi, point)], "n": len(values), "stderr": stderr}
     return out
+
+
+def task_samples(task: str, results: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
+    """The per-sample values behind each of `task_metrics`' metrics, ordered by lm-eval's doc id, so two
+    models run on the same task pair up item by item (`finescope_core.evaluate.paired`).
+
+    Returns:
+        {metric: {"doc_ids": [...], "values": [float, ...]}}, the names as `task_metrics` gives them.
+    """
+    out: dict[str, dict[str, list[Any]]] = {}
+    for name, metric, _, _, samples in _numeric_metrics(task, results):
+        rows = sorted(((s.get("doc_id"), float(s[metric])) for s in samples), key=lambda r: _doc_order(r[0]))
+        out[name] = {"doc_ids": [doc for doc, _ in rows], "values": [v for _, v in rows]}
+    return out
+
+
+def _doc_order(doc_id: Any) -> tuple[int, Any]:
+    """Sort key of lm-eval doc ids (ints in practice): numbers first, in order, then anything else as text."""
+    if isinstance(doc_id, int | np.integer) and not isinstance(doc_id, bool):
+        return (0, int(doc_id))
+    return (1, str(doc_id))
 
 
 def run_harness(
@@ -209,11 +259,13 @@ def run_harness(
 
     The model is wrapped in lm-eval's `HFLM` as it is (no copy, no re-load). Each task is cut to
     `harness_limit(cfg)` examples and run zero-shot with every lm-eval seed set to `seed`, one
-    `simple_evaluate` call per task; `progress(done, total, metric="lm_eval", task=name)` is called
-    after each task (lm-eval offers its Python API no per-batch hook).
+    `simple_evaluate` call per run (`harness_runs`: plain and/or with the chat template);
+    `progress(done, total, metric="lm_eval", task=label)` is called after each run (lm-eval offers its
+    Python API no per-batch hook).
 
     Returns:
-        task -> lm-eval's output for it (`results`, `configs`, and `samples`: the per-sample log).
+        label -> lm-eval's output for that run (`results`, `configs`, and `samples`: the per-sample
+        log), its per-task entries under the label (`<task>` or `<task>@chat`).
 
     Raises:
         EvalError: a bad include directory or unknown task (`check_harness_config`), or a name that
@@ -225,22 +277,38 @@ def run_harness(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    runs = harness_runs(cfg)
+    if any(chat for _, _, chat in runs) and not getattr(tokenizer, "chat_template", None):
+        raise EvalError(
+            f"evaluate.lm_eval_chat_template={cfg.lm_eval_chat_template!r}, but the model's tokenizer has no chat "
+            "template; set evaluate.lm_eval_chat_template: off"
+        )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
     out: dict[str, dict[str, Any]] = {}
-    tasks = list(cfg.lm_eval_tasks)
-    for i, name in enumerate(tasks):
+    for i, (label, name, chat) in enumerate(runs):
         results = simple_evaluate(
             model=lm, tasks=[name], task_manager=manager, limit=harness_limit(cfg), log_samples=True,
             bootstrap_iters=_LM_EVAL_BOOTSTRAP_ITERS, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING",
+            torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING", apply_chat_template=chat,
         )  # fmt: skip
         if results is None or name not in results.get("results", {}) or name not in results.get("samples", {}):
             raise EvalError(
                 f"evaluate.lm_eval_tasks: lm-eval returned no results for {name!r}; if it is a group, "
                 "name its tasks instead"
             )
-        out[name] = results
-        progress(i + 1, len(tasks), metric="lm_eval", task=name)
+        out[label] = _relabelled(results, name, label)
+        progress(i + 1, len(runs), metric="lm_eval", task=label)
+    return out
+
+
+def _relabelled(results: dict[str, Any], task: str, label: str) -> dict[str, Any]:
+    """lm-eval's output for `task` with its per-task entries under `label` (the chat-template run's name)."""
+    if label == task:
+        return results
+    out = dict(results)
+    for section in ("results", "samples", "configs", "n-samples", "versions", "higher_is_better"):
+        if isinstance(results.get(section), dict) and task in results[section]:
+            out[section] = {label if k == task else k: v for k, v in results[section].items()}
     return out
 
 
@@ -261,8 +329,29 @@ def harness_metrics(
     Raises:
         EvalError: as `run_harness`, or a task that yields no metric with per-sample numbers.
     """
+    return harness_results(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress)[0]
+
+
+def harness_results(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, dict[str, list[Any]]]]]:
+    """`harness_metrics`, and the per-sample values behind them (`task_samples`), from one run.
+
+    Returns:
+        ({task: {metric: {"value", "ci", "n", "stderr"}}}, {task: {metric: {"doc_ids", "values"}}}).
+
+    Raises:
+        EvalError: as `harness_metrics`.
+    """
     runs = run_harness(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress)
     out: dict[str, dict[str, dict[str, Any]]] = {}
+    samples: dict[str, dict[str, dict[str, list[Any]]]] = {}
     for name, results in runs.items():
         out[name] = task_metrics(name, results, seed=seed, resamples=cfg.bootstrap_resamples)
         if not out[name]:
@@ -270,4 +359,5 @@ def harness_metrics(
                 f"evaluate.lm_eval_tasks: task {name!r} has no metric with per-sample numbers (acc, "
                 "exact_match, ...) to report"
             )
-    return out
+        samples[name] = task_samples(name, results)
+    return out, samples

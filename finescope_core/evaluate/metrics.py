@@ -1,15 +1,16 @@
 """The `metrics.json` document as pydantic models: what the evaluate stage writes and the report reads.
 
-`{"models": {"base": {...}, "pruned": {...}, "tuned": {...}, ...}, "stage_seconds": {...}}`: one entry
-per evaluated model (`evaluate_model`'s result), baselines such as "pruned-random" included; other
-top-level keys pass as they are. Values are checked strictly (`True` is no count, `"0.5"` no accuracy),
+`{"models": {"base": {...}, "pruned": {...}, "tuned": {...}, ...}, "comparisons": [...], "stage_seconds":
+{...}}`: one entry per evaluated model (`evaluate_model`'s result), baselines such as "pruned-random"
+included; `comparisons` (when the evaluations stored per-item numbers) the paired comparisons of
+`finescope_core.evaluate.paired.comparisons`; other top-level keys pass as they are. Values are checked strictly (`True` is no count, `"0.5"` no accuracy),
 and each wrong value reads `<dotted path>: must be <what>, got <value>`, as `metrics_schema_errors`
 returns it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -164,6 +165,40 @@ class ModelsByName(BaseModel):
     tuned: ModelMetrics
 
 
+class Comparison(BaseModel):
+    """A paired comparison of one metric between two models on the same items (`evaluate.paired`):
+    ppl(a) / ppl(b) (`ratio`) or a - b (`difference`), with its paired bootstrap 95 % interval over n items;
+    `clear` when the interval excludes 1 (ratio) / 0 (difference)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    a: Annotated[str, Field(strict=True, min_length=1), _expect("a model name")]
+    b: Annotated[str, Field(strict=True, min_length=1), _expect("a model name")]
+    metric: Annotated[str, Field(strict=True, min_length=1), _expect("a metric name")]
+    kind: Annotated[Literal["ratio", "difference"], _expect("'ratio' or 'difference'")]
+    value: FiniteNumber
+    low: FiniteNumber
+    high: FiniteNumber
+    n: Count
+    clear: Annotated[bool, Field(strict=True), _expect("true or false")]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Comparison:
+        if not self.low <= self.value <= self.high:
+            raise PydanticCustomError(
+                _BAD_VALUE, "must satisfy low <= value <= high, got {got}", {"got": f"{self.low}, {self.value}, {self.high}"}
+            )
+        if self.kind == "ratio" and self.low <= 0:
+            raise PydanticCustomError(_BAD_VALUE, "a ratio must be > 0, got low {got}", {"got": self.low})
+        null = 1.0 if self.kind == "ratio" else 0.0
+        if self.clear != (self.low > null or self.high < null):
+            raise PydanticCustomError(
+                _BAD_VALUE, "clear must say whether [{low}, {high}] excludes {null}, got {clear}",
+                {"low": self.low, "high": self.high, "null": null, "clear": str(self.clear).lower()},
+            )
+        return self
+
+
 class MetricsDocument(BaseModel):
     """The whole `metrics.json`; `evaluation` (how the eval sets were made), `stage_seconds` and any
     other top-level key are not checked."""
@@ -171,6 +206,20 @@ class MetricsDocument(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     models: ModelsByName
+    comparisons: Annotated[list[Comparison] | None, _not_null("a list of comparisons")] = None
+    """Paired comparisons between models on the same items; left out when no per-item numbers were stored."""
+
+    @model_validator(mode="after")
+    def _compared_models_exist(self) -> MetricsDocument:
+        names = set(ModelsByName.model_fields) | set(self.models.model_extra or {})
+        for i, c in enumerate(self.comparisons or []):
+            unknown = [m for m in (c.a, c.b) if m not in names]
+            if unknown:
+                raise PydanticCustomError(
+                    _BAD_VALUE, "comparisons.{i}: must compare models in models, got {unknown}",
+                    {"i": i, "unknown": ", ".join(repr(m) for m in unknown)},
+                )
+        return self
 
 
 REQUIRED_MODELS = tuple(ModelsByName.model_fields)
@@ -183,7 +232,9 @@ def metrics_schema_errors(metrics: Any) -> list[str]:
     Each model needs `perplexity` (a finite number > 0), `parameters` (an int > 0), `n` and `ci`;
     the other perplexities, when present, are finite numbers > 0, accuracies numbers in [0, 1], counts
     in `n` ints > 0, and `ci` holds an interval {value, low, high, n} with low <= value <= high for
-    exactly the metrics present. More models are allowed.
+    exactly the metrics present. More models are allowed. Each entry of `comparisons`, when present,
+    names two of the models, a kind (`ratio` / `difference`), low <= value <= high (a ratio > 0), n, and
+    `clear` exactly when the interval excludes 1 (ratio) / 0 (difference).
 
     Returns:
         One message per problem, naming the dotted path; empty when the metrics are well formed.
@@ -198,6 +249,8 @@ def metrics_schema_errors(metrics: Any) -> list[str]:
 def _message(err: ErrorDetails) -> str:
     """`<dotted path>: <what is wrong>` for one pydantic error."""
     loc = tuple(str(part) for part in err["loc"])
+    if loc == () and err["type"] == _BAD_VALUE:  # a check across sections names its own path
+        return err["msg"]
     if loc in ((), ("models",)):
         return "metrics: must be an object with a 'models' object"
     path = ".".join(loc)

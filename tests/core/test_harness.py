@@ -214,3 +214,53 @@ def test_include_resolves_against_the_config_file_and_its_content_reaches_the_ha
     before = harness_include_sha(cfg.evaluate.lm_eval_include)
     (include / "mc.jsonl").write_text(json.dumps(MC_ITEMS[0]) + "\n")
     assert harness_include_sha(cfg.evaluate.lm_eval_include) != before
+
+
+def test_chat_template_runs_equal_the_stock_cli_with_apply_chat_template(tiny_dir, tmp_path):
+    """`lm_eval_chat_template: both` runs each task plain (the same as `off`) and with the chat template,
+    the latter item by item equal to `lm_eval --apply_chat_template` on the saved directory."""
+    include = _mc_task(tmp_path / "tasks", MC_ITEMS)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    assert tok.chat_template
+    cfg = EvalConfig(lm_eval_tasks=[MC_TASK], lm_eval_include=str(include), lm_eval_limit=len(MC_ITEMS))
+    plain = run_harness(model, tok, cfg, seed=0, batch_size=4)
+    both = run_harness(model, tok, cfg.model_copy(update={"lm_eval_chat_template": "both"}), seed=0, batch_size=4)
+    chat_label = MC_TASK + "@chat"
+    assert list(both) == [MC_TASK, chat_label]
+
+    def loglik(run: dict, label: str) -> dict[int, list[float]]:
+        return {s["doc_id"]: [float(ll) for ll, _ in s["filtered_resps"]] for s in run[label]["samples"][label]}
+
+    assert loglik(both, MC_TASK) == loglik(plain, MC_TASK)
+    chat = loglik(both, chat_label)
+    assert chat != loglik(plain, MC_TASK)  # the template changes what is scored
+    prompts = [s["arguments"][0][0] for s in both[chat_label]["samples"][chat_label]]
+    assert all(p.startswith(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)[:6]) for p in prompts)
+
+    out = tmp_path / "cli-chat"
+    proc = subprocess.run(
+        [_lm_eval_cli(), "--model", "hf", "--model_args", f"pretrained={tiny_dir},dtype=float32", "--tasks", MC_TASK,
+         "--include_path", str(include), "--device", "cpu", "--batch_size", "4", "--log_samples", "--apply_chat_template",
+         "--output_path", str(out), "--seed", "0"],
+        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                                           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [samples_file] = out.rglob(f"samples_{MC_TASK}_*.jsonl")
+    cli = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in map(json.loads, samples_file.read_text().splitlines())}
+    for i in range(len(MC_ITEMS)):
+        torch.testing.assert_close(torch.tensor(chat[i]), torch.tensor(cli[i]), atol=1e-4, rtol=1e-5)
+    metrics = harness_metrics(model, tok, cfg.model_copy(update={"lm_eval_chat_template": "on"}), seed=0, batch_size=4)
+    assert list(metrics) == [MC_TASK]
+    [results_file] = out.rglob("results_*.json")
+    assert metrics[MC_TASK]["acc"]["value"] == pytest.approx(json.loads(results_file.read_text())["results"][MC_TASK]["acc,none"])
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_refused_naming_the_field(tiny_dir, tmp_path):
+    include = _mc_task(tmp_path / "tasks", MC_ITEMS)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = None
+    cfg = EvalConfig(lm_eval_tasks=[MC_TASK], lm_eval_include=str(include), lm_eval_chat_template="on")
+    with pytest.raises(EvalError, match="lm_eval_chat_template"):
+        run_harness(AutoModelForCausalLM.from_pretrained(tiny_dir), tok, cfg)
