@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--d-sae", type=int, default=1024)
-    parser.add_argument("--sae-kind", default="relu", choices=("relu", "topk"))
+    parser.add_argument("--sae-kind", default="topk", choices=("relu", "topk"), help="curate.sae.kind (default: topk, the config default)")
     parser.add_argument("--sae-steps", type=int, default=300)
     parser.add_argument("--code-k", default="all", help="curate.code_k: all (the default: every nonzero latent) or a number")
     parser.add_argument("--code-dtype", default="float16", choices=("float16", "float32"))

@@ -82,11 +82,12 @@ class StorageConfig(_Strict):
 class SAEConfig(_Strict):
     """Sparse autoencoder training (paper eq. 3-5 and §6: FVU + alpha*AuxK + lambda*L1)."""
 
-    kind: Literal["relu", "topk"] = "relu"
-    """Activation of the codes. `relu`: ReLU codes with an L1 penalty (the paper), so L0 follows from
-    `l1_coef`; `topk`: the `k` largest ReLU pre-activations per sample, the rest zero (Gao et al. 2024,
-    EleutherAI sparsify), so L0 is at most `k` and there is no L1 term. Retrieval encodes with the same
-    activation."""
+    kind: Literal["relu", "topk"] = "topk"
+    """Activation of the codes. `topk` (default): the `k` largest ReLU pre-activations per sample, the
+    rest zero (Gao et al. 2024, EleutherAI sparsify), so L0 is at most `k`, there is no L1 term and the
+    stored codes are bounded (8 layers x k=32: about 1.1 KB a record); `relu`: ReLU codes with an L1
+    penalty (the paper), so L0 follows from `l1_coef` (about 400 of 1024 on the demo: 13 KB a record).
+    Retrieval encodes with the same activation."""
     k: int = Field(32, ge=1)
     """Latents kept per sample when `kind` is `topk` (at most `d_sae`); unused by `relu`."""
     d_sae: int = Field(1024, ge=8)

@@ -65,7 +65,7 @@ def random_sae(num_layers: int = 3, d_in: int = 8, d_sae: int = 16, seed: int = 
     return sae
 
 
-SMALL = SAEConfig(d_sae=64, steps=40, batch_size=64, lr=3e-3, dead_after=128, k_aux=16)
+SMALL = SAEConfig(kind="relu", d_sae=64, steps=40, batch_size=64, lr=3e-3, dead_after=128, k_aux=16)
 
 
 def test_batched_forward_matches_per_layer_loop() -> None:
@@ -116,7 +116,7 @@ def test_fvu_matches_direct_computation() -> None:
 def test_loss_terms_combine_as_eq27() -> None:
     sae = random_sae()
     x = torch.randn(3, 6, 8)
-    cfg = SAEConfig(d_sae=16, l1_coef=0.1, aux_alpha=0.5, k_aux=4)
+    cfg = SAEConfig(kind="relu", d_sae=16, l1_coef=0.1, aux_alpha=0.5, k_aux=4)
     dead = torch.zeros(3, 16, dtype=torch.bool)
     dead[:, :5] = True
     losses = sae_losses(sae, x, dead, cfg)
@@ -177,7 +177,7 @@ def test_auxk_sends_gradient_to_dead_latents_only_when_enabled() -> None:
     dead[0, 2] = True
     for alpha, expect_grad in ((0.0, False), (1 / 32, True)):
         sae.zero_grad()
-        cfg = SAEConfig(d_sae=16, aux_alpha=alpha, k_aux=4)
+        cfg = SAEConfig(kind="relu", d_sae=16, aux_alpha=alpha, k_aux=4)
         sae_losses(sae, x, dead, cfg).total.sum().backward()
         assert (sae.b_enc.grad[0, 2].abs() > 0).item() is expect_grad
 
@@ -193,7 +193,7 @@ def test_auxk_revives_latents_that_never_fire(monkeypatch) -> None:
 
     monkeypatch.setattr(BatchedSAE, "initialised", half_dead_init)
     acts = sparse_data(n=1000, k=16, atoms=64, active=3, layers=1)
-    cfg = SAEConfig(d_sae=128, steps=300, batch_size=64, lr=3e-3, l1_coef=3e-2, dead_after=128, k_aux=32)
+    cfg = SAEConfig(kind="relu", d_sae=128, steps=300, batch_size=64, lr=3e-3, l1_coef=3e-2, dead_after=128, k_aux=32)
     _, without = train_saes(acts, cfg.model_copy(update={"aux_alpha": 0.0}), seed=0)
     _, with_auxk = train_saes(acts, cfg, seed=0)
     assert without[0].dead_fraction > 0.2
@@ -221,7 +221,7 @@ def test_dead_tracker_reports_latent_with_negative_encoder() -> None:
 
 def test_training_recovers_sparse_dictionary() -> None:
     acts = sparse_data()
-    cfg = SAEConfig(d_sae=128, steps=300, batch_size=128, lr=3e-3, l1_coef=3e-2, dead_after=512, k_aux=32)
+    cfg = SAEConfig(kind="relu", d_sae=128, steps=300, batch_size=128, lr=3e-3, l1_coef=3e-2, dead_after=512, k_aux=32)
     calls = []
     sae, metrics = train_saes(acts, cfg, seed=0, progress=lambda *args, **info: calls.append((*args, info)))
     assert len(metrics) == 2

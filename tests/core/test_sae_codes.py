@@ -154,7 +154,7 @@ def test_validation_split_is_seeded_disjoint_and_complete() -> None:
 
 def test_heldout_fvu_and_dead_fraction_match_direct_computation() -> None:
     acts = sparse_data(n=600, layers=2)
-    cfg = SAEConfig(d_sae=64, steps=60, batch_size=64, lr=3e-3, l1_coef=3e-2, dead_after=128, k_aux=16, val_fraction=0.25)
+    cfg = SAEConfig(kind="relu", d_sae=64, steps=60, batch_size=64, lr=3e-3, l1_coef=3e-2, dead_after=128, k_aux=16, val_fraction=0.25)
     sae, metrics = train_saes(acts, cfg, seed=5)
     _, val_rows = validation_split(len(acts), cfg.val_fraction, 5)
     assert len(val_rows) == 150
@@ -241,7 +241,7 @@ def test_topk_save_load_round_trip(tmp_path) -> None:
 
 def test_sae_saved_before_topk_loads_as_relu(tmp_path) -> None:
     acts = sparse_data(n=200, layers=1)
-    cfg = SAEConfig(d_sae=32, steps=5, batch_size=32)
+    cfg = SAEConfig(kind="relu", d_sae=32, steps=5, batch_size=32)
     sae, metrics = train_saes(acts, cfg, seed=0)
     save_saes(sae, metrics, [0], tmp_path, cfg=cfg)
     path = tmp_path / "layer_00" / CFG_FILE
