@@ -89,6 +89,19 @@ def _lm_eval_cli() -> str:
     return found
 
 
+def _stock_cli(model_dir: Path, include: Path, out: Path, home: Path, *extra: str) -> Path:
+    """`lm_eval --model hf` on a saved directory, offline, samples logged under `out` (returned)."""
+    proc = subprocess.run(
+        [_lm_eval_cli(), "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32", "--tasks", MC_TASK,
+         "--include_path", str(include), "--device", "cpu", "--batch_size", "4", "--log_samples",
+         "--output_path", str(out), "--seed", "0", *extra],
+        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                                           "PATH": "/usr/bin:/bin", "HOME": str(home)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def test_in_memory_harness_the_stock_cli_and_our_scorer_agree_item_by_item(tiny_dir, tmp_path):
     include = _mc_task(tmp_path / "tasks", MC_ITEMS)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -101,15 +114,7 @@ def test_in_memory_harness_the_stock_cli_and_our_scorer_agree_item_by_item(tiny_
     metrics = task_metrics(MC_TASK, run, seed=0)
 
     # (ii) the stock CLI on the saved directory
-    out = tmp_path / "cli-out"
-    proc = subprocess.run(
-        [_lm_eval_cli(), "--model", "hf", "--model_args", f"pretrained={tiny_dir},dtype=float32", "--tasks", MC_TASK,
-         "--include_path", str(include), "--device", "cpu", "--batch_size", "4", "--log_samples",
-         "--output_path", str(out), "--seed", "0"],
-        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                                           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _stock_cli(tiny_dir, include, tmp_path / "cli-out", tmp_path)
     [samples_file] = out.rglob(f"samples_{MC_TASK}_*.jsonl")
     cli = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in map(json.loads, samples_file.read_text().splitlines())}
     [results_file] = out.rglob("results_*.json")
@@ -238,15 +243,7 @@ def test_chat_template_runs_equal_the_stock_cli_with_apply_chat_template(tiny_di
     prompts = [s["arguments"][0][0] for s in both[chat_label]["samples"][chat_label]]
     assert all(p.startswith(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)[:6]) for p in prompts)
 
-    out = tmp_path / "cli-chat"
-    proc = subprocess.run(
-        [_lm_eval_cli(), "--model", "hf", "--model_args", f"pretrained={tiny_dir},dtype=float32", "--tasks", MC_TASK,
-         "--include_path", str(include), "--device", "cpu", "--batch_size", "4", "--log_samples", "--apply_chat_template",
-         "--output_path", str(out), "--seed", "0"],
-        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                                           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _stock_cli(tiny_dir, include, tmp_path / "cli-chat", tmp_path, "--apply_chat_template")
     [samples_file] = out.rglob(f"samples_{MC_TASK}_*.jsonl")
     cli = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in map(json.loads, samples_file.read_text().splitlines())}
     for i in range(len(MC_ITEMS)):
