@@ -13,9 +13,9 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.evaluate import (
     ITEMS_FILE,
     check_harness_config,
-    evaluate_model_items,
+    evaluate_model,
     harness_include_sha,
-    harness_results,
+    harness_metrics,
     items_document,
 )
 from finescope_core.model import load_model
@@ -73,8 +73,9 @@ def with_harness(
     lm-eval's per-sample values behind them (task -> metric -> doc ids / values; {} without tasks)."""
     if not cfg.evaluate.lm_eval_tasks:
         return metrics, {}
-    lm, samples = harness_results(model, tok, cfg.evaluate, seed=cfg.seed, progress=Progress(f"lm-eval {name}"))
-    metrics["lm_eval"] = lm
+    samples: dict[str, Any] = {}
+    metrics["lm_eval"] = harness_metrics(model, tok, cfg.evaluate, seed=cfg.seed, progress=Progress(f"lm-eval {name}"),
+                                         samples=samples)  # fmt: skip
     return metrics, samples
 
 
@@ -89,10 +90,11 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
     def build(work: Path) -> dict[str, Any]:
         check_harness_config(cfg.evaluate)  # a bad lm-eval task setup fails before the model loads
         model, tok = load_model(model_path, device=cfg.device, dtype=cfg.model_dtype)
-        metrics, items = evaluate_model_items(
+        items: dict[str, Any] = {}
+        metrics = evaluate_model(
             model, tok, domain_texts=data["domain"], chat_pairs=[tuple(p) for p in data["chat"]],
             general_texts=data["general"], mc_items=data["mc"], numeric_items=data["numeric"], cfg=cfg.evaluate,
-            seed=cfg.seed, progress=Progress(f"evaluate {name}"),
+            seed=cfg.seed, progress=Progress(f"evaluate {name}"), items=items,
         )  # fmt: skip
         metrics, samples = with_harness(cfg, model, tok, metrics, name)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))

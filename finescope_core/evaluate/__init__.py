@@ -10,7 +10,7 @@ does (`choice`); numeric questions (GSM8K style) by greedy generation and compar
 `metrics` is the `metrics.json` the evaluate stage writes, as pydantic models. `harness` runs
 lm-evaluation-harness tasks on the same in-memory model, with bootstrap CIs from lm-eval's per-sample log.
 `paired` compares two models on the same items by a paired bootstrap over the per-item numbers the
-evaluate stage stores (`evaluate_model_items`, `harness.task_samples`).
+evaluate stage stores (`evaluate_model(items=...)`, `harness_metrics(samples=...)`).
 """
 
 from finescope_core.evaluate.bootstrap import (
@@ -38,7 +38,6 @@ from finescope_core.evaluate.harness import (
     harness_include_sha,
     harness_limit,
     harness_metrics,
-    harness_results,
     run_harness,
     task_samples,
 )
@@ -65,15 +64,15 @@ from finescope_core.evaluate.numeric import (
 )
 from finescope_core.evaluate.paired import ITEMS_FILE, comparisons, items_document
 from finescope_core.evaluate.perplexity import chat_nll, perplexity, text_nll
-from finescope_core.evaluate.stage import evaluate_model, evaluate_model_items
+from finescope_core.evaluate.stage import evaluate_model
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "ITEMS_FILE", "REQUIRED_MODELS", "STOP_STRINGS", "Comparison", "Contamination",
     "EvalCounts", "EvalError", "Interval", "MetricsDocument", "ModelMetrics", "ModelsByName", "bootstrap_ci",
     "chat_nll", "check_contamination", "check_harness_config", "check_mc_item", "check_numeric_item",
-    "choice_logprobs", "comparisons", "encode_continuation", "evaluate_model", "evaluate_model_items",
+    "choice_logprobs", "comparisons", "encode_continuation", "evaluate_model",
     "excludes", "extract_number", "generate_answers", "generation_prompt", "harness_include_sha",
-    "harness_limit", "harness_metrics", "harness_results", "internal_duplicates", "items_document",
+    "harness_limit", "harness_metrics", "internal_duplicates", "items_document",
     "load_mc_items", "load_numeric_items", "mc_accuracy", "mc_hits", "mc_prompt", "mean_interval",
     "metrics_schema_errors", "numeric_exact_match", "numeric_hits", "overlap", "paired_mean_difference",
     "paired_perplexity_ratio", "perplexity", "perplexity_interval", "reference_number", "run_harness",

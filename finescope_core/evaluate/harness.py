@@ -320,8 +320,12 @@ def harness_metrics(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = no_progress,
+    samples: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """`run_harness`, reduced to each task's metrics with n and our bootstrap CI (`task_metrics`).
+
+    `samples`, when given, is filled with the per-sample values behind them from the same run
+    (`task_samples`): {task: {metric: {"doc_ids", "values"}}}.
 
     Returns:
         {task: {metric: {"value", "ci": [lo, hi], "n", "stderr"}}}; {} when `cfg.lm_eval_tasks` is empty.
@@ -329,29 +333,8 @@ def harness_metrics(
     Raises:
         EvalError: as `run_harness`, or a task that yields no metric with per-sample numbers.
     """
-    return harness_results(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress)[0]
-
-
-def harness_results(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    cfg: EvalConfig,
-    *,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress = no_progress,
-) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, dict[str, list[Any]]]]]:
-    """`harness_metrics`, and the per-sample values behind them (`task_samples`), from one run.
-
-    Returns:
-        ({task: {metric: {"value", "ci", "n", "stderr"}}}, {task: {metric: {"doc_ids", "values"}}}).
-
-    Raises:
-        EvalError: as `harness_metrics`.
-    """
     runs = run_harness(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress)
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    samples: dict[str, dict[str, dict[str, list[Any]]]] = {}
     for name, results in runs.items():
         out[name] = task_metrics(name, results, seed=seed, resamples=cfg.bootstrap_resamples)
         if not out[name]:
@@ -359,5 +342,6 @@ def harness_results(
                 f"evaluate.lm_eval_tasks: task {name!r} has no metric with per-sample numbers (acc, "
                 "exact_match, ...) to report"
             )
-        samples[name] = task_samples(name, results)
-    return out, samples
+        if samples is not None:
+            samples[name] = task_samples(name, results)
+    return out

@@ -40,6 +40,7 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = no_progress,
+    items: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """All metrics of one model with bootstrap 95 % intervals, each eval set cut to `cfg.max_examples`.
 
@@ -54,38 +55,14 @@ def evaluate_model(
     called as progress(done, total, metric=...) per batch, metric "perplexity", "chat", "general", "mc"
     or "numeric". Intervals resample items (`cfg.bootstrap_resamples` times, seeded with `seed`).
 
+    `items`, when given, is filled with the per-item numbers each metric's value and interval come
+    from, in item order, per metric present: {"nll": [...], "tokens": [...]} for a perplexity (its
+    value is exp(sum nll / sum tokens)), {"values": [0/1, ...]} for an accuracy (their mean). Paired
+    comparisons between models scored on the same items read them (`finescope_core.evaluate.paired`).
+
     Returns:
         {"perplexity": float, "parameters": int, <optional metrics>: float, "n": {metric set: int},
         "ci": {metric: {"value", "low", "high", "n"}}}.
-    """
-    metrics, _ = evaluate_model_items(
-        model, tokenizer, domain_texts=domain_texts, chat_pairs=chat_pairs, general_texts=general_texts,
-        mc_items=mc_items, numeric_items=numeric_items, cfg=cfg, seed=seed, batch_size=batch_size, progress=progress,
-    )  # fmt: skip
-    return metrics
-
-
-def evaluate_model_items(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    domain_texts: Sequence[str],
-    chat_pairs: Sequence[tuple[str, str]] = (),
-    general_texts: Sequence[str] = (),
-    mc_items: Sequence[Mapping[str, Any]] | None = None,
-    numeric_items: Sequence[Mapping[str, Any]] | None = None,
-    cfg: EvalConfig,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress = no_progress,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`evaluate_model`'s metrics, and the per-item numbers each metric's value and interval come from.
-
-    Returns:
-        (metrics, items): metrics as `evaluate_model` returns them; items in item order, per metric
-        present: {"nll": [...], "tokens": [...]} for a perplexity (its value is exp(sum nll / sum
-        tokens)), {"values": [0/1, ...]} for an accuracy (their mean). Paired comparisons between
-        models scored on the same items read them (`finescope_core.evaluate.paired`).
     """
     texts = list(domain_texts)[: cfg.max_examples]
     if not texts:
@@ -95,7 +72,7 @@ def evaluate_model_items(
     nll, tokens = text_nll(model, tokenizer, texts, max_length=cfg.max_length, batch_size=batch_size,
                            progress=_tagged(progress, "perplexity"))  # fmt: skip
     ci["perplexity"] = _perplexity(nll, tokens, resamples, seed, "domain texts")
-    items: dict[str, dict[str, list[Any]]] = {"perplexity": {"nll": nll, "tokens": tokens}}
+    per_item: dict[str, dict[str, list[Any]]] = {"perplexity": {"nll": nll, "tokens": tokens}}
     counts = {"perplexity": len(texts)}
     pairs = list(chat_pairs)[: cfg.max_examples]
     if pairs:
@@ -103,14 +80,14 @@ def evaluate_model_items(
                                progress=_tagged(progress, "chat"))  # fmt: skip
         if sum(tokens):
             ci["chat_perplexity"] = _perplexity(nll, tokens, resamples, seed, "chat items")
-            items["chat_perplexity"] = {"nll": nll, "tokens": tokens}
+            per_item["chat_perplexity"] = {"nll": nll, "tokens": tokens}
             counts["chat"] = len(pairs)
     general = list(general_texts)[: cfg.max_examples]
     if general:
         nll, tokens = text_nll(model, tokenizer, general, max_length=cfg.max_length, batch_size=batch_size,
                                progress=_tagged(progress, "general"))  # fmt: skip
         ci["general_perplexity"] = _perplexity(nll, tokens, resamples, seed, "general texts")
-        items["general_perplexity"] = {"nll": nll, "tokens": tokens}
+        per_item["general_perplexity"] = {"nll": nll, "tokens": tokens}
         counts["general"] = len(general)
     if mc_items:
         hits, hits_norm = mc_hits(
@@ -119,7 +96,7 @@ def evaluate_model_items(
         )
         ci["mc_accuracy"] = mean_interval(hits, resamples=resamples, seed=seed)
         ci["mc_accuracy_norm"] = mean_interval(hits_norm, resamples=resamples, seed=seed)
-        items["mc_accuracy"], items["mc_accuracy_norm"] = {"values": list(hits)}, {"values": list(hits_norm)}
+        per_item["mc_accuracy"], per_item["mc_accuracy_norm"] = {"values": list(hits)}, {"values": list(hits_norm)}
         counts["mc"] = len(hits)
     if numeric_items:
         num = numeric_hits(
@@ -127,11 +104,13 @@ def evaluate_model_items(
             batch_size=batch_size, progress=_tagged(progress, "numeric"),
         )
         ci["numeric_exact_match"] = mean_interval(num, resamples=resamples, seed=seed)
-        items["numeric_exact_match"] = {"values": list(num)}
+        per_item["numeric_exact_match"] = {"values": list(num)}
         counts["numeric"] = len(num)
     result: dict[str, Any] = {name: interval.value for name, interval in ci.items()}
     result.update(parameters=count_parameters(model)["total"], n=counts, ci={k: v.to_dict() for k, v in ci.items()})
-    return result, items
+    if items is not None:
+        items.update(per_item)
+    return result
 
 
 def _perplexity(nll: list[float], tokens: list[int], resamples: int, seed: int, what: str) -> Interval:

@@ -16,7 +16,6 @@ from finescope_core.evaluate import (
     Interval,
     comparisons,
     evaluate_model,
-    evaluate_model_items,
     excludes,
     items_document,
     mean_interval,
@@ -155,8 +154,9 @@ NUMERIC = [{"question": "What is 2 + 2?", "answer": 4}, {"question": "3 + 3?", "
 def test_stored_per_item_numbers_reproduce_every_reported_metric_exactly() -> None:
     model, tok = tiny_model(), byte_tokenizer()
     cfg = EvalConfig(max_length=32, max_new_tokens=3, bootstrap_resamples=200)
-    metrics, items = evaluate_model_items(model, tok, domain_texts=TEXTS, chat_pairs=CHAT, general_texts=TEXTS[::-1],
-                                          mc_items=MC, numeric_items=NUMERIC, cfg=cfg, seed=5)  # fmt: skip
+    items: dict = {}
+    metrics = evaluate_model(model, tok, domain_texts=TEXTS, chat_pairs=CHAT, general_texts=TEXTS[::-1],
+                             mc_items=MC, numeric_items=NUMERIC, cfg=cfg, seed=5, items=items)  # fmt: skip
     assert evaluate_model(model, tok, domain_texts=TEXTS, chat_pairs=CHAT, general_texts=TEXTS[::-1], mc_items=MC,
                           numeric_items=NUMERIC, cfg=cfg, seed=5) == metrics  # fmt: skip
     # as the evaluate stage writes and the metrics document reads them
