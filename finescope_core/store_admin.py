@@ -163,7 +163,11 @@ def scan(store: ArtifactStore) -> StoreListing:
     for (stage, key), files in sorted(groups.items()):
         size, modified = sum(f.size for f in files), max(f.modified for f in files)
         if (stage, key) in markers:
-            listing.artifacts.append(StoredArtifact(stage, key, store.artifact_uri(stage, key), size, len(files), markers[stage, key]))
+            record = markers[stage, key]
+            current, superseded = _split_versions(store, stage, key, record, files)
+            listing.artifacts.append(StoredArtifact(stage, key, store.artifact_uri(stage, key),
+                                                    sum(f.size for f in current), len(current), record))
+            listing.leftovers += _old_versions(store, stage, key, record, superseded)
             continue
         path = f"{store.root}/{stage}/{key}"
         if store.is_local:  # copies keep their source's mtimes: the directory's own tells when the copy began
@@ -171,6 +175,50 @@ def scan(store: ArtifactStore) -> StoreListing:
         listing.leftovers.append(Leftover("unfinished commit", stage, key, path, size, modified))
     listing.leftovers += work_dirs(store)
     return listing
+
+
+def _split_versions(
+    store: ArtifactStore, stage: str, key: str, record: dict[str, Any], files: list[StoredFile]
+) -> tuple[list[StoredFile], dict[str, list[StoredFile]]]:
+    """The files of the version the marker names (marker included), and the others by their top-level
+    name under the key: versions superseded by a later commit, or a commit in progress."""
+    base = f"{store.root}/{stage}/{key}/"
+    current: list[StoredFile] = []
+    others: dict[str, list[StoredFile]] = {}
+    for f in files:
+        rel = f.path.removeprefix(base)
+        name = rel.split("/")[0]
+        if rel == MARKER or in_current_version(record, name):
+            current.append(f)
+        else:
+            others.setdefault(name, []).append(f)
+    return current, others
+
+
+def in_current_version(record: dict[str, Any], name: str) -> bool:
+    """Whether `<stage>/<key>/<name>` belongs to the version the marker `record` names."""
+    version = record.get("dir")
+    if version:
+        return bool(name == version)
+    return any(rel.split("/")[0] == name for rel in record.get("files", {}))
+
+
+def _old_versions(
+    store: ArtifactStore, stage: str, key: str, record: dict[str, Any], others: dict[str, list[StoredFile]]
+) -> list[Leftover]:
+    """Superseded versions as leftovers. A reader that read the old marker may still be reading one, so
+    its age counts from when the current version was committed, or from its own newest change if later
+    (a local version's ctime moves when a commit renames it into place)."""
+    out = []
+    for name, files in sorted(others.items()):
+        path = f"{store.root}/{stage}/{key}/{name}"
+        modified = max([float(record.get("created", 0.0)), *(f.modified for f in files)])
+        if store.is_local:
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                modified = max(modified, st.st_mtime, st.st_ctime)
+        out.append(Leftover("old version", stage, key, path, sum(f.size for f in files), modified))
+    return out
 
 
 def _find(store: ArtifactStore, root: str) -> dict[str, dict[str, Any]]:
@@ -347,16 +395,23 @@ def _with(item: GarbageItem, reason: str) -> GarbageItem:
 
 
 def _stale_copies(store: ArtifactStore, listing: StoreListing, doomed: set[tuple[str, str]]) -> list[GarbageItem]:
-    """Verified local copies of a remote store's artifacts that are deleted or about to be."""
+    """Verified local copies of a remote store's artifacts (`<cache>/<stage>/<key>/<version>/`) whose
+    artifact is deleted or about to be, or whose version the marker no longer names."""
     if store.is_local:
         return []
-    committed = {(a.stage, a.key) for a in listing.artifacts} - doomed
+    current = {(a.stage, a.key): a.record.get("dir") or "_flat" for a in listing.artifacts if (a.stage, a.key) not in doomed}
     out = []
     for stage_dir in _subdirs(store.cache_dir):
         for copy in _subdirs(stage_dir):
-            if (stage_dir.name, copy.name) not in committed and not copy.name.startswith("."):
+            here = (stage_dir.name, copy.name)
+            if copy.name.startswith("."):
+                continue
+            if here not in current:
                 out.append(GarbageItem("cached copy", str(copy), _tree_stats(copy)[0], "its artifact is gone from the store",
-                                       stage_dir.name, copy.name))
+                                       *here))
+                continue
+            out += [GarbageItem("cached copy", str(v), _tree_stats(v)[0], "a version the store no longer names", *here)
+                    for v in _subdirs(copy) if v.name != current[here] and not v.name.startswith(".")]
     return out
 
 
@@ -381,6 +436,11 @@ def _remove(store: ArtifactStore, item: GarbageItem, min_age_minutes: float) -> 
         if store.lookup(item.stage, item.key) is not None:  # committed since the listing: not garbage
             return False
         store.delete(item.stage, item.key)
+    elif item.kind == "old version":
+        found = store.lookup(item.stage, item.key)
+        if found is not None and in_current_version(found.manifest, item.where.rsplit("/", 1)[-1]):
+            return False  # the marker names it again (an older store's files, reused): in use
+        store.remove_tree(item.where)
     elif item.kind == "cached copy":
         shutil.rmtree(item.where, ignore_errors=True)
     else:  # probe, prefect result: single files

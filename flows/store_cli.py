@@ -1,9 +1,9 @@
-"""`finescope store ls | plan | rm | gc`: look into the artifact store and clean it up.
+"""`finescope store ls | plan | rm | gc | verify`: look into the artifact store, check it and clean it up.
 
 The store only grows (every changed setting adds artifacts under new keys, killed runs leave work
 dirs), and its directory names are hashes. These commands say what is in it, what the next run of a
-config would reuse or compute, and delete what is no longer wanted, safely: dry runs unless `--yes`,
-markers first, never a work dir a running stage holds.
+config would reuse or compute, whether the stored files are still as committed, and delete what is no
+longer wanted, safely: dry runs unless `--yes`, markers first, never a work dir a running stage holds.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from finescope_core.store_admin import (
     human,
     scan,
 )
+from finescope_core.store_verify import verify_store
 from flows.options import SECTIONS, add_config_options, overrides
 
 FLOW_CHOICES = ("specialize", "prune", "curate")
@@ -36,7 +37,7 @@ def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
 
     store = subparsers.add_parser("store", help="list, plan, delete and garbage-collect the artifacts of a store",
                                   description=__doc__.splitlines()[0])
-    sub = store.add_subparsers(dest="store_command", required=True, metavar="{ls,plan,rm,gc}")
+    sub = store.add_subparsers(dest="store_command", required=True, metavar="{ls,plan,rm,gc,verify}")
     ls = sub.add_parser("ls", help="committed artifacts per stage (key, size, time, summary) and leftovers of killed runs")
     _add_location(ls)
     ls.add_argument("--json", action="store_true", help="machine-readable output (sizes in bytes, times in epoch seconds)")
@@ -65,6 +66,13 @@ def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
     gc.add_argument("--yes", action="store_true", help="delete; without it, only print what would be deleted")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
 
+    verify = sub.add_parser("verify", help="check every artifact's files against its recorded sha256 "
+                                           "(exit status 1 when any is damaged)")
+    _add_location(verify)
+    verify.add_argument("--quick", action="store_true",
+                        help="compare size and mtime, hashing only files whose mtime moved (what a run does on reuse)")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+
 
 def _add_location(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="store URI: a directory or e.g. s3://bucket/prefix (default: the config's store)")
@@ -73,7 +81,7 @@ def _add_location(parser: argparse.ArgumentParser) -> None:
 
 def run_store(args: argparse.Namespace) -> int:
     """Run `finescope store <command>`; returns the exit code (2: bad input, with the reason on stderr)."""
-    commands = {"ls": _ls, "plan": _plan, "rm": _rm, "gc": _gc}
+    commands = {"ls": _ls, "plan": _plan, "rm": _rm, "gc": _gc, "verify": _verify}
     try:
         return commands[args.store_command](args)
     except (ConfigError, ValueError, OSError) as e:
@@ -244,3 +252,24 @@ def _reachable(store: ArtifactStore, configs: list[FinescopeConfig], paths: list
             except (ValueError, OSError) as e:
                 raise ValueError(f"cannot plan the {flow} flow of {path} ({e}); fix it or leave it out; nothing was deleted") from None
     return keep
+
+
+# --- verify -----------------------------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """0: every artifact is as committed; 1: some are damaged (listed; a run recomputes them)."""
+    store = _location(args)
+    report = verify_store(store, full=not args.quick)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 1 if report.damaged else 0
+    how = "size and mtime" if args.quick else ("sha256" if store.is_local else "presence and size")
+    for c in report.damaged:
+        print(f"damaged {c.stage}/{c.key}  {c.uri}")
+        print("\n".join(f"  {p}" for p in c.problems))
+    print(f"store {store.uri}: {len(report.checked)} artifacts checked ({how}), {len(report.damaged)} damaged")
+    if report.damaged:
+        print("a run recomputes a damaged artifact when it needs it; `finescope store rm STAGE --key KEY --yes` "
+              "deletes one now")
+    return 1 if report.damaged else 0

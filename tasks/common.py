@@ -32,7 +32,15 @@ from finescope_core.model import (
     locate_default_gguf,
     resolve_dtype,
 )
-from finescope_core.store import Artifact, ArtifactStore, StoreError, cache_key, is_transient, sha256_file
+from finescope_core.store import (
+    Artifact,
+    ArtifactStore,
+    DamagedArtifact,
+    StoreError,
+    cache_key,
+    is_transient,
+    sha256_file,
+)
 
 CODE_VERSION = __version__
 
@@ -248,18 +256,24 @@ def run_cached(
 ) -> StageManifest:
     """Return the stored artifact for this stage key or build, commit and return it.
 
-    The key is content-addressed, so a re-run with the same inputs recomputes nothing, and an
-    artifact deleted from the store is a miss. With `resume`, files a killed run left in the
-    stage's work dir are kept for `build` to continue from.
+    The key is content-addressed, so a re-run with the same inputs recomputes nothing. A stored
+    artifact is checked against its marker before reuse; a deleted or damaged one is a miss, rebuilt
+    with a warning. With `resume`, files a killed run left in the stage's work dir are kept for
+    `build` to continue from. A run that finds another building the same key waits for it and then
+    reuses its artifact.
     """
     stage, key = spec.stage, spec.key
-    found = store.lookup(stage, key)
+    found = _reusable(store, spec, warn=True)
     if found is not None:
         logger().info("%s: cached (%s)", stage, found.uri)
         return _manifest(found, cached=True, seconds=0.0)
     start = time.perf_counter()
     # The work dir outlives a killed run, so a resumable stage (teacher generation) picks up where it stopped.
     with store.work_dir(stage, key, resume=resume) as work:
+        found = _reusable(store, spec, warn=False)  # committed by a run this one waited for
+        if found is not None:
+            logger().info("%s: cached, committed by a concurrent run (%s)", stage, found.uri)
+            return _manifest(found, cached=True, seconds=0.0)
         info = build(work)
         seconds = time.perf_counter() - start
         record = {"version": spec.version, "code_version": CODE_VERSION, "config": spec.config, "inputs": spec.inputs,
@@ -269,9 +283,22 @@ def run_cached(
     return _manifest(artifact, cached=False, seconds=seconds)
 
 
+def _reusable(store: ArtifactStore, spec: StageKey, *, warn: bool) -> Artifact | None:
+    """The committed artifact of `spec` if its files are as recorded; a damaged one is a miss."""
+    found = store.lookup(spec.stage, spec.key)
+    if found is None:
+        return None
+    problems = store.verify(found)
+    if not problems:
+        return found
+    if warn:
+        logger().warning("%s: %s; recomputing it", spec.stage, store.damage_message(found, problems))
+    return None
+
+
 def lookup_stage(store: ArtifactStore, spec: StageKey) -> StageManifest | None:
     """The committed artifact `run_cached` would return for this key, or None; builds nothing."""
-    found = store.lookup(spec.stage, spec.key)
+    found = _reusable(store, spec, warn=False)
     return None if found is None else _manifest(found, cached=True, seconds=0.0)
 
 
@@ -288,10 +315,13 @@ def _manifest(artifact: Artifact, *, cached: bool, seconds: float) -> StageManif
 
 
 def artifact_dir(store: ArtifactStore, manifest: StageManifest) -> Path:
-    """A local directory with the files of a committed stage (downloaded when the store is remote)."""
+    """A local directory with the files of a committed stage (downloaded when the store is remote),
+    checked against its marker: a damaged artifact raises `DamagedArtifact`, never reaches a caller."""
     found = store.lookup(manifest.stage, manifest.key)
     if found is None:
         raise FileNotFoundError(f"{manifest.uri} disappeared from the store during the run; re-run to rebuild it")
+    if found.sha256 != manifest.sha256:  # what was read is not what the keys below were computed from
+        raise DamagedArtifact(f"{manifest.uri} was replaced by different content during the run; re-run to use it")
     return store.local_path(found)
 
 

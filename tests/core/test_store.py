@@ -37,7 +37,7 @@ def test_commit_then_lookup_and_deleted_artifact_is_a_miss(tmp_path):
     assert store.lookup("stage", key) is None
 
 
-def test_unfinished_directory_is_never_seen_and_is_replaced(tmp_path):
+def test_unfinished_directory_is_never_seen_and_is_superseded(tmp_path):
     store = ArtifactStore(str(tmp_path))
     half = tmp_path / "stage" / "k"
     half.mkdir(parents=True)
@@ -46,8 +46,16 @@ def test_unfinished_directory_is_never_seen_and_is_replaced(tmp_path):
     with store.work_dir("stage", "k", resume=False) as work:
         (work / "good.txt").write_text("ok")
         store.commit(work, "stage", "k", {})
-    assert sorted(p.name for p in half.iterdir()) == sorted(["good.txt", MARKER])
-    assert json.loads((half / MARKER).read_text())["files"].keys() == {"good.txt"}
+    # The commit cannot tell junk from a concurrent commit's files, so it goes beside them, never over them.
+    found = store.lookup("stage", "k")
+    assert found is not None and found.version and found.manifest["files"].keys() == {"good.txt"}
+    assert sorted(p.name for p in store.local_path(found).iterdir()) == ["good.txt"]
+    listing = scan(store)
+    assert [(x.kind, x.path) for x in listing.leftovers] == [("old version", str(half / "partial.bin"))]
+    assert listing.artifacts[0].files == 2  # the marker and good.txt; the junk is not part of the artifact
+    collect(store, find_garbage(store, listing, min_age_minutes=0).delete, min_age_minutes=0)
+    assert sorted(p.name for p in half.iterdir()) == sorted([found.version, MARKER])
+    assert (store.local_path(store.lookup("stage", "k")) / "good.txt").read_text() == "ok"
 
 
 def test_cache_key_depends_on_everything():
