@@ -204,6 +204,7 @@ class ArtifactStore:
         """
         probe = f"{self.root}/.probe-{uuid.uuid4().hex[:8]}"
         quick = RetryPolicy(attempts=min(2, self.retry.attempts), first_delay=self.retry.first_delay)
+        existed = self.is_local and Path(self.root).is_dir()
         try:
             for what, fn, *args in (("create root", self.fs.makedirs, self.root, True),
                                     ("write probe", self.fs.pipe_file, probe, b"ok"),
@@ -213,7 +214,7 @@ class ArtifactStore:
                 else:
                     quick.call(f"{self.uri}: {what}", fn, *args)
         except OSError as e:
-            if not (self.is_local and e.errno in READ_ONLY_ERRNOS and Path(self.root).is_dir()):
+            if not (existed and e.errno in READ_ONLY_ERRNOS):
                 raise self._unwritable(e) from None
             log.warning("store %s is read-only (%s): stored stages are reused, a stage to compute fails", self.uri, e)
             return False
