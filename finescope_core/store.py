@@ -216,7 +216,8 @@ class ArtifactStore:
         except OSError as e:
             if not (existed and e.errno in READ_ONLY_ERRNOS):
                 raise self._unwritable(e) from None
-            log.warning("store %s is read-only (%s): stored stages are reused, a stage to compute fails", self.uri, e)
+            log.warning("store %s is read-only (%s): stored stages are reused, a stage to compute fails",
+                        self.uri, e)
             return False
         except Exception as e:  # botocore and fsspec raise many types; all mean "cannot write"
             raise self._unwritable(e) from None
@@ -224,7 +225,9 @@ class ArtifactStore:
 
     def _unwritable(self, e: BaseException) -> StoreError:
         detail = self._redact(f"{type(e).__name__}: {e}")
-        return StoreError(f"store {self.uri!r} is not writable ({detail}); check the path, endpoint and credentials")
+        return StoreError(
+            f"store {self.uri!r} is not writable ({detail}); check the path, endpoint and credentials"
+        )
 
     def _path(self, stage: str, key: str) -> str:
         return f"{self.root}/{stage}/{key}"
@@ -263,7 +266,8 @@ class ArtifactStore:
             found = self._io("list", lambda: self.fs.find(path, detail=True))
         except FileNotFoundError:
             return {}
-        return {p.removeprefix(path + "/"): int(i.get("size") or 0) for p, i in found.items() if i.get("type") != "directory"}
+        files = {p: i for p, i in found.items() if i.get("type") != "directory"}
+        return {p.removeprefix(path + "/"): int(i.get("size") or 0) for p, i in files.items()}
 
     def damage_message(self, artifact: Artifact, problems: list[str]) -> str:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -351,7 +355,8 @@ class ArtifactStore:
             raise
         manifest = {**manifest, "dir": version}
         write_json(target / MARKER, manifest)
-        log.info("%s %s: committed as version %s beside the earlier files", manifest["stage"], target.name, version)
+        log.info("%s %s: committed as version %s beside the earlier files",
+                 manifest["stage"], target.name, version)
         return manifest
 
     def _commit_remote(self, local_dir: Path, target: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -430,12 +435,15 @@ class ArtifactStore:
             self._download(artifact, tmp)
             problems = local_damage(tmp, artifact.manifest, full=True)
             if problems:
-                raise DamagedArtifact(self.damage_message(artifact, problems) + "; delete the artifact and re-run")
-            write_json(tmp / MARKER, {**artifact.manifest, COPY_MTIMES: file_stats(tmp, artifact.manifest["files"])[1]})
+                # A run checks a remote artifact by listing only, so it would reuse this one again.
+                fix = f"finescope store rm {artifact.stage} --key {artifact.key} --yes"
+                raise DamagedArtifact(f"{self.damage_message(artifact, problems)}; delete it (`{fix}`) and re-run")
+            own_mtimes = file_stats(tmp, artifact.manifest["files"])[1]
+            write_json(tmp / MARKER, {**artifact.manifest, COPY_MTIMES: own_mtimes})
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if sound_copy(dest, artifact.manifest):  # another process of this machine made the same copy meanwhile
+        if sound_copy(dest, artifact.manifest):  # another process on this machine made the copy meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
             return dest
         shutil.rmtree(dest, ignore_errors=True)  # a damaged copy: nobody can use it

@@ -399,7 +399,8 @@ def _stale_copies(store: ArtifactStore, listing: StoreListing, doomed: set[tuple
     artifact is deleted or about to be, or whose version the marker no longer names."""
     if store.is_local:
         return []
-    current = {(a.stage, a.key): a.record.get("dir") or "_flat" for a in listing.artifacts if (a.stage, a.key) not in doomed}
+    current = {(a.stage, a.key): a.record.get("dir") or "_flat"
+               for a in listing.artifacts if (a.stage, a.key) not in doomed}
     out = []
     for stage_dir in _subdirs(store.cache_dir):
         for copy in _subdirs(stage_dir):
@@ -410,8 +411,9 @@ def _stale_copies(store: ArtifactStore, listing: StoreListing, doomed: set[tuple
                 out.append(GarbageItem("cached copy", str(copy), _tree_stats(copy)[0], "its artifact is gone from the store",
                                        *here))
                 continue
-            out += [GarbageItem("cached copy", str(v), _tree_stats(v)[0], "a version the store no longer names", *here)
-                    for v in _subdirs(copy) if v.name != current[here] and not v.name.startswith(".")]
+            old = [v for v in _subdirs(copy) if v.name != current[here] and not v.name.startswith(".")]
+            why = "a version the store no longer names"
+            out += [GarbageItem("cached copy", str(v), _tree_stats(v)[0], why, *here) for v in old]
     return out
 
 

@@ -36,8 +36,9 @@ def file_stats(root: Path, rels: Iterable[str]) -> tuple[dict[str, int], dict[st
     return sizes, mtimes
 
 
-def local_damage(root: Path, manifest: Mapping[str, Any], *, full: bool = False,
-                 mtimes_field: str = "mtimes") -> list[str]:
+def local_damage(
+    root: Path, manifest: Mapping[str, Any], *, full: bool = False, mtimes_field: str = "mtimes"
+) -> list[str]:
     """What is wrong with the files of `manifest` under `root`: one `"<file>: <problem>"` per bad file.
 
     Args:

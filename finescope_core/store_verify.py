@@ -44,7 +44,9 @@ class VerifyReport:
             "uri": self.uri,
             "full": self.full,
             "checked": len(self.checked),
-            "damaged": [{"stage": c.stage, "key": c.key, "uri": c.uri, "problems": c.problems} for c in self.damaged],
+            "damaged": [
+                {"stage": c.stage, "key": c.key, "uri": c.uri, "problems": c.problems} for c in self.damaged
+            ],
         }
 
 
@@ -69,7 +71,9 @@ def verify_store(
             problems = ["_COMPLETE.json: unreadable, or lists no files"]
         else:
             problems = store.verify(Artifact(a.stage, a.key, a.uri, a.record), full=full)
-        report.checked.append(CheckedArtifact(a.stage, a.key, a.uri, len(a.record.get("files") or {}), problems))
+        report.checked.append(
+            CheckedArtifact(a.stage, a.key, a.uri, len(a.record.get("files") or {}), problems)
+        )
         if progress is not None:
             progress(i, total)
     return report

@@ -70,7 +70,8 @@ def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
                                            "(exit status 1 when any is damaged)")
     _add_location(verify)
     verify.add_argument("--quick", action="store_true",
-                        help="compare size and mtime, hashing only files whose mtime moved (what a run does on reuse)")
+                        help="compare size and mtime, hashing only files whose mtime moved "
+                             "(what a run does on reuse)")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -268,8 +269,9 @@ def _verify(args: argparse.Namespace) -> int:
     for c in report.damaged:
         print(f"damaged {c.stage}/{c.key}  {c.uri}")
         print("\n".join(f"  {p}" for p in c.problems))
-    print(f"store {store.uri}: {len(report.checked)} artifacts checked ({how}), {len(report.damaged)} damaged")
+    print(f"store {store.uri}: {len(report.checked)} artifacts checked ({how}), "
+          f"{len(report.damaged)} damaged")
     if report.damaged:
-        print("a run recomputes a damaged artifact when it needs it; `finescope store rm STAGE --key KEY --yes` "
-              "deletes one now")
+        print("a run recomputes a damaged artifact when it needs it; "
+              "`finescope store rm STAGE --key KEY --yes` deletes one now")
     return 1 if report.damaged else 0

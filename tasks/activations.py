@@ -118,8 +118,10 @@ def lookup_activations(
     found = lookup_stage(store, activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None))
     if found is None:
         return None
-    if any(store.lookup(s["stage"], s["key"]) is None for s in listed_shards(store, found)):
-        logger().info("activations of %s: a shard was deleted from the store; recomputing it", records.stage)
+    shards = [store.lookup(s["stage"], s["key"]) for s in listed_shards(store, found)]
+    if any(shard is None or store.verify(shard) for shard in shards):  # its run_cached says what is wrong
+        logger().info("activations of %s: a shard was deleted from the store or damaged; recomputing it",
+                      records.stage)
         return None
     return found
 

@@ -321,7 +321,9 @@ def artifact_dir(store: ArtifactStore, manifest: StageManifest) -> Path:
     if found is None:
         raise FileNotFoundError(f"{manifest.uri} disappeared from the store during the run; re-run to rebuild it")
     if found.sha256 != manifest.sha256:  # what was read is not what the keys below were computed from
-        raise DamagedArtifact(f"{manifest.uri} was replaced by different content during the run; re-run to use it")
+        raise DamagedArtifact(
+            f"{manifest.uri} was replaced by different content during the run; re-run to use it"
+        )
     return store.local_path(found)
 
 

@@ -50,13 +50,18 @@ def test_reuse_check_finds_truncated_missing_and_replaced_files(tmp_path):
 def test_artifact_hashes_do_not_depend_on_when_files_were_written(tmp_path):
     first = commit(ArtifactStore(str(tmp_path / "a")), "k")
     second = commit(ArtifactStore(str(tmp_path / "b")), "k")
-    assert first.manifest["mtimes"] != second.manifest["mtimes"] or first.manifest["created"] != second.manifest["created"]
+    assert (
+        first.manifest["mtimes"] != second.manifest["mtimes"]
+        or first.manifest["created"] != second.manifest["created"]
+    )
     assert first.sha256 == second.sha256
 
 
 def whole(store: ArtifactStore, art) -> bool:
     """Every file the artifact's marker lists is in the store (where the marker says: its version, if any)."""
-    base = f"{store.root}/{art.stage}/{art.key}" + (f"/{art.manifest['dir']}" if art.manifest.get("dir") else "")
+    base = f"{store.root}/{art.stage}/{art.key}" + (
+        f"/{art.manifest['dir']}" if art.manifest.get("dir") else ""
+    )
     return all(store.fs.exists(f"{base}/{rel}") for rel in art.manifest["files"])
 
 
@@ -109,7 +114,10 @@ def test_a_local_commit_over_a_committed_key_keeps_the_readers_version(tmp_path,
     assert sorted(p.name for p in (tmp_path / "stage" / "k").iterdir()) == sorted([MARKER, again.version])
     # a reader still on the collected version moves to the new one, which holds the same content
     moved = store.local_path(reader)
-    assert moved == tmp_path / "stage" / "k" / again.version and (moved / "sub" / "weights.bin").read_bytes() == WEIGHTS
+    assert (
+        moved == tmp_path / "stage" / "k" / again.version
+        and (moved / "sub" / "weights.bin").read_bytes() == WEIGHTS
+    )
 
 
 def test_a_reader_is_never_moved_to_different_content(tmp_path):
@@ -121,12 +129,18 @@ def test_a_reader_is_never_moved_to_different_content(tmp_path):
         store.local_path(reader)
 
 
-def test_a_remote_commit_over_a_committed_key_keeps_the_readers_version(s3_server, s3_prefix, tmp_path, monkeypatch):
+def test_a_remote_commit_over_a_committed_key_keeps_the_readers_version(
+    s3_server, s3_prefix, tmp_path, monkeypatch
+):
     from s3server import ACCESS_KEY, SECRET_KEY
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # work dirs of a remote store: this test's own
-    options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": s3_server.endpoint},
-               "skip_instance_cache": True}
+    options = {
+        "key": ACCESS_KEY,
+        "secret": SECRET_KEY,
+        "client_kwargs": {"endpoint_url": s3_server.endpoint},
+        "skip_instance_cache": True,
+    }
     store = ArtifactStore(s3_prefix, options, cache_dir=tmp_path / "cache")
     reader = commit(store, "k")
     assert store.local_path(reader).is_dir()
@@ -138,7 +152,9 @@ def test_a_remote_commit_over_a_committed_key_keeps_the_readers_version(s3_serve
     assert watch.checks >= 3 and again.version != reader.version and again.sha256 == reader.sha256
 
     listing = scan(store)
-    assert [(x.kind, x.path) for x in listing.leftovers] == [("old version", f"{store.root}/stage/k/{reader.version}")]
+    assert [(x.kind, x.path) for x in listing.leftovers] == [
+        ("old version", f"{store.root}/stage/k/{reader.version}")
+    ]
     collect(store, find_garbage(store, listing, min_age_minutes=0).delete, min_age_minutes=0)
     assert store.fs.exists(f"{store.root}/stage/k/{again.version}/sub/weights.bin")
     left = store.fs.find(f"{store.root}/stage/k/{reader.version}", detail=True).values()
@@ -147,7 +163,9 @@ def test_a_remote_commit_over_a_committed_key_keeps_the_readers_version(s3_serve
     moved = store.local_path(reader)
     assert moved.name == again.version and (moved / "sub" / "weights.bin").read_bytes() == WEIGHTS
     (moved / "sub" / "weights.bin").write_bytes(b"damaged copy")
-    assert (store.local_path(again) / "sub" / "weights.bin").read_bytes() == WEIGHTS  # a bad copy is fetched again
+    assert (
+        store.local_path(again) / "sub" / "weights.bin"
+    ).read_bytes() == WEIGHTS  # a bad copy is fetched again
     assert store.verify(again) == []
     store.fs.rm_file(f"{store.root}/stage/k/{again.version}/meta.json")
     assert store.verify(again) == ["meta.json: missing"]

@@ -65,19 +65,36 @@ def test_two_runs_of_a_resumable_stage_never_share_its_work_dir(tmp_path):
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("concurrent")
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
-    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(30)]
-    rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)]
+    rows = [
+        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
+        for i in range(30)
+    ]
+    rows += [
+        {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)
+    ]
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    (root / "seeds.jsonl").write_text(
+        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
+    )
     return root
 
 
 def config_file(root: Path, store: str, path: Path, storage: dict | None = None) -> Path:
     cfg = {
-        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")], "corpus": [str(root / "corpus.jsonl")],
-        "store": store, "device": "cpu", "storage": storage or {},
-        "curate": {"final_size": 24, "top_m": 24, "k_act": 16, "reference_size": 8, "max_length": 32,
-                   "sae": {"d_sae": 32, "steps": 10, "batch_size": 16}},
+        "model": str(root / "model"),
+        "seeds": [str(root / "seeds.jsonl")],
+        "corpus": [str(root / "corpus.jsonl")],
+        "store": store,
+        "device": "cpu",
+        "storage": storage or {},
+        "curate": {
+            "final_size": 24,
+            "top_m": 24,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 10, "batch_size": 16},
+        },
         "prune": {"ratio": 0.2, "max_length": 32},
         # Small batches: the teacher stage lasts long enough for the two runs to meet in it.
         "teacher": {"max_new_tokens": 16, "batch_size": 2, "min_response_chars": 0},
@@ -92,16 +109,27 @@ def _env(tmp: Path) -> dict[str, str]:
     """This session's Prefect API; one temp dir for both runs (a remote store's work dirs live there)."""
     from prefect.settings import get_current_settings
 
-    return {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url), "OMP_NUM_THREADS": "1",
-            "TMPDIR": str(tmp)}
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(get_current_settings().api.url),
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp),
+    }
 
 
 def run_twice_at_once(cfg: Path, tmp: Path) -> list[Path]:
     outs = [tmp / "out-a", tmp / "out-b"]
     (tmp / "tmp").mkdir()
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(cfg), "--out", str(out)],
-                              cwd=ROOT, env=_env(tmp / "tmp"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for out in outs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg), "--out", str(out)],
+            cwd=ROOT,
+            env=_env(tmp / "tmp"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for out in outs
+    ]
     for p in procs:
         output, _ = p.communicate(timeout=900)
         assert p.returncode == 0, output.decode()[-4000:]
@@ -110,10 +138,16 @@ def run_twice_at_once(cfg: Path, tmp: Path) -> list[Path]:
 
 def exported(out: Path) -> dict[str, str]:
     """sha256 of the exported models' weights and configs and of the distilled data."""
-    files = [p for d in ("pruned-model", "tuned-model") for p in sorted((out / d).rglob("*"))
-             if p.suffix in (".safetensors", ".json")]
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in [*files, out / "distilled" / "distilled.jsonl"]}
+    files = [
+        p
+        for d in ("pruned-model", "tuned-model")
+        for p in sorted((out / d).rglob("*"))
+        if p.suffix in (".safetensors", ".json")
+    ]
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in [*files, out / "distilled" / "distilled.jsonl"]
+    }
 
 
 def keys(out: Path) -> dict[str, str]:

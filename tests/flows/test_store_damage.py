@@ -30,10 +30,17 @@ EXPORTED = ("pruned-model", "tuned-model")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("damage")
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
-    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(30)]
-    rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)]
+    rows = [
+        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
+        for i in range(30)
+    ]
+    rows += [
+        {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)
+    ]
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    (root / "seeds.jsonl").write_text(
+        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
+    )
     store, out = root / "store", root / "out"
     assert main(["run", "--config", str(config_file(root, store, root / "cfg.yaml")), "--out", str(out)]) == 0
     return root, store, out
@@ -41,10 +48,19 @@ def reference(tmp_path_factory):
 
 def config_file(root: Path, store: Path, path: Path, **extra) -> Path:
     cfg = {
-        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")], "corpus": [str(root / "corpus.jsonl")],
-        "store": str(store), "device": "cpu",
-        "curate": {"final_size": 24, "top_m": 24, "k_act": 16, "reference_size": 8, "max_length": 32,
-                   "sae": {"d_sae": 32, "steps": 10, "batch_size": 16}},
+        "model": str(root / "model"),
+        "seeds": [str(root / "seeds.jsonl")],
+        "corpus": [str(root / "corpus.jsonl")],
+        "store": str(store),
+        "device": "cpu",
+        "curate": {
+            "final_size": 24,
+            "top_m": 24,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 10, "batch_size": 16},
+        },
         "prune": {"ratio": 0.2, "max_length": 32},
         "teacher": {"max_new_tokens": 8, "batch_size": 8, "min_response_chars": 0},
         "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "cutoff": 48},
@@ -75,8 +91,12 @@ def artifact(store: Path, out: Path, stage: str) -> Path:
 
 def digests(out: Path) -> dict[str, str]:
     """sha256 of every exported weight and config file of the pruned and the tuned model."""
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for d in EXPORTED for p in sorted((out / d).rglob("*")) if p.suffix in (".safetensors", ".json")}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for d in EXPORTED
+        for p in sorted((out / d).rglob("*"))
+        if p.suffix in (".safetensors", ".json")
+    }
 
 
 def truncate(path: Path) -> None:
@@ -97,41 +117,70 @@ def drop_artifact(store: Path, out: Path, stage: str) -> None:
     shutil.rmtree(store / s["stage"] / s["key"])
 
 
-# case -> (damage, the stages a run must recompute, the file its warning names). The tuned artifact records
-# its training time (finetune.json), so a recomputed one hashes differently and its evaluation follows.
+# case -> (damage, the stages a run must recompute, the damaged stage and file its warning names). The tuned
+# artifact records its training time (finetune.json), so a recomputed one hashes differently and its
+# evaluation follows.
 TUNED = {"tuned", "evaluate-tuned"}
 CASES: dict[str, tuple[Callable[[Path, Path], None], set[str], str]] = {
-    "pruned weights truncated": (lambda s, o: truncate(pruned_weights(s, o)), {"pruned"}, "model/model.safetensors"),
-    "pruned weights deleted": (lambda s, o: pruned_weights(s, o).unlink(), {"pruned"}, "model/model.safetensors"),
-    "tuned weights truncated": (lambda s, o: truncate(tuned_weights(s, o)), TUNED, "merged/model.safetensors"),
-    "tuned weights deleted": (lambda s, o: tuned_weights(s, o).unlink(), TUNED, "merged/model.safetensors"),
-    "curated.jsonl deleted": (lambda s, o: (artifact(s, o, "curated") / "curated.jsonl").unlink(), {"curated"},
-                              "curated.jsonl"),
+    "pruned weights truncated": (
+        lambda s, o: truncate(pruned_weights(s, o)),
+        {"pruned"},
+        "pruned/model/model.safetensors",
+    ),
+    "pruned weights deleted": (
+        lambda s, o: pruned_weights(s, o).unlink(),
+        {"pruned"},
+        "pruned/model/model.safetensors",
+    ),
+    "tuned weights truncated": (
+        lambda s, o: truncate(tuned_weights(s, o)),
+        TUNED,
+        "tuned/merged/model.safetensors",
+    ),
+    "tuned weights deleted": (
+        lambda s, o: tuned_weights(s, o).unlink(),
+        TUNED,
+        "tuned/merged/model.safetensors",
+    ),
+    "curated.jsonl deleted": (
+        lambda s, o: (artifact(s, o, "curated") / "curated.jsonl").unlink(),
+        {"curated"},
+        "curated/curated.jsonl",
+    ),
     "pruned truncated, tuned missing": (
-        lambda s, o: (truncate(pruned_weights(s, o)), drop_artifact(s, o, "tuned")), {"pruned", *TUNED},
-        "model/model.safetensors"),
+        lambda s, o: (truncate(pruned_weights(s, o)), drop_artifact(s, o, "tuned")),
+        {"pruned", *TUNED},
+        "pruned/model/model.safetensors",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_damaged_artifact_is_recomputed_with_a_warning_and_never_exported(reference, tmp_path, case, caplog):
+def test_a_damaged_artifact_is_recomputed_with_a_warning_and_never_exported(
+    reference, tmp_path, case, caplog
+):
     root, ref_store, ref_out = reference
     damage, recomputed, named = CASES[case]
+    first, named = named.split("/", 1)
     store, out = tmp_path / "store", tmp_path / "out"
     shutil.copytree(ref_store, store)
     damage(store, ref_out)
 
     caplog.set_level(logging.WARNING)
-    assert main(["run", "--config", str(config_file(root, store, tmp_path / "cfg.yaml")), "--out", str(out)]) == 0
+    assert (
+        main(["run", "--config", str(config_file(root, store, tmp_path / "cfg.yaml")), "--out", str(out)])
+        == 0
+    )
 
     got = stages(out)
     # The report's key hashes the run's metrics, which hold each stage's seconds: it follows any recompute.
     assert {name for name, s in got.items() if not s["cached"]} - {"report"} == recomputed
     assert keys(got, recomputed) == keys(stages(ref_out), recomputed)
-    first = sorted(recomputed)[0]  # the damaged stage: curated, pruned or tuned
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
-    assert any(w.startswith(f"{first}: ") and got[first]["key"] in w and f"{named}: " in w and "recomputing" in w
-               for w in warnings), warnings
+    assert any(
+        w.startswith(f"{first}: ") and got[first]["key"] in w and f"{named}: " in w and "recomputing" in w
+        for w in warnings
+    ), warnings
     assert digests(out) == digests(ref_out)  # the exported models are the undamaged run's, byte for byte
     # The damaged version is kept aside (a reader may hold it) until `store gc` collects it.
     assert main(["store", "verify", "--store", str(store)]) == 0
@@ -150,11 +199,14 @@ def test_store_verify_finds_damage_that_keeps_size_and_mtime(reference, tmp_path
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     capsys.readouterr()
     assert main(["store", "verify", "--store", str(store), "--quick"]) == 0  # what a reuse checks: a stat
+    assert "0 damaged" in capsys.readouterr().out
     assert main(["store", "verify", "--store", str(store), "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     key = stages(ref_out)["pruned"]["key"]
     assert [(d["stage"], d["key"]) for d in doc["damaged"]] == [("pruned", key)]
-    assert doc["damaged"][0]["problems"] == ["model/model.safetensors: content does not match its recorded sha256"]
+    assert doc["damaged"][0]["problems"] == [
+        "model/model.safetensors: content does not match its recorded sha256"
+    ]
     assert main(["store", "verify", "--store", str(store)]) == 1
     text = capsys.readouterr().out
     assert f"damaged pruned/{key}" in text and "1 damaged" in text
@@ -183,4 +235,6 @@ def test_a_fully_stored_run_reuses_a_read_only_store_without_writing(reference, 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under `root` with its size and mtime in ns (directories included: a new entry shows)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+    }
