@@ -270,7 +270,7 @@ class _Planner:
         return Dep(sha256="+".join(m.sha256 for m in self.code_manifests))
 
     def _parts(self, specs: list[StageKey]) -> list[PlannedPart]:
-        return [PlannedPart(s.stage, s.key, self.store.lookup(s.stage, s.key) is not None) for s in specs]
+        return [PlannedPart(s.stage, s.key, lookup_stage(self.store, s) is not None) for s in specs]
 
     # --- prune and specialize -------------------------------------------------------------------
 
