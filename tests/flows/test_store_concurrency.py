@@ -8,6 +8,7 @@ reuses its artifact (before, the teacher's work dir was shared: both runs append
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -118,21 +119,24 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def run_twice_at_once(cfg: Path, tmp: Path) -> list[Path]:
+    """Start two runs of `cfg` at once; their outputs. Each logs to a file (a full pipe would block a run
+    while it holds a stage's lock, and the other run waits on that lock)."""
     outs = [tmp / "out-a", tmp / "out-b"]
     (tmp / "tmp").mkdir()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg), "--out", str(out)],
-            cwd=ROOT,
-            env=_env(tmp / "tmp"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for out in outs
-    ]
-    for p in procs:
-        output, _ = p.communicate(timeout=900)
-        assert p.returncode == 0, output.decode()[-4000:]
+    logs = [tmp / "run-a.log", tmp / "run-b.log"]
+    procs = []
+    for out, log in zip(outs, logs, strict=True):
+        with open(log, "wb") as sink:
+            cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg), "--out", str(out)]
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp / "tmp"), stdout=sink, stderr=subprocess.STDOUT)
+            )
+    for p, log in zip(procs, logs, strict=True):
+        p.wait(timeout=900)
+        assert p.returncode == 0, log.read_text()[-4000:]
+    text = "".join(log.read_text() for log in logs)
+    waits = sorted(set(re.findall(r"(\S+) [0-9a-f]{20}: another run is building it", text)))
+    print(f"\ntwo runs at once: one waited for the other at {waits or 'no stage'}")
     return outs
 
 
