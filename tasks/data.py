@@ -93,6 +93,7 @@ class CorpusKey(StageKeyModel):
 
     STAGE = "corpus"
     VERSION = "1"
+    CODE = ("finescope_core.data", "finescope_core.io")
 
 
 class SeedsKey(CorpusKey):
