@@ -8,6 +8,7 @@ file's header) are unchanged, so a 16 GB checkpoint is read in full once, not on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -109,7 +110,8 @@ def _write_entry(entry_path: Path, entry: dict[str, object]) -> None:
         tmp.write_text(json.dumps(entry), encoding="utf-8")
         os.replace(tmp, entry_path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=32)
