@@ -12,7 +12,13 @@ from safetensors.torch import save_file
 import finescope_core.identity as identity
 from finescope_core import code_identity
 from finescope_core.code_identity import code_digest, module_closure
-from finescope_core.identity import HubRevisionError, cached_revision, directory_digest, file_digest, hub_revision
+from finescope_core.identity import (
+    HubRevisionError,
+    cached_revision,
+    directory_digest,
+    file_digest,
+    hub_revision,
+)
 
 
 def _sha(path: Path) -> str:
