@@ -52,9 +52,10 @@ UNKEYED: dict[str, str] = {
     "evaluate.lm_eval_include": "reaches the evaluation key through its task YAMLs' and data files' content hash",
     "evaluate.baselines": "decides which variants run, not what any stage computes",
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
-    "orchestration.address": "where stages run",
+    "orchestration.address": "where stages run: model stages key the device kind and dtype resolved there",
     "orchestration.workers": "how many run at once",
-    "orchestration.gpu_workers": "which workers run the GPU tasks: every worker gives the same artifacts",
+    "orchestration.gpu_workers": "which workers run the GPU tasks: model stages key the device kind and dtype "
+    "the worker resolves (`tasks.identity.work_precision`), not the setting",
     "orchestration.gpu_concurrency": "how many GPU tasks run at once",
     "orchestration.persist_results": "whether Prefect keeps its task results; the artifacts are the same",
 }
