@@ -164,3 +164,29 @@ def test_a_long_lived_process_sees_a_changed_file_and_reloads_a_changed_model(tm
     (model / "config.json").write_text('{"changed": 1}')
     cached_model(str(model), "cpu", "float32")
     assert len(loads) == 2
+
+
+def test_run_json_records_each_models_content_hash_or_hub_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from finescope_core.identity import hub_revision
+    from tasks.export import model_identities
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
+    (tmp_path / "hub" / "models--org--teacher" / "refs").mkdir(parents=True)
+    (tmp_path / "hub" / "models--org--teacher" / "refs" / "main").write_text("c" * 40)
+    hub_revision.cache_clear()
+    model = save_tiny(tmp_path / "model", "qwen3", hidden=48, layers=2, intermediate=96)
+    cfg = BASE.model_copy(update={"model": str(model), "teacher": BASE.teacher.model_copy(update={"model": "org/teacher"})})
+    try:
+        assert model_identities(cfg) == {
+            "model": {"model": str(model), "sha256": model_digest(str(model))},
+            "teacher.model": {"model": "org/teacher", "revision": "c" * 40},
+        }
+        (tmp_path / "hub" / "models--org--teacher" / "refs" / "main").write_text("d" * 40)
+        before = model_digest("org/teacher")  # still "c": resolved once per process, one commit for a whole run
+        hub_revision.cache_clear()
+        assert model_digest("org/teacher") != before  # a new commit on the hub is a new model
+    finally:
+        hub_revision.cache_clear()
