@@ -142,3 +142,16 @@ def test_every_key_field_comes_from_the_config_or_is_derived():
         assert derived <= {"layers", "start", "stop", "device", "dtype"}, f"{model.__name__}: {sorted(derived)} come from nowhere"
         for dotted in model.CONFIG.values():
             _get(BASE, dotted)  # names a real config field
+
+
+def test_every_key_model_names_the_code_that_implements_it():
+    """Each stage's key hashes its implementation: the listed modules exist, and the closure reaches beyond
+    the task module into the library."""
+    from finescope_core.code_identity import module_closure, module_file
+
+    for model in KEY_MODELS:
+        assert model.CODE, f"{model.__name__}: no CODE modules"
+        for name in model.CODE:
+            module_file(name)  # raises for a module that does not exist
+        closure = module_closure((model.__module__, *model.CODE))
+        assert any(m.startswith("finescope_core.") for m in closure), model.__name__
