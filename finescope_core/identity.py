@@ -85,7 +85,11 @@ def _large_file_digest(path: Path, st: os.stat_result) -> str:
         entry = json.loads(entry_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         entry = None
-    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
+    if (
+        isinstance(entry, dict)
+        and {k: entry.get(k) for k in stamp} == stamp
+        and isinstance(entry.get("sha256"), str)
+    ):
         return str(entry["sha256"])
     digest = _sha256(path)
     _write_entry(entry_path, {**stamp, "sha256": digest})
@@ -140,8 +144,9 @@ def hub_revision(repo_id: str) -> str:
     if cached is not None:
         return cached
     raise HubRevisionError(
-        f"model {repo_id!r}: a hub model is keyed by its commit, and this one could not be resolved: {reason}, and "
-        f"the local HF cache ({constants.HF_HUB_CACHE}) has no refs/main for it. Download it once while online "
+        f"model {repo_id!r}: a hub model is keyed by its commit, and this one could not be resolved: "
+        f"{reason}, and the local HF cache ({constants.HF_HUB_CACHE}) has no refs/main for it. "
+        "Download it once while online "
         f"(`hf download {repo_id}`), or give the path of a local model directory instead"
     )
 

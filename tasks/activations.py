@@ -73,8 +73,8 @@ def _activation_inputs(model_sha: str, records_sha: str, sal_sha: str | None) ->
 
 
 def shard_key(
-    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None, start: int, stop: int,
-    precision: Precision | None = None,
+    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None,
+    start: int, stop: int, precision: Precision | None = None,
 ) -> StageKey:
     """`precision`: where the shard's work runs (`work_precision`, resolved by the caller when None)."""
     inputs = _activation_inputs(model_sha, records_sha, sal_sha)
@@ -86,7 +86,8 @@ def activations_key(
     precision: Precision | None = None,
 ) -> StageKey:
     """`precision`: the one its shards ran in (the gather passes theirs; a lookup, this process's)."""
-    return ActivationsKey.of(cfg, _activation_inputs(model_sha, records_sha, sal_sha), precision, layers=layers).spec()
+    inputs = _activation_inputs(model_sha, records_sha, sal_sha)
+    return ActivationsKey.of(cfg, inputs, precision, layers=layers).spec()
 
 
 def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:

@@ -165,7 +165,9 @@ class ModelStageKey(StageKeyModel):
     dtype: str
 
     @classmethod
-    def of(cls, cfg: FinescopeConfig, inputs: dict[str, str], precision: Precision | None = None, **derived: Any) -> Self:
+    def of(
+        cls, cfg: FinescopeConfig, inputs: dict[str, str], precision: Precision | None = None, **derived: Any
+    ) -> Self:
         ran = precision or work_precision(cfg)
         return super().of(cfg, inputs, **{"device": ran.device, "dtype": ran.dtype, **derived})
 
@@ -338,7 +340,7 @@ def model_ref(spec: str, store: ArtifactStore) -> ModelRef:
 
 
 def default_model_key(gguf: Path) -> StageKey:
-    """The `models` stage: the bundled GGUF converted once into a plain HF directory (by `finescope_core.model`)."""
+    """The `models` stage: the bundled GGUF converted once into a plain HF directory (`convert_gguf`)."""
     inputs = {"gguf": _file_digest(str(gguf)), "code": code_digest(["finescope_core.model"])}
     return StageKey("models", "1", {"gguf": gguf.name}, inputs)
 
@@ -362,7 +364,9 @@ def cached_model(path: str, device: str, dtype: str = "float32") -> tuple[Any, A
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(path: str, device: str, dtype: str, stamp: tuple[tuple[str, int, int], ...]) -> tuple[Any, Any]:
+def _cached_model(
+    path: str, device: str, dtype: str, stamp: tuple[tuple[str, int, int], ...]
+) -> tuple[Any, Any]:
     return load_model(path, device=device, dtype=dtype)
 
 

@@ -129,7 +129,8 @@ def model_identities(cfg: FinescopeConfig) -> dict[str, dict[str, str]]:
     """What the keys knew each model by: a local directory's content hash, a hub id's commit (`revision`).
     The bundled default is listed under `stages` (its `models` artifact)."""
     specs = {"model": cfg.model, "teacher.model": cfg.teacher.model}
-    return {field: model_identity(spec) for field, spec in specs.items() if spec not in (DEFAULT_MODEL, "base")}
+    local_or_hub = {field: spec for field, spec in specs.items() if spec not in (DEFAULT_MODEL, "base")}
+    return {field: model_identity(spec) for field, spec in local_or_hub.items()}
 
 
 @task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)

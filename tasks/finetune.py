@@ -76,10 +76,11 @@ def finetune_task(
     ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), device=ran.device, dtype=ran.dtype)
-        teacher_model = (
-            load_model(teacher.path, device=ran.device, dtype=ran.dtype)[0] if use_teacher and teacher is not None else None
-        )
+        pruned_dir = str(artifact_dir(store, pruned) / "model")
+        model, tok = load_model(pruned_dir, device=ran.device, dtype=ran.dtype)
+        teacher_model = None
+        if use_teacher and teacher is not None:
+            teacher_model = load_model(teacher.path, device=ran.device, dtype=ran.dtype)[0]
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(
             model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"), teacher=teacher_model
@@ -87,5 +88,6 @@ def finetune_task(
         info = summary.to_dict()
         return {k: info[k] for k in INFO}
 
-    key = tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256 if teacher is not None else None, ran)
+    teacher_sha = teacher.sha256 if teacher is not None else None
+    key = tuned_key(cfg, pruned.sha256, distilled.sha256, teacher_sha, ran)
     return run_cached(store, key, build)

@@ -39,7 +39,9 @@ def work_precision(cfg: FinescopeConfig) -> Precision:
     """
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if on_cuda else "cpu")
-    return Precision(device=device.type, dtype=str(resolve_dtype(cfg.model_dtype, device)).removeprefix("torch."))
+    return Precision(
+        device=device.type, dtype=str(resolve_dtype(cfg.model_dtype, device)).removeprefix("torch.")
+    )
 
 
 def shared_precision(infos: list[dict[str, Any]], what: str) -> Precision:
@@ -51,7 +53,8 @@ def shared_precision(infos: list[dict[str, Any]], what: str) -> Precision:
     found = {json.dumps(i.get("precision"), sort_keys=True) for i in infos}
     if len(found) != 1 or None in (i.get("precision") for i in infos):
         raise ValueError(
-            f"{what}: its parts ran in different precisions or do not record one ({sorted(found)}); give every "
+            f"{what}: its parts ran in different precisions or do not record one ({sorted(found)}); "
+            "give every "
             "GPU worker the same kind of device, or set model_dtype and device explicitly"
         )
     return Precision.model_validate(infos[0]["precision"])
@@ -89,7 +92,9 @@ def model_identity(spec: str) -> dict[str, str]:
 def inputs_digest(inputs: dict[str, Any]) -> str:
     """Hash of a task's inputs, each by its content key where it has one (a manifest's or a record set's
     sha256), else by its value; for Prefect's result cache key."""
-    text = json.dumps({name: _identity(value) for name, value in sorted(inputs.items())}, sort_keys=True, default=str)
+    text = json.dumps(
+        {name: _identity(value) for name, value in sorted(inputs.items())}, sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 

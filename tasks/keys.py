@@ -54,8 +54,8 @@ UNKEYED: dict[str, str] = {
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
     "orchestration.address": "where stages run: model stages key the device kind and dtype resolved there",
     "orchestration.workers": "how many run at once",
-    "orchestration.gpu_workers": "which workers run the GPU tasks: model stages key the device kind and dtype "
-    "the worker resolves (`tasks.identity.work_precision`), not the setting",
+    "orchestration.gpu_workers": "which workers run the GPU tasks: model stages key the device kind and "
+    "dtype the worker resolves (`tasks.identity.work_precision`), not the setting",
     "orchestration.gpu_concurrency": "how many GPU tasks run at once",
     "orchestration.persist_results": "whether Prefect keeps its task results; the artifacts are the same",
 }

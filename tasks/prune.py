@@ -100,7 +100,9 @@ class PrunedKey(ModelStageKey):
     batch_size: int
 
 
-def pruned_key(cfg: FinescopeConfig, model_sha: str, texts_digest: str, precision: Precision | None = None) -> StageKey:
+def pruned_key(
+    cfg: FinescopeConfig, model_sha: str, texts_digest: str, precision: Precision | None = None
+) -> StageKey:
     return PrunedKey.of(cfg, {"model": model_sha, "texts": texts_digest}, precision).spec()
 
 
@@ -110,7 +112,8 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
     ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(ref.path, device=ran.device, dtype=ran.dtype)  # a private copy: pruning is in place
+        # A private copy: pruning is in place.
+        model, tok = load_model(ref.path, device=ran.device, dtype=ran.dtype)
         plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance"))
         save_pruned(model, tok, plan, work / "model", dtype=checkpoint_dtype(ref.path))
         report = plan.to_dict()

@@ -54,7 +54,8 @@ class SaliencyKey(ModelStageKey):
 
 
 def saliency_key(
-    cfg: FinescopeConfig, model_sha: str, corpus_sha: str, layers: list[int], precision: Precision | None = None
+    cfg: FinescopeConfig, model_sha: str, corpus_sha: str, layers: list[int],
+    precision: Precision | None = None,
 ) -> StageKey:
     return SaliencyKey.of(cfg, {"model": model_sha, "corpus": corpus_sha}, precision, layers=layers).spec()
 

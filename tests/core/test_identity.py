@@ -1,4 +1,4 @@
-"""Content identities behind the cache keys: nothing is keyed by a path alone, and nothing stale is trusted."""
+"""Content identities behind the cache keys: nothing is keyed by a path alone, nothing stale is trusted."""
 
 import hashlib
 import os
@@ -72,7 +72,9 @@ def _new_process(monkeypatch) -> None:
     monkeypatch.setattr(identity, "_DIGESTS", {})
 
 
-def test_large_weights_are_read_once_across_runs_while_size_mtime_and_header_match(tmp_path, large_files, monkeypatch):
+def test_large_weights_are_read_once_across_runs_while_size_mtime_and_header_match(
+    tmp_path, large_files, monkeypatch
+):
     w = tmp_path / "model.safetensors"
     _weights(w, 1.0)
     first = file_digest(w)
@@ -85,7 +87,9 @@ def test_large_weights_are_read_once_across_runs_while_size_mtime_and_header_mat
     assert file_digest(w) == _sha(w) != first and len(large_files) == 2
 
 
-def test_a_header_change_under_a_restored_mtime_is_not_served_from_the_cache(tmp_path, large_files, monkeypatch):
+def test_a_header_change_under_a_restored_mtime_is_not_served_from_the_cache(
+    tmp_path, large_files, monkeypatch
+):
     w = tmp_path / "model.safetensors"
     _weights(w, 1.0, name="a")
     first = file_digest(w)
@@ -154,7 +158,11 @@ def test_an_unreachable_hub_falls_back_to_the_cache(hf_cache, monkeypatch):
 
 def test_the_closure_follows_package_imports_and_leaves_out_the_excluded_modules():
     closure = module_closure(["finescope_core.prune"])
-    assert {"finescope_core.prune.importance", "finescope_core.prune.widths", "finescope_core.model"} <= closure
+    assert {
+        "finescope_core.prune.importance",
+        "finescope_core.prune.widths",
+        "finescope_core.model",
+    } <= closure
     assert not closure & set(code_identity.EXCLUDED)
     assert "finescope_core.teacher" not in closure
 
@@ -165,12 +173,18 @@ def test_the_code_digest_is_the_same_for_a_copy_elsewhere_and_changes_with_a_mod
     import subprocess
 
     root = Path(code_identity.__file__).parents[1]
-    shutil.copytree(root / "finescope_core", tmp_path / "finescope_core", ignore=shutil.ignore_patterns("__pycache__"))
-    probe = "from finescope_core.code_identity import code_digest; print(code_digest(['finescope_core.prune']))"
+    shutil.copytree(
+        root / "finescope_core", tmp_path / "finescope_core", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    probe = (
+        "from finescope_core.code_identity import code_digest; print(code_digest(['finescope_core.prune']))"
+    )
 
     def digest_in_copy() -> str:
         env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-        done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 

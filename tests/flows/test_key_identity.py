@@ -58,7 +58,9 @@ def _keys_of_copy(copy: Path) -> dict[str, str]:
     """Every stage's key (test_keys.stage_keys on BASE) computed by the code in `copy`, in a fresh process."""
     probe = "import json, test_keys; print(json.dumps(test_keys.stage_keys(test_keys.BASE)))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), str(copy / "tests" / "flows")])}
-    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=copy, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=copy, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -136,7 +138,9 @@ def _manifest(sha: str) -> StageManifest:
 
 
 def test_prefects_result_key_holds_the_inputs_content():
-    ctx = SimpleNamespace(task_run=SimpleNamespace(flow_run_id="flow", id="run", task_key="prune", dynamic_key="0"))
+    ctx = SimpleNamespace(
+        task_run=SimpleNamespace(flow_run_id="flow", id="run", task_key="prune", dynamic_key="0")
+    )
 
     def key(sha: str) -> str | None:
         return RUN_RESULTS.compute_key(ctx, {"cfg": BASE, "curated": [_manifest(sha)]}, {})
@@ -154,7 +158,9 @@ def test_a_long_lived_process_sees_a_changed_file_and_reloads_a_changed_model(tm
     assert _file_digest(str(f)) != first
 
     loads = []
-    monkeypatch.setattr(tasks.common, "load_model", lambda path, **kw: loads.append(path) or (object(), object()))
+    monkeypatch.setattr(
+        tasks.common, "load_model", lambda path, **kw: loads.append(path) or (object(), object())
+    )
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -178,14 +184,18 @@ def test_run_json_records_each_models_content_hash_or_hub_commit(tmp_path, monke
     (tmp_path / "hub" / "models--org--teacher" / "refs" / "main").write_text("c" * 40)
     hub_revision.cache_clear()
     model = save_tiny(tmp_path / "model", "qwen3", hidden=48, layers=2, intermediate=96)
-    cfg = BASE.model_copy(update={"model": str(model), "teacher": BASE.teacher.model_copy(update={"model": "org/teacher"})})
+    cfg = BASE.model_copy(
+        update={"model": str(model), "teacher": BASE.teacher.model_copy(update={"model": "org/teacher"})}
+    )
     try:
         assert model_identities(cfg) == {
             "model": {"model": str(model), "sha256": model_digest(str(model))},
             "teacher.model": {"model": "org/teacher", "revision": "c" * 40},
         }
         (tmp_path / "hub" / "models--org--teacher" / "refs" / "main").write_text("d" * 40)
-        before = model_digest("org/teacher")  # still "c": resolved once per process, one commit for a whole run
+        before = model_digest(
+            "org/teacher"
+        )  # still "c": resolved once per process, one commit for a whole run
         hub_revision.cache_clear()
         assert model_digest("org/teacher") != before  # a new commit on the hub is a new model
     finally:

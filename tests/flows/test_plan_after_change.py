@@ -23,8 +23,8 @@ def baseline(tmp_path_factory):
     cfg = FinescopeConfig(
         model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
         store=str(root / "store"), device="cpu",
-        curate=dict(final_size=15, top_m=12, k_act=16, probes=1, reference_size=12, max_length=24, batch_size=8,
-                    shard_size=25, sae={"d_sae": 48, "steps": 25, "batch_size": 16}),
+        curate=dict(final_size=15, top_m=12, k_act=16, probes=1, reference_size=12, max_length=24,
+                    batch_size=8, shard_size=25, sae={"d_sae": 48, "steps": 25, "batch_size": 16}),
     )  # fmt: skip
     curate_flow(cfg, export=False)
     return cfg, root
@@ -102,5 +102,6 @@ def test_plan_agrees_with_a_rerun_after_a_change(baseline, change, monkeypatch):
         elif recomputed:
             assert not manifest.cached, name
     again = plan(cfg, "curate").stages
-    assert all(s.status == "reuse" for s in again), [(s.name, s.status) for s in again]  # undone: as first run
-
+    assert all(s.status == "reuse" for s in again), [
+        (s.name, s.status) for s in again
+    ]  # undone: as first run
