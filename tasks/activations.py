@@ -29,6 +29,7 @@ from tasks.common import (
     using_model,
 )
 from tasks.data import load_rows
+from tasks.identity import Precision, shared_precision, work_precision
 
 
 class ShardKey(ModelStageKey):
@@ -42,7 +43,8 @@ class ShardKey(ModelStageKey):
     STAGE = "activation-shards"
     VERSION = "1"
     CONFIG = {"max_length": "curate.max_length", "skip_first": "curate.skip_first"}
-    DERIVED = ("curate.layers", "curate.num_layers", "curate.shard_size", "model_dtype")
+    DERIVED = ("curate.layers", "curate.num_layers", "curate.shard_size", "device", "model_dtype")
+    CODE = ("finescope_core.curate", "finescope_core.activations")
 
     layers: list[int]
     max_length: int
@@ -57,7 +59,8 @@ class ActivationsKey(ModelStageKey):
     STAGE = "activations"
     VERSION = "2"  # 2: the fanned-out layout, shards listed by reference
     CONFIG = {"max_length": "curate.max_length", "skip_first": "curate.skip_first", "shard_size": "curate.shard_size"}
-    DERIVED = ("curate.layers", "curate.num_layers", "model_dtype")
+    DERIVED = ("curate.layers", "curate.num_layers", "device", "model_dtype")
+    CODE = ("finescope_core.curate", "finescope_core.activations")
 
     layers: list[int]
     max_length: int
@@ -70,16 +73,21 @@ def _activation_inputs(model_sha: str, records_sha: str, sal_sha: str | None) ->
 
 
 def shard_key(
-    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None, start: int, stop: int
+    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None,
+    start: int, stop: int, precision: Precision | None = None,
 ) -> StageKey:
+    """`precision`: where the shard's work runs (`work_precision`, resolved by the caller when None)."""
     inputs = _activation_inputs(model_sha, records_sha, sal_sha)
-    return ShardKey.of(cfg, inputs, layers=layers, start=start, stop=stop).spec()
+    return ShardKey.of(cfg, inputs, precision, layers=layers, start=start, stop=stop).spec()
 
 
 def activations_key(
-    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None
+    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None,
+    precision: Precision | None = None,
 ) -> StageKey:
-    return ActivationsKey.of(cfg, _activation_inputs(model_sha, records_sha, sal_sha), layers=layers).spec()
+    """`precision`: the one its shards ran in (the gather passes theirs; a lookup, this process's)."""
+    inputs = _activation_inputs(model_sha, records_sha, sal_sha)
+    return ActivationsKey.of(cfg, inputs, precision, layers=layers).spec()
 
 
 def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -98,15 +106,17 @@ def activation_shard_task(
     shards it finished.
     """
     store = open_store(cfg)
+    ran = work_precision(cfg)  # here, on the worker that runs the model: the key says what it ran in
 
     def build(work: Path) -> dict[str, Any]:
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
         part = load_rows(cfg, records, start, stop)
         what = f"activations ({records.stage} {start}:{stop})"
-        with using_model(ref.path, cfg.device, cfg.model_dtype) as (model, tok):
-            return core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))
+        with using_model(ref.path, ran.device, ran.dtype) as (model, tok):
+            info = core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))
+        return {**info, "precision": ran.model_dump()}
 
-    spec = shard_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop)
+    spec = shard_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop, ran)
     return run_cached(store, spec, build)
 
 
@@ -146,7 +156,9 @@ def gather_activations_task(
         (work / "shards.json").write_text(json.dumps(listed, indent=1))
         return {"layers": layers, "rows": rows, "shards": len(shards)}
 
-    spec = activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None)
+    # The shards ran on the workers: their precision, not this process's, is what the artifact holds.
+    ran = shared_precision([s.info for s in shards], f"activations of {records.uri}")
+    spec = activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, ran)
     return run_cached(open_store(cfg), spec, build)
 
 

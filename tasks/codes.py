@@ -37,6 +37,7 @@ class CodesKey(StageKeyModel):
 
     STAGE = "sae-codes"
     VERSION = "1"
+    CODE = ("finescope_core.sae", "finescope_core.sae.codes")
     CONFIG = {"code_k": "curate.code_k", "code_dtype": "curate.code_dtype"}
 
     code_k: int | str

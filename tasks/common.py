@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import subprocess
 import threading
@@ -23,14 +22,15 @@ from prefect.settings import get_current_settings
 from pydantic import BaseModel, ConfigDict
 
 from finescope_core import __version__
+from finescope_core.code_identity import code_digest
 from finescope_core.config import ConfigError, FinescopeConfig, slug
+from finescope_core.identity import file_digest
 from finescope_core.model import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
     convert_gguf,
     load_model,
     locate_default_gguf,
-    resolve_dtype,
 )
 from finescope_core.store import (
     Artifact,
@@ -39,8 +39,8 @@ from finescope_core.store import (
     StoreError,
     cache_key,
     is_transient,
-    sha256_file,
 )
+from tasks.identity import Precision, inputs_digest, model_digest, work_precision
 
 CODE_VERSION = __version__
 
@@ -79,13 +79,18 @@ class RunResults(CachePolicy):
     gives Prefect a storage key per task run, so that with `orchestration.persist_results` its result
     is written to the run's result storage (`<store>/prefect-results`) and a retried flow run reads it
     back instead of re-running the task. Without it, no key: nothing is written.
+
+    The key holds the task's inputs by content (`inputs_digest`: a manifest by its artifact's hash), so
+    a retry after an input changed upstream computes the task again instead of returning the first
+    attempt's manifest. Tasks that read files or models named by the config (`inputs`, `model`) use no
+    cache: a retry re-reads them.
     """
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         if task_ctx is None or get_current_settings().tasks.default_persist_result is not True:
             return None
         run = task_ctx.task_run
-        return f"{run.flow_run_id or run.id}-{run.task_key}-{run.dynamic_key}"
+        return f"{run.flow_run_id or run.id}-{run.task_key}-{run.dynamic_key}-{inputs_digest(inputs)}"
 
 
 RUN_RESULTS = RunResults()
@@ -139,31 +144,44 @@ class StageKeyModel(BaseModel):
         fields = {name: config_value(cfg, dotted) for name, dotted in cls.CONFIG.items()}
         return cls(**fields, **derived, inputs=inputs)
 
+    CODE: ClassVar[tuple[str, ...]] = ()
+    """Modules that implement the stage; with the key model's own module and every package module they
+    import, their source is hashed into the key (`code_digest`), so changed code never reuses an artifact."""
+
+    @classmethod
+    def code(cls) -> str:
+        """Hash of the source of the modules that implement this stage."""
+        return code_digest((cls.__module__, *cls.CODE))
+
     def spec(self) -> StageKey:
-        return StageKey(self.STAGE, self.VERSION, self.model_dump(mode="json", exclude={"inputs"}), dict(self.inputs))
+        inputs = {**self.inputs, "code": self.code()}
+        return StageKey(self.STAGE, self.VERSION, self.model_dump(mode="json", exclude={"inputs"}), inputs)
 
 
 class ModelStageKey(StageKeyModel):
-    """The key of a stage that runs a model: it also holds the precision the model runs in (`dtype`,
-    `model_dtype` resolved for the device), so a bf16 artifact is never served to a float32 run.
+    """The key of a stage that runs a model: it also holds the device kind and dtype the work ran in
+    (`tasks.identity.Precision`), so a bf16 or GPU artifact is never served to a float32 CPU run.
 
-    Subclasses list `model_dtype` in `DERIVED` (the field comes from it).
+    The precision is resolved where the work runs (`work_precision`, inside the task); a stage that
+    gathers parts run elsewhere passes theirs. Subclasses list `device` and `model_dtype` in `DERIVED`.
     """
 
-    DERIVED: ClassVar[tuple[str, ...]] = ("model_dtype",)
+    DERIVED: ClassVar[tuple[str, ...]] = ("device", "model_dtype")
 
+    device: str
     dtype: str
 
     @classmethod
-    def of(cls, cfg: FinescopeConfig, inputs: dict[str, str], **derived: Any) -> Self:
-        return super().of(cfg, inputs, **{"dtype": compute_dtype(cfg), **derived})
+    def of(
+        cls, cfg: FinescopeConfig, inputs: dict[str, str], precision: Precision | None = None, **derived: Any
+    ) -> Self:
+        ran = precision or work_precision(cfg)
+        return super().of(cfg, inputs, **{"device": ran.device, "dtype": ran.dtype, **derived})
 
 
 def compute_dtype(cfg: FinescopeConfig) -> str:
-    """The dtype name the model stages run in: `model_dtype` resolved for `device` (never raises for a
-    missing GPU: a `cuda` run on a machine without one fails when it loads the model, not here)."""
-    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return str(resolve_dtype(cfg.model_dtype, torch.device("cuda" if on_cuda else "cpu"))).removeprefix("torch.")
+    """The dtype name model work in this process runs in (`work_precision`'s dtype)."""
+    return work_precision(cfg).dtype
 
 
 def config_value(cfg: BaseModel, dotted: str) -> Any:
@@ -353,17 +371,9 @@ def model_ref(spec: str, store: ArtifactStore) -> ModelRef:
 
 
 def default_model_key(gguf: Path) -> StageKey:
-    """The `models` stage: the bundled GGUF converted once into a plain HF directory."""
-    return StageKey("models", "1", {"gguf": gguf.name}, {"gguf": _file_digest(str(gguf))})
-
-
-def model_digest(spec: str) -> str:
-    """Content hash of a model that is not the bundled default: its config and weight files, or its hub id."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
-        return hashlib.sha256("".join(_file_digest(str(p)) for p in files).encode()).hexdigest()
-    return hashlib.sha256(spec.encode()).hexdigest()
+    """The `models` stage: the bundled GGUF converted once into a plain HF directory (`convert_gguf`)."""
+    inputs = {"gguf": _file_digest(str(gguf)), "code": code_digest(["finescope_core.model"])}
+    return StageKey("models", "1", {"gguf": gguf.name}, inputs)
 
 
 def _model_path(spec: str) -> str:
@@ -371,17 +381,33 @@ def _model_path(spec: str) -> str:
     return str(path) if path.is_dir() else spec
 
 
-@functools.lru_cache(maxsize=64)
 def _file_digest(path: str) -> str:
-    return sha256_file(Path(path))
+    """A file's sha256, cached per process by (path, size, mtime): a long-lived worker sees a changed file."""
+    return file_digest(Path(path))
 
 
-@functools.lru_cache(maxsize=2)
 def cached_model(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any]:
     """Load a model once per process; stages of one flow run share it (read-only use only).
 
-    `dtype` is a `model_dtype` name (`auto` resolved for the device)."""
+    `dtype` is a `model_dtype` name (`auto` resolved for the device). The copy is keyed by the model's
+    files' (name, size, mtime) too, so a long-lived worker loads a model again after its files changed."""
+    return _cached_model(path, device, dtype, _files_stamp(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(
+    path: str, device: str, dtype: str, stamp: tuple[tuple[str, int, int], ...]
+) -> tuple[Any, Any]:
     return load_model(path, device=device, dtype=dtype)
+
+
+def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime) of every file of a local model directory; () for a hub id."""
+    root = Path(path)
+    if not root.is_dir():
+        return ()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return tuple((p.relative_to(root).as_posix(), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
 
 
 _MODEL_LOCKS: dict[tuple[str, str], threading.Lock] = {}

@@ -93,6 +93,7 @@ class CorpusKey(StageKeyModel):
 
     STAGE = "corpus"
     VERSION = "1"
+    CODE = ("finescope_core.data", "finescope_core.io")
 
 
 class SeedsKey(CorpusKey):
@@ -182,7 +183,8 @@ def record_count(cfg: FinescopeConfig, records: StageManifest) -> int:
     return int(count) if count is not None else len(load_data(cfg, records))
 
 
-@task(name="model", cache_policy=RUN_RESULTS, **IO_RETRIES)
+@task(name="model", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def model_task(cfg: FinescopeConfig) -> ModelRef:
-    """Resolve the model (converting the bundled default once into the store)."""
+    """Resolve the model (converting the bundled default once into the store). Never a stored Prefect
+    result: a retry hashes the model's files again (cheap: large files' digests are cached by stat)."""
     return model_ref(cfg.model, open_store(cfg))

@@ -32,6 +32,7 @@ from tasks.common import (
     open_store,
     run_cached,
 )
+from tasks.identity import Precision, work_precision
 
 
 class EvaluationKey(ModelStageKey):
@@ -42,7 +43,10 @@ class EvaluationKey(ModelStageKey):
     """
 
     STAGE = "evaluation"
-    VERSION = "3"  # 3: per-item numbers (items.json) beside metrics.json, for paired comparisons
+    # 3: per-item numbers (items.json) beside metrics.json, for paired comparisons
+    # 4: lm-eval intervals by bootstrap.mean_interval with evaluate.bootstrap_resamples (was 2000 resamples)
+    VERSION = "4"
+    CODE = ("finescope_core.evaluate", "finescope_core.model")
     CONFIG = {"max_length": "evaluate.max_length", "max_new_tokens": "evaluate.max_new_tokens",
               "max_examples": "evaluate.max_examples", "bootstrap_resamples": "evaluate.bootstrap_resamples",
               "seed": "seed", "lm_eval_tasks": "evaluate.lm_eval_tasks", "lm_eval_limit": "evaluate.lm_eval_limit",
@@ -58,12 +62,14 @@ class EvaluationKey(ModelStageKey):
     lm_eval_chat_template: str
 
 
-def evaluation_key(cfg: FinescopeConfig, model_sha: str, data: dict[str, Any]) -> StageKey:
+def evaluation_key(
+    cfg: FinescopeConfig, model_sha: str, data: dict[str, Any], precision: Precision | None = None
+) -> StageKey:
     data_sha = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     inputs = {"model": model_sha, "data": data_sha}
     if cfg.evaluate.lm_eval_tasks and (include_sha := harness_include_sha(cfg.evaluate.lm_eval_include)):
         inputs["lm_eval"] = include_sha
-    return EvaluationKey.of(cfg, inputs).spec()
+    return EvaluationKey.of(cfg, inputs, precision).spec()
 
 
 def with_harness(
@@ -86,10 +92,11 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
 
     The artifact holds metrics.json (also the manifest's info) and `ITEMS_FILE`, every metric's per-item
     numbers (lm-eval's per-sample values included), which paired comparisons between models read."""
+    ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
         check_harness_config(cfg.evaluate)  # a bad lm-eval task setup fails before the model loads
-        model, tok = load_model(model_path, device=cfg.device, dtype=cfg.model_dtype)
+        model, tok = load_model(model_path, device=ran.device, dtype=ran.dtype)
         items: dict[str, Any] = {}
         metrics = evaluate_model(
             model, tok, domain_texts=data["domain"], chat_pairs=[tuple(p) for p in data["chat"]],
@@ -102,7 +109,7 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
         (work / ITEMS_FILE).write_text(json.dumps(doc))
         return metrics
 
-    return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, data), build)
+    return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, data, ran), build)
 
 
 def evaluation_items(store: ArtifactStore, evaluations: dict[str, StageManifest]) -> dict[str, dict[str, Any] | None]:

@@ -22,6 +22,7 @@ from finescope_core.cards import RunFacts, base_model_id, dataset_card, model_ca
 from finescope_core.config import FinescopeConfig
 from finescope_core.distilled import read_distilled
 from finescope_core.export import Output, export_outputs, output_uri
+from finescope_core.model import DEFAULT_MODEL
 from finescope_core.store_admin import OUTPUTS_DIR
 from tasks.common import (
     IO_RETRIES,
@@ -34,6 +35,7 @@ from tasks.common import (
     run_name,
     storage_options,
 )
+from tasks.identity import model_identity
 
 CURATED_FILES = ("curated.jsonl", "curated.parquet", "curation.json")
 
@@ -116,10 +118,19 @@ def run_manifest(cfg: FinescopeConfig, flow: str, stages: dict[str, Any], second
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 1),
         "config": json.loads(cfg.model_dump_json()),
+        "models": model_identities(cfg),
         "stages": stages,
         "outputs": outputs,
     }
     return json.dumps(manifest, indent=2, default=str)
+
+
+def model_identities(cfg: FinescopeConfig) -> dict[str, dict[str, str]]:
+    """What the keys knew each model by: a local directory's content hash, a hub id's commit (`revision`).
+    The bundled default is listed under `stages` (its `models` artifact)."""
+    specs = {"model": cfg.model, "teacher.model": cfg.teacher.model}
+    local_or_hub = {field: spec for field, spec in specs.items() if spec not in (DEFAULT_MODEL, "base")}
+    return {field: model_identity(spec) for field, spec in local_or_hub.items()}
 
 
 @task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -25,6 +25,7 @@ from tasks.common import (
     open_store,
     run_cached,
 )
+from tasks.identity import Precision, work_precision
 
 INFO = (
     "method", "kd_weight", "temperature", "train_examples", "eval_examples", "steps", "eval_loss_before", "eval_loss",
@@ -39,12 +40,16 @@ class TunedKey(ModelStageKey):
     STAGE = "tuned"
     VERSION = "2"  # 2: Trainer loop (warm-up + cosine, best epoch), logit distillation, method lora | full
     CONFIG = {"finetune": "finetune", "seed": "seed"}
+    CODE = ("finescope_core.finetune", "finescope_core.distilled", "finescope_core.model")
 
     finetune: dict[str, Any]
     seed: int
 
 
-def tuned_key(cfg: FinescopeConfig, pruned_sha: str, distilled_sha: str, teacher_sha: str | None = None) -> StageKey:
+def tuned_key(
+    cfg: FinescopeConfig, pruned_sha: str, distilled_sha: str, teacher_sha: str | None = None,
+    precision: Precision | None = None,
+) -> StageKey:
     """The `tuned` key; the teacher's content hash is an input exactly when the loss reads the teacher.
 
     Raises:
@@ -55,7 +60,7 @@ def tuned_key(cfg: FinescopeConfig, pruned_sha: str, distilled_sha: str, teacher
         if teacher_sha is None:
             raise ValueError("finetune.kd_weight > 0: the tuned key needs the teacher model's hash")
         inputs["teacher"] = teacher_sha
-    return TunedKey.of(cfg, inputs).spec()
+    return TunedKey.of(cfg, inputs, precision).spec()
 
 
 @task(name="finetune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
@@ -68,12 +73,14 @@ def finetune_task(
     use_teacher = cfg.finetune.kd_weight > 0
     if use_teacher and teacher is None:
         raise ValueError("finetune.kd_weight > 0 needs the teacher model (tasks.teacher.teacher_ref)")
+    ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), device=cfg.device, dtype=cfg.model_dtype)
-        teacher_model = (
-            load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype)[0] if use_teacher and teacher is not None else None
-        )
+        pruned_dir = str(artifact_dir(store, pruned) / "model")
+        model, tok = load_model(pruned_dir, device=ran.device, dtype=ran.dtype)
+        teacher_model = None
+        if use_teacher and teacher is not None:
+            teacher_model = load_model(teacher.path, device=ran.device, dtype=ran.dtype)[0]
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(
             model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"), teacher=teacher_model
@@ -81,5 +88,6 @@ def finetune_task(
         info = summary.to_dict()
         return {k: info[k] for k in INFO}
 
-    key = tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256 if teacher is not None else None)
+    teacher_sha = teacher.sha256 if teacher is not None else None
+    key = tuned_key(cfg, pruned.sha256, distilled.sha256, teacher_sha, ran)
     return run_cached(store, key, build)

@@ -35,7 +35,6 @@ UNKEYED: dict[str, str] = {
     "records they are computed on, in place of the corpus')",
     "store": "where the artifacts are kept",
     "storage": "how the store is reached",
-    "device": "where model work runs: the same results on any device, up to float rounding",
     "prune.data": "reaches the pruning key through the pruning texts' content hash",
     "teacher.model": "reaches the distilled key through the teacher's content hash",
     "teacher.device_map": "where the teacher's layers live: the same outputs on one device or spread over several",
@@ -53,9 +52,10 @@ UNKEYED: dict[str, str] = {
     "evaluate.lm_eval_include": "reaches the evaluation key through its task YAMLs' and data files' content hash",
     "evaluate.baselines": "decides which variants run, not what any stage computes",
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
-    "orchestration.address": "where stages run",
+    "orchestration.address": "where stages run: model stages key the device kind and dtype resolved there",
     "orchestration.workers": "how many run at once",
-    "orchestration.gpu_workers": "which workers run the GPU tasks: every worker gives the same artifacts",
+    "orchestration.gpu_workers": "which workers run the GPU tasks: model stages key the device kind and "
+    "dtype the worker resolves (`tasks.identity.work_precision`), not the setting",
     "orchestration.gpu_concurrency": "how many GPU tasks run at once",
     "orchestration.persist_results": "whether Prefect keeps its task results; the artifacts are the same",
 }

@@ -34,13 +34,13 @@ from tasks.common import (
     StageManifest,
     default_model_key,
     lookup_stage,
-    model_digest,
     open_store,
 )
 from tasks.data import load_data, read_inputs, read_sae_corpus, records_key
 from tasks.evalset import EvalData, candidate_items, decontaminate, eval_files, holdout, training_texts
 from tasks.evaluate import evaluation_items, evaluation_key
 from tasks.finetune import tuned_key
+from tasks.identity import model_digest
 from tasks.prune import (
     baseline_records,
     curated_records,

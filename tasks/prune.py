@@ -30,6 +30,7 @@ from tasks.common import (
     storage_options,
 )
 from tasks.data import load_data
+from tasks.identity import Precision, work_precision
 
 
 def curated_records(cfg: FinescopeConfig, corpus: StageManifest, curated: StageManifest) -> list[Record]:
@@ -85,6 +86,7 @@ class PrunedKey(ModelStageKey):
 
     STAGE = "pruned"
     VERSION = "1"
+    CODE = ("finescope_core.prune", "finescope_core.model", "finescope_core.data")
     CONFIG = {
         "ratio": "prune.ratio", "importance": "prune.importance", "attention": "prune.attention",
         "widths": "prune.widths", "max_length": "prune.max_length", "batch_size": "prune.batch_size",
@@ -98,23 +100,27 @@ class PrunedKey(ModelStageKey):
     batch_size: int
 
 
-def pruned_key(cfg: FinescopeConfig, model_sha: str, texts_digest: str) -> StageKey:
-    return PrunedKey.of(cfg, {"model": model_sha, "texts": texts_digest}).spec()
+def pruned_key(
+    cfg: FinescopeConfig, model_sha: str, texts_digest: str, precision: Precision | None = None
+) -> StageKey:
+    return PrunedKey.of(cfg, {"model": model_sha, "texts": texts_digest}, precision).spec()
 
 
 @task(name="prune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_digest: str) -> StageManifest:
     """LLM-Pruner-style structured pruning to `prune.ratio`, saved as a plain HF directory under `model/`."""
+    ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(ref.path, device=cfg.device, dtype=cfg.model_dtype)  # a private copy: pruning is in place
+        # A private copy: pruning is in place.
+        model, tok = load_model(ref.path, device=ran.device, dtype=ran.dtype)
         plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance"))
         save_pruned(model, tok, plan, work / "model", dtype=checkpoint_dtype(ref.path))
         report = plan.to_dict()
         keys = ("target_ratio", "achieved_ratio", "params_before", "params_after", "widths_before", "widths_after")
         return {k: report[k] for k in keys}
 
-    return run_cached(open_store(cfg), pruned_key(cfg, ref.sha256, texts_digest), build)
+    return run_cached(open_store(cfg), pruned_key(cfg, ref.sha256, texts_digest, ran), build)
 
 
 def baseline_records(name: str, pool: list[Record], size: int, seed: int) -> list[Record]:

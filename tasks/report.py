@@ -96,6 +96,7 @@ class ReportKey(StageKeyModel):
 
     STAGE = "report"
     VERSION = "4"  # 3: a "Layer weights" section, intervals and comparisons; 4: paired comparisons
+    CODE = ("finescope_core.report_stage", "finescope_core.report", "finescope_core.evaluate")
     CONFIG = {"ratio": "prune.ratio", "method": "curate.method", "k_act": "curate.k_act"}
 
     ratio: float

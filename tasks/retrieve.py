@@ -46,6 +46,10 @@ class CuratedKey(StageKeyModel):
     # 3: `sae` reads the stored sparse codes shard by shard; scores.safetensors instead of every record's embeddings
     # 4: curate.seed_pooling (softmax over the seeds by default, was their maximum)
     VERSION = "4"
+    CODE = (
+        "finescope_core.curate", "finescope_core.retrieval", "finescope_core.retrieval.stream",
+        "finescope_core.sae.codes",
+    )  # fmt: skip
     CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
               "layer_weighting": "curate.layer_weighting", "fusion": "curate.fusion",
               "seed_pooling": "curate.seed_pooling", "seed_temperature": "curate.seed_temperature",
@@ -76,6 +80,7 @@ class SentenceKey(StageKeyModel):
 
     STAGE = "sentence-embeddings"
     VERSION = "1"
+    CODE = ("finescope_core.sentence",)
 
 
 def sentence_key(corpus_sha: str) -> StageKey:

@@ -37,6 +37,7 @@ class SaeLayersKey(StageKeyModel):
 
     STAGE = "sae-layers"
     VERSION = "2"  # 2: held-out split, early stopping, TopK
+    CODE = ("finescope_core.curate", "finescope_core.sae")
     CONFIG = {"sae": "curate.sae", "seed": "seed"}
     DERIVED = ("curate.layers", "curate.num_layers", "orchestration.sae_layers_per_task")
 
@@ -54,6 +55,7 @@ class SaeKey(StageKeyModel):
 
     STAGE = "sae"
     VERSION = "3"  # 2: gathered from per-layer-group artifacts; 3: held-out split, early stopping, TopK
+    CODE = ("finescope_core.curate", "finescope_core.sae")
     CONFIG = {"sae": "curate.sae", "seed": "seed"}
 
     sae: dict[str, Any]

@@ -27,11 +27,11 @@ from tasks.common import (
     Progress,
     StageKey,
     StageManifest,
-    compute_dtype,
     model_ref,
     open_store,
     run_cached,
 )
+from tasks.identity import Precision, work_precision
 
 
 def records_sha(records: list[Record]) -> str:
@@ -56,6 +56,7 @@ class DistilledKey(ModelStageKey):
     # 2: max_new_tokens auto, prompts shortened in the reference, wrong_answer check
     # 3: batches by prompt length (longest first), so batch composition and per-batch seeds differ; the backend
     VERSION = "3"
+    CODE = ("finescope_core.teacher", "finescope_core.model", "finescope_core.data")
     CONFIG = {
         "max_new_tokens": "teacher.max_new_tokens", "max_prompt_length": "teacher.max_prompt_length",
         "batch_size": "teacher.batch_size", "temperature": "teacher.temperature",
@@ -73,29 +74,32 @@ class DistilledKey(ModelStageKey):
     seed: int
 
 
-def distilled_key(cfg: FinescopeConfig, teacher_sha: str, records: list[Record]) -> StageKey:
-    return DistilledKey.of(cfg, {"teacher": teacher_sha, "records": records_sha(records)}).spec()
+def distilled_key(
+    cfg: FinescopeConfig, teacher_sha: str, records: list[Record], precision: Precision | None = None
+) -> StageKey:
+    return DistilledKey.of(cfg, {"teacher": teacher_sha, "records": records_sha(records)}, precision).spec()
 
 
 @task(name="teacher", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **IO_RETRIES)
 def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record], tag: str) -> StageManifest:
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
+    ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
         model: Teacher
         if cfg.teacher.backend == "vllm":
             check_teacher_backend(cfg)
             tok = load_tokenizer(teacher.path)
-            model = VLLMGenerator(teacher.path, compute_dtype(cfg) if cfg.model_dtype != "auto" else "auto", cfg.seed)
+            model = VLLMGenerator(teacher.path, ran.dtype if cfg.model_dtype != "auto" else "auto", cfg.seed)
         else:
             device_map = "auto" if cfg.teacher.device_map == "auto" else None
-            model, tok = load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype, device_map=device_map)
+            model, tok = load_model(teacher.path, device=ran.device, dtype=ran.dtype, device_map=device_map)
         summary = generate_distilled(
             model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
         )
         return summary.to_dict()
 
-    return run_cached(open_store(cfg), distilled_key(cfg, teacher.sha256, records), build, resume=True)
+    return run_cached(open_store(cfg), distilled_key(cfg, teacher.sha256, records, ran), build, resume=True)
 
 
 def check_teacher_backend(cfg: FinescopeConfig) -> None:

@@ -4,6 +4,7 @@ and of no other stage; and every field is either read by a stage or listed with 
 from typing import Any, Literal, get_args, get_origin
 
 import pytest
+import torch
 from pydantic import BaseModel, ValidationError
 
 from finescope_core.config import FinescopeConfig
@@ -88,10 +89,14 @@ def _candidates(annotation: Any, value: Any) -> list[Any]:
     return [f"{value}-x" if value else "x", "org/other", "http://h:1", "abc"]
 
 
+PREFERRED = {"device": ["cpu" if torch.cuda.is_available() else "cuda"]}
+"""Values tried first: `auto` resolves to one of the others here, and a key holds the resolved device kind."""
+
+
 def changed(dotted: str, annotation: Any) -> tuple[Any, FinescopeConfig]:
     current = _get(BASE, dotted)
     raw = BASE.model_dump(mode="json")
-    for value in [v for v in _candidates(annotation, current) if v != current]:
+    for value in [v for v in PREFERRED.get(dotted, []) + _candidates(annotation, current) if v != current]:
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -134,6 +139,20 @@ def test_every_key_field_comes_from_the_config_or_is_derived():
     for model in KEY_MODELS:
         fields = set(model.model_fields) - {"inputs"}
         derived = fields - set(model.CONFIG)
-        assert derived <= {"layers", "start", "stop", "dtype"}, f"{model.__name__}: {sorted(derived)} come from nowhere"
+        allowed = {"layers", "start", "stop", "device", "dtype"}
+        assert derived <= allowed, f"{model.__name__}: {sorted(derived)} come from nowhere"
         for dotted in model.CONFIG.values():
             _get(BASE, dotted)  # names a real config field
+
+
+def test_every_key_model_names_the_code_that_implements_it():
+    """Each stage's key hashes its implementation: the listed modules exist, and the closure reaches beyond
+    the task module into the library."""
+    from finescope_core.code_identity import module_closure, module_file
+
+    for model in KEY_MODELS:
+        assert model.CODE, f"{model.__name__}: no CODE modules"
+        for name in model.CODE:
+            module_file(name)  # raises for a module that does not exist
+        closure = module_closure((model.__module__, *model.CODE))
+        assert any(m.startswith("finescope_core.") for m in closure), model.__name__

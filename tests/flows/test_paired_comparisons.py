@@ -35,7 +35,7 @@ def _task_dir(root: Path) -> Path:
 
 
 def test_evaluations_store_per_item_numbers_and_the_document_pairs_them(tmp_path):
-    assert EvaluationKey.VERSION == "3"  # evaluations cached without per-item numbers are recomputed
+    assert EvaluationKey.VERSION == "4"  # evaluations cached without per-item numbers are recomputed
     cfg = FinescopeConfig(seeds=["s.jsonl"], corpus=["c.jsonl"], store=str(tmp_path / "store"), device="cpu",
                           evaluate={"lm_eval_tasks": [TASK], "lm_eval_include": str(_task_dir(tmp_path / "tasks")),
                                     "bootstrap_resamples": 200, "max_length": 48})  # fmt: skip
