@@ -17,7 +17,12 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.store_admin import RESULTS_DIR
+from flows import server_guard
 from tasks.common import GPU_TAGS, logger, storage_options
+
+# Every flow imports this module: a temporary Prefect API started by this process (no PREFECT_API_URL)
+# then ends with it, even after a SIGKILL (flows/server_guard.py).
+server_guard.install()
 
 _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "finescope[ray]")}
 
