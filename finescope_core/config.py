@@ -403,8 +403,8 @@ class OrchestrationConfig(_Strict):
     """Hooked layers trained together in one SAE task (one task per layer fans out the most; a
     larger value batches layers on one device). The SAEs are the same either way."""
     persist_results: bool = True
-    """Persist Prefect task results under `<store>/prefect-results` (a result-storage block saved
-    for the store), so the UI and reruns can read them back."""
+    """Persist Prefect task results as JSON in Prefect's local storage of the machine that runs the flow
+    (never in the shared store: see README, security note), so the UI and reruns can read them back."""
 
 
 class FinescopeConfig(_Strict):
