@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from finescope_core.evaluate.contamination import (
     check_contamination,
     internal_duplicates,
 )
+from finescope_core.evaluate.leakage import mc_text, numeric_text, pool_duplicates_by_kind
 from finescope_core.evaluate.split import (
     DOMAIN_RULE,
     GENERAL_RULE,
@@ -60,6 +61,14 @@ def eval_files(cfg: FinescopeConfig) -> EvalFiles:
     )  # fmt: skip
 
 
+def item_texts(files: EvalFiles) -> dict[str, list[str]]:
+    """The texts of the evaluation files' items by kind, as the contamination check reads them."""
+    return {
+        "domain": [r.text for r in files.domain or []], "general": [r.text for r in files.general or []],
+        "mc": [mc_text(i) for i in files.mc or []], "numeric": [numeric_text(i) for i in files.numeric or []],
+    }  # fmt: skip
+
+
 def holdout(
     cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, files: EvalFiles | None = None, *, evaluating: bool = False
 ) -> Holdout:
@@ -83,12 +92,9 @@ def holdout(
             f"the evaluation split of the corpus is empty (evaluate.split_fraction={ev.split_fraction} of "
             f"{len(corpus)} records); raise evaluate.split_fraction or give evaluate.eval_file"
         )
-    file_items = (files.domain or []) + (files.general or [])
-    duplicates: list[str] = []
-    if file_items:
-        pool = [r for r in corpus.records if r.id not in split_ids]
-        found = check_contamination([r.text for r in pool], [r.text for r in file_items])
-        duplicates = [pool[i].id for i in found.ngram + found.near_duplicate]
+    pool = [r for r in corpus.records if r.id not in split_ids]
+    hits, by_kind = pool_duplicates_by_kind([r.text for r in pool], item_texts(files))
+    duplicates = [pool[i].id for i in hits]
     if files.domain:
         against = check_contamination([r.text for r in files.domain], corpus.texts)
         if not against.kept:
@@ -97,7 +103,7 @@ def holdout(
                 f"items) overlaps the corpus ({NGRAM}-gram or near duplicate), so none is held out; give items "
                 "the corpus does not contain"
             )
-    return Holdout(split=sorted(split_ids), file_duplicates=sorted(duplicates))
+    return Holdout(split=sorted(split_ids), file_duplicates=sorted(duplicates), duplicates_by_kind=by_kind)
 
 
 @dataclass
@@ -130,6 +136,7 @@ def candidate_items(cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, h
     info: dict[str, Any] = {
         "split": {"fraction": ev.split_fraction, "records": len(split), **internal_duplicates([r.text for r in split])},
         "eval_file_duplicates_removed_from_pool": len(held.file_duplicates),
+        "pool_duplicates_by_kind": dict(held.duplicates_by_kind),
     }
     domain_ids: set[str] = set()
     if files.domain is not None:
@@ -174,7 +181,12 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
         kept[name] = [items[i] for i in found.kept]
         out[name] = {**out.get(name, {}), **found.summary(),
                      "dropped_items": [{"id": items[i].id, "origin": items[i].origin} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
-    out["contamination_rule"] = (f"an item is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
+    questions: dict[str, list[dict[str, Any]] | None] = {}
+    for name, rows, text, source in (("mc", files.mc, mc_text, "evaluate.mc_file"),
+                                     ("numeric", files.numeric, numeric_text, "evaluate.numeric_file")):  # fmt: skip
+        questions[name] = None if rows is None else _decontaminate_questions(name, rows, text, source, training, out)
+    out["contamination_rule"] = (f"an item of any kind (domain, general, multiple-choice: question and choices, numeric: "
+                                 f"question and answer) is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
                                  f"MinHash near duplicate (Jaccard >= {NEAR_DUPLICATE}) of, any curated, pruning, "
                                  "distilled or tuning text of any variant")  # fmt: skip
     if not kept["domain"]:
@@ -182,4 +194,13 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
             f"no domain evaluation item is left after the contamination check ({len(domain)} checked); give "
             "evaluate.eval_file, or a larger evaluate.split_fraction"
         )
-    return EvalData(kept["domain"], kept["general"], files.mc, files.numeric, out)
+    return EvalData(kept["domain"], kept["general"], questions["mc"], questions["numeric"], out)
+
+
+def _decontaminate_questions(name: str, rows: list[dict[str, Any]], text: Callable[[dict[str, Any]], str], source: str,
+                             training: Sequence[str], out: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """The clean items of an MC / numeric file; its counts and first dropped items go into `out[name]`."""
+    found = check_contamination([text(r) for r in rows], training)
+    out[name] = {"source": source, "rule": f"every item of {source}", **found.summary(),
+                 "dropped_items": [{"index": i} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
+    return [rows[i] for i in found.kept]
