@@ -22,6 +22,7 @@ from finescope_core.evaluate.contamination import (
     check_contamination,
     internal_duplicates,
 )
+from finescope_core.evaluate.harness_docs import harness_texts
 from finescope_core.evaluate.leakage import mc_text, numeric_text, pool_duplicates_by_kind
 from finescope_core.evaluate.split import (
     DOMAIN_RULE,
@@ -44,6 +45,8 @@ class EvalFiles:
     general: list[Record] | None = None
     mc: list[dict[str, Any]] | None = None
     numeric: list[dict[str, Any]] | None = None
+    lm_eval: dict[str, list[str]] = field(default_factory=dict)
+    """lm-eval task -> its documents' texts, for the tasks whose data is local JSON (`harness_texts`)."""
 
 
 def eval_files(cfg: FinescopeConfig) -> EvalFiles:
@@ -58,6 +61,7 @@ def eval_files(cfg: FinescopeConfig) -> EvalFiles:
         domain=records(ev.eval_file, "evaluate.eval_file"), general=records(ev.general_file, "evaluate.general_file"),
         mc=load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None,
         numeric=load_numeric_items(ev.numeric_file, storage_options=options) if ev.numeric_file else None,
+        lm_eval=harness_texts(ev.lm_eval_include, ev.lm_eval_tasks) if ev.lm_eval_tasks else {},
     )  # fmt: skip
 
 
@@ -66,6 +70,7 @@ def item_texts(files: EvalFiles) -> dict[str, list[str]]:
     return {
         "domain": [r.text for r in files.domain or []], "general": [r.text for r in files.general or []],
         "mc": [mc_text(i) for i in files.mc or []], "numeric": [numeric_text(i) for i in files.numeric or []],
+        "lm_eval": [t for texts in files.lm_eval.values() for t in texts],
     }  # fmt: skip
 
 
@@ -115,14 +120,19 @@ class EvalData:
     mc: list[dict[str, Any]] | None
     numeric: list[dict[str, Any]] | None
     info: dict[str, Any] = field(default_factory=dict)
+    lm_eval_docs: dict[str, list[int]] = field(default_factory=dict)
+    """lm-eval task -> the ids of its documents that passed the contamination check (checkable tasks only)."""
 
     def payload(self) -> dict[str, Any]:
         """What the evaluation stage reads (and its key hashes)."""
-        return {
+        out = {
             "domain": [i.text for i in self.domain],
             "chat": [[i.prompt, i.reference] for i in self.domain if i.prompt and i.reference],
             "general": [i.text for i in self.general], "mc": self.mc, "numeric": self.numeric,
         }  # fmt: skip
+        if self.lm_eval_docs:  # only then: the payload (and key) of a run without lm-eval data is unchanged
+            out["lm_eval_docs"] = self.lm_eval_docs
+        return out
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.payload(), sort_keys=True, default=str).encode()).hexdigest()
@@ -186,7 +196,7 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
                                      ("numeric", files.numeric, numeric_text, "evaluate.numeric_file")):  # fmt: skip
         questions[name] = None if rows is None else _decontaminate_questions(name, rows, text, source, training, out)
     out["contamination_rule"] = (f"an item of any kind (domain, general, multiple-choice: question and choices, numeric: "
-                                 f"question and answer) is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
+                                 f"question and answer, lm-eval document: its every string) is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
                                  f"MinHash near duplicate (Jaccard >= {NEAR_DUPLICATE}) of, any curated, pruning, "
                                  "distilled or tuning text of any variant")  # fmt: skip
     if not kept["domain"]:
@@ -194,7 +204,31 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
             f"no domain evaluation item is left after the contamination check ({len(domain)} checked); give "
             "evaluate.eval_file, or a larger evaluate.split_fraction"
         )
-    return EvalData(kept["domain"], kept["general"], questions["mc"], questions["numeric"], out)
+    docs = _decontaminate_documents(files.lm_eval, training, out)
+    return EvalData(kept["domain"], kept["general"], questions["mc"], questions["numeric"], out, docs)
+
+
+def _decontaminate_documents(tasks: dict[str, list[str]], training: Sequence[str], out: dict[str, Any]) -> dict[str, list[int]]:
+    """Task -> clean doc ids of each lm-eval task with local documents; counts go into `out["lm_eval"]`.
+
+    Raises:
+        DataError: every document of a task overlaps the training data.
+    """
+    if not tasks:
+        return {}
+    kept: dict[str, list[int]] = {}
+    per_task = {}
+    for task, texts in tasks.items():
+        found = check_contamination(texts, training)
+        if not found.kept:
+            raise DataError(f"every document of lm-eval task {task!r} ({len(texts)}) overlaps the training data "
+                            "(13-gram or near duplicate); give the task documents the corpus does not contain")  # fmt: skip
+        kept[task] = found.kept
+        per_task[task] = {**found.summary(), "dropped_doc_ids": (found.ngram + found.near_duplicate)[:20]}
+    total = {k: sum(t[k] for t in per_task.values()) for k in ("checked", "kept", "dropped_ngram", "dropped_near_duplicate")}
+    out["lm_eval"] = {"source": "evaluate.lm_eval_include", "rule": f"the documents of {', '.join(tasks)}", **total,
+                      "tasks": per_task}  # fmt: skip
+    return kept
 
 
 def _decontaminate_questions(name: str, rows: list[dict[str, Any]], text: Callable[[dict[str, Any]], str], source: str,
