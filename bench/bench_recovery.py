@@ -6,7 +6,9 @@
 The bundled model (`load_model("default")`) is pruned at ratio 0.3 (Taylor importance on the
 training problems' texts), then tuned on the GSM8K training problems (the first `--prune-texts`, 32, are the pruning data) with their reference
 answers as targets (no teacher generation), one epoch each. Every model is scored on other GSM8K
-problems: the chat-formatted response perplexity (prompt through `teacher.encode_prompt`, loss on
+problems. Training and scored problems are disjoint from every item a config under `configs/` reports
+(`recovery_items.bench_problems`: demo-corpus problems outside every evaluation split), so settings
+chosen here are not tuned to the reported items. The score is the chat-formatted response perplexity (prompt through `teacher.encode_prompt`, loss on
 the response tokens only). `recovered` is the share of the pruning loss in log-perplexity won back:
 (log ppl_pruned - log ppl_tuned) / (log ppl_pruned - log ppl_base).
 """
@@ -26,10 +28,14 @@ from typing import Any
 import torch
 
 from finescope_core.config import FinetuneConfig, PruneConfig
-from finescope_core.demo import gsm8k_records
 from finescope_core.finetune import build_examples, evaluate_loss, lora_finetune
 from finescope_core.model import load_model
 from finescope_core.prune import prune_model
+
+try:  # run as `python bench/bench_recovery.py`, or imported as `bench.bench_recovery`
+    from recovery_items import bench_problems
+except ImportError:
+    from bench.recovery_items import bench_problems
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "lora CE (old defaults)": {"method": "lora", "kd_weight": 0.0, "warmup_ratio": 0.0},
@@ -44,6 +50,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lora KD w=0.5 T=1 lr=5e-4": {"method": "lora", "kd_weight": 0.5, "temperature": 1.0, "lr": 5e-4},
 }
 QUICK = ("lora CE", "lora KD w=0.5 T=1", "lora KD w=0.9 T=1", "full KD w=0.9 T=1")
+
+
+def bench_split(n_train: int, n_eval: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training problems, scored problems): the first and the last of `bench_problems()`, disjoint."""
+    problems, _ = bench_problems()
+    if n_train + n_eval > len(problems):
+        raise SystemExit(f"--train {n_train} + --eval {n_eval} > {len(problems)} problems no config reports on")
+    return problems[:n_train], problems[-n_eval:]
 
 
 def rows_of(records: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -75,8 +89,7 @@ def main() -> None:
         f"torch threads={torch.get_num_threads()}, torch {torch.__version__}, device=cpu; "
         f"SmolLM2-135M-Instruct pruned at 0.3 ({args.importance}), {n_train} GSM8K train problems, {n_eval} held-out, {args.epochs} epoch(s)"
     )
-    records = gsm8k_records()
-    train_rec, eval_rec = records[:n_train], records[-n_eval:]
+    train_rec, eval_rec = bench_split(n_train, n_eval)
     train_rows, eval_rows = rows_of(train_rec), rows_of(eval_rec)
     base, tok = load_model("default", device="cpu")
     base.eval()

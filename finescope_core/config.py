@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finescope_core.config_guard import check_no_credentials, redact_uri, safe_load
+
 PATH: dict[str, Any] = {"path": "always"}
 """Field marker: a file/directory path; relative ones in a config file are resolved against its directory."""
 NAME_OR_PATH: dict[str, Any] = {"path": "if-exists"}
@@ -28,7 +30,10 @@ def _one_or_many(cls: type, value: Any) -> Any:
 class _Strict(BaseModel):
     """Base: unknown fields are errors (a typo must not silently fall back to a default)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # hide_input_in_errors: a refused value (a URI with credentials) must not be echoed into an error
+    # message, which Prefect stores with the failed run.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              hide_input_in_errors=True)
 
 
 class StorageConfig(_Strict):
@@ -219,7 +224,8 @@ class PruneConfig(_Strict):
     """Structured pruning guided by the curated data (paper §3.2.1)."""
 
     ratio: float = Field(0.3, ge=0, lt=1)
-    """Removed parameters / all parameters of the original model."""
+    """Removed parameters / all parameters of the original model. The `prune` and `run` flows refuse 0:
+    it would export the unpruned model as `pruned-model/`."""
     importance: Literal["taylor", "vector", "magnitude"] = "taylor"
     """Group importance: element-wise first-order Taylor |w*dL/dw| summed over the group (LLM-Pruner
     `element`), the `vector` variant |sum(w*dL/dw)|, or weight magnitude (no data)."""
@@ -397,8 +403,8 @@ class OrchestrationConfig(_Strict):
     """Hooked layers trained together in one SAE task (one task per layer fans out the most; a
     larger value batches layers on one device). The SAEs are the same either way."""
     persist_results: bool = True
-    """Persist Prefect task results under `<store>/prefect-results` (a result-storage block saved
-    for the store), so the UI and reruns can read them back."""
+    """Persist Prefect task results as JSON in Prefect's local storage of the machine that runs the flow
+    (never in the shared store: see README, security note), so the UI and reruns can read them back."""
 
 
 class FinescopeConfig(_Strict):
@@ -445,6 +451,13 @@ class FinescopeConfig(_Strict):
 
     _one_or_many = field_validator("seeds", "corpus", mode="before")(_one_or_many)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_uri_credentials(cls, value: Any) -> Any:
+        # Also here, not only in load_config: a deployment's or a Python caller's parameters skip the loader.
+        check_no_credentials(value)
+        return value
+
     @field_validator("seeds", "corpus")
     @classmethod
     def _not_empty(cls, value: list[str]) -> list[str]:
@@ -487,7 +500,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if loaded is None:
@@ -502,6 +515,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         resolve_config_paths(raw, base_dir)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
+    try:
+        check_no_credentials(raw)
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration in {redact_uri(source)}: {e}") from None
     try:
         return FinescopeConfig.model_validate(raw)
     except ValidationError as e:

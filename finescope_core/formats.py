@@ -12,6 +12,8 @@ from typing import Any
 
 import fsspec
 
+from finescope_core.local_paths import missing_reason
+
 REQUEST_FIELDS = ("messages", "instruction", "prompt")
 """The fields a record's request comes from, in order of precedence."""
 RECORD_FIELDS = ("text", *REQUEST_FIELDS)
@@ -27,6 +29,10 @@ def _fs_and_path(uri: str, storage_options: dict[str, Any] | None) -> tuple[fssp
     return fs, path
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def _expand(uri: str, storage_options: dict[str, Any] | None) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
     """(fs, path, display name) for each file named by `uri` (globs allowed)."""
     try:
@@ -37,6 +43,9 @@ def _expand(uri: str, storage_options: dict[str, Any] | None) -> list[tuple[fssp
                 raise DataError(f"{uri}: the pattern matches no file; check the pattern and the directory it names")
         else:
             if not fs.exists(path):
+                reason = missing_reason(path) if _is_local(fs) else "no such file or directory"
+                if not reason.startswith("no such"):  # a symlink loop or a broken link: its own fix
+                    raise DataError(f"{uri}: {reason}")
                 raise DataError(
                     f"{uri}: no such file or directory; check the path (relative paths in a config file "
                     "are resolved against the file's directory)"

@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from finescope_core.local_paths import missing_reason
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -101,7 +103,10 @@ def resolve_model_path(spec: str, cache_dir: Path = DEFAULT_CACHE) -> str:
     if not looks_local:
         return spec  # a hub id; only reachable on machines that have a hub
     if not path.is_dir():
-        raise ModelError(f"model {spec!r}: no such directory; give an HF model directory or 'default'")
+        reason = missing_reason(path) if not path.exists() else "not a directory"
+        if reason.startswith("no such"):
+            reason = "no such directory"
+        raise ModelError(f"model {spec!r}: {reason}; give an HF model directory or 'default'")
     if not (path / "config.json").is_file():
         raise ModelError(f"model {spec!r}: {path / 'config.json'} is missing; is this a save_pretrained directory?")
     if not any(path.glob("*.safetensors")):

@@ -11,6 +11,7 @@ from typing import Any
 from finescope_core import report as rep
 from finescope_core.curate import SCORES_FILE, load_scores
 from finescope_core.data import shown_text
+from finescope_core.evaluate.leakage import ITEM_KINDS
 from finescope_core.io import read_jsonl
 from finescope_core.saliency import LayerSaliency
 
@@ -83,7 +84,7 @@ def evaluation_body(metrics: Mapping[str, Any]) -> str:
 
 def _eval_sets_text(info: Mapping[str, Any]) -> str:
     lines = []
-    for name in ("domain", "general"):
+    for name in ITEM_KINDS:
         d = info.get(name) or {}
         if d:
             lines.append(
@@ -99,8 +100,9 @@ def _eval_sets_text(info: Mapping[str, Any]) -> str:
             f"{split.get('near', 0)} near duplicates"
         )
     if info.get("eval_file_duplicates_removed_from_pool"):
+        by_kind = ", ".join(f"{k}: {n}" for k, n in (info.get("pool_duplicates_by_kind") or {}).items())
         lines.append(f"- corpus records removed from the curation pool as duplicates of eval-file items: "
-                     f"{info['eval_file_duplicates_removed_from_pool']}")  # fmt: skip
+                     f"{info['eval_file_duplicates_removed_from_pool']}" + (f" ({by_kind})" if by_kind else ""))  # fmt: skip
     if info.get("contamination_rule"):
         lines.append(f"- contamination check: {info['contamination_rule']}")
     return "\n".join(lines)

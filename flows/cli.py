@@ -20,6 +20,7 @@ from finescope_core.config import (
     load_config,
     slug,
 )
+from finescope_core.config_guard import redact_uri
 from flows.options import DEMO_HIDDEN, SECTIONS, add_config_options, overrides
 from flows.serve import FLOWS
 from flows.store_cli import add_store_parser, run_store
@@ -84,7 +85,28 @@ def flow_config(args: argparse.Namespace) -> FinescopeConfig:
     return cfg
 
 
+def check_model_first(command: str, cfg: FinescopeConfig) -> None:
+    """Read the model's config (no weights) before the flow starts: a missing or broken model directory,
+    or a pruning ratio it cannot reach, is refused in seconds, not after Prefect's temporary API has
+    started (20-50 s). The flows check the same again for their other callers.
+
+    Raises:
+        ModelError: the model (or a separate teacher model) cannot be used, saying why.
+        ConfigError: prune.ratio is 0 or out of reach.
+    """
+    from finescope_core.model import model_config
+    from flows.prune import check_ratio
+
+    if command != "curate" or cfg.curate.method in ("sae", "activation"):
+        model_config(cfg.model)
+    if command in ("prune", "run"):
+        check_ratio(cfg)
+    if command == "run" and cfg.teacher.model != "base":
+        model_config(cfg.teacher.model)
+
+
 def _run_flow(command: str, cfg: FinescopeConfig) -> None:
+    check_model_first(command, cfg)
     if command == "curate":
         from flows.curate import curate_flow
 
@@ -139,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "store":
             return run_store(args)
     except (ConfigError, ValueError, OSError) as e:
-        print(f"finescope: error: {e}", file=sys.stderr)
+        print(f"finescope: error: {redact_uri(str(e))}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
-from finescope_core.config import FinescopeConfig, path_fields
+from finescope_core.config import ConfigError, FinescopeConfig, path_fields
+from finescope_core.config_guard import safe_load
 
 GENERAL = ("name", "model", "seeds", "corpus", "store", "storage", "device", "seed")
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -91,7 +92,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if key.startswith("cfg:") and value is not None:
             dotted = key[4:]
-            out[dotted] = value if dotted in RAW_STRINGS else yaml.safe_load(value)
+            try:
+                out[dotted] = value if dotted in RAW_STRINGS else safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--{dotted}: the value is not valid YAML: {e}") from None
     return out
 
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM
 
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
@@ -41,7 +41,14 @@ class PruneResult(BaseModel):
 
 
 def check_ratio(cfg: FinescopeConfig) -> None:
-    """Refuse an unreachable prune.ratio before any work, on a weightless (meta) copy of the model."""
+    """Refuse an unreachable prune.ratio before any work, on a weightless (meta) copy of the model.
+
+    A ratio of 0 is refused too (the library accepts it, as the identity): the flow would export the
+    unpruned model as `pruned-model/`, tuned and reported as if it were pruned.
+    """
+    if cfg.prune.ratio == 0:
+        raise ConfigError("prune.ratio: 0 prunes nothing, so `pruned-model/` would be the unpruned base model under "
+                          "a misleading name; give a ratio in (0, 1), e.g. 0.3")  # fmt: skip
     hf = model_config(cfg.model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf)

@@ -1,23 +1,28 @@
 """Where a run's work goes: the task runner of fanned-out stages, the GPU concurrency limit, and the
-Prefect result storage in the artifact store. All chosen by `config.orchestration`."""
+Prefect result storage (JSON, on this machine). All chosen by `config.orchestration`."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import importlib.util
-import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from prefect.context import FlowRunContext
+from prefect.serializers import JSONSerializer
 from prefect.settings import PREFECT_TASKS_DEFAULT_PERSIST_RESULT, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finescope_core.config import ConfigError, FinescopeConfig
-from finescope_core.store_admin import RESULTS_DIR
-from tasks.common import GPU_TAGS, logger, storage_options
+from flows import server_guard
+from tasks.common import GPU_TAGS, logger
+
+# Every flow imports this module: a temporary Prefect API started by this process (no PREFECT_API_URL)
+# then ends with it, even after a SIGKILL (flows/server_guard.py).
+server_guard.install()
 
 _RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "finescope[ray]")}
 
@@ -82,67 +87,45 @@ def apply_gpu_limit(cfg: FinescopeConfig) -> None:
 
 
 def results_location(cfg: FinescopeConfig) -> str:
-    """Where Prefect's persisted results go: `<store>/prefect-results`."""
-    store = cfg.store.rstrip("/")
-    return f"{store}/{RESULTS_DIR}" if "://" in store else os.path.join(os.path.abspath(store), RESULTS_DIR)
+    """Where Prefect's persisted task results go: Prefect's local storage of this machine and user
+    (`PREFECT_LOCAL_STORAGE_PATH`, default `~/.prefect/storage`), under `finescope/<hash of the store URI>`.
+
+    Never inside the artifact store: Prefect reads a result back with the serializer its file names, so
+    a result file in a store that others can write to could make every run unpickle their code.
+    """
+    from prefect.settings import get_current_settings
+
+    root = Path(get_current_settings().results.local_storage_path).expanduser().resolve()
+    return str(root / "finescope" / hashlib.sha256(cfg.store.encode()).hexdigest()[:12])
 
 
 def result_storage(cfg: FinescopeConfig) -> Any:
-    """A saved filesystem block for `<store>/prefect-results` (Prefect needs a saved block to share it).
-
-    The block holds the endpoint and region only: credentials never go into the Prefect database
-    (`prefect_results` hands a Secret block's ones to the process environment for the run instead).
-    """
-    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+    """A saved filesystem block for `results_location(cfg)` (Prefect needs a saved block to share it
+    with task-runner processes)."""
+    from prefect.filesystems import LocalFileSystem
 
     location = results_location(cfg)
-    name = "finescope-results-" + hashlib.sha256(location.encode()).hexdigest()[:12]
-    if "://" in location and not location.startswith("file://"):
-        settings: dict[str, Any] = {}
-        client = cfg.storage.fsspec_options().get("client_kwargs", {})
-        if client:
-            settings["client_kwargs"] = client
-        block: Any = RemoteFileSystem(basepath=location, settings=settings)
-    else:
-        block = LocalFileSystem(basepath=location.removeprefix("file://"))
-    block.save(name, overwrite=True)
+    block = LocalFileSystem(basepath=location)
+    block.save("finescope-results-" + hashlib.sha256(location.encode()).hexdigest()[:12], overwrite=True)
     return block
 
 
 @contextlib.contextmanager
-def _credentials_in_environment(cfg: FinescopeConfig) -> Iterator[None]:
-    """Credentials from `storage.secret_block` reach Prefect's result writes through the AWS variables.
-
-    Only while the run's tasks execute, and never over variables the environment already sets.
-    """
-    options = storage_options(cfg)
-    added = {}
-    for name, option in (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret")):
-        if option in options and name not in os.environ:
-            added[name] = options[option]
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
-
-
-@contextlib.contextmanager
 def prefect_results(cfg: FinescopeConfig) -> Iterator[None]:
-    """Within the block, the current flow run's task results are persisted to `<store>/prefect-results`.
+    """Within the block, the current flow run's task results (the stages' manifests) are persisted as JSON
+    to `results_location(cfg)`, so the UI and a retried flow run read them back.
 
     A flow's result storage is fixed when it is decorated, but ours comes from the run's config, so
-    the run context is re-entered with a result store on the saved block (subflows inherit it).
+    the run context is re-entered with a result store on the saved block (subflows inherit it). JSON,
+    not Prefect's default cloudpickle: a result is data (a pydantic manifest), and nothing is pickled.
     """
     ctx = FlowRunContext.get()
     if ctx is None or not cfg.orchestration.persist_results:
         yield
         return
-    store = ctx.result_store.model_copy(update={"result_storage": result_storage(cfg)})
+    store = ctx.result_store.model_copy(update={"result_storage": result_storage(cfg), "serializer": JSONSerializer()})
     # Tasks decide persistence from their own option or this setting, not from the flow run.
     with (
-        _credentials_in_environment(cfg),
         temporary_settings(updates={PREFECT_TASKS_DEFAULT_PERSIST_RESULT: True}),
         ctx.model_copy(update={"result_store": store, "persist_result": True}),
     ):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finescope_core.config import ConfigError, FinescopeConfig, StorageConfig
+from finescope_core.config_guard import check_no_credentials, redact_uri
 from finescope_core.store import ArtifactStore
 from finescope_core.store_admin import (
     StoreListing,
@@ -86,7 +87,7 @@ def run_store(args: argparse.Namespace) -> int:
     try:
         return commands[args.store_command](args)
     except (ConfigError, ValueError, OSError) as e:
-        print(f"finescope store {args.store_command}: error: {e}", file=sys.stderr)
+        print(f"finescope store {args.store_command}: error: {redact_uri(str(e))}", file=sys.stderr)
         return 2
 
 
@@ -101,7 +102,9 @@ def _configs(paths: list[Path] | None) -> list[FinescopeConfig]:
 
 def _open(store_uri: str | None, configs: list[FinescopeConfig]) -> ArtifactStore:
     """The store named by --store, else the configs' (which must agree), else the default."""
-    if store_uri is None:
+    if store_uri is not None:
+        check_no_credentials({"--store": store_uri})
+    else:
         stores = sorted({c.store for c in configs})
         if len(stores) > 1:
             raise ConfigError(f"the configs use different stores ({', '.join(stores)}); pass --store to pick one")

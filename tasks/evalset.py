@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ from finescope_core.evaluate.contamination import (
     check_contamination,
     internal_duplicates,
 )
+from finescope_core.evaluate.harness_docs import harness_texts
+from finescope_core.evaluate.leakage import mc_text, numeric_text, pool_duplicates_by_kind
 from finescope_core.evaluate.split import (
     DOMAIN_RULE,
     GENERAL_RULE,
@@ -43,6 +45,8 @@ class EvalFiles:
     general: list[Record] | None = None
     mc: list[dict[str, Any]] | None = None
     numeric: list[dict[str, Any]] | None = None
+    lm_eval: dict[str, list[str]] = field(default_factory=dict)
+    """lm-eval task -> its documents' texts, for the tasks whose data is local JSON (`harness_texts`)."""
 
 
 def eval_files(cfg: FinescopeConfig) -> EvalFiles:
@@ -57,7 +61,17 @@ def eval_files(cfg: FinescopeConfig) -> EvalFiles:
         domain=records(ev.eval_file, "evaluate.eval_file"), general=records(ev.general_file, "evaluate.general_file"),
         mc=load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None,
         numeric=load_numeric_items(ev.numeric_file, storage_options=options) if ev.numeric_file else None,
+        lm_eval=harness_texts(ev.lm_eval_include, ev.lm_eval_tasks) if ev.lm_eval_tasks else {},
     )  # fmt: skip
+
+
+def item_texts(files: EvalFiles) -> dict[str, list[str]]:
+    """The texts of the evaluation files' items by kind, as the contamination check reads them."""
+    return {
+        "domain": [r.text for r in files.domain or []], "general": [r.text for r in files.general or []],
+        "mc": [mc_text(i) for i in files.mc or []], "numeric": [numeric_text(i) for i in files.numeric or []],
+        "lm_eval": [t for texts in files.lm_eval.values() for t in texts],
+    }  # fmt: skip
 
 
 def holdout(
@@ -83,12 +97,9 @@ def holdout(
             f"the evaluation split of the corpus is empty (evaluate.split_fraction={ev.split_fraction} of "
             f"{len(corpus)} records); raise evaluate.split_fraction or give evaluate.eval_file"
         )
-    file_items = (files.domain or []) + (files.general or [])
-    duplicates: list[str] = []
-    if file_items:
-        pool = [r for r in corpus.records if r.id not in split_ids]
-        found = check_contamination([r.text for r in pool], [r.text for r in file_items])
-        duplicates = [pool[i].id for i in found.ngram + found.near_duplicate]
+    pool = [r for r in corpus.records if r.id not in split_ids]
+    hits, by_kind = pool_duplicates_by_kind([r.text for r in pool], item_texts(files))
+    duplicates = [pool[i].id for i in hits]
     if files.domain:
         against = check_contamination([r.text for r in files.domain], corpus.texts)
         if not against.kept:
@@ -97,7 +108,7 @@ def holdout(
                 f"items) overlaps the corpus ({NGRAM}-gram or near duplicate), so none is held out; give items "
                 "the corpus does not contain"
             )
-    return Holdout(split=sorted(split_ids), file_duplicates=sorted(duplicates))
+    return Holdout(split=sorted(split_ids), file_duplicates=sorted(duplicates), duplicates_by_kind=by_kind)
 
 
 @dataclass
@@ -109,14 +120,19 @@ class EvalData:
     mc: list[dict[str, Any]] | None
     numeric: list[dict[str, Any]] | None
     info: dict[str, Any] = field(default_factory=dict)
+    lm_eval_docs: dict[str, list[int]] = field(default_factory=dict)
+    """lm-eval task -> the ids of its documents that passed the contamination check (checkable tasks only)."""
 
     def payload(self) -> dict[str, Any]:
         """What the evaluation stage reads (and its key hashes)."""
-        return {
+        out = {
             "domain": [i.text for i in self.domain],
             "chat": [[i.prompt, i.reference] for i in self.domain if i.prompt and i.reference],
             "general": [i.text for i in self.general], "mc": self.mc, "numeric": self.numeric,
         }  # fmt: skip
+        if self.lm_eval_docs:  # only then: the payload (and key) of a run without lm-eval data is unchanged
+            out["lm_eval_docs"] = self.lm_eval_docs
+        return out
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.payload(), sort_keys=True, default=str).encode()).hexdigest()
@@ -130,6 +146,7 @@ def candidate_items(cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, h
     info: dict[str, Any] = {
         "split": {"fraction": ev.split_fraction, "records": len(split), **internal_duplicates([r.text for r in split])},
         "eval_file_duplicates_removed_from_pool": len(held.file_duplicates),
+        "pool_duplicates_by_kind": dict(held.duplicates_by_kind),
     }
     domain_ids: set[str] = set()
     if files.domain is not None:
@@ -174,7 +191,12 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
         kept[name] = [items[i] for i in found.kept]
         out[name] = {**out.get(name, {}), **found.summary(),
                      "dropped_items": [{"id": items[i].id, "origin": items[i].origin} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
-    out["contamination_rule"] = (f"an item is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
+    questions: dict[str, list[dict[str, Any]] | None] = {}
+    for name, rows, text, source in (("mc", files.mc, mc_text, "evaluate.mc_file"),
+                                     ("numeric", files.numeric, numeric_text, "evaluate.numeric_file")):  # fmt: skip
+        questions[name] = None if rows is None else _decontaminate_questions(name, rows, text, source, training, out)
+    out["contamination_rule"] = (f"an item of any kind (domain, general, multiple-choice: question and choices, numeric: "
+                                 f"question and answer, lm-eval document: its every string) is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
                                  f"MinHash near duplicate (Jaccard >= {NEAR_DUPLICATE}) of, any curated, pruning, "
                                  "distilled or tuning text of any variant")  # fmt: skip
     if not kept["domain"]:
@@ -182,4 +204,37 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
             f"no domain evaluation item is left after the contamination check ({len(domain)} checked); give "
             "evaluate.eval_file, or a larger evaluate.split_fraction"
         )
-    return EvalData(kept["domain"], kept["general"], files.mc, files.numeric, out)
+    docs = _decontaminate_documents(files.lm_eval, training, out)
+    return EvalData(kept["domain"], kept["general"], questions["mc"], questions["numeric"], out, docs)
+
+
+def _decontaminate_documents(tasks: dict[str, list[str]], training: Sequence[str], out: dict[str, Any]) -> dict[str, list[int]]:
+    """Task -> clean doc ids of each lm-eval task with local documents; counts go into `out["lm_eval"]`.
+
+    Raises:
+        DataError: every document of a task overlaps the training data.
+    """
+    if not tasks:
+        return {}
+    kept: dict[str, list[int]] = {}
+    per_task = {}
+    for task, texts in tasks.items():
+        found = check_contamination(texts, training)
+        if not found.kept:
+            raise DataError(f"every document of lm-eval task {task!r} ({len(texts)}) overlaps the training data "
+                            "(13-gram or near duplicate); give the task documents the corpus does not contain")  # fmt: skip
+        kept[task] = found.kept
+        per_task[task] = {**found.summary(), "dropped_doc_ids": (found.ngram + found.near_duplicate)[:20]}
+    total = {k: sum(t[k] for t in per_task.values()) for k in ("checked", "kept", "dropped_ngram", "dropped_near_duplicate")}
+    out["lm_eval"] = {"source": "evaluate.lm_eval_include", "rule": f"the documents of {', '.join(tasks)}", **total,
+                      "tasks": per_task}  # fmt: skip
+    return kept
+
+
+def _decontaminate_questions(name: str, rows: list[dict[str, Any]], text: Callable[[dict[str, Any]], str], source: str,
+                             training: Sequence[str], out: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """The clean items of an MC / numeric file; its counts and first dropped items go into `out[name]`."""
+    found = check_contamination([text(r) for r in rows], training)
+    out[name] = {"source": source, "rule": f"every item of {source}", **found.summary(),
+                 "dropped_items": [{"index": i} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
+    return [rows[i] for i in found.kept]

@@ -73,15 +73,19 @@ def evaluation_key(
 
 
 def with_harness(
-    cfg: FinescopeConfig, model: Any, tok: Any, metrics: dict[str, Any], name: str
+    cfg: FinescopeConfig, model: Any, tok: Any, metrics: dict[str, Any], name: str,
+    docs: dict[str, list[int]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`metrics` plus `lm_eval` (task -> metric -> value / CI / n) when `evaluate.lm_eval_tasks` is set, and
-    lm-eval's per-sample values behind them (task -> metric -> doc ids / values; {} without tasks)."""
+    lm-eval's per-sample values behind them (task -> metric -> doc ids / values; {} without tasks).
+
+    `docs`: task -> the doc ids that passed the contamination check (`EvalData.lm_eval_docs`); a task
+    not in it runs on its first documents."""
     if not cfg.evaluate.lm_eval_tasks:
         return metrics, {}
     samples: dict[str, Any] = {}
     metrics["lm_eval"] = harness_metrics(model, tok, cfg.evaluate, seed=cfg.seed, progress=Progress(f"lm-eval {name}"),
-                                         samples=samples)  # fmt: skip
+                                         samples=samples, docs=docs)  # fmt: skip
     return metrics, samples
 
 
@@ -103,7 +107,7 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
             general_texts=data["general"], mc_items=data["mc"], numeric_items=data["numeric"], cfg=cfg.evaluate,
             seed=cfg.seed, progress=Progress(f"evaluate {name}"), items=items,
         )  # fmt: skip
-        metrics, samples = with_harness(cfg, model, tok, metrics, name)
+        metrics, samples = with_harness(cfg, model, tok, metrics, name, data.get("lm_eval_docs"))
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         doc = items_document(items, seed=cfg.seed, resamples=cfg.evaluate.bootstrap_resamples, lm_eval=samples)
         (work / ITEMS_FILE).write_text(json.dumps(doc))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,12 +254,15 @@ def run_harness(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = no_progress,
+    docs: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run `cfg.lm_eval_tasks` with lm-evaluation-harness on an in-memory model and tokenizer.
 
     The model is wrapped in lm-eval's `HFLM` as it is (no copy, no re-load). Each task is cut to
     `harness_limit(cfg)` examples and run zero-shot with every lm-eval seed set to `seed`, one
-    `simple_evaluate` call per run (`harness_runs`: plain and/or with the chat template);
+    `simple_evaluate` call per run (`harness_runs`: plain and/or with the chat template). A task in
+    `docs` (task -> doc ids, those that passed the contamination check) runs on the first
+    `harness_limit(cfg)` of those ids instead of its first documents;
     `progress(done, total, metric="lm_eval", task=label)` is called after each run (lm-eval offers its
     Python API no per-batch hook).
 
@@ -286,8 +289,10 @@ def run_harness(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
     out: dict[str, dict[str, Any]] = {}
     for i, (label, name, chat) in enumerate(runs):
+        chosen = {name: list(docs[name])[: harness_limit(cfg)]} if docs and name in docs else None
         results = simple_evaluate(
-            model=lm, tasks=[name], task_manager=manager, limit=harness_limit(cfg), log_samples=True,
+            model=lm, tasks=[name], task_manager=manager, log_samples=True,
+            limit=None if chosen else harness_limit(cfg), samples=chosen,
             bootstrap_iters=_LM_EVAL_BOOTSTRAP_ITERS, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING", apply_chat_template=chat,
         )  # fmt: skip
@@ -321,11 +326,12 @@ def harness_metrics(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = no_progress,
     samples: dict[str, Any] | None = None,
+    docs: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """`run_harness`, reduced to each task's metrics with n and our bootstrap CI (`task_metrics`).
 
     `samples`, when given, is filled with the per-sample values behind them from the same run
-    (`task_samples`): {task: {metric: {"doc_ids", "values"}}}.
+    (`task_samples`): {task: {metric: {"doc_ids", "values"}}}. `docs` as in `run_harness`.
 
     Returns:
         {task: {metric: {"value", "ci": [lo, hi], "n", "stderr"}}}; {} when `cfg.lm_eval_tasks` is empty.
@@ -333,7 +339,7 @@ def harness_metrics(
     Raises:
         EvalError: as `run_harness`, or a task that yields no metric with per-sample numbers.
     """
-    runs = run_harness(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress)
+    runs = run_harness(model, tokenizer, cfg, seed=seed, batch_size=batch_size, progress=progress, docs=docs)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name, results in runs.items():
         out[name] = task_metrics(name, results, seed=seed, resamples=cfg.bootstrap_resamples)

@@ -87,7 +87,10 @@ class Holdout:
     split: list[str] = field(default_factory=list)
     """Ids of the evaluation split."""
     file_duplicates: list[str] = field(default_factory=list)
-    """Ids of corpus records that overlap an item of `eval_file` / `general_file` (13-gram or near duplicate)."""
+    """Ids of corpus records that overlap an item of an evaluation file (`eval_file`, `general_file`,
+    `mc_file`, `numeric_file`) or an lm-eval task document (13-gram or near duplicate)."""
+    duplicates_by_kind: dict[str, int] = field(default_factory=dict)
+    """Item kind -> how many of `file_duplicates` overlap that kind's items."""
 
     @property
     def excluded(self) -> list[str]:

@@ -201,6 +201,21 @@ def test_harness_metrics_fit_the_metrics_schema(tmp_path):
     assert any("lm_eval" in e for e in metrics_schema_errors(doc))
 
 
+def test_docs_pick_the_documents_that_run_and_harness_texts_reads_them_in_lm_eval_order(tmp_path):
+    """The contamination check's surviving doc ids are what lm-eval scores (cut to the limit)."""
+    from finescope_core.evaluate.harness_docs import harness_texts
+
+    include = _mc_task(tmp_path, MC_ITEMS)
+    texts = harness_texts(str(include), [MC_TASK, "not_a_task"])
+    assert list(texts) == [MC_TASK] and len(texts[MC_TASK]) == len(MC_ITEMS)
+    assert texts[MC_TASK][3] == "\n".join([MC_ITEMS[3]["question"], *MC_ITEMS[3]["choices"]])
+    cfg = EvalConfig(lm_eval_tasks=[MC_TASK], lm_eval_include=str(include), lm_eval_limit=3)
+    samples: dict = {}
+    lm = harness_metrics(tiny_model(), byte_tokenizer(), cfg, seed=0, batch_size=4, samples=samples,
+                         docs={MC_TASK: [1, 4, 6, 7]})  # fmt: skip
+    assert samples[MC_TASK]["acc"]["doc_ids"] == [1, 4, 6] and lm[MC_TASK]["acc"]["n"] == 3
+
+
 def test_a_missing_include_dir_or_unknown_task_is_refused_naming_the_field(tmp_path):
     with pytest.raises(EvalError, match=r"evaluate\.lm_eval_include: .*missing is not a directory"):
         check_harness_config(EvalConfig(lm_eval_tasks=[MC_TASK], lm_eval_include=str(tmp_path / "missing")))

@@ -20,7 +20,7 @@ from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.store import ArtifactStore
 from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
-from flows.runtime import RESULTS_DIR
+from flows.runtime import results_location
 from tasks.activations import activation_dirs, shard_plan
 from tasks.sae import sae_groups
 
@@ -153,28 +153,44 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
     assert len(intervals) == 3 and overlaps() == 0
 
 
-def test_task_results_are_persisted_in_the_store(inputs, tmp_path):
+def test_task_results_are_json_outside_the_store_and_read_back(inputs, tmp_path):
+    """Prefect's task results are JSON records (nothing pickled), kept outside the artifact store, and a
+    retried flow run's cache lookup (a ResultStore read of the task run's key) returns the manifest."""
     from prefect import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
     from prefect.client.schemas.sorting import TaskRunSort
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
 
     cfg = config(inputs, str(tmp_path / "store"))
     started = time.time()
     result = curate_flow(cfg)
-    results_dir = tmp_path / "store" / RESULTS_DIR
-    assert results_dir.is_dir() and any(results_dir.iterdir())
+    results_dir = Path(results_location(cfg))
+    assert tmp_path / "store" not in results_dir.parents
+    assert not (tmp_path / "store" / "prefect-results").exists()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="retrieve")), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200
         )
     run = max((r for r in runs if r.start_time and r.start_time.timestamp() >= started - 1), key=lambda r: r.start_time)
-    assert run.state.result() == result.curated  # read back from <store>/prefect-results
-    # The corpus itself (the inputs task's value) is never pickled into the store.
-    assert sum(f.stat().st_size for f in results_dir.iterdir()) < 200_000
+    files = [f for f in results_dir.iterdir() if f.is_file()]
+    key = Path(run.state.data.storage_key).name  # the file a retry's cache lookup reads
+    assert (results_dir / key) in files
+    for f in files:  # task records, and the subflows' own results
+        record = json.loads(f.read_bytes())  # JSON, not a base64 cloudpickle
+        if isinstance(record, dict) and "metadata" in record:
+            assert record["metadata"]["serializer"]["type"] == "json", f
+    retried = ResultStore(result_storage=LocalFileSystem(basepath=str(results_dir)))
+    back = retried.read(key).result
+    # As JSON, like a manifest the store serves on a cache hit (integer dict keys become strings).
+    assert back.model_dump() == json.loads(result.curated.model_dump_json())
+    assert run.state.result().model_dump() == back.model_dump()
+    # The corpus itself (the inputs task's value) is never persisted.
+    assert sum(f.stat().st_size for f in files) < 200_000
 
     off = config(inputs, str(tmp_path / "store-off"), persist_results=False)
     curate_flow(off)
-    assert not (tmp_path / "store-off" / RESULTS_DIR).exists()
+    assert not Path(results_location(off)).exists()
 
 
 def test_dask_cluster_runs_shards_on_both_workers(inputs, reference):

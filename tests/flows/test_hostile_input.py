@@ -186,7 +186,29 @@ CASES = [
      ["eval.jsonl:1", "every item of evaluate.eval_file", "overlaps the corpus", "give items the corpus does not contain"]),
     ("store-is-a-file", "curate", lambda c, w, t: _set(c, "store", _store_file(t)),
      ["store", "not writable", "check the path"]),
+    ("prune-ratio-zero", "prune", lambda c, w, t: _set(c, "prune.ratio", 0), ["prune.ratio", "0 prunes nothing", r"\(0, 1\)"]),
+    ("corpus-symlink-loop", "curate", lambda c, w, t: _set(c, "corpus", [_symlink_loop(t, "loop.jsonl")]),
+     ["loop.jsonl", "symlink loop", "point the link at a real file"]),
+    ("model-symlink-loop", "curate", lambda c, w, t: _set(c, "model", _symlink_loop(t, "loop-model")),
+     ["loop-model", "symlink loop"]),
+    ("corpus-uri-with-credentials", "curate", lambda c, w, t: _set(c, "corpus", ["s3://AKIAKEY:SECRETVALUE@bucket/c.jsonl"]),
+     [r"corpus\[0\]", r"s3://\*\*\*@bucket/c.jsonl", "storage.secret_block", "AWS_ACCESS_KEY_ID"]),
+    ("store-uri-with-credentials", "curate", lambda c, w, t: _set(c, "store", "s3://AKIAKEY:SECRETVALUE@bucket/store"),
+     ["store", "credentials are never read from a URI", "storage.secret_block"]),
+    ("endpoint-with-credentials", "curate",
+     lambda c, w, t: _set(c, "storage.endpoint_url", "http://user:SECRETVALUE@minio:9000"),
+     ["storage.endpoint_url", r"http://\*\*\*@minio:9000", "AWS_SECRET_ACCESS_KEY"]),
+    ("eval-file-uri-with-credentials", "run", lambda c, w, t: _set(c, "evaluate.mc_file", "https://u:SECRETVALUE@host/mc.jsonl"),
+     ["evaluate.mc_file", "credentials are never read from a URI"]),
 ]
+
+
+def _symlink_loop(tmp: Path, name: str) -> str:
+    """`name` -> `name.b` -> `name`: neither resolves."""
+    a, b = tmp / name, tmp / f"{name}.b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    return str(a)
 
 
 def _unreadable(tmp: Path) -> str:
@@ -233,6 +255,7 @@ def test_hostile_input_is_refused_before_any_work(ws, tmp_path, command, mutate,
     for pattern in expected:
         assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
     assert elapsed < 20, f"took {elapsed:.1f}s: the input was not refused up front"
+    assert "SECRETVALUE" not in err, "a credential reached the error message"
     _store_untouched(store, before)
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "UNPICKLED").exists()
@@ -288,3 +311,107 @@ def test_secrets_never_reach_logs_or_artifacts(ws, tmp_path):
     for where, data in [("stdout", proc.stdout), ("stderr", proc.stderr), *((str(p), p.read_bytes()) for p in files)]:
         for s in (key, secret):
             assert s.encode() not in data, f"{s!r} leaked into {where}"
+
+
+def _alias_bomb(levels: int) -> str:
+    """A 'billion laughs' config: each level lists the previous one 9 times; `corpus` names the last."""
+    lines = ['a0: &a0 ["lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, "seeds: [s.jsonl]", f"corpus: *a{levels}", ""])
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """9 levels would expand to 387M strings (about 45 GB) if the path fields were walked."""
+    cfg_file = tmp_path / "bomb.yaml"
+    cfg_file.write_text(_alias_bomb(9))
+    start = time.perf_counter()
+    code, err = _run(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out")])
+    assert time.perf_counter() - start < 5
+    assert code == 2
+    assert str(cfg_file) in err and "line 2" in err and "YAML alias *a0 is not accepted" in err, err
+
+
+def test_yaml_alias_in_a_command_line_value_is_refused(ws, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(base_config(ws, tmp_path)))
+    code, err = _run(["curate", "--config", str(cfg_file), "--curate.layers", "[&a 1, *a]"])
+    assert code == 2
+    assert "--curate.layers" in err and "YAML alias *a is not accepted" in err, err
+
+
+def test_store_command_refuses_credentials_in_store_uri(tmp_path):
+    code, err = _run(["store", "ls", "--store", "s3://AKIAKEY:SECRETVALUE@bucket/prefix"])
+    assert code == 2
+    assert "s3://***@bucket/prefix" in err and "storage.secret_block" in err
+    assert "SECRETVALUE" not in err
+
+
+def test_flow_parameters_with_credentials_are_refused_without_echo(ws, tmp_path):
+    """What a deployment run or a Python caller passes skips load_config: the model refuses it, and the
+    validation error (which Prefect stores with a failed run) does not repeat the value."""
+    from pydantic import ValidationError
+
+    from finescope_core.config import FinescopeConfig
+
+    cfg = _set(base_config(ws, tmp_path), "output", "s3://AKIAKEY:SECRETVALUE@bucket/out")
+    with pytest.raises(ValidationError) as info:
+        FinescopeConfig.model_validate(cfg)
+    assert "credentials are never read from a URI" in str(info.value)
+    assert "SECRETVALUE" not in str(info.value)
+
+
+def test_missing_model_is_refused_before_the_flow_starts(ws, tmp_path, monkeypatch):
+    """The flow (and with it Prefect's temporary API, 20-50 s to start) is never entered."""
+    import flows.curate
+    import flows.prune
+    import flows.specialize
+
+    def started(*args, **kwargs):
+        raise AssertionError("the flow started before the model was checked")
+
+    for module, name in ((flows.curate, "curate_flow"), (flows.prune, "prune_flow"), (flows.specialize, "specialize_flow")):
+        monkeypatch.setattr(module, name, started)
+    cfg = _set(base_config(ws, tmp_path), "model", str(tmp_path / "no-model"))
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    for command in ("curate", "prune", "run"):
+        code, err = _run([command, "--config", str(cfg_file), "--out", str(tmp_path / "out")])
+        assert code == 2 and "no-model" in err and "no such directory" in err, (command, err)
+
+
+def _server_child(pid: int, timeout: float):
+    """The temporary Prefect server started by process `pid`, once it runs."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.Error):
+                if "prefect.server.api.server:create_app" in " ".join(child.cmdline()):
+                    return child
+        time.sleep(0.5)
+    raise AssertionError("no temporary Prefect server started")
+
+
+def test_temporary_prefect_server_ends_when_the_cli_is_killed(ws, tmp_path):
+    """SIGKILL skips Prefect's atexit hook; the server notices that its parent is gone and stops."""
+    import psutil
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(base_config(ws, tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "curate", "--config", str(cfg_file), "--out", str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parents[2], env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        server = _server_child(proc.pid, timeout=240)
+    finally:
+        proc.kill()
+        proc.wait()
+    try:
+        server.wait(timeout=20)
+    except psutil.TimeoutExpired:
+        server.kill()
+        raise AssertionError("the temporary Prefect server outlived the killed CLI") from None
