@@ -32,7 +32,8 @@ def _split_settings() -> set[tuple[float, int, int]]:
 
 
 def bench_problems() -> tuple[list[dict[str, Any]], set[str]]:
-    """(the GSM8K problems the bench may use, in GSM8K order; the ids of every GSM8K problem a config reports on)."""
+    """(the GSM8K problems the bench may use, in GSM8K order; the ids of every GSM8K problem a config
+    reports on)."""
     with tempfile.TemporaryDirectory() as tmp:
         data = build_demo_corpus(Path(tmp))
         corpus = load_records([str(data.corpus)], role="corpus").records

@@ -20,7 +20,7 @@ import yaml
 CREDENTIALS_FIX = (
     "credentials are never read from a URI (the config is saved in run.json, shell history and the Prefect "
     "database); remove the user:password@ part and export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
-    "the service's own variables), or save a Prefect Secret block with {\"key\": ..., \"secret\": ...} and "
+    'the service\'s own variables), or save a Prefect Secret block with {"key": ..., "secret": ...} and '
     "name it in storage.secret_block"
 )
 """What a user with credentials in a URI should do instead."""

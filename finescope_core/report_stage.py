@@ -101,8 +101,9 @@ def _eval_sets_text(info: Mapping[str, Any]) -> str:
         )
     if info.get("eval_file_duplicates_removed_from_pool"):
         by_kind = ", ".join(f"{k}: {n}" for k, n in (info.get("pool_duplicates_by_kind") or {}).items())
-        lines.append(f"- corpus records removed from the curation pool as duplicates of eval-file items: "
-                     f"{info['eval_file_duplicates_removed_from_pool']}" + (f" ({by_kind})" if by_kind else ""))  # fmt: skip
+        total = info["eval_file_duplicates_removed_from_pool"]
+        lines.append("- corpus records removed from the curation pool as duplicates of eval-file items: "
+                     f"{total}" + (f" ({by_kind})" if by_kind else ""))  # fmt: skip
     if info.get("contamination_rule"):
         lines.append(f"- contamination check: {info['contamination_rule']}")
     return "\n".join(lines)

@@ -47,8 +47,8 @@ def check_ratio(cfg: FinescopeConfig) -> None:
     unpruned model as `pruned-model/`, tuned and reported as if it were pruned.
     """
     if cfg.prune.ratio == 0:
-        raise ConfigError("prune.ratio: 0 prunes nothing, so `pruned-model/` would be the unpruned base model under "
-                          "a misleading name; give a ratio in (0, 1), e.g. 0.3")  # fmt: skip
+        raise ConfigError("prune.ratio: 0 prunes nothing, so `pruned-model/` would be the unpruned base model "
+                          "under a misleading name; give a ratio in (0, 1), e.g. 0.3")  # fmt: skip
     hf = model_config(cfg.model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf)

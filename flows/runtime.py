@@ -123,7 +123,8 @@ def prefect_results(cfg: FinescopeConfig) -> Iterator[None]:
     if ctx is None or not cfg.orchestration.persist_results:
         yield
         return
-    store = ctx.result_store.model_copy(update={"result_storage": result_storage(cfg), "serializer": JSONSerializer()})
+    update = {"result_storage": result_storage(cfg), "serializer": JSONSerializer()}
+    store = ctx.result_store.model_copy(update=update)
     # Tasks decide persistence from their own option or this setting, not from the flow run.
     with (
         temporary_settings(updates={PREFECT_TASKS_DEFAULT_PERSIST_RESULT: True}),

@@ -49,7 +49,11 @@ def _guarded_uvicorn_command(self: Any) -> subprocess.Popen[Any]:
     ]  # fmt: skip
     return subprocess.Popen(
         args=[sys.executable, "-c", _CHILD, str(os.getpid()), *uvicorn_args],
-        env={**os.environ, **server_env, **get_current_settings().to_environment_variables(exclude_unset=True)},
+        env={
+            **os.environ,
+            **server_env,
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        },
     )
 
 

@@ -192,13 +192,15 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
         out[name] = {**out.get(name, {}), **found.summary(),
                      "dropped_items": [{"id": items[i].id, "origin": items[i].origin} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
     questions: dict[str, list[dict[str, Any]] | None] = {}
-    for name, rows, text, source in (("mc", files.mc, mc_text, "evaluate.mc_file"),
-                                     ("numeric", files.numeric, numeric_text, "evaluate.numeric_file")):  # fmt: skip
-        questions[name] = None if rows is None else _decontaminate_questions(name, rows, text, source, training, out)
-    out["contamination_rule"] = (f"an item of any kind (domain, general, multiple-choice: question and choices, numeric: "
-                                 f"question and answer, lm-eval document: its every string) is dropped when it shares a {NGRAM}-gram of normalised words with, or is a "
-                                 f"MinHash near duplicate (Jaccard >= {NEAR_DUPLICATE}) of, any curated, pruning, "
-                                 "distilled or tuning text of any variant")  # fmt: skip
+    for name, rows, text in (("mc", files.mc, mc_text), ("numeric", files.numeric, numeric_text)):
+        clean = None if rows is None else _decontaminate_questions(name, rows, text, training, out)
+        questions[name] = clean
+    out["contamination_rule"] = (
+        "an item of any kind (domain, general, multiple-choice: question and choices, numeric: question and "
+        f"answer, lm-eval document: its every string) is dropped when it shares a {NGRAM}-gram of normalised "
+        f"words with, or is a MinHash near duplicate (Jaccard >= {NEAR_DUPLICATE}) of, any curated, pruning, "
+        "distilled or tuning text of any variant"
+    )
     if not kept["domain"]:
         raise DataError(
             f"no domain evaluation item is left after the contamination check ({len(domain)} checked); give "
@@ -208,7 +210,9 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
     return EvalData(kept["domain"], kept["general"], questions["mc"], questions["numeric"], out, docs)
 
 
-def _decontaminate_documents(tasks: dict[str, list[str]], training: Sequence[str], out: dict[str, Any]) -> dict[str, list[int]]:
+def _decontaminate_documents(
+    tasks: dict[str, list[str]], training: Sequence[str], out: dict[str, Any]
+) -> dict[str, list[int]]:
     """Task -> clean doc ids of each lm-eval task with local documents; counts go into `out["lm_eval"]`.
 
     Raises:
@@ -221,20 +225,27 @@ def _decontaminate_documents(tasks: dict[str, list[str]], training: Sequence[str
     for task, texts in tasks.items():
         found = check_contamination(texts, training)
         if not found.kept:
-            raise DataError(f"every document of lm-eval task {task!r} ({len(texts)}) overlaps the training data "
-                            "(13-gram or near duplicate); give the task documents the corpus does not contain")  # fmt: skip
+            raise DataError(
+                f"every document of lm-eval task {task!r} ({len(texts)}) overlaps the training data (13-gram "
+                "or near duplicate); give the task documents the corpus does not contain"
+            )
         kept[task] = found.kept
         per_task[task] = {**found.summary(), "dropped_doc_ids": (found.ngram + found.near_duplicate)[:20]}
-    total = {k: sum(t[k] for t in per_task.values()) for k in ("checked", "kept", "dropped_ngram", "dropped_near_duplicate")}
-    out["lm_eval"] = {"source": "evaluate.lm_eval_include", "rule": f"the documents of {', '.join(tasks)}", **total,
-                      "tasks": per_task}  # fmt: skip
+    counts = ("checked", "kept", "dropped_ngram", "dropped_near_duplicate")
+    total = {k: sum(t[k] for t in per_task.values()) for k in counts}
+    rule = f"the documents of {', '.join(tasks)}"
+    out["lm_eval"] = {"source": "evaluate.lm_eval_include", "rule": rule, **total, "tasks": per_task}
     return kept
 
 
-def _decontaminate_questions(name: str, rows: list[dict[str, Any]], text: Callable[[dict[str, Any]], str], source: str,
-                             training: Sequence[str], out: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
-    """The clean items of an MC / numeric file; its counts and first dropped items go into `out[name]`."""
+def _decontaminate_questions(
+    name: str, rows: list[dict[str, Any]], text: Callable[[dict[str, Any]], str], training: Sequence[str],
+    out: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The clean items of an MC / numeric file (`evaluate.<name>_file`); its counts and first dropped
+    items go into `out[name]`."""
+    source = f"evaluate.{name}_file"
     found = check_contamination([text(r) for r in rows], training)
-    out[name] = {"source": source, "rule": f"every item of {source}", **found.summary(),
-                 "dropped_items": [{"index": i} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
+    dropped = [{"index": i} for i in found.ngram + found.near_duplicate][:20]
+    out[name] = {"source": source, "rule": f"every item of {source}", **found.summary(), "dropped_items": dropped}
     return [rows[i] for i in found.kept]

@@ -22,7 +22,8 @@ from finescope_core.evaluate.leakage import document_text
 def _task_yaml(include: Path, task: str) -> tuple[Path, dict[str, Any]] | None:
     for path in sorted(include.rglob("*.y*ml")):
         try:
-            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LenientLoader)  # noqa: S506  # SafeLoader subclass
+            text = path.read_text(encoding="utf-8")
+            doc = yaml.load(text, Loader=_LenientLoader)  # noqa: S506  # a SafeLoader subclass
         except (yaml.YAMLError, OSError, UnicodeDecodeError):
             continue
         if isinstance(doc, dict) and doc.get("task") == task:

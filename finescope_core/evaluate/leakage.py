@@ -22,7 +22,7 @@ def mc_text(item: Mapping[str, Any]) -> str:
 
 
 def numeric_text(item: Mapping[str, Any]) -> str:
-    """A `{question, answer}` item: the question, then the reference answer (a worked solution or a number)."""
+    """A `{question, answer}` item: the question, then its reference answer (a worked solution or a number)."""
     return f"{item['question']}\n{item['answer']}"
 
 
@@ -44,8 +44,11 @@ def document_text(doc: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def pool_duplicates_by_kind(pool_texts: Sequence[str], kinds: Mapping[str, Sequence[str]]) -> tuple[list[int], dict[str, int]]:
-    """Which curation-pool records overlap an evaluation item (13-gram or near duplicate), and how many per kind.
+def pool_duplicates_by_kind(
+    pool_texts: Sequence[str], kinds: Mapping[str, Sequence[str]]
+) -> tuple[list[int], dict[str, int]]:
+    """Which curation-pool records overlap an evaluation item (13-gram or near duplicate), and how many
+    per kind.
 
     Args:
         pool_texts: the texts of the records that could reach curation.

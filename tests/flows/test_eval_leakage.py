@@ -23,7 +23,10 @@ def _sentence(rng: random.Random, n: int = 16) -> str:
 
 
 def _mc(rng: random.Random, n: int) -> list[dict]:
-    return [{"question": _sentence(rng), "choices": [_sentence(rng, 3), _sentence(rng, 3)], "answer": 0} for _ in range(n)]
+    return [
+        {"question": _sentence(rng), "choices": [_sentence(rng, 3), _sentence(rng, 3)], "answer": 0}
+        for _ in range(n)
+    ]
 
 
 def _numeric(rng: random.Random, n: int) -> list[dict]:
@@ -85,7 +88,9 @@ def test_lm_eval_documents_the_demo_builds_are_decontaminated_and_leave_the_pool
     assert steps[1]["context"] in texts[NEXT_STEP_TASK][1]
     # Training holds next-step document 1 (its context and choices) and nothing of the answer task.
     training = [texts[NEXT_STEP_TASK][1] + " and more", _sentence(rng)]
-    data = decontaminate([EvalItem("d0", _sentence(rng), "eval.jsonl")], [], training, {}, EvalFiles(lm_eval=texts))
+    data = decontaminate(
+        [EvalItem("d0", _sentence(rng), "eval.jsonl")], [], training, {}, EvalFiles(lm_eval=texts)
+    )
     assert data.lm_eval_docs == {NEXT_STEP_TASK: [i for i in range(len(steps)) if i != 1],
                                  ANSWER_TASK: list(range(len(answers)))}  # fmt: skip
     assert data.info["lm_eval"]["tasks"][NEXT_STEP_TASK]["dropped_ngram"] == 1
