@@ -121,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         if args.command in ("curate", "prune", "run"):
-            _run_flow(args.command, flow_config(args))
+            from prefect import tags
+
+            from flows.ui import run_tags
+
+            cfg = flow_config(args)
+            # Tagged as a served deployment's runs are, so one filter finds a run's flows and tasks either way.
+            with tags(*run_tags(cfg)):
+                _run_flow(args.command, cfg)
         elif args.command == "demo":
             from flows.demo import run_demo
 

@@ -22,6 +22,7 @@ from flows.runtime import (
     check_runner,
     prefect_results,
 )
+from flows.ui import namer
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import data_task, inputs_task, model_task, sae_data_task, sae_inputs_task
 from tasks.evalset import holdout
@@ -116,7 +117,7 @@ def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int]
     return layers, Inputs(inputs, sae_corpus), held
 
 
-@flow(name="curate", log_prints=True)
+@flow(name="curate", flow_run_name=namer("curate"), log_prints=True)
 def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool = False) -> CurateResult:
     """Data -> saliency -> activations -> SAEs -> sparse codes -> retrieval and vote (each stage cached in the store).
 

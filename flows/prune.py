@@ -16,6 +16,7 @@ from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
 from flows.runtime import prefect_results
+from flows.ui import detached, namer
 from tasks.common import StageManifest, artifact_key, logger
 from tasks.data import model_task
 from tasks.export import (
@@ -48,7 +49,7 @@ def check_ratio(cfg: FinescopeConfig) -> None:
     plan_widths(skeleton, cfg.prune.ratio, cfg.prune.attention)
 
 
-@flow(name="prune", log_prints=True)
+@flow(name="prune", flow_run_name=namer("prune"), log_prints=True)
 def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     """Curated data (or random / a file, per `prune.data`) decides which heads and channels survive.
 
@@ -70,7 +71,7 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
 
 
 def _prune(config: FinescopeConfig) -> PruneResult:
-    curated = curate_flow(config, export=False) if config.prune.data in ("curated", "random") else None
+    curated = detached(curate_flow(config, export=False)) if config.prune.data in ("curated", "random") else None
     texts = pruning_texts(
         config, curated.corpus if curated else None, curated.curated if curated else None,
         seeds=curated.seeds if curated else None, excluded=curated.held_out.excluded if curated else (),

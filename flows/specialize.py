@@ -16,6 +16,7 @@ from finescope_core.report import embed_images, harness_rows, metric_rows, paire
 from flows.curate import CurateResult, curate_flow
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
+from flows.ui import detached, namer
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import load_data, model_task, read_inputs
 from tasks.evalset import candidate_items, decontaminate, eval_files, holdout, training_texts
@@ -62,14 +63,15 @@ class SpecializeResult(BaseModel):
 
 
 def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
-    pruned = prune_task(cfg, base, prune_texts, texts_sha(prune_texts))
+    # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
+    pruned = prune_task.with_options(task_run_name=f"prune-{tag}")(cfg, base, prune_texts, texts_sha(prune_texts))
     teacher = teacher_ref(cfg, base)
     distilled = teacher_task(cfg, teacher, records, tag)
     tuned = finetune_task(cfg, pruned, distilled, tag, teacher)
     return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
 
 
-@flow(name="specialize", log_prints=True)
+@flow(name="specialize", flow_run_name=namer("specialize"), log_prints=True)
 def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     """From seeds and a corpus to a pruned, teacher-distilled, LoRA-tuned domain model with a report.
 
@@ -93,7 +95,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
 
 
 def _specialize(config: FinescopeConfig) -> SpecializeResult:
-    curated = curate_flow(config, export=False, evaluating=True)
+    curated = detached(curate_flow(config, export=False, evaluating=True))
     held = curated.held_out
     corpus, seeds = load_data(config, curated.corpus), load_data(config, curated.seeds)
     train = curated_records(config, curated.corpus, curated.curated)
