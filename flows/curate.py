@@ -16,6 +16,7 @@ from finescope_core.data import PreparedCorpus, RecordSet, check_sizes, shown_te
 from finescope_core.evaluate.split import Holdout
 from finescope_core.io import read_jsonl
 from finescope_core.model import model_config
+from finescope_core.run_warnings import duplicate_warnings
 from flows.fanout import embed, encode_corpus, train_saes
 from flows.runtime import (
     apply_gpu_limit,
@@ -28,6 +29,7 @@ from tasks.data import data_task, inputs_task, model_task, sae_data_task, sae_in
 from tasks.evalset import holdout
 from tasks.export import Exported, curated_outputs, export_task, run_facts
 from tasks.prune import training_pool
+from tasks.report import compute_seconds
 from tasks.retrieve import retrieve_task
 from tasks.saliency import saliency_task
 
@@ -166,11 +168,21 @@ def _curate(config: FinescopeConfig, layers: list[int], inputs: Inputs, held: Ho
     )
 
 
+def corpus_warnings(result: CurateResult) -> list[str]:
+    """Exact duplicates removed from the corpus and from `curate.sae_corpus`, as warnings."""
+    found = duplicate_warnings(result.corpus.info, "corpus")
+    if result.sae_corpus is not None:
+        found += duplicate_warnings(result.sae_corpus.info, "curate.sae_corpus")
+    return found
+
+
 def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
-    """Stage table and the top of the curated set as Prefect artifacts (and in the log)."""
+    """Stage table and the top of the curated set as Prefect artifacts (and in the log), warnings first."""
+    for line in corpus_warnings(result):
+        logger().warning("%s", line)
     stages = result.stages()
     create_table_artifact(
-        [{"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1), "uri": m.uri} for m in stages],
+        [{"stage": m.stage, "cached": m.cached, "seconds": round(compute_seconds(m), 1), "uri": m.uri} for m in stages],
         key=artifact_key("curate", cfg, "stages"),
         description="Stages of the curate run",
     )
@@ -203,6 +215,7 @@ def _markdown(cfg: FinescopeConfig, result: CurateResult, top: list[dict[str, An
         f"{result.curated.info.get('records', 0)} records from {result.curated.info.get('corpus_records', '?')} "
         f"(layers {result.layers or '-'}); artifact `{result.curated.uri}`",
         *_sae_source(result),
+        *(f"\n**Warning**: {w}" for w in corpus_warnings(result)),
         "",
         "| rank | id | score | votes | text |",
         "|---:|---|---:|---:|---|",

@@ -33,13 +33,19 @@ CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "sae_corpus": "sae-corpu
                   "sae_activations": "activations-sae-corpus", "sae": "sae", "curated": "curated"}  # fmt: skip
 
 
+def compute_seconds(m: StageManifest) -> float:
+    """The seconds a stage took; a fanned-out stage (activations, sae) adds its parts' (`parts_seconds`), the
+    gathering step alone being instant: compute time summed over workers, not wall time."""
+    return m.seconds + float(m.info.get("parts_seconds", 0.0))
+
+
 def stage_seconds(
     curate: dict[str, StageManifest | None],
     variants: dict[str, list[StageManifest]],
     evaluations: dict[str, StageManifest],
     codes: list[StageManifest] | None = None,
 ) -> dict[str, float]:
-    """Seconds each stage took when it was computed (a cached stage reports its original time).
+    """Seconds each stage took when it was computed (`compute_seconds`; a cached stage reports its original time).
 
     Args:
         curate: the curate stages by CurateResult field name (`CURATE_SECONDS`); None for skipped ones.
@@ -49,7 +55,7 @@ def stage_seconds(
     out: dict[str, float] = {}
     for f in CURATE_SECONDS:
         if (m := curate.get(f)) is not None:
-            out[CURATE_SECONDS[f]] = round(m.seconds, 1)
+            out[CURATE_SECONDS[f]] = round(compute_seconds(m), 1)
         if f == "sae" and codes:
             out["sae-codes"] = round(sum(c.seconds for c in codes), 1)
     for name, stages in variants.items():

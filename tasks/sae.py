@@ -116,6 +116,7 @@ def gather_sae_task(
         missing = sorted(set(layers) - set(metrics))
         if missing:
             raise ValueError(f"no SAE was trained for layers {missing}; re-run")
-        return {"layers": layers, "metrics": [metrics[layer] for layer in layers], "trained_on": trained_on(records)}
+        return {"layers": layers, "metrics": [metrics[layer] for layer in layers], "trained_on": trained_on(records),
+                "parts_seconds": sum(p.seconds for p in parts)}  # the training is the parts' (see activations)
 
     return run_cached(store, sae_key(cfg, acts.sha256, sal.sha256), build)
