@@ -17,7 +17,9 @@ from finescope_core.evaluate.split import Holdout
 from finescope_core.io import read_jsonl
 from finescope_core.model import model_config
 from finescope_core.run_warnings import duplicate_warnings
+from finescope_core.settings import summary
 from flows.fanout import embed, encode_corpus, train_saes
+from flows.placement import place
 from flows.runtime import (
     apply_gpu_limit,
     check_runner,
@@ -128,6 +130,8 @@ def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool =
     curated set either way; `evaluating` (the specialize flow) also requires it to hold items.
     """
     start = time.perf_counter()
+    if export:
+        config = place(config, "curate")  # another run's outputs are never replaced in silence
     layers, inputs, held = preflight(config, evaluating)
     with prefect_results(config):
         result = _curate(config, layers, inputs, held)
@@ -184,13 +188,13 @@ def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
     create_table_artifact(
         [{"stage": m.stage, "cached": m.cached, "seconds": round(compute_seconds(m), 1), "uri": m.uri} for m in stages],
         key=artifact_key("curate", cfg, "stages"),
-        description="Stages of the curate run",
+        description=f"Stages of the curate run: {summary(cfg)}",
     )
     if result.sae is not None:
         rows = [{"layer": layer, **metrics} for layer, metrics in zip(result.layers, result.sae.info["metrics"], strict=True)]
-        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"), description="SAE metrics per layer")
+        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"), description=f"SAE metrics per layer: {summary(cfg)}")
     top = _top_records(cfg, result.curated, 10)
-    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"), description="Curated set")
+    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"), description=f"Curated set: {summary(cfg)}")
     logger().info("curated %d records -> %s", result.curated.info.get("records", 0), result.curated.uri)
 
 

@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 from finescope_core.config import FinescopeConfig
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
+from finescope_core.settings import summary
 from flows.curate import CurateResult, curate_flow
+from flows.placement import place
 from flows.runtime import prefect_results
 from flows.ui import detached, namer
 from tasks.common import StageManifest, artifact_key, logger
@@ -58,6 +60,8 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     """
     start = time.perf_counter()
     check_ratio(config)
+    if export:
+        config = place(config, "prune")  # another run's outputs are never replaced in silence
     with prefect_results(config):
         result = _prune(config)
         if export:
@@ -82,7 +86,7 @@ def _prune(config: FinescopeConfig) -> PruneResult:
         {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}
         for k, v in info["params_before"].items()
     ]
-    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"), description=f"ratio {info['achieved_ratio']:.4f}")
+    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"), description=f"achieved ratio {info['achieved_ratio']:.4f}: {summary(config)}")
     logger().info(
         "pruned %d -> %d parameters (ratio %.4f, target %.2f)",
         info["params_before"]["total"], info["params_after"]["total"], info["achieved_ratio"], config.prune.ratio,

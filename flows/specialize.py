@@ -14,7 +14,9 @@ from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
 from finescope_core.report import embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
+from finescope_core.settings import summary
 from flows.curate import CurateResult, corpus_warnings, curate_flow
+from flows.placement import place
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
 from flows.ui import detached, namer
@@ -84,6 +86,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     check_harness_config(config.evaluate)  # a missing lm-eval include dir or an unknown task name: refused first
     check_teacher_backend(config)  # vllm without the package or a GPU: refused before any model work
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
+    config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)
     with prefect_results(config):
@@ -159,17 +162,17 @@ def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluati
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:
     rows = metric_rows(metrics["models"])
     create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"),
-                          description="every model x metric: value [95 % bootstrap interval] (n)")  # fmt: skip
+                          description=f"every model x metric: value [95 % bootstrap interval] (n); {summary(cfg)}")  # fmt: skip
     _publish_harness(cfg, metrics)
     if metrics.get("comparisons"):
         create_table_artifact(paired_rows(metrics["comparisons"]), key=artifact_key("specialize", cfg, "paired"),
-                              description="paired comparisons on the same items: ratio / difference [95 % bootstrap interval over items]")  # fmt: skip
+                              description=f"paired comparisons on the same items: ratio / difference [95 % bootstrap interval over items]; {summary(cfg)}")  # fmt: skip
     create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
-                          key=artifact_key("specialize", cfg, "stage-seconds"))  # fmt: skip
+                          key=artifact_key("specialize", cfg, "stage-seconds"), description=summary(cfg))  # fmt: skip
     report_dir = artifact_dir(open_store(cfg), report)
     # The UI has no directory to resolve the plots' relative links against: they travel inline.
     body = embed_images((report_dir / "report.md").read_text(encoding="utf-8"), report_dir)
-    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"), description="finescope report")
+    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"), description=f"finescope report: {summary(cfg)}")
 
 
 def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
@@ -177,4 +180,4 @@ def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
     rows = harness_rows(metrics["models"])
     if rows:
         create_table_artifact(rows, key=artifact_key("specialize", cfg, "lm-eval"),
-                              description="lm-evaluation-harness: value [95 % bootstrap CI] per task and model")  # fmt: skip
+                              description=f"lm-evaluation-harness: value [95 % bootstrap CI] per task and model; {summary(cfg)}")  # fmt: skip
