@@ -25,7 +25,7 @@ from flows.runtime import (
     check_runner,
     prefect_results,
 )
-from flows.ui import namer
+from flows.ui import namer, tagged
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import data_task, inputs_task, model_task, sae_data_task, sae_inputs_task
 from tasks.evalset import holdout
@@ -133,7 +133,7 @@ def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool =
     if export:
         config = place(config, "curate")  # another run's outputs are never replaced in silence
     layers, inputs, held = preflight(config, evaluating)
-    with prefect_results(config):
+    with prefect_results(config), tagged(config):
         result = _curate(config, layers, inputs, held)
         publish(config, result)
         if export:

@@ -18,7 +18,7 @@ from finescope_core.settings import summary
 from flows.curate import CurateResult, curate_flow
 from flows.placement import place
 from flows.runtime import prefect_results
-from flows.ui import detached, namer
+from flows.ui import detached, namer, tagged
 from tasks.common import StageManifest, artifact_key, logger
 from tasks.data import model_task
 from tasks.export import (
@@ -62,7 +62,7 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     check_ratio(config)
     if export:
         config = place(config, "prune")  # another run's outputs are never replaced in silence
-    with prefect_results(config):
+    with prefect_results(config), tagged(config):
         result = _prune(config)
         if export:
             curated = result.curate.curated if result.curate else None

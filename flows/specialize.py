@@ -19,7 +19,7 @@ from flows.curate import CurateResult, corpus_warnings, curate_flow
 from flows.placement import place
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
-from flows.ui import detached, namer
+from flows.ui import detached, namer, tagged
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import load_data, model_task, read_inputs
 from tasks.evalset import candidate_items, decontaminate, eval_files, holdout, training_texts
@@ -89,7 +89,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)
-    with prefect_results(config):
+    with prefect_results(config), tagged(config):
         result = _specialize(config)
         main = result.variants[""]
         outputs = specialize_outputs(config, result.report, result.curate.curated, main.pruned, main.distilled,

@@ -3,6 +3,7 @@ deployment runs, and task inputs that the UI can list (plain data, never a subfl
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,6 +40,14 @@ def detached(result: T) -> T:
 def run_tags(cfg: FinescopeConfig) -> list[str]:
     """`finescope` and the run's name: the tags of a CLI run, as a served deployment's runs carry them."""
     return [TAG, run_name(cfg)]
+
+
+def tagged(cfg: FinescopeConfig) -> contextlib.AbstractContextManager[set[str]]:
+    """Inside a flow: its subflows and tasks carry `run_tags`. A deployment tags its flow runs only, and the
+    flow run of a CLI run is tagged by the CLI; this reaches everything the run starts either way."""
+    from prefect import tags
+
+    return tags(*run_tags(cfg))
 
 
 def label(cfg: FinescopeConfig, flow: str) -> str:
