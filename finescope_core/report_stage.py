@@ -56,7 +56,7 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.Re
 
 
 def _warnings_section(metrics: Mapping[str, Any]) -> list[rep.ReportSection]:
-    """The run's warnings (metrics.json `warnings`: data lost, thin evaluation sets) first, when there are any."""
+    """The run's warnings (metrics.json `warnings`: data lost, thin evaluation sets), first, when any."""
     found = metrics.get("warnings") or []
     return [rep.ReportSection("Warnings", "\n".join(f"- {w}" for w in found))] if found else []
 

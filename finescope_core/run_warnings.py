@@ -19,7 +19,8 @@ def _share(part: int, whole: int) -> str:
 
 
 def duplicate_warnings(records: Mapping[str, Any], what: str = "corpus") -> list[str]:
-    """Exact duplicates taken out of a record set, from its stage info (`records` kept, `dropped_duplicates` ids)."""
+    """Exact duplicates taken out of a record set, from its stage info (`records` kept, the
+    `dropped_duplicates` ids)."""
     dropped = len(records.get("dropped_duplicates") or [])
     if dropped == 0:
         return []
@@ -41,8 +42,8 @@ def fallback_warnings(distillation: Mapping[str, Mapping[str, Any]]) -> list[str
         total = fell_back + dropped + int(info.get("kept_teacher", 0))
         reasons = _reasons(info.get("fell_back") or {}, info.get("dropped_by_reason") or {})
         out.append(
-            f"teacher ({variant}): {fell_back} of {total} responses ({_share(fell_back, total)}) fell back to the "
-            f"reference answer and {dropped} ({_share(dropped, total)}) were dropped; by reason: {reasons} "
+            f"teacher ({variant}): {fell_back} of {total} responses ({_share(fell_back, total)}) fell back "
+            f"to the reference answer and {dropped} ({_share(dropped, total)}) were dropped; by reason: {reasons} "
             "(see teacher.max_new_tokens, teacher.min_response_chars, teacher.check_answer)"
         )
     return out
@@ -50,11 +51,13 @@ def fallback_warnings(distillation: Mapping[str, Mapping[str, Any]]) -> list[str
 
 def _reasons(fell_back: Mapping[str, int], dropped: Mapping[str, int]) -> str:
     counts = {k: fell_back.get(k, 0) + dropped.get(k, 0) for k in (*fell_back, *dropped)}
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none given"
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # most frequent first
+    return ", ".join(f"{k} {v}" for k, v in ordered) or "none given"
 
 
 def eval_set_warnings(evaluation: Mapping[str, Any]) -> list[str]:
-    """Domain / general evaluation sets left with fewer than `SMALL_EVAL_SET` items after the contamination check."""
+    """Domain / general evaluation sets left with fewer than `SMALL_EVAL_SET` items after the
+    contamination check."""
     out = []
     for name, fix in (("domain", "evaluate.eval_file or a larger evaluate.split_fraction"),
                       ("general", "evaluate.general_file or a larger evaluate.general_items")):  # fmt: skip
@@ -63,8 +66,9 @@ def eval_set_warnings(evaluation: Mapping[str, Any]) -> list[str]:
             continue
         kept = int(info["kept"])
         if kept < SMALL_EVAL_SET:
+            checked = info.get("checked", "?")
             out.append(
-                f"evaluation: the {name} set has {kept} items (under {SMALL_EVAL_SET}; {info.get('checked', '?')} "
-                f"before the contamination check): its intervals are wide and its numbers unreliable; give {fix}"
+                f"evaluation: the {name} set has {kept} items (under {SMALL_EVAL_SET}; {checked} before the "
+                f"contamination check): its intervals are wide and its numbers unreliable; give {fix}"
             )
     return out

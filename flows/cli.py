@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `--storage.secret` must not silently mean `--storage.secret_block`.
     parser = argparse.ArgumentParser(prog="finescope", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"finescope {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{curate,prune,run,demo,serve,trigger,store}")
+    commands = "{curate,prune,run,demo,serve,trigger,store}"
+    sub = parser.add_subparsers(dest="command", required=True, metavar=commands)
     _flow_command(sub, "curate", "seeds + corpus -> curated domain dataset", "curated.jsonl/.parquet, dataset card, run.json")
     _flow_command(sub, "prune", "curate (cached) then prune; writes a plain HF model directory",
                   "pruned-model/ (with its model card), curated/, run.json")  # fmt: skip
@@ -77,12 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _trigger_command(sub: Any) -> None:
     trigger = sub.add_parser(
-        "trigger", help="start one run of a deployment with some config fields changed (needs PREFECT_API_URL)",
+        "trigger", help="start one run of a deployment with config fields changed (needs PREFECT_API_URL)",
         usage="finescope trigger NAME [--FIELD VALUE ...]", allow_abbrev=False,
         description="Start one run of a deployment, its config parameter with the given fields replaced "
                     "(checked before the run is created); returns once the run is scheduled.",
     )  # fmt: skip
-    trigger.add_argument("deployment", metavar="NAME", help="the deployment: FLOW/NAME (e.g. specialize/math) or NAME")
+    trigger.add_argument("deployment", metavar="NAME",
+                         help="the deployment: FLOW/NAME (e.g. specialize/math) or NAME")  # fmt: skip
     add_config_options(trigger, SECTIONS["serve"])
 
 
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.ui import run_tags
 
             cfg = flow_config(args)
-            # Tagged as a served deployment's runs are, so one filter finds a run's flows and tasks either way.
+            # Tagged as a served deployment's runs are: one filter finds a run's flows and tasks either way.
             with tags(*run_tags(cfg)):
                 _run_flow(args.command, cfg)
         elif args.command == "demo":

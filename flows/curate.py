@@ -186,15 +186,18 @@ def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
         logger().warning("%s", line)
     stages = result.stages()
     create_table_artifact(
-        [{"stage": m.stage, "cached": m.cached, "seconds": round(compute_seconds(m), 1), "uri": m.uri} for m in stages],
+        [{"stage": m.stage, "cached": m.cached, "seconds": round(compute_seconds(m), 1), "uri": m.uri}
+         for m in stages],
         key=artifact_key("curate", cfg, "stages"),
         description=f"Stages of the curate run: {summary(cfg)}",
     )
     if result.sae is not None:
         rows = [{"layer": layer, **metrics} for layer, metrics in zip(result.layers, result.sae.info["metrics"], strict=True)]
-        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"), description=f"SAE metrics per layer: {summary(cfg)}")
+        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"),
+                              description=f"SAE metrics per layer: {summary(cfg)}")  # fmt: skip
     top = _top_records(cfg, result.curated, 10)
-    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"), description=f"Curated set: {summary(cfg)}")
+    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"),
+                             description=f"Curated set: {summary(cfg)}")  # fmt: skip
     logger().info("curated %d records -> %s", result.curated.info.get("records", 0), result.curated.uri)
 
 

@@ -58,7 +58,8 @@ def embed(
     missing = list({records.sha256: records for records, hit in zip(record_sets, found, strict=True) if hit is None}.values())
     if missing:
         runner = embed_flow.with_options(task_runner=task_runner(config), flow_run_name="embed-" + "+".join(m.stage for m in missing))
-        built = dict(zip((m.sha256 for m in missing), detached(runner(config, ref, missing, layers, sal)), strict=True))
+        made = detached(runner(config, ref, missing, layers, sal))
+        built = dict(zip((m.sha256 for m in missing), made, strict=True))
         found = [hit if hit is not None else built[records.sha256] for records, hit in zip(record_sets, found, strict=True)]
     return found  # type: ignore[return-value]
 
@@ -82,7 +83,8 @@ def train_saes(
     found = lookup_sae(config, acts, sal)
     if found is not None:
         return found
-    return detached(sae_flow.with_options(task_runner=task_runner(config))(config, acts, sal, layers, records))
+    runner = sae_flow.with_options(task_runner=task_runner(config))
+    return detached(runner(config, acts, sal, layers, records))
 
 
 @flow(name="sae-codes", flow_run_name="sae-codes", log_prints=True)

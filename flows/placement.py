@@ -35,7 +35,9 @@ def stored_run(cfg: FinescopeConfig, location: str) -> dict[str, Any] | None:
     try:
         found: dict[str, Any] = json.loads(text)
     except ValueError as e:
-        raise ConfigError(f"{path} is not a finescope run.json ({e}); move it away, or give another `output`") from None
+        raise ConfigError(
+            f"{path} is not a finescope run.json ({e}); move it away, or give another `output`"
+        ) from None
     return found
 
 
@@ -53,7 +55,8 @@ def place(cfg: FinescopeConfig, flow: str) -> FinescopeConfig:
     suffix = settings_hash(cfg)
     # A name is at most 63 characters: the run name gives way to the hash.
     name = f"{run_name(cfg)[: 62 - len(suffix)].rstrip('-')}-{suffix}"
-    moved = cfg.model_copy(update={"name": name, "output": f"{cfg.output.rstrip('/')}-{suffix}" if cfg.output else None})
+    output = f"{cfg.output.rstrip('/')}-{suffix}" if cfg.output else None
+    moved = cfg.model_copy(update={"name": name, "output": output})
     logger().warning(
         "%s holds the outputs of a run with other settings (%s); this run writes beside them, to %s, as %r. "
         "Give this run its own `name` (or `output`) to choose where it goes",

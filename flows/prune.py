@@ -75,7 +75,8 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
 
 
 def _prune(config: FinescopeConfig) -> PruneResult:
-    curated = detached(curate_flow(config, export=False)) if config.prune.data in ("curated", "random") else None
+    uses_corpus = config.prune.data in ("curated", "random")
+    curated = detached(curate_flow(config, export=False)) if uses_corpus else None
     texts = pruning_texts(
         config, curated.corpus if curated else None, curated.curated if curated else None,
         seeds=curated.seeds if curated else None, excluded=curated.held_out.excluded if curated else (),
@@ -86,7 +87,8 @@ def _prune(config: FinescopeConfig) -> PruneResult:
         {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}
         for k, v in info["params_before"].items()
     ]
-    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"), description=f"achieved ratio {info['achieved_ratio']:.4f}: {summary(config)}")
+    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"),
+                          description=f"achieved ratio {info['achieved_ratio']:.4f}: {summary(config)}")  # fmt: skip
     logger().info(
         "pruned %d -> %d parameters (ratio %.4f, target %.2f)",
         info["params_before"]["total"], info["params_after"]["total"], info["achieved_ratio"], config.prune.ratio,

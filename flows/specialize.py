@@ -67,7 +67,8 @@ class SpecializeResult(BaseModel):
 
 def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
     # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
-    pruned = prune_task.with_options(task_run_name=f"prune-{tag}")(cfg, base, prune_texts, texts_sha(prune_texts))
+    prune = prune_task.with_options(task_run_name=f"prune-{tag}")
+    pruned = prune(cfg, base, prune_texts, texts_sha(prune_texts))
     teacher = teacher_ref(cfg, base)
     distilled = teacher_task(cfg, teacher, records, tag)
     tuned = finetune_task(cfg, pruned, distilled, tag, teacher)
@@ -162,17 +163,20 @@ def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluati
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:
     rows = metric_rows(metrics["models"])
     create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"),
-                          description=f"every model x metric: value [95 % bootstrap interval] (n); {summary(cfg)}")  # fmt: skip
+                          description=f"every model x metric: value [95 % interval] (n); {summary(cfg)}")  # fmt: skip
     _publish_harness(cfg, metrics)
     if metrics.get("comparisons"):
         create_table_artifact(paired_rows(metrics["comparisons"]), key=artifact_key("specialize", cfg, "paired"),
-                              description=f"paired comparisons on the same items: ratio / difference [95 % bootstrap interval over items]; {summary(cfg)}")  # fmt: skip
+                              description="paired comparisons on the same items: ratio / difference "
+                                          f"[95 % bootstrap interval over items]; {summary(cfg)}")  # fmt: skip
     create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
-                          key=artifact_key("specialize", cfg, "stage-seconds"), description=summary(cfg))  # fmt: skip
+                          key=artifact_key("specialize", cfg, "stage-seconds"),
+                          description=summary(cfg))  # fmt: skip
     report_dir = artifact_dir(open_store(cfg), report)
     # The UI has no directory to resolve the plots' relative links against: they travel inline.
     body = embed_images((report_dir / "report.md").read_text(encoding="utf-8"), report_dir)
-    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"), description=f"finescope report: {summary(cfg)}")
+    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"),
+                             description=f"finescope report: {summary(cfg)}")  # fmt: skip
 
 
 def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
@@ -180,4 +184,5 @@ def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
     rows = harness_rows(metrics["models"])
     if rows:
         create_table_artifact(rows, key=artifact_key("specialize", cfg, "lm-eval"),
-                              description=f"lm-evaluation-harness: value [95 % bootstrap CI] per task and model; {summary(cfg)}")  # fmt: skip
+                              description="lm-evaluation-harness: value [95 % bootstrap CI] per task and model; "
+                                          f"{summary(cfg)}")  # fmt: skip

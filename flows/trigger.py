@@ -51,12 +51,17 @@ def find_deployment(client: SyncPrefectClient, name: str) -> DeploymentResponse:
         try:
             return client.read_deployment_by_name(name)
         except ObjectNotFound:
-            raise ServeError(f"no deployment {name!r} on this Prefect server; `prefect deployment ls` lists them") from None
-    found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+            raise ServeError(
+                f"no deployment {name!r} on this Prefect server; `prefect deployment ls` lists them"
+            ) from None
+    by_name = DeploymentFilter(name=DeploymentFilterName(any_=[name]))
+    found = client.read_deployments(deployment_filter=by_name)
     if len(found) == 1:
         return found[0]
     if not found:
-        raise ServeError(f"no deployment named {name!r} on this Prefect server; `prefect deployment ls` lists them")
+        raise ServeError(
+            f"no deployment named {name!r} on this Prefect server; `prefect deployment ls` lists them"
+        )
     flows = {d.flow_id: client.read_flow(d.flow_id).name for d in found}
     options = ", ".join(sorted(f"{flows[d.flow_id]}/{d.name}" for d in found))
     raise ServeError(f"{len(found)} deployments are named {name!r} ({options}); give one as FLOW/NAME")

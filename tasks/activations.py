@@ -143,7 +143,8 @@ def gather_activations_task(
         listed = [{"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)} for s in shards]
         (work / "shards.json").write_text(json.dumps(listed, indent=1))
         # The work is the shards' (this step only lists them): their seconds make the stage's time.
-        return {"layers": layers, "rows": rows, "shards": len(shards), "parts_seconds": sum(s.seconds for s in shards)}
+        return {"layers": layers, "rows": rows, "shards": len(shards),
+                "parts_seconds": sum(s.seconds for s in shards)}  # fmt: skip
 
     spec = activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None)
     return run_cached(open_store(cfg), spec, build)

@@ -425,7 +425,8 @@ class Progress:
             return
         try:
             # The value in the description too: the UI's artifact list shows the description, not the bar.
-            update_progress_artifact(self.artifact_id, float(pct), description=f"{self.what}: {pct} % ({done}/{total})")
+            shown = f"{self.what}: {pct} % ({done}/{total})"
+            update_progress_artifact(self.artifact_id, float(pct), description=shown)
         except Exception:  # the UI is a convenience; never fail a stage over it
             self.artifact_id = None
 

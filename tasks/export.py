@@ -134,5 +134,6 @@ def export_task(cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: 
     logger().info("outputs exported to %s (%d items)", location, len(written))
     # Every output's URI in the UI, so a deployment run says where its model and data went.
     rows = [{"output": name, "uri": uri} for name, uri in written.items()]
-    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"), description=f"outputs in {location}; {summary(cfg)}")
+    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"),
+                          description=f"outputs in {location}; {summary(cfg)}")  # fmt: skip
     return Exported(location=location, outputs=written)

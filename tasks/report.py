@@ -45,7 +45,7 @@ def stage_seconds(
     evaluations: dict[str, StageManifest],
     codes: list[StageManifest] | None = None,
 ) -> dict[str, float]:
-    """Seconds each stage took when it was computed (`compute_seconds`; a cached stage reports its original time).
+    """Seconds each stage took when computed (`compute_seconds`; a cached stage reports its original time).
 
     Args:
         curate: the curate stages by CurateResult field name (`CURATE_SECONDS`); None for skipped ones.

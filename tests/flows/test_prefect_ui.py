@@ -16,7 +16,8 @@ from flows.cli import main
 def cli_run(tmp_path_factory):
     root = write_workspace(tmp_path_factory.mktemp("ui"))
     # 4 exact copies (up to case and spaces) under new ids: the corpus stage removes them.
-    copies = [{"id": f"dup{i}", "instruction": f"what is {i}  plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(4)]
+    copies = [{"id": f"dup{i}", "instruction": f"what is {i}  plus {i + 1}?", "output": f"{2 * i + 1}"}
+              for i in range(4)]
     with open(root / "corpus.jsonl", "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in copies))
     name = f"ui-{uuid.uuid4().hex[:8]}"  # a tag of this run alone on the shared test server
@@ -37,7 +38,8 @@ def _runs(name):
 
     with get_client(sync_client=True) as client:
         flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[name])))
-        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[name])), limit=200)
+        one_run = TaskRunFilter(tags=TaskRunFilterTags(all_=[name]))
+        tasks = client.read_task_runs(task_run_filter=one_run, limit=200)
     return flows, tasks
 
 
@@ -47,7 +49,7 @@ def test_no_task_run_has_a_flow_run_input(cli_run):
     found = [(t.name, arg) for t in tasks for arg, inputs in t.task_inputs.items()
              for i in inputs if i.input_type == "flow_run"]  # fmt: skip
     assert found == []
-    # The inputs that link stages are still recorded, as task runs: the report gets the pruned model's manifest.
+    # Inputs that link stages are still recorded, as task runs: the report gets the pruned model's manifest.
     [report] = [t for t in tasks if t.name.startswith("report")]
     assert {i.input_type for i in report.task_inputs["pruned"]} == {"task_run"}
 
@@ -58,7 +60,8 @@ def test_flow_and_task_runs_are_named_and_tagged(cli_run):
     assert {f.name for f in flows} >= {f"{name}-sae-r0.2", f"{name}-sae", "sae-training", "sae-codes"}
     assert all({"finescope", name} <= set(r.tags) for r in [*flows, *tasks])
     names = {t.name for t in tasks}
-    variants = {f"{stage}-{tag}" for stage in ("prune", "teacher", "finetune") for tag in ("curated", "random")}
+    stages, tags = ("prune", "teacher", "finetune"), ("curated", "random")
+    variants = {f"{stage}-{tag}" for stage in stages for tag in tags}
     evaluations = {f"evaluate-{m}" for m in ("base", "pruned", "tuned", "pruned-random", "tuned-random")}
     assert variants | evaluations <= names
     # Within one flow run no two task runs share a name.
@@ -83,7 +86,8 @@ def test_warnings_reach_the_log_and_the_top_of_the_report(cli_run):
     assert "corpus: 4 of 84 records (5 %) removed as exact duplicates" in warnings[0]
     # the tiny evaluation split is far under 30 items; every fallback count is the distilled stage's own
     evaluation = metrics["evaluation"]
-    assert any(w.startswith(f"evaluation: the domain set has {evaluation['domain']['kept']} items") for w in warnings)
+    small = f"evaluation: the domain set has {evaluation['domain']['kept']} items"
+    assert any(w.startswith(small) for w in warnings)
     fell_back = metrics["distillation"]["curated"]["fell_back_to_reference"]
     assert any(w.startswith(f"teacher (curated): {fell_back} of ") for w in warnings) == (fell_back > 0)
     # first section of the report, every warning listed

@@ -30,7 +30,8 @@ def _runs(name):
 
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name(name)
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[dep.id])))
+        of_it = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]))
+        return client.read_flow_runs(flow_run_filter=of_it)
 
 
 def test_trigger_starts_a_run_with_one_field_changed(deployment, capsys):
