@@ -130,9 +130,9 @@ def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool =
     curated set either way; `evaluating` (the specialize flow) also requires it to hold items.
     """
     start = time.perf_counter()
+    layers, inputs, held = preflight(config, evaluating)
     if export:
         config = place(config, "curate")  # another run's outputs are never replaced in silence
-    layers, inputs, held = preflight(config, evaluating)
     with prefect_results(config), tagged(config):
         result = _curate(config, layers, inputs, held)
         publish(config, result)

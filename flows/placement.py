@@ -26,7 +26,11 @@ def stored_run(cfg: FinescopeConfig, location: str) -> dict[str, Any] | None:
     if "://" in location and not location.startswith("file://"):
         fs, root = fsspec.core.url_to_fs(location, **storage_options(cfg))
         path = f"{root.rstrip('/')}/run.json"
-        text = fs.cat_file(path).decode() if fs.exists(path) else None
+        try:
+            text = fs.cat_file(path).decode() if fs.exists(path) else None
+        except OSError as e:  # no access (credentials, endpoint): said here, before any work
+            raise ConfigError(f"cannot read {location}/run.json ({type(e).__name__}: {e}); check `storage` and "
+                              "the credentials, or give another `output`") from None  # fmt: skip
     else:
         local = Path(location.removeprefix("file://")).expanduser() / "run.json"
         path, text = str(local), (local.read_text(encoding="utf-8") if local.is_file() else None)
