@@ -15,7 +15,7 @@ from finescope_core.evaluate import check_harness_config
 from finescope_core.report import embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
 from finescope_core.settings import summary
-from flows.curate import CurateResult, corpus_warnings, curate_flow
+from flows.curate import CurateResult, curate_flow
 from flows.placement import place
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
@@ -138,20 +138,19 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
     seconds = _stage_seconds(curated, variants, evaluations)
     metrics = metrics_document(evaluations, seconds, evaluation=data.info,
                                distilled={name: v.distilled for name, v in variants.items()},
-                               items=evaluation_items(store, evaluations))
-    metrics["warnings"] = _warn(curated, metrics)
+                               items=evaluation_items(store, evaluations),
+                               record_sets={"corpus": curated.corpus, "curate.sae_corpus": curated.sae_corpus})
+    _log_warnings(metrics)
     report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
     return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)
 
 
-def _warn(curated: CurateResult, metrics: dict[str, Any]) -> list[str]:
-    """Data the run lost or measured too thinly, for the report's first section; logged as WARNING here,
-    but for the duplicates, which the curate subflow logged where they were removed."""
-    later = fallback_warnings(metrics.get("distillation") or {}) + eval_set_warnings(metrics["evaluation"])
-    for line in later:
+def _log_warnings(metrics: dict[str, Any]) -> None:
+    """The teacher's fallbacks and small evaluation sets of metrics.json's `warnings`, as log WARNINGs (the
+    curate subflow logged the duplicates where it removed them)."""
+    for line in fallback_warnings(metrics.get("distillation") or {}) + eval_set_warnings(metrics["evaluation"]):
         logger().warning("%s", line)
-    return [*corpus_warnings(curated), *later]
 
 
 def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluations: dict[str, StageManifest]) -> dict[str, float]:
