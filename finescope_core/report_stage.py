@@ -33,7 +33,7 @@ class ReportInputs:
 
 def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.ReportSection]:
     """One section per stage, each with its plot written into `work`."""
-    sections = []
+    sections = _warnings_section(inputs.metrics)
     if inputs.saliency_dir is not None:
         sal = LayerSaliency.load(inputs.saliency_dir)
         scores = {layer: sal.scores[i].numpy() for i, layer in enumerate(sal.layers)}
@@ -54,6 +54,12 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.Re
                                       [rep.plot_eval(inputs.metrics, work / "evaluation.png")]))  # fmt: skip
     sections += _harness_section(inputs.metrics)
     return sections
+
+
+def _warnings_section(metrics: Mapping[str, Any]) -> list[rep.ReportSection]:
+    """The run's warnings (metrics.json `warnings`: data lost, thin evaluation sets), first, when any."""
+    found = metrics.get("warnings") or []
+    return [rep.ReportSection("Warnings", "\n".join(f"- {w}" for w in found))] if found else []
 
 
 def evaluation_body(metrics: Mapping[str, Any]) -> str:

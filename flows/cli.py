@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `--storage.secret` must not silently mean `--storage.secret_block`.
     parser = argparse.ArgumentParser(prog="finescope", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"finescope {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{curate,prune,run,demo,serve,store}")
+    commands = "{curate,prune,run,demo,serve,trigger,store}"
+    sub = parser.add_subparsers(dest="command", required=True, metavar=commands)
     _flow_command(sub, "curate", "seeds + corpus -> curated domain dataset", "curated.jsonl/.parquet, dataset card, run.json")
     _flow_command(sub, "prune", "curate (cached) then prune; writes a plain HF model directory",
                   "pruned-model/ (with its model card), curated/, run.json")  # fmt: skip
@@ -71,8 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--cron", help="cron string in UTC, quoted, e.g. '0 3 * * 0' (Sundays 03:00)")
     when.add_argument("--interval", type=int, metavar="SECONDS", help="seconds between runs, e.g. 86400")
     add_config_options(serve, SECTIONS["serve"])
+    _trigger_command(sub)
     add_store_parser(sub)
     return parser
+
+
+def _trigger_command(sub: Any) -> None:
+    trigger = sub.add_parser(
+        "trigger", help="start one run of a deployment with config fields changed (needs PREFECT_API_URL)",
+        usage="finescope trigger NAME [--FIELD VALUE ...]", allow_abbrev=False,
+        description="Start one run of a deployment, its config parameter with the given fields replaced "
+                    "(checked before the run is created); returns once the run is scheduled.",
+    )  # fmt: skip
+    trigger.add_argument("deployment", metavar="NAME",
+                         help="the deployment: FLOW/NAME (e.g. specialize/math) or NAME")  # fmt: skip
+    add_config_options(trigger, SECTIONS["serve"])
 
 
 def flow_config(args: argparse.Namespace) -> FinescopeConfig:
@@ -143,7 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         if args.command in ("curate", "prune", "run"):
-            _run_flow(args.command, flow_config(args))
+            from prefect import tags
+
+            from flows.ui import run_tags
+
+            cfg = flow_config(args)
+            # Tagged as a served deployment's runs are: one filter finds a run's flows and tasks either way.
+            with tags(*run_tags(cfg)):
+                _run_flow(args.command, cfg)
         elif args.command == "demo":
             from flows.demo import run_demo
 
@@ -158,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             # The deployment's name is the run's name, so its artifacts and outputs carry it too.
             cfg.name = cfg.name or default_name(args.config)
             serve(cfg, args.flow, args.cron, args.interval, cfg.name)
+        elif args.command == "trigger":
+            from flows.trigger import trigger
+
+            changes = overrides(args)
+            run, url = trigger(args.deployment, changes)
+            changed = ", ".join(f"{k}={v!r}" for k, v in changes.items()) or "no change"
+            print(f"started flow run '{run.name}' ({run.id}) of {args.deployment} with {changed}; UI: {url}")
         elif args.command == "store":
             return run_store(args)
     except (ConfigError, ValueError, OSError) as e:

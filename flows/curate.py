@@ -16,17 +16,22 @@ from finescope_core.data import PreparedCorpus, RecordSet, check_sizes, shown_te
 from finescope_core.evaluate.split import Holdout
 from finescope_core.io import read_jsonl
 from finescope_core.model import model_config
+from finescope_core.run_warnings import duplicate_warnings
+from finescope_core.settings import summary
 from flows.fanout import embed, encode_corpus, train_saes
+from flows.placement import place
 from flows.runtime import (
     apply_gpu_limit,
     check_runner,
     prefect_results,
 )
+from flows.ui import namer, tagged
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import data_task, inputs_task, model_task, sae_data_task, sae_inputs_task
 from tasks.evalset import holdout
 from tasks.export import Exported, curated_outputs, export_task, run_facts
 from tasks.prune import training_pool
+from tasks.report import compute_seconds
 from tasks.retrieve import retrieve_task
 from tasks.saliency import saliency_task
 
@@ -116,7 +121,7 @@ def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int]
     return layers, Inputs(inputs, sae_corpus), held
 
 
-@flow(name="curate", log_prints=True)
+@flow(name="curate", flow_run_name=namer("curate"), log_prints=True)
 def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool = False) -> CurateResult:
     """Data -> saliency -> activations -> SAEs -> sparse codes -> retrieval and vote (each stage cached in the store).
 
@@ -126,7 +131,9 @@ def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool =
     """
     start = time.perf_counter()
     layers, inputs, held = preflight(config, evaluating)
-    with prefect_results(config):
+    if export:
+        config = place(config, "curate")  # another run's outputs are never replaced in silence
+    with prefect_results(config), tagged(config):
         result = _curate(config, layers, inputs, held)
         publish(config, result)
         if export:
@@ -165,19 +172,32 @@ def _curate(config: FinescopeConfig, layers: list[int], inputs: Inputs, held: Ho
     )
 
 
+def corpus_warnings(result: CurateResult) -> list[str]:
+    """Exact duplicates removed from the corpus and from `curate.sae_corpus`, as warnings."""
+    found = duplicate_warnings(result.corpus.info, "corpus")
+    if result.sae_corpus is not None:
+        found += duplicate_warnings(result.sae_corpus.info, "curate.sae_corpus")
+    return found
+
+
 def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
-    """Stage table and the top of the curated set as Prefect artifacts (and in the log)."""
+    """Stage table and the top of the curated set as Prefect artifacts (and in the log), warnings first."""
+    for line in corpus_warnings(result):
+        logger().warning("%s", line)
     stages = result.stages()
     create_table_artifact(
-        [{"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1), "uri": m.uri} for m in stages],
+        [{"stage": m.stage, "cached": m.cached, "seconds": round(compute_seconds(m), 1), "uri": m.uri}
+         for m in stages],
         key=artifact_key("curate", cfg, "stages"),
-        description="Stages of the curate run",
+        description=f"Stages of the curate run: {summary(cfg)}",
     )
     if result.sae is not None:
         rows = [{"layer": layer, **metrics} for layer, metrics in zip(result.layers, result.sae.info["metrics"], strict=True)]
-        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"), description="SAE metrics per layer")
+        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"),
+                              description=f"SAE metrics per layer: {summary(cfg)}")  # fmt: skip
     top = _top_records(cfg, result.curated, 10)
-    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"), description="Curated set")
+    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"),
+                             description=f"Curated set: {summary(cfg)}")  # fmt: skip
     logger().info("curated %d records -> %s", result.curated.info.get("records", 0), result.curated.uri)
 
 
@@ -202,6 +222,7 @@ def _markdown(cfg: FinescopeConfig, result: CurateResult, top: list[dict[str, An
         f"{result.curated.info.get('records', 0)} records from {result.curated.info.get('corpus_records', '?')} "
         f"(layers {result.layers or '-'}); artifact `{result.curated.uri}`",
         *_sae_source(result),
+        *(f"\n**Warning**: {w}" for w in corpus_warnings(result)),
         "",
         "| rank | id | score | votes | text |",
         "|---:|---|---:|---:|---|",

@@ -11,6 +11,7 @@ from prefect import flow, unmapped
 
 from finescope_core.config import FinescopeConfig
 from flows.runtime import gpu_placement, task_runner
+from flows.ui import detached
 from tasks.activations import (
     activation_shard_task,
     gather_activations_task,
@@ -57,12 +58,13 @@ def embed(
     missing = list({records.sha256: records for records, hit in zip(record_sets, found, strict=True) if hit is None}.values())
     if missing:
         runner = embed_flow.with_options(task_runner=task_runner(config), flow_run_name="embed-" + "+".join(m.stage for m in missing))
-        built = dict(zip((m.sha256 for m in missing), runner(config, ref, missing, layers, sal), strict=True))
+        made = detached(runner(config, ref, missing, layers, sal))
+        built = dict(zip((m.sha256 for m in missing), made, strict=True))
         found = [hit if hit is not None else built[records.sha256] for records, hit in zip(record_sets, found, strict=True)]
     return found  # type: ignore[return-value]
 
 
-@flow(name="sae-training", log_prints=True)
+@flow(name="sae-training", flow_run_name="sae-training", log_prints=True)
 def sae_flow(
     config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], records: StageManifest
 ) -> StageManifest:
@@ -81,10 +83,11 @@ def train_saes(
     found = lookup_sae(config, acts, sal)
     if found is not None:
         return found
-    return sae_flow.with_options(task_runner=task_runner(config))(config, acts, sal, layers, records)
+    runner = sae_flow.with_options(task_runner=task_runner(config))
+    return detached(runner(config, acts, sal, layers, records))
 
 
-@flow(name="sae-codes", log_prints=True)
+@flow(name="sae-codes", flow_run_name="sae-codes", log_prints=True)
 def codes_flow(config: FinescopeConfig, acts: StageManifest, sae: StageManifest, missing: list[int]) -> list[StageManifest]:
     """One mapped task per corpus shard whose codes are not in the store yet."""
     shards = corpus_shard_refs(config, acts)
@@ -99,6 +102,6 @@ def encode_corpus(config: FinescopeConfig, acts: StageManifest, sae: StageManife
     missing = [i for i, hit in enumerate(found) if hit is None]
     if missing:
         runner = codes_flow.with_options(task_runner=task_runner(config))
-        built = iter(runner(config, acts, sae, missing))
+        built = iter(detached(runner(config, acts, sae, missing)))
         found = [hit if hit is not None else next(built) for hit in found]
     return found  # type: ignore[return-value]

@@ -14,8 +14,11 @@ from transformers import AutoModelForCausalLM
 from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
+from finescope_core.settings import summary
 from flows.curate import CurateResult, curate_flow
+from flows.placement import place
 from flows.runtime import prefect_results
+from flows.ui import detached, namer, tagged
 from tasks.common import StageManifest, artifact_key, logger
 from tasks.data import model_task
 from tasks.export import (
@@ -55,7 +58,7 @@ def check_ratio(cfg: FinescopeConfig) -> None:
     plan_widths(skeleton, cfg.prune.ratio, cfg.prune.attention)
 
 
-@flow(name="prune", log_prints=True)
+@flow(name="prune", flow_run_name=namer("prune"), log_prints=True)
 def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     """Curated data (or random / a file, per `prune.data`) decides which heads and channels survive.
 
@@ -64,7 +67,9 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     """
     start = time.perf_counter()
     check_ratio(config)
-    with prefect_results(config):
+    if export:
+        config = place(config, "prune")  # another run's outputs are never replaced in silence
+    with prefect_results(config), tagged(config):
         result = _prune(config)
         if export:
             curated = result.curate.curated if result.curate else None
@@ -77,7 +82,8 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
 
 
 def _prune(config: FinescopeConfig) -> PruneResult:
-    curated = curate_flow(config, export=False) if config.prune.data in ("curated", "random") else None
+    uses_corpus = config.prune.data in ("curated", "random")
+    curated = detached(curate_flow(config, export=False)) if uses_corpus else None
     texts = pruning_texts(
         config, curated.corpus if curated else None, curated.curated if curated else None,
         seeds=curated.seeds if curated else None, excluded=curated.held_out.excluded if curated else (),
@@ -88,7 +94,8 @@ def _prune(config: FinescopeConfig) -> PruneResult:
         {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}
         for k, v in info["params_before"].items()
     ]
-    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"), description=f"ratio {info['achieved_ratio']:.4f}")
+    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"),
+                          description=f"achieved ratio {info['achieved_ratio']:.4f}: {summary(config)}")  # fmt: skip
     logger().info(
         "pruned %d -> %d parameters (ratio %.4f, target %.2f)",
         info["params_before"]["total"], info["params_after"]["total"], info["achieved_ratio"], config.prune.ratio,

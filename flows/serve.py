@@ -106,7 +106,8 @@ def build_deployment(
             name,
             schedule=sched,
             parameters=parameters,
-            tags=["finescope"],
+            # The run name too: every flow and task run of the deployment carries it (as CLI runs do).
+            tags=["finescope", name],
             # A module path resolves wherever the package is installed, unlike a path relative to the cwd.
             entrypoint_type=EntrypointType.MODULE_PATH,
         )

@@ -13,9 +13,13 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
 from finescope_core.report import embed_images, harness_rows, metric_rows, paired_rows
+from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
+from finescope_core.settings import summary
 from flows.curate import CurateResult, curate_flow
+from flows.placement import place
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
+from flows.ui import detached, namer, tagged
 from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
 from tasks.data import load_data, model_task, read_inputs
 from tasks.evalset import candidate_items, decontaminate, eval_files, holdout, training_texts
@@ -62,14 +66,16 @@ class SpecializeResult(BaseModel):
 
 
 def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
-    pruned = prune_task(cfg, base, prune_texts, texts_sha(prune_texts))
+    # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
+    prune = prune_task.with_options(task_run_name=f"prune-{tag}")
+    pruned = prune(cfg, base, prune_texts, texts_sha(prune_texts))
     teacher = teacher_ref(cfg, base)
     distilled = teacher_task(cfg, teacher, records, tag)
     tuned = finetune_task(cfg, pruned, distilled, tag, teacher)
     return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
 
 
-@flow(name="specialize", log_prints=True)
+@flow(name="specialize", flow_run_name=namer("specialize"), log_prints=True)
 def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     """From seeds and a corpus to a pruned, teacher-distilled, LoRA-tuned domain model with a report.
 
@@ -81,9 +87,10 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     check_harness_config(config.evaluate)  # a missing lm-eval include dir or an unknown task name: refused first
     check_teacher_backend(config)  # vllm without the package or a GPU: refused before any model work
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
+    config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)
-    with prefect_results(config):
+    with prefect_results(config), tagged(config):
         result = _specialize(config)
         main = result.variants[""]
         outputs = specialize_outputs(config, result.report, result.curate.curated, main.pruned, main.distilled,
@@ -93,7 +100,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
 
 
 def _specialize(config: FinescopeConfig) -> SpecializeResult:
-    curated = curate_flow(config, export=False, evaluating=True)
+    curated = detached(curate_flow(config, export=False, evaluating=True))
     held = curated.held_out
     corpus, seeds = load_data(config, curated.corpus), load_data(config, curated.seeds)
     train = curated_records(config, curated.corpus, curated.curated)
@@ -131,10 +138,19 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
     seconds = _stage_seconds(curated, variants, evaluations)
     metrics = metrics_document(evaluations, seconds, evaluation=data.info,
                                distilled={name: v.distilled for name, v in variants.items()},
-                               items=evaluation_items(store, evaluations))
+                               items=evaluation_items(store, evaluations),
+                               record_sets={"corpus": curated.corpus, "curate.sae_corpus": curated.sae_corpus})
+    _log_warnings(metrics)
     report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
     return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)
+
+
+def _log_warnings(metrics: dict[str, Any]) -> None:
+    """The teacher's fallbacks and small evaluation sets of metrics.json's `warnings`, as log WARNINGs (the
+    curate subflow logged the duplicates where it removed them)."""
+    for line in fallback_warnings(metrics.get("distillation") or {}) + eval_set_warnings(metrics["evaluation"]):
+        logger().warning("%s", line)
 
 
 def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluations: dict[str, StageManifest]) -> dict[str, float]:
@@ -146,17 +162,20 @@ def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluati
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:
     rows = metric_rows(metrics["models"])
     create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"),
-                          description="every model x metric: value [95 % bootstrap interval] (n)")  # fmt: skip
+                          description=f"every model x metric: value [95 % interval] (n); {summary(cfg)}")  # fmt: skip
     _publish_harness(cfg, metrics)
     if metrics.get("comparisons"):
         create_table_artifact(paired_rows(metrics["comparisons"]), key=artifact_key("specialize", cfg, "paired"),
-                              description="paired comparisons on the same items: ratio / difference [95 % bootstrap interval over items]")  # fmt: skip
+                              description="paired comparisons on the same items: ratio / difference "
+                                          f"[95 % bootstrap interval over items]; {summary(cfg)}")  # fmt: skip
     create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
-                          key=artifact_key("specialize", cfg, "stage-seconds"))  # fmt: skip
+                          key=artifact_key("specialize", cfg, "stage-seconds"),
+                          description=summary(cfg))  # fmt: skip
     report_dir = artifact_dir(open_store(cfg), report)
     # The UI has no directory to resolve the plots' relative links against: they travel inline.
     body = embed_images((report_dir / "report.md").read_text(encoding="utf-8"), report_dir)
-    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"), description="finescope report")
+    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"),
+                             description=f"finescope report: {summary(cfg)}")  # fmt: skip
 
 
 def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
@@ -164,4 +183,5 @@ def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
     rows = harness_rows(metrics["models"])
     if rows:
         create_table_artifact(rows, key=artifact_key("specialize", cfg, "lm-eval"),
-                              description="lm-evaluation-harness: value [95 % bootstrap CI] per task and model")  # fmt: skip
+                              description="lm-evaluation-harness: value [95 % bootstrap CI] per task and model; "
+                                          f"{summary(cfg)}")  # fmt: skip

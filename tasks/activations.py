@@ -154,7 +154,9 @@ def gather_activations_task(
     def build(work: Path) -> dict[str, Any]:
         listed = [{"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)} for s in shards]
         (work / "shards.json").write_text(json.dumps(listed, indent=1))
-        return {"layers": layers, "rows": rows, "shards": len(shards)}
+        # The work is the shards' (this step only lists them): their seconds make the stage's time.
+        return {"layers": layers, "rows": rows, "shards": len(shards),
+                "parts_seconds": sum(s.seconds for s in shards)}  # fmt: skip
 
     # The shards ran on the workers: their precision, not this process's, is what the artifact holds.
     ran = shared_precision([s.info for s in shards], f"activations of {records.uri}")

@@ -457,7 +457,7 @@ class Progress:
         self.shown_at = float("-inf")
         self.start = time.perf_counter()
         try:
-            self.artifact_id = create_progress_artifact(0.0, description=what)
+            self.artifact_id = create_progress_artifact(0.0, description=f"{what}: 0 %")
         except Exception:  # no Prefect run context (a plain function call): terminal only
             self.artifact_id = None
 
@@ -470,19 +470,21 @@ class Progress:
         # Each update is an API call: at most one per MIN_UPDATE_SECONDS, so short batches stay cheap.
         if done >= total or (pct >= self.shown_pct + 2 and now - self.shown_at >= self.MIN_UPDATE_SECONDS):
             self.shown_at = now
-            self._show(pct)
+            self._show(pct, done, total)
         if pct // 10 > self.logged_decile or done >= total:
             self.logged_decile = pct // 10
             detail = _short(f" {info}") if info else ""
             elapsed = time.perf_counter() - self.start
             logger().info("%s: %d/%d (%d%%, %.0fs)%s", self.what, done, total, pct, elapsed, detail)
 
-    def _show(self, pct: int) -> None:
+    def _show(self, pct: int, done: int, total: int) -> None:
         self.shown_pct = pct
         if self.artifact_id is None:
             return
         try:
-            update_progress_artifact(self.artifact_id, float(pct))
+            # The value in the description too: the UI's artifact list shows the description, not the bar.
+            shown = f"{self.what}: {pct} % ({done}/{total})"
+            update_progress_artifact(self.artifact_id, float(pct), description=shown)
         except Exception:  # the UI is a convenience; never fail a stage over it
             self.artifact_id = None
 

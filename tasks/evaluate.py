@@ -89,7 +89,8 @@ def with_harness(
     return metrics, samples
 
 
-@task(name="evaluate", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+@task(name="evaluate", task_run_name="evaluate-{name}", cache_policy=RUN_RESULTS, tags=GPU_TAGS,
+      **STORE_RETRIES)  # fmt: skip
 def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, data: dict[str, Any]) -> StageManifest:
     """Domain perplexity (raw and chat-formatted), general perplexity, MC accuracy / numeric exact match
     when given, each with a bootstrap 95 % interval; `data` is `tasks.evalset.EvalData.payload()`.

@@ -23,6 +23,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.distilled import read_distilled
 from finescope_core.export import Output, export_outputs, output_uri
 from finescope_core.model import DEFAULT_MODEL
+from finescope_core.settings import summary
 from finescope_core.store_admin import OUTPUTS_DIR
 from tasks.common import (
     IO_RETRIES,
@@ -144,5 +145,6 @@ def export_task(cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: 
     logger().info("outputs exported to %s (%d items)", location, len(written))
     # Every output's URI in the UI, so a deployment run says where its model and data went.
     rows = [{"output": name, "uri": uri} for name, uri in written.items()]
-    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"), description=f"outputs in {location}")
+    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"),
+                          description=f"outputs in {location}; {summary(cfg)}")  # fmt: skip
     return Exported(location=location, outputs=written)

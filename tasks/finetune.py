@@ -63,7 +63,8 @@ def tuned_key(
     return TunedKey.of(cfg, inputs, precision).spec()
 
 
-@task(name="finetune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+@task(name="finetune", task_run_name="finetune-{tag}", cache_policy=RUN_RESULTS, tags=GPU_TAGS,
+      **STORE_RETRIES)  # fmt: skip
 def finetune_task(
     cfg: FinescopeConfig, pruned: StageManifest, distilled: StageManifest, tag: str, teacher: ModelRef | None = None
 ) -> StageManifest:

@@ -351,7 +351,10 @@ class _Planner:
             manifests = {n: d.manifest for n, d in evaluations.items()}
             metrics = metrics_document(manifests, seconds, evaluation=self.eval_info(),
                                        distilled={n: v[1].manifest for n, v in variants.items()},
-                                       items=evaluation_items(self.store, manifests))  # fmt: skip
+                                       items=evaluation_items(self.store, manifests),
+                                       record_sets={name: d.manifest if d else None for name, d in
+                                                    (("corpus", curate["corpus"]),
+                                                     ("curate.sae_corpus", curate["sae_corpus"]))})  # fmt: skip
             return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
         self.step("report", "report", [*stages, self.code_dep, *evaluations.values()], spec)

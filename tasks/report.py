@@ -15,6 +15,7 @@ from finescope_core.evaluate import (
     metrics_schema_errors,
 )
 from finescope_core.report_stage import ReportInputs, report_stage
+from finescope_core.run_warnings import duplicate_warnings, eval_set_warnings, fallback_warnings
 from tasks.common import (
     RUN_RESULTS,
     STORE_RETRIES,
@@ -33,13 +34,19 @@ CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "sae_corpus": "sae-corpu
                   "sae_activations": "activations-sae-corpus", "sae": "sae", "curated": "curated"}  # fmt: skip
 
 
+def compute_seconds(m: StageManifest) -> float:
+    """The seconds a stage took; a fanned-out stage (activations, sae) adds its parts' (`parts_seconds`), the
+    gathering step alone being instant: compute time summed over workers, not wall time."""
+    return m.seconds + float(m.info.get("parts_seconds", 0.0))
+
+
 def stage_seconds(
     curate: dict[str, StageManifest | None],
     variants: dict[str, list[StageManifest]],
     evaluations: dict[str, StageManifest],
     codes: list[StageManifest] | None = None,
 ) -> dict[str, float]:
-    """Seconds each stage took when it was computed (a cached stage reports its original time).
+    """Seconds each stage took when computed (`compute_seconds`; a cached stage reports its original time).
 
     Args:
         curate: the curate stages by CurateResult field name (`CURATE_SECONDS`); None for skipped ones.
@@ -49,7 +56,7 @@ def stage_seconds(
     out: dict[str, float] = {}
     for f in CURATE_SECONDS:
         if (m := curate.get(f)) is not None:
-            out[CURATE_SECONDS[f]] = round(m.seconds, 1)
+            out[CURATE_SECONDS[f]] = round(compute_seconds(m), 1)
         if f == "sae" and codes:
             out["sae-codes"] = round(sum(c.seconds for c in codes), 1)
     for name, stages in variants.items():
@@ -66,6 +73,7 @@ def metrics_document(
     evaluation: dict[str, Any] | None = None,
     distilled: dict[str, StageManifest] | None = None,
     items: dict[str, dict[str, Any] | None] | None = None,
+    record_sets: dict[str, StageManifest | None] | None = None,
 ) -> dict[str, Any]:
     """`metrics.json`: {"models": {name: metrics}, "comparisons": [...], "evaluation": how the eval sets
     were made, "stage_seconds": {...}}, schema-checked.
@@ -76,6 +84,11 @@ def metrics_document(
         items: each evaluation's per-item numbers by model name (`tasks.evaluate.evaluation_items`);
             adds `comparisons`, the paired comparisons of `finescope_core.evaluate.paired.comparisons`
             (tuned vs every other model, each baseline's tuned model vs base).
+        record_sets: the record stages whose removed duplicates are warned of, by the name the warning
+            gives them (`corpus`, `curate.sae_corpus`); None entries are skipped.
+
+    `warnings` (always there, perhaps empty): duplicates removed, teacher fallbacks, small evaluation
+    sets (`finescope_core.run_warnings`), in that order; the report shows them first.
     """
     doc: dict[str, Any] = {"models": {name: m.info for name, m in evaluations.items()}}
     if items is not None:
@@ -85,6 +98,9 @@ def metrics_document(
     doc["stage_seconds"] = seconds
     if distilled:
         doc["distillation"] = {name or "curated": distillation_info(m) for name, m in distilled.items()}
+    doc["warnings"] = [w for what, m in (record_sets or {}).items() if m is not None
+                       for w in duplicate_warnings(m.info, what)]  # fmt: skip
+    doc["warnings"] += fallback_warnings(doc.get("distillation") or {}) + eval_set_warnings(evaluation or {})
     errors = metrics_schema_errors(doc)
     if errors:
         raise ValueError("metrics.json would be malformed: " + "; ".join(errors))

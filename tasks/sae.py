@@ -118,6 +118,8 @@ def gather_sae_task(
         missing = sorted(set(layers) - set(metrics))
         if missing:
             raise ValueError(f"no SAE was trained for layers {missing}; re-run")
-        return {"layers": layers, "metrics": [metrics[layer] for layer in layers], "trained_on": trained_on(records)}
+        # The training is the parts' work (this step copies them): their seconds make the stage's time.
+        return {"layers": layers, "metrics": [metrics[layer] for layer in layers], "trained_on": trained_on(records),
+                "parts_seconds": sum(p.seconds for p in parts)}  # fmt: skip
 
     return run_cached(store, sae_key(cfg, acts.sha256, sal.sha256), build)

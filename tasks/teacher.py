@@ -80,7 +80,7 @@ def distilled_key(
     return DistilledKey.of(cfg, {"teacher": teacher_sha, "records": records_sha(records)}, precision).spec()
 
 
-@task(name="teacher", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **IO_RETRIES)
+@task(name="teacher", task_run_name="teacher-{tag}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **IO_RETRIES)
 def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record], tag: str) -> StageManifest:
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
     ran = work_precision(cfg)

@@ -53,7 +53,7 @@ def test_cron_deployment_carries_the_config(ws, tmp_path, flow_name):
     cfg = FinescopeConfig.model_validate(config(ws, tmp_path / "store"))
     cfg.storage.endpoint_url = "http://127.0.0.1:9000"  # not a secret: may travel in the parameters
     dep = build_deployment(cfg, flow_name, cron="0 3 * * 0", name="weekly")
-    assert (dep.flow_name, dep.name, dep.tags) == (flow_name, "weekly", ["finescope"])
+    assert (dep.flow_name, dep.name, dep.tags) == (flow_name, "weekly", ["finescope", "weekly"])
     assert dep.entrypoint == {"specialize": "flows.specialize.specialize_flow", "curate": "flows.curate.curate_flow",
                               "prune": "flows.prune.prune_flow"}[flow_name]  # fmt: skip
     [sched] = dep.schedules
