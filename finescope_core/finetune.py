@@ -230,11 +230,21 @@ def distill_loss(
     if teacher is None or kd_weight == 0:
         return LossParts(ce, None, int(targets.numel()), 0)
     keep = kd_position_mask(batch, kd_tokens)
-    with torch.no_grad():
-        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t_sel = t_logits[:, :-1][keep].float()
-    kd = kd_loss(logits[:, :-1][keep].float(), t_sel, temperature)
+    kd = kd_loss(logits[:, :-1][keep].float(), _teacher_logits(teacher, batch, keep, logits.device), temperature)
     return LossParts(ce, kd, int(targets.numel()), int(keep.sum()), kd_weight)
+
+
+def _teacher_logits(teacher: nn.Module, batch: dict[str, Tensor], keep: Tensor, device: torch.device) -> Tensor:
+    """The teacher's float32 logits at the KD positions, on the student's device.
+
+    Inference mode keeps no autograd state for the teacher's forward pass; the selected rows are
+    cloned out of it, because the KD loss's backward saves them (an inference tensor cannot be saved).
+    The teacher may sit on another device or spread over several (`teacher.device_map: auto`).
+    """
+    with torch.inference_mode():
+        t_logits: Tensor = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        selected = t_logits[:, :-1][keep.to(t_logits.device)].float()
+    return selected.to(device).clone()
 
 
 @torch.no_grad()

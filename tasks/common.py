@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from finescope_core import __version__
 from finescope_core.config import ConfigError, FinescopeConfig, slug
+from finescope_core.memory import StageOutOfMemory, is_out_of_memory, out_of_memory, release_memory
 from finescope_core.model import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
@@ -38,13 +39,14 @@ CODE_VERSION = __version__
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O trouble, never bad input or bad settings (ValueError) nor a broken store (StoreError)."""
+    """Retry I/O trouble, never bad input or bad settings (ValueError), a broken store (StoreError) nor
+    an out-of-memory error (the same settings on the same device fail again)."""
     try:
         state.result()
-    except (ValueError, StoreError):
+    except (ValueError, StoreError, StageOutOfMemory):
         return False
-    except Exception:
-        return True
+    except Exception as e:
+        return not is_out_of_memory(e)
     return False
 
 
@@ -53,7 +55,7 @@ def _retry_storage_outage(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except Exception as e:
-        return is_transient(e)
+        return is_transient(e) and not is_out_of_memory(e)
     return False
 
 
@@ -260,13 +262,29 @@ def run_cached(
     start = time.perf_counter()
     # The work dir outlives a killed run, so a resumable stage (teacher generation) picks up where it stopped.
     with store.work_dir(stage, key, resume=resume) as work:
-        info = build(work)
+        info = _build_releasing(stage, build, work)
         seconds = time.perf_counter() - start
         record = {"version": spec.version, "code_version": CODE_VERSION, "config": spec.config, "inputs": spec.inputs,
                   "info": info, "seconds": seconds}
         artifact = store.commit(work, stage, key, record)
     logger().info("%s: done in %.1fs (%s)", stage, seconds, artifact.uri)
     return _manifest(artifact, cached=False, seconds=seconds)
+
+
+def _build_releasing(stage: str, build: Callable[[Path], dict[str, Any]], work: Path) -> dict[str, Any]:
+    """`build(work)`, then the memory its models and tensors held given back (`release_memory`), so the
+    next stage starts from what the process really holds. An allocation failure becomes a
+    `StageOutOfMemory` with advice, raised without the failed frames (they hold the stage's tensors)."""
+    try:
+        return build(work)
+    except Exception as e:
+        if not is_out_of_memory(e) or isinstance(e, StageOutOfMemory):
+            raise
+        error = out_of_memory(stage, e)
+    finally:
+        release_memory()
+    release_memory()  # the failed frames are gone now: what they held can go too
+    raise error
 
 
 def lookup_stage(store: ArtifactStore, spec: StageKey) -> StageManifest | None:
@@ -344,12 +362,38 @@ def _file_digest(path: str) -> str:
     return sha256_file(Path(path))
 
 
-@functools.lru_cache(maxsize=2)
+_SHARED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+"""The process's one shared model (`cached_model`), by (path, device, dtype)."""
+_SHARED_LOCK = threading.RLock()
+
+
 def cached_model(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any]:
     """Load a model once per process; stages of one flow run share it (read-only use only).
 
+    At most one model is held: loading another first evicts the one held, so two never coexist.
     `dtype` is a `model_dtype` name (`auto` resolved for the device)."""
-    return load_model(path, device=device, dtype=dtype)
+    key = (path, device, dtype)
+    with _SHARED_LOCK:
+        held = _SHARED.get(key)
+        if held is None:
+            evict_shared_model()
+            held = _SHARED[key] = load_model(path, device=device, dtype=dtype)
+        return held
+
+
+def evict_shared_model() -> None:
+    """Drop the shared model (a task still using it keeps its own reference) and give its memory back."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+    release_memory()
+
+
+def private_model(path: str, device: str, dtype: str = "float32", device_map: str | None = None) -> tuple[Any, Any]:
+    """A stage's own copy of a model (pruning changes it, training trains it), loaded with the shared
+    copy evicted first, so the process holds one copy of the base model, not two. `run_cached` gives
+    its memory back when the stage's build returns."""
+    evict_shared_model()
+    return load_model(path, device=device, dtype=dtype, device_map=device_map)
 
 
 _MODEL_LOCKS: dict[tuple[str, str], threading.Lock] = {}

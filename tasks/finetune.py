@@ -23,6 +23,7 @@ from tasks.common import (
     StageManifest,
     artifact_dir,
     open_store,
+    private_model,
     run_cached,
 )
 
@@ -70,10 +71,11 @@ def finetune_task(
         raise ValueError("finetune.kd_weight > 0 needs the teacher model (tasks.teacher.teacher_ref)")
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = load_model(str(artifact_dir(store, pruned) / "model"), device=cfg.device, dtype=cfg.model_dtype)
-        teacher_model = (
-            load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype)[0] if use_teacher and teacher is not None else None
-        )
+        model, tok = private_model(str(artifact_dir(store, pruned) / "model"), cfg.device, cfg.model_dtype)
+        teacher_model = None
+        if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
+            device_map = "auto" if cfg.teacher.device_map == "auto" else None
+            teacher_model = load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype, device_map=device_map)[0]
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(
             model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"), teacher=teacher_model
