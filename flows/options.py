@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from finescope_core.config import FinescopeConfig, path_fields
 
-GENERAL = ("name", "model", "seeds", "corpus", "store", "storage", "device", "seed")
+GENERAL = ("name", "model", "seeds", "corpus", "store", "storage", "device", "memory_budget", "seed")
 SECTIONS: dict[str, tuple[str, ...]] = {
     "curate": (*GENERAL, "curate", "orchestration"),
     "prune": (*GENERAL, "curate", "prune", "orchestration"),

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM
 
 from finescope_core.config import FinescopeConfig
+from finescope_core.memplan import check_memory
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from flows.curate import CurateResult, curate_flow
@@ -57,6 +58,7 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     """
     start = time.perf_counter()
     check_ratio(config)
+    check_memory(config, stages=("saliency", "pruned"))  # a stage that cannot fit: refused before any model load
     with prefect_results(config):
         result = _prune(config)
         if export:
