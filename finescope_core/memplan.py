@@ -95,7 +95,11 @@ class MemoryPlan:
     notes: tuple[str, ...] = field(default=())
 
     def by_stage(self) -> dict[str, int]:
-        return {s.name: s.peak for s in self.stages}
+        """Predicted peak by store stage name (an activation shard's stage included)."""
+        peaks = {s.name: s.peak for s in self.stages}
+        if "activations" in peaks:
+            peaks["activation-shards"] = peaks["activations"]
+        return peaks
 
     def refusal(self) -> str | None:
         """Why the run cannot start within the budget (the first stage over it), or None."""
@@ -159,6 +163,7 @@ def plan_memory(
     pruned = int(pruned_params * elem * (1 + LOAD_OVERHEAD))
     stages = (
         _curation(cfg, s, elem, weights),
+        _activations(cfg, s, elem, weights),
         _prune(cfg, s, elem, weights),
         _teacher(cfg, t, elem, teacher_weights),
         _finetune(cfg, s, elem, pruned, pruned_params, teacher_weights),
@@ -179,6 +184,12 @@ def _curation(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> Stage
     """Saliency and activations share the one cached model; the Jacobian probes backpropagate."""
     tokens = cfg.curate.batch_size * cfg.curate.max_length
     return StagePeak("saliency", {"weights": weights, "activations": s.train_activations(tokens, elem)})
+
+
+def _activations(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
+    """Pooled activations: the shared model's forward passes, no gradients."""
+    tokens = cfg.curate.batch_size * cfg.curate.max_length
+    return StagePeak("activations", {"weights": weights, "activations": s.inference_activations(tokens, elem)})
 
 
 def _prune(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:

@@ -4,6 +4,7 @@ back when they end, an out-of-memory error fails at once with advice."""
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +109,66 @@ def test_cpu_allocator_failure_is_out_of_memory_too() -> None:
 
     assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+# ------------------------------------------------------------------------------------------- budget
+
+
+def _workspace(root: Path) -> Path:
+    save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
+    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    return root
+
+
+def test_too_small_budget_is_refused_before_any_model_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    from finescope_core.config import FinescopeConfig
+    from finescope_core.memplan import memory_plan
+    from flows.cli import main
+
+    root = _workspace(tmp_path)
+    cfg = FinescopeConfig(model=str(root / "model"), seeds=[str(root / "seeds.jsonl")],
+                          corpus=[str(root / "corpus.jsonl")], store=str(root / "store"), device="cpu")  # fmt: skip
+    stages = memory_plan(cfg).stages
+    biggest = max(stages, key=lambda s: s.peak)
+    budget_gb = biggest.peak * 0.99 / 1e9
+    first_over = next(s for s in stages if s.peak > budget_gb * 1e9)
+    loads: list[Any] = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    code = main(["run", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--memory_budget", str(budget_gb)])
+    err = capsys.readouterr().err
+    assert code == 2 and loads == [], "refused before any model was loaded"
+    message = err[err.index("finescope: error:"):]
+    assert f"stage {first_over.name!r} needs about {first_over.peak / 1e9:.2f} GB" in message
+    assert f"the memory budget is {budget_gb:.2f} GB" in message
+    assert message.index("gradient_checkpointing") < message.index("finetune.method: lora")
+    assert not (root / "store" / "pruned").exists()
+
+
+def test_plan_counts_parameters_exactly_and_grows_with_the_settings() -> None:
+    from finescope_core.config import FinescopeConfig
+    from finescope_core.memplan import plan_memory
+    from finescope_core.tiny import tiny_config
+
+    config = tiny_config("llama", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
+    params = sum(p.numel() for p in tiny_model("llama", hidden=64, layers=2, heads=8, kv_heads=4,
+                                               intermediate=256).parameters())  # fmt: skip
+
+    def peaks(**fields: Any) -> dict[str, int]:
+        cfg = FinescopeConfig(seeds=["s"], corpus=["c"], device="cpu", model_dtype="float32", **fields)
+        plan = plan_memory(cfg, config)
+        assert plan.model_bytes == params * 4
+        return plan.by_stage()
+
+    base = peaks()
+    assert peaks(finetune={"gradient_checkpointing": True})["tuned"] < base["tuned"]
+    assert peaks(finetune={"method": "full"})["tuned"] > base["tuned"]
+    assert peaks(finetune={"kd_weight": 0.0})["tuned"] < base["tuned"]
+    assert peaks(prune={"batch_size": 8})["pruned"] > base["pruned"]
