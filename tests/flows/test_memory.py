@@ -132,7 +132,8 @@ def test_too_small_budget_is_refused_before_any_model_load(tmp_path: Path, monke
 
     root = _workspace(tmp_path)
     cfg = FinescopeConfig(model=str(root / "model"), seeds=[str(root / "seeds.jsonl")],
-                          corpus=[str(root / "corpus.jsonl")], store=str(root / "store"), device="cpu")  # fmt: skip
+                          corpus=[str(root / "corpus.jsonl")], store=str(root / "store"), device="cpu",
+                          curate={"final_size": 20, "top_m": 20})  # fmt: skip
     stages = memory_plan(cfg).stages
     biggest = max(stages, key=lambda s: s.peak)
     budget_gb = biggest.peak * 0.99 / 1e9
@@ -142,6 +143,10 @@ def test_too_small_budget_is_refused_before_any_model_load(tmp_path: Path, monke
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.model_dump_json())
+    assert main(["store", "plan", "--config", str(cfg_file)]) == 0
+    planned = [line.split() for line in capsys.readouterr().out.splitlines()]
+    peak = {line[1]: line[2] for line in planned if len(line) > 3 and line[3] == "GB"}
+    assert peak["pruned"] == f"{memory_plan(cfg).by_stage()['pruned'] / 1e9:.2f}", "store plan shows each stage's peak"
     code = main(["run", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--memory_budget", str(budget_gb)])
     err = capsys.readouterr().err
     assert code == 2 and loads == [], "refused before any model was loaded"
