@@ -179,7 +179,8 @@ def predictions(root: Path, dtype: str, layers: int) -> dict[str, int]:
     from finescope_core.model import model_config
 
     cfg = FinescopeConfig.model_validate(run_config(root, root / "store", dtype, layers))
-    return plan_memory(cfg, model_config(str(root / "model"))).by_stage()
+    peaks = plan_memory(cfg, model_config(str(root / "model"))).by_stage()
+    return {**peaks, "whole run": max(peaks.values())}
 
 
 def table(result: dict[str, Any]) -> str:
