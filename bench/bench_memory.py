@@ -75,8 +75,8 @@ def _param_count(c: dict[str, Any]) -> int:
 
 def run_config(root: Path, store: Path, dtype: str, layers: int) -> dict[str, Any]:
     return {
-        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")], "corpus": [str(root / "corpus.jsonl")],
-        "store": str(store), "device": "cpu", "model_dtype": dtype,
+        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")],
+        "corpus": [str(root / "corpus.jsonl")], "store": str(store), "device": "cpu", "model_dtype": dtype,
         "curate": {"final_size": 12, "top_m": 12, "k_act": 16, "reference_size": 8, "max_length": 32,
                    "batch_size": 8, "num_layers": min(layers, 4),
                    "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
@@ -162,7 +162,9 @@ def run_flow(code: Path, root: Path, dtype: str, layers: int, interval: float) -
 def baseline_tree(ref: str, where: Path) -> Iterator[Path]:
     """`ref` checked out in a temporary git worktree (removed afterwards)."""
     path = where / f"baseline-{ref}"
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True, capture_output=True
+    )
     try:
         yield path
     finally:
@@ -198,7 +200,11 @@ def table(result: dict[str, Any]) -> str:
     for name in [*names, "whole run"]:
         vals = [run["whole"] if name == "whole run" else run["stages"].get(name) for run in runs.values()]
         pred = predicted.get(name)
-        measured = current["whole"] if current and name == "whole run" else (current or {}).get("stages", {}).get(name)
+        measured = (
+            current["whole"]
+            if current and name == "whole run"
+            else (current or {}).get("stages", {}).get(name)
+        )
         ratio = f"{pred / measured:.2f}" if pred and measured else "–"
         lines.append("| " + " | ".join([name, *map(cell, vals), cell(pred), ratio]) + " |")
     seconds = ", ".join(f"{tree} {run['seconds']:.0f} s" for tree, run in runs.items())
@@ -234,9 +240,14 @@ def main() -> None:
                 trees["baseline"] = stack.enter_context(baseline_tree(args.baseline_ref, root))
             results = []
             for dtype in args.dtypes.split(","):
-                runs = {name: run_flow(code, root, dtype, args.layers, args.interval) for name, code in trees.items()}
-                result = {"dtype": dtype, "params": params, "model_bytes": params * BYTES[dtype], "runs": runs,
-                          "predicted": predictions(root, dtype, args.layers)}  # fmt: skip
+                runs = {
+                    name: run_flow(code, root, dtype, args.layers, args.interval)
+                    for name, code in trees.items()
+                }
+                predicted = predictions(root, dtype, args.layers)
+                model_bytes = params * BYTES[dtype]
+                result = {"dtype": dtype, "params": params, "model_bytes": model_bytes, "runs": runs,
+                          "predicted": predicted}  # fmt: skip
                 results.append(result)
                 print(table(result) + "\n", flush=True)
                 model_config = json.loads((root / "model" / "config.json").read_text())

@@ -230,11 +230,14 @@ def distill_loss(
     if teacher is None or kd_weight == 0:
         return LossParts(ce, None, int(targets.numel()), 0)
     keep = kd_position_mask(batch, kd_tokens)
-    kd = kd_loss(logits[:, :-1][keep].float(), _teacher_logits(teacher, batch, keep, logits.device), temperature)
+    t_sel = _teacher_logits(teacher, batch, keep, logits.device)
+    kd = kd_loss(logits[:, :-1][keep].float(), t_sel, temperature)
     return LossParts(ce, kd, int(targets.numel()), int(keep.sum()), kd_weight)
 
 
-def _teacher_logits(teacher: nn.Module, batch: dict[str, Tensor], keep: Tensor, device: torch.device) -> Tensor:
+def _teacher_logits(
+    teacher: nn.Module, batch: dict[str, Tensor], keep: Tensor, device: torch.device
+) -> Tensor:
     """The teacher's float32 logits at the KD positions, on the student's device.
 
     Inference mode keeps no autograd state for the teacher's forward pass; the selected rows are
@@ -242,7 +245,8 @@ def _teacher_logits(teacher: nn.Module, batch: dict[str, Tensor], keep: Tensor, 
     The teacher may sit on another device or spread over several (`teacher.device_map: auto`).
     """
     with torch.inference_mode():
-        t_logits: Tensor = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        t_logits: Tensor = out.logits
         selected = t_logits[:, :-1][keep.to(t_logits.device)].float()
     return selected.to(device).clone()
 
@@ -464,7 +468,12 @@ class _EpochCallback(TrainerCallback):
 
 
 def _training_args(
-    cfg: FinetuneConfig, n_train: int, seed: int, work: Path, device: torch.device, autocast: torch.dtype | None = None
+    cfg: FinetuneConfig,
+    n_train: int,
+    seed: int,
+    work: Path,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
 ) -> TrainingArguments:
     per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
     return TrainingArguments(

@@ -14,8 +14,13 @@ import ctypes.util
 import functools
 import gc
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 OOM_FIXES = (
     "finetune.gradient_checkpointing: true",
@@ -79,3 +84,19 @@ def out_of_memory(stage: str, error: BaseException) -> StageOutOfMemory:
 def _first_line(error: BaseException) -> str:
     lines = str(error).splitlines()
     return lines[0][:200] if lines else ""
+
+
+def build_releasing(stage: str, build: Callable[[Path], T], work: Path) -> T:
+    """`build(work)`, then the memory its models and tensors held given back (`release_memory`), so the
+    next stage starts from what the process really holds. An allocation failure becomes a
+    `StageOutOfMemory` with advice, raised without the failed frames (they hold the stage's tensors)."""
+    try:
+        return build(work)
+    except Exception as e:
+        if not is_out_of_memory(e) or isinstance(e, StageOutOfMemory):
+            raise
+        error = out_of_memory(stage, e)
+    finally:
+        release_memory()
+    release_memory()  # the failed frames are gone now: what they held can go too
+    raise error

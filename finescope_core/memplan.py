@@ -46,17 +46,20 @@ class Shapes:
     @classmethod
     def of(cls, config: PretrainedConfig) -> Shapes:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]  # untyped in transformers
+            # untyped in transformers
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
         named = dict(model.named_parameters())
-        proj = sum(p.numel() for n, p in named.items() if n.endswith("_proj.weight") or n.endswith("_proj.bias"))
+        proj = sum(
+            p.numel() for n, p in named.items() if n.endswith("_proj.weight") or n.endswith("_proj.bias")
+        )
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         return cls(
             params=sum(p.numel() for p in named.values()), projection_params=proj,
             largest_param=max(p.numel() for p in named.values()), layers=int(config.num_hidden_layers),
-            hidden=int(config.hidden_size), intermediate=int(config.intermediate_size), kv_width=kv_heads * head_dim,
-            vocab=int(config.vocab_size),
+            hidden=int(config.hidden_size), intermediate=int(config.intermediate_size),
+            kv_width=kv_heads * head_dim, vocab=int(config.vocab_size),
         )  # fmt: skip
 
     def train_activations(self, tokens: int, elem: int, checkpointing: bool = False) -> int:
@@ -109,9 +112,11 @@ class MemoryPlan:
             if s.peak > self.budget:
                 parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in s.parts.items() if v)
                 fixes = "; ".join(f"({i}) {fix}" for i, fix in enumerate(OOM_FIXES, start=1))
-                return (f"stage {s.name!r} needs about {s.peak / GB:.2f} GB ({parts} GB) but the memory budget is "
-                        f"{self.budget / GB:.2f} GB (memory_budget). Fixes, in order: {fixes}; "
-                        "or raise memory_budget if the device has more free memory")  # fmt: skip
+                return (
+                    f"stage {s.name!r} needs about {s.peak / GB:.2f} GB ({parts} GB) but the memory budget "
+                    f"is {self.budget / GB:.2f} GB (memory_budget). Fixes, in order: {fixes}; "
+                    "or raise memory_budget if the device has more free memory"
+                )
         return None
 
 
@@ -150,7 +155,11 @@ def memory_budget(cfg: FinescopeConfig) -> int | None:
 
 
 def plan_memory(
-    cfg: FinescopeConfig, config: PretrainedConfig, budget: int | None = None, *, teacher: PretrainedConfig | None = None
+    cfg: FinescopeConfig,
+    config: PretrainedConfig,
+    budget: int | None = None,
+    *,
+    teacher: PretrainedConfig | None = None,
 ) -> MemoryPlan:
     """Every model stage's predicted peak for `cfg` on a model of `config` (the teacher's own config
     when it is another model), in the stage order of a run."""
@@ -189,7 +198,9 @@ def _curation(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> Stage
 def _activations(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
     """Pooled activations: the shared model's forward passes, no gradients."""
     tokens = cfg.curate.batch_size * cfg.curate.max_length
-    return StagePeak("activations", {"weights": weights, "activations": s.inference_activations(tokens, elem)})
+    return StagePeak(
+        "activations", {"weights": weights, "activations": s.inference_activations(tokens, elem)}
+    )
 
 
 def _prune(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
@@ -213,7 +224,9 @@ def _teacher(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StageP
     })  # fmt: skip
 
 
-def _finetune(cfg: FinescopeConfig, s: Shapes, elem: int, pruned: int, params: int, teacher: int) -> StagePeak:
+def _finetune(
+    cfg: FinescopeConfig, s: Shapes, elem: int, pruned: int, params: int, teacher: int
+) -> StagePeak:
     """The student (pruned), the teacher when distilling, what training keeps per trained parameter
     (LoRA: float32 adapters; full: gradients and AdamW moments, plus float32 master weights under a
     16-bit dtype), and activations with or without gradient checkpointing."""

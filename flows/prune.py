@@ -58,7 +58,8 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     """
     start = time.perf_counter()
     check_ratio(config)
-    check_memory(config, stages=("saliency", "pruned"))  # a stage that cannot fit: refused before any model load
+    # A stage whose predicted peak is above the memory budget: refused before any model load.
+    check_memory(config, stages=("saliency", "activations", "pruned"))
     with prefect_results(config):
         result = _prune(config)
         if export:

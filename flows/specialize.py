@@ -81,7 +81,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     check_ratio(config)
     check_harness_config(config.evaluate)  # a missing lm-eval include dir or an unknown task name: refused first
     check_teacher_backend(config)  # vllm without the package or a GPU: refused before any model work
-    check_memory(config)  # a stage whose predicted peak is above the memory budget: refused before any model load
+    check_memory(config)  # a stage predicted above the memory budget: refused before any model load
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     seeds, prepared = read_inputs(config)
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)

@@ -161,7 +161,8 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     counts = result.counts()
     print(f"plan of `{COMMAND_OF[args.flow]}` on store {result.store}: {counts['reuse']} reused, "
-          f"{counts['compute']} to compute, {counts['after']} after them; GB: a model stage's predicted peak memory")
+          f"{counts['compute']} to compute, {counts['after']} after them; "
+          "GB: a model stage's predicted peak memory")
     width = max(len(s.name) for s in result.stages)
     for s in result.stages:
         parts = f"  ({sum(p.reused for p in s.parts)} of {len(s.parts)} parts stored)" if s.parts and s.status != "reuse" else ""

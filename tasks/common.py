@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from finescope_core import __version__
 from finescope_core.config import ConfigError, FinescopeConfig, slug
-from finescope_core.memory import StageOutOfMemory, is_out_of_memory, out_of_memory, release_memory
+from finescope_core.memory import StageOutOfMemory, build_releasing, is_out_of_memory, release_memory
 from finescope_core.model import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
@@ -262,29 +262,13 @@ def run_cached(
     start = time.perf_counter()
     # The work dir outlives a killed run, so a resumable stage (teacher generation) picks up where it stopped.
     with store.work_dir(stage, key, resume=resume) as work:
-        info = _build_releasing(stage, build, work)
+        info = build_releasing(stage, build, work)
         seconds = time.perf_counter() - start
         record = {"version": spec.version, "code_version": CODE_VERSION, "config": spec.config, "inputs": spec.inputs,
                   "info": info, "seconds": seconds}
         artifact = store.commit(work, stage, key, record)
     logger().info("%s: done in %.1fs (%s)", stage, seconds, artifact.uri)
     return _manifest(artifact, cached=False, seconds=seconds)
-
-
-def _build_releasing(stage: str, build: Callable[[Path], dict[str, Any]], work: Path) -> dict[str, Any]:
-    """`build(work)`, then the memory its models and tensors held given back (`release_memory`), so the
-    next stage starts from what the process really holds. An allocation failure becomes a
-    `StageOutOfMemory` with advice, raised without the failed frames (they hold the stage's tensors)."""
-    try:
-        return build(work)
-    except Exception as e:
-        if not is_out_of_memory(e) or isinstance(e, StageOutOfMemory):
-            raise
-        error = out_of_memory(stage, e)
-    finally:
-        release_memory()
-    release_memory()  # the failed frames are gone now: what they held can go too
-    raise error
 
 
 def lookup_stage(store: ArtifactStore, spec: StageKey) -> StageManifest | None:
@@ -388,7 +372,9 @@ def evict_shared_model() -> None:
     release_memory()
 
 
-def private_model(path: str, device: str, dtype: str = "float32", device_map: str | None = None) -> tuple[Any, Any]:
+def private_model(
+    path: str, device: str, dtype: str = "float32", device_map: str | None = None
+) -> tuple[Any, Any]:
     """A stage's own copy of a model (pruning changes it, training trains it), loaded with the shared
     copy evicted first, so the process holds one copy of the base model, not two. `run_cached` gives
     its memory back when the stage's build returns."""

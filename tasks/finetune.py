@@ -75,7 +75,8 @@ def finetune_task(
         teacher_model = None
         if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
             device_map = "auto" if cfg.teacher.device_map == "auto" else None
-            teacher_model = load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype, device_map=device_map)[0]
+            teacher_model, _ = load_model(teacher.path, device=cfg.device, dtype=cfg.model_dtype,
+                                          device_map=device_map)  # fmt: skip
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(
             model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"), teacher=teacher_model

@@ -80,7 +80,8 @@ def sae_layers_task(
     def build(work: Path) -> dict[str, Any]:
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices
         progress = Progress(f"sae training (layers {ids})")
-        return core.sae_stage(activation_dirs(store, acts), layers, indices, cfg.curate, cfg.seed, work, progress, positions,
+        dirs = activation_dirs(store, acts)
+        return core.sae_stage(dirs, layers, indices, cfg.curate, cfg.seed, work, progress, positions,
                               device=pick_device(cfg.device))  # fmt: skip
 
     return run_cached(store, sae_layers_key(cfg, acts.sha256, sal.sha256, ids), build)

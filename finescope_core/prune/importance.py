@@ -114,7 +114,8 @@ def _accumulate_grads(
     sums: dict[Tensor, Tensor] = {}
     fold = _folder(sums)
     low = [p for p in prunable if p.dtype != torch.float32]
-    hooks = [p.register_post_accumulate_grad_hook(fold) for p in low]  # type: ignore[no-untyped-call]  # untyped in torch
+    # untyped in torch
+    hooks = [p.register_post_accumulate_grad_hook(fold) for p in low]  # type: ignore[no-untyped-call]
     try:
         model.train(False)  # no dropout: the scores should not depend on a random mask
         for p in model.parameters():

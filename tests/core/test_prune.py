@@ -222,7 +222,10 @@ def test_bf16_importance_never_holds_every_bf16_gradient_beside_the_sum() -> Non
     others = [p for p in model.parameters() if p is not last]
     seen: list[int] = []
     # Registered before group_importance's own hook, so it runs before `last` itself is folded.
-    handle = last.register_post_accumulate_grad_hook(lambda p: seen.append(sum(q.grad is not None for q in others)))
+    def count(p: torch.Tensor) -> None:
+        seen.append(sum(q.grad is not None for q in others))
+
+    handle = last.register_post_accumulate_grad_hook(count)
     try:
         group_importance(model, _batches(batch_size=2))
     finally:

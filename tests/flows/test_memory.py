@@ -107,7 +107,9 @@ def test_out_of_memory_becomes_advice_and_is_never_retried(tmp_path: Path) -> No
 def test_cpu_allocator_failure_is_out_of_memory_too() -> None:
     from finescope_core.memory import is_out_of_memory
 
-    assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried")
+    )
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
@@ -116,14 +118,20 @@ def test_cpu_allocator_failure_is_out_of_memory_too() -> None:
 
 def _workspace(root: Path) -> Path:
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
-    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
+    rows = [
+        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
+        for i in range(40)
+    ]
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    (root / "seeds.jsonl").write_text(
+        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
+    )
     return root
 
 
-def test_too_small_budget_is_refused_before_any_model_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_too_small_budget_is_refused_before_any_model_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from finescope_core.config import FinescopeConfig
@@ -140,17 +148,23 @@ def test_too_small_budget_is_refused_before_any_model_load(tmp_path: Path, monke
     first_over = next(s for s in stages if s.peak > budget_gb * 1e9)
     loads: list[Any] = []
     real = AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k)
+    )
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.model_dump_json())
     assert main(["store", "plan", "--config", str(cfg_file)]) == 0
     planned = [line.split() for line in capsys.readouterr().out.splitlines()]
     peak = {line[1]: line[2] for line in planned if len(line) > 3 and line[3] == "GB"}
-    assert peak["pruned"] == f"{memory_plan(cfg).by_stage()['pruned'] / 1e9:.2f}", "store plan shows each stage's peak"
-    code = main(["run", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--memory_budget", str(budget_gb)])
+    assert peak["pruned"] == f"{memory_plan(cfg).by_stage()['pruned'] / 1e9:.2f}", (
+        "store plan shows each stage's peak"
+    )
+    code = main(
+        ["run", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--memory_budget", str(budget_gb)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and loads == [], "refused before any model was loaded"
-    message = err[err.index("finescope: error:"):]
+    message = err[err.index("finescope: error:") :]
     assert f"stage {first_over.name!r} needs about {first_over.peak / 1e9:.2f} GB" in message
     assert f"the memory budget is {budget_gb:.2f} GB" in message
     assert message.index("gradient_checkpointing") < message.index("finetune.method: lora")

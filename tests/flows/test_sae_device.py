@@ -31,12 +31,16 @@ def _build_directly(tmp_path: Path) -> Any:
 
 def test_sae_training_runs_on_cfg_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(tasks.sae, "pick_device", lambda device: META if device == "cuda" else torch.device(device))
+    monkeypatch.setattr(
+        tasks.sae, "pick_device", lambda device: META if device == "cuda" else torch.device(device)
+    )
     monkeypatch.setattr(tasks.sae, "run_cached", _build_directly(tmp_path))
     monkeypatch.setattr(tasks.sae, "open_store", lambda cfg: None)
     monkeypatch.setattr(tasks.sae, "artifact_dir", lambda store, m: tmp_path)
     monkeypatch.setattr(tasks.sae, "activation_dirs", lambda store, acts: [tmp_path])
-    monkeypatch.setattr(tasks.sae.LayerSaliency, "load", lambda path: SimpleNamespace(indices=torch.zeros(2, 4)))
+    monkeypatch.setattr(
+        tasks.sae.LayerSaliency, "load", lambda path: SimpleNamespace(indices=torch.zeros(2, 4))
+    )
     monkeypatch.setattr(tasks.sae.core, "sae_stage", lambda *a, **k: seen.update(k) or {})
     manifest = SimpleNamespace(sha256="x")
     tasks.sae.sae_layers_task.fn(_cfg(), manifest, manifest, [0, 1], [0, 1])
@@ -47,7 +51,9 @@ def test_sae_codes_are_encoded_on_cfg_device(tmp_path: Path, monkeypatch: pytest
     seen: list[torch.device] = []
     found = SimpleNamespace(sha256="a")
     store = SimpleNamespace(lookup=lambda stage, key: found, local_path=lambda f: tmp_path)
-    monkeypatch.setattr(tasks.codes, "pick_device", lambda device: META if device == "cuda" else torch.device(device))
+    monkeypatch.setattr(
+        tasks.codes, "pick_device", lambda device: META if device == "cuda" else torch.device(device)
+    )
     monkeypatch.setattr(tasks.codes, "run_cached", _build_directly(tmp_path))
     monkeypatch.setattr(tasks.codes, "open_store", lambda cfg: store)
     monkeypatch.setattr(tasks.codes, "artifact_dir", lambda store, m: tmp_path)
@@ -59,5 +65,7 @@ def test_sae_codes_are_encoded_on_cfg_device(tmp_path: Path, monkeypatch: pytest
         return SimpleNamespace(num_rows=0, truncated=0, mean_l0=0.0)
 
     monkeypatch.setattr(tasks.codes, "write_codes", write_codes)
-    tasks.codes.codes_task.fn(_cfg(), {"stage": "activation-shards", "key": "k", "sha256": "a"}, SimpleNamespace(sha256="s"), 0)
+    tasks.codes.codes_task.fn(
+        _cfg(), {"stage": "activation-shards", "key": "k", "sha256": "a"}, SimpleNamespace(sha256="s"), 0
+    )
     assert seen == [META]
