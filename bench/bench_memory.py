@@ -177,11 +177,12 @@ def predictions(root: Path, dtype: str, layers: int) -> dict[str, int]:
         from finescope_core.memplan import plan_memory
     except ImportError:
         return {}
+    from transformers import AutoConfig
+
     from finescope_core.config import FinescopeConfig
-    from finescope_core.model import model_config
 
     cfg = FinescopeConfig.model_validate(run_config(root, root / "store", dtype, layers))
-    peaks = plan_memory(cfg, model_config(str(root / "model"))).by_stage()
+    peaks = plan_memory(cfg, AutoConfig.from_pretrained(root / "model")).by_stage()
     return {**peaks, "whole run": max(peaks.values())}
 
 

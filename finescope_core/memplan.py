@@ -6,7 +6,8 @@ cache terms use its config's widths. A stage's peak is what it adds above the pr
 any model is loaded: weights, gradients, optimiser states, activations, KV cache, and the teacher in
 distillation. The weights term carries `LOAD_OVERHEAD` for what loading and the framework keep beside
 the tensors (measured with `bench/bench_memory.py` on a CPU: the process's resident set over the
-weights' bytes while a model is held).
+weights' bytes while a model is held). On a CPU run, a checkpoint stored in a wider dtype than the run's
+is held whole beside the converted weights while it loads (`StagePeak.loading`).
 """
 
 from __future__ import annotations
@@ -80,14 +81,19 @@ class Shapes:
 
 @dataclass(frozen=True)
 class StagePeak:
-    """One stage's predicted peak (bytes above the memory before any model load) and its parts."""
+    """One stage's predicted peak (bytes above the memory before any model load) and its parts.
+
+    `loading` is what the stage holds only while it loads its models (a checkpoint read in a wider
+    dtype than the run's, in host memory), beside the weights loaded before it, not beside the rest."""
 
     name: str
     parts: dict[str, int]
+    loading: int = 0
 
     @property
     def peak(self) -> int:
-        return sum(self.parts.values())
+        loaded = self.parts.get("weights", 0) + self.parts.get("teacher", 0)
+        return max(sum(self.parts.values()), loaded + self.loading)
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,10 @@ def plan_memory(
     teacher_weights = int(t.params * elem * (1 + LOAD_OVERHEAD))
     pruned_params = int(s.params - cfg.prune.ratio * s.params)
     pruned = int(pruned_params * elem * (1 + LOAD_OVERHEAD))
+    load, t_load = (
+        _conversion(cfg, config, s.params, elem),
+        _conversion(cfg, teacher or config, t.params, elem),
+    )
     stages = (
         _curation(cfg, s, elem, weights),
         _activations(cfg, s, elem, weights),
@@ -179,7 +189,24 @@ def plan_memory(
         StagePeak("evaluation", {"weights": weights,
                                  "activations": s.inference_activations(cfg.evaluate.max_length * 8, elem)}),
     )  # fmt: skip
-    return MemoryPlan(stages, s.params * elem, budget)
+    # The shared copy is loaded once, by the first stage that runs it (saliency); preflight checks the
+    # largest stage, so where the load falls (activations, when saliency is reused) does not matter.
+    student_load = int(load * (1 - cfg.prune.ratio))
+    loading = {"saliency": load, "activations": 0, "pruned": load, "distilled": t_load, "evaluation": load,
+               "tuned": t_load if cfg.finetune.kd_weight > 0 else student_load}  # fmt: skip
+    planned = tuple(StagePeak(p.name, p.parts, loading[p.name]) for p in stages)
+    return MemoryPlan(planned, s.params * elem, budget)
+
+
+def _conversion(cfg: FinescopeConfig, config: PretrainedConfig, params: int, elem: int) -> int:
+    """Host bytes a checkpoint stored in a wider dtype than the run's occupies while it is converted:
+    the whole checkpoint, read beside the converted weights. Only on a CPU run does that host memory
+    count (a GPU run converts in host memory, not the device's)."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    stored_elem = DTYPE_BYTES.get(name, 4)
+    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    return params * stored_elem if on_cpu and stored_elem > elem else 0
 
 
 def _dtype_name(cfg: FinescopeConfig) -> str:
