@@ -434,6 +434,10 @@ class FinescopeConfig(_Strict):
     a CUDA device that supports it, float32 otherwise (CPU). Saliency, pooled activations, importance
     scores and losses accumulate in float32 whatever this is; the pruned and tuned models are saved in
     the dtype of the base checkpoint."""
+    memory_budget: float | None = Field(None, gt=0)
+    """GB of memory the model stages may use. Preflight predicts each stage's peak from the model's
+    config alone and refuses a run with a stage above it, before any model is loaded. Unset: the free
+    memory of the CUDA device (on a CPU, no check)."""
     seed: int = 0
     """Random seed for every sampled choice (probes, D0, SAE init, random baseline)."""
     curate: CurateConfig = Field(default_factory=CurateConfig)

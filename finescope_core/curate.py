@@ -152,8 +152,9 @@ def sae_stage(
     out_dir: Path,
     progress: Progress = no_progress,
     positions: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Train one SAE per layer (batched) on the corpus activations; save each with its metrics.
+    """Train one SAE per layer (batched) on the corpus activations, on `device`; save each with its metrics.
 
     Args:
         acts_dirs: the corpus activation directory, or its shard directories in order.
@@ -172,7 +173,7 @@ def sae_stage(
     else:
         acts = activations.load_activations(dirs, positions=picked)
     ids = [layers[i] for i in picked]
-    model, metrics = sae.train_saes(acts, cfg.sae, seed=seed, progress=progress, layer_ids=ids)
+    model, metrics = sae.train_saes(acts, cfg.sae, seed=seed, progress=progress, layer_ids=ids, device=device)
     extra = [{"coordinates": indices[i].tolist()} for i in picked]
     sae.save_saes(model, metrics, ids, out_dir, extra, cfg=cfg.sae)
     return {"layers": ids, "metrics": [_metric_summary(m) for m in metrics]}

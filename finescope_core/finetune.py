@@ -230,11 +230,25 @@ def distill_loss(
     if teacher is None or kd_weight == 0:
         return LossParts(ce, None, int(targets.numel()), 0)
     keep = kd_position_mask(batch, kd_tokens)
-    with torch.no_grad():
-        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t_sel = t_logits[:, :-1][keep].float()
+    t_sel = _teacher_logits(teacher, batch, keep, logits.device)
     kd = kd_loss(logits[:, :-1][keep].float(), t_sel, temperature)
     return LossParts(ce, kd, int(targets.numel()), int(keep.sum()), kd_weight)
+
+
+def _teacher_logits(
+    teacher: nn.Module, batch: dict[str, Tensor], keep: Tensor, device: torch.device
+) -> Tensor:
+    """The teacher's float32 logits at the KD positions, on the student's device.
+
+    Inference mode keeps no autograd state for the teacher's forward pass; the selected rows are
+    cloned out of it, because the KD loss's backward saves them (an inference tensor cannot be saved).
+    The teacher may sit on another device or spread over several (`teacher.device_map: auto`).
+    """
+    with torch.inference_mode():
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        t_logits: Tensor = out.logits
+        selected = t_logits[:, :-1][keep.to(t_logits.device)].float()
+    return selected.to(device).clone()
 
 
 @torch.no_grad()
@@ -453,7 +467,14 @@ class _EpochCallback(TrainerCallback):
             self.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _training_args(cfg: FinetuneConfig, n_train: int, seed: int, work: Path, device: torch.device) -> TrainingArguments:
+def _training_args(
+    cfg: FinetuneConfig,
+    n_train: int,
+    seed: int,
+    work: Path,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+) -> TrainingArguments:
     per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
     return TrainingArguments(
         output_dir=str(work),
@@ -476,6 +497,8 @@ def _training_args(cfg: FinetuneConfig, n_train: int, seed: int, work: Path, dev
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=device.type == "cpu",
+        bf16=autocast == torch.bfloat16,
+        fp16=autocast == torch.float16,
         activation_checkpointing=cfg.gradient_checkpointing,
         # Non-reentrant: works with frozen inputs (LoRA), and keeps the RNG of dropout the same on recompute.
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
@@ -493,14 +516,16 @@ def _train(
     progress: Progress | None,
     teacher: nn.Module | None,
     work: Path,
+    autocast: torch.dtype | None = None,
 ) -> None:
-    """Train with the Trainer, then load the best epoch's weights into `model` (fills `summary`)."""
+    """Train with the Trainer (under `autocast` when given), then load the best epoch's weights into
+    `model` (fills `summary`)."""
     device = next(model.parameters()).device
     trainer_ref: list[_DistillTrainer] = []
     callback = _EpochCallback(trainer_ref, summary, held, cfg.batch_size, pad_id, progress)
     trainer = _DistillTrainer(
         model=model,
-        args=_training_args(cfg, len(train), seed, work, device),
+        args=_training_args(cfg, len(train), seed, work, device, autocast),
         train_dataset=_ListDataset(train),
         data_collator=lambda batch: pad_batch(batch, pad_id),
         callbacks=[callback],
@@ -519,6 +544,27 @@ def _train(
             for name, value in callback.best.items():
                 params[name].copy_(value)
     model.eval()
+
+
+@contextlib.contextmanager
+def master_weights(model: nn.Module, *, full: bool) -> Iterator[torch.dtype | None]:
+    """Full tuning of a 16-bit model trains float32 master weights under autocast to the model's dtype.
+
+    An AdamW step is often smaller than half a bf16 ulp of the weight it updates, so pure-bf16 training
+    rounds most updates away. Here the parameters are float32 while training (optimiser states too),
+    the matmuls run in the 16-bit dtype under autocast, and the model goes back to its dtype after.
+    Yields the autocast dtype (None: nothing to do: LoRA, whose adapters peft keeps in float32, or a
+    float32 model).
+    """
+    dtype = next(model.parameters()).dtype
+    if not full or dtype == torch.float32:
+        yield None
+        return
+    nn.Module.to(model, torch.float32)  # transformers' wrapper of `to` hides its signature
+    try:
+        yield dtype
+    finally:
+        nn.Module.to(model, dtype)
 
 
 @contextlib.contextmanager
@@ -606,7 +652,8 @@ def lora_finetune(
                 for p in student.parameters():
                     p.requires_grad_(True)
             summary.trainable_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
-            _train(student, train, held, cfg, pad_id, summary, seed, progress, teacher, work)
+            with master_weights(student, full=cfg.method == "full") as autocast:
+                _train(student, train, held, cfg, pad_id, summary, seed, progress, teacher, work, autocast)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary.seconds = time.perf_counter() - start

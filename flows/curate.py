@@ -15,6 +15,7 @@ from finescope_core.curate import check_curation_fits, hooked_layers
 from finescope_core.data import PreparedCorpus, RecordSet, check_sizes, shown_text
 from finescope_core.evaluate.split import Holdout
 from finescope_core.io import read_jsonl
+from finescope_core.memplan import check_memory
 from finescope_core.model import model_config
 from finescope_core.run_warnings import duplicate_warnings
 from finescope_core.settings import summary
@@ -109,6 +110,7 @@ def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int]
         num_layers, hidden = model_shape(cfg)
         layers = hooked_layers(num_layers, cfg.curate)
         check_curation_fits(cfg.curate, hidden)
+        check_memory(cfg, stages=("saliency", "activations"))  # above memory_budget: refused before any load
     check_runner(cfg)
     inputs = inputs_task(cfg)
     seeds, prepared = inputs

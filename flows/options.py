@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from finescope_core.config import ConfigError, FinescopeConfig, path_fields
 from finescope_core.config_guard import safe_load
 
-GENERAL = ("name", "model", "seeds", "corpus", "store", "storage", "device", "seed")
+GENERAL = ("name", "model", "seeds", "corpus", "store", "storage", "device", "memory_budget", "seed")
 SECTIONS: dict[str, tuple[str, ...]] = {
     "curate": (*GENERAL, "curate", "orchestration"),
     "prune": (*GENERAL, "curate", "prune", "orchestration"),

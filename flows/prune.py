@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM
 
 from finescope_core.config import ConfigError, FinescopeConfig
+from finescope_core.memplan import check_memory
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from finescope_core.settings import summary
@@ -69,6 +70,8 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     check_ratio(config)
     if export:
         config = place(config, "prune")  # another run's outputs are never replaced in silence
+    # A stage whose predicted peak is above the memory budget: refused before any model load.
+    check_memory(config, stages=("saliency", "activations", "pruned"))
     with prefect_results(config), tagged(config):
         result = _prune(config)
         if export:

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
+from finescope_core.memplan import check_memory
 from finescope_core.report import embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
 from finescope_core.settings import summary
@@ -86,6 +87,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     check_ratio(config)
     check_harness_config(config.evaluate)  # a missing lm-eval include dir or an unknown task name: refused first
     check_teacher_backend(config)  # vllm without the package or a GPU: refused before any model work
+    check_memory(config)  # a stage predicted above the memory budget: refused before any model load
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)

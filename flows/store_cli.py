@@ -162,21 +162,25 @@ def _when(epoch: float) -> str:
 
 def _plan(args: argparse.Namespace) -> int:
     from finescope_core.config import load_config
+    from finescope_core.memplan import memory_plan
     from tasks.plan import plan
 
     cfg = load_config(args.config, overrides(args))
     result = plan(cfg, args.flow)
+    peaks = memory_plan(cfg).by_stage()
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), "predicted_peak_bytes": peaks}, indent=2))
         return 0
     counts = result.counts()
     print(f"plan of `{COMMAND_OF[args.flow]}` on store {result.store}: {counts['reuse']} reused, "
-          f"{counts['compute']} to compute, {counts['after']} after them")
+          f"{counts['compute']} to compute, {counts['after']} after them; "
+          "GB: a model stage's predicted peak memory")
     width = max(len(s.name) for s in result.stages)
     for s in result.stages:
         parts = f"  ({sum(p.reused for p in s.parts)} of {len(s.parts)} parts stored)" if s.parts and s.status != "reuse" else ""
         detail = s.key or (f"after {s.after}" if s.after else f"{len(s.parts)} shards")
-        print(f"  {s.status:<8} {s.name:<{width}}  {detail}{parts}")
+        peak = f"{peaks[s.stage] / 1e9:7.2f} GB" if s.stage in peaks else " " * 10
+        print(f"  {s.status:<8} {s.name:<{width}}  {peak}  {detail}{parts}")
     if counts["after"]:
         print("stages `after X` run once X is computed: their keys hash X's content, so they are unknown until then "
               "(if X comes out byte-identical, they are reused)")

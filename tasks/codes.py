@@ -14,6 +14,7 @@ from prefect import task
 
 from finescope_core import sae as sae_lib
 from finescope_core.config import FinescopeConfig
+from finescope_core.model import pick_device
 from finescope_core.sae.codes import write_codes
 from tasks.activations import listed_shards
 from tasks.common import (
@@ -63,6 +64,7 @@ def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, 
         if found is None or found.sha256 != shard["sha256"]:
             raise FileNotFoundError(f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; re-run to rebuild it")
         model, layers, _ = sae_lib.load_saes(artifact_dir(store, sae))
+        model.to(pick_device(cfg.device))  # encoding runs where the SAEs are; the codes come back to the CPU
         code_k = None if cfg.curate.code_k == "all" else cfg.curate.code_k
         manifest = write_codes(model, store.local_path(found), layers, work, code_k=code_k,
                                value_dtype=cfg.curate.code_dtype, progress=Progress(f"sae codes (shard {index})"))  # fmt: skip

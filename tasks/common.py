@@ -25,6 +25,7 @@ from finescope_core import __version__
 from finescope_core.code_identity import code_digest
 from finescope_core.config import ConfigError, FinescopeConfig, slug
 from finescope_core.identity import file_digest
+from finescope_core.memory import StageOutOfMemory, build_releasing, is_out_of_memory, release_memory
 from finescope_core.model import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
@@ -46,13 +47,14 @@ CODE_VERSION = __version__
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O trouble, never bad input or bad settings (ValueError) nor a broken store (StoreError)."""
+    """Retry I/O trouble, never bad input or bad settings (ValueError), a broken store (StoreError) nor
+    an out-of-memory error (the same settings on the same device fail again)."""
     try:
         state.result()
-    except (ValueError, StoreError):
+    except (ValueError, StoreError, StageOutOfMemory):
         return False
-    except Exception:
-        return True
+    except Exception as e:
+        return not is_out_of_memory(e)
     return False
 
 
@@ -61,7 +63,7 @@ def _retry_storage_outage(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except Exception as e:
-        return is_transient(e)
+        return is_transient(e) and not is_out_of_memory(e)
     return False
 
 
@@ -292,7 +294,7 @@ def run_cached(
         if found is not None:
             logger().info("%s: cached, committed by a concurrent run (%s)", stage, found.uri)
             return _manifest(found, cached=True, seconds=0.0)
-        info = build(work)
+        info = build_releasing(stage, build, work)
         seconds = time.perf_counter() - start
         record = {"version": spec.version, "code_version": CODE_VERSION, "config": spec.config, "inputs": spec.inputs,
                   "info": info, "seconds": seconds}
@@ -386,19 +388,41 @@ def _file_digest(path: str) -> str:
     return file_digest(Path(path))
 
 
+_SHARED: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+"""The process's one shared model (`cached_model`), by (path, device, dtype, the files' stamp)."""
+_SHARED_LOCK = threading.RLock()
+
+
 def cached_model(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any]:
     """Load a model once per process; stages of one flow run share it (read-only use only).
 
+    At most one model is held: loading another first evicts the one held, so two never coexist.
     `dtype` is a `model_dtype` name (`auto` resolved for the device). The copy is keyed by the model's
     files' (name, size, mtime) too, so a long-lived worker loads a model again after its files changed."""
-    return _cached_model(path, device, dtype, _files_stamp(path))
+    key = (path, device, dtype, _files_stamp(path))
+    with _SHARED_LOCK:
+        held = _SHARED.get(key)
+        if held is None:
+            evict_shared_model()
+            held = _SHARED[key] = load_model(path, device=device, dtype=dtype)
+        return held
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_model(
-    path: str, device: str, dtype: str, stamp: tuple[tuple[str, int, int], ...]
+def evict_shared_model() -> None:
+    """Drop the shared model (a task still using it keeps its own reference) and give its memory back."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+    release_memory()
+
+
+def private_model(
+    path: str, device: str, dtype: str = "float32", device_map: str | None = None
 ) -> tuple[Any, Any]:
-    return load_model(path, device=device, dtype=dtype)
+    """A stage's own copy of a model (pruning changes it, training trains it), loaded with the shared
+    copy evicted first, so the process holds one copy of the base model, not two. `run_cached` gives
+    its memory back when the stage's build returns."""
+    evict_shared_model()
+    return load_model(path, device=device, dtype=dtype, device_map=device_map)
 
 
 def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...]:

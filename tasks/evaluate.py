@@ -18,7 +18,6 @@ from finescope_core.evaluate import (
     harness_metrics,
     items_document,
 )
-from finescope_core.model import load_model
 from finescope_core.store import ArtifactStore
 from tasks.common import (
     GPU_TAGS,
@@ -30,6 +29,7 @@ from tasks.common import (
     StageManifest,
     artifact_dir,
     open_store,
+    private_model,
     run_cached,
 )
 from tasks.identity import Precision, work_precision
@@ -101,7 +101,7 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
 
     def build(work: Path) -> dict[str, Any]:
         check_harness_config(cfg.evaluate)  # a bad lm-eval task setup fails before the model loads
-        model, tok = load_model(model_path, device=ran.device, dtype=ran.dtype)
+        model, tok = private_model(model_path, ran.device, ran.dtype)
         items: dict[str, Any] = {}
         metrics = evaluate_model(
             model, tok, domain_texts=data["domain"], chat_pairs=[tuple(p) for p in data["chat"]],

@@ -23,6 +23,7 @@ from tasks.common import (
     StageManifest,
     artifact_dir,
     open_store,
+    private_model,
     run_cached,
 )
 from tasks.identity import Precision, work_precision
@@ -77,11 +78,11 @@ def finetune_task(
     ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        pruned_dir = str(artifact_dir(store, pruned) / "model")
-        model, tok = load_model(pruned_dir, device=ran.device, dtype=ran.dtype)
+        model, tok = private_model(str(artifact_dir(store, pruned) / "model"), ran.device, ran.dtype)
         teacher_model = None
-        if use_teacher and teacher is not None:
-            teacher_model = load_model(teacher.path, device=ran.device, dtype=ran.dtype)[0]
+        if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
+            device_map = "auto" if cfg.teacher.device_map == "auto" else None
+            teacher_model, _ = load_model(teacher.path, device=ran.device, dtype=ran.dtype, device_map=device_map)
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(
             model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"), teacher=teacher_model

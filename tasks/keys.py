@@ -35,6 +35,8 @@ UNKEYED: dict[str, str] = {
     "records they are computed on, in place of the corpus')",
     "store": "where the artifacts are kept",
     "storage": "how the store is reached",
+    "memory_budget": "a preflight check: it refuses a run or lets it start, never changes what a stage "
+    "computes",
     "prune.data": "reaches the pruning key through the pruning texts' content hash",
     "teacher.model": "reaches the distilled key through the teacher's content hash",
     "teacher.device_map": "where the teacher's layers live: the same outputs on one device or spread over several",

@@ -13,7 +13,7 @@ from prefect import task
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record, load_records, normalise_text
 from finescope_core.io import read_jsonl
-from finescope_core.model import checkpoint_dtype, load_model
+from finescope_core.model import checkpoint_dtype
 from finescope_core.prune import prune_model, save_pruned
 from tasks.common import (
     GPU_TAGS,
@@ -26,6 +26,7 @@ from tasks.common import (
     StageManifest,
     artifact_dir,
     open_store,
+    private_model,
     run_cached,
     storage_options,
 )
@@ -112,8 +113,8 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
     ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        # A private copy: pruning is in place.
-        model, tok = load_model(ref.path, device=ran.device, dtype=ran.dtype)
+        # A private copy (pruning is in place), loaded with the shared copy evicted: one copy, not two.
+        model, tok = private_model(ref.path, ran.device, ran.dtype)
         plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance"))
         save_pruned(model, tok, plan, work / "model", dtype=checkpoint_dtype(ref.path))
         report = plan.to_dict()

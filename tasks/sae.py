@@ -10,6 +10,7 @@ from prefect import task
 
 from finescope_core import curate as core
 from finescope_core.config import FinescopeConfig
+from finescope_core.model import pick_device
 from finescope_core.saliency import LayerSaliency
 from tasks.activations import activation_dirs
 from tasks.common import (
@@ -81,7 +82,9 @@ def sae_layers_task(
     def build(work: Path) -> dict[str, Any]:
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices
         progress = Progress(f"sae training (layers {ids})")
-        return core.sae_stage(activation_dirs(store, acts), layers, indices, cfg.curate, cfg.seed, work, progress, positions)
+        dirs = activation_dirs(store, acts)
+        return core.sae_stage(dirs, layers, indices, cfg.curate, cfg.seed, work, progress, positions,
+                              device=pick_device(cfg.device))  # fmt: skip
 
     return run_cached(store, sae_layers_key(cfg, acts.sha256, sal.sha256, ids), build)
 

@@ -16,7 +16,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.data import (
     Record,
 )
-from finescope_core.model import load_model, load_tokenizer
+from finescope_core.model import load_tokenizer
 from finescope_core.teacher import Teacher, TeacherError, VLLMGenerator, generate_distilled
 from tasks.common import (
     GPU_TAGS,
@@ -27,8 +27,10 @@ from tasks.common import (
     Progress,
     StageKey,
     StageManifest,
+    evict_shared_model,
     model_ref,
     open_store,
+    private_model,
     run_cached,
 )
 from tasks.identity import Precision, work_precision
@@ -89,11 +91,12 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
         model: Teacher
         if cfg.teacher.backend == "vllm":
             check_teacher_backend(cfg)
+            evict_shared_model()  # vLLM sizes its cache from the memory free when it starts
             tok = load_tokenizer(teacher.path)
             model = VLLMGenerator(teacher.path, ran.dtype if cfg.model_dtype != "auto" else "auto", cfg.seed)
         else:
             device_map = "auto" if cfg.teacher.device_map == "auto" else None
-            model, tok = load_model(teacher.path, device=ran.device, dtype=ran.dtype, device_map=device_map)
+            model, tok = private_model(teacher.path, ran.device, ran.dtype, device_map=device_map)
         summary = generate_distilled(
             model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
         )

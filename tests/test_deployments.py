@@ -202,3 +202,9 @@ def test_docker_images_copy_every_file_the_package_build_reads():
         copied = {w for line in (ROOT / "docker" / name).read_text().splitlines() if line.startswith("COPY ")
                   for w in line.split()[1:-1]}  # fmt: skip
         assert needed <= copied, f"{name} does not copy {sorted(needed - copied)}"
+
+
+def test_cuda_image_installs_the_vllm_extra():
+    """`teacher.backend: vllm` runs on CUDA only, so the CUDA image is where it must be installed."""
+    dockerfile = (ROOT / "docker" / "Dockerfile.cuda").read_text()
+    assert 'pip install ".[vllm]"' in dockerfile

@@ -13,7 +13,7 @@ channel one row of gate_proj and up_proj (+ biases) and the matching column of d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,8 +68,10 @@ def group_importance(
 
     Returns:
         The scores. Any `.grad` the model held is discarded; gradients are cleared again on return.
-        Gradients accumulate in float32 whatever the parameters' dtype (a bf16 model keeps a float32
-        copy of the projections' gradients meanwhile).
+        Gradients accumulate in float32 whatever the parameters' dtype. One gradient-sized accumulator
+        is held: a float32 model's own `.grad`; for a lower-precision model a float32 running sum,
+        into which each parameter's gradient is folded as soon as backward produces it (so the whole
+        model's bf16 gradients never exist beside the sum).
 
     Raises:
         PruneError: an unknown method, or batches without a single loss token.
@@ -99,8 +101,9 @@ def _accumulate_grads(
 
     Only the projections' weights require grad meanwhile (embeddings, norms and lm_head would cost
     memory for nothing); the previous flags and train/eval mode are restored afterwards. Parameters
-    stored in a lower precision have their gradient moved into a float32 sum after every batch, so the
-    sum over many batches does not round at bf16 precision.
+    stored in a lower precision have their gradient moved into a float32 sum by a post-accumulate-grad
+    hook, the moment backward produces it: the sum over many batches does not round at bf16
+    precision, and only one parameter's low-precision gradient exists at a time.
     """
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -109,6 +112,10 @@ def _accumulate_grads(
     total = len(batches) if isinstance(batches, Sized) else 0
     tokens = 0
     sums: dict[Tensor, Tensor] = {}
+    fold = _folder(sums)
+    low = [p for p in prunable if p.dtype != torch.float32]
+    # untyped in torch
+    hooks = [p.register_post_accumulate_grad_hook(fold) for p in low]  # type: ignore[no-untyped-call]
     try:
         model.train(False)  # no dropout: the scores should not depend on a random mask
         for p in model.parameters():
@@ -121,10 +128,11 @@ def _accumulate_grads(
                 loss, n = _summed_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
                 if n:
                     torch.autograd.backward(loss)
-                    _fold_low_precision(prunable, sums)
                 tokens += n
                 progress(done, total)
     finally:
+        for hook in hooks:
+            hook.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
@@ -140,13 +148,18 @@ def _accumulate_grads(
     return tokens, grads
 
 
-def _fold_low_precision(params: Sequence[nn.Parameter], sums: dict[Tensor, Tensor]) -> None:
-    """Move the fresh `.grad` of every non-float32 parameter into its float32 running sum."""
-    for p in params:
-        if p.dtype != torch.float32 and p.grad is not None:
-            grad = p.grad.float()
-            sums[p] = grad if p not in sums else sums[p].add_(grad)
-            p.grad = None
+def _folder(sums: dict[Tensor, Tensor]) -> Callable[[Tensor], None]:
+    """A post-accumulate-grad hook that moves a parameter's fresh `.grad` into its float32 running sum."""
+
+    def fold(p: Tensor) -> None:
+        assert p.grad is not None, "the hook runs after the gradient is accumulated"
+        if p in sums:
+            sums[p].add_(p.grad)  # add_ upcasts the bf16 gradient into the float32 sum
+        else:
+            sums[p] = p.grad.float()
+        p.grad = None
+
+    return fold
 
 
 def _summed_lm_loss(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, int]:

@@ -212,6 +212,27 @@ def test_bf16_importance_accumulates_in_float32() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_bf16_importance_never_holds_every_bf16_gradient_beside_the_sum() -> None:
+    """Each bf16 gradient is folded into the float32 sum as backward produces it: when the last
+    projection's gradient arrives (the first layer's q_proj, backward runs from the top), no other
+    projection still holds a `.grad`. Folding after the whole backward pass left all of them there."""
+    model = _model("llama").to(torch.bfloat16)
+    arch = resolve_arch(model)
+    last = arch.attention[0].q_proj.weight
+    others = [p for p in model.parameters() if p is not last]
+    seen: list[int] = []
+    # Registered before group_importance's own hook, so it runs before `last` itself is folded.
+    def count(p: torch.Tensor) -> None:
+        seen.append(sum(q.grad is not None for q in others))
+
+    handle = last.register_post_accumulate_grad_hook(count)
+    try:
+        group_importance(model, _batches(batch_size=2))
+    finally:
+        handle.remove()
+    assert seen and all(n == 0 for n in seen), seen
+
+
 # ----------------------------------------------------------------------------------------- counting
 
 
