@@ -227,7 +227,8 @@ def test_a_fully_stored_run_reuses_a_read_only_store_without_writing(reference, 
 
     monkeypatch.setattr(LocalFileSystem, "pipe_file", read_only)
     before = tree(store)
-    cfg = config_file(root, store, tmp_path / "cfg.yaml", orchestration={"persist_results": False})
+    # Default orchestration: Prefect's task results are persisted, outside the store.
+    cfg = config_file(root, store, tmp_path / "cfg.yaml")
     assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
     assert all(s["cached"] for s in stages(tmp_path / "out").values())
     assert tree(store) == before
