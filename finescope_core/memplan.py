@@ -276,3 +276,32 @@ def _lora_params(s: Shapes, rank: int, kept: float) -> int:
     """Adapter parameters: rank x (in + out) per adapted projection, seven per layer, widths as kept."""
     widths = 2 * (2 * s.hidden) + 2 * (s.hidden + s.kv_width) + 3 * (s.hidden + s.intermediate)
     return int(s.layers * rank * widths * kept)
+
+
+VLLM_MAX_UTILIZATION = 0.9
+"""vLLM's own default share of the GPU: the rest is left to the CUDA context and other allocations."""
+
+
+def vllm_engine_settings(
+    cfg: FinescopeConfig, max_new_tokens: int, free: int, total: int
+) -> dict[str, float | int]:
+    """`gpu_memory_utilization` and `max_model_len` for the vLLM teacher, from what this process leaves.
+
+    vLLM reserves `gpu_memory_utilization` x the device's total memory at start and fails when less is
+    free, so the share is taken from the memory free once the process has released its own models
+    (`free`), capped by `memory_budget` and by vLLM's default 0.9. `max_model_len` is the longest
+    sequence the teacher stage makes (prompt budget plus answer budget), so the KV cache is sized for
+    it rather than for the model's whole context.
+
+    Raises:
+        MemoryBudgetError: when the share left is too small to start vLLM, naming the numbers and fixes.
+    """
+    budget = free if cfg.memory_budget is None else min(free, int(cfg.memory_budget * GB))
+    share = min(VLLM_MAX_UTILIZATION, int(100 * budget / total) / 100) if total > 0 else 0.0
+    if share < 0.05:
+        raise MemoryBudgetError(
+            f"stage 'distilled' (teacher.backend: vllm): {budget / GB:.2f} GB of the GPU's {total / GB:.2f} GB "
+            "is left for vLLM, too little to start it. Fixes, in order: free the GPU of other processes; "
+            "raise memory_budget; teacher.backend: hf with teacher.device_map: auto"
+        )
+    return {"gpu_memory_utilization": share, "max_model_len": cfg.teacher.max_prompt_length + max_new_tokens}

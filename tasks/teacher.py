@@ -13,11 +13,16 @@ import torch
 from prefect import task
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.data import (
-    Record,
-)
+from finescope_core.data import Record
+from finescope_core.memplan import vllm_engine_settings
 from finescope_core.model import load_tokenizer
-from finescope_core.teacher import Teacher, TeacherError, VLLMGenerator, generate_distilled
+from finescope_core.teacher import (
+    Teacher,
+    TeacherError,
+    VLLMGenerator,
+    generate_distilled,
+    resolve_max_new_tokens,
+)
 from tasks.common import (
     GPU_TAGS,
     IO_RETRIES,
@@ -28,6 +33,7 @@ from tasks.common import (
     StageKey,
     StageManifest,
     evict_shared_model,
+    logger,
     model_ref,
     open_store,
     private_model,
@@ -93,7 +99,10 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
             check_teacher_backend(cfg)
             evict_shared_model()  # vLLM sizes its cache from the memory free when it starts
             tok = load_tokenizer(teacher.path)
-            model = VLLMGenerator(teacher.path, ran.dtype if cfg.model_dtype != "auto" else "auto", cfg.seed)
+            free, total = torch.cuda.mem_get_info()
+            engine = vllm_engine_settings(cfg, resolve_max_new_tokens(tok, records, cfg.teacher), free, total)
+            logger().info("teacher (vllm): %s", engine)
+            model = VLLMGenerator(teacher.path, ran.dtype if cfg.model_dtype != "auto" else "auto", cfg.seed, **engine)
         else:
             device_map = "auto" if cfg.teacher.device_map == "auto" else None
             model, tok = private_model(teacher.path, ran.device, ran.dtype, device_map=device_map)
