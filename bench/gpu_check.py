@@ -4,6 +4,7 @@
     python bench/gpu_check.py --shape 1b               # Llama-3.2-1B shape
     python bench/gpu_check.py --shape tiny --device cpu --dtype float32 --records 256 --ref 8 --gen 4 \
         --new-tokens 8 --sae-steps 20 --peak-tflops 1   # the script itself, on a CPU
+    python bench/gpu_check.py --shape 1b --flow         # then the real `finescope run` on the saved model
 
 Stages, each timed on its own (the finescope_core functions the flows call):
   saliency     Jacobian saliency (one forward-mode pass per probe) on `--ref` records
@@ -16,6 +17,11 @@ For the forward-only stages it prints tokens/s and the model-FLOP utilisation (M
 of the layers that ran (2 x parameters x tokens, plus causal attention 2 x layers x tokens x seq x d)
 over the wall time, divided by the GPU's dense peak (`--peak-tflops`; H100/H200 SXM bf16: 989), and
 what 1M records x 128 tokens would take at that rate. Writes `gpu_check.json` to $OUT when it is set.
+
+With `--flow`, the same model is then saved to disk and the whole `specialize` flow runs on it, as
+`finescope run` does (`bench/gpu_flow.py`): each stage's own peak `torch.cuda.max_memory_allocated`
+(reset per stage), its wall time and the memory planner's prediction; with `vllm` installed, a vLLM
+teacher smoke test on the saved model follows.
 """
 
 from __future__ import annotations
@@ -125,6 +131,8 @@ def main() -> None:
     ap.add_argument("--k-act", type=int, default=128)
     ap.add_argument("--sae-steps", type=int, default=SAEConfig().steps)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense peak at --dtype")
+    ap.add_argument("--flow", action="store_true", help="then run the real specialize flow on the saved model")
+    ap.add_argument("--flow-records", type=int, default=400, help="corpus records of the flow run")
     args = ap.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -190,6 +198,12 @@ def main() -> None:
 
     sec, out = timed(device, generate)
     report("teacher", sec, tokens=args.gen * (out.shape[1] - prompts.shape[1]))
+
+    if args.flow:
+        from gpu_flow import flow_check
+
+        del acts, pooled, lm, prompts, out, batches, ref  # the flow measures from an empty allocator
+        results["flow"] = flow_check(model, device, args.dtype, args.flow_records)
 
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(results, indent=2))
