@@ -158,6 +158,20 @@ def run_flow(code: Path, root: Path, dtype: str, layers: int, interval: float) -
     return {**summarise(sampler.samples), "seconds": time.perf_counter() - start}
 
 
+def workspace(root: Path, dtype: str, layers: int, checkpoint: str) -> Path:
+    """`root` itself for a float32 checkpoint; else a copy of the workspace with the model saved in `dtype`."""
+    if checkpoint == "float32" or dtype == "float32":
+        return root
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    home = root / f"checkpoint-{dtype}"
+    write_workspace(home, layers)
+    model = AutoModelForCausalLM.from_pretrained(home / "model", dtype=getattr(torch, dtype))
+    model.save_pretrained(home / "model", safe_serialization=True)
+    return home
+
+
 @contextlib.contextmanager
 def baseline_tree(ref: str, where: Path) -> Iterator[Path]:
     """`ref` checked out in a temporary git worktree (removed afterwards)."""
@@ -219,6 +233,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref measured beside this checkout")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--checkpoint", choices=["float32", "run"], default="float32",
+                    help="the dtype the model is saved in: float32, or each run's own dtype (as 1B-8B checkpoints "
+                    "ship in bf16)")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between RSS samples")
     ap.add_argument("--json", type=Path, default=Path("bench-memory.json"), help="where the measurements go")
     ap.add_argument("--report", type=Path, help="only reprint the tables of a saved --json file")
@@ -241,13 +258,15 @@ def main() -> None:
                 trees["baseline"] = stack.enter_context(baseline_tree(args.baseline_ref, root))
             results = []
             for dtype in args.dtypes.split(","):
+                home = workspace(root, dtype, args.layers, args.checkpoint)
                 runs = {
-                    name: run_flow(code, root, dtype, args.layers, args.interval)
+                    name: run_flow(code, home, dtype, args.layers, args.interval)
                     for name, code in trees.items()
                 }
-                predicted = predictions(root, dtype, args.layers)
+                predicted = predictions(home, dtype, args.layers)
                 model_bytes = params * BYTES[dtype]
-                result = {"dtype": dtype, "params": params, "model_bytes": model_bytes, "runs": runs,
+                result = {"dtype": dtype, "checkpoint": args.checkpoint, "params": params, "model_bytes": model_bytes,
+                          "runs": runs,
                           "predicted": predicted}  # fmt: skip
                 results.append(result)
                 print(table(result) + "\n", flush=True)
