@@ -53,16 +53,21 @@ def write_workspace(root: Path, layers: int) -> int:
     from finescope_core.tiny import save_tiny
 
     save_tiny(root / "model", "llama", layers=layers, **WIDTHS)
+    write_data(root, records=60, words=8)
+    config = json.loads((root / "model" / "config.json").read_text())
+    return _param_count(config)
+
+
+def write_data(root: Path, records: int, words: int) -> None:
+    """`corpus.jsonl` (every third record on a math topic, the rest everyday words) and four math seeds."""
     rows = []
-    for i in range(60):
-        words = TOPIC if i % 3 == 0 else OTHER
-        text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8))
+    for i in range(records):
+        pool = TOPIC if i % 3 == 0 else OTHER
+        text = " ".join(pool[(i * 7 + j * 3) % len(pool)] for j in range(words))
         rows.append({"id": f"r{i}", "instruction": f"Explain item {i}: {text}", "output": text})
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     seeds = [{"instruction": f"Prove the {w} theorem.", "output": f"The {w} follows."} for w in TOPIC[:4]]
     (root / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seeds))
-    config = json.loads((root / "model" / "config.json").read_text())
-    return _param_count(config)
 
 
 def _param_count(c: dict[str, Any]) -> int:

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_memory import write_data
 
 import tasks.common
 from finescope_core.config import FinescopeConfig, load_config
 from finescope_core.memplan import memory_plan
 from finescope_core.tiny import byte_tokenizer
 
-TOPIC = ["integral", "derivative", "matrix", "theorem", "prime", "equation", "vector", "algebra", "proof"]
-OTHER = ["the", "river", "house", "music", "film", "team", "year", "school", "road", "market", "garden"]
 GIB = 2**30
 
 
@@ -37,14 +36,7 @@ def write_workspace(root: Path, model: torch.nn.Module, records: int) -> None:
     model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 0, 1, 2
     model.save_pretrained(root / "model", safe_serialization=True)  # type: ignore[operator]
     byte_tokenizer().save_pretrained(root / "model")
-    rows = []
-    for i in range(records):
-        words = TOPIC if i % 3 == 0 else OTHER
-        text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12))
-        rows.append({"id": f"r{i}", "instruction": f"Explain item {i}: {text}", "output": text})
-    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    seeds = [{"instruction": f"Prove the {w} theorem.", "output": f"The {w} follows."} for w in TOPIC[:4]]
-    (root / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seeds))
+    write_data(root, records, words=12)
 
 
 def run_config(root: Path, device: str, dtype: str) -> dict[str, Any]:
