@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny_run import config_file, write_workspace
 
 from finescope_core.store import ArtifactStore
-from finescope_core.tiny import save_tiny
 from tasks.common import StageKey, run_cached
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,45 +64,13 @@ def test_two_runs_of_a_resumable_stage_never_share_its_work_dir(tmp_path):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("concurrent")
-    save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
-    rows = [
-        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
-        for i in range(30)
-    ]
-    rows += [
-        {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)
-    ]
-    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(
-        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
-    )
-    return root
+    return write_workspace(root)
 
 
-def config_file(root: Path, store: str, path: Path, storage: dict | None = None) -> Path:
-    cfg = {
-        "model": str(root / "model"),
-        "seeds": [str(root / "seeds.jsonl")],
-        "corpus": [str(root / "corpus.jsonl")],
-        "store": store,
-        "device": "cpu",
-        "storage": storage or {},
-        "curate": {
-            "final_size": 24,
-            "top_m": 24,
-            "k_act": 16,
-            "reference_size": 8,
-            "max_length": 32,
-            "sae": {"d_sae": 32, "steps": 10, "batch_size": 16},
-        },
-        "prune": {"ratio": 0.2, "max_length": 32},
-        # Small batches: the teacher stage lasts long enough for the two runs to meet in it.
-        "teacher": {"max_new_tokens": 16, "batch_size": 2, "min_response_chars": 0},
-        "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "cutoff": 48},
-        "evaluate": {"split_fraction": 0.2, "max_length": 32},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def concurrent_config(root: Path, store: str, path: Path, storage: dict | None = None) -> Path:
+    # Small batches: the teacher stage lasts long enough for the two runs to meet in it.
+    teacher = {"max_new_tokens": 16, "batch_size": 2, "min_response_chars": 0}
+    return config_file(root, store, path, storage=storage or {}, teacher=teacher)
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -161,13 +128,13 @@ def keys(out: Path) -> dict[str, str]:
 
 
 def test_two_runs_at_once_on_a_local_store(workspace, tmp_path):
-    cfg = config_file(workspace, str(tmp_path / "store"), tmp_path / "cfg.yaml")
+    cfg = concurrent_config(workspace, str(tmp_path / "store"), tmp_path / "cfg.yaml")
     a, b = run_twice_at_once(cfg, tmp_path)
     assert keys(a) == keys(b) and exported(a) == exported(b)
     assert len(json.loads((a / "distilled" / "distilled.jsonl").read_text().splitlines()[0])) > 0
 
 
 def test_two_runs_at_once_on_s3(workspace, tmp_path, s3_server, s3_prefix):
-    cfg = config_file(workspace, f"{s3_prefix}/store", tmp_path / "cfg.yaml", s3_server.storage())
+    cfg = concurrent_config(workspace, f"{s3_prefix}/store", tmp_path / "cfg.yaml", s3_server.storage())
     a, b = run_twice_at_once(cfg, tmp_path)
     assert keys(a) == keys(b) and exported(a) == exported(b)

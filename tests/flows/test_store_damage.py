@@ -16,11 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 from fsspec.implementations.local import LocalFileSystem
+from tiny_run import config_file, write_workspace
 
 from finescope_core.store import MARKER
-from finescope_core.tiny import save_tiny
 from flows.cli import main
 
 EXPORTED = ("pruned-model", "tuned-model")
@@ -29,46 +28,10 @@ EXPORTED = ("pruned-model", "tuned-model")
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("damage")
-    save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
-    rows = [
-        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
-        for i in range(30)
-    ]
-    rows += [
-        {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)
-    ]
-    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(
-        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
-    )
+    write_workspace(root)
     store, out = root / "store", root / "out"
     assert main(["run", "--config", str(config_file(root, store, root / "cfg.yaml")), "--out", str(out)]) == 0
     return root, store, out
-
-
-def config_file(root: Path, store: Path, path: Path, **extra) -> Path:
-    cfg = {
-        "model": str(root / "model"),
-        "seeds": [str(root / "seeds.jsonl")],
-        "corpus": [str(root / "corpus.jsonl")],
-        "store": str(store),
-        "device": "cpu",
-        "curate": {
-            "final_size": 24,
-            "top_m": 24,
-            "k_act": 16,
-            "reference_size": 8,
-            "max_length": 32,
-            "sae": {"d_sae": 32, "steps": 10, "batch_size": 16},
-        },
-        "prune": {"ratio": 0.2, "max_length": 32},
-        "teacher": {"max_new_tokens": 8, "batch_size": 8, "min_response_chars": 0},
-        "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "cutoff": 48},
-        "evaluate": {"split_fraction": 0.2, "max_length": 32},
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def stages(out: Path) -> dict[str, dict]:
