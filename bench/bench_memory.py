@@ -87,7 +87,7 @@ def run_config(root: Path, store: Path, dtype: str, layers: int) -> dict[str, An
                    "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
         "prune": {"ratio": 0.3, "max_length": 32, "batch_size": 4},
         "teacher": {"max_new_tokens": 8, "batch_size": 4, "max_prompt_length": 384},
-        "finetune": {"rank": 8, "alpha": 16, "epochs": 1, "batch_size": 2, "grad_accum": 1, "cutoff": 192},
+        "finetune": {"rank": 8, "alpha": 16, "epochs": 1, "batch_size": 2, "grad_accum": 1, "max_length": 192},
         "evaluate": {"split_fraction": 0.2, "max_length": 160, "max_new_tokens": 8, "max_examples": 8,
                      "domain_items": 8, "general_items": 8, "bootstrap_resamples": 100},
     }  # fmt: skip

@@ -106,7 +106,7 @@ def main() -> None:
     best_epoch: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            settings = {"epochs": args.epochs, "eval_fraction": 0.1, "batch_size": 4, "grad_accum": 2, "cutoff": args.cutoff}
+            settings = {"epochs": args.epochs, "eval_fraction": 0.1, "batch_size": 4, "grad_accum": 2, "max_length": args.cutoff}
             cfg = FinetuneConfig(**settings | VARIANTS[name])
             student = copy.deepcopy(pruned)
             start = time.perf_counter()

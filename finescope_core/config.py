@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+import logging
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -276,11 +277,14 @@ class TeacherConfig(_Strict):
 KD_WEIGHT = 0.5
 """Default `finetune.kd_weight` (bench/bench_recovery.py)."""
 KD_TEMPERATURE = 1.0
-"""Default `finetune.temperature` (bench/bench_recovery.py)."""
+"""Default `finetune.kd_temperature` (bench/bench_recovery.py)."""
 
 
 class FinetuneConfig(_Strict):
     """LoRA recovery of the pruned model on the distilled data (paper §4: rank 32, AdamW, cutoff 256)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"cutoff": "max_length", "temperature": "kd_temperature"}
+    """Old field name -> its new name: the old one still loads, with a warning naming the new one."""
 
     rank: int = Field(32, ge=1)
     """LoRA rank r."""
@@ -300,7 +304,7 @@ class FinetuneConfig(_Strict):
     """Examples per micro-batch."""
     grad_accum: int = Field(2, ge=1)
     """Micro-batches per optimiser step."""
-    cutoff: int = Field(256, ge=8)
+    max_length: int = Field(256, ge=8)
     """Tokens per example (prompt + response), truncated beyond."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     """Share of the distilled data held out for the per-epoch eval loss (and best-epoch selection)."""
@@ -310,7 +314,7 @@ class FinetuneConfig(_Strict):
     kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
     """w in `(1 - w) * CE + w * T^2 * KL(teacher || student)`: logit distillation from the teacher
     (`teacher.model`, the unpruned base model by default) on the response tokens; 0: cross entropy only."""
-    temperature: float = Field(KD_TEMPERATURE, gt=0)
+    kd_temperature: float = Field(KD_TEMPERATURE, gt=0)
     """T of the distillation term: both next-token distributions are softened by it."""
     kd_tokens: Literal["response", "all"] = "response"
     """Positions of the distillation term. `response`: the response tokens, like the cross entropy;
@@ -325,6 +329,20 @@ class FinetuneConfig(_Strict):
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
     activation memory of one layer instead of all, for about a third more compute. The same updates
     (tested): for long `max_length`, large batches or full tuning of a big model on one GPU."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for old, new in cls.RENAMED.items():
+                if old in value:
+                    if new in value:
+                        raise ValueError(f"finetune.{old} and finetune.{new} are one setting: keep finetune.{new}")
+                    logging.getLogger("finescope").warning(
+                        "finetune.%s is now finetune.%s: rename it in the config", old, new
+                    )
+                    value = {**{k: v for k, v in value.items() if k != old}, new: value[old]}
+        return value
 
 
 class EvalConfig(_Strict):

@@ -6,7 +6,7 @@ entropy on the distilled targets with logit distillation from the unpruned teach
 `(1 - w) * CE + w * T^2 * KL(p_teacher^T || p_student^T)`, CE per response token and KD per response
 token (`finetune.kd_tokens: response`) or per token of the whole sequence, prompt included (`all`:
 the student also relearns the teacher's distributions over the domain's own text, as pruned models are
-recovered by distillation on whole sequences) (`finetune.kd_weight`, `finetune.temperature`); the
+recovered by distillation on whole sequences) (`finetune.kd_weight`, `finetune.kd_temperature`); the
 teacher's logits are computed on the fly without gradients.
 
 Training runs on the transformers `Trainer` (AdamW, linear warm-up + cosine decay, gradient clipping,
@@ -531,7 +531,7 @@ def _train(
         callbacks=[callback],
         teacher=teacher,
         kd_weight=cfg.kd_weight,
-        temperature=cfg.temperature,
+        temperature=cfg.kd_temperature,
         kd_tokens=cfg.kd_tokens,
     )
     trainer.remove_callback(PrinterCallback)
@@ -618,18 +618,18 @@ def lora_finetune(
     if cfg.method == "lora":
         check_targets(model, cfg.target_modules)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    built = build_examples(tokenizer, rows, cfg.cutoff)
+    built = build_examples(tokenizer, rows, cfg.max_length)
     if not built.examples:
         raise FinetuneError(
-            f"no training example left from {len(rows)} rows ({built.dropped} prompts reach finetune.cutoff="
-            f"{cfg.cutoff} tokens); raise finetune.cutoff or check the distilled data"
+            f"no training example left from {len(rows)} rows ({built.dropped} prompts reach finetune.max_length="
+            f"{cfg.max_length} tokens); raise finetune.max_length or check the distilled data"
         )
     train_idx, eval_idx = split_indices(len(built.examples), cfg.eval_fraction, seed)
     train = [built.examples[i] for i in train_idx]
     held = [built.examples[i] for i in eval_idx]
     kd_weight = cfg.kd_weight if teacher is not None else 0.0
     summary = FinetuneSummary(
-        len(train), len(held), built.dropped, built.truncated, cfg.epochs, cfg.method, kd_weight, cfg.temperature,
+        len(train), len(held), built.dropped, built.truncated, cfg.epochs, cfg.method, kd_weight, cfg.kd_temperature,
         cfg.kd_tokens,
     )
     if teacher is not None:

@@ -263,7 +263,7 @@ def _finetune(
         training = trained * 4 * (2 + ADAM_STATES)  # float32 adapter, its gradient, two moments
     else:
         training = params * (elem + 4 * ADAM_STATES + (4 if elem != 4 else 0))
-    tokens = f.batch_size * f.cutoff
+    tokens = f.batch_size * f.max_length
     parts: dict[str, Any] = {
         "weights": pruned, "training": training,
         "activations": s.train_activations(tokens, elem, checkpointing=f.gradient_checkpointing),

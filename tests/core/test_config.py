@@ -133,3 +133,17 @@ def test_every_shipped_config_validates():
     for path in shipped:
         cfg = load_config(path, {"seeds": ["s.jsonl"], "corpus": ["c.jsonl"]})
         assert cfg.model == "default", path
+
+
+def test_renamed_finetune_fields_still_load_with_a_warning_naming_the_new_one(caplog) -> None:
+    import logging
+
+    from finescope_core.config import FinetuneConfig
+
+    with caplog.at_level(logging.WARNING, logger="finescope"):
+        cfg = FinetuneConfig(cutoff=96, temperature=2.0)
+    assert (cfg.max_length, cfg.kd_temperature) == (96, 2.0)
+    assert "finetune.cutoff is now finetune.max_length" in caplog.text
+    assert "finetune.temperature is now finetune.kd_temperature" in caplog.text
+    with pytest.raises(ValueError, match="one setting"):
+        FinetuneConfig(cutoff=96, max_length=128)

@@ -35,7 +35,7 @@ ROWS = [
     {"prompt": "Hi", "response": "Hello, how can I help?"},
     {"prompt": "Spell cat backwards.", "response": "tac"},
 ]
-SMALL = dict(rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, cutoff=128, kd_weight=0.0)
+SMALL = dict(rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, max_length=128, kd_weight=0.0)
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path: Path, method: 
 
 
 def test_no_usable_rows_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(FinetuneError, match="cutoff"):
+    with pytest.raises(FinetuneError, match="max_length"):
         lora_finetune(tiny_model(), byte_tokenizer(), [{"prompt": "p" * 200, "response": "r"}], FinetuneConfig(**SMALL), tmp_path / "out")
 
 
@@ -196,7 +196,7 @@ def test_default_model_lora_step_and_merged_reload(tmp_path: Path) -> None:
     from finescope_core.model import load_model
 
     model, tok = load_model("default", Path(__file__).resolve().parents[2] / ".finescope-cache", device="cpu")
-    cfg = FinetuneConfig(rank=8, alpha=16, batch_size=4, grad_accum=1, epochs=1, eval_fraction=0.0, cutoff=96)
+    cfg = FinetuneConfig(rank=8, alpha=16, batch_size=4, grad_accum=1, epochs=1, eval_fraction=0.0, max_length=96)
     summary = lora_finetune(model, tok, ROWS, cfg, tmp_path / "out")
     assert summary.steps == 1 and summary.trainable_params > 0
     enc = tok(["Add 2 and 3."], return_tensors="pt")

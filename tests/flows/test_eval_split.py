@@ -52,7 +52,7 @@ def run(tmp_path_factory):
                 "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
         prune={"ratio": 0.2, "max_length": 32, "data": "random"},
         teacher={"max_new_tokens": 4, "batch_size": 16},
-        finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8, "grad_accum": 1, "cutoff": 384},
+        finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8, "grad_accum": 1, "max_length": 384},
         evaluate={"split_fraction": SPLIT, "domain_items": 8, "max_length": 384, "baselines": ["random", "corpus"],
                   "bootstrap_resamples": 200},
     )  # fmt: skip

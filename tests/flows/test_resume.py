@@ -42,7 +42,7 @@ def _config_file(root: Path, store: Path, path: Path) -> Path:
         "prune": {"ratio": 0.2, "max_length": 32},
         # Many small batches with long answers: the teacher stage takes seconds, long enough to be killed in.
         "teacher": {"max_new_tokens": 96, "batch_size": 2, "min_response_chars": 0},
-        "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "cutoff": 48},
+        "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 48},
         "evaluate": {"split_fraction": 0.2, "max_length": 32},
     }
     path.write_text(yaml.safe_dump(cfg))
