@@ -61,7 +61,17 @@ from finescope_core.sentence import sentence_embeddings  # noqa: E402
 
 SEED = 0
 KS = (25, 50, 100)
-MODEL_SIDE = {"layers", "num_layers", "selector", "k_act", "probes", "reference_size", "max_length", "batch_size", "skip_first"}
+MODEL_SIDE = {
+    "layers",
+    "num_layers",
+    "selector",
+    "k_act",
+    "probes",
+    "reference_size",
+    "max_length",
+    "batch_size",
+    "skip_first",
+}
 """The `curate` settings the cached activations and sentence embeddings depend on."""
 Emb = dict[int, np.ndarray]
 
@@ -157,14 +167,25 @@ class Runner:
         start = time.perf_counter()
         out = {}
         for t in self.p.topics:
-            fusion_emb = ({-1: self.p.sentence_corpus}, {-1: self.p.sentence_seeds[t.name]}) if fusion else None
+            fusion_emb = (
+                ({-1: self.p.sentence_corpus}, {-1: self.p.sentence_seeds[t.name]}) if fusion else None
+            )
             voted = curate.curate_records(
-                method, corpus_emb, seed_emb[t.name], len(self.ids), cfg, SEED, ids=self.ids, fusion_emb=fusion_emb
+                method,
+                corpus_emb,
+                seed_emb[t.name],
+                len(self.ids),
+                cfg,
+                SEED,
+                ids=self.ids,
+                fusion_emb=fusion_emb,
             ).voted
             out[t.name] = precisions([self.p.labels[v.row] for v in voted], t.label, self.counts[t.name])
         return self.add(name, out, time.perf_counter() - start)
 
-    def variants(self, prefix: str, method: str, corpus_emb: Emb, seed_emb: Mapping[str, Emb], expand: int) -> None:
+    def variants(
+        self, prefix: str, method: str, corpus_emb: Emb, seed_emb: Mapping[str, Emb], expand: int
+    ) -> None:
         for weighting in ("vote", "quality", "agreement"):
             cfg = self.ccfg.model_copy(update={"layer_weighting": weighting})
             self.run(f"{prefix} {weighting}", method, corpus_emb, seed_emb, cfg)
@@ -173,8 +194,14 @@ class Runner:
                 cfg = self.ccfg.model_copy(update={"seed_pooling": pooling})
                 self.run(f"{prefix} vote, {pooling} over seeds", method, corpus_emb, seed_emb, cfg)
         self.run(f"{prefix} vote +fusion", method, corpus_emb, seed_emb, fusion=True)
-        self.run(f"{prefix} quality +fusion", method, corpus_emb, seed_emb,
-                 self.ccfg.model_copy(update={"layer_weighting": "quality"}), fusion=True)  # fmt: skip
+        self.run(
+            f"{prefix} quality +fusion",
+            method,
+            corpus_emb,
+            seed_emb,
+            self.ccfg.model_copy(update={"layer_weighting": "quality"}),
+            fusion=True,
+        )
         if expand:
             cfg = self.ccfg.model_copy(update={"expand_seeds": expand})
             self.run(f"{prefix} vote +expand{expand}", method, corpus_emb, seed_emb, cfg)
@@ -206,7 +233,11 @@ class Draws:
         for name, labs in self.targets.items():
             per = curation_data.SEEDS_PER_TOPIC // len(labs)
             self.draws[name] = [
-                [r for lab in labs for r in rng.choice(np.flatnonzero(labels == lab), per, replace=False).tolist()]
+                [
+                    r
+                    for lab in labs
+                    for r in rng.choice(np.flatnonzero(labels == lab), per, replace=False).tolist()
+                ]
                 for _ in range(count)
             ]
         self.ids = [r.id for r in p.corpus.records]
@@ -231,29 +262,52 @@ class Draws:
                 per_target.setdefault(target, []).append(hits / min(100, left))
         single = np.mean([per_target[t.name] for t in self.p.topics], axis=0)
         mixed = np.mean([per_target[t] for t in MIXED], axis=0)
-        row = {"method": name, "mean": float(single.mean()), "ci": self._interval(single),
-               "mixed": float(mixed.mean()), "mixed_ci": self._interval(mixed),
-               "topics": {k: float(np.mean(v)) for k, v in per_target.items()}}  # fmt: skip
+        row = {
+            "method": name,
+            "mean": float(single.mean()),
+            "ci": self._interval(single),
+            "mixed": float(mixed.mean()),
+            "mixed_ci": self._interval(mixed),
+            "topics": {k: float(np.mean(v)) for k, v in per_target.items()},
+        }
         self.rows.append(row)
         cells = [f"{row['topics'][t]:.2f}" for t in self.targets]
-        print(f"| {name} | {row['mean']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] "
-              f"| {row['mixed']:.3f} [{row['mixed_ci'][0]:.3f}, {row['mixed_ci'][1]:.3f}] | " + " | ".join(cells) + " |", flush=True)  # fmt: skip
+        print(
+            f"| {name} | {row['mean']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] "
+            f"| {row['mixed']:.3f} [{row['mixed_ci'][0]:.3f}, {row['mixed_ci'][1]:.3f}] | "
+            + " | ".join(cells)
+            + " |",
+            flush=True,
+        )
         return row
 
     def header(self) -> None:
         draws = len(next(iter(self.draws.values())))
-        print(f"\n{draws} more seed sets per target, drawn from its corpus records (excluded from the ranking); precision@100")
-        print("| method | mean @100 [95 % CI over draws] | mixed targets @100 [95 % CI] | " + " | ".join(self.targets) + " |")
+        print(
+            f"\n{draws} more seed sets per target, drawn from its corpus records (excluded from the ranking); precision@100"
+        )
+        print(
+            "| method | mean @100 [95 % CI over draws] | mixed targets @100 [95 % CI] | "
+            + " | ".join(self.targets)
+            + " |"
+        )
         print("|---" * (3 + len(self.targets)) + "|")
 
 
-def print_rows(rows: Sequence[Mapping[str, Any]], topics: Sequence[curation_data.Topic], header: bool = True, k: int = 100) -> None:
+def print_rows(
+    rows: Sequence[Mapping[str, Any]],
+    topics: Sequence[curation_data.Topic],
+    header: bool = True,
+    k: int = 100,
+) -> None:
     cols = [t.name for t in topics]
     if header:
         print("| method | mean @25 | mean @50 | mean @100 | " + " | ".join(f"{c} @{k}" for c in cols) + " |")
         print("|---" * (4 + len(cols)) + "|")
     for r in rows:
-        cells = [r["method"]] + [f"{r['mean'][kk]:.3f}" for kk in KS] + [f"{r['topics'][c][k]:.2f}" for c in cols]
+        cells = (
+            [r["method"]] + [f"{r['mean'][kk]:.3f}" for kk in KS] + [f"{r['topics'][c][k]:.2f}" for c in cols]
+        )
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
@@ -268,14 +322,30 @@ def sae_variant(text: str) -> SAEConfig:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="4 hooked layers, the default SAE only")
-    parser.add_argument("--sae", nargs="*", default=None, help="SAE variants: relu, relu:L1, topk:K (default: relu topk:32 topk:64)")
-    parser.add_argument("--expand", type=int, default=10, help="pseudo-seeds of the +expand variants (0: none)")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "finescope-bench-curation")
+    parser.add_argument(
+        "--sae",
+        nargs="*",
+        default=None,
+        help="SAE variants: relu, relu:L1, topk:K (default: relu topk:32 topk:64)",
+    )
+    parser.add_argument(
+        "--expand", type=int, default=10, help="pseudo-seeds of the +expand variants (0: none)"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "finescope-bench-curation"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write every number here")
-    parser.add_argument("--draws", type=int, default=5, help="more seed sets per target drawn from the corpus, for intervals (0: none)")
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=5,
+        help="more seed sets per target drawn from the corpus, for intervals (0: none)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ccfg = CurateConfig(num_layers=4) if args.quick else CurateConfig()
@@ -299,8 +369,13 @@ def main() -> None:
     rand = run.add("random (expected)", {t.name: random_expectation(run.counts[t.name], n) for t in p.topics})
     sentence_seeds = {k: {-1: v} for k, v in p.sentence_seeds.items()}
     sentence = run.run("sentence", "sentence", {-1: p.sentence_corpus}, sentence_seeds)
-    run.run("sentence, max over seeds", "sentence", {-1: p.sentence_corpus}, sentence_seeds,
-            ccfg.model_copy(update={"seed_pooling": "max"}))  # fmt: skip
+    run.run(
+        "sentence, max over seeds",
+        "sentence",
+        {-1: p.sentence_corpus},
+        sentence_seeds,
+        ccfg.model_copy(update={"seed_pooling": "max"}),
+    )
 
     # The activation baseline: corpus-statistics z-scores, as curate's `activation` method.
     mean = p.corpus_acts.float().mean(0, keepdim=True)
@@ -308,7 +383,12 @@ def main() -> None:
     act_corpus = split((p.corpus_acts - mean) / std, p.layers)
     act_seeds = {name: split((x - mean) / std, p.layers) for name, x in p.seed_acts.items()}
     single = [
-        run.run(f"activation layer {layer}", "activation", {layer: act_corpus[layer]}, {k: {layer: v[layer]} for k, v in act_seeds.items()})
+        run.run(
+            f"activation layer {layer}",
+            "activation",
+            {layer: act_corpus[layer]},
+            {k: {layer: v[layer]} for k, v in act_seeds.items()},
+        )
         for layer in p.layers
     ]
     best = max(single, key=lambda r: r["mean"][100])
@@ -319,7 +399,12 @@ def main() -> None:
     if draws:
         draws.header()
         draws.run("sentence", "sentence", {-1: p.sentence_corpus})
-        draws.run("sentence, max over seeds", "sentence", {-1: p.sentence_corpus}, ccfg.model_copy(update={"seed_pooling": "max"}))
+        draws.run(
+            "sentence, max over seeds",
+            "sentence",
+            {-1: p.sentence_corpus},
+            ccfg.model_copy(update={"seed_pooling": "max"}),
+        )
         for layer in p.layers:
             draws.run(f"activation layer {layer}", "activation", {layer: act_corpus[layer]})
         draws.run("activation vote", "activation", act_corpus)
@@ -340,11 +425,23 @@ def main() -> None:
             draws.run(f"sae {text} vote", "sae", sae_corpus)
             for pooling in ("max", "mean", "softmax"):
                 if pooling != ccfg.seed_pooling:
-                    draws.run(f"sae {text} vote, {pooling} over seeds", "sae", sae_corpus, ccfg.model_copy(update={"seed_pooling": pooling}))
+                    draws.run(
+                        f"sae {text} vote, {pooling} over seeds",
+                        "sae",
+                        sae_corpus,
+                        ccfg.model_copy(update={"seed_pooling": pooling}),
+                    )
             if args.expand:
-                draws.run(f"sae {text} vote +expand{args.expand}", "sae", sae_corpus, ccfg.model_copy(update={"expand_seeds": args.expand}))
+                draws.run(
+                    f"sae {text} vote +expand{args.expand}",
+                    "sae",
+                    sae_corpus,
+                    ccfg.model_copy(update={"expand_seeds": args.expand}),
+                )
 
-    print(f"\nprecision@100 per target; @k = share of the target among the first k, over min(k, its records); n = {n}")
+    print(
+        f"\nprecision@100 per target; @k = share of the target among the first k, over min(k, its records); n = {n}"
+    )
     print_rows(run.rows, p.topics)
     print("\nweakest target @100 against random @100 (x): ")
     for r in run.rows[1:]:
@@ -352,17 +449,27 @@ def main() -> None:
         ratio = r["topics"][worst.name][100] / rand["topics"][worst.name][100]
         print(f"  {r['method']:<45} {worst.name:<12} {r['topics'][worst.name][100]:.2f} ({ratio:.1f}x)")
     default = next((r for r in run.rows if r["method"] == f"sae {saes[0]} vote"), None) if saes else None
-    print(f"\nsentence mean @100 {sentence['mean'][100]:.3f}; best single layer {best['mean'][100]:.3f}"
-          + (f"; sae {saes[0]} at the default settings {default['mean'][100]:.3f}" if default else ""))  # fmt: skip
+    print(
+        f"\nsentence mean @100 {sentence['mean'][100]:.3f}; best single layer {best['mean'][100]:.3f}"
+        + (f"; sae {saes[0]} at the default settings {default['mean'][100]:.3f}" if default else "")
+    )
     if draws:
         print(f"\nover {args.draws} drawn seed sets per target (mean @100 [95 % CI]):")
         for r in draws.rows:
             worst = min(p.topics, key=lambda t: r["topics"][t.name])
             ratio = r["topics"][worst.name] / rand["topics"][worst.name][100]
-            print(f"  {r['method']:<45} {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]; weakest {worst.name} "
-                  f"{r['topics'][worst.name]:.2f} ({ratio:.1f}x random); mixed targets {r['mixed']:.3f}")  # fmt: skip
+            print(
+                f"  {r['method']:<45} {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]; weakest {worst.name} "
+                f"{r['topics'][worst.name]:.2f} ({ratio:.1f}x random); mixed targets {r['mixed']:.3f}"
+            )
     if args.json:
-        out = {"n": n, "counts": run.counts, "layers": p.layers, "rows": run.rows, "draws": draws.rows if draws else []}
+        out = {
+            "n": n,
+            "counts": run.counts,
+            "layers": p.layers,
+            "rows": run.rows,
+            "draws": draws.rows if draws else [],
+        }
         args.json.write_text(json.dumps(out, indent=1))
 
 

@@ -44,7 +44,9 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "default"], default="tiny")
-    p.add_argument("--layers", type=str, default="", help="comma-separated hooked layers (default: 8 evenly spaced)")
+    p.add_argument(
+        "--layers", type=str, default="", help="comma-separated hooked layers (default: 8 evenly spaced)"
+    )
     p.add_argument("--depth", type=int, default=10, help="tiny model depth")
     p.add_argument("--hidden", type=int, default=256, help="tiny model width")
     p.add_argument("--texts", type=int, default=64)
@@ -63,8 +65,12 @@ def main() -> None:
     else:
         layers = sorted({round(x) for x in np.linspace(0, arch.num_layers - 1, 8)})
     k = min(args.k, arch.hidden_size)
-    indices = torch.stack([torch.randperm(arch.hidden_size, generator=torch.Generator().manual_seed(i))[:k]
-                           for i in range(len(layers))])
+    indices = torch.stack(
+        [
+            torch.randperm(arch.hidden_size, generator=torch.Generator().manual_seed(i))[:k]
+            for i in range(len(layers))
+        ]
+    )
     texts = make_texts(args.texts, words=args.seq_len)
     batches = list(iter_text_batches(tok, texts, max_length=args.seq_len, batch_size=args.batch_size))
 
@@ -78,12 +84,18 @@ def main() -> None:
                 model(input_ids=b.input_ids, attention_mask=b.attention_mask)
 
     t_ours, t_bare = timed(ours, args.repeats), timed(bare, args.repeats)
-    print(f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), device cpu")
-    print(f"model: {what} ({model.config._attn_implementation} attention), L={arch.num_layers}; "
-          f"{len(texts)} texts, batch {args.batch_size}, {args.seq_len} tokens; hooked layers {layers}, k={k}")
-    print(f"extract_pooled (stop after layer {max(layers)}, {len(layers)} layers, k coords): "
-          f"{len(texts) / t_ours:8.1f} texts/s")
+    print(
+        f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), device cpu"
+    )
+    print(
+        f"model: {what} ({model.config._attn_implementation} attention), L={arch.num_layers}; "
+        f"{len(texts)} texts, batch {args.batch_size}, {args.seq_len} tokens; hooked layers {layers}, k={k}"
+    )
+    print(
+        f"extract_pooled (stop after layer {max(layers)}, {len(layers)} layers, k coords): "
+        f"{len(texts) / t_ours:8.1f} texts/s"
+    )
     print(f"bare no_grad full forward incl. lm_head                 : {len(texts) / t_bare:8.1f} texts/s")
     print(f"throughput ratio (ours / bare)                          : {t_bare / t_ours:8.2f}x")
 

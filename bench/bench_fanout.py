@@ -29,12 +29,32 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 def corpus(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    words = ["the", "a", "model", "layer", "token", "prune", "seed", "corpus", "math", "code", "science", "data", "sparse", "value"]
-    return [{"id": str(i), "text": " ".join(rng.choice(words) for _ in range(rng.randint(10, 40)))} for i in range(n)]
+    words = [
+        "the",
+        "a",
+        "model",
+        "layer",
+        "token",
+        "prune",
+        "seed",
+        "corpus",
+        "math",
+        "code",
+        "science",
+        "data",
+        "sparse",
+        "value",
+    ]
+    return [
+        {"id": str(i), "text": " ".join(rng.choice(words) for _ in range(rng.randint(10, 40)))}
+        for i in range(n)
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--hidden", type=int, default=256)
@@ -64,23 +84,44 @@ def main() -> None:
 
     def cfg(store: str, **orchestration) -> FinescopeConfig:
         return FinescopeConfig(
-            model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-            store=store, device="cpu", orchestration={"persist_results": False, **orchestration},
-            curate={"max_length": args.max_length, "batch_size": 16, "shard_size": args.shard_size, "final_size": 1},
+            model=str(root / "model"),
+            seeds=[str(root / "seeds.jsonl")],
+            corpus=[str(root / "corpus.jsonl")],
+            store=store,
+            device="cpu",
+            orchestration={"persist_results": False, **orchestration},
+            curate={
+                "max_length": args.max_length,
+                "batch_size": 16,
+                "shard_size": args.shard_size,
+                "final_size": 1,
+            },
         )
 
     print(
         f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads in this process"
     )
-    print(f"{args.texts} texts, max_length {args.max_length}, qwen3 hidden {args.hidden} x {args.layers} layers, "
-          f"shards of {args.shard_size}")
+    print(
+        f"{args.texts} texts, max_length {args.max_length}, qwen3 hidden {args.hidden} x {args.layers} layers, "
+        f"shards of {args.shard_size}"
+    )
 
     model, tok = load_model(str(root / "model"), device="cpu", dtype=torch.float32)
     texts = [r["text"] for r in corpus(args.texts)]
     start = time.perf_counter()
-    write_activation_shards(model, tok, texts, layers, root / "direct", indices=None, max_length=args.max_length,
-                            batch_size=16, skip_first=1, shard_size=args.shard_size)
+    write_activation_shards(
+        model,
+        tok,
+        texts,
+        layers,
+        root / "direct",
+        indices=None,
+        max_length=args.max_length,
+        batch_size=16,
+        skip_first=1,
+        shard_size=args.shard_size,
+    )
     direct_s = time.perf_counter() - start
     direct = load_activations(root / "direct")
 
@@ -88,8 +129,10 @@ def main() -> None:
     with prefect_test_harness(server_startup_timeout=120):
         from prefect import flow
 
-        for name, orchestration in (("threads", {"task_runner": "threads", "workers": args.workers}),
-                                    ("dask", {"task_runner": "dask", "workers": args.workers})):
+        for name, orchestration in (
+            ("threads", {"task_runner": "threads", "workers": args.workers}),
+            ("dask", {"task_runner": "dask", "workers": args.workers}),
+        ):
             c = cfg(str(root / f"store-{name}"), **orchestration)
 
             def timed_embed(c: FinescopeConfig = c):
@@ -106,8 +149,10 @@ def main() -> None:
 
     print(f"direct (one call, no Prefect)      {direct_s:7.2f} s")
     for name, (seconds, diff) in results.items():
-        print(f"{name:8s} ({args.texts // args.shard_size} shard tasks)        {seconds:7.2f} s | "
-              f"vs direct {seconds / direct_s:5.2f}x | max |diff| {diff:.1e}")
+        print(
+            f"{name:8s} ({args.texts // args.shard_size} shard tasks)        {seconds:7.2f} s | "
+            f"vs direct {seconds / direct_s:5.2f}x | max |diff| {diff:.1e}"
+        )
     print("(dask includes starting the local cluster and loading the model in each worker)")
 
 

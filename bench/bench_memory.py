@@ -80,17 +80,42 @@ def _param_count(c: dict[str, Any]) -> int:
 
 def run_config(root: Path, store: Path, dtype: str, layers: int) -> dict[str, Any]:
     return {
-        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")],
-        "corpus": [str(root / "corpus.jsonl")], "store": str(store), "device": "cpu", "model_dtype": dtype,
-        "curate": {"final_size": 12, "top_m": 12, "k_act": 16, "reference_size": 8, "max_length": 32,
-                   "batch_size": 8, "num_layers": min(layers, 4),
-                   "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
+        "model": str(root / "model"),
+        "seeds": [str(root / "seeds.jsonl")],
+        "corpus": [str(root / "corpus.jsonl")],
+        "store": str(store),
+        "device": "cpu",
+        "model_dtype": dtype,
+        "curate": {
+            "final_size": 12,
+            "top_m": 12,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "batch_size": 8,
+            "num_layers": min(layers, 4),
+            "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
+        },
         "prune": {"ratio": 0.3, "max_length": 32, "batch_size": 4},
         "teacher": {"max_new_tokens": 8, "batch_size": 4, "max_prompt_length": 384},
-        "finetune": {"rank": 8, "alpha": 16, "epochs": 1, "batch_size": 2, "grad_accum": 1, "max_length": 192},
-        "evaluate": {"split_fraction": 0.2, "max_length": 160, "max_new_tokens": 8, "max_examples": 8,
-                     "domain_items": 8, "general_items": 8, "bootstrap_resamples": 100},
-    }  # fmt: skip
+        "finetune": {
+            "rank": 8,
+            "alpha": 16,
+            "epochs": 1,
+            "batch_size": 2,
+            "grad_accum": 1,
+            "max_length": 192,
+        },
+        "evaluate": {
+            "split_fraction": 0.2,
+            "max_length": 160,
+            "max_new_tokens": 8,
+            "max_examples": 8,
+            "domain_items": 8,
+            "general_items": 8,
+            "bootstrap_resamples": 100,
+        },
+    }
 
 
 class Sampler:
@@ -228,8 +253,10 @@ def table(result: dict[str, Any]) -> str:
         ratio = f"{pred / measured:.2f}" if pred and measured else "–"
         lines.append("| " + " | ".join([name, *map(cell, vals), cell(pred), ratio]) + " |")
     seconds = ", ".join(f"{tree} {run['seconds']:.0f} s" for tree, run in runs.items())
-    return (f"{result['dtype']}: model {model_bytes / GB:.2f} GB ({result['params'] / 1e6:.0f}M params); "
-            f"wall {seconds}\n" + "\n".join(lines))  # fmt: skip
+    return (
+        f"{result['dtype']}: model {model_bytes / GB:.2f} GB ({result['params'] / 1e6:.0f}M params); "
+        f"wall {seconds}\n" + "\n".join(lines)
+    )
 
 
 def main() -> None:
@@ -238,9 +265,13 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref measured beside this checkout")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--checkpoint", choices=["float32", "run"], default="float32",
-                    help="the dtype the model is saved in: float32, or each run's own dtype (as 1B-8B checkpoints "
-                    "ship in bf16)")
+    ap.add_argument(
+        "--checkpoint",
+        choices=["float32", "run"],
+        default="float32",
+        help="the dtype the model is saved in: float32, or each run's own dtype (as 1B-8B checkpoints "
+        "ship in bf16)",
+    )
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between RSS samples")
     ap.add_argument("--json", type=Path, default=Path("bench-memory.json"), help="where the measurements go")
     ap.add_argument("--report", type=Path, help="only reprint the tables of a saved --json file")
@@ -270,9 +301,14 @@ def main() -> None:
                 }
                 predicted = predictions(home, dtype, args.layers)
                 model_bytes = params * BYTES[dtype]
-                result = {"dtype": dtype, "checkpoint": args.checkpoint, "params": params, "model_bytes": model_bytes,
-                          "runs": runs,
-                          "predicted": predicted}  # fmt: skip
+                result = {
+                    "dtype": dtype,
+                    "checkpoint": args.checkpoint,
+                    "params": params,
+                    "model_bytes": model_bytes,
+                    "runs": runs,
+                    "predicted": predicted,
+                }
                 results.append(result)
                 print(table(result) + "\n", flush=True)
                 model_config = json.loads((root / "model" / "config.json").read_text())

@@ -207,9 +207,11 @@ def compare_variants(
     arch = resolve_arch(model)
     common = plan_widths(model, ratio, attention, scores=variants["taylor, domain"])
     prop = plan_widths(model, ratio, attention, rule="proportional")
-    print(f"(b) ratio {ratio}, attention={attention}; per layer {arch.num_heads} heads / {arch.num_kv_heads} KV / "
-          f"{arch.intermediate_size} channels; common widths (taylor-domain pipeline) {fmt(common)}, "
-          f"proportional {fmt(prop)}")  # fmt: skip
+    print(
+        f"(b) ratio {ratio}, attention={attention}; per layer {arch.num_heads} heads / {arch.num_kv_heads} KV / "
+        f"{arch.intermediate_size} channels; common widths (taylor-domain pipeline) {fmt(common)}, "
+        f"proportional {fmt(prop)}"
+    )
     print(f"  base model: held-out GSM8K perplexity {perplexity(model, eval_b):.2f}")
     plans: dict[str, PrunePlan] = {}
     for name, scores in variants.items():
@@ -234,11 +236,15 @@ def fmt(w: Widths) -> str:
 def report_plans(before: dict[str, int], plans: dict[str, PrunePlan]) -> None:
     ref = plans["taylor, domain"]
     after = ref.params_after
-    print("  parameters (taylor, domain) before -> after: " + ", ".join(
-        f"{k} {before[k]:,}->{after[k]:,}" for k in before if before[k]))  # fmt: skip
+    print(
+        "  parameters (taylor, domain) before -> after: "
+        + ", ".join(f"{k} {before[k]:,}->{after[k]:,}" for k in before if before[k])
+    )
     for name in ("taylor, generic", "magnitude"):
-        print(f"  kept-unit overlap of {name} with taylor, domain: channels {overlap(ref.keep_channels, plans[name].keep_channels):.3f}, "
-              f"query heads {overlap(ref.keep_q, plans[name].keep_q):.3f}")  # fmt: skip
+        print(
+            f"  kept-unit overlap of {name} with taylor, domain: channels {overlap(ref.keep_channels, plans[name].keep_channels):.3f}, "
+            f"query heads {overlap(ref.keep_q, plans[name].keep_q):.3f}"
+        )
 
 
 def compare_torch_pruning(
@@ -254,8 +260,10 @@ def compare_torch_pruning(
     pruned, plan = prune_copy(
         model, GroupScores(domain.heads, domain.kv, channels, method="torch-pruning"), widths
     )
-    print(f"  torch-pruning MLP + our heads at {widths}: ppl {perplexity(pruned, eval_b):.2f}, scores {seconds:.2f}s, "
-          f"kept-channel overlap with ours {overlap(ref.keep_channels, plan.keep_channels):.3f}")  # fmt: skip
+    print(
+        f"  torch-pruning MLP + our heads at {widths}: ppl {perplexity(pruned, eval_b):.2f}, scores {seconds:.2f}s, "
+        f"kept-channel overlap with ours {overlap(ref.keep_channels, plan.keep_channels):.3f}"
+    )
 
 
 def main() -> None:
@@ -280,8 +288,10 @@ def main() -> None:
         batches(held_out),
     )
     n_tok = sum(int(b["attention_mask"].sum()) for b in domain_b)
-    print(f"model={args.model}: {count_parameters(model)['total']:,} params; pruning data {len(domain)} GSM8K records "
-          f"({n_tok} tokens, {len(domain_b)} batches of {args.batch_size}x<={args.max_length}); eval {len(held_out)} records")  # fmt: skip
+    print(
+        f"model={args.model}: {count_parameters(model)['total']:,} params; pruning data {len(domain)} GSM8K records "
+        f"({n_tok} tokens, {len(domain_b)} batches of {args.batch_size}x<={args.max_length}); eval {len(held_out)} records"
+    )
     taylor_domain, _ = time_importance(model, domain_b)
     variants = {
         "taylor, domain": taylor_domain,

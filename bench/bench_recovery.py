@@ -56,7 +56,9 @@ def bench_split(n_train: int, n_eval: int) -> tuple[list[dict[str, Any]], list[d
     """(training problems, scored problems): the first and the last of `bench_problems()`, disjoint."""
     problems, _ = bench_problems()
     if n_train + n_eval > len(problems):
-        raise SystemExit(f"--train {n_train} + --eval {n_eval} > {len(problems)} problems no config reports on")
+        raise SystemExit(
+            f"--train {n_train} + --eval {n_eval} > {len(problems)} problems no config reports on"
+        )
     return problems[:n_train], problems[-n_eval:]
 
 
@@ -76,8 +78,12 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=50, help="held-out problems scored")
     ap.add_argument("--cutoff", type=int, default=192)
     ap.add_argument("--prune-texts", type=int, default=32, help="training problems used as pruning data")
-    ap.add_argument("--importance", default="taylor", choices=["taylor", "magnitude"], help="pruning importance")
-    ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all, or the quick set)")
+    ap.add_argument(
+        "--importance", default="taylor", choices=["taylor", "magnitude"], help="pruning importance"
+    )
+    ap.add_argument(
+        "--variants", default=None, help="comma-separated variant names (default: all, or the quick set)"
+    )
     ap.add_argument("--epochs", type=int, default=1, help="passes over the training problems")
     args = ap.parse_args()
     n_train = args.train or (48 if args.quick else 128)
@@ -101,17 +107,32 @@ def main() -> None:
     prune_model(pruned, tok, texts, PruneConfig(ratio=0.3, importance=args.importance))
     pruned.eval()
     ppl["pruned"] = response_ppl(pruned, tok, eval_rows, args.cutoff)
-    print(f"base ppl {ppl['base']:.3f}, pruned ppl {ppl['pruned']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"base ppl {ppl['base']:.3f}, pruned ppl {ppl['pruned']:.3f} ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
     seconds: dict[str, float] = {}
     best_epoch: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            settings = {"epochs": args.epochs, "eval_fraction": 0.1, "batch_size": 4, "grad_accum": 2, "max_length": args.cutoff}
+            settings = {
+                "epochs": args.epochs,
+                "eval_fraction": 0.1,
+                "batch_size": 4,
+                "grad_accum": 2,
+                "max_length": args.cutoff,
+            }
             cfg = FinetuneConfig(**settings | VARIANTS[name])
             student = copy.deepcopy(pruned)
             start = time.perf_counter()
             summary = lora_finetune(
-                student, tok, train_rows, cfg, Path(tmp) / "out", seed=0, teacher=base if cfg.kd_weight > 0 else None
+                student,
+                tok,
+                train_rows,
+                cfg,
+                Path(tmp) / "out",
+                seed=0,
+                teacher=base if cfg.kd_weight > 0 else None,
             )
             seconds[name], best_epoch[name] = time.perf_counter() - start, summary.best_epoch
             ppl[name] = response_ppl(student, tok, eval_rows, args.cutoff)

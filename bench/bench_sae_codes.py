@@ -84,7 +84,15 @@ class Demo:
 
 def demo_curate_config(num_layers: int) -> CurateConfig:
     """configs/demo.yaml's curate section (the SAE settings are the variants')."""
-    return CurateConfig(final_size=100, top_m=100, num_layers=num_layers, k_act=128, probes=2, reference_size=64, max_length=64)
+    return CurateConfig(
+        final_size=100,
+        top_m=100,
+        num_layers=num_layers,
+        k_act=128,
+        probes=2,
+        reference_size=64,
+        max_length=64,
+    )
 
 
 def demo_activations(cache: Path, ccfg: CurateConfig) -> Demo:
@@ -106,12 +114,23 @@ def demo_activations(cache: Path, ccfg: CurateConfig) -> Demo:
         curate.activation_stage(model, tokenizer, seeds, layers, indices, ccfg, root / "seeds")
         (root / "done.json").write_text(json.dumps({"layers": layers}))
     layers = json.loads((root / "done.json").read_text())["layers"]
-    return Demo(load_activations(root / "corpus"), load_activations(root / "seeds"), layers, ids, exclude, time.perf_counter() - start)
+    return Demo(
+        load_activations(root / "corpus"),
+        load_activations(root / "seeds"),
+        layers,
+        ids,
+        exclude,
+        time.perf_counter() - start,
+    )
 
 
-def precision(corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], d: Demo, ccfg: CurateConfig) -> float:
+def precision(
+    corpus_emb: dict[int, np.ndarray], seed_emb: dict[int, np.ndarray], d: Demo, ccfg: CurateConfig
+) -> float:
     """Domain precision of the curated set (top `final_size` of the layer vote) on these embeddings."""
-    voted, _ = curate.select_records("sae", corpus_emb, seed_emb, len(d.ids), ccfg, SEED, exclude_rows=d.exclude)
+    voted, _ = curate.select_records(
+        "sae", corpus_emb, seed_emb, len(d.ids), ccfg, SEED, exclude_rows=d.exclude
+    )
     return demo.domain_precision([d.ids[v.row] for v in voted], DOMAIN)
 
 
@@ -123,16 +142,25 @@ def run_ours(name: str, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[str
     start, cpu = time.perf_counter(), time.process_time()
     sae, metrics = train_saes(d.corpus_acts, cfg, seed=SEED, layer_ids=d.layers)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    prec = precision(split(encode(sae, d.corpus_acts), d.layers), split(encode(sae, d.seed_acts), d.layers), d, ccfg)
+    prec = precision(
+        split(encode(sae, d.corpus_acts), d.layers), split(encode(sae, d.seed_acts), d.layers), d, ccfg
+    )
 
     def mean(key: str) -> float:
         return float(np.mean([getattr(m, key) for m in metrics]))
 
     return {
-        "variant": name, "val_fvu": mean("val_fvu"), "val_dead": mean("val_dead_fraction"), "val_l0": mean("val_l0"),
-        "train_fvu": mean("fvu"), "train_dead": mean("dead_fraction"), "steps": mean("steps_trained"), "seconds": seconds, "cpu_s": cpu,
+        "variant": name,
+        "val_fvu": mean("val_fvu"),
+        "val_dead": mean("val_dead_fraction"),
+        "val_l0": mean("val_l0"),
+        "train_fvu": mean("fvu"),
+        "train_dead": mean("dead_fraction"),
+        "steps": mean("steps_trained"),
+        "seconds": seconds,
+        "cpu_s": cpu,
         "precision": prec,
-    }  # fmt: skip
+    }
 
 
 def run_sparsify(k: int, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[str, Any]:
@@ -180,12 +208,21 @@ def run_sparsify(k: int, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[st
                 enc = coder.encode((acts[:, i].float() - mean[i]) / std[i])
                 sink.append(torch.zeros(len(acts), cfg.d_sae).scatter(1, enc.top_indices, enc.top_acts))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    prec = precision(split(torch.stack(codes_c, 1), d.layers), split(torch.stack(codes_s, 1), d.layers), d, ccfg)
+    prec = precision(
+        split(torch.stack(codes_c, 1), d.layers), split(torch.stack(codes_s, 1), d.layers), d, ccfg
+    )
     return {
-        "variant": f"sparsify topk k={k}", "val_fvu": float(np.mean(val_fvu)), "val_dead": float(np.mean(val_dead)),
-        "val_l0": float(k), "train_fvu": float(np.mean(train_fvu)), "train_dead": float(np.mean(train_dead)), "steps": float(cfg.steps),
-        "seconds": seconds, "cpu_s": cpu, "precision": prec,
-    }  # fmt: skip
+        "variant": f"sparsify topk k={k}",
+        "val_fvu": float(np.mean(val_fvu)),
+        "val_dead": float(np.mean(val_dead)),
+        "val_l0": float(k),
+        "train_fvu": float(np.mean(train_fvu)),
+        "train_dead": float(np.mean(train_dead)),
+        "steps": float(cfg.steps),
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "precision": prec,
+    }
 
 
 def sparsify_status() -> str | None:
@@ -198,22 +235,51 @@ def sparsify_status() -> str | None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["variant", "val_fvu", "val_dead", "val_l0", "train_fvu", "train_dead", "steps", "seconds", "cpu_s", "precision"]
+    cols = [
+        "variant",
+        "val_fvu",
+        "val_dead",
+        "val_l0",
+        "train_fvu",
+        "train_dead",
+        "steps",
+        "seconds",
+        "cpu_s",
+        "precision",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
-        cells = [r["variant"]] + [f"{r[c]:.3f}" if c in ("val_fvu", "val_dead", "train_fvu", "train_dead", "precision") else f"{r[c]:.1f}" for c in cols[1:]]
+        cells = [r["variant"]] + [
+            f"{r[c]:.3f}"
+            if c in ("val_fvu", "val_dead", "train_fvu", "train_dead", "precision")
+            else f"{r[c]:.1f}"
+            for c in cols[1:]
+        ]
         print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="every other layer, 600 steps at most, 3 variants")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "finescope-bench-sae-codes")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="every other layer, 600 steps at most, 3 variants"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "finescope-bench-sae-codes"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--no-sparsify", action="store_true")
-    parser.add_argument("--l1", type=float, nargs="*", help="ReLU variants' l1_coef values (default: 3e-3 1e-2 3e-2; --quick 3e-3)")
-    parser.add_argument("--k", type=int, nargs="*", help="TopK variants' k values (default: 16 32 64; --quick 32)")
+    parser.add_argument(
+        "--l1",
+        type=float,
+        nargs="*",
+        help="ReLU variants' l1_coef values (default: 3e-3 1e-2 3e-2; --quick 3e-3)",
+    )
+    parser.add_argument(
+        "--k", type=int, nargs="*", help="TopK variants' k values (default: 16 32 64; --quick 32)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -221,7 +287,14 @@ def main() -> None:
     d = demo_activations(args.cache, ccfg)
     if args.quick:  # the same cached activations, half the layers
         keep = list(range(0, len(d.layers), 2))
-        d = Demo(d.corpus_acts[:, keep], d.seed_acts[:, keep], [d.layers[i] for i in keep], d.ids, d.exclude, d.extract_s)
+        d = Demo(
+            d.corpus_acts[:, keep],
+            d.seed_acts[:, keep],
+            [d.layers[i] for i in keep],
+            d.ids,
+            d.exclude,
+            d.extract_s,
+        )
     base = SAEConfig(steps=600 if args.quick else 1000)  # configs/demo.yaml trains 1000 steps
     relu = args.l1 if args.l1 is not None else [3e-3] if args.quick else [3e-3, 1e-2, 3e-2]
     ks = args.k if args.k is not None else [32] if args.quick else [16, 32, 64]
@@ -234,11 +307,28 @@ def main() -> None:
     )
     rows = []
     # The `activation` baseline: the pooled activations z-scored with corpus statistics, as curate does.
-    mean, std = d.corpus_acts.float().mean(0, keepdim=True), d.corpus_acts.float().std(0, keepdim=True).clamp_min(1e-6)
-    base_prec = precision(split((d.corpus_acts - mean) / std, d.layers), split((d.seed_acts - mean) / std, d.layers), d, ccfg)
+    mean, std = (
+        d.corpus_acts.float().mean(0, keepdim=True),
+        d.corpus_acts.float().std(0, keepdim=True).clamp_min(1e-6),
+    )
+    base_prec = precision(
+        split((d.corpus_acts - mean) / std, d.layers), split((d.seed_acts - mean) / std, d.layers), d, ccfg
+    )
     nan = float("nan")
-    rows.append({"variant": "activation (no SAE)", "val_fvu": nan, "val_dead": nan, "val_l0": nan, "train_fvu": nan,
-                 "train_dead": nan, "steps": 0.0, "seconds": 0.0, "cpu_s": 0.0, "precision": base_prec})  # fmt: skip
+    rows.append(
+        {
+            "variant": "activation (no SAE)",
+            "val_fvu": nan,
+            "val_dead": nan,
+            "val_l0": nan,
+            "train_fvu": nan,
+            "train_dead": nan,
+            "steps": 0.0,
+            "seconds": 0.0,
+            "cpu_s": 0.0,
+            "precision": base_prec,
+        }
+    )
     for coef in relu:
         rows.append(run_ours(f"relu l1={coef:g}", base.model_copy(update={"l1_coef": coef}), d, ccfg))
         print_table(rows[-1:])

@@ -29,9 +29,36 @@ from finescope_core.saliency import batch_saliency, forward_ad_attention, jacobi
 from finescope_core.tiny import byte_tokenizer, tiny_model
 
 WORDS = [
-    "the", "model", "data", "layer", "token", "energy", "cell", "market", "court", "poem", "proof",
-    "graph", "law", "river", "price", "vote", "theorem", "protein", "novel", "circuit", "tax",
-    "enzyme", "sonnet", "matrix", "verdict", "orbit", "inflation", "gene", "treaty", "lemma",
+    "the",
+    "model",
+    "data",
+    "layer",
+    "token",
+    "energy",
+    "cell",
+    "market",
+    "court",
+    "poem",
+    "proof",
+    "graph",
+    "law",
+    "river",
+    "price",
+    "vote",
+    "theorem",
+    "protein",
+    "novel",
+    "circuit",
+    "tax",
+    "enzyme",
+    "sonnet",
+    "matrix",
+    "verdict",
+    "orbit",
+    "inflation",
+    "gene",
+    "treaty",
+    "lemma",
     "neuron",
 ]
 
@@ -47,7 +74,9 @@ def build(args: argparse.Namespace):
     if args.model == "default":
         model, tok = load_model("default", Path(".finescope-cache"), device="cpu")
         return model, tok, "SmolLM2-135M-Instruct"
-    model = tiny_model("llama", layers=args.layers, hidden=args.hidden, heads=8, kv_heads=4, intermediate=args.hidden * 2)
+    model = tiny_model(
+        "llama", layers=args.layers, hidden=args.hidden, heads=8, kv_heads=4, intermediate=args.hidden * 2
+    )
     return model, byte_tokenizer(), f"random Llama, {args.layers} layers, hidden {args.hidden}"
 
 
@@ -66,10 +95,15 @@ def pass_cost(model, batch: TextBatch, repeats: int) -> tuple[float, float]:
     """(seconds of one all-layers JVP pass, seconds of one plain eager forward pass) on `batch`."""
     arch = resolve_arch(model)
     layers = list(range(arch.num_layers))
-    probe = rademacher_probe(batch.attention_mask, arch.hidden_size, torch.Generator().manual_seed(0), torch.float32)[None]
+    probe = rademacher_probe(
+        batch.attention_mask, arch.hidden_size, torch.Generator().manual_seed(0), torch.float32
+    )[None]
     jvp = timed(lambda: batch_saliency(model, batch, layers, probe, skip_first=1), repeats)
     with forward_ad_attention(model), torch.no_grad():
-        fwd = timed(lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False), repeats)
+        fwd = timed(
+            lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False),
+            repeats,
+        )
     return jvp, fwd
 
 
@@ -83,7 +117,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per text (texts are built long enough)")
     p.add_argument("--probes", type=int, default=1, help="R of eq. 8")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of the single-pass costs")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a shared box")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a shared box"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,10 +129,14 @@ def main() -> None:
     texts = make_texts(args.texts, words=args.seq_len)
     batches = list(iter_text_batches(tok, texts, max_length=args.seq_len, batch_size=args.batch_size))
     all_layers = list(range(arch.num_layers))
-    print(f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), device cpu")
-    print(f"model: {what} ({model.config._attn_implementation} attention, eager during saliency); |D0|={len(texts)}, batch {args.batch_size}x{batches[0].input_ids.shape[1]} tokens, "
-          f"R={args.probes}, L={arch.num_layers}")
+    print(
+        f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), device cpu"
+    )
+    print(
+        f"model: {what} ({model.config._attn_implementation} attention, eager during saliency); |D0|={len(texts)}, batch {args.batch_size}x{batches[0].input_ids.shape[1]} tokens, "
+        f"R={args.probes}, L={arch.num_layers}"
+    )
 
     def run(layers: list[int]) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)  # same probes for both strategies
@@ -115,11 +155,15 @@ def main() -> None:
     jvp, fwd = pass_cost(model, batches[0], args.repeats)
     print(f"all {arch.num_layers} layers, one JVP pass per probe : {t_one:8.2f} s")
     print(f"one layer at a time ({arch.num_layers} x passes)      : {t_per:8.2f} s")
-    print(f"speed-up                                 : {t_per / t_one:8.2f}x  "
-          f"(per-layer passes stop at their layer, so the ideal is (L+1)/2 = {(arch.num_layers + 1) / 2:.1f}x)")
+    print(
+        f"speed-up                                 : {t_per / t_one:8.2f}x  "
+        f"(per-layer passes stop at their layer, so the ideal is (L+1)/2 = {(arch.num_layers + 1) / 2:.1f}x)"
+    )
     print(f"max |difference| / max |W|               : {rel:.2e}")
-    print(f"one JVP pass (all layers) vs eager forward (incl. lm_head), batch 0: "
-          f"{jvp * 1e3:.1f} ms vs {fwd * 1e3:.1f} ms = {jvp / fwd:.2f}x")
+    print(
+        f"one JVP pass (all layers) vs eager forward (incl. lm_head), batch 0: "
+        f"{jvp * 1e3:.1f} ms vs {fwd * 1e3:.1f} ms = {jvp / fwd:.2f}x"
+    )
 
 
 if __name__ == "__main__":

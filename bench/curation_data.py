@@ -42,32 +42,127 @@ SEEDS_PER_TOPIC = 10
 # several other chapters and is never a target.
 DOC_CHAPTERS: dict[str, list[str]] = {
     "doc-internet": [
-        "email.message", "email.parser", "email.utils", "email.header", "email.policy", "email.mime.multipart",
-        "http.client", "http.server", "http.cookies", "http.cookiejar", "urllib.request", "urllib.parse",
-        "urllib.robotparser", "smtplib", "ftplib", "imaplib", "poplib", "mailbox", "xmlrpc.client",
-        "xmlrpc.server", "socketserver", "wsgiref.simple_server", "wsgiref.handlers", "mimetypes", "base64",
-        "quopri", "uu",
+        "email.message",
+        "email.parser",
+        "email.utils",
+        "email.header",
+        "email.policy",
+        "email.mime.multipart",
+        "http.client",
+        "http.server",
+        "http.cookies",
+        "http.cookiejar",
+        "urllib.request",
+        "urllib.parse",
+        "urllib.robotparser",
+        "smtplib",
+        "ftplib",
+        "imaplib",
+        "poplib",
+        "mailbox",
+        "xmlrpc.client",
+        "xmlrpc.server",
+        "socketserver",
+        "wsgiref.simple_server",
+        "wsgiref.handlers",
+        "mimetypes",
+        "base64",
+        "quopri",
+        "uu",
     ],
     "doc-numeric": ["math", "cmath", "decimal", "fractions", "random", "statistics", "numbers"],
     "doc-text": ["string", "re", "difflib", "textwrap", "unicodedata", "stringprep", "codecs"],
     "doc-datatypes": [
-        "datetime", "calendar", "collections", "heapq", "bisect", "array", "weakref", "types", "copy",
-        "pprint", "reprlib", "enum", "graphlib",
+        "datetime",
+        "calendar",
+        "collections",
+        "heapq",
+        "bisect",
+        "array",
+        "weakref",
+        "types",
+        "copy",
+        "pprint",
+        "reprlib",
+        "enum",
+        "graphlib",
     ],
     "doc-files": [
-        "pathlib", "os.path", "filecmp", "tempfile", "glob", "fnmatch", "shutil", "zipfile", "tarfile",
-        "gzip", "bz2", "lzma", "zlib", "csv", "configparser", "tomllib", "netrc", "plistlib",
+        "pathlib",
+        "os.path",
+        "filecmp",
+        "tempfile",
+        "glob",
+        "fnmatch",
+        "shutil",
+        "zipfile",
+        "tarfile",
+        "gzip",
+        "bz2",
+        "lzma",
+        "zlib",
+        "csv",
+        "configparser",
+        "tomllib",
+        "netrc",
+        "plistlib",
     ],
     "doc-concurrency": [
-        "threading", "multiprocessing", "multiprocessing.pool", "concurrent.futures", "subprocess", "sched",
-        "queue", "asyncio", "asyncio.streams", "asyncio.subprocess", "selectors", "signal",
+        "threading",
+        "multiprocessing",
+        "multiprocessing.pool",
+        "concurrent.futures",
+        "subprocess",
+        "sched",
+        "queue",
+        "asyncio",
+        "asyncio.streams",
+        "asyncio.subprocess",
+        "selectors",
+        "signal",
     ],
     "doc-other": [
-        "unittest", "unittest.mock", "doctest", "pdb", "timeit", "trace", "tracemalloc", "inspect", "dis",
-        "ast", "tokenize", "pickletools", "argparse", "logging", "logging.handlers", "getopt", "shlex",
-        "importlib", "importlib.metadata", "pkgutil", "zipimport", "typing", "functools", "itertools",
-        "operator", "contextlib", "abc", "dataclasses", "pickle", "shelve", "sqlite3", "json", "xml.dom.minidom",
-        "xml.etree.ElementTree", "html.parser", "hashlib", "hmac", "secrets", "uuid", "locale", "gettext",
+        "unittest",
+        "unittest.mock",
+        "doctest",
+        "pdb",
+        "timeit",
+        "trace",
+        "tracemalloc",
+        "inspect",
+        "dis",
+        "ast",
+        "tokenize",
+        "pickletools",
+        "argparse",
+        "logging",
+        "logging.handlers",
+        "getopt",
+        "shlex",
+        "importlib",
+        "importlib.metadata",
+        "pkgutil",
+        "zipimport",
+        "typing",
+        "functools",
+        "itertools",
+        "operator",
+        "contextlib",
+        "abc",
+        "dataclasses",
+        "pickle",
+        "shelve",
+        "sqlite3",
+        "json",
+        "xml.dom.minidom",
+        "xml.etree.ElementTree",
+        "html.parser",
+        "hashlib",
+        "hmac",
+        "secrets",
+        "uuid",
+        "locale",
+        "gettext",
     ],
 }
 
@@ -170,7 +265,9 @@ def docstring_rows() -> Iterator[dict[str, str]]:
                     continue  # re-exports are documented where they are defined
                 objs = [(attr, obj)]
                 if inspect.isclass(obj):
-                    objs += [(f"{attr}.{k}", v) for k, v in sorted(vars(obj).items()) if not k.startswith("_")]
+                    objs += [
+                        (f"{attr}.{k}", v) for k, v in sorted(vars(obj).items()) if not k.startswith("_")
+                    ]
                 for qual, item in objs:
                     doc = getattr(item, "__doc__", None) if callable(item) or inspect.isclass(item) else None
                     if not isinstance(doc, str):
@@ -200,7 +297,9 @@ def build(out_dir: Path, seed: int = 0) -> Benchmark:
     for topic in TOPICS:
         rows = by_label.get(topic.label, [])
         if len(rows) < SEEDS_PER_TOPIC + 25:
-            raise SystemExit(f"topic {topic.name}: only {len(rows)} records of {topic.label} ({sys.version.split()[0]})")
+            raise SystemExit(
+                f"topic {topic.name}: only {len(rows)} records of {topic.label} ({sys.version.split()[0]})"
+            )
         picked = set(rng.sample(range(len(rows)), SEEDS_PER_TOPIC))
         seeds[topic.name] = out_dir / f"seeds-{topic.name}.jsonl"
         _write(seeds[topic.name], [r for i, r in enumerate(rows) if i in picked])
@@ -209,7 +308,9 @@ def build(out_dir: Path, seed: int = 0) -> Benchmark:
     rng.shuffle(corpus_rows)
     corpus = out_dir / "corpus.jsonl"
     _write(corpus, corpus_rows)
-    return Benchmark(corpus, seeds, {r["id"]: r["label"] for r in corpus_rows}, Counter(r["label"] for r in corpus_rows))
+    return Benchmark(
+        corpus, seeds, {r["id"]: r["label"] for r in corpus_rows}, Counter(r["label"] for r in corpus_rows)
+    )
 
 
 def _write(path: Path, rows: list[dict[str, str]]) -> None:

@@ -48,13 +48,31 @@ from finescope_core.sae import train_saes
 from finescope_core.saliency import jacobian_saliency
 
 SHAPES: dict[str, dict[str, int]] = {
-    "8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "intermediate_size": 14336, "vocab_size": 128256},
-    "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "intermediate_size": 8192, "vocab_size": 128256},
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-             "intermediate_size": 512, "vocab_size": 4096},
-}  # fmt: skip
+    "8b": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+    },
+    "1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+    },
+    "tiny": {
+        "hidden_size": 256,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "intermediate_size": 512,
+        "vocab_size": 4096,
+    },
+}
 HOOKED = 8
 """Hooked layers, as the default `curate.num_layers`."""
 
@@ -85,7 +103,9 @@ def random_batches(n: int, seq: int, batch: int, vocab: int, seed: int) -> list[
     for start in range(0, n, batch):
         b = min(batch, n - start)
         ids = torch.randint(0, vocab, (b, seq), generator=g)
-        out.append(TextBatch(input_ids=ids, attention_mask=torch.ones_like(ids), rows=torch.arange(start, start + b)))
+        out.append(
+            TextBatch(input_ids=ids, attention_mask=torch.ones_like(ids), rows=torch.arange(start, start + b))
+        )
     return out
 
 
@@ -131,7 +151,9 @@ def main() -> None:
     ap.add_argument("--k-act", type=int, default=128)
     ap.add_argument("--sae-steps", type=int, default=SAEConfig().steps)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense peak at --dtype")
-    ap.add_argument("--flow", action="store_true", help="then run the real specialize flow on the saved model")
+    ap.add_argument(
+        "--flow", action="store_true", help="then run the real specialize flow on the saved model"
+    )
     ap.add_argument("--flow-records", type=int, default=400, help="corpus records of the flow run")
     args = ap.parse_args()
 
@@ -141,10 +163,22 @@ def main() -> None:
     vocab, n_layers = model.config.vocab_size, model.config.num_hidden_layers
     layers = hooked_layers(n_layers)
     params = sum(p.numel() for p in model.parameters())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {name}; torch {torch.__version__}; {args.shape} Llama ({params / 1e9:.2f} B params), {args.dtype}; "
-          f"hooked layers {layers}; built in {t_build:.0f} s")  # fmt: skip
-    results: dict[str, Any] = {"device": name, "shape": args.shape, "dtype": args.dtype, "params": params, "stages": {}}
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"device: {name}; torch {torch.__version__}; {args.shape} Llama ({params / 1e9:.2f} B params), {args.dtype}; "
+        f"hooked layers {layers}; built in {t_build:.0f} s"
+    )
+    results: dict[str, Any] = {
+        "device": name,
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "params": params,
+        "stages": {},
+    }
 
     def report(stage: str, seconds: float, tokens: int = 0, layers_run: int = 0, **extra: Any) -> None:
         row: dict[str, Any] = {"seconds": round(seconds, 2), **extra}
@@ -163,27 +197,39 @@ def main() -> None:
     deepest = max(layers) + 1
     ref = random_batches(args.ref, args.seq_len, min(args.batch, 8), vocab, seed=1)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    sec, _ = timed(device, lambda: jacobian_saliency(model, ref, layers, probes=2, skip_first=1, generator=gen))
+    sec, _ = timed(
+        device, lambda: jacobian_saliency(model, ref, layers, probes=2, skip_first=1, generator=gen)
+    )
     report("saliency", sec, tokens=2 * args.ref * args.seq_len)  # 2 probes: two dual passes per record
 
     batches = random_batches(args.records, args.seq_len, args.batch, vocab, seed=2)
     indices = torch.stack([torch.randperm(model.config.hidden_size)[: args.k_act] for _ in layers])
-    drain(extract_pooled(model, batches[:1], layers, skip_first=1, indices=indices))  # warm-up (kernels, allocator)
-    sec, acts = timed(device, lambda: drain(extract_pooled(model, batches, layers, skip_first=1, indices=indices)))
+    drain(
+        extract_pooled(model, batches[:1], layers, skip_first=1, indices=indices)
+    )  # warm-up (kernels, allocator)
+    sec, acts = timed(
+        device, lambda: drain(extract_pooled(model, batches, layers, skip_first=1, indices=indices))
+    )
     tokens = args.records * args.seq_len
     report("activations", sec, tokens=tokens, layers_run=deepest)
     rate = tokens / sec
     results["one_million_records_hours"] = round(1_000_000 * 128 / rate / 3600, 2)
-    print(f"             1M records x 128 tokens at this rate: {results['one_million_records_hours']} h "
-          f"(goal <= 2 h; MFU goal >= 0.40)")  # fmt: skip
+    print(
+        f"             1M records x 128 tokens at this rate: {results['one_million_records_hours']} h "
+        f"(goal <= 2 h; MFU goal >= 0.40)"
+    )
 
     pooled = acts
-    sec, (_, metrics) = timed(device, lambda: train_saes(pooled, SAEConfig(steps=args.sae_steps), seed=0, device=device))
+    sec, (_, metrics) = timed(
+        device, lambda: train_saes(pooled, SAEConfig(steps=args.sae_steps), seed=0, device=device)
+    )
     report("sae", sec, fvu=round(sum(m.fvu for m in metrics) / len(metrics), 3))
 
     lm = []
     for b in random_batches(args.ref, args.seq_len, 4, vocab, seed=3):
-        lm.append({"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.input_ids.clone()})
+        lm.append(
+            {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.input_ids.clone()}
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec, _ = timed(device, lambda: group_importance(model, lm, method="taylor"))
@@ -193,8 +239,14 @@ def main() -> None:
 
     def generate() -> torch.Tensor:
         with torch.inference_mode():
-            return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)  # fmt: skip
+            return model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=False,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=0,
+            )
 
     sec, out = timed(device, generate)
     report("teacher", sec, tokens=args.gen * (out.shape[1] - prompts.shape[1]))

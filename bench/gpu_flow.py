@@ -42,16 +42,27 @@ def write_workspace(root: Path, model: torch.nn.Module, records: int) -> None:
 def run_config(root: Path, device: str, dtype: str) -> dict[str, Any]:
     """A small `specialize` run: every model stage once, no baselines, short sequences."""
     return {
-        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")],
-        "corpus": [str(root / "corpus.jsonl")], "store": str(root / "store"), "device": device,
-        "model_dtype": dtype, "orchestration": {"workers": 1},  # one stage at a time: its own peak
+        "model": str(root / "model"),
+        "seeds": [str(root / "seeds.jsonl")],
+        "corpus": [str(root / "corpus.jsonl")],
+        "store": str(root / "store"),
+        "device": device,
+        "model_dtype": dtype,
+        "orchestration": {"workers": 1},  # one stage at a time: its own peak
         "curate": {"final_size": 32, "top_m": 32, "reference_size": 16, "max_length": 128, "batch_size": 16},
         "prune": {"ratio": 0.3, "max_length": 128, "batch_size": 4},
         "teacher": {"max_new_tokens": 32, "batch_size": 16},
         "finetune": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "gradient_checkpointing": True},
-        "evaluate": {"split_fraction": 0.2, "max_length": 160, "max_new_tokens": 16, "max_examples": 16,
-                     "domain_items": 16, "general_items": 16, "bootstrap_resamples": 200},
-    }  # fmt: skip
+        "evaluate": {
+            "split_fraction": 0.2,
+            "max_length": 160,
+            "max_new_tokens": 16,
+            "max_examples": 16,
+            "domain_items": 16,
+            "general_items": 16,
+            "bootstrap_resamples": 200,
+        },
+    }
 
 
 def measured_build(device: torch.device, rows: dict[str, dict[str, Any]]) -> Callable[..., Any]:
@@ -128,5 +139,9 @@ def vllm_smoke(model_dir: Path, dtype: str, prompts: int = 64, new_tokens: int =
     out = teacher.generate(tok, ids, max_new_tokens=new_tokens, temperature=0.0, seed=0)
     seconds = time.perf_counter() - start
     made = sum(len(g.token_ids) for g in out)
-    return {**engine, "start_seconds": round(loaded, 1), "seconds": round(seconds, 2),
-            "tokens_per_s": round(made / seconds)}  # fmt: skip
+    return {
+        **engine,
+        "start_seconds": round(loaded, 1),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(made / seconds),
+    }

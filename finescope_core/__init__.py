@@ -22,25 +22,49 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 _API: dict[str, str] = {
     # configuration and data
-    "FinescopeConfig": "config", "ConfigError": "config", "load_config": "config",
-    "Record": "data", "RecordSet": "data", "DataError": "data", "load_records": "data", "deduplicate": "data",
+    "FinescopeConfig": "config",
+    "ConfigError": "config",
+    "load_config": "config",
+    "Record": "data",
+    "RecordSet": "data",
+    "DataError": "data",
+    "load_records": "data",
+    "deduplicate": "data",
     "ArtifactStore": "store",
     # models
-    "load_model": "model", "resolve_arch": "model", "DecoderArch": "model",
+    "load_model": "model",
+    "resolve_arch": "model",
+    "DecoderArch": "model",
     # curation: saliency -> activations -> SAEs -> retrieval and vote
-    "compute_saliency": "saliency", "LayerSaliency": "saliency",
-    "extract_pooled": "activations", "write_activation_shards": "activations", "load_activations": "activations",
-    "BatchedSAE": "sae", "train_saes": "sae", "save_saes": "sae", "load_saes": "sae",
-    "topm_max_over_seeds": "retrieval", "vote": "retrieval", "layer_weights": "retrieval",
-    "hooked_layers": "curate", "select_records": "curate",
+    "compute_saliency": "saliency",
+    "LayerSaliency": "saliency",
+    "extract_pooled": "activations",
+    "write_activation_shards": "activations",
+    "load_activations": "activations",
+    "BatchedSAE": "sae",
+    "train_saes": "sae",
+    "save_saes": "sae",
+    "load_saes": "sae",
+    "topm_max_over_seeds": "retrieval",
+    "vote": "retrieval",
+    "layer_weights": "retrieval",
+    "hooked_layers": "curate",
+    "select_records": "curate",
     # specialisation: pruning -> teacher -> LoRA -> evaluation
-    "prune_model": "prune", "save_pruned": "prune", "plan_widths": "prune", "count_parameters": "prune",
-    "generate_distilled": "teacher", "read_distilled": "distilled",
+    "prune_model": "prune",
+    "save_pruned": "prune",
+    "plan_widths": "prune",
+    "count_parameters": "prune",
+    "generate_distilled": "teacher",
+    "read_distilled": "distilled",
     "lora_finetune": "finetune",
-    "evaluate_model": "evaluate", "perplexity": "evaluate",
+    "evaluate_model": "evaluate",
+    "perplexity": "evaluate",
     # outputs
-    "model_card": "cards", "dataset_card": "cards", "write_report": "report",
-}  # fmt: skip
+    "model_card": "cards",
+    "dataset_card": "cards",
+    "write_report": "report",
+}
 
 __all__ = ["__version__", *_API]
 

@@ -108,7 +108,9 @@ def _pool_batch(
     pmask = pooling_mask(batch.attention_mask, skip_first)
     with torch.inference_mode(), capture_layers(arch, layers) as cap:
         pooled = cap.run(
-            lambda: arch.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False),
+            lambda: arch.backbone(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ),
             reduce=lambda h: masked_mean(h, pmask),
         )
         acts = torch.stack(pooled, dim=1)  # [B, L, d]
@@ -279,7 +281,9 @@ def iter_shards(out_dir: Path) -> Iterator[tuple[Tensor, Tensor]]:
     for shard in manifest.shards:
         path = out_dir / shard.file
         if not path.is_file():
-            raise ActivationError(f"{path} is listed in {MANIFEST} but missing; re-run write_activation_shards")
+            raise ActivationError(
+                f"{path} is listed in {MANIFEST} but missing; re-run write_activation_shards"
+            )
         tensors = load_file(str(path))
         yield tensors["rows"], tensors["acts"]
 
@@ -336,7 +340,9 @@ def _iter_shard_slices(
     for shard in manifest.shards:
         path = out_dir / shard.file
         if not path.is_file():
-            raise ActivationError(f"{path} is listed in {MANIFEST} but missing; re-run write_activation_shards")
+            raise ActivationError(
+                f"{path} is listed in {MANIFEST} but missing; re-run write_activation_shards"
+            )
         with safe_open(str(path), framework="pt") as f:
             rows = f.get_tensor("rows")
             if positions is None:
@@ -354,7 +360,9 @@ def num_rows(dirs: Path | Sequence[Path]) -> int:
     return sum(ActivationManifest.read(p).num_rows for p in paths)
 
 
-def load_activation_rows(dirs: Sequence[Path], rows: Sequence[int], positions: Sequence[int] | None = None) -> Tensor:
+def load_activation_rows(
+    dirs: Sequence[Path], rows: Sequence[int], positions: Sequence[int] | None = None
+) -> Tensor:
     """The activations of some rows of consecutive directories ([len(rows), L', k], in the given order),
     reading one directory at a time: memory is the result plus one directory.
 
@@ -366,7 +374,9 @@ def load_activation_rows(dirs: Sequence[Path], rows: Sequence[int], positions: S
     want = torch.as_tensor(list(rows), dtype=torch.long)
     total = num_rows(dirs)
     if want.numel() == 0 or int(want.min()) < 0 or int(want.max()) >= total:
-        raise ActivationError(f"rows must be a non-empty selection of 0..{total - 1} (the texts of {len(dirs)} activation directories)")
+        raise ActivationError(
+            f"rows must be a non-empty selection of 0..{total - 1} (the texts of {len(dirs)} activation directories)"
+        )
     out: Tensor | None = None
     start = 0
     for d in dirs:

@@ -38,7 +38,9 @@ class TextBatch:
         return int(self.rows.numel())
 
 
-def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
+def tokenize_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> list[list[int]]:
     """Token ids of every text, truncated to `max_length`, in one batched tokenizer call.
 
     Raises:
@@ -86,7 +88,9 @@ def iter_text_batches(
     if batch_size < 1:
         raise BatchingError(f"batch_size={batch_size} must be >= 1")
     if tokenizer.pad_token_id is None:
-        raise BatchingError("the tokenizer has no pad token; pass it through finescope_core.model.prepare_tokenizer")
+        raise BatchingError(
+            "the tokenizer has no pad token; pass it through finescope_core.model.prepare_tokenizer"
+        )
     encoded = tokenize_texts(tokenizer, texts, max_length)
     order = list(range(len(encoded)))
     if sort_by_length:

@@ -54,11 +54,16 @@ def _eval_results(facts: RunFacts, model_key: str) -> list[EvalResult]:
     out = []
     for key, metric_type in METRIC_TYPES.items():
         if isinstance(entry.get(key), int | float):
-            out.append(EvalResult(
-                task_type="text-generation", dataset_type=f"finescope/{facts.name}-eval",
-                dataset_name=f"{facts.name} held-out evaluation set", metric_type=metric_type,
-                metric_name=key, metric_value=round(float(entry[key]), 4),
-            ))  # fmt: skip
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=f"finescope/{facts.name}-eval",
+                    dataset_name=f"{facts.name} held-out evaluation set",
+                    metric_type=metric_type,
+                    metric_name=key,
+                    metric_value=round(float(entry[key]), 4),
+                )
+            )
     return out
 
 
@@ -70,8 +75,14 @@ def _metrics_table(facts: RunFacts) -> str:
     keys = list(dict.fromkeys([*keys, "parameters"]))
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, m in models.items():
-        cells = [f"{m[k]:,}" if isinstance(m.get(k), int) else f"{m[k]:.4g}" if isinstance(m.get(k), float) else "–"
-                 for k in keys]  # fmt: skip
+        cells = [
+            f"{m[k]:,}"
+            if isinstance(m.get(k), int)
+            else f"{m[k]:.4g}"
+            if isinstance(m.get(k), float)
+            else "–"
+            for k in keys
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     n = next(iter(models.values())).get("n", {})
     if n:
@@ -84,16 +95,20 @@ def _pruning_line(facts: RunFacts) -> str:
     if not p:
         return ""
     before, after = p["params_before"]["total"], p["params_after"]["total"]
-    return (f"Structured pruning removed {before - after:,} of {before:,} parameters (ratio "
-            f"{p['achieved_ratio']:.4f}, target {p['target_ratio']}): attention heads and MLP channels, the same "
-            "widths in every layer, so the model loads with plain `AutoModelForCausalLM`.")  # fmt: skip
+    return (
+        f"Structured pruning removed {before - after:,} of {before:,} parameters (ratio "
+        f"{p['achieved_ratio']:.4f}, target {p['target_ratio']}): attention heads and MLP channels, the same "
+        "widths in every layer, so the model loads with plain `AutoModelForCausalLM`."
+    )
 
 
 def _load_snippet(kind: Literal["pruned", "tuned", "adapter"]) -> str:
     if kind == "adapter":
-        load = ('base = AutoModelForCausalLM.from_pretrained("pruned-model")\n'
-                'model = PeftModel.from_pretrained(base, "tuned-adapter")\n'
-                'tok = AutoTokenizer.from_pretrained("pruned-model")')  # fmt: skip
+        load = (
+            'base = AutoModelForCausalLM.from_pretrained("pruned-model")\n'
+            'model = PeftModel.from_pretrained(base, "tuned-adapter")\n'
+            'tok = AutoTokenizer.from_pretrained("pruned-model")'
+        )
         imports = "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer"
     else:
         folder = f"{kind}-model"
@@ -102,9 +117,9 @@ def _load_snippet(kind: Literal["pruned", "tuned", "adapter"]) -> str:
     return (
         f"```python\n{imports}\n\n{load}\n"
         'messages = [{"role": "user", "content": "Your question"}]\n'
-        "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
+        'inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)\n'
         "out = model.generate(**inputs, max_new_tokens=128, do_sample=False)\n"
-        "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n```"
+        'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n```'
     )
 
 
@@ -113,44 +128,78 @@ def model_card(kind: Literal["pruned", "tuned", "adapter"], facts: RunFacts) -> 
     what = {
         "pruned": "the base model after structured pruning guided by the curated domain data, before recovery",
         "tuned": "the pruned model after teacher-guided LoRA distillation, with the adapter merged in"
-        if facts.tuning == "lora" else "the pruned model after teacher-guided distillation, all of its weights tuned",
+        if facts.tuning == "lora"
+        else "the pruned model after teacher-guided distillation, all of its weights tuned",
         "adapter": "the LoRA adapter of the tuned model; it applies to `pruned-model/` of the same run",
     }[kind]
     data = ModelCardData(
-        base_model=facts.base_model_id, library_name="peft" if kind == "adapter" else "transformers",
-        pipeline_tag="text-generation", model_name=f"{facts.name}-{kind}",
-        tags=["finescope", "structured-pruning", *(["distillation", *(["lora"] if facts.tuning == "lora" or kind == "adapter" else [])] if kind != "pruned" else []), *facts.extra_tags],
+        base_model=facts.base_model_id,
+        library_name="peft" if kind == "adapter" else "transformers",
+        pipeline_tag="text-generation",
+        model_name=f"{facts.name}-{kind}",
+        tags=[
+            "finescope",
+            "structured-pruning",
+            *(
+                ["distillation", *(["lora"] if facts.tuning == "lora" or kind == "adapter" else [])]
+                if kind != "pruned"
+                else []
+            ),
+            *facts.extra_tags,
+        ],
         eval_results=_eval_results(facts, "pruned" if kind == "pruned" else "tuned") or None,
-    )  # fmt: skip
+    )
     body = [
-        f"# {facts.name}: {kind}", "",
+        f"# {facts.name}: {kind}",
+        "",
         f"This is {what}. It was made by [finescope](https://arxiv.org/abs/2505.00624) {facts.code_version} "
         f"from `{facts.base_model}` for the `{facts.name}` domain: `{facts.method}` curation chose "
-        f"{facts.curated_records} domain records out of the corpus, starting from a handful of seed examples.", "",
-        _pruning_line(facts), "",
-        "## Evaluation", "", "Measured by the run on held-out evaluation data (see `metrics.json` and `report.md` "
-        "of the run when they were exported with it).", "", _metrics_table(facts), "",
-        "## Use", "", _load_snippet(kind), "",
-    ]  # fmt: skip
+        f"{facts.curated_records} domain records out of the corpus, starting from a handful of seed examples.",
+        "",
+        _pruning_line(facts),
+        "",
+        "## Evaluation",
+        "",
+        "Measured by the run on held-out evaluation data (see `metrics.json` and `report.md` "
+        "of the run when they were exported with it).",
+        "",
+        _metrics_table(facts),
+        "",
+        "## Use",
+        "",
+        _load_snippet(kind),
+        "",
+    ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content)
 
 
 def _size_category(n: int) -> str:
-    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+    for limit, label in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
         if n < limit:
             return label
     return "n>1M"
 
 
 def dataset_card(
-    kind: Literal["curated", "distilled"], facts: RunFacts, records: int, data_files: Sequence[str], fields: Sequence[str]
+    kind: Literal["curated", "distilled"],
+    facts: RunFacts,
+    records: int,
+    data_files: Sequence[str],
+    fields: Sequence[str],
 ) -> str:
     """README.md of the curated set (records chosen from the corpus) or the distilled set (teacher responses)."""
     data = DatasetCardData(
-        pretty_name=f"{facts.name} ({kind})", size_categories=_size_category(records),
-        task_categories=["text-generation"], tags=["finescope", kind],
+        pretty_name=f"{facts.name} ({kind})",
+        size_categories=_size_category(records),
+        task_categories=["text-generation"],
+        tags=["finescope", kind],
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": list(data_files)}]}],
-    )  # fmt: skip
+    )
     what = (
         f"the `{facts.name}` domain records that `{facts.method}` curation chose out of the corpus, ranked "
         "(`rank`, `score`, `votes`; `layers` for the SAE layers that chose each), every original field kept"
@@ -160,10 +209,14 @@ def dataset_card(
         "teacher's for the reason given, the record's reference answer (`source: reference`)"
     )
     body = [
-        f"# {facts.name}: {kind} data", "",
-        f"{records:,} records: {what}. Made by finescope {facts.code_version} with `{facts.base_model}`.", "",
-        f"Fields: {', '.join(f'`{f}`' for f in fields)}.", "",
+        f"# {facts.name}: {kind} data",
+        "",
+        f"{records:,} records: {what}. Made by finescope {facts.code_version} with `{facts.base_model}`.",
+        "",
+        f"Fields: {', '.join(f'`{f}`' for f in fields)}.",
+        "",
         "```python\nfrom datasets import load_dataset\n\n"
-        f'ds = load_dataset("json", data_files="{data_files[0]}", split="train")\n```', "",
-    ]  # fmt: skip
+        f'ds = load_dataset("json", data_files="{data_files[0]}", split="train")\n```',
+        "",
+    ]
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content)

@@ -33,8 +33,9 @@ class _Strict(BaseModel):
 
     # hide_input_in_errors: a refused value (a URI with credentials) must not be echoed into an error
     # message, which Prefect stores with the failed run.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
-                              hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, hide_input_in_errors=True
+    )
 
 
 class StorageConfig(_Strict):
@@ -62,7 +63,7 @@ class StorageConfig(_Strict):
                 raise ValueError(
                     f"{' and '.join(given)}: credentials are not read from the config (it is saved in run.json, "
                     "shell history and the Prefect database); export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                    "or save a Prefect Secret block with {\"key\": ..., \"secret\": ...} and name it in "
+                    'or save a Prefect Secret block with {"key": ..., "secret": ...} and name it in '
                     "storage.secret_block"
                 )
         return value
@@ -130,7 +131,9 @@ class SAEConfig(_Strict):
     @model_validator(mode="after")
     def _k_fits(self) -> SAEConfig:
         if self.kind == "topk" and self.k > self.d_sae:
-            raise ValueError(f"curate.sae.k={self.k} exceeds curate.sae.d_sae={self.d_sae}; keep at most d_sae latents")
+            raise ValueError(
+                f"curate.sae.k={self.k} exceeds curate.sae.d_sae={self.d_sae}; keep at most d_sae latents"
+            )
         return self
 
 
@@ -217,7 +220,9 @@ class CurateConfig(_Strict):
     @classmethod
     def _sae_corpus_not_empty(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
-            raise ValueError("give at least one file or URI, or leave it unset to train on the curated corpus")
+            raise ValueError(
+                "give at least one file or URI, or leave it unset to train on the curated corpus"
+            )
         return value
 
 
@@ -337,7 +342,9 @@ class FinetuneConfig(_Strict):
             for old, new in cls.RENAMED.items():
                 if old in value:
                     if new in value:
-                        raise ValueError(f"finetune.{old} and finetune.{new} are one setting: keep finetune.{new}")
+                        raise ValueError(
+                            f"finetune.{old} and finetune.{new} are one setting: keep finetune.{new}"
+                        )
                     logging.getLogger("finescope").warning(
                         "finetune.%s is now finetune.%s: rename it in the config", old, new
                     )

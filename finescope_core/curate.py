@@ -66,7 +66,9 @@ def hooked_layers(num_hidden_layers: int, cfg: CurateConfig) -> list[int]:
 def check_curation_fits(cfg: CurateConfig, hidden_size: int) -> None:
     """Refuse settings that cannot work on this model, before any model work."""
     if cfg.method in ("sae", "activation") and cfg.k_act > hidden_size:
-        raise CurationError(f"curate.k_act={cfg.k_act} exceeds the model's hidden size {hidden_size}; use at most {hidden_size}")
+        raise CurationError(
+            f"curate.k_act={cfg.k_act} exceeds the model's hidden size {hidden_size}; use at most {hidden_size}"
+        )
 
 
 def _sample_rows(n: int, k: int, seed: int) -> list[int]:
@@ -95,7 +97,13 @@ def saliency_stage(
     if cfg.selector == "jacobian":
         gen = torch.Generator(device=model.device).manual_seed(seed)
         scores = saliency.jacobian_saliency(
-            model, batches, layers, probes=cfg.probes, skip_first=cfg.skip_first, generator=gen, progress=progress
+            model,
+            batches,
+            layers,
+            probes=cfg.probes,
+            skip_first=cfg.skip_first,
+            generator=gen,
+            progress=progress,
         )
     else:
         pooled = _pooled_all(model, batches, layers, cfg.skip_first, len(texts), progress)
@@ -107,11 +115,18 @@ def saliency_stage(
 
 
 def _pooled_all(
-    model: PreTrainedModel, batches: list[TextBatch], layers: list[int], skip_first: int, n: int, progress: Progress
+    model: PreTrainedModel,
+    batches: list[TextBatch],
+    layers: list[int],
+    skip_first: int,
+    n: int,
+    progress: Progress,
 ) -> torch.Tensor:
     """[n, L, d] pooled activations of every text in `batches`, rows in text order."""
     out: torch.Tensor | None = None
-    for rows, acts in activations.extract_pooled(model, batches, layers, skip_first=skip_first, indices=None, progress=progress):
+    for rows, acts in activations.extract_pooled(
+        model, batches, layers, skip_first=skip_first, indices=None, progress=progress
+    ):
         if out is None:
             out = torch.empty(n, *acts.shape[1:], dtype=acts.dtype)
         out[rows] = acts.to(out.dtype)
@@ -134,8 +149,17 @@ def activation_stage(
 ) -> dict[str, Any]:
     """Pooled activations of `records` at the selected coordinates, every layer from one pass, sharded."""
     manifest = activations.write_activation_shards(
-        model, tokenizer, records.texts, layers, out_dir, indices=indices, max_length=cfg.max_length,
-        batch_size=cfg.batch_size, skip_first=cfg.skip_first, shard_size=cfg.shard_size, progress=progress,
+        model,
+        tokenizer,
+        records.texts,
+        layers,
+        out_dir,
+        indices=indices,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        skip_first=cfg.skip_first,
+        shard_size=cfg.shard_size,
+        progress=progress,
     )
     return {"layers": layers, "rows": len(records), "shards": len(manifest.shards)}
 
@@ -193,7 +217,9 @@ def _usable_seeds(seeds: np.ndarray) -> np.ndarray:
     return usable
 
 
-def sae_codes(corpus_acts: Path | Sequence[Path], seed_acts: Path | Sequence[Path], sae_dir: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def sae_codes(
+    corpus_acts: Path | Sequence[Path], seed_acts: Path | Sequence[Path], sae_dir: Path
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """SAE codes per layer for corpus and seeds: ({layer: [N,d_sae]}, {layer: [S,d_sae]})."""
     model, layers, _ = sae.load_saes(sae_dir)
     corpus = sae.encode(model, activations.load_activations(corpus_acts))
@@ -267,7 +293,9 @@ def curated_rows(corpus: RecordSet, voted: Sequence[retrieval.VotedRecord]) -> l
         record: Record = corpus.records[v.row]
         fields = {(f"input_{k}" if k in OUTPUT_FIELDS else k): val for k, val in record.fields.items()}
         score = float(v.mean_score) if math.isfinite(v.mean_score) else 0.0
-        rows.append({**fields, "rank": rank, "score": score, "votes": float(v.votes), "layers": list(v.layers)})
+        rows.append(
+            {**fields, "rank": rank, "score": score, "votes": float(v.votes), "layers": list(v.layers)}
+        )
     return rows
 
 
@@ -285,7 +313,13 @@ def _arrow_table(rows: list[dict[str, Any]]) -> pa.Table:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         # Heterogeneous user fields (a column that is a string here and a list there): keep them as JSON text.
-        fixed = [{k: (v if k in OUTPUT_FIELDS or isinstance(v, str) else json.dumps(v, default=str)) for k, v in r.items()} for r in rows]
+        fixed = [
+            {
+                k: (v if k in OUTPUT_FIELDS or isinstance(v, str) else json.dumps(v, default=str))
+                for k, v in r.items()
+            }
+            for r in rows
+        ]
         return pa.Table.from_pylist(fixed)
 
 
@@ -319,7 +353,9 @@ def select_records(
     fusion_emb: tuple[Embeddings, dict[int, np.ndarray]] | None = None,
 ) -> tuple[list[retrieval.VotedRecord], dict[str, Any]]:
     """`curate_records` without the per-row scores: (voted records, summary)."""
-    result = curate_records(method, corpus_emb, seed_emb, corpus_size, cfg, seed, exclude_rows, ids, fusion_emb)
+    result = curate_records(
+        method, corpus_emb, seed_emb, corpus_size, cfg, seed, exclude_rows, ids, fusion_emb
+    )
     return result.voted, result.summary
 
 
@@ -362,11 +398,15 @@ def curate_records(
     assert corpus_emb is not None and seed_emb is not None, f"method {method!r} needs embeddings"
     source = _as_source(corpus_emb)
     if source.num_rows != corpus_size:
-        raise CurationError(f"the corpus embeddings have {source.num_rows} rows for a corpus of {corpus_size}; re-run their stage")
+        raise CurationError(
+            f"the corpus embeddings have {source.num_rows} rows for a corpus of {corpus_size}; re-run their stage"
+        )
     mask = np.zeros(corpus_size, dtype=bool)
     mask[list(excluded)] = True
     if ids is not None and len(ids) != corpus_size:
-        raise CurationError(f"ids has {len(ids)} entries for a corpus of {corpus_size} rows; give one id per row")
+        raise CurationError(
+            f"ids has {len(ids)} entries for a corpus of {corpus_size} rows; give one id per row"
+        )
     priority = None if ids is None else retrieval.tie_priority(ids, seed)
     fuse = fusion_emb is not None and method != "sentence"
     depth = 2 * cfg.final_size if fuse else cfg.final_size
@@ -383,9 +423,15 @@ def curate_records(
         plain = round_cfg.model_copy(update={"layer_weighting": "vote"})
         other, _, _ = _vote_round(_as_source(fusion_emb[0]), fusion_emb[1], mask, plain, seed, priority)
         voted = _fused(voted, other, cfg.final_size, priority)
-        summary["fusion"] = {"with": "sentence", "k": 60, "depth": depth,
-                             "in_both": sum(-1 in v.layers and v.votes > 0 for v in voted)}  # fmt: skip
-    summary.update(excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting, seed_pooling=cfg.seed_pooling)
+        summary["fusion"] = {
+            "with": "sentence",
+            "k": 60,
+            "depth": depth,
+            "in_both": sum(-1 in v.layers and v.votes > 0 for v in voted),
+        }
+    summary.update(
+        excluded_seed_copies=len(excluded), layer_weighting=cfg.layer_weighting, seed_pooling=cfg.seed_pooling
+    )
     if cfg.seed_pooling == "softmax":
         summary["seed_temperature"] = cfg.seed_temperature
     return Curation(voted, summary, scores)
@@ -430,11 +476,15 @@ def _fused(
     for row, score, _ in fused:
         own = by_row.get(row)
         layers = (list(own.layers) if own else []) + ([-1] if row in in_sentence else [])
-        out.append(retrieval.VotedRecord(row=row, votes=own.votes if own else 0.0, mean_score=score, layers=layers))
+        out.append(
+            retrieval.VotedRecord(row=row, votes=own.votes if own else 0.0, mean_score=score, layers=layers)
+        )
     return out
 
 
-def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: int) -> list[retrieval.VotedRecord]:
+def _random_sample(
+    corpus_size: int, excluded: set[int], final_size: int, seed: int
+) -> list[retrieval.VotedRecord]:
     """The `random` baseline: a seeded uniform sample of the rows not excluded, in seeded order."""
     pool = [i for i in range(corpus_size) if i not in excluded]
     rows = [pool[i] for i in _sample_rows(len(pool), final_size, seed)]
@@ -444,7 +494,9 @@ def _random_sample(corpus_size: int, excluded: set[int], final_size: int, seed: 
 
 def quality_sample(corpus_size: int, seed: int, sample_size: int = 8192) -> np.ndarray:
     """The corpus rows `retrieval.layer_weights` measures a layer on, sorted (the same rows in every layer)."""
-    return np.sort(np.random.default_rng(seed).choice(corpus_size, size=min(corpus_size, sample_size), replace=False))
+    return np.sort(
+        np.random.default_rng(seed).choice(corpus_size, size=min(corpus_size, sample_size), replace=False)
+    )
 
 
 def seed_pooling(cfg: CurateConfig) -> retrieval.SeedPooling:
@@ -470,10 +522,18 @@ def _widened_selections(
     top_m = cfg.top_m
     while True:
         result = stream_topm(
-            source, seed_emb, top_m, exclude=exclude, priority=priority, sample_rows=sample, pooling=seed_pooling(cfg)
+            source,
+            seed_emb,
+            top_m,
+            exclude=exclude,
+            priority=priority,
+            sample_rows=sample,
+            pooling=seed_pooling(cfg),
         )
         if not result.selections:
-            raise CurationError("no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef")
+            raise CurationError(
+                "no layer gave the seeds a usable embedding (all-zero codes); lower curate.sae.l1_coef"
+            )
         for layer in sorted(set(source.layers) - {s.layer for s in result.selections}):
             log.warning("layer %d: every seed has an all-zero code; the layer is left out of the vote", layer)
         union = len(set().union(*(s.rows.tolist() for s in result.selections)))
@@ -525,7 +585,12 @@ def save_scores(path: Path, mean_scores: np.ndarray, seed_emb: Mapping[int, np.n
     """Keep every corpus record's score (4 bytes a record, for the report's histogram) and the seeds'
     embeddings per layer; never the corpus's embeddings (they stay in their own stages)."""
     tensors = {"corpus_scores": torch.from_numpy(np.ascontiguousarray(mean_scores, dtype=np.float32))}
-    tensors.update({f"seeds.{k}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in seed_emb.items()})
+    tensors.update(
+        {
+            f"seeds.{k}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+            for k, v in seed_emb.items()
+        }
+    )
     save_file(tensors, str(path))
 
 
@@ -570,7 +635,9 @@ def method_embeddings(
         )
         return {-1: corpus_emb}, {-1: sentence_embeddings(seeds.texts, device=device)}
     if activations is None:
-        raise CurationError(f"curate.method {method!r} needs the corpus and seed activations; run their stages first")
+        raise CurationError(
+            f"curate.method {method!r} needs the corpus and seed activations; run their stages first"
+        )
     corpus_dirs, seed_dirs = activations
     if method == "activation":
         return raw_activation_embeddings(corpus_dirs, seed_dirs, list(layers))
@@ -600,11 +667,15 @@ def streamed_embeddings(
     if method != "sae":
         raise CurationError(f"curate.method {method!r} is not read from shards; use method_embeddings")
     if sae_dir is None or code_dirs is None:
-        raise CurationError("curate.method 'sae' needs the trained SAEs and the corpus codes; run the sae and sae-codes stages first")
+        raise CurationError(
+            "curate.method 'sae' needs the trained SAEs and the corpus codes; run the sae and sae-codes stages first"
+        )
     from finescope_core.sae.codes import SparseCodeSource
 
     model, sae_layers, _ = sae.load_saes(sae_dir)
     codes = SparseCodeSource(code_dirs)
     if codes.layers != list(sae_layers):
-        raise CurationError(f"the stored codes are of layers {codes.layers}, the SAEs of {sae_layers}; re-run the sae-codes stage")
+        raise CurationError(
+            f"the stored codes are of layers {codes.layers}, the SAEs of {sae_layers}; re-run the sae-codes stage"
+        )
     return codes, _split_layers(sae.encode(model, activations.load_activations(seed_acts)), sae_layers)

@@ -20,7 +20,7 @@ INSTRUCTION_FIELDS = ("instruction", "input", "output")
 CHAT_ROLES = ("system", "user", "assistant")
 RECORD_SHAPES = (
     "give each record 'text'; or 'instruction' (+ 'input', 'output'); or 'prompt' (+ 'completion'); "
-    "or 'messages' (a list of {\"role\": \"system\"|\"user\"|\"assistant\", \"content\": ...} turns)"
+    'or \'messages\' (a list of {"role": "system"|"user"|"assistant", "content": ...} turns)'
 )
 """The supported record formats, as error messages list them."""
 
@@ -158,7 +158,7 @@ def _turns(value: Any, name: str, origin: str) -> list[Turn]:
     """Validated (role, content) turns of a chat field (`messages`, or a conversational prompt)."""
     if not isinstance(value, list):
         raise DataError(
-            f"{origin}: field {name!r} must be a list of {{\"role\": ..., \"content\": ...}} turns, "
+            f'{origin}: field {name!r} must be a list of {{"role": ..., "content": ...}} turns, '
             f"got {type(value).__name__}"
         )
     turns = []
@@ -188,13 +188,19 @@ def _from_turns(turns: list[Turn], name: str, origin: str) -> RecordParts:
     first as plain paragraphs and earlier turns of a longer conversation as a labelled transcript.
     """
     if not turns:
-        raise DataError(f"{origin}: field {name!r} is empty; give at least one user turn or remove the record")
+        raise DataError(
+            f"{origin}: field {name!r} is empty; give at least one user turn or remove the record"
+        )
     users = [i for i, (role, _) in enumerate(turns) if role == "user"]
     if not users:
-        raise DataError(f"{origin}: {name!r} has no user turn, so there is no request; add one or remove the record")
+        raise DataError(
+            f"{origin}: {name!r} has no user turn, so there is no request; add one or remove the record"
+        )
     last = users[-1]
     if not turns[last][1]:
-        raise DataError(f"{origin}: the last user turn ({name}[{last}]) is empty; fill it in or remove the record")
+        raise DataError(
+            f"{origin}: the last user turn ({name}[{last}]) is empty; fill it in or remove the record"
+        )
     system = [content for role, content in turns[: last + 1] if role == "system"]
     dialogue = [(role, content) for role, content in turns[: last + 1] if role != "system" and content]
     if len(dialogue) == 1:
@@ -233,7 +239,9 @@ def record_text(fields: dict[str, Any], origin: str) -> str:
     return text
 
 
-def load_records(uris: Sequence[str], *, role: str, storage_options: dict[str, Any] | None = None) -> RecordSet:
+def load_records(
+    uris: Sequence[str], *, role: str, storage_options: dict[str, Any] | None = None
+) -> RecordSet:
     """Read and validate all records behind `uris`.
 
     Args:
@@ -252,7 +260,9 @@ def load_records(uris: Sequence[str], *, role: str, storage_options: dict[str, A
         for index, (fields, origin, stem) in enumerate(iter_raw(uri, storage_options)):
             records.append(_make_record(fields, origin, f"{stem}-{index:06d}", seen))
         if len(records) == count_before:
-            raise DataError(f"{uri}: contains no records ({role}); add records or remove it from `{role}:` in the config")
+            raise DataError(
+                f"{uri}: contains no records ({role}); add records or remove it from `{role}:` in the config"
+            )
     return RecordSet(records=records, sources=list(uris))
 
 
@@ -269,7 +279,9 @@ def _make_record(fields: dict[str, Any], origin: str, default_id: str, seen: dic
     # JSONL and HF exports, and an int in the fields would not match `Record.id` when read back.
     fields = {"id": rid, **fields} if raw_id is None else {**fields, "id": rid}
     if rid in seen:
-        raise DataError(f"{origin}: duplicate id {rid!r} (first at {seen[rid]}); ids must be unique across all inputs")
+        raise DataError(
+            f"{origin}: duplicate id {rid!r} (first at {seen[rid]}); ids must be unique across all inputs"
+        )
     seen[rid] = origin
     return Record(id=rid, text=text, fields=fields, origin=origin)
 

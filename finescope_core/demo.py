@@ -272,7 +272,13 @@ def build_demo_corpus(
     kept = {r["id"] for r in corpus}
     heldout = [r for r in groups["gsm8k"] if r["id"] not in kept]
     lm_eval = write_demo_harness_tasks(out_dir / "lm_eval", heldout, seed=seed)
-    return DemoData(corpus=out_dir / "corpus.jsonl", seeds=seeds, sources=dict(sorted(counts.items())), lm_eval=lm_eval, evals=evals)
+    return DemoData(
+        corpus=out_dir / "corpus.jsonl",
+        seeds=seeds,
+        sources=dict(sorted(counts.items())),
+        lm_eval=lm_eval,
+        evals=evals,
+    )
 
 
 def _hold_out(groups: Mapping[str, list[Record]], seed: int) -> dict[str, list[Record]]:
@@ -280,7 +286,9 @@ def _hold_out(groups: Mapping[str, list[Record]], seed: int) -> dict[str, list[R
     out = dict(groups)
     for source, share in DEMO_EVAL_SHARE.items():
         records = groups.get(source, [])
-        held = set(random.Random(f"{seed}:eval:{source}").sample(range(len(records)), round(share * len(records))))
+        held = set(
+            random.Random(f"{seed}:eval:{source}").sample(range(len(records)), round(share * len(records)))
+        )
         out[source] = [r for i, r in enumerate(records) if i not in held]
     return out
 
@@ -290,7 +298,11 @@ def _eval_items(records: Sequence[Record], in_corpus: set[str], seed: int) -> li
     pool = [r for r in records if r["id"] not in in_corpus]
     if not pool:
         return []
-    picked = set(random.Random(f"{seed}:eval-items:{pool[0]['source']}").sample(range(len(pool)), min(DEMO_EVAL_ITEMS, len(pool))))
+    picked = set(
+        random.Random(f"{seed}:eval-items:{pool[0]['source']}").sample(
+            range(len(pool)), min(DEMO_EVAL_ITEMS, len(pool))
+        )
+    )
     return [r for i, r in enumerate(pool) if i in picked]
 
 

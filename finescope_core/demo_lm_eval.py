@@ -55,7 +55,9 @@ def _prompt(question: str) -> str:
     return f"Question: {question.strip()}\nAnswer:"
 
 
-def next_step_items(problems: Sequence[dict[str, str]], *, seed: int, size: int = MAX_ITEMS) -> list[dict[str, Any]]:
+def next_step_items(
+    problems: Sequence[dict[str, str]], *, seed: int, size: int = MAX_ITEMS
+) -> list[dict[str, Any]]:
     """Multiple-choice "next solution step" items: {context, choices, label} (label: index of the true line).
 
     Args:
@@ -79,11 +81,15 @@ def next_step_items(problems: Sequence[dict[str, str]], *, seed: int, size: int 
         choices = [true, *distractors]
         rng.shuffle(choices)
         context = _prompt(problem["instruction"]) + "".join(f"\n{line}" for line in steps[:k])
-        items.append({"id": problem["id"], "context": context, "choices": choices, "label": choices.index(true)})
+        items.append(
+            {"id": problem["id"], "context": context, "choices": choices, "label": choices.index(true)}
+        )
     return items
 
 
-def answer_items(problems: Sequence[dict[str, str]], *, seed: int, size: int = MAX_ITEMS) -> list[dict[str, Any]]:
+def answer_items(
+    problems: Sequence[dict[str, str]], *, seed: int, size: int = MAX_ITEMS
+) -> list[dict[str, Any]]:
     """Generation items {prompt, answer}: one worked example (the shortest problem, not an item) in the
     `#### N` format, then the question; `answer` is the reference's final number."""
     usable = [(p, s) for p in problems if (s := _steps_and_answer(p["output"]))]
@@ -96,7 +102,11 @@ def answer_items(problems: Sequence[dict[str, str]], *, seed: int, size: int = M
     rng = random.Random(f"{seed}:answer")
     chosen = sorted(rng.sample(range(len(rest)), min(size, len(rest))))
     return [
-        {"id": rest[i][0]["id"], "prompt": example + _prompt(rest[i][0]["instruction"]), "answer": rest[i][1][1]}
+        {
+            "id": rest[i][0]["id"],
+            "prompt": example + _prompt(rest[i][0]["instruction"]),
+            "answer": rest[i][1][1],
+        }
         for i in chosen
     ]
 
@@ -112,7 +122,9 @@ def _task_yaml(name: str, data: Path, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_demo_harness_tasks(out_dir: Path, heldout: Sequence[dict[str, str]], *, seed: int = 0) -> Path | None:
+def write_demo_harness_tasks(
+    out_dir: Path, heldout: Sequence[dict[str, str]], *, seed: int = 0
+) -> Path | None:
     """Write both demo tasks (YAML + JSONL) into `out_dir` from GSM8K problems the corpus does not hold.
 
     Args:
@@ -132,27 +144,52 @@ def write_demo_harness_tasks(out_dir: Path, heldout: Sequence[dict[str, str]], *
     mc_data, gen_data = out_dir / f"{NEXT_STEP_TASK}.jsonl", out_dir / f"{ANSWER_TASK}.jsonl"
     io.write_jsonl(mc, mc_data, atomic=True)
     io.write_jsonl(gen, gen_data, atomic=True)
-    next_step = _task_yaml(NEXT_STEP_TASK, mc_data, {
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{context}}",
-        "target_delimiter": "\n",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "label",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-    })  # fmt: skip
-    answer = _task_yaml(ANSWER_TASK, gen_data, {
-        "output_type": "generate_until",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_target": "{{answer}}",
-        "generation_kwargs": {"until": ["Question:", "\n\n"], "max_gen_toks": ANSWER_MAX_NEW_TOKENS,
-                              "do_sample": False},
-        "filter_list": [{"name": "last-number", "filter": [
-            {"function": "regex", "regex_pattern": _NUMBER_PATTERN, "group_select": -1},
-            {"function": "take_first"}]}],
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                         "regexes_to_ignore": [",", "\\.0+$"]}],
-    })  # fmt: skip
+    next_step = _task_yaml(
+        NEXT_STEP_TASK,
+        mc_data,
+        {
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{context}}",
+            "target_delimiter": "\n",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "label",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        },
+    )
+    answer = _task_yaml(
+        ANSWER_TASK,
+        gen_data,
+        {
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": {
+                "until": ["Question:", "\n\n"],
+                "max_gen_toks": ANSWER_MAX_NEW_TOKENS,
+                "do_sample": False,
+            },
+            "filter_list": [
+                {
+                    "name": "last-number",
+                    "filter": [
+                        {"function": "regex", "regex_pattern": _NUMBER_PATTERN, "group_select": -1},
+                        {"function": "take_first"},
+                    ],
+                }
+            ],
+            "metric_list": [
+                {
+                    "metric": "exact_match",
+                    "aggregation": "mean",
+                    "higher_is_better": True,
+                    "regexes_to_ignore": [",", "\\.0+$"],
+                }
+            ],
+        },
+    )
     for name, doc in ((NEXT_STEP_TASK, next_step), (ANSWER_TASK, answer)):
         io.write_atomic(out_dir / f"{name}.yaml", yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
     return out_dir

@@ -82,7 +82,9 @@ def read_done(out_path: Path, ids: set[str]) -> list[dict[str, Any]]:
         try:
             lines.append(json.loads(raw))
         except json.JSONDecodeError as e:
-            raise TeacherError(f"{out_path}:{lineno} is not valid JSON ({e}); delete {out_path} to start over") from None
+            raise TeacherError(
+                f"{out_path}:{lineno} is not valid JSON ({e}); delete {out_path} to start over"
+            ) from None
     stray = [str(line.get("id")) for line in lines if line.get("id") not in ids]
     if stray:
         raise TeacherError(
@@ -92,7 +94,9 @@ def read_done(out_path: Path, ids: set[str]) -> list[dict[str, Any]]:
     return lines
 
 
-def pending_batches(records: Sequence[Record], done: set[str], batch_size: int) -> Iterator[tuple[int, list[Record]]]:
+def pending_batches(
+    records: Sequence[Record], done: set[str], batch_size: int
+) -> Iterator[tuple[int, list[Record]]]:
     """(batch number, records still to do), batches fixed over the whole input so a resume keeps them."""
     for start in range(0, len(records), batch_size):
         todo = [r for r in records[start : start + batch_size] if r.id not in done]
@@ -100,11 +104,17 @@ def pending_batches(records: Sequence[Record], done: set[str], batch_size: int) 
             yield start // batch_size, todo
 
 
-def summarise(lines: list[dict[str, Any]], generated: int, resumed: int, tokens: int, seconds: float) -> TeacherSummary:
+def summarise(
+    lines: list[dict[str, Any]], generated: int, resumed: int, tokens: int, seconds: float
+) -> TeacherSummary:
     sources = Counter(line.get("source") for line in lines)
     reasons = Counter(line["rejected"] for line in lines if line.get("rejected"))
-    fell_back = Counter(line["rejected"] for line in lines if line.get("rejected") and line.get("source") == "reference")
-    dropped = Counter(line["rejected"] for line in lines if line.get("rejected") and line.get("source") is None)
+    fell_back = Counter(
+        line["rejected"] for line in lines if line.get("rejected") and line.get("source") == "reference"
+    )
+    dropped = Counter(
+        line["rejected"] for line in lines if line.get("rejected") and line.get("source") is None
+    )
     return TeacherSummary(
         total=len(lines),
         generated=generated,
@@ -129,7 +139,9 @@ def read_distilled(path: Path) -> list[dict[str, Any]]:
         try:
             line = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise TeacherError(f"{path}:{lineno} is not valid JSON ({e}); regenerate the distilled data") from None
+            raise TeacherError(
+                f"{path}:{lineno} is not valid JSON ({e}); regenerate the distilled data"
+            ) from None
         if line.get("response") is not None:
             rows.append({k: line[k] for k in ("id", "prompt", "response", "source")})
     return rows

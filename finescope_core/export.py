@@ -52,7 +52,9 @@ def output_uri(dest: str, name: str) -> str:
     return f"{dest.rstrip('/')}/{name}" if "://" in dest else str(Path(dest) / name)
 
 
-def export_outputs(outputs: Sequence[Output], dest: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+def export_outputs(
+    outputs: Sequence[Output], dest: str, storage_options: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Write each output to `dest/<name>`, replacing what was there, in the order given.
 
     Args:
@@ -76,7 +78,9 @@ def export_outputs(outputs: Sequence[Output], dest: str, storage_options: dict[s
     try:
         local.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ExportError(f"output location {dest} cannot be created ({e.strerror}); choose another --out / output:") from e
+        raise ExportError(
+            f"output location {dest} cannot be created ({e.strerror}); choose another --out / output:"
+        ) from e
     return {out.name: str(_put_local(local, out)) for out in outputs}
 
 

@@ -73,7 +73,9 @@ class Examples:
     """Rows whose response was cut to fit the cutoff (their EOS is lost)."""
 
 
-def build_examples(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]], cutoff: int) -> Examples:
+def build_examples(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]], cutoff: int
+) -> Examples:
     """Tokenise (prompt, response) rows for response-only loss.
 
     The prompt is formatted as at inference (`teacher.encode_prompt`); the response follows with EOS.
@@ -95,7 +97,9 @@ def build_examples(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, 
         if len(prompt) >= cutoff:
             built.dropped += 1
             continue
-        response = list(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        response = list(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + [
+            tokenizer.eos_token_id
+        ]
         if len(prompt) + len(response) > cutoff:
             response = response[: cutoff - len(prompt)]
             built.truncated += 1
@@ -130,7 +134,10 @@ def response_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, i
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     return loss, int((targets != IGNORE).sum())
 
@@ -339,7 +346,6 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     return _per_token_mean(model, examples, batch_size, pad_id, ce_sum)
 
 
-
 @dataclass
 class FinetuneSummary:
     """What a tuning run did; written to `finetune.json`."""
@@ -396,24 +402,40 @@ class _DistillTrainer(Trainer):
     same however tokens fall into micro-batches."""
 
     def __init__(
-        self, *args: Any, teacher: nn.Module | None, kd_weight: float, temperature: float, kd_tokens: str = "response",
+        self,
+        *args: Any,
+        teacher: nn.Module | None,
+        kd_weight: float,
+        temperature: float,
+        kd_tokens: str = "response",
         **kwargs: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.kd_weight, self.temperature, self.kd_tokens = kd_weight, temperature, kd_tokens
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's token counts
         self.step_kd_positions = 0  # KD positions of the current accumulated step
-        self.step_sums = [0.0, 0.0, 0.0, 0]  # loss, ce, kd (per token of the step), non-padding tokens of the step
+        self.step_sums = [
+            0.0,
+            0.0,
+            0.0,
+            0,
+        ]  # loss, ce, kd (per token of the step), non-padding tokens of the step
 
     def _get_num_items_in_batch(self, batch_samples: list[dict[str, Tensor]], device: torch.device) -> Tensor:
         """Response tokens that carry loss over the whole accumulated step (the first position predicts
         nothing); the step's KD positions are kept beside it for `compute_loss`."""
         self.step_kd_positions = sum(int(kd_position_mask(b, self.kd_tokens).sum()) for b in batch_samples)
-        return torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batch_samples), device=device)
+        return torch.tensor(
+            sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batch_samples), device=device
+        )
 
     def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ) -> Any:
         parts = distill_loss(model, inputs, self.teacher, self.kd_weight, self.temperature, self.kd_tokens)
         if num_items_in_batch is not None:
@@ -431,15 +453,22 @@ class _EpochCallback(TrainerCallback):
     """Per-step progress and losses; per-epoch held-out loss and a copy of the best epoch's weights."""
 
     def __init__(
-        self, trainer_ref: list[_DistillTrainer], summary: FinetuneSummary, held: list[Example],
-        batch_size: int, pad_id: int, progress: Progress | None,
-    ) -> None:  # fmt: skip
+        self,
+        trainer_ref: list[_DistillTrainer],
+        summary: FinetuneSummary,
+        held: list[Example],
+        batch_size: int,
+        pad_id: int,
+        progress: Progress | None,
+    ) -> None:
         self.trainer_ref, self.summary, self.held = trainer_ref, summary, held
         self.batch_size, self.pad_id, self.progress = batch_size, pad_id, progress
         self.best: dict[str, Tensor] | None = None
         self.best_loss = math.inf
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
         trainer = self.trainer_ref[0]
         loss, _, kd, seen = trainer.step_sums
         trainer.step_sums = [0.0, 0.0, 0.0, 0]
@@ -451,7 +480,9 @@ class _EpochCallback(TrainerCallback):
         if self.progress is not None:
             self.progress(state.global_step, state.max_steps, loss=loss)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
         model = self.trainer_ref[0].model
         assert model is not None
         epoch = len(self.summary.eval_loss) + 1 if self.held else round(state.epoch or 0)
@@ -614,7 +645,9 @@ def lora_finetune(
         The summary also written to `out_dir/finetune.json`.
     """
     if cfg.kd_weight > 0 and teacher is None:
-        raise FinetuneError("finetune.kd_weight > 0 needs the teacher model; pass teacher= or set finetune.kd_weight: 0")
+        raise FinetuneError(
+            "finetune.kd_weight > 0 needs the teacher model; pass teacher= or set finetune.kd_weight: 0"
+        )
     if cfg.method == "lora":
         check_targets(model, cfg.target_modules)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -629,7 +662,14 @@ def lora_finetune(
     held = [built.examples[i] for i in eval_idx]
     kd_weight = cfg.kd_weight if teacher is not None else 0.0
     summary = FinetuneSummary(
-        len(train), len(held), built.dropped, built.truncated, cfg.epochs, cfg.method, kd_weight, cfg.kd_temperature,
+        len(train),
+        len(held),
+        built.dropped,
+        built.truncated,
+        cfg.epochs,
+        cfg.method,
+        kd_weight,
+        cfg.kd_temperature,
         cfg.kd_tokens,
     )
     if teacher is not None:
@@ -665,7 +705,9 @@ finetune = lora_finetune
 """The stage's entry point under its method-neutral name."""
 
 
-def _save(student: nn.Module, tokenizer: PreTrainedTokenizerBase, summary: FinetuneSummary, out_dir: Path) -> None:
+def _save(
+    student: nn.Module, tokenizer: PreTrainedTokenizerBase, summary: FinetuneSummary, out_dir: Path
+) -> None:
     """Adapter first (merging removes it), then the merged model and the summary; one rename publishes all."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -33,14 +33,18 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def _expand(uri: str, storage_options: dict[str, Any] | None) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
+def _expand(
+    uri: str, storage_options: dict[str, Any] | None
+) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
     """(fs, path, display name) for each file named by `uri` (globs allowed)."""
     try:
         fs, path = _fs_and_path(uri, storage_options)
         if any(c in path for c in "*?["):
             paths = sorted(fs.glob(path))
             if not paths:
-                raise DataError(f"{uri}: the pattern matches no file; check the pattern and the directory it names")
+                raise DataError(
+                    f"{uri}: the pattern matches no file; check the pattern and the directory it names"
+                )
         else:
             if not fs.exists(path):
                 reason = missing_reason(path) if _is_local(fs) else "no such file or directory"
@@ -54,13 +58,17 @@ def _expand(uri: str, storage_options: dict[str, Any] | None) -> list[tuple[fssp
     except DataError:
         raise
     except (OSError, ValueError, PermissionError) as e:
-        raise DataError(f"{uri}: cannot be reached ({type(e).__name__}: {e}); check the path and credentials") from e
+        raise DataError(
+            f"{uri}: cannot be reached ({type(e).__name__}: {e}); check the path and credentials"
+        ) from e
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     return [(fs, p, protocol + p if protocol else p) for p in paths]
 
 
 def _is_hf_dataset_dir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    return bool(fs.isdir(path) and (fs.exists(f"{path}/dataset_info.json") or fs.exists(f"{path}/state.json")))
+    return bool(
+        fs.isdir(path) and (fs.exists(f"{path}/dataset_info.json") or fs.exists(f"{path}/state.json"))
+    )
 
 
 def _read_jsonl(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
@@ -71,11 +79,15 @@ def _read_jsonl(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{origin}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+            raise DataError(
+                f"{origin}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8"
+            ) from None
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{origin}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            raise DataError(
+                f"{origin}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line"
+            ) from None
         if not isinstance(obj, dict):
             hint = " (a file holding one JSON array should be named .json)" if isinstance(obj, list) else ""
             raise DataError(f"{origin}: each line must be a JSON object, got {type(obj).__name__}{hint}")
@@ -150,7 +162,9 @@ def _read_parquet(data: bytes, name: str) -> Iterator[tuple[dict[str, Any], str]
         yield obj, f"{name}:row {row}"
 
 
-def _read_hf_dir(uri: str, name: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[dict[str, Any], str]]:
+def _read_hf_dir(
+    uri: str, name: str, storage_options: dict[str, Any] | None
+) -> Iterator[tuple[dict[str, Any], str]]:
     import datasets
 
     try:
@@ -174,16 +188,22 @@ def iter_raw(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple
                 yield obj, origin, stem
             continue
         if fs.isdir(path):
-            raise DataError(f"{name}: is a directory but not an HF save_to_disk dataset; name the files inside it")
+            raise DataError(
+                f"{name}: is a directory but not an HF save_to_disk dataset; name the files inside it"
+            )
         suffix = "".join(PurePosixPath(path).suffixes[-1:]).lower()
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt, ".parquet": _read_parquet}
         if suffix not in readers:
-            raise DataError(f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet, .txt or an HF dataset dir")
+            raise DataError(
+                f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet, .txt or an HF dataset dir"
+            )
         try:
             with fs.open(path, "rb") as f:
                 data = f.read()
         except PermissionError as e:  # not transient: the user must fix it (other OSErrors stay retryable)
-            raise DataError(f"{name}: cannot be read ({e.strerror}); check the file's permissions and the credentials") from e
+            raise DataError(
+                f"{name}: cannot be read ({e.strerror}); check the file's permissions and the credentials"
+            ) from e
         if not data.strip():
             raise DataError(f"{name}: the file is empty; fill it or remove it from the config")
         for obj, origin in readers[suffix](data, name):

@@ -113,7 +113,9 @@ class LayerCapture:
 
 
 @contextmanager
-def capture_layers(arch: DecoderArch, layers: Sequence[int], *, stop_early: bool = True) -> Iterator[LayerCapture]:
+def capture_layers(
+    arch: DecoderArch, layers: Sequence[int], *, stop_early: bool = True
+) -> Iterator[LayerCapture]:
     """Register output hooks on `layers` of a decoder for the duration of the block.
 
     Example:

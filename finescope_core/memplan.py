@@ -57,11 +57,15 @@ class Shapes:
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         return cls(
-            params=sum(p.numel() for p in named.values()), projection_params=proj,
-            largest_param=max(p.numel() for p in named.values()), layers=int(config.num_hidden_layers),
-            hidden=int(config.hidden_size), intermediate=int(config.intermediate_size),
-            kv_width=kv_heads * head_dim, vocab=int(config.vocab_size),
-        )  # fmt: skip
+            params=sum(p.numel() for p in named.values()),
+            projection_params=proj,
+            largest_param=max(p.numel() for p in named.values()),
+            layers=int(config.num_hidden_layers),
+            hidden=int(config.hidden_size),
+            intermediate=int(config.intermediate_size),
+            kv_width=kv_heads * head_dim,
+            vocab=int(config.vocab_size),
+        )
 
     def train_activations(self, tokens: int, elem: int, checkpointing: bool = False) -> int:
         """Bytes autograd keeps for one forward pass over `tokens` tokens: every layer's saved
@@ -186,14 +190,22 @@ def plan_memory(
         _prune(cfg, s, elem, weights),
         _teacher(cfg, t, elem, teacher_weights),
         _finetune(cfg, s, elem, pruned, pruned_params, teacher_weights),
-        StagePeak("evaluation", {"weights": weights,
-                                 "activations": s.inference_activations(cfg.evaluate.max_length * 8, elem)}),
-    )  # fmt: skip
+        StagePeak(
+            "evaluation",
+            {"weights": weights, "activations": s.inference_activations(cfg.evaluate.max_length * 8, elem)},
+        ),
+    )
     # The shared copy is loaded once, by the first stage that runs it (saliency); preflight checks the
     # largest stage, so where the load falls (activations, when saliency is reused) does not matter.
     student_load = int(load * (1 - cfg.prune.ratio))
-    loading = {"saliency": load, "activations": 0, "pruned": load, "distilled": t_load, "evaluation": load,
-               "tuned": t_load if cfg.finetune.kd_weight > 0 else student_load}  # fmt: skip
+    loading = {
+        "saliency": load,
+        "activations": 0,
+        "pruned": load,
+        "distilled": t_load,
+        "evaluation": load,
+        "tuned": t_load if cfg.finetune.kd_weight > 0 else student_load,
+    }
     planned = tuple(StagePeak(p.name, p.parts, loading[p.name]) for p in stages)
     return MemoryPlan(planned, s.params * elem, budget)
 
@@ -235,20 +247,31 @@ def _prune(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePea
     (under bf16 plus the one bf16 gradient being folded), and the scoring's float32 temporaries."""
     tokens = cfg.prune.batch_size * cfg.prune.max_length
     folding = s.largest_param * elem if elem != 4 else 0
-    return StagePeak("pruned", {
-        "weights": weights, "gradients": s.projection_params * 4 + folding,
-        "activations": s.train_activations(tokens, elem), "scoring": 2 * s.largest_param * 4,
-    })  # fmt: skip
+    return StagePeak(
+        "pruned",
+        {
+            "weights": weights,
+            "gradients": s.projection_params * 4 + folding,
+            "activations": s.train_activations(tokens, elem),
+            "scoring": 2 * s.largest_param * 4,
+        },
+    )
 
 
 def _teacher(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
     """Generation: the teacher's weights and the KV cache of one batch of prompts and answers."""
     new = 256 if cfg.teacher.max_new_tokens == "auto" else cfg.teacher.max_new_tokens
     tokens = cfg.teacher.batch_size * (cfg.teacher.max_prompt_length + new)
-    return StagePeak("distilled", {
-        "weights": weights if cfg.teacher.backend == "hf" else 0, "kv_cache": s.kv_cache(tokens, elem),
-        "activations": s.inference_activations(cfg.teacher.batch_size * cfg.teacher.max_prompt_length, elem),
-    })  # fmt: skip
+    return StagePeak(
+        "distilled",
+        {
+            "weights": weights if cfg.teacher.backend == "hf" else 0,
+            "kv_cache": s.kv_cache(tokens, elem),
+            "activations": s.inference_activations(
+                cfg.teacher.batch_size * cfg.teacher.max_prompt_length, elem
+            ),
+        },
+    )
 
 
 def _finetune(
@@ -265,10 +288,11 @@ def _finetune(
         training = params * (elem + 4 * ADAM_STATES + (4 if elem != 4 else 0))
     tokens = f.batch_size * f.max_length
     parts: dict[str, Any] = {
-        "weights": pruned, "training": training,
+        "weights": pruned,
+        "training": training,
         "activations": s.train_activations(tokens, elem, checkpointing=f.gradient_checkpointing),
         "teacher": teacher + s.inference_activations(tokens, elem) if f.kd_weight > 0 else 0,
-    }  # fmt: skip
+    }
     return StagePeak("tuned", parts)
 
 

@@ -108,7 +108,9 @@ def resolve_model_path(spec: str, cache_dir: Path = DEFAULT_CACHE) -> str:
             reason = "no such directory"
         raise ModelError(f"model {spec!r}: {reason}; give an HF model directory or 'default'")
     if not (path / "config.json").is_file():
-        raise ModelError(f"model {spec!r}: {path / 'config.json'} is missing; is this a save_pretrained directory?")
+        raise ModelError(
+            f"model {spec!r}: {path / 'config.json'} is missing; is this a save_pretrained directory?"
+        )
     if not any(path.glob("*.safetensors")):
         raise ModelError(
             f"model {spec!r}: no *.safetensors weights in {path}; finescope never unpickles .bin files, "
@@ -140,7 +142,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 """The precisions `model_dtype` names (besides `auto`)."""
 
 
@@ -193,9 +199,12 @@ def load_model(
     path = resolve_model_path(spec, cache_dir)
     target = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype, target), attn_implementation=attn_implementation, use_safetensors=True,
+        path,
+        dtype=resolve_dtype(dtype, target),
+        attn_implementation=attn_implementation,
+        use_safetensors=True,
         device_map=device_map,
-    )  # fmt: skip
+    )
     tokenizer = load_tokenizer(path)
     if device_map is None:
         nn.Module.to(model, target)  # transformers' wrapper of `to` hides its signature
@@ -213,7 +222,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     """Give the tokenizer a pad token if it lacks one."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelError("the tokenizer has neither a pad nor an eos token; set one in tokenizer_config.json")
+            raise ModelError(
+                "the tokenizer has neither a pad nor an eos token; set one in tokenizer_config.json"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -264,7 +275,9 @@ class DecoderArch:
 def _child(module: nn.Module, name: str, where: str) -> nn.Module:
     child = getattr(module, name, None)
     if not isinstance(child, nn.Module):
-        raise ModelError(f"unsupported architecture: {where} has no `{name}` (Llama/Qwen2/Qwen3-style decoders)")
+        raise ModelError(
+            f"unsupported architecture: {where} has no `{name}` (Llama/Qwen2/Qwen3-style decoders)"
+        )
     return child
 
 
@@ -334,7 +347,9 @@ def resolve_arch(model: PreTrainedModel) -> DecoderArch:
 
 def _check_shapes(arch: DecoderArch) -> None:
     if arch.num_heads % arch.num_kv_heads:
-        raise ModelError(f"num_attention_heads={arch.num_heads} is not a multiple of num_key_value_heads={arch.num_kv_heads}")
+        raise ModelError(
+            f"num_attention_heads={arch.num_heads} is not a multiple of num_key_value_heads={arch.num_kv_heads}"
+        )
     for i, (a, m) in enumerate(zip(arch.attention, arch.mlp, strict=True)):
         expected = {
             "q_proj": (arch.num_heads * arch.head_dim, a.q_proj.out_features),

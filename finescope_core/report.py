@@ -152,7 +152,10 @@ def plot_sae_metrics(metrics_by_layer: Mapping[int, Mapping[str, float]], out: s
     if not metrics_by_layer:
         return _no_data(out, title, "no SAE was trained")
     layers = sorted(metrics_by_layer)
-    cols = {key: [_metric(metrics_by_layer[layer], key, layer) for layer in layers] for key in ("fvu", "dead_fraction", "l0")}
+    cols = {
+        key: [_metric(metrics_by_layer[layer], key, layer) for layer in layers]
+        for key in ("fvu", "dead_fraction", "l0")
+    }
     x = np.arange(len(layers))
     fig = _new_figure(9.0, 3.8)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -201,7 +204,12 @@ def plot_retrieval_scores(scores: Any, selected_threshold: float | None, out: st
     ax.hist(values, bins=min(50, max(5, values.size // 5)), color="tab:blue", alpha=0.8)
     if selected_threshold is not None and math.isfinite(selected_threshold):
         kept = int((values >= selected_threshold).sum())
-        ax.axvline(selected_threshold, color="tab:red", linestyle="--", label=f"cut-off {selected_threshold:.3f} ({kept} kept)")
+        ax.axvline(
+            selected_threshold,
+            color="tab:red",
+            linestyle="--",
+            label=f"cut-off {selected_threshold:.3f} ({kept} kept)",
+        )
         ax.legend(fontsize=8)
     ax.set_xlabel("score")
     ax.set_ylabel("records")
@@ -226,7 +234,9 @@ def plot_parameters(params_by_model: Mapping[str, int], out: str | Path) -> Path
     bars = ax.bar(names, [c / 1e6 for c in counts], color="tab:purple")
     for bar, count in zip(bars, counts, strict=True):
         label = f"{count / 1e6:.2f}M" + (f"\n{100 * count / base:.0f}%" if base else "")
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+        )
     ax.set_ylabel("parameters (millions)")
     ax.set_title(title)
     ax.margins(y=0.2)
@@ -254,7 +264,9 @@ def plot_eval(metrics: Mapping[str, Any], out: str | Path) -> Path:
     keys = [k for k in ACCURACY_LABELS if any(k in models[n] for n in names)]
     fig = _new_figure(10.0 if keys else 6.0, 4.0)
     ax = fig.add_subplot(1, 2 if keys else 1, 1)
-    bars = ax.bar(names, _zeros_for_nan(ppl), color="tab:orange", yerr=_error_bars(models, names, ppl), capsize=3)
+    bars = ax.bar(
+        names, _zeros_for_nan(ppl), color="tab:orange", yerr=_error_bars(models, names, ppl), capsize=3
+    )
     _bar_labels(ax, bars, ppl, ".2f")
     ax.set_ylabel("domain perplexity, raw text (lower is better; bars: 95 % interval)")
     ax.tick_params(axis="x", labelrotation=20)
@@ -271,7 +283,9 @@ def _error_bars(models: Mapping[str, Any], names: list[str], values: list[float]
     if not any(cis):
         return None
     low = [v - _number(c["low"]) if c and math.isfinite(v) else 0.0 for v, c in zip(values, cis, strict=True)]
-    high = [_number(c["high"]) - v if c and math.isfinite(v) else 0.0 for v, c in zip(values, cis, strict=True)]
+    high = [
+        _number(c["high"]) - v if c and math.isfinite(v) else 0.0 for v, c in zip(values, cis, strict=True)
+    ]
     return np.asarray(np.maximum(np.array([low, high]), 0.0))
 
 
@@ -284,7 +298,12 @@ def _accuracy_panel(ax: Axes, models: Mapping[str, Any], names: list[str], keys:
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         values = [_number(models[n].get(key)) for n in names]
-        bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, _zeros_for_nan(values), width=width, label=ACCURACY_LABELS[key])
+        bars = ax.bar(
+            x + (i - (len(keys) - 1) / 2) * width,
+            _zeros_for_nan(values),
+            width=width,
+            label=ACCURACY_LABELS[key],
+        )
         _bar_labels(ax, bars, values, ".2f")
     ax.set_xticks(x, names)
     ax.tick_params(axis="x", labelrotation=20)
@@ -316,10 +335,13 @@ def metric_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
     """One row per model: parameters and, per metric measured for any model, `value [low, high] (n=N)`."""
     keys = [k for k in METRIC_LABELS if any(k in m.get("ci", {}) for m in models.values())]
     return [
-        {"model": name, "parameters": m.get("parameters"),
-         **{METRIC_LABELS[k]: interval_cell(m.get("ci", {}).get(k)) for k in keys}}
+        {
+            "model": name,
+            "parameters": m.get("parameters"),
+            **{METRIC_LABELS[k]: interval_cell(m.get("ci", {}).get(k)) for k in keys},
+        }
         for name, m in models.items()
-    ]  # fmt: skip
+    ]
 
 
 def comparisons(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -340,7 +362,9 @@ def comparisons(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
             else:
                 better = (ca["value"] < cb["value"]) == (key in LOWER_IS_BETTER)
                 verdict = f"intervals do not overlap: {a} is {'better' if better else 'worse'}"
-            lines.append(f"- {a} vs {b}, {METRIC_LABELS[key]}: {interval_cell(ca)} vs {interval_cell(cb)}; {verdict}")
+            lines.append(
+                f"- {a} vs {b}, {METRIC_LABELS[key]}: {interval_cell(ca)} vs {interval_cell(cb)}; {verdict}"
+            )
     return lines
 
 
@@ -363,10 +387,17 @@ def _paired_label(metric: str) -> str:
 def paired_rows(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The paired comparisons as table rows: a, b, metric, kind, value [low, high], n, clear."""
     return [
-        {"a": c["a"], "b": c["b"], "metric": _paired_label(c["metric"]), "kind": c["kind"],
-         "value [95 % interval]": _paired_number(c), "n": c["n"], "clear": "yes" if c["clear"] else "not at this n"}
+        {
+            "a": c["a"],
+            "b": c["b"],
+            "metric": _paired_label(c["metric"]),
+            "kind": c["kind"],
+            "value [95 % interval]": _paired_number(c),
+            "n": c["n"],
+            "clear": "yes" if c["clear"] else "not at this n",
+        }
         for c in comparisons
-    ]  # fmt: skip
+    ]
 
 
 def _paired_number(c: Mapping[str, Any]) -> str:
@@ -397,8 +428,10 @@ def paired_lines(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         else:
             direction = f"{c['a']} {'lower' if c['value'] < null else 'higher'}"
         verdict = "clear" if c["clear"] else "not clear at this n"
-        lines.append(f"- {c['a']} vs {c['b']} — {_paired_label(c['metric'])} {c['kind']} {_paired_number(c)}, "
-                     f"n={c['n']}: {direction} ({verdict})")  # fmt: skip
+        lines.append(
+            f"- {c['a']} vs {c['b']} — {_paired_label(c['metric'])} {c['kind']} {_paired_number(c)}, "
+            f"n={c['n']}: {direction} ({verdict})"
+        )
     return lines
 
 
@@ -552,7 +585,9 @@ def embed_images(markdown: str, base_dir: str | Path) -> str:
             return match[0]
         path = base / src
         if not path.is_file():
-            raise ReportError(f"report image {src} does not exist under {base}; write the plot before embedding")
+            raise ReportError(
+                f"report image {src} does not exist under {base}; write the plot before embedding"
+            )
         data = path.read_bytes()
         if not data.startswith(b"\x89PNG"):
             raise ReportError(f"report image {path} is not a PNG; only PNG plots can be embedded")

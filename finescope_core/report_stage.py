@@ -37,21 +37,40 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[rep.Re
     if inputs.saliency_dir is not None:
         sal = LayerSaliency.load(inputs.saliency_dir)
         scores = {layer: sal.scores[i].numpy() for i, layer in enumerate(sal.layers)}
-        sections.append(rep.ReportSection("Saliency per layer", f"selector `{sal.selector}`, k_act {k_act}",
-                                          [rep.plot_saliency(scores, work / "saliency.png", k_act=k_act)]))  # fmt: skip
+        sections.append(
+            rep.ReportSection(
+                "Saliency per layer",
+                f"selector `{sal.selector}`, k_act {k_act}",
+                [rep.plot_saliency(scores, work / "saliency.png", k_act=k_act)],
+            )
+        )
     if inputs.sae_metrics is not None:
         rows = [{"layer": k, **{m: round(v, 4) for m, v in d.items()}} for k, d in inputs.sae_metrics.items()]
         held_out = any("val_fvu" in d for d in inputs.sae_metrics.values())
-        note = "\n\n`fvu`, `l0`, `dead_fraction`: training rows; `val_*`: the held-out rows (`curate.sae.val_fraction`)." if held_out else ""
-        sections.append(rep.ReportSection("SAE metrics", rep.markdown_table(rows) + note,
-                                          [rep.plot_sae_metrics(inputs.sae_metrics, work / "sae.png")]))  # fmt: skip
+        note = (
+            "\n\n`fvu`, `l0`, `dead_fraction`: training rows; `val_*`: the held-out rows (`curate.sae.val_fraction`)."
+            if held_out
+            else ""
+        )
+        sections.append(
+            rep.ReportSection(
+                "SAE metrics",
+                rep.markdown_table(rows) + note,
+                [rep.plot_sae_metrics(inputs.sae_metrics, work / "sae.png")],
+            )
+        )
     sections.append(_curated_section(inputs.curated_dir, work))
     weights = layer_weights_section(inputs.curated_dir)
     if weights is not None:
         sections.append(weights)
     sections.append(_parameters_section(inputs.metrics, inputs.prune_info, work))
-    sections.append(rep.ReportSection("Evaluation", evaluation_body(inputs.metrics),
-                                      [rep.plot_eval(inputs.metrics, work / "evaluation.png")]))  # fmt: skip
+    sections.append(
+        rep.ReportSection(
+            "Evaluation",
+            evaluation_body(inputs.metrics),
+            [rep.plot_eval(inputs.metrics, work / "evaluation.png")],
+        )
+    )
     sections += _harness_section(inputs.metrics)
     return sections
 
@@ -76,7 +95,10 @@ def evaluation_body(metrics: Mapping[str, Any]) -> str:
         parts.append(_eval_sets_text(info))
     lines = rep.comparisons(models)
     if lines:
-        parts.append("Comparisons (overlapping intervals: the difference is not clear at this n):\n\n" + "\n".join(lines))
+        parts.append(
+            "Comparisons (overlapping intervals: the difference is not clear at this n):\n\n"
+            + "\n".join(lines)
+        )
     paired = rep.paired_lines(metrics.get("comparisons") or [])
     if paired:
         parts.append(
@@ -108,8 +130,10 @@ def _eval_sets_text(info: Mapping[str, Any]) -> str:
     if info.get("eval_file_duplicates_removed_from_pool"):
         by_kind = ", ".join(f"{k}: {n}" for k, n in (info.get("pool_duplicates_by_kind") or {}).items())
         total = info["eval_file_duplicates_removed_from_pool"]
-        lines.append("- corpus records removed from the curation pool as duplicates of eval-file items: "
-                     f"{total}" + (f" ({by_kind})" if by_kind else ""))  # fmt: skip
+        lines.append(
+            "- corpus records removed from the curation pool as duplicates of eval-file items: "
+            f"{total}" + (f" ({by_kind})" if by_kind else "")
+        )
     if info.get("contamination_rule"):
         lines.append(f"- contamination check: {info['contamination_rule']}")
     return "\n".join(lines)
@@ -126,7 +150,9 @@ def _curated_section(curated_dir: Path, work: Path) -> rep.ReportSection:
     images: list[str | Path] = []
     if (curated_dir / SCORES_FILE).is_file():
         cut = rows[-1]["score"] if rows else None
-        images.append(rep.plot_retrieval_scores(load_scores(curated_dir / SCORES_FILE)[0], cut, work / "retrieval.png"))
+        images.append(
+            rep.plot_retrieval_scores(load_scores(curated_dir / SCORES_FILE)[0], cut, work / "retrieval.png")
+        )
     examples = [{"text": shown_text(r), **{k: r[k] for k in ("rank", "id", "score", "votes")}} for r in rows]
     return rep.ReportSection("Curated set", rep.example_records_table(examples, 8), images)
 
@@ -145,7 +171,11 @@ def layer_weights_section(curated_dir: Path) -> rep.ReportSection | None:
     if not per_layer:
         return None
     rows = [
-        {"layer": layer, "weight": round(float(d.get("weight", 1.0)), 4), "mean top-M score": round(float(d["mean_top_score"]), 4)}
+        {
+            "layer": layer,
+            "weight": round(float(d.get("weight", 1.0)), 4),
+            "mean top-M score": round(float(d["mean_top_score"]), 4),
+        }
         for layer, d in sorted(per_layer.items(), key=lambda kv: int(kv[0]))
     ]
     rule = summary.get("layer_weighting", "vote")
@@ -156,7 +186,9 @@ def layer_weights_section(curated_dir: Path) -> rep.ReportSection | None:
     return rep.ReportSection("Layer weights", f"{note}\n\n{rep.markdown_table(rows)}")
 
 
-def _parameters_section(metrics: Mapping[str, Any], prune_info: Mapping[str, Any], work: Path) -> rep.ReportSection:
+def _parameters_section(
+    metrics: Mapping[str, Any], prune_info: Mapping[str, Any], work: Path
+) -> rep.ReportSection:
     params = {name: m["parameters"] for name, m in metrics["models"].items()}
     before, after = prune_info["params_before"], prune_info["params_after"]
     body = rep.markdown_table([{"module": k, "before": v, "after": after.get(k)} for k, v in before.items()])

@@ -59,8 +59,10 @@ def eval_set_warnings(evaluation: Mapping[str, Any]) -> list[str]:
     """Domain / general evaluation sets left with fewer than `SMALL_EVAL_SET` items after the
     contamination check."""
     out = []
-    for name, fix in (("domain", "evaluate.eval_file or a larger evaluate.split_fraction"),
-                      ("general", "evaluate.general_file or a larger evaluate.general_items")):  # fmt: skip
+    for name, fix in (
+        ("domain", "evaluate.eval_file or a larger evaluate.split_fraction"),
+        ("general", "evaluate.general_file or a larger evaluate.general_items"),
+    ):
         info = evaluation.get(name)
         if not info or "kept" not in info:
             continue

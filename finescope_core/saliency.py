@@ -90,12 +90,16 @@ class LayerSaliency:
         """
         meta_path, tensor_path = out_dir / SALIENCY_JSON, out_dir / SALIENCY_TENSORS
         if not (meta_path.is_file() and tensor_path.is_file()):
-            raise SaliencyError(f"{out_dir} has no {SALIENCY_JSON} + {SALIENCY_TENSORS}; run the saliency stage first")
+            raise SaliencyError(
+                f"{out_dir} has no {SALIENCY_JSON} + {SALIENCY_TENSORS}; run the saliency stage first"
+            )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         tensors = load_file(tensor_path)
         sal = cls(meta["layers"], tensors["scores"], tensors["indices"], meta["selector"])
         if tuple(sal.indices.shape) != (len(sal.layers), meta["k"]) or sal.scores.shape[0] != len(sal.layers):
-            raise SaliencyError(f"{out_dir}: tensor shapes do not match {SALIENCY_JSON}; the artifact is corrupt")
+            raise SaliencyError(
+                f"{out_dir}: tensor shapes do not match {SALIENCY_JSON}; the artifact is corrupt"
+            )
         return sal
 
 
@@ -164,7 +168,9 @@ def forward_ad_attention(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation(current)
 
 
-def rademacher_probe(attention_mask: Tensor, width: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+def rademacher_probe(
+    attention_mask: Tensor, width: int, generator: torch.Generator, dtype: torch.dtype
+) -> Tensor:
     """One ±1 probe per sample, shaped like the input embeddings, zero at padding.
 
     Args:
@@ -286,18 +292,24 @@ def jacobian_saliency(
     device = _model_device(model)
     with forward_ad_attention(model), torch.no_grad(), capture_layers(arch, layers) as cap:
         for batch in batches:
-            draws = (rademacher_probe(batch.attention_mask, arch.hidden_size, generator, arch.embed.weight.dtype)
-                     for _ in range(probes))
+            draws = (
+                rademacher_probe(batch.attention_mask, arch.hidden_size, generator, arch.embed.weight.dtype)
+                for _ in range(probes)
+            )
             s_hat = _saliency_with_probes(arch, cap, batch.to(device), draws, skip_first)
             total = s_hat.sum(dim=0) if total is None else total + s_hat.sum(dim=0)
             done += len(batch)
             progress(done, total_rows)
     if total is None:
-        raise SaliencyError("the reference corpus D0 is empty; give at least one text (curate.reference_size)")
+        raise SaliencyError(
+            "the reference corpus D0 is empty; give at least one text (curate.reference_size)"
+        )
     return (total / done).cpu()
 
 
-def exact_saliency(model: PreTrainedModel, batch: TextBatch, layers: Sequence[int], skip_first: int) -> Tensor:
+def exact_saliency(
+    model: PreTrainedModel, batch: TextBatch, layers: Sequence[int], skip_first: int
+) -> Tensor:
     """Reference for eq. 6: exact per-sample Jacobian row norms ||d a(l)_j(x) / d e(x)||_F.
 
     Builds the Jacobian with reverse mode (vectorised over the L*d output coordinates), so it is only
@@ -363,15 +375,28 @@ def compute_saliency(
     arch = resolve_arch(model)
     resolved = resolve_layers(layers, arch.num_layers)
     if not 1 <= k_act <= arch.hidden_size:
-        raise SaliencyError(f"k_act={k_act} must be between 1 and the hidden size d={arch.hidden_size}; lower curate.k_act")
+        raise SaliencyError(
+            f"k_act={k_act} must be between 1 and the hidden size d={arch.hidden_size}; lower curate.k_act"
+        )
     if selector == "jacobian":
         scores = jacobian_saliency(
-            model, batches, resolved, probes=probes, skip_first=skip_first, generator=generator, progress=progress
+            model,
+            batches,
+            resolved,
+            probes=probes,
+            skip_first=skip_first,
+            generator=generator,
+            progress=progress,
         )
     elif selector in ("magnitude", "variance"):
-        chunks = [acts for _, acts in extract_pooled(model, batches, resolved, skip_first=skip_first, progress=progress)]
+        chunks = [
+            acts
+            for _, acts in extract_pooled(model, batches, resolved, skip_first=skip_first, progress=progress)
+        ]
         if not chunks:
-            raise SaliencyError("the reference corpus D0 is empty; give at least one text (curate.reference_size)")
+            raise SaliencyError(
+                "the reference corpus D0 is empty; give at least one text (curate.reference_size)"
+            )
         scores = statistic_scores(torch.cat(chunks), selector)
     else:
         raise SaliencyError(f"unknown selector {selector!r}; choose 'jacobian', 'magnitude' or 'variance'")

@@ -145,7 +145,11 @@ def sentence_embeddings(
 
 
 def write_corpus_embeddings(
-    texts: Sequence[str], out_dir: Path, *, device: str | torch.device = "cpu", progress: Progress | None = None
+    texts: Sequence[str],
+    out_dir: Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
 ) -> dict[str, int | str]:
     """Embed the corpus texts (`sentence_embeddings`) into `out_dir / CORPUS_FILE`.
 

@@ -54,5 +54,7 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
 def summary(config: FinescopeConfig) -> str:
     """The settings a reader tells runs apart by, in one line: method, ratio, baselines, model, hash."""
     baselines = ", ".join(config.evaluate.baselines) or "none"
-    return (f"{config.curate.method} curation, prune.ratio {config.prune.ratio:g}, baselines {baselines}, "
-            f"model {config.model}, settings {settings_hash(config)}")  # fmt: skip
+    return (
+        f"{config.curate.method} curation, prune.ratio {config.prune.ratio:g}, baselines {baselines}, "
+        f"model {config.model}, settings {settings_hash(config)}"
+    )

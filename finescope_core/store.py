@@ -113,7 +113,9 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def cache_key(stage: str, version: str, config: Any, inputs: dict[str, str]) -> str:
     """Content-addressed key: the stage version, its config and the hashes of its inputs."""
-    payload = json.dumps({"stage": stage, "version": version, "config": config, "inputs": inputs}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {"stage": stage, "version": version, "config": config, "inputs": inputs}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -178,9 +180,15 @@ class ArtifactStore:
             raise StoreError(f"store {uri!r}: cannot open ({e})") from e
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.retry = retry or RetryPolicy()
-        self._secrets = [v for k, v in (storage_options or {}).items() if k in ("key", "secret", "token") and v]
+        self._secrets = [
+            v for k, v in (storage_options or {}).items() if k in ("key", "secret", "token") and v
+        ]
         self._digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-        default_cache = Path(self.root) / ".cache" if self.is_local else Path(tempfile.gettempdir()) / "finescope-cache" / self._digest
+        default_cache = (
+            Path(self.root) / ".cache"
+            if self.is_local
+            else Path(tempfile.gettempdir()) / "finescope-cache" / self._digest
+        )
         self.cache_dir = cache_dir or default_cache
 
     def _io(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -206,9 +214,11 @@ class ArtifactStore:
         quick = RetryPolicy(attempts=min(2, self.retry.attempts), first_delay=self.retry.first_delay)
         existed = self.is_local and Path(self.root).is_dir()
         try:
-            for what, fn, *args in (("create root", self.fs.makedirs, self.root, True),
-                                    ("write probe", self.fs.pipe_file, probe, b"ok"),
-                                    ("delete probe", self.fs.rm_file, probe)):
+            for what, fn, *args in (
+                ("create root", self.fs.makedirs, self.root, True),
+                ("write probe", self.fs.pipe_file, probe, b"ok"),
+                ("delete probe", self.fs.rm_file, probe),
+            ):
                 if self.is_local:
                     fn(*args)
                 else:
@@ -216,8 +226,9 @@ class ArtifactStore:
         except OSError as e:
             if not (existed and e.errno in READ_ONLY_ERRNOS):
                 raise self._unwritable(e) from None
-            log.warning("store %s is read-only (%s): stored stages are reused, a stage to compute fails",
-                        self.uri, e)
+            log.warning(
+                "store %s is read-only (%s): stored stages are reused, a stage to compute fails", self.uri, e
+            )
             return False
         except Exception as e:  # botocore and fsspec raise many types; all mean "cannot write"
             raise self._unwritable(e) from None
@@ -322,8 +333,14 @@ class ArtifactStore:
         """Publish `local_dir` as (stage, key): hash every file, upload, then make the marker visible last."""
         rels = [p.relative_to(local_dir).as_posix() for p in sorted(local_dir.rglob("*")) if p.is_file()]
         files = {rel: sha256_file(local_dir / rel) for rel in rels}
-        manifest = {"stage": stage, "key": key, "created": time.time(), "files": files,
-                    "sizes": file_stats(local_dir, rels)[0], **info}
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "created": time.time(),
+            "files": files,
+            "sizes": file_stats(local_dir, rels)[0],
+            **info,
+        }
         target = self._path(stage, key)
         if self.is_local:
             manifest = self._commit_local(local_dir, Path(target), manifest)
@@ -355,8 +372,9 @@ class ArtifactStore:
             raise
         manifest = {**manifest, "dir": version}
         write_json(target / MARKER, manifest)
-        log.info("%s %s: committed as version %s beside the earlier files",
-                 manifest["stage"], target.name, version)
+        log.info(
+            "%s %s: committed as version %s beside the earlier files", manifest["stage"], target.name, version
+        )
         return manifest
 
     def _commit_remote(self, local_dir: Path, target: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -411,8 +429,10 @@ class ArtifactStore:
                 if attempt == 2 or current is None or current.manifest == artifact.manifest:
                     raise
                 if current.sha256 != artifact.sha256:
-                    raise DamagedArtifact(f"{artifact.uri} was replaced by different content while this run "
-                                          "read it; re-run to use the new version") from None
+                    raise DamagedArtifact(
+                        f"{artifact.uri} was replaced by different content while this run "
+                        "read it; re-run to use the new version"
+                    ) from None
                 log.info("%s was replaced while being read; reading its new version", artifact.uri)
                 artifact = current
         raise AssertionError("unreachable")
@@ -437,7 +457,9 @@ class ArtifactStore:
             if problems:
                 # A run checks a remote artifact by listing only, so it would reuse this one again.
                 fix = f"finescope store rm {artifact.stage} --key {artifact.key} --yes"
-                raise DamagedArtifact(f"{self.damage_message(artifact, problems)}; delete it (`{fix}`) and re-run")
+                raise DamagedArtifact(
+                    f"{self.damage_message(artifact, problems)}; delete it (`{fix}`) and re-run"
+                )
             own_mtimes = file_stats(tmp, artifact.manifest["files"])[1]
             write_json(tmp / MARKER, {**artifact.manifest, COPY_MTIMES: own_mtimes})
         except BaseException:
@@ -459,5 +481,7 @@ class ArtifactStore:
             try:
                 self._io("download", self.fs.get_file, f"{source}/{rel}", str(dest / rel))
             except FileNotFoundError:
-                raise DamagedArtifact(f"{artifact.uri}: {source}/{rel} is listed in its marker but missing; "
-                                      "re-run to recompute it") from None
+                raise DamagedArtifact(
+                    f"{artifact.uri}: {source}/{rel} is listed in its marker but missing; "
+                    "re-run to recompute it"
+                ) from None

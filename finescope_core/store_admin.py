@@ -95,17 +95,39 @@ class StoreListing:
     def to_json(self) -> dict[str, Any]:
         """The listing for `finescope store ls --json`: sizes in bytes, times in seconds since the epoch."""
         stages = {
-            stage: {"count": len(arts), "size": sum(a.size for a in arts),
-                    "artifacts": [{"key": a.key, "uri": a.uri, "size": a.size, "files": a.files, "created": a.created,
-                                   "description": a.description} for a in arts]}
+            stage: {
+                "count": len(arts),
+                "size": sum(a.size for a in arts),
+                "artifacts": [
+                    {
+                        "key": a.key,
+                        "uri": a.uri,
+                        "size": a.size,
+                        "files": a.files,
+                        "created": a.created,
+                        "description": a.description,
+                    }
+                    for a in arts
+                ],
+            }
             for stage, arts in self.by_stage().items()
         }
         return {
             "uri": self.uri,
             "stages": stages,
             "total": {"count": len(self.artifacts), "size": sum(a.size for a in self.artifacts)},
-            "leftovers": [{"kind": x.kind, "stage": x.stage, "key": x.key, "path": x.path, "size": x.size,
-                           "modified": x.modified, "in_use": x.in_use} for x in self.leftovers],
+            "leftovers": [
+                {
+                    "kind": x.kind,
+                    "stage": x.stage,
+                    "key": x.key,
+                    "path": x.path,
+                    "size": x.size,
+                    "modified": x.modified,
+                    "in_use": x.in_use,
+                }
+                for x in self.leftovers
+            ],
             "leftovers_size": sum(x.size for x in self.leftovers),
             "prefect_results": {"files": len(self.results), "size": sum(f.size for f in self.results)},
             "outputs": {"files": len(self.outputs), "size": sum(f.size for f in self.outputs)},
@@ -128,7 +150,9 @@ def describe(record: dict[str, Any], limit: int = 100) -> str:
 def _small(value: Any) -> bool:
     if isinstance(value, bool | int | float | str):
         return len(str(value)) <= 24
-    return isinstance(value, list) and len(value) <= 4 and all(isinstance(v, int | float | str) for v in value)
+    return (
+        isinstance(value, list) and len(value) <= 4 and all(isinstance(v, int | float | str) for v in value)
+    )
 
 
 def _compact(value: Any) -> str:
@@ -165,8 +189,16 @@ def scan(store: ArtifactStore) -> StoreListing:
         if (stage, key) in markers:
             record = markers[stage, key]
             current, superseded = _split_versions(store, stage, key, record, files)
-            listing.artifacts.append(StoredArtifact(stage, key, store.artifact_uri(stage, key),
-                                                    sum(f.size for f in current), len(current), record))
+            listing.artifacts.append(
+                StoredArtifact(
+                    stage,
+                    key,
+                    store.artifact_uri(stage, key),
+                    sum(f.size for f in current),
+                    len(current),
+                    record,
+                )
+            )
             listing.leftovers += _old_versions(store, stage, key, record, superseded)
             continue
         path = f"{store.root}/{stage}/{key}"
@@ -272,7 +304,9 @@ def work_dirs(store: ArtifactStore) -> list[Leftover]:
                 size, modified = _tree_stats(work)
             except FileNotFoundError:  # its stage committed and removed it meanwhile
                 continue
-            out.append(Leftover("work dir", stage_dir.name, work.name, str(work), size, modified, in_use(work)))
+            out.append(
+                Leftover("work dir", stage_dir.name, work.name, str(work), size, modified, in_use(work))
+            )
     return out
 
 
@@ -357,8 +391,12 @@ def find_garbage(
         _sort_leftover(plan, x, keep, min_age_minutes, now)
     if keep_days is not None:
         old = [f for f in listing.results if now - f.modified > keep_days * DAY]
-        plan.delete += [GarbageItem("prefect result", f.path, f.size, f"older than {keep_days:g} days") for f in old]
-    plan.delete += _stale_copies(store, listing, {(x.stage, x.key) for x in plan.delete if x.kind == "artifact"})
+        plan.delete += [
+            GarbageItem("prefect result", f.path, f.size, f"older than {keep_days:g} days") for f in old
+        ]
+    plan.delete += _stale_copies(
+        store, listing, {(x.stage, x.key) for x in plan.delete if x.kind == "artifact"}
+    )
     return plan
 
 
@@ -376,13 +414,20 @@ def _artifact_reasons(a: StoredArtifact, keep: Keys | None, keep_days: float | N
     return reasons + ([] if keep_days is None else [f"created {(now - a.created) / DAY:.1f} days ago"])
 
 
-def _sort_leftover(plan: GarbagePlan, x: Leftover, keep: Keys | None, min_age_minutes: float, now: float) -> None:
+def _sort_leftover(
+    plan: GarbagePlan, x: Leftover, keep: Keys | None, min_age_minutes: float, now: float
+) -> None:
     item = GarbageItem(x.kind, x.path, x.size, "", x.stage, x.key)
     age_min = (now - x.modified) / 60
     if x.in_use:
         plan.kept.append(_with(item, "in use by a running stage"))
     elif age_min < min_age_minutes:
-        plan.kept.append(_with(item, f"modified {age_min:.0f} min ago (under {min_age_minutes:g}); may belong to a running stage"))
+        plan.kept.append(
+            _with(
+                item,
+                f"modified {age_min:.0f} min ago (under {min_age_minutes:g}); may belong to a running stage",
+            )
+        )
     elif x.kind == "work dir" and keep is not None and (x.stage, x.key) in keep:
         plan.kept.append(_with(item, "a planned run of a given config resumes from it"))
     else:
@@ -394,13 +439,18 @@ def _with(item: GarbageItem, reason: str) -> GarbageItem:
     return GarbageItem(item.kind, item.where, item.size, reason, item.stage, item.key)
 
 
-def _stale_copies(store: ArtifactStore, listing: StoreListing, doomed: set[tuple[str, str]]) -> list[GarbageItem]:
+def _stale_copies(
+    store: ArtifactStore, listing: StoreListing, doomed: set[tuple[str, str]]
+) -> list[GarbageItem]:
     """Verified local copies of a remote store's artifacts (`<cache>/<stage>/<key>/<version>/`) whose
     artifact is deleted or about to be, or whose version the marker no longer names."""
     if store.is_local:
         return []
-    current = {(a.stage, a.key): a.record.get("dir") or "_flat"
-               for a in listing.artifacts if (a.stage, a.key) not in doomed}
+    current = {
+        (a.stage, a.key): a.record.get("dir") or "_flat"
+        for a in listing.artifacts
+        if (a.stage, a.key) not in doomed
+    }
     out = []
     for stage_dir in _subdirs(store.cache_dir):
         for copy in _subdirs(stage_dir):
@@ -408,8 +458,15 @@ def _stale_copies(store: ArtifactStore, listing: StoreListing, doomed: set[tuple
             if copy.name.startswith("."):
                 continue
             if here not in current:
-                out.append(GarbageItem("cached copy", str(copy), _tree_stats(copy)[0], "its artifact is gone from the store",
-                                       *here))
+                out.append(
+                    GarbageItem(
+                        "cached copy",
+                        str(copy),
+                        _tree_stats(copy)[0],
+                        "its artifact is gone from the store",
+                        *here,
+                    )
+                )
                 continue
             old = [v for v in _subdirs(copy) if v.name != current[here] and not v.name.startswith(".")]
             why = "a version the store no longer names"
@@ -475,7 +532,11 @@ def remove_orphan_locks(store: ArtifactStore) -> None:
 
 def artifacts_of(listing: StoreListing, stage: str, key_prefix: str | None = None) -> list[StoredArtifact]:
     """The committed artifacts of `stage` whose key starts with `key_prefix` (all of them without one)."""
-    return [a for a in listing.artifacts if a.stage == stage and (key_prefix is None or a.key.startswith(key_prefix))]
+    return [
+        a
+        for a in listing.artifacts
+        if a.stage == stage and (key_prefix is None or a.key.startswith(key_prefix))
+    ]
 
 
 def human(size: float) -> str:

@@ -34,13 +34,22 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 
 TRANSIENT_TYPES = _transient_types()
 # s3fs maps 5xx answers to these errno values (InternalError: EREMOTEIO, ServiceUnavailable/SlowDown: EBUSY).
-TRANSIENT_ERRNOS = {getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT,
-                    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED}
+TRANSIENT_ERRNOS = {
+    getattr(errno, "EREMOTEIO", errno.EIO),
+    errno.EBUSY,
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+}
 
 
 def is_transient(error: BaseException) -> bool:
     """Whether retrying may help: connection trouble, timeouts and 5xx; never auth, permission or not-found."""
-    if isinstance(error, PermissionError | FileNotFoundError | FileExistsError | IsADirectoryError | NotADirectoryError):
+    if isinstance(
+        error, PermissionError | FileNotFoundError | FileExistsError | IsADirectoryError | NotADirectoryError
+    ):
         return False
     if isinstance(error, TRANSIENT_TYPES):
         return True
@@ -79,8 +88,15 @@ class RetryPolicy:
             except Exception as e:
                 if attempt == self.attempts or not is_transient(e):
                     raise
-                log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt,
-                            self.attempts - 1, delay)
+                log.warning(
+                    "%s failed (%s: %s); retry %d/%d in %.1fs",
+                    what,
+                    type(e).__name__,
+                    e,
+                    attempt,
+                    self.attempts - 1,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, self.max_delay)
         raise AssertionError("unreachable")

@@ -78,7 +78,6 @@ COPY_THRESHOLD = 0.8
 """A response whose word trigrams come from the prompt at least this often is a copy of it."""
 
 
-
 def user_prompt(record: Record) -> str:
     """The user-facing request of a record (`Record.prompt`), or its text when it has no request.
 
@@ -285,11 +284,15 @@ def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if isinstance(value, int) and value not in ids:
             ids.append(value)
     if not ids:
-        raise TeacherError("neither the model's generation config nor the tokenizer defines an EOS token; set eos_token_id")
+        raise TeacherError(
+            "neither the model's generation config nor the tokenizer defines an EOS token; set eos_token_id"
+        )
     return ids
 
 
-def _generation_config(model: PreTrainedModel, pad_id: int, eos: list[int], max_new_tokens: int, temperature: float) -> Any:
+def _generation_config(
+    model: PreTrainedModel, pad_id: int, eos: list[int], max_new_tokens: int, temperature: float
+) -> Any:
     gen = copy.deepcopy(model.generation_config)
     gen.max_new_tokens, gen.max_length = max_new_tokens, None
     gen.pad_token_id, gen.eos_token_id = pad_id, eos
@@ -363,7 +366,9 @@ def auto_max_new_tokens(tokenizer: PreTrainedTokenizerBase, records: Sequence[Re
     """A generation budget that fits the domain: 1.25 x the 95th percentile of the reference answers'
     token lengths (with EOS), clamped to [32, 1024]; 128 when no record has a reference."""
     lengths = sorted(
-        len(tokenizer(r.reference, add_special_tokens=False)["input_ids"]) + 1 for r in records if r.reference is not None
+        len(tokenizer(r.reference, add_special_tokens=False)["input_ids"]) + 1
+        for r in records
+        if r.reference is not None
     )
     if not lengths:
         return AUTO_FALLBACK
@@ -371,9 +376,13 @@ def auto_max_new_tokens(tokenizer: PreTrainedTokenizerBase, records: Sequence[Re
     return int(min(max(math.ceil(AUTO_FACTOR * p95), AUTO_RANGE[0]), AUTO_RANGE[1]))
 
 
-def resolve_max_new_tokens(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: TeacherConfig) -> int:
+def resolve_max_new_tokens(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: TeacherConfig
+) -> int:
     """`cfg.max_new_tokens`, with `auto` derived from the records' references (`auto_max_new_tokens`)."""
-    return auto_max_new_tokens(tokenizer, records) if cfg.max_new_tokens == "auto" else int(cfg.max_new_tokens)
+    return (
+        auto_max_new_tokens(tokenizer, records) if cfg.max_new_tokens == "auto" else int(cfg.max_new_tokens)
+    )
 
 
 def fit_prompt(tokenizer: PreTrainedTokenizerBase, record: Record, max_length: int) -> list[int] | None:
@@ -419,8 +428,10 @@ class VLLMGenerator:
         try:
             import vllm
         except ImportError:
-            raise TeacherError("teacher.backend: vllm needs the vllm package: pip install 'finescope[vllm]' (CUDA only); "
-                               "or use teacher.backend: hf") from None  # fmt: skip
+            raise TeacherError(
+                "teacher.backend: vllm needs the vllm package: pip install 'finescope[vllm]' (CUDA only); "
+                "or use teacher.backend: hf"
+            ) from None
         from transformers import GenerationConfig
 
         self._vllm = vllm
@@ -431,15 +442,29 @@ class VLLMGenerator:
             self.generation_config = GenerationConfig()  # type: ignore[no-untyped-call]  # untyped in transformers
 
     def generate(
-        self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float,
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
         seed: int,
     ) -> list[Generation]:
         """One `Generation` per prompt, in order (`Generation.truncated`: stopped by the budget)."""
         eos = eos_ids(self, tokenizer)
-        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                           stop_token_ids=eos, detokenize=False)  # fmt: skip
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params, use_tqdm=False)
-        return [vllm_generation(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, eos) for o in outputs]
+        params = self._vllm.SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            stop_token_ids=eos,
+            detokenize=False,
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params, use_tqdm=False
+        )
+        return [
+            vllm_generation(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, eos) for o in outputs
+        ]
 
 
 def vllm_generation(token_ids: list[int], finish_reason: str | None, eos: list[int]) -> Generation:
@@ -453,12 +478,22 @@ Teacher = PreTrainedModel | VLLMGenerator
 """A model the HF path generates with, or the vLLM engine."""
 
 
-def _generate(teacher: Teacher, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], cfg: TeacherConfig,
-              seed: int, max_new_tokens: int) -> list[Generation]:  # fmt: skip
+def _generate(
+    teacher: Teacher,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    cfg: TeacherConfig,
+    seed: int,
+    max_new_tokens: int,
+) -> list[Generation]:
     if isinstance(teacher, VLLMGenerator):
-        return teacher.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=seed)
+        return teacher.generate(
+            tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature, seed=seed
+        )
     with _seeded(seed, teacher.device):
-        return generate_batch(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature)
+        return generate_batch(
+            teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature
+        )
 
 
 def _distill_batch(
@@ -478,7 +513,9 @@ def _distill_batch(
     by_id = {}
     for (record, _), gen in zip(todo, gens, strict=True):
         text = str(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
-        by_id[record.id] = distilled_line(record, text, gen.truncated, cfg.min_response_chars, check_answer=cfg.check_answer)
+        by_id[record.id] = distilled_line(
+            record, text, gen.truncated, cfg.min_response_chars, check_answer=cfg.check_answer
+        )
     lines = [by_id.get(r.id) or _line(r, "", "prompt_too_long") for r in batch]
     return lines, sum(len(g.token_ids) for g in gens)
 
@@ -518,8 +555,12 @@ def generate_distilled(
     max_new_tokens = resolve_max_new_tokens(tokenizer, records, cfg)
     start = time.perf_counter()
     with out_path.open("a", encoding="utf-8") as f:
-        for batch_no, batch in pending_batches(by_prompt_length(tokenizer, records, cfg.max_prompt_length), done, cfg.batch_size):
-            new, n_tokens = _distill_batch(model, tokenizer, batch, cfg, seed * 1_000_003 + batch_no, max_new_tokens)
+        for batch_no, batch in pending_batches(
+            by_prompt_length(tokenizer, records, cfg.max_prompt_length), done, cfg.batch_size
+        ):
+            new, n_tokens = _distill_batch(
+                model, tokenizer, batch, cfg, seed * 1_000_003 + batch_no, max_new_tokens
+            )
             f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
             f.flush()
             os.fsync(f.fileno())
@@ -532,14 +573,18 @@ def generate_distilled(
     if ordered != lines:  # generated by prompt length; the file goes back to the records' order, atomically
         lines = ordered
         tmp = out_path.with_name(f".{out_path.name}.tmp")
-        tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+        tmp.write_text(
+            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8"
+        )
         os.replace(tmp, out_path)
     summary = summarise(lines, generated, resumed, tokens, time.perf_counter() - start)
     summary.max_new_tokens_used = max_new_tokens
     return summary
 
 
-def by_prompt_length(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_length: int) -> list[Record]:
+def by_prompt_length(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_length: int
+) -> list[Record]:
     """The records in generation order: longest teacher prompt first, ties in input order.
 
     Batches of similar prompt lengths carry little left padding, and the first batch is the largest,

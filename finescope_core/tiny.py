@@ -76,12 +76,18 @@ def tiny_config(
     raise ValueError(f"unknown tiny arch {arch!r}; choose llama, qwen2 or qwen3")
 
 
-def tiny_model(arch: Arch = "llama", *, seed: int = 0, attn_implementation: str = "eager", **kw: Any) -> PreTrainedModel:
+def tiny_model(
+    arch: Arch = "llama", *, seed: int = 0, attn_implementation: str = "eager", **kw: Any
+) -> PreTrainedModel:
     """A randomly initialised tiny decoder in eval mode, fp32, on the CPU."""
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **kw)
-    model = cast(PreTrainedModel, AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]  # untyped in transformers
-        cfg, attn_implementation=attn_implementation, dtype=torch.float32))
+    model = cast(
+        PreTrainedModel,
+        AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]  # untyped in transformers
+            cfg, attn_implementation=attn_implementation, dtype=torch.float32
+        ),
+    )
     # Random init leaves biases and norms at trivial values; perturb the norms so the tests see them.
     with torch.no_grad():
         for name, p in model.named_parameters():

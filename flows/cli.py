@@ -32,43 +32,82 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 def _flow_command(sub: Any, name: str, help_text: str, out_help: str) -> argparse.ArgumentParser:
     usage = f"finescope {name} [--config FILE] [--out DIR] [--FIELD VALUE ...]"
     parser = sub.add_parser(name, help=help_text, description=help_text, usage=usage, allow_abbrev=False)
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML config file (fields below)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory: {out_help} (default: <store>/outputs/<name>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=f"output directory: {out_help} (default: <store>/outputs/<name>)",
+    )
     add_config_options(parser, SECTIONS[name])
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `--storage.secret` must not silently mean `--storage.secret_block`.
-    parser = argparse.ArgumentParser(prog="finescope", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="finescope", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"finescope {__version__}")
     commands = "{curate,prune,run,demo,serve,trigger,store}"
     sub = parser.add_subparsers(dest="command", required=True, metavar=commands)
-    _flow_command(sub, "curate", "seeds + corpus -> curated domain dataset", "curated.jsonl/.parquet, dataset card, run.json")
-    _flow_command(sub, "prune", "curate (cached) then prune; writes a plain HF model directory",
-                  "pruned-model/ (with its model card), curated/, run.json")  # fmt: skip
-    _flow_command(sub, "run", "the whole specialize flow: curate, prune, teacher, LoRA, evaluate, report",
-                  "report.md, metrics.json, pruned-model/, tuned-model/, tuned-adapter/, curated/, distilled/, run.json")  # fmt: skip
-    demo = sub.add_parser("demo", help="build the bundled mixed-domain demo corpus and compare every curation method",
-                          usage="finescope demo --out DIR [--domain D] [--methods M,...] [--curate-only] [--FIELD VALUE ...]",
-                          allow_abbrev=False)  # fmt: skip
-    demo.add_argument("--out", type=Path, required=True, help="directory for the demo report (and specialize/)")
-    demo.add_argument("--domain", default="math", help="demo domain whose seeds are used (math, code, science)")
-    demo.add_argument("--methods", default="sae,sentence,activation,random", help="comma-separated curate.method values")
+    _flow_command(
+        sub,
+        "curate",
+        "seeds + corpus -> curated domain dataset",
+        "curated.jsonl/.parquet, dataset card, run.json",
+    )
+    _flow_command(
+        sub,
+        "prune",
+        "curate (cached) then prune; writes a plain HF model directory",
+        "pruned-model/ (with its model card), curated/, run.json",
+    )
+    _flow_command(
+        sub,
+        "run",
+        "the whole specialize flow: curate, prune, teacher, LoRA, evaluate, report",
+        "report.md, metrics.json, pruned-model/, tuned-model/, tuned-adapter/, curated/, distilled/, run.json",
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="build the bundled mixed-domain demo corpus and compare every curation method",
+        usage="finescope demo --out DIR [--domain D] [--methods M,...] [--curate-only] [--FIELD VALUE ...]",
+        allow_abbrev=False,
+    )
+    demo.add_argument(
+        "--out", type=Path, required=True, help="directory for the demo report (and specialize/)"
+    )
+    demo.add_argument(
+        "--domain", default="math", help="demo domain whose seeds are used (math, code, science)"
+    )
+    demo.add_argument(
+        "--methods", default="sae,sentence,activation,random", help="comma-separated curate.method values"
+    )
     demo.add_argument("--config", type=Path, help="optional YAML with other fields (model, store, curate...)")
-    demo.add_argument("--curate-only", action="store_true", help="compare curation methods only; skip prune/teacher/LoRA")
+    demo.add_argument(
+        "--curate-only", action="store_true", help="compare curation methods only; skip prune/teacher/LoRA"
+    )
     add_config_options(demo, SECTIONS["run"], DEMO_HIDDEN)
     serve = sub.add_parser(
-        "serve", help="serve one flow as a Prefect deployment on a schedule from this process (needs PREFECT_API_URL)",
+        "serve",
+        help="serve one flow as a Prefect deployment on a schedule from this process (needs PREFECT_API_URL)",
         usage="finescope serve [--config FILE] [--flow F] [--cron CRON | --interval SECONDS] [--FIELD VALUE ...]",
         allow_abbrev=False,
     )
-    serve.add_argument("--config", type=Path, help="YAML config file (fields below); it becomes the deployment's parameters")
-    serve.add_argument("--flow", choices=tuple(FLOWS), default="specialize", help="flow to serve (default: specialize)")
-    when = serve.add_argument_group("schedule (at most one; none: runs start only from the UI or `prefect deployment run`)")
+    serve.add_argument(
+        "--config", type=Path, help="YAML config file (fields below); it becomes the deployment's parameters"
+    )
+    serve.add_argument(
+        "--flow", choices=tuple(FLOWS), default="specialize", help="flow to serve (default: specialize)"
+    )
+    when = serve.add_argument_group(
+        "schedule (at most one; none: runs start only from the UI or `prefect deployment run`)"
+    )
     when.add_argument("--cron", help="cron string in UTC, quoted, e.g. '0 3 * * 0' (Sundays 03:00)")
     when.add_argument("--interval", type=int, metavar="SECONDS", help="seconds between runs, e.g. 86400")
     add_config_options(serve, SECTIONS["serve"])
@@ -79,13 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _trigger_command(sub: Any) -> None:
     trigger = sub.add_parser(
-        "trigger", help="start one run of a deployment with config fields changed (needs PREFECT_API_URL)",
-        usage="finescope trigger NAME [--FIELD VALUE ...]", allow_abbrev=False,
+        "trigger",
+        help="start one run of a deployment with config fields changed (needs PREFECT_API_URL)",
+        usage="finescope trigger NAME [--FIELD VALUE ...]",
+        allow_abbrev=False,
         description="Start one run of a deployment, its config parameter with the given fields replaced "
-                    "(checked before the run is created); returns once the run is scheduled.",
-    )  # fmt: skip
-    trigger.add_argument("deployment", metavar="NAME",
-                         help="the deployment: FLOW/NAME (e.g. specialize/math) or NAME")  # fmt: skip
+        "(checked before the run is created); returns once the run is scheduled.",
+    )
+    trigger.add_argument(
+        "deployment", metavar="NAME", help="the deployment: FLOW/NAME (e.g. specialize/math) or NAME"
+    )
     add_config_options(trigger, SECTIONS["serve"])
 
 
@@ -125,22 +167,28 @@ def _run_flow(command: str, cfg: FinescopeConfig) -> None:
         from flows.curate import curate_flow
 
         result = curate_flow(cfg)
-        print(f"curated {result.curated.info.get('records', 0)} records; outputs in {_where(result.exported)}")
+        print(
+            f"curated {result.curated.info.get('records', 0)} records; outputs in {_where(result.exported)}"
+        )
     elif command == "prune":
         from flows.prune import prune_flow
 
         pruned = prune_flow(cfg)
         info = pruned.pruned.info
-        print(f"pruned {info['params_before']['total']:,} -> {info['params_after']['total']:,} parameters "
-              f"(ratio {info['achieved_ratio']:.4f}); outputs in {_where(pruned.exported)}")  # fmt: skip
+        print(
+            f"pruned {info['params_before']['total']:,} -> {info['params_after']['total']:,} parameters "
+            f"(ratio {info['achieved_ratio']:.4f}); outputs in {_where(pruned.exported)}"
+        )
     else:
         from flows.specialize import specialize_flow
 
         result = specialize_flow(cfg)
         for name, m in result.metrics["models"].items():
             ci = m["ci"]["perplexity"]
-            print(f"{name:>16}: perplexity {m['perplexity']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] (n={ci['n']}), "
-                  f"parameters {m['parameters']:,}")  # fmt: skip
+            print(
+                f"{name:>16}: perplexity {m['perplexity']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] (n={ci['n']}), "
+                f"parameters {m['parameters']:,}"
+            )
         print(f"report, models and data in {_where(result.exported)}")
 
 
@@ -169,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             from flows.demo import run_demo
 
             report = run_demo(
-                args.out, args.domain, args.methods.split(","), args.config, overrides(args), specialize=not args.curate_only
+                args.out,
+                args.domain,
+                args.methods.split(","),
+                args.config,
+                overrides(args),
+                specialize=not args.curate_only,
             )
             print(f"demo report written to {report}")
         elif args.command == "serve":

@@ -66,17 +66,28 @@ class CurateResult(BaseModel):
         if self.codes:
             first = self.codes[0]
             out["codes"] = {
-                "stage": first.stage, "uri": first.uri.rsplit("/", 1)[0], "cached": all(c.cached for c in self.codes),
-                "seconds": sum(c.seconds for c in self.codes), "info": {"shards": len(self.codes),
-                "rows": sum(c.info.get("rows", 0) for c in self.codes)},
+                "stage": first.stage,
+                "uri": first.uri.rsplit("/", 1)[0],
+                "cached": all(c.cached for c in self.codes),
+                "seconds": sum(c.seconds for c in self.codes),
+                "info": {"shards": len(self.codes), "rows": sum(c.info.get("rows", 0) for c in self.codes)},
                 "parts": [{"key": c.key, "sha256": c.sha256} for c in self.codes],
-            }  # fmt: skip
+            }
         return out
 
     def stages(self) -> list[StageManifest]:
         """The stages this run used, in pipeline order."""
-        order = (self.corpus, self.seeds, self.sae_corpus, self.saliency, self.activations, self.seed_activations,
-                 self.sae_activations, self.sae, self.curated)  # fmt: skip
+        order = (
+            self.corpus,
+            self.seeds,
+            self.sae_corpus,
+            self.saliency,
+            self.activations,
+            self.seed_activations,
+            self.sae_activations,
+            self.sae,
+            self.curated,
+        )
         return [m for m in order if m is not None]
 
 
@@ -141,7 +152,9 @@ def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool =
         if export:
             facts = run_facts(config, result.curated)
             outputs = curated_outputs(config, result.curated, facts)
-            result.exported = export_task(config, "curate", outputs, result.manifests(), time.perf_counter() - start)
+            result.exported = export_task(
+                config, "curate", outputs, result.manifests(), time.perf_counter() - start
+            )
     return result
 
 
@@ -160,17 +173,34 @@ def _curate(config: FinescopeConfig, layers: list[int], inputs: Inputs, held: Ho
         # `activation` reads the same selected coordinates as `sae`, so it isolates what the SAE adds
         # and reuses every corpus-side stage of an `sae` run (without `sae_corpus`).
         sal = saliency_task(config, ref, sae_corpus or corpus, layers)
-        acts, seed_acts, *rest = embed(config, ref, [corpus, seeds, *([sae_corpus] if sae_corpus else [])], layers, sal)
+        acts, seed_acts, *rest = embed(
+            config, ref, [corpus, seeds, *([sae_corpus] if sae_corpus else [])], layers, sal
+        )
         sae_acts = rest[0] if rest else None
         if method == "sae":
             sae = train_saes(config, sae_acts or acts, sal, layers, sae_corpus or corpus)
             codes = encode_corpus(config, acts, sae)
-    curated = retrieve_task(config, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held), codes)
-    logger().info("held out of curation for evaluation: %d split records, %d eval-file duplicates",
-                  len(held.split), len(held.file_duplicates))  # fmt: skip
+    curated = retrieve_task(
+        config, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held), codes
+    )
+    logger().info(
+        "held out of curation for evaluation: %d split records, %d eval-file duplicates",
+        len(held.split),
+        len(held.file_duplicates),
+    )
     return CurateResult(
-        layers=layers, corpus=corpus, seeds=seeds, sae_corpus=sae_corpus, saliency=sal, activations=acts,
-        seed_activations=seed_acts, sae_activations=sae_acts, sae=sae, codes=codes, curated=curated, held_out=held,
+        layers=layers,
+        corpus=corpus,
+        seeds=seeds,
+        sae_corpus=sae_corpus,
+        saliency=sal,
+        activations=acts,
+        seed_activations=seed_acts,
+        sae_activations=sae_acts,
+        sae=sae,
+        codes=codes,
+        curated=curated,
+        held_out=held,
     )
 
 
@@ -188,18 +218,29 @@ def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
         logger().warning("%s", line)
     stages = result.stages()
     create_table_artifact(
-        [{"stage": m.stage, "cached": m.cached, "seconds": round(compute_seconds(m), 1), "uri": m.uri}
-         for m in stages],
+        [
+            {"stage": m.stage, "cached": m.cached, "seconds": round(compute_seconds(m), 1), "uri": m.uri}
+            for m in stages
+        ],
         key=artifact_key("curate", cfg, "stages"),
         description=f"Stages of the curate run: {summary(cfg)}",
     )
     if result.sae is not None:
-        rows = [{"layer": layer, **metrics} for layer, metrics in zip(result.layers, result.sae.info["metrics"], strict=True)]
-        create_table_artifact(rows, key=artifact_key("curate", cfg, "sae-metrics"),
-                              description=f"SAE metrics per layer: {summary(cfg)}")  # fmt: skip
+        rows = [
+            {"layer": layer, **metrics}
+            for layer, metrics in zip(result.layers, result.sae.info["metrics"], strict=True)
+        ]
+        create_table_artifact(
+            rows,
+            key=artifact_key("curate", cfg, "sae-metrics"),
+            description=f"SAE metrics per layer: {summary(cfg)}",
+        )
     top = _top_records(cfg, result.curated, 10)
-    create_markdown_artifact(_markdown(cfg, result, top), key=artifact_key("curate", cfg, "curated-set"),
-                             description=f"Curated set: {summary(cfg)}")  # fmt: skip
+    create_markdown_artifact(
+        _markdown(cfg, result, top),
+        key=artifact_key("curate", cfg, "curated-set"),
+        description=f"Curated set: {summary(cfg)}",
+    )
     logger().info("curated %d records -> %s", result.curated.info.get("records", 0), result.curated.uri)
 
 
@@ -213,7 +254,11 @@ def _sae_source(result: CurateResult) -> list[str]:
     trained = result.sae.info.get("trained_on") if result.sae is not None else None
     if not trained:
         return []
-    what = "the general corpus `curate.sae_corpus`" if trained["stage"] == "sae-corpus" else "the corpus being curated"
+    what = (
+        "the general corpus `curate.sae_corpus`"
+        if trained["stage"] == "sae-corpus"
+        else "the corpus being curated"
+    )
     return ["", f"SAEs trained on {what}: {trained['records']} records, sha256 `{trained['sha256'][:16]}`"]
 
 

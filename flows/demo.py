@@ -38,13 +38,21 @@ def demo_harness(domain: str, include: Path | None) -> dict[str, Any]:
     """Config overrides that run the demo's lm-eval tasks (`finescope_core.demo_lm_eval`): math only."""
     if domain != "math" or include is None:
         return {}
-    return {"evaluate.lm_eval_tasks": list(DEMO_LM_EVAL_TASKS), "evaluate.lm_eval_include": str(include),
-            "evaluate.lm_eval_limit": DEMO_LM_EVAL_LIMIT}  # fmt: skip
+    return {
+        "evaluate.lm_eval_tasks": list(DEMO_LM_EVAL_TASKS),
+        "evaluate.lm_eval_include": str(include),
+        "evaluate.lm_eval_limit": DEMO_LM_EVAL_LIMIT,
+    }
 
 
 @flow(name="demo", log_prints=True)
 def demo_flow(
-    base: FinescopeConfig, domain: str, methods: list[str], out: str, corpus: dict[str, Any], specialize: bool = True
+    base: FinescopeConfig,
+    domain: str,
+    methods: list[str],
+    out: str,
+    corpus: dict[str, Any],
+    specialize: bool = True,
 ) -> dict[str, Any]:
     """Curate the demo corpus with each method and measure precision (share from the seed domain's source),
     then (optionally) the whole specialize flow with `sae` curation, its outputs in `out/specialize`.
@@ -60,10 +68,15 @@ def demo_flow(
         result = curate_flow(cfg, export=False)
         rows = read_jsonl(artifact_dir(open_store(cfg), result.curated) / "curated.jsonl")
         results[method] = {
-            "precision": {f"@{k}": domain_precision(rows[:k], domain) for k in PRECISION_AT if len(rows) >= k},
+            "precision": {
+                f"@{k}": domain_precision(rows[:k], domain) for k in PRECISION_AT if len(rows) >= k
+            },
             "records": len(rows),
             "seconds": round(time.perf_counter() - start, 1),
-            "stages": [{"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1)} for m in result.stages()],
+            "stages": [
+                {"stage": m.stage, "cached": m.cached, "seconds": round(m.seconds, 1)}
+                for m in result.stages()
+            ],
             "artifact": result.curated.uri,
         }
         logger().info("%s: precision %s", method, results[method]["precision"])
@@ -73,15 +86,29 @@ def demo_flow(
         sae_config.curate.method = "sae"
         metrics = specialize_flow(sae_config).metrics
     summary = {
-        "domain": domain, "base_rate": corpus["base_rate"], "corpus_sources": corpus["sources"],
-        "methods": results, "model": base.model, "specialize": metrics,
-    }  # fmt: skip
-    create_markdown_artifact(_report(summary), key=artifact_key("demo", base, "report"), description="Curation precision per method")
+        "domain": domain,
+        "base_rate": corpus["base_rate"],
+        "corpus_sources": corpus["sources"],
+        "methods": results,
+        "model": base.model,
+        "specialize": metrics,
+    }
+    create_markdown_artifact(
+        _report(summary),
+        key=artifact_key("demo", base, "report"),
+        description="Curation precision per method",
+    )
     return summary
 
 
 def run_demo(
-    out: Path, domain: str, methods: list[str], config: Path | None, overrides: dict[str, Any], *, specialize: bool = True
+    out: Path,
+    domain: str,
+    methods: list[str],
+    config: Path | None,
+    overrides: dict[str, Any],
+    *,
+    specialize: bool = True,
 ) -> Path:
     """Build the demo data under `out/data`, compare curation methods, then (optionally) run the whole
     specialize flow with `sae` curation into `out/specialize`; write `out/report.md` and `out/demo.json`."""
@@ -89,23 +116,34 @@ def run_demo(
         raise ConfigError(f"--domain {domain!r} is not a demo domain; choose one of {sorted(DEMO_DOMAINS)}")
     unknown = set(methods) - {"sae", "sentence", "activation", "random"}
     if unknown:
-        raise ConfigError(f"--methods has unknown methods {sorted(unknown)}; choose from sae, sentence, activation, random")
+        raise ConfigError(
+            f"--methods has unknown methods {sorted(unknown)}; choose from sae, sentence, activation, random"
+        )
     out = out.resolve()
     data = build_demo_corpus(out / "data")
     # The domain's yardstick: its source's records the corpus does not hold (overridable).
-    overrides = {"seeds": [str(data.seeds[domain])], "corpus": [str(data.corpus)],
-                 "evaluate.eval_file": str(data.evals[domain]), **overrides}  # fmt: skip
+    overrides = {
+        "seeds": [str(data.seeds[domain])],
+        "corpus": [str(data.corpus)],
+        "evaluate.eval_file": str(data.evals[domain]),
+        **overrides,
+    }
     base = load_config(config, overrides)
     # The demo's lm-eval tasks, unless the config or the command line chose tasks of its own (then only
     # the include dir is filled in when they left it unset, so `configs/quality.yaml` can name both).
     harness = demo_harness(domain, data.lm_eval)
     if harness and not base.evaluate.lm_eval_tasks:
-        base.evaluate = base.evaluate.model_copy(update={
-            "lm_eval_tasks": harness["evaluate.lm_eval_tasks"], "lm_eval_include": harness["evaluate.lm_eval_include"],
-            "lm_eval_limit": harness["evaluate.lm_eval_limit"],
-        })  # fmt: skip
+        base.evaluate = base.evaluate.model_copy(
+            update={
+                "lm_eval_tasks": harness["evaluate.lm_eval_tasks"],
+                "lm_eval_include": harness["evaluate.lm_eval_include"],
+                "lm_eval_limit": harness["evaluate.lm_eval_limit"],
+            }
+        )
     elif harness and base.evaluate.lm_eval_include is None:
-        base.evaluate = base.evaluate.model_copy(update={"lm_eval_include": harness["evaluate.lm_eval_include"]})
+        base.evaluate = base.evaluate.model_copy(
+            update={"lm_eval_include": harness["evaluate.lm_eval_include"]}
+        )
     if base.name is None:
         base.name = f"demo-{domain}"
     corpus = {"base_rate": base_rate(data.corpus, domain), "sources": data.sources}
@@ -147,6 +185,10 @@ def _report(s: dict[str, Any]) -> str:
         if harness:
             lines += ["", "### lm-evaluation-harness (GSM8K problems outside the corpus)", "", harness]
         seconds = s["specialize"].get("stage_seconds", {})
-        lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()), "",
-                  "Full report with plots: [specialize/report.md](specialize/report.md)"]
+        lines += [
+            "",
+            "Stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()),
+            "",
+            "Full report with plots: [specialize/report.md](specialize/report.md)",
+        ]
     return "\n".join(lines) + "\n"

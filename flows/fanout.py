@@ -26,7 +26,11 @@ from tasks.sae import gather_sae_task, lookup_sae, sae_groups, sae_layers_task
 
 @flow(name="embed", log_prints=True)
 def embed_flow(
-    config: FinescopeConfig, ref: ModelRef, record_sets: list[StageManifest], layers: list[int], sal: StageManifest | None
+    config: FinescopeConfig,
+    ref: ModelRef,
+    record_sets: list[StageManifest],
+    layers: list[int],
+    sal: StageManifest | None,
 ) -> list[StageManifest]:
     """Every shard of every record set as one mapped task, then one gathered artifact per record set."""
     sizes = [record_count(config, records) for records in record_sets]
@@ -34,8 +38,13 @@ def embed_flow(
     with gpu_placement(config):
         futures = [
             activation_shard_task.map(
-                unmapped(config), unmapped(ref), unmapped(records), unmapped(layers), unmapped(sal),
-                [start for start, _ in plan], [stop for _, stop in plan],
+                unmapped(config),
+                unmapped(ref),
+                unmapped(records),
+                unmapped(layers),
+                unmapped(sal),
+                [start for start, _ in plan],
+                [stop for _, stop in plan],
             )
             for records, plan in zip(record_sets, plans, strict=True)
         ]
@@ -47,7 +56,11 @@ def embed_flow(
 
 
 def embed(
-    config: FinescopeConfig, ref: ModelRef, record_sets: list[StageManifest], layers: list[int], sal: StageManifest | None
+    config: FinescopeConfig,
+    ref: ModelRef,
+    record_sets: list[StageManifest],
+    layers: list[int],
+    sal: StageManifest | None,
 ) -> list[StageManifest]:
     """Activations of each record set: from the store when cached, else through `embed_flow`.
 
@@ -55,28 +68,47 @@ def embed(
     corpus) have the same activations key: each is embedded once.
     """
     found = [lookup_activations(config, ref, records, layers, sal) for records in record_sets]
-    missing = list({records.sha256: records for records, hit in zip(record_sets, found, strict=True) if hit is None}.values())
+    missing = list(
+        {
+            records.sha256: records for records, hit in zip(record_sets, found, strict=True) if hit is None
+        }.values()
+    )
     if missing:
-        runner = embed_flow.with_options(task_runner=task_runner(config), flow_run_name="embed-" + "+".join(m.stage for m in missing))
+        runner = embed_flow.with_options(
+            task_runner=task_runner(config), flow_run_name="embed-" + "+".join(m.stage for m in missing)
+        )
         made = detached(runner(config, ref, missing, layers, sal))
         built = dict(zip((m.sha256 for m in missing), made, strict=True))
-        found = [hit if hit is not None else built[records.sha256] for records, hit in zip(record_sets, found, strict=True)]
+        found = [
+            hit if hit is not None else built[records.sha256]
+            for records, hit in zip(record_sets, found, strict=True)
+        ]
     return found  # type: ignore[return-value]
 
 
 @flow(name="sae-training", flow_run_name="sae-training", log_prints=True)
 def sae_flow(
-    config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], records: StageManifest
+    config: FinescopeConfig,
+    acts: StageManifest,
+    sal: StageManifest,
+    layers: list[int],
+    records: StageManifest,
 ) -> StageManifest:
     """One mapped task per group of `orchestration.sae_layers_per_task` layers, then one SAE artifact."""
     groups = sae_groups(len(layers), config.orchestration.sae_layers_per_task)
     with gpu_placement(config):
-        futures = sae_layers_task.map(unmapped(config), unmapped(acts), unmapped(sal), unmapped(layers), groups)
+        futures = sae_layers_task.map(
+            unmapped(config), unmapped(acts), unmapped(sal), unmapped(layers), groups
+        )
     return gather_sae_task(config, acts, sal, layers, futures.result(), records)
 
 
 def train_saes(
-    config: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], records: StageManifest
+    config: FinescopeConfig,
+    acts: StageManifest,
+    sal: StageManifest,
+    layers: list[int],
+    records: StageManifest,
 ) -> StageManifest:
     """The SAEs of every hooked layer, trained on `acts` (the activations of `records`: the corpus, or
     `curate.sae_corpus`): from the store when cached, else through `sae_flow`."""
@@ -88,7 +120,9 @@ def train_saes(
 
 
 @flow(name="sae-codes", flow_run_name="sae-codes", log_prints=True)
-def codes_flow(config: FinescopeConfig, acts: StageManifest, sae: StageManifest, missing: list[int]) -> list[StageManifest]:
+def codes_flow(
+    config: FinescopeConfig, acts: StageManifest, sae: StageManifest, missing: list[int]
+) -> list[StageManifest]:
     """One mapped task per corpus shard whose codes are not in the store yet."""
     shards = corpus_shard_refs(config, acts)
     with gpu_placement(config):

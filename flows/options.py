@@ -61,7 +61,9 @@ def _metavar(annotation: Any) -> str:
     return {int: "N", float: "X", bool: "true|false", str: "TEXT"}.get(annotation, "VALUE")
 
 
-def add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...], hidden: tuple[str, ...] = ()) -> None:
+def add_config_options(
+    parser: argparse.ArgumentParser, sections: tuple[str, ...], hidden: tuple[str, ...] = ()
+) -> None:
     """One option per config field of `sections`, grouped by section, each with its docstring and choices."""
     paths = path_fields()
     groups: dict[str, Any] = {}
@@ -70,14 +72,30 @@ def add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...
         if dotted.split(".")[0] not in sections or dotted in hidden:
             continue
         if section not in groups:
-            title = f"{section}: " + _section_doc(section) if section else "general (override the YAML file; lists as YAML, e.g. '[4, 8]')"
+            title = (
+                f"{section}: " + _section_doc(section)
+                if section
+                else "general (override the YAML file; lists as YAML, e.g. '[4, 8]')"
+            )
             groups[section] = parser.add_argument_group(title)
-        default = "required" if info.is_required() else f"default: {info.get_default(call_default_factory=True)!r}"
+        default = (
+            "required" if info.is_required() else f"default: {info.get_default(call_default_factory=True)!r}"
+        )
         help_text = " ".join((info.description or "").split()) + f" ({default})"
         choices = _choices(info.annotation)
-        metavar = "{" + ",".join(choices) + "}" if choices else "PATH" if paths.get(dotted) == "always" else _metavar(info.annotation)
+        metavar = (
+            "{" + ",".join(choices) + "}"
+            if choices
+            else "PATH"
+            if paths.get(dotted) == "always"
+            else _metavar(info.annotation)
+        )
         groups[section].add_argument(
-            f"--{dotted}", dest=f"cfg:{dotted}", choices=choices, metavar=metavar, help=help_text.replace("%", "%%")
+            f"--{dotted}",
+            dest=f"cfg:{dotted}",
+            choices=choices,
+            metavar=metavar,
+            help=help_text.replace("%", "%%"),
         )
 
 
@@ -97,5 +115,3 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             except yaml.YAMLError as e:
                 raise ConfigError(f"--{dotted}: the value is not valid YAML: {e}") from None
     return out
-
-

@@ -29,8 +29,10 @@ def stored_run(cfg: FinescopeConfig, location: str) -> dict[str, Any] | None:
         try:
             text = fs.cat_file(path).decode() if fs.exists(path) else None
         except OSError as e:  # no access (credentials, endpoint): said here, before any work
-            raise ConfigError(f"cannot read {location}/run.json ({type(e).__name__}: {e}); check `storage` and "
-                              "the credentials, or give another `output`") from None  # fmt: skip
+            raise ConfigError(
+                f"cannot read {location}/run.json ({type(e).__name__}: {e}); check `storage` and "
+                "the credentials, or give another `output`"
+            ) from None
     else:
         local = Path(location.removeprefix("file://")).expanduser() / "run.json"
         path, text = str(local), (local.read_text(encoding="utf-8") if local.is_file() else None)
@@ -64,6 +66,9 @@ def place(cfg: FinescopeConfig, flow: str) -> FinescopeConfig:
     logger().warning(
         "%s holds the outputs of a run with other settings (%s); this run writes beside them, to %s, as %r. "
         "Give this run its own `name` (or `output`) to choose where it goes",
-        location, "; ".join(changed), output_location(moved), name,
-    )  # fmt: skip
+        location,
+        "; ".join(changed),
+        output_location(moved),
+        name,
+    )
     return moved

@@ -51,8 +51,10 @@ def check_ratio(cfg: FinescopeConfig) -> None:
     unpruned model as `pruned-model/`, tuned and reported as if it were pruned.
     """
     if cfg.prune.ratio == 0:
-        raise ConfigError("prune.ratio: 0 prunes nothing, so `pruned-model/` would be the unpruned base model "
-                          "under a misleading name; give a ratio in (0, 1), e.g. 0.3")  # fmt: skip
+        raise ConfigError(
+            "prune.ratio: 0 prunes nothing, so `pruned-model/` would be the unpruned base model "
+            "under a misleading name; give a ratio in (0, 1), e.g. 0.3"
+        )
     hf = model_config(cfg.model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf)
@@ -80,7 +82,9 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
             outputs = [pruned_output(config, result.pruned, facts)]
             if curated is not None:
                 outputs += curated_outputs(config, curated, facts, prefix="curated/")
-            result.exported = export_task(config, "prune", outputs, result.manifests(), time.perf_counter() - start)
+            result.exported = export_task(
+                config, "prune", outputs, result.manifests(), time.perf_counter() - start
+            )
     return result
 
 
@@ -88,19 +92,33 @@ def _prune(config: FinescopeConfig) -> PruneResult:
     uses_corpus = config.prune.data in ("curated", "random")
     curated = detached(curate_flow(config, export=False)) if uses_corpus else None
     texts = pruning_texts(
-        config, curated.corpus if curated else None, curated.curated if curated else None,
-        seeds=curated.seeds if curated else None, excluded=curated.held_out.excluded if curated else (),
+        config,
+        curated.corpus if curated else None,
+        curated.curated if curated else None,
+        seeds=curated.seeds if curated else None,
+        excluded=curated.held_out.excluded if curated else (),
     )
     pruned = prune_task(config, model_task(config), texts, texts_sha(texts))
     info = pruned.info
     rows = [
-        {"module": k, "before": v, "after": info["params_after"].get(k, 0), "removed": v - info["params_after"].get(k, 0)}
+        {
+            "module": k,
+            "before": v,
+            "after": info["params_after"].get(k, 0),
+            "removed": v - info["params_after"].get(k, 0),
+        }
         for k, v in info["params_before"].items()
     ]
-    create_table_artifact(rows, key=artifact_key("prune", config, "parameters"),
-                          description=f"achieved ratio {info['achieved_ratio']:.4f}: {summary(config)}")  # fmt: skip
+    create_table_artifact(
+        rows,
+        key=artifact_key("prune", config, "parameters"),
+        description=f"achieved ratio {info['achieved_ratio']:.4f}: {summary(config)}",
+    )
     logger().info(
         "pruned %d -> %d parameters (ratio %.4f, target %.2f)",
-        info["params_before"]["total"], info["params_after"]["total"], info["achieved_ratio"], config.prune.ratio,
+        info["params_before"]["total"],
+        info["params_after"]["total"],
+        info["achieved_ratio"],
+        config.prune.ratio,
     )
     return PruneResult(curate=curated, pruned=pruned)

@@ -31,8 +31,10 @@ def check_runner(cfg: FinescopeConfig) -> None:
     """Refuse a runner whose integration is not installed, before any work."""
     name = cfg.orchestration.task_runner
     if cfg.orchestration.gpu_workers and name != "dask":
-        raise ConfigError(f"orchestration.gpu_workers places tasks by Dask worker resources; set "
-                          f"orchestration.task_runner: dask (it is {name!r}) or gpu_workers: false")  # fmt: skip
+        raise ConfigError(
+            f"orchestration.gpu_workers places tasks by Dask worker resources; set "
+            f"orchestration.task_runner: dask (it is {name!r}) or gpu_workers: false"
+        )
     if name in _RUNNER_PACKAGES:
         module, package = _RUNNER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:
@@ -52,12 +54,19 @@ def task_runner(cfg: FinescopeConfig) -> TaskRunner:
         if o.address:
             return DaskTaskRunner(address=o.address)
         # One single-threaded worker process per slot: torch inside each task uses its own threads.
-        cluster: dict[str, Any] = {"n_workers": o.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
+        cluster: dict[str, Any] = {
+            "n_workers": o.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": ":0",
+        }
         if o.gpu_workers:
             gpus = torch.cuda.device_count()
             if gpus == 0:
-                raise ConfigError("orchestration.gpu_workers starts one Dask worker per GPU, and no CUDA device is visible; "
-                                  "set gpu_workers: false, or give an address of a cluster with GPU workers")  # fmt: skip
+                raise ConfigError(
+                    "orchestration.gpu_workers starts one Dask worker per GPU, and no CUDA device is visible; "
+                    "set gpu_workers: false, or give an address of a cluster with GPU workers"
+                )
             cluster.update(n_workers=gpus, resources={"GPU": 1})
         return DaskTaskRunner(cluster_kwargs=cluster)
     if o.task_runner == "ray":
@@ -144,4 +153,3 @@ def gpu_placement(cfg: FinescopeConfig) -> Iterator[None]:
             yield
     else:
         yield
-

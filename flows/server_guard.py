@@ -44,9 +44,19 @@ def _guarded_uvicorn_command(self: Any) -> subprocess.Popen[Any]:
 
     server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     uvicorn_args = [
-        "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
-        "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
-    ]  # fmt: skip
+        "--app-dir",
+        str(prefect.__module_path__.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(self.port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
     return subprocess.Popen(
         args=[sys.executable, "-c", _CHILD, str(os.getpid()), *uvicorn_args],
         env={

@@ -85,7 +85,9 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     """
     start = time.perf_counter()
     check_ratio(config)
-    check_harness_config(config.evaluate)  # a missing lm-eval include dir or an unknown task name: refused first
+    check_harness_config(
+        config.evaluate
+    )  # a missing lm-eval include dir or an unknown task name: refused first
     check_teacher_backend(config)  # vllm without the package or a GPU: refused before any model work
     check_memory(config)  # a stage predicted above the memory budget: refused before any model load
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
@@ -95,9 +97,18 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     with prefect_results(config), tagged(config):
         result = _specialize(config)
         main = result.variants[""]
-        outputs = specialize_outputs(config, result.report, result.curate.curated, main.pruned, main.distilled,
-                                     main.tuned, result.metrics)  # fmt: skip
-        result.exported = export_task(config, "specialize", outputs, result.manifests(), time.perf_counter() - start)
+        outputs = specialize_outputs(
+            config,
+            result.report,
+            result.curate.curated,
+            main.pruned,
+            main.distilled,
+            main.tuned,
+            result.metrics,
+        )
+        result.exported = export_task(
+            config, "specialize", outputs, result.manifests(), time.perf_counter() - start
+        )
     return result
 
 
@@ -106,10 +117,15 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
     held = curated.held_out
     corpus, seeds = load_data(config, curated.corpus), load_data(config, curated.seeds)
     train = curated_records(config, curated.corpus, curated.curated)
-    logger().info("curated set: %d records for pruning/tuning; %d corpus records held out for evaluation",
-                  len(train), len(held.excluded))  # fmt: skip
+    logger().info(
+        "curated set: %d records for pruning/tuning; %d corpus records held out for evaluation",
+        len(train),
+        len(held.excluded),
+    )
     base = model_task(config)
-    main_texts = pruning_texts(config, curated.corpus, curated.curated, seeds=curated.seeds, excluded=held.excluded)
+    main_texts = pruning_texts(
+        config, curated.corpus, curated.curated, seeds=curated.seeds, excluded=held.excluded
+    )
     variants = {"": _variant(config, base, main_texts, train, "curated")}
     training = {"": (train, main_texts)}
     pool = training_pool(corpus.records, seeds.records, held.excluded)
@@ -121,11 +137,16 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
 
     files = eval_files(config)
     domain, general, info = candidate_items(config, seeds, corpus, held, files)
-    learned = [t for name, v in variants.items() for t in training_texts(config, *training[name], v.distilled)]
+    learned = [
+        t for name, v in variants.items() for t in training_texts(config, *training[name], v.distilled)
+    ]
     data = decontaminate(domain, general, learned, info, files)
-    logger().info("evaluation: %d domain items (%d dropped as contaminated), %d general items",
-                  len(data.domain), data.info["domain"]["dropped_ngram"] + data.info["domain"]["dropped_near_duplicate"],
-                  len(data.general))  # fmt: skip
+    logger().info(
+        "evaluation: %d domain items (%d dropped as contaminated), %d general items",
+        len(data.domain),
+        data.info["domain"]["dropped_ngram"] + data.info["domain"]["dropped_near_duplicate"],
+        len(data.general),
+    )
     payload = data.payload()
     store = open_store(config)
     evaluations = {"base": evaluate_task(config, "base", base.path, base.sha256, payload)}
@@ -138,52 +159,78 @@ def _specialize(config: FinescopeConfig) -> SpecializeResult:
             config, f"tuned{suffix}", str(artifact_dir(store, v.tuned) / "merged"), v.tuned.sha256, payload
         )
     seconds = _stage_seconds(curated, variants, evaluations)
-    metrics = metrics_document(evaluations, seconds, evaluation=data.info,
-                               distilled={name: v.distilled for name, v in variants.items()},
-                               items=evaluation_items(store, evaluations),
-                               record_sets={"corpus": curated.corpus, "curate.sae_corpus": curated.sae_corpus})
+    metrics = metrics_document(
+        evaluations,
+        seconds,
+        evaluation=data.info,
+        distilled={name: v.distilled for name, v in variants.items()},
+        items=evaluation_items(store, evaluations),
+        record_sets={"corpus": curated.corpus, "curate.sae_corpus": curated.sae_corpus},
+    )
     _log_warnings(metrics)
     report = report_task(config, curated, metrics, variants[""].pruned)
     _publish(config, metrics, report)
-    return SpecializeResult(curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report)
+    return SpecializeResult(
+        curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report
+    )
 
 
 def _log_warnings(metrics: dict[str, Any]) -> None:
     """The teacher's fallbacks and small evaluation sets of metrics.json's `warnings`, as log WARNINGs (the
     curate subflow logged the duplicates where it removed them)."""
-    for line in fallback_warnings(metrics.get("distillation") or {}) + eval_set_warnings(metrics["evaluation"]):
+    for line in fallback_warnings(metrics.get("distillation") or {}) + eval_set_warnings(
+        metrics["evaluation"]
+    ):
         logger().warning("%s", line)
 
 
-def _stage_seconds(curated: CurateResult, variants: dict[str, Variant], evaluations: dict[str, StageManifest]) -> dict[str, float]:
+def _stage_seconds(
+    curated: CurateResult, variants: dict[str, Variant], evaluations: dict[str, StageManifest]
+) -> dict[str, float]:
     curate = {field: getattr(curated, field) for field in CURATE_SECONDS}
-    return stage_seconds(curate, {name: [v.pruned, v.distilled, v.tuned] for name, v in variants.items()}, evaluations,
-                         curated.codes)
+    return stage_seconds(
+        curate,
+        {name: [v.pruned, v.distilled, v.tuned] for name, v in variants.items()},
+        evaluations,
+        curated.codes,
+    )
 
 
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:
     rows = metric_rows(metrics["models"])
-    create_table_artifact(rows, key=artifact_key("specialize", cfg, "evaluation"),
-                          description=f"every model x metric: value [95 % interval] (n); {summary(cfg)}")  # fmt: skip
+    create_table_artifact(
+        rows,
+        key=artifact_key("specialize", cfg, "evaluation"),
+        description=f"every model x metric: value [95 % interval] (n); {summary(cfg)}",
+    )
     _publish_harness(cfg, metrics)
     if metrics.get("comparisons"):
-        create_table_artifact(paired_rows(metrics["comparisons"]), key=artifact_key("specialize", cfg, "paired"),
-                              description="paired comparisons on the same items: ratio / difference "
-                                          f"[95 % bootstrap interval over items]; {summary(cfg)}")  # fmt: skip
-    create_table_artifact([{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
-                          key=artifact_key("specialize", cfg, "stage-seconds"),
-                          description=summary(cfg))  # fmt: skip
+        create_table_artifact(
+            paired_rows(metrics["comparisons"]),
+            key=artifact_key("specialize", cfg, "paired"),
+            description="paired comparisons on the same items: ratio / difference "
+            f"[95 % bootstrap interval over items]; {summary(cfg)}",
+        )
+    create_table_artifact(
+        [{"stage": k, "seconds": v} for k, v in metrics["stage_seconds"].items()],
+        key=artifact_key("specialize", cfg, "stage-seconds"),
+        description=summary(cfg),
+    )
     report_dir = artifact_dir(open_store(cfg), report)
     # The UI has no directory to resolve the plots' relative links against: they travel inline.
     body = embed_images((report_dir / "report.md").read_text(encoding="utf-8"), report_dir)
-    create_markdown_artifact(body, key=artifact_key("specialize", cfg, "report"),
-                             description=f"finescope report: {summary(cfg)}")  # fmt: skip
+    create_markdown_artifact(
+        body, key=artifact_key("specialize", cfg, "report"), description=f"finescope report: {summary(cfg)}"
+    )
 
 
 def _publish_harness(cfg: FinescopeConfig, metrics: dict[str, Any]) -> None:
     """The lm-evaluation-harness results as a table artifact (task × model, value [95 % CI]), when run."""
     rows = harness_rows(metrics["models"])
     if rows:
-        create_table_artifact(rows, key=artifact_key("specialize", cfg, "lm-eval"),
-                              description="lm-evaluation-harness: value [95 % bootstrap CI] per task and model; "
-                                          f"{summary(cfg)}")  # fmt: skip
+        create_table_artifact(
+            rows,
+            key=artifact_key("specialize", cfg, "lm-eval"),
+            description="lm-evaluation-harness: value [95 % bootstrap CI] per task and model; "
+            f"{summary(cfg)}",
+        )

@@ -58,7 +58,11 @@ class ActivationsKey(ModelStageKey):
 
     STAGE = "activations"
     VERSION = "2"  # 2: the fanned-out layout, shards listed by reference
-    CONFIG = {"max_length": "curate.max_length", "skip_first": "curate.skip_first", "shard_size": "curate.shard_size"}
+    CONFIG = {
+        "max_length": "curate.max_length",
+        "skip_first": "curate.skip_first",
+        "shard_size": "curate.shard_size",
+    }
     DERIVED = ("curate.layers", "curate.num_layers", "device", "model_dtype")
     CODE = ("finescope_core.curate", "finescope_core.activations")
 
@@ -73,8 +77,14 @@ def _activation_inputs(model_sha: str, records_sha: str, sal_sha: str | None) ->
 
 
 def shard_key(
-    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None,
-    start: int, stop: int, precision: Precision | None = None,
+    cfg: FinescopeConfig,
+    model_sha: str,
+    records_sha: str,
+    layers: list[int],
+    sal_sha: str | None,
+    start: int,
+    stop: int,
+    precision: Precision | None = None,
 ) -> StageKey:
     """`precision`: where the shard's work runs (`work_precision`, resolved by the caller when None)."""
     inputs = _activation_inputs(model_sha, records_sha, sal_sha)
@@ -82,7 +92,11 @@ def shard_key(
 
 
 def activations_key(
-    cfg: FinescopeConfig, model_sha: str, records_sha: str, layers: list[int], sal_sha: str | None,
+    cfg: FinescopeConfig,
+    model_sha: str,
+    records_sha: str,
+    layers: list[int],
+    sal_sha: str | None,
     precision: Precision | None = None,
 ) -> StageKey:
     """`precision`: the one its shards ran in (the gather passes theirs; a lookup, this process's)."""
@@ -95,10 +109,21 @@ def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
 
 
-@task(name="embed-shard", task_run_name="embed-{records.stage}-{start}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+@task(
+    name="embed-shard",
+    task_run_name="embed-{records.stage}-{start}",
+    cache_policy=RUN_RESULTS,
+    tags=GPU_TAGS,
+    **STORE_RETRIES,
+)
 def activation_shard_task(
-    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None,
-    start: int, stop: int,
+    cfg: FinescopeConfig,
+    ref: ModelRef,
+    records: StageManifest,
+    layers: list[int],
+    sal: StageManifest | None,
+    start: int,
+    stop: int,
 ) -> StageManifest:
     """Pooled activations of records [start, stop) at the selected coordinates (all without `sal`).
 
@@ -125,13 +150,16 @@ def lookup_activations(
 ) -> StageManifest | None:
     """The gathered activations of `records` when they and every shard they list are in the store."""
     store = open_store(cfg)
-    found = lookup_stage(store, activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None))
+    found = lookup_stage(
+        store, activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None)
+    )
     if found is None:
         return None
     shards = [store.lookup(s["stage"], s["key"]) for s in listed_shards(store, found)]
     if any(shard is None or store.verify(shard) for shard in shards):  # its run_cached says what is wrong
-        logger().info("activations of %s: a shard was deleted from the store or damaged; recomputing it",
-                      records.stage)
+        logger().info(
+            "activations of %s: a shard was deleted from the store or damaged; recomputing it", records.stage
+        )
         return None
     return found
 
@@ -141,10 +169,17 @@ def listed_shards(store: ArtifactStore, acts: StageManifest) -> list[dict[str, A
     return json.loads((artifact_dir(store, acts) / "shards.json").read_text())
 
 
-@task(name="activations", task_run_name="activations-{records.stage}", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+@task(
+    name="activations", task_run_name="activations-{records.stage}", cache_policy=RUN_RESULTS, **STORE_RETRIES
+)
 def gather_activations_task(
-    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None,
-    shards: list[StageManifest], rows: int,
+    cfg: FinescopeConfig,
+    ref: ModelRef,
+    records: StageManifest,
+    layers: list[int],
+    sal: StageManifest | None,
+    shards: list[StageManifest],
+    rows: int,
 ) -> StageManifest:
     """One artifact that lists the shard artifacts of `records` (`rows` records) in row order (references, not copies)."""
     covered = sum(s.info.get("rows", 0) for s in shards)
@@ -152,11 +187,18 @@ def gather_activations_task(
         raise ValueError(f"activation shards cover {covered} of {rows} records of {records.uri}; re-run")
 
     def build(work: Path) -> dict[str, Any]:
-        listed = [{"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)} for s in shards]
+        listed = [
+            {"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)}
+            for s in shards
+        ]
         (work / "shards.json").write_text(json.dumps(listed, indent=1))
         # The work is the shards' (this step only lists them): their seconds make the stage's time.
-        return {"layers": layers, "rows": rows, "shards": len(shards),
-                "parts_seconds": sum(s.seconds for s in shards)}  # fmt: skip
+        return {
+            "layers": layers,
+            "rows": rows,
+            "shards": len(shards),
+            "parts_seconds": sum(s.seconds for s in shards),
+        }
 
     # The shards ran on the workers: their precision, not this process's, is what the artifact holds.
     ran = shared_precision([s.info for s in shards], f"activations of {records.uri}")

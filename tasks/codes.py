@@ -54,7 +54,13 @@ def corpus_shard_refs(cfg: FinescopeConfig, acts: StageManifest) -> list[dict[st
     return listed_shards(open_store(cfg), acts)
 
 
-@task(name="sae-codes", task_run_name="sae-codes-{index}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+@task(
+    name="sae-codes",
+    task_run_name="sae-codes-{index}",
+    cache_policy=RUN_RESULTS,
+    tags=GPU_TAGS,
+    **STORE_RETRIES,
+)
 def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, index: int) -> StageManifest:
     """The sparse codes of one corpus shard (the `index`-th) under every layer's SAE."""
     store = open_store(cfg)
@@ -62,13 +68,26 @@ def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, 
     def build(work: Path) -> dict[str, Any]:
         found = store.lookup(shard["stage"], shard["key"])
         if found is None or found.sha256 != shard["sha256"]:
-            raise FileNotFoundError(f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; re-run to rebuild it")
+            raise FileNotFoundError(
+                f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; re-run to rebuild it"
+            )
         model, layers, _ = sae_lib.load_saes(artifact_dir(store, sae))
         model.to(pick_device(cfg.device))  # encoding runs where the SAEs are; the codes come back to the CPU
         code_k = None if cfg.curate.code_k == "all" else cfg.curate.code_k
-        manifest = write_codes(model, store.local_path(found), layers, work, code_k=code_k,
-                               value_dtype=cfg.curate.code_dtype, progress=Progress(f"sae codes (shard {index})"))  # fmt: skip
-        return {"rows": manifest.num_rows, "truncated": manifest.truncated, "mean_l0": round(manifest.mean_l0, 2)}
+        manifest = write_codes(
+            model,
+            store.local_path(found),
+            layers,
+            work,
+            code_k=code_k,
+            value_dtype=cfg.curate.code_dtype,
+            progress=Progress(f"sae codes (shard {index})"),
+        )
+        return {
+            "rows": manifest.num_rows,
+            "truncated": manifest.truncated,
+            "mean_l0": round(manifest.mean_l0, 2),
+        }
 
     return run_cached(store, codes_key(cfg, shard["sha256"], sae.sha256), build)
 
@@ -76,7 +95,9 @@ def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, 
 def lookup_codes(cfg: FinescopeConfig, acts: StageManifest, sae: StageManifest) -> list[StageManifest | None]:
     """Per corpus shard, its codes when they are in the store (None where not)."""
     store = open_store(cfg)
-    return [lookup_stage(store, codes_key(cfg, s["sha256"], sae.sha256)) for s in corpus_shard_refs(cfg, acts)]
+    return [
+        lookup_stage(store, codes_key(cfg, s["sha256"], sae.sha256)) for s in corpus_shard_refs(cfg, acts)
+    ]
 
 
 def code_dirs(cfg: FinescopeConfig, codes: list[StageManifest]) -> list[Path]:

@@ -67,9 +67,13 @@ def _retry_storage_outage(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-IO_RETRIES: dict[str, Any] = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_transient)
+IO_RETRIES: dict[str, Any] = dict(
+    retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_transient
+)
 # Compute stages: a model or data error must fail at once, but a longer storage outage is worth waiting out.
-STORE_RETRIES: dict[str, Any] = dict(retries=2, retry_delay_seconds=[30, 60], retry_condition_fn=_retry_storage_outage)
+STORE_RETRIES: dict[str, Any] = dict(
+    retries=2, retry_delay_seconds=[30, 60], retry_condition_fn=_retry_storage_outage
+)
 GPU_TAGS = ["finescope-gpu"]
 
 
@@ -88,7 +92,9 @@ class RunResults(CachePolicy):
     cache: a retry re-reads them.
     """
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         if task_ctx is None or get_current_settings().tasks.default_persist_result is not True:
             return None
         run = task_ctx.task_run
@@ -210,7 +216,11 @@ def code_version() -> str:
     """Package version plus the git commit when run from a checkout."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
@@ -263,7 +273,9 @@ def _block_credentials(name: str) -> dict[str, str]:
             f"storage.secret_block={name!r}: no such Prefect Secret block ({e}); create it with "
             f"`Secret(value={{'key': ..., 'secret': ...}}).save({name!r})` or unset storage.secret_block"
         ) from None
-    if not (isinstance(value, dict) and isinstance(value.get("key"), str) and isinstance(value.get("secret"), str)):
+    if not (
+        isinstance(value, dict) and isinstance(value.get("key"), str) and isinstance(value.get("secret"), str)
+    ):
         raise ConfigError(
             f"storage.secret_block={name!r}: the block's value must be a JSON object with string fields "
             "'key' (access key id) and 'secret' (secret access key)"
@@ -296,8 +308,14 @@ def run_cached(
             return _manifest(found, cached=True, seconds=0.0)
         info = build_releasing(stage, build, work)
         seconds = time.perf_counter() - start
-        record = {"version": spec.version, "code_version": CODE_VERSION, "config": spec.config, "inputs": spec.inputs,
-                  "info": info, "seconds": seconds}
+        record = {
+            "version": spec.version,
+            "code_version": CODE_VERSION,
+            "config": spec.config,
+            "inputs": spec.inputs,
+            "info": info,
+            "seconds": seconds,
+        }
         artifact = store.commit(work, stage, key, record)
     logger().info("%s: done in %.1fs (%s)", stage, seconds, artifact.uri)
     return _manifest(artifact, cached=False, seconds=seconds)
@@ -339,7 +357,9 @@ def artifact_dir(store: ArtifactStore, manifest: StageManifest) -> Path:
     checked against its marker: a damaged artifact raises `DamagedArtifact`, never reaches a caller."""
     found = store.lookup(manifest.stage, manifest.key)
     if found is None:
-        raise FileNotFoundError(f"{manifest.uri} disappeared from the store during the run; re-run to rebuild it")
+        raise FileNotFoundError(
+            f"{manifest.uri} disappeared from the store during the run; re-run to rebuild it"
+        )
     if found.sha256 != manifest.sha256:  # what was read is not what the keys below were computed from
         raise DamagedArtifact(
             f"{manifest.uri} was replaced by different content during the run; re-run to use it"

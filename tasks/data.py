@@ -84,7 +84,10 @@ def _write_records(path: Path, records: list[Record]) -> None:
 def read_records(path: Path) -> RecordSet:
     rows = read_jsonl(path)
     return RecordSet(
-        [Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}") for i, r in enumerate(rows, 1)]
+        [
+            Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}")
+            for i, r in enumerate(rows, 1)
+        ]
     )
 
 
@@ -122,7 +125,9 @@ def records_key(stage: str, records_sha: str) -> StageKey:
     return RECORD_KEYS[stage](inputs={"records": records_sha}).spec()
 
 
-def _store_records(cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]) -> StageManifest:
+def _store_records(
+    cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]
+) -> StageManifest:
     def build(work: Path) -> dict[str, Any]:
         _write_records(work / "records.jsonl", records.records)
         return {"records": len(records), **info}
@@ -137,14 +142,18 @@ def inputs_task(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
 
 
 @task(name="data", cache_policy=RUN_RESULTS, **IO_RETRIES)
-def data_task(cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]) -> tuple[StageManifest, StageManifest]:
+def data_task(
+    cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]
+) -> tuple[StageManifest, StageManifest]:
     """Validated (corpus, seeds) from `inputs_task`, each stored by content hash; the corpus de-duplicated.
 
     They are separate artifacts so that everything computed from the corpus alone (saliency, corpus
     activations, SAEs) is reused when only the seeds change.
     """
     seeds, prepared = inputs
-    corpus = _store_records(cfg, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates})
+    corpus = _store_records(
+        cfg, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates}
+    )
     return corpus, _store_records(cfg, "seeds", seeds, {})
 
 
@@ -161,7 +170,9 @@ def sae_data_task(cfg: FinescopeConfig, prepared: PreparedCorpus) -> StageManife
     Its own artifact, apart from the corpus being curated: the SAEs (and the saliency and activations
     they train on) then depend on it alone, so one SAE set serves every corpus and seed set.
     """
-    return _store_records(cfg, "sae-corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates})
+    return _store_records(
+        cfg, "sae-corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates}
+    )
 
 
 def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:
@@ -173,8 +184,12 @@ def load_rows(cfg: FinescopeConfig, records: StageManifest, start: int, stop: in
     """Records [start, stop) of a committed corpus/seeds artifact, without parsing the others (one shard's share)."""
     path = artifact_dir(open_store(cfg), records) / "records.jsonl"
     rows = read_jsonl_rows(path, start, stop)
-    return RecordSet([Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}")
-                      for i, r in enumerate(rows, start + 1)])  # fmt: skip
+    return RecordSet(
+        [
+            Record(id=r["id"], text=r["text"], fields=r["fields"], origin=f"{path.name}:{i}")
+            for i, r in enumerate(rows, start + 1)
+        ]
+    )
 
 
 def record_count(cfg: FinescopeConfig, records: StageManifest) -> int:

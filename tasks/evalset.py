@@ -58,24 +58,32 @@ def eval_files(cfg: FinescopeConfig) -> EvalFiles:
         return load_records([uri], role=role, storage_options=options).records if uri else None
 
     return EvalFiles(
-        domain=records(ev.eval_file, "evaluate.eval_file"), general=records(ev.general_file, "evaluate.general_file"),
+        domain=records(ev.eval_file, "evaluate.eval_file"),
+        general=records(ev.general_file, "evaluate.general_file"),
         mc=load_mc_items(ev.mc_file, storage_options=options) if ev.mc_file else None,
         numeric=load_numeric_items(ev.numeric_file, storage_options=options) if ev.numeric_file else None,
         lm_eval=harness_texts(ev.lm_eval_include, ev.lm_eval_tasks) if ev.lm_eval_tasks else {},
-    )  # fmt: skip
+    )
 
 
 def item_texts(files: EvalFiles) -> dict[str, list[str]]:
     """The texts of the evaluation files' items by kind, as the contamination check reads them."""
     return {
-        "domain": [r.text for r in files.domain or []], "general": [r.text for r in files.general or []],
-        "mc": [mc_text(i) for i in files.mc or []], "numeric": [numeric_text(i) for i in files.numeric or []],
+        "domain": [r.text for r in files.domain or []],
+        "general": [r.text for r in files.general or []],
+        "mc": [mc_text(i) for i in files.mc or []],
+        "numeric": [numeric_text(i) for i in files.numeric or []],
         "lm_eval": [t for texts in files.lm_eval.values() for t in texts],
-    }  # fmt: skip
+    }
 
 
 def holdout(
-    cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, files: EvalFiles | None = None, *, evaluating: bool = False
+    cfg: FinescopeConfig,
+    seeds: RecordSet,
+    corpus: RecordSet,
+    files: EvalFiles | None = None,
+    *,
+    evaluating: bool = False,
 ) -> Holdout:
     """The corpus ids kept out of curation: the evaluation split, and records overlapping an eval file's items.
 
@@ -128,8 +136,10 @@ class EvalData:
         out = {
             "domain": [i.text for i in self.domain],
             "chat": [[i.prompt, i.reference] for i in self.domain if i.prompt and i.reference],
-            "general": [i.text for i in self.general], "mc": self.mc, "numeric": self.numeric,
-        }  # fmt: skip
+            "general": [i.text for i in self.general],
+            "mc": self.mc,
+            "numeric": self.numeric,
+        }
         if self.lm_eval_docs:  # only then: the payload (and key) of a run without lm-eval data is unchanged
             out["lm_eval_docs"] = self.lm_eval_docs
         return out
@@ -138,13 +148,19 @@ class EvalData:
         return hashlib.sha256(json.dumps(self.payload(), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def candidate_items(cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, held: Holdout, files: EvalFiles) -> tuple[list[EvalItem], list[EvalItem], dict[str, Any]]:
+def candidate_items(
+    cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, held: Holdout, files: EvalFiles
+) -> tuple[list[EvalItem], list[EvalItem], dict[str, Any]]:
     """Domain and general items before the contamination check, with the rules that chose them."""
     ev = cfg.evaluate
     split_ids = set(held.split)
     split = [r for r in corpus.records if r.id in split_ids]
     info: dict[str, Any] = {
-        "split": {"fraction": ev.split_fraction, "records": len(split), **internal_duplicates([r.text for r in split])},
+        "split": {
+            "fraction": ev.split_fraction,
+            "records": len(split),
+            **internal_duplicates([r.text for r in split]),
+        },
         "eval_file_duplicates_removed_from_pool": len(held.file_duplicates),
         "pool_duplicates_by_kind": dict(held.duplicates_by_kind),
     }
@@ -157,7 +173,9 @@ def candidate_items(cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, h
 
         device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
         split_emb = sentence_embeddings([r.text for r in split], device=device)
-        rows = nearest_to_centroid(split_emb, sentence_embeddings(seeds.texts, device=device), ev.domain_items)
+        rows = nearest_to_centroid(
+            split_emb, sentence_embeddings(seeds.texts, device=device), ev.domain_items
+        )
         domain = [EvalItem.of(split[i]) for i in rows]
         domain_ids = {split[i].id for i in rows}
         info["domain"] = {"source": "evaluation split", "rule": DOMAIN_RULE.format(n=ev.domain_items)}
@@ -171,14 +189,28 @@ def candidate_items(cfg: FinescopeConfig, seeds: RecordSet, corpus: RecordSet, h
     return domain, general, info
 
 
-def training_texts(store_cfg: FinescopeConfig, records: Sequence[Record], prune_texts: Sequence[str], distilled: StageManifest) -> list[str]:
+def training_texts(
+    store_cfg: FinescopeConfig,
+    records: Sequence[Record],
+    prune_texts: Sequence[str],
+    distilled: StageManifest,
+) -> list[str]:
     """Everything one variant learns from: its curated (or baseline) records, pruning texts and distilled rows."""
     rows = read_distilled(artifact_dir(open_store(store_cfg), distilled) / "distilled.jsonl")
-    return [*(r.text for r in records), *prune_texts, *(f"{row['prompt']}\n\n{row['response']}" for row in rows)]
+    return [
+        *(r.text for r in records),
+        *prune_texts,
+        *(f"{row['prompt']}\n\n{row['response']}" for row in rows),
+    ]
 
 
-def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Sequence[str], info: dict[str, Any],
-                  files: EvalFiles) -> EvalData:  # fmt: skip
+def decontaminate(
+    domain: list[EvalItem],
+    general: list[EvalItem],
+    training: Sequence[str],
+    info: dict[str, Any],
+    files: EvalFiles,
+) -> EvalData:
     """Drop every item overlapping the training data; the counts and reasons go into `info`.
 
     Raises:
@@ -189,8 +221,13 @@ def decontaminate(domain: list[EvalItem], general: list[EvalItem], training: Seq
     for name, items in (("domain", domain), ("general", general)):
         found = check_contamination([i.text for i in items], training)
         kept[name] = [items[i] for i in found.kept]
-        out[name] = {**out.get(name, {}), **found.summary(),
-                     "dropped_items": [{"id": items[i].id, "origin": items[i].origin} for i in found.ngram + found.near_duplicate][:20]}  # fmt: skip
+        out[name] = {
+            **out.get(name, {}),
+            **found.summary(),
+            "dropped_items": [
+                {"id": items[i].id, "origin": items[i].origin} for i in found.ngram + found.near_duplicate
+            ][:20],
+        }
     questions: dict[str, list[dict[str, Any]] | None] = {}
     for name, rows, text in (("mc", files.mc, mc_text), ("numeric", files.numeric, numeric_text)):
         clean = None if rows is None else _decontaminate_questions(name, rows, text, training, out)
@@ -239,7 +276,10 @@ def _decontaminate_documents(
 
 
 def _decontaminate_questions(
-    name: str, rows: list[dict[str, Any]], text: Callable[[dict[str, Any]], str], training: Sequence[str],
+    name: str,
+    rows: list[dict[str, Any]],
+    text: Callable[[dict[str, Any]], str],
+    training: Sequence[str],
     out: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """The clean items of an MC / numeric file (`evaluate.<name>_file`); its counts and first dropped
@@ -247,5 +287,10 @@ def _decontaminate_questions(
     source = f"evaluate.{name}_file"
     found = check_contamination([text(r) for r in rows], training)
     dropped = [{"index": i} for i in found.ngram + found.near_duplicate][:20]
-    out[name] = {"source": source, "rule": f"every item of {source}", **found.summary(), "dropped_items": dropped}
+    out[name] = {
+        "source": source,
+        "rule": f"every item of {source}",
+        **found.summary(),
+        "dropped_items": dropped,
+    }
     return [rows[i] for i in found.kept]

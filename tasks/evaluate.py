@@ -47,10 +47,16 @@ class EvaluationKey(ModelStageKey):
     # 4: lm-eval intervals by bootstrap.mean_interval with evaluate.bootstrap_resamples (was 2000 resamples)
     VERSION = "4"
     CODE = ("finescope_core.evaluate", "finescope_core.model")
-    CONFIG = {"max_length": "evaluate.max_length", "max_new_tokens": "evaluate.max_new_tokens",
-              "max_examples": "evaluate.max_examples", "bootstrap_resamples": "evaluate.bootstrap_resamples",
-              "seed": "seed", "lm_eval_tasks": "evaluate.lm_eval_tasks", "lm_eval_limit": "evaluate.lm_eval_limit",
-              "lm_eval_chat_template": "evaluate.lm_eval_chat_template"}  # fmt: skip
+    CONFIG = {
+        "max_length": "evaluate.max_length",
+        "max_new_tokens": "evaluate.max_new_tokens",
+        "max_examples": "evaluate.max_examples",
+        "bootstrap_resamples": "evaluate.bootstrap_resamples",
+        "seed": "seed",
+        "lm_eval_tasks": "evaluate.lm_eval_tasks",
+        "lm_eval_limit": "evaluate.lm_eval_limit",
+        "lm_eval_chat_template": "evaluate.lm_eval_chat_template",
+    }
 
     max_length: int
     max_new_tokens: int
@@ -73,7 +79,11 @@ def evaluation_key(
 
 
 def with_harness(
-    cfg: FinescopeConfig, model: Any, tok: Any, metrics: dict[str, Any], name: str,
+    cfg: FinescopeConfig,
+    model: Any,
+    tok: Any,
+    metrics: dict[str, Any],
+    name: str,
     docs: dict[str, list[int]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`metrics` plus `lm_eval` (task -> metric -> value / CI / n) when `evaluate.lm_eval_tasks` is set, and
@@ -84,14 +94,24 @@ def with_harness(
     if not cfg.evaluate.lm_eval_tasks:
         return metrics, {}
     samples: dict[str, Any] = {}
-    metrics["lm_eval"] = harness_metrics(model, tok, cfg.evaluate, seed=cfg.seed, progress=Progress(f"lm-eval {name}"),
-                                         samples=samples, docs=docs)  # fmt: skip
+    metrics["lm_eval"] = harness_metrics(
+        model,
+        tok,
+        cfg.evaluate,
+        seed=cfg.seed,
+        progress=Progress(f"lm-eval {name}"),
+        samples=samples,
+        docs=docs,
+    )
     return metrics, samples
 
 
-@task(name="evaluate", task_run_name="evaluate-{name}", cache_policy=RUN_RESULTS, tags=GPU_TAGS,
-      **STORE_RETRIES)  # fmt: skip
-def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, data: dict[str, Any]) -> StageManifest:
+@task(
+    name="evaluate", task_run_name="evaluate-{name}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES
+)
+def evaluate_task(
+    cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, data: dict[str, Any]
+) -> StageManifest:
     """Domain perplexity (raw and chat-formatted), general perplexity, MC accuracy / numeric exact match
     when given, each with a bootstrap 95 % interval; `data` is `tasks.evalset.EvalData.payload()`.
 
@@ -104,20 +124,32 @@ def evaluate_task(cfg: FinescopeConfig, name: str, model_path: str, model_sha: s
         model, tok = private_model(model_path, ran.device, ran.dtype)
         items: dict[str, Any] = {}
         metrics = evaluate_model(
-            model, tok, domain_texts=data["domain"], chat_pairs=[tuple(p) for p in data["chat"]],
-            general_texts=data["general"], mc_items=data["mc"], numeric_items=data["numeric"], cfg=cfg.evaluate,
-            seed=cfg.seed, progress=Progress(f"evaluate {name}"), items=items,
-        )  # fmt: skip
+            model,
+            tok,
+            domain_texts=data["domain"],
+            chat_pairs=[tuple(p) for p in data["chat"]],
+            general_texts=data["general"],
+            mc_items=data["mc"],
+            numeric_items=data["numeric"],
+            cfg=cfg.evaluate,
+            seed=cfg.seed,
+            progress=Progress(f"evaluate {name}"),
+            items=items,
+        )
         metrics, samples = with_harness(cfg, model, tok, metrics, name, data.get("lm_eval_docs"))
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        doc = items_document(items, seed=cfg.seed, resamples=cfg.evaluate.bootstrap_resamples, lm_eval=samples)
+        doc = items_document(
+            items, seed=cfg.seed, resamples=cfg.evaluate.bootstrap_resamples, lm_eval=samples
+        )
         (work / ITEMS_FILE).write_text(json.dumps(doc))
         return metrics
 
     return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, data, ran), build)
 
 
-def evaluation_items(store: ArtifactStore, evaluations: dict[str, StageManifest]) -> dict[str, dict[str, Any] | None]:
+def evaluation_items(
+    store: ArtifactStore, evaluations: dict[str, StageManifest]
+) -> dict[str, dict[str, Any] | None]:
     """Each evaluation's per-item numbers (`ITEMS_FILE`), by model name; None for an artifact without them."""
     out: dict[str, dict[str, Any] | None] = {}
     for name, manifest in evaluations.items():

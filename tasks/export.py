@@ -53,61 +53,102 @@ def output_location(cfg: FinescopeConfig) -> str:
     return cfg.output or output_uri(output_uri(cfg.store, OUTPUTS_DIR), run_name(cfg))
 
 
-def run_facts(cfg: FinescopeConfig, curated: StageManifest | None, prune_info: dict[str, Any] | None = None,
-              metrics: dict[str, Any] | None = None) -> RunFacts:  # fmt: skip
+def run_facts(
+    cfg: FinescopeConfig,
+    curated: StageManifest | None,
+    prune_info: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> RunFacts:
     """What the cards say about this run."""
     return RunFacts(
-        name=run_name(cfg), base_model=cfg.model, base_model_id=base_model_id(cfg.model, Path(cfg.model).is_dir()),
-        method=cfg.curate.method, code_version=__version__,
+        name=run_name(cfg),
+        base_model=cfg.model,
+        base_model_id=base_model_id(cfg.model, Path(cfg.model).is_dir()),
+        method=cfg.curate.method,
+        code_version=__version__,
         curated_records=int(curated.info.get("records", 0)) if curated else 0,
-        prune=prune_info or {}, metrics=metrics,
-    )  # fmt: skip
+        prune=prune_info or {},
+        metrics=metrics,
+    )
 
 
-def curated_outputs(cfg: FinescopeConfig, curated: StageManifest, facts: RunFacts, prefix: str = "") -> list[Output]:
+def curated_outputs(
+    cfg: FinescopeConfig, curated: StageManifest, facts: RunFacts, prefix: str = ""
+) -> list[Output]:
     """The curated set as a dataset directory: the data files and a dataset card (`README.md`)."""
     src = artifact_dir(open_store(cfg), curated)
     with open(src / "curated.jsonl", encoding="utf-8") as f:
         first = f.readline()
     fields = list(json.loads(first)) if first.strip() else []
     card = dataset_card("curated", facts, int(curated.info.get("records", 0)), ["curated.jsonl"], fields)
-    return [Output(f"{prefix}{name}", source=src / name) for name in CURATED_FILES] + [Output(f"{prefix}README.md", text=card)]
+    return [Output(f"{prefix}{name}", source=src / name) for name in CURATED_FILES] + [
+        Output(f"{prefix}README.md", text=card)
+    ]
 
 
 def pruned_output(cfg: FinescopeConfig, pruned: StageManifest, facts: RunFacts) -> Output:
-    return Output("pruned-model", source=artifact_dir(open_store(cfg), pruned) / "model",
-                  files={"README.md": model_card("pruned", facts)})  # fmt: skip
+    return Output(
+        "pruned-model",
+        source=artifact_dir(open_store(cfg), pruned) / "model",
+        files={"README.md": model_card("pruned", facts)},
+    )
 
 
 def specialize_outputs(
-    cfg: FinescopeConfig, report: StageManifest, curated: StageManifest, pruned: StageManifest,
-    distilled: StageManifest, tuned: StageManifest, metrics: dict[str, Any],
-) -> list[Output]:  # fmt: skip
+    cfg: FinescopeConfig,
+    report: StageManifest,
+    curated: StageManifest,
+    pruned: StageManifest,
+    distilled: StageManifest,
+    tuned: StageManifest,
+    metrics: dict[str, Any],
+) -> list[Output]:
     """Report files, both models with cards, the adapter pointing at the exported pruned model (LoRA
     tuning only: `finetune.method: full` has no adapter), the data."""
     store = open_store(cfg)
-    facts = dataclasses.replace(run_facts(cfg, curated, pruned.info, metrics), tuning=str(tuned.info.get("method", "lora")))
+    facts = dataclasses.replace(
+        run_facts(cfg, curated, pruned.info, metrics), tuning=str(tuned.info.get("method", "lora"))
+    )
     report_dir = artifact_dir(store, report)
-    outputs = [Output(p.name, source=p) for p in sorted(report_dir.iterdir()) if p.is_file() and not p.name.startswith("_")]
+    outputs = [
+        Output(p.name, source=p)
+        for p in sorted(report_dir.iterdir())
+        if p.is_file() and not p.name.startswith("_")
+    ]
     tuned_dir = artifact_dir(store, tuned)
     outputs += [
         pruned_output(cfg, pruned, facts),
         Output("tuned-model", source=tuned_dir / "merged", files={"README.md": model_card("tuned", facts)}),
     ]
     if (tuned_dir / "adapter").is_dir():
-        adapter_config = json.loads((tuned_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+        adapter_config = json.loads(
+            (tuned_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8")
+        )
         # The adapter applies to the pruned model exported beside it, not to the store's copy of it.
         adapter_config["base_model_name_or_path"] = output_uri(output_location(cfg), "pruned-model")
-        outputs.append(Output("tuned-adapter", source=tuned_dir / "adapter", files={
-            "README.md": model_card("adapter", facts), "adapter_config.json": json.dumps(adapter_config, indent=2)}))  # fmt: skip
+        outputs.append(
+            Output(
+                "tuned-adapter",
+                source=tuned_dir / "adapter",
+                files={
+                    "README.md": model_card("adapter", facts),
+                    "adapter_config.json": json.dumps(adapter_config, indent=2),
+                },
+            )
+        )
     distilled_file = artifact_dir(store, distilled) / "distilled.jsonl"
     rows = read_distilled(distilled_file)
     card = dataset_card("distilled", facts, len(rows), ["distilled.jsonl"], list(rows[0]) if rows else [])
-    outputs += [Output("distilled/distilled.jsonl", source=distilled_file), Output("distilled/README.md", text=card)]
+    outputs += [
+        Output("distilled/distilled.jsonl", source=distilled_file),
+        Output("distilled/README.md", text=card),
+    ]
     return outputs + curated_outputs(cfg, curated, facts, prefix="curated/")
 
 
-def run_manifest(cfg: FinescopeConfig, flow: str, stages: dict[str, Any], seconds: float, outputs: dict[str, str]) -> str:
+def run_manifest(
+    cfg: FinescopeConfig, flow: str, stages: dict[str, Any], seconds: float, outputs: dict[str, str]
+) -> str:
     """run.json: parameters, every stage's artifact URI and key, the code version, every output's URI."""
     from prefect.runtime import deployment, flow_run
 
@@ -135,7 +176,9 @@ def model_identities(cfg: FinescopeConfig) -> dict[str, dict[str, str]]:
 
 
 @task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)
-def export_task(cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: dict[str, Any], seconds: float) -> Exported:
+def export_task(
+    cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: dict[str, Any], seconds: float
+) -> Exported:
     """Write `outputs`, then run.json (listing them) last, to the run's output location."""
     location = output_location(cfg)
     written = export_outputs(outputs, location, storage_options(cfg))
@@ -145,6 +188,7 @@ def export_task(cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: 
     logger().info("outputs exported to %s (%d items)", location, len(written))
     # Every output's URI in the UI, so a deployment run says where its model and data went.
     rows = [{"output": name, "uri": uri} for name, uri in written.items()]
-    create_table_artifact(rows, key=artifact_key(flow, cfg, "outputs"),
-                          description=f"outputs in {location}; {summary(cfg)}")  # fmt: skip
+    create_table_artifact(
+        rows, key=artifact_key(flow, cfg, "outputs"), description=f"outputs in {location}; {summary(cfg)}"
+    )
     return Exported(location=location, outputs=written)

@@ -29,9 +29,18 @@ from tasks.common import (
 from tasks.identity import Precision, work_precision
 
 INFO = (
-    "method", "kd_weight", "temperature", "train_examples", "eval_examples", "steps", "eval_loss_before", "eval_loss",
-    "best_epoch", "seconds", "tokens_per_second",
-)  # fmt: skip
+    "method",
+    "kd_weight",
+    "temperature",
+    "train_examples",
+    "eval_examples",
+    "steps",
+    "eval_loss_before",
+    "eval_loss",
+    "best_epoch",
+    "seconds",
+    "tokens_per_second",
+)
 """The summary fields kept in the stage info."""
 
 
@@ -48,7 +57,10 @@ class TunedKey(ModelStageKey):
 
 
 def tuned_key(
-    cfg: FinescopeConfig, pruned_sha: str, distilled_sha: str, teacher_sha: str | None = None,
+    cfg: FinescopeConfig,
+    pruned_sha: str,
+    distilled_sha: str,
+    teacher_sha: str | None = None,
     precision: Precision | None = None,
 ) -> StageKey:
     """The `tuned` key; the teacher's content hash is an input exactly when the loss reads the teacher.
@@ -64,10 +76,15 @@ def tuned_key(
     return TunedKey.of(cfg, inputs, precision).spec()
 
 
-@task(name="finetune", task_run_name="finetune-{tag}", cache_policy=RUN_RESULTS, tags=GPU_TAGS,
-      **STORE_RETRIES)  # fmt: skip
+@task(
+    name="finetune", task_run_name="finetune-{tag}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES
+)
 def finetune_task(
-    cfg: FinescopeConfig, pruned: StageManifest, distilled: StageManifest, tag: str, teacher: ModelRef | None = None
+    cfg: FinescopeConfig,
+    pruned: StageManifest,
+    distilled: StageManifest,
+    tag: str,
+    teacher: ModelRef | None = None,
 ) -> StageManifest:
     """Tune the pruned model with the distilled data (KD from `teacher` when `finetune.kd_weight > 0`);
     the merged model (plain HF directory) and, for LoRA, the adapter."""
@@ -82,10 +99,19 @@ def finetune_task(
         teacher_model = None
         if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
             device_map = "auto" if cfg.teacher.device_map == "auto" else None
-            teacher_model, _ = load_model(teacher.path, device=ran.device, dtype=ran.dtype, device_map=device_map)
+            teacher_model, _ = load_model(
+                teacher.path, device=ran.device, dtype=ran.dtype, device_map=device_map
+            )
         rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
         summary = lora_finetune(
-            model, tok, rows, cfg.finetune, work, seed=cfg.seed, progress=Progress(f"finetune ({tag})"), teacher=teacher_model
+            model,
+            tok,
+            rows,
+            cfg.finetune,
+            work,
+            seed=cfg.seed,
+            progress=Progress(f"finetune ({tag})"),
+            teacher=teacher_model,
         )
         info = summary.to_dict()
         return {k: info[k] for k in INFO}

@@ -21,9 +21,23 @@ from tasks.saliency import SaliencyKey
 from tasks.teacher import DistilledKey
 
 KEY_MODELS: tuple[type[StageKeyModel], ...] = (
-    CorpusKey, SeedsKey, SaeCorpusKey, SaliencyKey, ShardKey, ActivationsKey, SaeLayersKey, SaeKey, CodesKey,
-    SentenceKey, CuratedKey, PrunedKey, DistilledKey, TunedKey, EvaluationKey, ReportKey,
-)  # fmt: skip
+    CorpusKey,
+    SeedsKey,
+    SaeCorpusKey,
+    SaliencyKey,
+    ShardKey,
+    ActivationsKey,
+    SaeLayersKey,
+    SaeKey,
+    CodesKey,
+    SentenceKey,
+    CuratedKey,
+    PrunedKey,
+    DistilledKey,
+    TunedKey,
+    EvaluationKey,
+    ReportKey,
+)
 
 UNKEYED: dict[str, str] = {
     "name": "names the run's Prefect artifacts and default output directory",

@@ -81,9 +81,18 @@ class PlannedStage:
     parts: list[PlannedPart] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        parts = {"reused": sum(p.reused for p in self.parts), "total": len(self.parts)} if self.parts else None
-        return {"name": self.name, "stage": self.stage, "status": self.status, "key": self.key, "uri": self.uri,
-                "after": self.after, "parts": parts}
+        parts = (
+            {"reused": sum(p.reused for p in self.parts), "total": len(self.parts)} if self.parts else None
+        )
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "status": self.status,
+            "key": self.key,
+            "uri": self.uri,
+            "after": self.after,
+            "parts": parts,
+        }
 
 
 @dataclass
@@ -101,7 +110,12 @@ class Plan:
         return out | {(p.stage, p.key) for row in self.stages for p in row.parts}
 
     def to_json(self) -> dict[str, Any]:
-        return {"flow": self.flow, "store": self.store, "counts": self.counts(), "stages": [s.to_json() for s in self.stages]}
+        return {
+            "flow": self.flow,
+            "store": self.store,
+            "counts": self.counts(),
+            "stages": [s.to_json() for s in self.stages],
+        }
 
 
 @dataclass(frozen=True)
@@ -154,7 +168,9 @@ class _Planner:
         self.rows.append(PlannedStage(name, stage, "after", after=blocker))
         return Dep(blocker=blocker)
 
-    def _row(self, name: str, spec: StageKey, found: StageManifest | None, parts: list[PlannedPart] | None = None) -> Dep:
+    def _row(
+        self, name: str, spec: StageKey, found: StageManifest | None, parts: list[PlannedPart] | None = None
+    ) -> Dep:
         status: Status = "reuse" if found is not None else "compute"
         uri = self.store.artifact_uri(spec.stage, spec.key)
         self.rows.append(PlannedStage(name, spec.stage, status, spec.key, uri, parts=parts or []))
@@ -172,7 +188,9 @@ class _Planner:
         """The bundled default is a stage (converted once into the store); any other model is hashed."""
         if spec not in self._models:
             if spec == DEFAULT_MODEL:
-                self._models[spec] = self.step(name, "models", [], lambda: default_model_key(locate_default_gguf()))
+                self._models[spec] = self.step(
+                    name, "models", [], lambda: default_model_key(locate_default_gguf())
+                )
             else:
                 self._models[spec] = Dep(model_digest(spec))
         return self._models[spec]
@@ -185,7 +203,9 @@ class _Planner:
         seeds, prepared = read_inputs(cfg)
         self.held = holdout(cfg, seeds, prepared.corpus)  # an empty split is refused by the run, not the plan
         out: dict[str, Dep | None] = dict.fromkeys(CURATE_SECONDS)
-        corpus = out["corpus"] = self.step("corpus", "corpus", [], lambda: records_key("corpus", prepared.corpus.sha256))
+        corpus = out["corpus"] = self.step(
+            "corpus", "corpus", [], lambda: records_key("corpus", prepared.corpus.sha256)
+        )
         seed_dep = out["seeds"] = self.step("seeds", "seeds", [], lambda: records_key("seeds", seeds.sha256))
         general = read_sae_corpus(cfg)  # `sae` with `curate.sae_corpus`: saliency and SAEs come from it
         sae_corpus = sae_acts = None
@@ -200,10 +220,15 @@ class _Planner:
             model = self.model(cfg.model)
             source = sae_corpus or corpus
             sal = out["saliency"] = self.step(
-                "saliency", "saliency", [model, source], lambda: saliency_key(cfg, model.sha256, source.sha256, layers)
+                "saliency",
+                "saliency",
+                [model, source],
+                lambda: saliency_key(cfg, model.sha256, source.sha256, layers),
             )
-            acts = [self.activations("activations (corpus)", model, corpus, len(prepared.corpus), layers, sal),
-                    self.activations("activations (seeds)", model, seed_dep, len(seeds), layers, sal)]
+            acts = [
+                self.activations("activations (corpus)", model, corpus, len(prepared.corpus), layers, sal),
+                self.activations("activations (seeds)", model, seed_dep, len(seeds), layers, sal),
+            ]
             out["activations"], out["seed_activations"] = acts
             if sae_corpus is not None and general is not None:
                 sae_acts = out["sae_activations"] = self.activations(
@@ -220,8 +245,15 @@ class _Planner:
 
         def spec() -> StageKey:
             shas = [a.sha256 for a in acts] if acts else None
-            return curated_key(cfg, corpus.sha256, seed_dep.sha256, shas, sae.sha256 if sae else None,
-                               sent.sha256 if sent else None, self.held.sha256())  # fmt: skip
+            return curated_key(
+                cfg,
+                corpus.sha256,
+                seed_dep.sha256,
+                shas,
+                sae.sha256 if sae else None,
+                sent.sha256 if sent else None,
+                self.held.sha256(),
+            )
 
         out["curated"] = self.step("curated", "curated", [corpus, seed_dep, *acts, sae, sent], spec)
         return out
@@ -237,8 +269,10 @@ class _Planner:
         if found is not None:
             parts = [PlannedPart(s["stage"], s["key"], True) for s in listed_shards(self.store, found)]
         else:
-            specs = [shard_key(cfg, model.sha256, records.sha256, layers, sal.sha256, a, b)
-                     for a, b in shard_plan(rows, cfg.curate.shard_size)]
+            specs = [
+                shard_key(cfg, model.sha256, records.sha256, layers, sal.sha256, a, b)
+                for a, b in shard_plan(rows, cfg.curate.shard_size)
+            ]
             parts = self._parts(specs)
         spec = activations_key(cfg, model.sha256, records.sha256, layers, sal.sha256)
         return self._row(name, spec, found, parts)
@@ -249,8 +283,12 @@ class _Planner:
             return blocked
         cfg = self.cfg
         groups = sae_groups(len(layers), cfg.orchestration.sae_layers_per_task)
-        parts = self._parts([sae_layers_key(cfg, acts.sha256, sal.sha256, [layers[i] for i in g]) for g in groups])
-        return self._row("sae", sae_key(cfg, acts.sha256, sal.sha256), lookup_sae(cfg, acts.manifest, sal.manifest), parts)
+        parts = self._parts(
+            [sae_layers_key(cfg, acts.sha256, sal.sha256, [layers[i] for i in g]) for g in groups]
+        )
+        return self._row(
+            "sae", sae_key(cfg, acts.sha256, sal.sha256), lookup_sae(cfg, acts.manifest, sal.manifest), parts
+        )
 
     def codes(self, acts: Dep, sae: Dep) -> Dep:
         """The corpus's sparse codes, one artifact per activation shard (no gathered artifact: the curated
@@ -259,9 +297,13 @@ class _Planner:
         if blocked is not None:
             return blocked
         assert acts.manifest is not None and sae.sha256 is not None
-        specs = [codes_key(self.cfg, s["sha256"], sae.sha256) for s in listed_shards(self.store, acts.manifest)]
+        specs = [
+            codes_key(self.cfg, s["sha256"], sae.sha256) for s in listed_shards(self.store, acts.manifest)
+        ]
         found = [lookup_stage(self.store, spec) for spec in specs]
-        parts = [PlannedPart(spec.stage, spec.key, hit is not None) for spec, hit in zip(specs, found, strict=True)]
+        parts = [
+            PlannedPart(spec.stage, spec.key, hit is not None) for spec, hit in zip(specs, found, strict=True)
+        ]
         done = all(hit is not None for hit in found)
         self.rows.append(PlannedStage("sae-codes", "sae-codes", "reuse" if done else "compute", parts=parts))
         if not done:
@@ -288,7 +330,9 @@ class _Planner:
             corpus, curated = (d.manifest if d else None for d in deps) if deps else (None, None)
             if not deps:
                 return pruning_texts(cfg, None, None)
-            return pruning_texts(cfg, corpus, curated, seeds=seeds.manifest if seeds else None, excluded=self.held.excluded)
+            return pruning_texts(
+                cfg, corpus, curated, seeds=seeds.manifest if seeds else None, excluded=self.held.excluded
+            )
 
         base = self.model(cfg.model)
         self.step("pruned", "pruned", [base, *deps], lambda: pruned_key(cfg, base.sha256, texts_sha(texts())))
@@ -301,28 +345,58 @@ class _Planner:
         base = self.model(cfg.model)
         teacher = base if cfg.teacher.model == "base" else self.model(cfg.teacher.model, "models (teacher)")
         prune_deps = [corpus, curated] if cfg.prune.data in ("curated", "random") else []
-        variants = {"": self.variant("", base, teacher, prune_deps, split.pruning_texts, split.train, curated)}
+        variants = {
+            "": self.variant("", base, teacher, prune_deps, split.pruning_texts, split.train, curated)
+        }
         for name in cfg.evaluate.baselines:
             variants[name] = self.variant(
-                name, base, teacher, [curated], lambda n=name: [r.text for r in split.baseline(n)],
-                lambda n=name: split.baseline(n), curated,
+                name,
+                base,
+                teacher,
+                [curated],
+                lambda n=name: [r.text for r in split.baseline(n)],
+                lambda n=name: split.baseline(n),
+                curated,
             )
         evaluations = self.evaluations(base, variants, split, curate)
         self.report(curate, variants, evaluations)
 
-    def variant(self, name: str, base: Dep, teacher: Dep, prune_deps: list, texts: Callable[[], list[str]],
-                records: Callable[[], list[Record]], curated: Dep | None) -> list[Dep]:
+    def variant(
+        self,
+        name: str,
+        base: Dep,
+        teacher: Dep,
+        prune_deps: list,
+        texts: Callable[[], list[str]],
+        records: Callable[[], list[Record]],
+        curated: Dep | None,
+    ) -> list[Dep]:
         """(pruned, distilled, tuned) of one variant, as `flows.specialize._variant` chains them."""
         cfg, label = self.cfg, f" ({name})" if name else ""
-        pruned = self.step(f"pruned{label}", "pruned", [base, *prune_deps], lambda: pruned_key(cfg, base.sha256, texts_sha(texts())))
-        distilled = self.step(f"distilled{label}", "distilled", [teacher, curated],
-                              lambda: distilled_key(cfg, teacher.sha256, records()))
+        pruned = self.step(
+            f"pruned{label}",
+            "pruned",
+            [base, *prune_deps],
+            lambda: pruned_key(cfg, base.sha256, texts_sha(texts())),
+        )
+        distilled = self.step(
+            f"distilled{label}",
+            "distilled",
+            [teacher, curated],
+            lambda: distilled_key(cfg, teacher.sha256, records()),
+        )
         kd = cfg.finetune.kd_weight > 0  # the loss reads the teacher
-        tuned = self.step(f"tuned{label}", "tuned", [pruned, distilled, *([teacher] if kd else [])],
-                          lambda: tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256))
+        tuned = self.step(
+            f"tuned{label}",
+            "tuned",
+            [pruned, distilled, *([teacher] if kd else [])],
+            lambda: tuned_key(cfg, pruned.sha256, distilled.sha256, teacher.sha256),
+        )
         return [pruned, distilled, tuned]
 
-    def evaluations(self, base: Dep, variants: dict[str, list[Dep]], split: _Split, curate: dict[str, Dep | None]) -> dict[str, Dep]:
+    def evaluations(
+        self, base: Dep, variants: dict[str, list[Dep]], split: _Split, curate: dict[str, Dep | None]
+    ) -> dict[str, Dep]:
         """The evaluation data is decontaminated against every variant's training data: known once they are."""
         cfg = self.cfg
         data_deps = [curate["corpus"], curate["seeds"], curate["curated"], *(v[1] for v in variants.values())]
@@ -334,27 +408,41 @@ class _Planner:
             suffix = f"-{name}" if name else ""
             models[f"pruned{suffix}"], models[f"tuned{suffix}"] = pruned, tuned
         return {
-            name: self.step(f"evaluation ({name})", "evaluation", [model, *data_deps],
-                            lambda m=model: evaluation_key(cfg, m.sha256, data()))
+            name: self.step(
+                f"evaluation ({name})",
+                "evaluation",
+                [model, *data_deps],
+                lambda m=model: evaluation_key(cfg, m.sha256, data()),
+            )
             for name, model in models.items()
         }
 
-    def report(self, curate: dict[str, Dep | None], variants: dict[str, list[Dep]], evaluations: dict[str, Dep]) -> None:
+    def report(
+        self, curate: dict[str, Dep | None], variants: dict[str, list[Dep]], evaluations: dict[str, Dep]
+    ) -> None:
         """The report's key hashes the metrics document: every evaluation and every stage's recorded time."""
         cfg = self.cfg
         stages = [d for d in curate.values() if d is not None] + [d for v in variants.values() for d in v]
 
         def spec() -> StageKey:
-            seconds = stage_seconds({f: d.manifest if d else None for f, d in curate.items()},
-                                    {n: [d.manifest for d in v] for n, v in variants.items()},
-                                    {n: d.manifest for n, d in evaluations.items()}, self.code_manifests)
+            seconds = stage_seconds(
+                {f: d.manifest if d else None for f, d in curate.items()},
+                {n: [d.manifest for d in v] for n, v in variants.items()},
+                {n: d.manifest for n, d in evaluations.items()},
+                self.code_manifests,
+            )
             manifests = {n: d.manifest for n, d in evaluations.items()}
-            metrics = metrics_document(manifests, seconds, evaluation=self.eval_info(),
-                                       distilled={n: v[1].manifest for n, v in variants.items()},
-                                       items=evaluation_items(self.store, manifests),
-                                       record_sets={name: d.manifest if d else None for name, d in
-                                                    (("corpus", curate["corpus"]),
-                                                     ("curate.sae_corpus", curate["sae_corpus"]))})  # fmt: skip
+            metrics = metrics_document(
+                manifests,
+                seconds,
+                evaluation=self.eval_info(),
+                distilled={n: v[1].manifest for n, v in variants.items()},
+                items=evaluation_items(self.store, manifests),
+                record_sets={
+                    name: d.manifest if d else None
+                    for name, d in (("corpus", curate["corpus"]), ("curate.sae_corpus", curate["sae_corpus"]))
+                },
+            )
             return report_key(cfg, metrics, curate["curated"].sha256, variants[""][0].sha256)
 
         self.step("report", "report", [*stages, self.code_dep, *evaluations.values()], spec)
@@ -363,7 +451,9 @@ class _Planner:
 class _Split:
     """The training data and evaluation sets as `flows.specialize` builds them, read only when a key needs it."""
 
-    def __init__(self, cfg: FinescopeConfig, corpus: Dep | None, seeds: Dep | None, curated: Dep | None, held: Holdout):
+    def __init__(
+        self, cfg: FinescopeConfig, corpus: Dep | None, seeds: Dep | None, curated: Dep | None, held: Holdout
+    ):
         self.cfg, self.corpus, self.seeds, self.curated, self.held = cfg, corpus, seeds, curated, held
 
     @functools.cached_property
@@ -374,8 +464,13 @@ class _Split:
         return curated_records(self.cfg, self.corpus.manifest, self.curated.manifest)
 
     def pruning_texts(self) -> list[str]:
-        return pruning_texts(self.cfg, self.corpus.manifest, self.curated.manifest, seeds=self.seeds.manifest,
-                             excluded=self.held.excluded)  # fmt: skip
+        return pruning_texts(
+            self.cfg,
+            self.corpus.manifest,
+            self.curated.manifest,
+            seeds=self.seeds.manifest,
+            excluded=self.held.excluded,
+        )
 
     def baseline(self, name: str) -> list[Record]:
         corpus, seeds = self._records

@@ -44,7 +44,9 @@ def curated_records(cfg: FinescopeConfig, corpus: StageManifest, curated: StageM
     return [by_id[r["id"]] for r in rows]
 
 
-def training_pool(corpus: Sequence[Record], seeds: Sequence[Record], excluded: Collection[str]) -> list[Record]:
+def training_pool(
+    corpus: Sequence[Record], seeds: Sequence[Record], excluded: Collection[str]
+) -> list[Record]:
     """The corpus records any training data may come from: not held out for evaluation, no seed copy."""
     seed_texts = {normalise_text(r.text) for r in seeds}
     skip = set(excluded)
@@ -63,7 +65,9 @@ def pruning_texts(
     pool (`training_pool`: never the evaluation split, `excluded`, nor a seed copy), or a file."""
     choice = cfg.prune.data
     if choice in ("curated", "random"):
-        assert corpus is not None and curated is not None, "curated data is needed for prune.data curated/random"
+        assert corpus is not None and curated is not None, (
+            "curated data is needed for prune.data curated/random"
+        )
         train = curated_records(cfg, corpus, curated)
         if choice == "curated":
             return [r.text for r in train]
@@ -89,9 +93,13 @@ class PrunedKey(ModelStageKey):
     VERSION = "1"
     CODE = ("finescope_core.prune", "finescope_core.model", "finescope_core.data")
     CONFIG = {
-        "ratio": "prune.ratio", "importance": "prune.importance", "attention": "prune.attention",
-        "widths": "prune.widths", "max_length": "prune.max_length", "batch_size": "prune.batch_size",
-    }  # fmt: skip
+        "ratio": "prune.ratio",
+        "importance": "prune.importance",
+        "attention": "prune.attention",
+        "widths": "prune.widths",
+        "max_length": "prune.max_length",
+        "batch_size": "prune.batch_size",
+    }
 
     ratio: float
     importance: str
@@ -115,10 +123,19 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
     def build(work: Path) -> dict[str, Any]:
         # A private copy (pruning is in place), loaded with the shared copy evicted: one copy, not two.
         model, tok = private_model(ref.path, ran.device, ran.dtype)
-        plan = prune_model(model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance"))
+        plan = prune_model(
+            model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance")
+        )
         save_pruned(model, tok, plan, work / "model", dtype=checkpoint_dtype(ref.path))
         report = plan.to_dict()
-        keys = ("target_ratio", "achieved_ratio", "params_before", "params_after", "widths_before", "widths_after")
+        keys = (
+            "target_ratio",
+            "achieved_ratio",
+            "params_before",
+            "params_after",
+            "widths_before",
+            "widths_after",
+        )
         return {k: report[k] for k in keys}
 
     return run_cached(open_store(cfg), pruned_key(cfg, ref.sha256, texts_digest, ran), build)

@@ -29,9 +29,17 @@ from tasks.common import (
 from tasks.teacher import distillation_info
 
 # CurateResult's stage fields and their names in metrics.json's stage_seconds, in pipeline order.
-CURATE_SECONDS = {"corpus": "corpus", "seeds": "seeds", "sae_corpus": "sae-corpus", "saliency": "saliency",
-                  "activations": "activations-corpus", "seed_activations": "activations-seeds",
-                  "sae_activations": "activations-sae-corpus", "sae": "sae", "curated": "curated"}  # fmt: skip
+CURATE_SECONDS = {
+    "corpus": "corpus",
+    "seeds": "seeds",
+    "sae_corpus": "sae-corpus",
+    "saliency": "saliency",
+    "activations": "activations-corpus",
+    "seed_activations": "activations-seeds",
+    "sae_activations": "activations-sae-corpus",
+    "sae": "sae",
+    "curated": "curated",
+}
 
 
 def compute_seconds(m: StageManifest) -> float:
@@ -98,8 +106,12 @@ def metrics_document(
     doc["stage_seconds"] = seconds
     if distilled:
         doc["distillation"] = {name or "curated": distillation_info(m) for name, m in distilled.items()}
-    doc["warnings"] = [w for what, m in (record_sets or {}).items() if m is not None
-                       for w in duplicate_warnings(m.info, what)]  # fmt: skip
+    doc["warnings"] = [
+        w
+        for what, m in (record_sets or {}).items()
+        if m is not None
+        for w in duplicate_warnings(m.info, what)
+    ]
     doc["warnings"] += fallback_warnings(doc.get("distillation") or {}) + eval_set_warnings(evaluation or {})
     errors = metrics_schema_errors(doc)
     if errors:
@@ -126,16 +138,22 @@ def report_key(cfg: FinescopeConfig, metrics: dict[str, Any], curated_sha: str, 
 
 
 @task(name="report", cache_policy=RUN_RESULTS, **STORE_RETRIES)
-def report_task(cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], pruned: StageManifest) -> StageManifest:
+def report_task(
+    cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], pruned: StageManifest
+) -> StageManifest:
     """report.md with plots: saliency, SAE metrics, retrieval scores + examples, parameters, evaluation."""
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
         inputs = ReportInputs(
-            curated_dir=artifact_dir(store, curate.curated), metrics=metrics, prune_info=pruned.info,
+            curated_dir=artifact_dir(store, curate.curated),
+            metrics=metrics,
+            prune_info=pruned.info,
             saliency_dir=artifact_dir(store, curate.saliency) if curate.saliency else None,
-            sae_metrics=dict(zip(curate.layers, curate.sae.info["metrics"], strict=True)) if curate.sae else None,
-        )  # fmt: skip
+            sae_metrics=dict(zip(curate.layers, curate.sae.info["metrics"], strict=True))
+            if curate.sae
+            else None,
+        )
         title = f"finescope: {cfg.curate.method} curation, ratio {cfg.prune.ratio}"
         return report_stage(inputs, title=title, k_act=cfg.curate.k_act, work=work)
 

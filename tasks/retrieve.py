@@ -47,14 +47,24 @@ class CuratedKey(StageKeyModel):
     # 4: curate.seed_pooling (softmax over the seeds by default, was their maximum)
     VERSION = "4"
     CODE = (
-        "finescope_core.curate", "finescope_core.retrieval", "finescope_core.retrieval.stream",
+        "finescope_core.curate",
+        "finescope_core.retrieval",
+        "finescope_core.retrieval.stream",
         "finescope_core.sae.codes",
-    )  # fmt: skip
-    CONFIG = {"method": "curate.method", "top_m": "curate.top_m", "final_size": "curate.final_size",
-              "layer_weighting": "curate.layer_weighting", "fusion": "curate.fusion",
-              "seed_pooling": "curate.seed_pooling", "seed_temperature": "curate.seed_temperature",
-              "expand_seeds": "curate.expand_seeds", "code_k": "curate.code_k", "code_dtype": "curate.code_dtype",
-              "seed": "seed"}  # fmt: skip
+    )
+    CONFIG = {
+        "method": "curate.method",
+        "top_m": "curate.top_m",
+        "final_size": "curate.final_size",
+        "layer_weighting": "curate.layer_weighting",
+        "fusion": "curate.fusion",
+        "seed_pooling": "curate.seed_pooling",
+        "seed_temperature": "curate.seed_temperature",
+        "expand_seeds": "curate.expand_seeds",
+        "code_k": "curate.code_k",
+        "code_dtype": "curate.code_dtype",
+        "seed": "seed",
+    }
 
     method: str
     top_m: int
@@ -96,8 +106,14 @@ def curated_key(
     sentence_sha: str | None = None,
     excluded_sha: str = "",
 ) -> StageKey:
-    inputs = {"corpus": corpus_sha, "seeds": seeds_sha, "activations": "+".join(acts_shas or []), "sae": sae_sha or "",
-              "sentence": sentence_sha or "", "excluded": excluded_sha}  # fmt: skip
+    inputs = {
+        "corpus": corpus_sha,
+        "seeds": seeds_sha,
+        "activations": "+".join(acts_shas or []),
+        "sae": sae_sha or "",
+        "sentence": sentence_sha or "",
+        "excluded": excluded_sha,
+    }
     return CuratedKey.of(cfg, inputs).spec()
 
 
@@ -111,7 +127,9 @@ def sentence_stage(cfg: FinescopeConfig, corpus: StageManifest) -> StageManifest
 
     def build(work: Path) -> dict[str, Any]:
         texts = load_data(cfg, corpus).texts
-        return sentence.write_corpus_embeddings(texts, work, device=_device(cfg), progress=Progress("sentence corpus embeddings"))
+        return sentence.write_corpus_embeddings(
+            texts, work, device=_device(cfg), progress=Progress("sentence corpus embeddings")
+        )
 
     return run_cached(store, sentence_key(corpus.sha256), build)
 
@@ -137,7 +155,9 @@ def retrieve_task(
 
     def build(work: Path) -> dict[str, Any]:
         seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
-        cached = sentence.read_corpus_embeddings(artifact_dir(store, sent), len(corpus_records)) if sent else None
+        cached = (
+            sentence.read_corpus_embeddings(artifact_dir(store, sent), len(corpus_records)) if sent else None
+        )
         method = cfg.curate.method
         summary: dict[str, Any] = {}
         corpus_emb: core.Embeddings | None
@@ -145,39 +165,72 @@ def retrieve_task(
             assert acts is not None
             dirs = code_dirs(cfg, codes) if codes else None
             corpus_emb, seed_emb = core.streamed_embeddings(
-                method, activation_dirs(store, acts[0]), activation_dirs(store, acts[1]), acts[0].info["layers"],
-                sae_dir=artifact_dir(store, sae) if sae else None, code_dirs=dirs,
-            )  # fmt: skip
+                method,
+                activation_dirs(store, acts[0]),
+                activation_dirs(store, acts[1]),
+                acts[0].info["layers"],
+                sae_dir=artifact_dir(store, sae) if sae else None,
+                code_dirs=dirs,
+            )
             if isinstance(corpus_emb, SparseCodeSource):
                 summary["codes"] = corpus_emb.info()
         else:
-            corpus_emb, seed_emb = core.method_embeddings(method, corpus_records, seed_records, sentence_corpus=cached,
-                                                          device=_device(cfg), progress=Progress(f"{method} embeddings"))  # fmt: skip
+            corpus_emb, seed_emb = core.method_embeddings(
+                method,
+                corpus_records,
+                seed_records,
+                sentence_corpus=cached,
+                device=_device(cfg),
+                progress=Progress(f"{method} embeddings"),
+            )
         fusion = None
         if cached is not None and method != "sentence":  # curate.fusion: sentence
-            f_corpus, f_seeds = core.method_embeddings("sentence", corpus_records, seed_records, sentence_corpus=cached,
-                                                       device=_device(cfg))  # fmt: skip
+            f_corpus, f_seeds = core.method_embeddings(
+                "sentence", corpus_records, seed_records, sentence_corpus=cached, device=_device(cfg)
+            )
             assert f_corpus is not None and f_seeds is not None
             fusion = (f_corpus, f_seeds)
         held_ids = set(held.excluded)
         copies = seed_copies(corpus_records, seed_records)
         excluded = sorted(set(copies) | {i for i, r in enumerate(corpus_records.records) if r.id in held_ids})
         result = core.curate_records(
-            method, corpus_emb, seed_emb, len(corpus_records), cfg.curate, cfg.seed, excluded,
-            ids=[r.id for r in corpus_records.records], fusion_emb=fusion,
+            method,
+            corpus_emb,
+            seed_emb,
+            len(corpus_records),
+            cfg.curate,
+            cfg.seed,
+            excluded,
+            ids=[r.id for r in corpus_records.records],
+            fusion_emb=fusion,
         )
         if result.mean_scores is not None and seed_emb is not None:
             core.save_scores(work / core.SCORES_FILE, result.mean_scores, seed_emb)
         rows = core.curated_rows(corpus_records, result.voted)
         extra = result.summary
-        if "excluded_seed_copies" in extra:  # the held-out records are excluded too, but counted by the holdout
+        if (
+            "excluded_seed_copies" in extra
+        ):  # the held-out records are excluded too, but counted by the holdout
             extra["excluded_seed_copies"] = len(copies)
-        summary = {"method": method, "corpus_records": len(corpus_records), "seed_records": len(seed_records), **extra, **summary}
+        summary = {
+            "method": method,
+            "corpus_records": len(corpus_records),
+            "seed_records": len(seed_records),
+            **extra,
+            **summary,
+        }
         if sent is not None:
             summary["sentence_embeddings"] = {"key": sent.key, "uri": sent.uri}
         return core.write_curated(rows, work, summary)
 
     acts_shas = [a.sha256 for a in acts] if acts else None
-    spec = curated_key(cfg, corpus.sha256, seeds.sha256, acts_shas, sae.sha256 if sae else None, sent.sha256 if sent else None,
-                       held.sha256())  # fmt: skip
+    spec = curated_key(
+        cfg,
+        corpus.sha256,
+        seeds.sha256,
+        acts_shas,
+        sae.sha256 if sae else None,
+        sent.sha256 if sent else None,
+        held.sha256(),
+    )
     return run_cached(store, spec, build)

@@ -71,7 +71,13 @@ def sae_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str) -> StageKey:
     return SaeKey.of(cfg, {"activations": acts_sha, "saliency": sal_sha}).spec()
 
 
-@task(name="sae-layers", task_run_name="sae-layers-{positions}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+@task(
+    name="sae-layers",
+    task_run_name="sae-layers-{positions}",
+    cache_policy=RUN_RESULTS,
+    tags=GPU_TAGS,
+    **STORE_RETRIES,
+)
 def sae_layers_task(
     cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], positions: list[int]
 ) -> StageManifest:
@@ -83,8 +89,17 @@ def sae_layers_task(
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices
         progress = Progress(f"sae training (layers {ids})")
         dirs = activation_dirs(store, acts)
-        return core.sae_stage(dirs, layers, indices, cfg.curate, cfg.seed, work, progress, positions,
-                              device=pick_device(cfg.device))  # fmt: skip
+        return core.sae_stage(
+            dirs,
+            layers,
+            indices,
+            cfg.curate,
+            cfg.seed,
+            work,
+            progress,
+            positions,
+            device=pick_device(cfg.device),
+        )
 
     return run_cached(store, sae_layers_key(cfg, acts.sha256, sal.sha256, ids), build)
 
@@ -101,7 +116,11 @@ def trained_on(records: StageManifest) -> dict[str, Any]:
 
 @task(name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def gather_sae_task(
-    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], parts: list[StageManifest],
+    cfg: FinescopeConfig,
+    acts: StageManifest,
+    sal: StageManifest,
+    layers: list[int],
+    parts: list[StageManifest],
     records: StageManifest,
 ) -> StageManifest:
     """Every layer's SAE in one artifact (copied: SAEs are small), metrics in layer order.
@@ -122,7 +141,11 @@ def gather_sae_task(
         if missing:
             raise ValueError(f"no SAE was trained for layers {missing}; re-run")
         # The training is the parts' work (this step copies them): their seconds make the stage's time.
-        return {"layers": layers, "metrics": [metrics[layer] for layer in layers], "trained_on": trained_on(records),
-                "parts_seconds": sum(p.seconds for p in parts)}  # fmt: skip
+        return {
+            "layers": layers,
+            "metrics": [metrics[layer] for layer in layers],
+            "trained_on": trained_on(records),
+            "parts_seconds": sum(p.seconds for p in parts),
+        }
 
     return run_cached(store, sae_key(cfg, acts.sha256, sal.sha256), build)

@@ -35,10 +35,15 @@ class SaliencyKey(ModelStageKey):
     STAGE = "saliency"
     VERSION = "2"
     CONFIG = {
-        "selector": "curate.selector", "k_act": "curate.k_act", "probes": "curate.probes",
-        "reference_size": "curate.reference_size", "max_length": "curate.max_length",
-        "skip_first": "curate.skip_first", "batch_size": "curate.batch_size", "seed": "seed",
-    }  # fmt: skip
+        "selector": "curate.selector",
+        "k_act": "curate.k_act",
+        "probes": "curate.probes",
+        "reference_size": "curate.reference_size",
+        "max_length": "curate.max_length",
+        "skip_first": "curate.skip_first",
+        "batch_size": "curate.batch_size",
+        "seed": "seed",
+    }
     DERIVED = ("curate.layers", "curate.num_layers", "device", "model_dtype")
     CODE = ("finescope_core.curate", "finescope_core.saliency")
 
@@ -54,20 +59,34 @@ class SaliencyKey(ModelStageKey):
 
 
 def saliency_key(
-    cfg: FinescopeConfig, model_sha: str, corpus_sha: str, layers: list[int],
+    cfg: FinescopeConfig,
+    model_sha: str,
+    corpus_sha: str,
+    layers: list[int],
     precision: Precision | None = None,
 ) -> StageKey:
     return SaliencyKey.of(cfg, {"model": model_sha, "corpus": corpus_sha}, precision, layers=layers).spec()
 
 
 @task(name="saliency", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
-def saliency_task(cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, layers: list[int]) -> StageManifest:
+def saliency_task(
+    cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, layers: list[int]
+) -> StageManifest:
     """Eq. 6-10: per-coordinate saliency of every hooked layer on D0; top-k_act indices per layer."""
 
     ran = work_precision(cfg)
 
     def build(work: Path) -> dict[str, Any]:
         with using_model(ref.path, ran.device, ran.dtype) as (model, tok):
-            return core.saliency_stage(model, tok, load_data(cfg, corpus), layers, cfg.curate, cfg.seed, work, Progress(f"saliency ({cfg.curate.selector})"))
+            return core.saliency_stage(
+                model,
+                tok,
+                load_data(cfg, corpus),
+                layers,
+                cfg.curate,
+                cfg.seed,
+                work,
+                Progress(f"saliency ({cfg.curate.selector})"),
+            )
 
     return run_cached(open_store(cfg), saliency_key(cfg, ref.sha256, corpus.sha256, layers, ran), build)

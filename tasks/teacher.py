@@ -49,7 +49,6 @@ def records_sha(records: list[Record]) -> str:
     return h.hexdigest()
 
 
-
 def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
     """The teacher: the unpruned base model unless `teacher.model` names another."""
     if cfg.teacher.model == "base":
@@ -66,11 +65,15 @@ class DistilledKey(ModelStageKey):
     VERSION = "3"
     CODE = ("finescope_core.teacher", "finescope_core.model", "finescope_core.data")
     CONFIG = {
-        "max_new_tokens": "teacher.max_new_tokens", "max_prompt_length": "teacher.max_prompt_length",
-        "batch_size": "teacher.batch_size", "temperature": "teacher.temperature",
-        "min_response_chars": "teacher.min_response_chars", "check_answer": "teacher.check_answer",
-        "backend": "teacher.backend", "seed": "seed",
-    }  # fmt: skip
+        "max_new_tokens": "teacher.max_new_tokens",
+        "max_prompt_length": "teacher.max_prompt_length",
+        "batch_size": "teacher.batch_size",
+        "temperature": "teacher.temperature",
+        "min_response_chars": "teacher.min_response_chars",
+        "check_answer": "teacher.check_answer",
+        "backend": "teacher.backend",
+        "seed": "seed",
+    }
 
     max_new_tokens: int | str
     max_prompt_length: int
@@ -102,12 +105,20 @@ def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record],
             free, total = torch.cuda.mem_get_info()
             engine = vllm_engine_settings(cfg, resolve_max_new_tokens(tok, records, cfg.teacher), free, total)
             logger().info("teacher (vllm): %s", engine)
-            model = VLLMGenerator(teacher.path, ran.dtype if cfg.model_dtype != "auto" else "auto", cfg.seed, **engine)
+            model = VLLMGenerator(
+                teacher.path, ran.dtype if cfg.model_dtype != "auto" else "auto", cfg.seed, **engine
+            )
         else:
             device_map = "auto" if cfg.teacher.device_map == "auto" else None
             model, tok = private_model(teacher.path, ran.device, ran.dtype, device_map=device_map)
         summary = generate_distilled(
-            model, tok, records, cfg.teacher, work / "distilled.jsonl", progress=Progress(f"teacher ({tag})"), seed=cfg.seed
+            model,
+            tok,
+            records,
+            cfg.teacher,
+            work / "distilled.jsonl",
+            progress=Progress(f"teacher ({tag})"),
+            seed=cfg.seed,
         )
         return summary.to_dict()
 
@@ -119,14 +130,26 @@ def check_teacher_backend(cfg: FinescopeConfig) -> None:
     if cfg.teacher.backend != "vllm":
         return
     if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
-        raise TeacherError("teacher.backend: vllm needs the vllm package: pip install 'finescope[vllm]' (CUDA only); "
-                           "or set teacher.backend: hf")  # fmt: skip
+        raise TeacherError(
+            "teacher.backend: vllm needs the vllm package: pip install 'finescope[vllm]' (CUDA only); "
+            "or set teacher.backend: hf"
+        )
     if cfg.device == "cpu" or not torch.cuda.is_available():
-        raise TeacherError(f"teacher.backend: vllm runs on CUDA only (device: {cfg.device}, CUDA available: "
-                           f"{torch.cuda.is_available()}); set teacher.backend: hf")  # fmt: skip
+        raise TeacherError(
+            f"teacher.backend: vllm runs on CUDA only (device: {cfg.device}, CUDA available: "
+            f"{torch.cuda.is_available()}); set teacher.backend: hf"
+        )
 
 
-FALLBACK_INFO = ("rejected", "fell_back", "dropped_by_reason", "max_new_tokens_used", "kept_teacher", "fell_back_to_reference", "dropped")
+FALLBACK_INFO = (
+    "rejected",
+    "fell_back",
+    "dropped_by_reason",
+    "max_new_tokens_used",
+    "kept_teacher",
+    "fell_back_to_reference",
+    "dropped",
+)
 """The distilled stage's info fields that say how much of the data is the teacher's, and why not."""
 
 

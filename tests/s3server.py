@@ -26,8 +26,17 @@ STOP_TIMEOUT_S = 15.0
 
 # Every listener `weed mini` opens; each gets its own free port so parallel test runs cannot collide.
 _PORT_FLAGS = (
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-    "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "debug.port",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+    "debug.port",
 )
 
 
@@ -62,8 +71,11 @@ class S3Server:
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.proc: subprocess.Popen | None = None
         (root / "data").mkdir(parents=True, exist_ok=True)
-        identity = {"name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        identity = {
+            "name": "admin",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
         (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
 
     def storage(self) -> dict[str, str]:
@@ -73,9 +85,19 @@ class S3Server:
     def _command(self) -> list[str]:
         flags = [f"-{name}={port}" for name, port in self.ports.items()]
         return [
-            self.binary, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root / 'data'}",
-            *flags, "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", f"-s3.config={self.root / 's3.json'}",
+            self.binary,
+            "mini",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.root / 'data'}",
+            *flags,
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            f"-s3.config={self.root / 's3.json'}",
             f"-bucket={BUCKET}",
         ]
 
@@ -83,8 +105,9 @@ class S3Server:
         """Start the server and wait until the S3 endpoint answers and the bucket exists."""
         assert self.proc is None, "already running"
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - handed to the child process
-        self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self._command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -108,7 +131,10 @@ class S3Server:
         import botocore.session
 
         client = botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
             region_name="us-east-1",
         )
         try:

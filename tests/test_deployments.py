@@ -29,8 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 SPEC = yaml.safe_load(PREFECT_FILE.read_text())
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-POOL_TYPES = {"finescope-cpu": "process", "finescope-gpu": "process",
-              "finescope-docker-cpu": "docker", "finescope-docker-gpu": "docker"}  # fmt: skip
+POOL_TYPES = {
+    "finescope-cpu": "process",
+    "finescope-gpu": "process",
+    "finescope-docker-cpu": "docker",
+    "finescope-docker-gpu": "docker",
+}
 # The README deploys one set per kind of pool (`--all` would schedule every flow twice): `*-docker`, or
 # the process deployments by name. One call with both selections saves a CLI start.
 SELECT = ["--name", "*-docker", "--name", "curate-nightly", "--name", "specialize-weekly"]
@@ -56,7 +60,9 @@ def test_docker_images_pin_the_same_torch_as_pyproject():
 def test_image_tags_are_the_package_version_that_make_images_builds():
     images = SPEC["definitions"]["images"]
     assert images == {"cpu": f"finescope:{VERSION}-cpu", "cuda": f"finescope:{VERSION}-cuda"}
-    dry = subprocess.run(["make", "-n", "images"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "images"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert f"-f docker/Dockerfile.cpu -t {images['cpu']} ." in dry
     assert f"-f docker/Dockerfile.cuda -t {images['cuda']} ." in dry
 
@@ -84,15 +90,34 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     port = str(_free_port())
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}  # fmt: skip
+    env |= {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": url,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     log = home / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port,
-             "--no-ui", "--no-services", "--analytics-off"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--no-ui",
+                "--no-services",
+                "--analytics-off",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -136,8 +161,19 @@ async def _create_pools_and_read_deployments(api: str, deploy: list[str], env: d
 @pytest.fixture(scope="module")
 def registered(prefect_env) -> Registered:
     """Both deployment sets deployed with the README's command to pools of the README's names and types."""
-    deploy = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(PREFECT_FILE), *SELECT]
-    return asyncio.run(_create_pools_and_read_deployments(prefect_env["PREFECT_API_URL"], deploy, prefect_env))
+    deploy = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        str(PREFECT_FILE),
+        *SELECT,
+    ]
+    return asyncio.run(
+        _create_pools_and_read_deployments(prefect_env["PREFECT_API_URL"], deploy, prefect_env)
+    )
 
 
 def test_every_deployment_is_registered_as_the_file_says(registered):
@@ -145,7 +181,11 @@ def test_every_deployment_is_registered_as_the_file_says(registered):
     for spec in SPEC["deployments"]:
         dep, pool, flow_name = registered[spec["name"]]
         assert flow_name == spec["entrypoint"].split(":")[1].removesuffix("_flow")
-        assert (dep.entrypoint, dep.tags, dep.parameters) == (spec["entrypoint"], spec["tags"], spec["parameters"])
+        assert (dep.entrypoint, dep.tags, dep.parameters) == (
+            spec["entrypoint"],
+            spec["tags"],
+            spec["parameters"],
+        )
         assert (pool.name, pool.type) == (spec["work_pool"]["name"], POOL_TYPES[pool.name])
         assert dep.job_variables == spec["work_pool"].get("job_variables", {})
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [
@@ -172,16 +212,21 @@ def test_docker_job_variables_make_the_containers_the_worker_would_create(prefec
 
     async def render(entries: list[tuple[Any, Any, str]]) -> list[DockerWorkerJobConfiguration]:
         async with PrefectClient(prefect_env["PREFECT_API_URL"]) as client:
-            return [await DockerWorkerJobConfiguration.from_template_and_values(
-                        pool.base_job_template, dep.job_variables, client=client)
-                    for dep, pool, _ in entries]  # fmt: skip
+            return [
+                await DockerWorkerJobConfiguration.from_template_and_values(
+                    pool.base_job_template, dep.job_variables, client=client
+                )
+                for dep, pool, _ in entries
+            ]
 
     images = SPEC["definitions"]["images"]
     docker = [entry for entry in registered.values() if entry[1].type == "docker"]
     assert sorted(pool.name for _, pool, _ in docker) == ["finescope-docker-cpu", "finescope-docker-gpu"]
     for (dep, pool, _), config in zip(docker, asyncio.run(render(docker)), strict=True):
         fields = pool.base_job_template["variables"]["properties"]
-        assert set(dep.job_variables) <= set(fields), "the docker worker ignores job variables it does not know"
+        assert set(dep.job_variables) <= set(fields), (
+            "the docker worker ignores job variables it does not know"
+        )
         settings = DockerWorker(work_pool_name=pool.name)._build_container_settings(Engine(), config)
         host = _create_container_args({**settings, "version": "1.47"})["host_config"]
         gpu = pool.name == "finescope-docker-gpu"
@@ -199,8 +244,12 @@ def test_docker_images_copy_every_file_the_package_build_reads():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     needed = {project["readme"], *project.get("license-files", []), "pyproject.toml"}
     for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
-        copied = {w for line in (ROOT / "docker" / name).read_text().splitlines() if line.startswith("COPY ")
-                  for w in line.split()[1:-1]}  # fmt: skip
+        copied = {
+            w
+            for line in (ROOT / "docker" / name).read_text().splitlines()
+            if line.startswith("COPY ")
+            for w in line.split()[1:-1]
+        }
         assert needed <= copied, f"{name} does not copy {sorted(needed - copied)}"
 
 

@@ -13,7 +13,9 @@ def test_core_never_imports_prefect():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("prefect", "tasks", "flows")]
+            offenders += [
+                f"{path.name}: {n}" for n in names if n.split(".")[0] in ("prefect", "tasks", "flows")
+            ]
     assert offenders == []
 
 
@@ -33,15 +35,16 @@ def test_no_import_cycles():
     root = CORE.parent
     files = {
         ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
-        for pkg in ("finescope_core", "tasks", "flows") for p in (root / pkg).rglob("*.py")
-    }  # fmt: skip
+        for pkg in ("finescope_core", "tasks", "flows")
+        for p in (root / pkg).rglob("*.py")
+    }
     graph = {name: _imports(path, set(files)) - {name} for name, path in files.items()}
     cycles = []
 
     def visit(node: str, stack: list[str]) -> None:
         for nxt in sorted(graph[node]):
             if nxt in stack:
-                cycles.append(" -> ".join([*stack[stack.index(nxt):], nxt]))
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
             elif nxt not in done:
                 visit(nxt, [*stack, nxt])
         done.add(node)
@@ -63,5 +66,7 @@ def test_public_api_resolves_and_stays_lazy():
     for name in finescope_core.__all__:
         assert getattr(finescope_core, name) is not None, name
     code = "import sys, finescope_core; print('torch' in sys.modules, finescope_core.__version__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[0] == "False" and out[1] == finescope_core.__version__

@@ -63,7 +63,9 @@ def mean_interval(values: Sequence[float], *, resamples: int, seed: int) -> Inte
     return Interval(value, min(low, value), max(high, value), len(x))
 
 
-def perplexity_interval(nll: Sequence[float], tokens: Sequence[int], *, resamples: int, seed: int) -> Interval:
+def perplexity_interval(
+    nll: Sequence[float], tokens: Sequence[int], *, resamples: int, seed: int
+) -> Interval:
     """Token-level perplexity exp(sum nll / sum tokens) over items, and its bootstrap interval over items.
 
     Args:
@@ -74,7 +76,9 @@ def perplexity_interval(nll: Sequence[float], tokens: Sequence[int], *, resample
         ValueError: no items, mismatched lengths, or no predicted token at all.
     """
     if not nll or len(nll) != len(tokens):
-        raise ValueError(f"need one token count per item and at least one item, got {len(nll)} and {len(tokens)}")
+        raise ValueError(
+            f"need one token count per item and at least one item, got {len(nll)} and {len(tokens)}"
+        )
     s, t = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
     if t.sum() <= 0:
         raise ValueError("no predicted token in any item")
@@ -104,7 +108,9 @@ def _paired_count(a: Sequence[float], b: Sequence[float], what: str) -> int:
     return len(a)
 
 
-def paired_mean_difference(values_a: Sequence[float], values_b: Sequence[float], *, resamples: int, seed: int) -> Interval:
+def paired_mean_difference(
+    values_a: Sequence[float], values_b: Sequence[float], *, resamples: int, seed: int
+) -> Interval:
     """mean(A) - mean(B) over the same items (hits as 0/1 for an accuracy), with a paired bootstrap interval.
 
     Every resample draws one set of item indices (`_resample_indices`, the draw `mean_interval` makes with
@@ -146,7 +152,9 @@ def paired_perplexity_ratio(
     """
     for name, nll, tokens in (("A", nll_a, tokens_a), ("B", nll_b, tokens_b)):
         if len(nll) != len(tokens):
-            raise ValueError(f"paired perplexity ratio: model {name} has {len(nll)} NLLs but {len(tokens)} token counts")
+            raise ValueError(
+                f"paired perplexity ratio: model {name} has {len(nll)} NLLs but {len(tokens)} token counts"
+            )
     n = _paired_count(nll_a, nll_b, "perplexity ratio")
     if resamples < 1:
         raise ValueError(f"resamples={resamples} must be >= 1")

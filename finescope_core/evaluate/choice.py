@@ -143,7 +143,9 @@ def mc_hits(
     if not items:
         raise EvalError("no multiple-choice items; pass at least one {question, choices, answer} item")
     checked = [check_mc_item(item, f"item {i}") for i, item in enumerate(items)]
-    scores = choice_logprobs(model, tokenizer, checked, max_length=max_length, batch_size=batch_size, progress=progress)
+    scores = choice_logprobs(
+        model, tokenizer, checked, max_length=max_length, batch_size=batch_size, progress=progress
+    )
     hits, hits_norm = [], []
     for item, row in zip(checked, scores, strict=True):
         normed = [s / len(f" {c}") for s, c in zip(row, item["choices"], strict=True)]
@@ -173,7 +175,9 @@ def mc_accuracy(
     Raises:
         EvalError: no items, or an item without question / choices / a valid answer index.
     """
-    hits, hits_norm = mc_hits(model, tokenizer, items, max_length=max_length, batch_size=batch_size, progress=progress)
+    hits, hits_norm = mc_hits(
+        model, tokenizer, items, max_length=max_length, batch_size=batch_size, progress=progress
+    )
     return {"accuracy": sum(hits) / len(items), "accuracy_norm": sum(hits_norm) / len(items), "n": len(items)}
 
 

@@ -69,8 +69,12 @@ class Contamination:
         return len(self.ngram) + len(self.near_duplicate)
 
     def summary(self) -> dict[str, int]:
-        return {"checked": len(self.kept) + self.dropped, "kept": len(self.kept), "dropped_ngram": len(self.ngram),
-                "dropped_near_duplicate": len(self.near_duplicate)}  # fmt: skip
+        return {
+            "checked": len(self.kept) + self.dropped,
+            "kept": len(self.kept),
+            "dropped_ngram": len(self.ngram),
+            "dropped_near_duplicate": len(self.near_duplicate),
+        }
 
 
 class _Index:

@@ -161,7 +161,9 @@ def harness_include_sha(include: str | None) -> str | None:
     return h.hexdigest()
 
 
-def bootstrap_ci(values: Sequence[float], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
     """Percentile bootstrap 95 % CI of the mean of per-sample values, seeded (`bootstrap.mean_interval`:
     the same resampling as every other metric's interval, widened to contain the mean itself).
 
@@ -184,7 +186,9 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _numeric_metrics(task: str, results: dict[str, Any]) -> list[tuple[str, str, str, float, list[dict[str, Any]]]]:
+def _numeric_metrics(
+    task: str, results: dict[str, Any]
+) -> list[tuple[str, str, str, float, list[dict[str, Any]]]]:
     """(name, metric, filter key, lm-eval's value, that filter's samples) of every metric of a task
     whose per-sample values are all numbers; name is `metric` under filter `none`, else `metric,filter`."""
     summary = results["results"][task]
@@ -204,7 +208,9 @@ def _numeric_metrics(task: str, results: dict[str, Any]) -> list[tuple[str, str,
     return out
 
 
-def task_metrics(task: str, results: dict[str, Any], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, dict[str, Any]]:
+def task_metrics(
+    task: str, results: dict[str, Any], *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES
+) -> dict[str, dict[str, Any]]:
     """One task's metrics from `simple_evaluate`'s output: value, stderr, n and our bootstrap CI.
 
     A metric under lm-eval's filter `none` keeps its name (`acc`); under another filter it is
@@ -221,7 +227,12 @@ def task_metrics(task: str, results: dict[str, Any], *, seed: int, resamples: in
         stderr = _number(summary.get(f"{metric}_stderr,{filt}"))
         lo, hi = bootstrap_ci(values, seed=seed, resamples=resamples)
         # lm-eval's value is its aggregation (the mean here); the CI is widened to contain it exactly.
-        out[name] = {"value": point, "ci": [min(lo, point), max(hi, point)], "n": len(values), "stderr": stderr}
+        out[name] = {
+            "value": point,
+            "ci": [min(lo, point), max(hi, point)],
+            "n": len(values),
+            "stderr": stderr,
+        }
     return out
 
 
@@ -291,12 +302,25 @@ def run_harness(
     for i, (label, name, chat) in enumerate(runs):
         chosen = {name: list(docs[name])[: harness_limit(cfg)]} if docs and name in docs else None
         results = simple_evaluate(
-            model=lm, tasks=[name], task_manager=manager, log_samples=True,
-            limit=None if chosen else harness_limit(cfg), samples=chosen,
-            bootstrap_iters=_LM_EVAL_BOOTSTRAP_ITERS, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING", apply_chat_template=chat,
-        )  # fmt: skip
-        if results is None or name not in results.get("results", {}) or name not in results.get("samples", {}):
+            model=lm,
+            tasks=[name],
+            task_manager=manager,
+            log_samples=True,
+            limit=None if chosen else harness_limit(cfg),
+            samples=chosen,
+            bootstrap_iters=_LM_EVAL_BOOTSTRAP_ITERS,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="WARNING",
+            apply_chat_template=chat,
+        )
+        if (
+            results is None
+            or name not in results.get("results", {})
+            or name not in results.get("samples", {})
+        ):
             raise EvalError(
                 f"evaluate.lm_eval_tasks: lm-eval returned no results for {name!r}; if it is a group, "
                 "name its tasks instead"

@@ -19,7 +19,9 @@ def _jsonl_objects(path: str, storage_options: dict[str, Any] | None) -> Iterato
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
             data = f.read()
     except FileNotFoundError:
-        raise EvalError(f"eval file {path} does not exist; check evaluate.mc_file / evaluate.numeric_file") from None
+        raise EvalError(
+            f"eval file {path} does not exist; check evaluate.mc_file / evaluate.numeric_file"
+        ) from None
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue

@@ -108,13 +108,21 @@ class IntervalEstimate(BaseModel):
     def _ordered(self) -> IntervalEstimate:
         if not self.low <= self.value <= self.high:
             raise PydanticCustomError(
-                _BAD_VALUE, "must satisfy low <= value <= high, got {got}", {"got": f"{self.low}, {self.value}, {self.high}"}
+                _BAD_VALUE,
+                "must satisfy low <= value <= high, got {got}",
+                {"got": f"{self.low}, {self.value}, {self.high}"},
             )
         return self
 
 
-INTERVAL_METRICS = ("perplexity", "chat_perplexity", "general_perplexity", "mc_accuracy", "mc_accuracy_norm",
-                    "numeric_exact_match")  # fmt: skip
+INTERVAL_METRICS = (
+    "perplexity",
+    "chat_perplexity",
+    "general_perplexity",
+    "mc_accuracy",
+    "mc_accuracy_norm",
+    "numeric_exact_match",
+)
 """The metrics that carry an interval in `ci` whenever they are present."""
 
 
@@ -145,7 +153,8 @@ class ModelMetrics(BaseModel):
         present = {m for m in INTERVAL_METRICS if getattr(self, m) is not None}
         if set(self.ci) != present:
             raise PydanticCustomError(
-                _BAD_VALUE, "ci must hold exactly the metrics present ({want}), got {got}",
+                _BAD_VALUE,
+                "ci must hold exactly the metrics present ({want}), got {got}",
                 {"want": ", ".join(sorted(present)), "got": ", ".join(sorted(self.ci)) or "none"},
             )
         for name in present:
@@ -186,14 +195,17 @@ class Comparison(BaseModel):
     def _consistent(self) -> Comparison:
         if not self.low <= self.value <= self.high:
             raise PydanticCustomError(
-                _BAD_VALUE, "must satisfy low <= value <= high, got {got}", {"got": f"{self.low}, {self.value}, {self.high}"}
+                _BAD_VALUE,
+                "must satisfy low <= value <= high, got {got}",
+                {"got": f"{self.low}, {self.value}, {self.high}"},
             )
         if self.kind == "ratio" and self.low <= 0:
             raise PydanticCustomError(_BAD_VALUE, "a ratio must be > 0, got low {got}", {"got": self.low})
         null = 1.0 if self.kind == "ratio" else 0.0
         if self.clear != (self.low > null or self.high < null):
             raise PydanticCustomError(
-                _BAD_VALUE, "clear must say whether [{low}, {high}] excludes {null}, got {clear}",
+                _BAD_VALUE,
+                "clear must say whether [{low}, {high}] excludes {null}, got {clear}",
                 {"low": self.low, "high": self.high, "null": null, "clear": str(self.clear).lower()},
             )
         return self
@@ -216,7 +228,8 @@ class MetricsDocument(BaseModel):
             unknown = [m for m in (c.a, c.b) if m not in names]
             if unknown:
                 raise PydanticCustomError(
-                    _BAD_VALUE, "comparisons.{i}: must compare models in models, got {unknown}",
+                    _BAD_VALUE,
+                    "comparisons.{i}: must compare models in models, got {unknown}",
                     {"i": i, "unknown": ", ".join(repr(m) for m in unknown)},
                 )
         return self

@@ -109,7 +109,9 @@ def generate_answers(
         EvalError: the tokenizer has no pad token.
     """
     if tokenizer.pad_token_id is None:
-        raise EvalError("the tokenizer has no pad token; pass it through finescope_core.model.prepare_tokenizer")
+        raise EvalError(
+            "the tokenizer has no pad token; pass it through finescope_core.model.prepare_tokenizer"
+        )
     prompts = [generation_prompt(tokenizer, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers = [""] * len(prompts)
@@ -177,8 +179,12 @@ def numeric_hits(
         raise EvalError("no numeric items; pass at least one {question, answer} item")
     checked = [check_numeric_item(item, f"item {i}") for i, item in enumerate(items)]
     answers = generate_answers(
-        model, tokenizer, [c["question"] for c in checked], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, progress=progress,
+        model,
+        tokenizer,
+        [c["question"] for c in checked],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
     )
     return [
         int(extract_number(text) == reference_number(item["answer"], f"item {i}"))
@@ -203,5 +209,7 @@ def numeric_exact_match(
     Raises:
         EvalError: no items, or an item without question / a numeric answer.
     """
-    hits = numeric_hits(model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    hits = numeric_hits(
+        model, tokenizer, items, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
     return {"exact_match": sum(hits) / len(hits), "n": len(hits)}

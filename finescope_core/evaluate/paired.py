@@ -47,10 +47,16 @@ def items_document(
         seed, resamples: the bootstrap seed and resample count of the model's intervals.
         lm_eval: `harness.task_samples` per task, {task: {metric: {"doc_ids", "values"}}}.
     """
-    doc: dict[str, Any] = {"format": ITEMS_FORMAT, "seed": seed, "resamples": resamples,
-                           "metrics": {k: {f: list(v) for f, v in d.items()} for k, d in items.items()}}  # fmt: skip
+    doc: dict[str, Any] = {
+        "format": ITEMS_FORMAT,
+        "seed": seed,
+        "resamples": resamples,
+        "metrics": {k: {f: list(v) for f, v in d.items()} for k, d in items.items()},
+    }
     if lm_eval:
-        doc["lm_eval"] = {t: {m: {f: list(v) for f, v in d.items()} for m, d in ms.items()} for t, ms in lm_eval.items()}
+        doc["lm_eval"] = {
+            t: {m: {f: list(v) for f, v in d.items()} for m, d in ms.items()} for t, ms in lm_eval.items()
+        }
     return doc
 
 
@@ -82,7 +88,11 @@ def compare(
         if not sa or not sb:
             return None
         by_doc = dict(zip(map(_doc_key, sb["doc_ids"]), sb["values"], strict=True))
-        shared = [(v, by_doc[d]) for d, v in zip(map(_doc_key, sa["doc_ids"]), sa["values"], strict=True) if d in by_doc]
+        shared = [
+            (v, by_doc[d])
+            for d, v in zip(map(_doc_key, sa["doc_ids"]), sa["values"], strict=True)
+            if d in by_doc
+        ]
         if not shared:
             return None
         va, vb = [x for x, _ in shared], [y for _, y in shared]
@@ -92,9 +102,13 @@ def compare(
         return None
     try:
         if metric in PERPLEXITY_METRICS:
-            ci = paired_perplexity_ratio(ia["nll"], ia["tokens"], ib["nll"], ib["tokens"], resamples=resamples, seed=seed)
+            ci = paired_perplexity_ratio(
+                ia["nll"], ia["tokens"], ib["nll"], ib["tokens"], resamples=resamples, seed=seed
+            )
             return "ratio", ci
-        return "difference", paired_mean_difference(ia["values"], ib["values"], resamples=resamples, seed=seed)
+        return "difference", paired_mean_difference(
+            ia["values"], ib["values"], resamples=resamples, seed=seed
+        )
     except ValueError as e:
         raise ValueError(f"{metric}: {e}") from None
 
@@ -139,6 +153,14 @@ def comparisons(items: Mapping[str, Mapping[str, Any] | None]) -> list[dict[str,
             if found is None:
                 continue
             kind, ci = found
-            out.append({"a": a, "b": b, "metric": metric, "kind": kind, **ci.to_dict(),
-                        "clear": excludes(ci, 1.0 if kind == "ratio" else 0.0)})  # fmt: skip
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "metric": metric,
+                    "kind": kind,
+                    **ci.to_dict(),
+                    "clear": excludes(ci, 1.0 if kind == "ratio" else 0.0),
+                }
+            )
     return out

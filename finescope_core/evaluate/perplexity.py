@@ -123,15 +123,20 @@ def chat_nll(
     for prompt, reference in pairs:
         one = build_examples(tokenizer, [{"prompt": prompt, "response": reference}], max_length).examples
         built.append(one[0] if one else None)
-    rows = sorted((i for i, e in enumerate(built) if e is not None), key=lambda i: -len(built[i]["input_ids"]))  # type: ignore[index]
+    rows = sorted(
+        (i for i, e in enumerate(built) if e is not None), key=lambda i: -len(built[i]["input_ids"])
+    )  # type: ignore[index]
     nll, tokens = [0.0] * len(pairs), [0] * len(pairs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             part = rows[start : start + batch_size]
             batch = pad_batch([e for i in part if (e := built[i]) is not None], pad)
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False).logits  # fmt: skip
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            ).logits
             targets = batch["labels"][:, 1:].to(device)
             assert IGNORE == -100, "cross_entropy's default ignore_index"
             _fill(nll, tokens, part, logits, targets)

@@ -66,48 +66,81 @@ def evaluate_model(
     """
     texts = list(domain_texts)[: cfg.max_examples]
     if not texts:
-        raise EvalError("no domain evaluation texts; give evaluate.eval_file or a corpus with an evaluation split")
+        raise EvalError(
+            "no domain evaluation texts; give evaluate.eval_file or a corpus with an evaluation split"
+        )
     resamples = cfg.bootstrap_resamples
     ci: dict[str, Interval] = {}
-    nll, tokens = text_nll(model, tokenizer, texts, max_length=cfg.max_length, batch_size=batch_size,
-                           progress=_tagged(progress, "perplexity"))  # fmt: skip
+    nll, tokens = text_nll(
+        model,
+        tokenizer,
+        texts,
+        max_length=cfg.max_length,
+        batch_size=batch_size,
+        progress=_tagged(progress, "perplexity"),
+    )
     ci["perplexity"] = _perplexity(nll, tokens, resamples, seed, "domain texts")
     per_item: dict[str, dict[str, list[Any]]] = {"perplexity": {"nll": nll, "tokens": tokens}}
     counts = {"perplexity": len(texts)}
     pairs = list(chat_pairs)[: cfg.max_examples]
     if pairs:
-        nll, tokens = chat_nll(model, tokenizer, pairs, max_length=cfg.max_length, batch_size=batch_size,
-                               progress=_tagged(progress, "chat"))  # fmt: skip
+        nll, tokens = chat_nll(
+            model,
+            tokenizer,
+            pairs,
+            max_length=cfg.max_length,
+            batch_size=batch_size,
+            progress=_tagged(progress, "chat"),
+        )
         if sum(tokens):
             ci["chat_perplexity"] = _perplexity(nll, tokens, resamples, seed, "chat items")
             per_item["chat_perplexity"] = {"nll": nll, "tokens": tokens}
             counts["chat"] = len(pairs)
     general = list(general_texts)[: cfg.max_examples]
     if general:
-        nll, tokens = text_nll(model, tokenizer, general, max_length=cfg.max_length, batch_size=batch_size,
-                               progress=_tagged(progress, "general"))  # fmt: skip
+        nll, tokens = text_nll(
+            model,
+            tokenizer,
+            general,
+            max_length=cfg.max_length,
+            batch_size=batch_size,
+            progress=_tagged(progress, "general"),
+        )
         ci["general_perplexity"] = _perplexity(nll, tokens, resamples, seed, "general texts")
         per_item["general_perplexity"] = {"nll": nll, "tokens": tokens}
         counts["general"] = len(general)
     if mc_items:
         hits, hits_norm = mc_hits(
-            model, tokenizer, list(mc_items)[: cfg.max_examples], max_length=cfg.max_length,
-            batch_size=batch_size, progress=_tagged(progress, "mc"),
+            model,
+            tokenizer,
+            list(mc_items)[: cfg.max_examples],
+            max_length=cfg.max_length,
+            batch_size=batch_size,
+            progress=_tagged(progress, "mc"),
         )
         ci["mc_accuracy"] = mean_interval(hits, resamples=resamples, seed=seed)
         ci["mc_accuracy_norm"] = mean_interval(hits_norm, resamples=resamples, seed=seed)
-        per_item["mc_accuracy"], per_item["mc_accuracy_norm"] = {"values": list(hits)}, {"values": list(hits_norm)}
+        per_item["mc_accuracy"], per_item["mc_accuracy_norm"] = (
+            {"values": list(hits)},
+            {"values": list(hits_norm)},
+        )
         counts["mc"] = len(hits)
     if numeric_items:
         num = numeric_hits(
-            model, tokenizer, list(numeric_items)[: cfg.max_examples], max_new_tokens=cfg.max_new_tokens,
-            batch_size=batch_size, progress=_tagged(progress, "numeric"),
+            model,
+            tokenizer,
+            list(numeric_items)[: cfg.max_examples],
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=batch_size,
+            progress=_tagged(progress, "numeric"),
         )
         ci["numeric_exact_match"] = mean_interval(num, resamples=resamples, seed=seed)
         per_item["numeric_exact_match"] = {"values": list(num)}
         counts["numeric"] = len(num)
     result: dict[str, Any] = {name: interval.value for name, interval in ci.items()}
-    result.update(parameters=count_parameters(model)["total"], n=counts, ci={k: v.to_dict() for k, v in ci.items()})
+    result.update(
+        parameters=count_parameters(model)["total"], n=counts, ci={k: v.to_dict() for k, v in ci.items()}
+    )
     if items is not None:
         items.update(per_item)
     return result
@@ -115,5 +148,7 @@ def evaluate_model(
 
 def _perplexity(nll: list[float], tokens: list[int], resamples: int, seed: int, what: str) -> Interval:
     if sum(tokens) == 0:
-        raise EvalError(f"every one of the {what} is a single token, so no token is predicted; pass longer texts")
+        raise EvalError(
+            f"every one of the {what} is a single token, so no token is predicted; pass longer texts"
+        )
     return perplexity_interval(nll, tokens, resamples=resamples, seed=seed)

@@ -20,7 +20,23 @@ from finescope_core.prune.stage import prune_model, save_pruned
 from finescope_core.prune.widths import RATIO_TOLERANCE, AttentionUnit, WidthRule, Widths, plan_widths
 
 __all__ = [
-    "PARAM_KEYS", "RATIO_TOLERANCE", "AttentionUnit", "GroupScores", "LMBatches", "Method", "PruneError",
-    "PrunePlan", "WidthRule", "Widths", "apply_pruning", "build_plan", "count_parameters", "group_importance",
-    "lm_batches", "plan_pruning", "plan_widths", "prune_model", "save_pruned",
-]  # fmt: skip
+    "PARAM_KEYS",
+    "RATIO_TOLERANCE",
+    "AttentionUnit",
+    "GroupScores",
+    "LMBatches",
+    "Method",
+    "PruneError",
+    "PrunePlan",
+    "WidthRule",
+    "Widths",
+    "apply_pruning",
+    "build_plan",
+    "count_parameters",
+    "group_importance",
+    "lm_batches",
+    "plan_pruning",
+    "plan_widths",
+    "prune_model",
+    "save_pruned",
+]

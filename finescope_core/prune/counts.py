@@ -13,9 +13,18 @@ from transformers import PreTrainedModel
 from finescope_core.model import DecoderArch, resolve_arch
 
 PARAM_KEYS = (
-    "attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down",
-    "embeddings", "norms", "lm_head", "other",
-)  # fmt: skip
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_o",
+    "mlp_gate",
+    "mlp_up",
+    "mlp_down",
+    "embeddings",
+    "norms",
+    "lm_head",
+    "other",
+)
 
 
 def projections(arch: DecoderArch) -> Iterator[tuple[str, nn.Linear]]:

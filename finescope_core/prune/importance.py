@@ -209,7 +209,9 @@ def _layer_scores(
     """Signed group sums for one layer -> ([H], [KV], [I]) scores."""
     h, kv = arch.num_heads, arch.num_kv_heads
     heads = _rows(a.q_proj, h, method, grads) + _cols(a.o_proj, h, method, grads)
-    groups = _rows(a.k_proj, kv, method, grads) + _rows(a.v_proj, kv, method, grads) + heads.view(kv, -1).sum(1)
+    groups = (
+        _rows(a.k_proj, kv, method, grads) + _rows(a.v_proj, kv, method, grads) + heads.view(kv, -1).sum(1)
+    )
     inter = _rows(m.gate_proj, m.gate_proj.out_features, method, grads) + _rows(
         m.up_proj, m.up_proj.out_features, method, grads
     )
@@ -224,6 +226,8 @@ def _collect_scores(
     arch: DecoderArch, method: Method, tokens: int, grads: Mapping[Tensor, Tensor]
 ) -> GroupScores:
     """Every layer's group scores, stacked [L, ...] on the CPU (the plan is made there)."""
-    per_layer = [_layer_scores(a, m, arch, method, grads) for a, m in zip(arch.attention, arch.mlp, strict=True)]
+    per_layer = [
+        _layer_scores(a, m, arch, method, grads) for a, m in zip(arch.attention, arch.mlp, strict=True)
+    ]
     heads, kv, channels = (torch.stack([s[i] for s in per_layer]).cpu() for i in range(3))
     return GroupScores(heads=heads, kv=kv, channels=channels, method=method, tokens=tokens)

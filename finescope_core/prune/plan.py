@@ -137,8 +137,11 @@ def build_plan(
     """
     arch = resolve_arch(model)
     group = arch.num_heads // arch.num_kv_heads
-    want = {"heads": (arch.num_layers, arch.num_heads), "kv": (arch.num_layers, arch.num_kv_heads),
-            "channels": (arch.num_layers, arch.intermediate_size)}  # fmt: skip
+    want = {
+        "heads": (arch.num_layers, arch.num_heads),
+        "kv": (arch.num_layers, arch.num_kv_heads),
+        "channels": (arch.num_layers, arch.intermediate_size),
+    }
     for name, shape in want.items():
         if tuple(getattr(scores, name).shape) != shape:
             raise PruneError(
@@ -148,10 +151,15 @@ def build_plan(
             raise PruneError(
                 f"scores.{name} holds NaN/inf (gradient overflow?); compute importance in float32"
             )
-    if not (1 <= widths.heads_per_kv_keep <= group and 1 <= widths.kv_keep <= arch.num_kv_heads
-            and 1 <= widths.intermediate_keep <= arch.intermediate_size):  # fmt: skip
-        raise PruneError(f"{widths} does not fit a model with {arch.num_kv_heads} KV groups of {group} heads "
-                         f"and {arch.intermediate_size} channels; every width must be >= 1 and <= the original")  # fmt: skip
+    if not (
+        1 <= widths.heads_per_kv_keep <= group
+        and 1 <= widths.kv_keep <= arch.num_kv_heads
+        and 1 <= widths.intermediate_keep <= arch.intermediate_size
+    ):
+        raise PruneError(
+            f"{widths} does not fit a model with {arch.num_kv_heads} KV groups of {group} heads "
+            f"and {arch.intermediate_size} channels; every width must be >= 1 and <= the original"
+        )
     chosen = [_select_layer(scores, i, widths, group) for i in range(arch.num_layers)]
     return PrunePlan(
         heads_per_kv_keep=widths.heads_per_kv_keep,

@@ -183,7 +183,11 @@ def topm_max_over_seeds(
 
 
 def _pooled_topm(
-    corpus_n: np.ndarray, seeds_n: np.ndarray, m: int, pooling: SeedPooling, priority: np.ndarray | None = None
+    corpus_n: np.ndarray,
+    seeds_n: np.ndarray,
+    m: int,
+    pooling: SeedPooling,
+    priority: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-m local rows by pooled score: BLAS cosines pooled, candidates within 2 x tolerance rescored.
 

@@ -72,7 +72,9 @@ class DenseSource:
             raise RetrievalInputError("no layers given; embeddings must map at least one layer to a matrix")
         sizes = {layer: e.shape[0] for layer, e in embeddings.items()}
         if len(set(sizes.values())) != 1:
-            raise RetrievalInputError(f"every layer's matrix must have the same rows; got rows per layer {sizes}")
+            raise RetrievalInputError(
+                f"every layer's matrix must have the same rows; got rows per layer {sizes}"
+            )
         if block_rows is not None and block_rows < 1:
             raise RetrievalInputError(f"block_rows must be >= 1 (or None for one block), got {block_rows}")
         self._emb = dict(embeddings)
@@ -134,7 +136,10 @@ class StreamResult:
 
 
 def _merge(
-    kept: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], m: int, priority: np.ndarray | None
+    kept: tuple[np.ndarray, np.ndarray],
+    new: tuple[np.ndarray, np.ndarray],
+    m: int,
+    priority: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     rows, scores = np.concatenate([kept[0], new[0]]), np.concatenate([kept[1], new[1]])
     return select_top(rows, scores, m, priority)
@@ -175,13 +180,20 @@ def stream_topm(
     n = source.num_rows
     missing = sorted(set(source.layers) - set(seeds))
     if missing:
-        raise RetrievalInputError(f"no seed embeddings for layers {missing}; give seeds for every layer of the corpus")
+        raise RetrievalInputError(
+            f"no seed embeddings for layers {missing}; give seeds for every layer of the corpus"
+        )
     for name, arr in (("exclude", exclude), ("priority", priority)):
         if arr is not None and np.asarray(arr).shape != (n,):
-            raise RetrievalInputError(f"{name} must have one entry per corpus row ({n}), got shape {np.asarray(arr).shape}")
+            raise RetrievalInputError(
+                f"{name} must have one entry per corpus row ({n}), got shape {np.asarray(arr).shape}"
+            )
     usable = {layer: s[np.linalg.norm(s, axis=1) > 0] for layer, s in seeds.items() if layer in source.layers}
     voting = [layer for layer in source.layers if len(usable[layer])]
-    seeds_n = {layer: normalised_seeds(usable[layer], usable[layer].shape[1], name=f"seeds[{layer}]") for layer in voting}
+    seeds_n = {
+        layer: normalised_seeds(usable[layer], usable[layer].shape[1], name=f"seeds[{layer}]")
+        for layer in voting
+    }
     kept = {layer: (np.empty(0, np.int64), np.empty(0, np.float64)) for layer in voting}
     mean_scores = np.zeros(n, dtype=np.float32)
     sample = None if sample_rows is None else np.asarray(sample_rows, dtype=np.int64)
@@ -190,7 +202,9 @@ def stream_topm(
     covered = 0
     for block in source.blocks():
         if block.start != covered:
-            raise RetrievalInputError(f"the corpus source yielded a block at row {block.start}, expected {covered}")
+            raise RetrievalInputError(
+                f"the corpus source yielded a block at row {block.start}, expected {covered}"
+            )
         size = block.size
         stop = block.start + size
         local_ex = None if exclude is None else np.asarray(exclude[block.start : stop], dtype=bool)
@@ -202,7 +216,9 @@ def stream_topm(
             )
             kept[layer] = _merge(kept[layer], (rows + block.start, scores), m, priority)
             # The histogram's scores: float32 BLAS is plenty for a plot.
-            mean_scores[block.start : stop] += pooling(l2_normalise(emb, "corpus") @ seeds_n[layer].T) / len(voting)
+            mean_scores[block.start : stop] += pooling(l2_normalise(emb, "corpus") @ seeds_n[layer].T) / len(
+                voting
+            )
             if sample is not None:
                 inside = sample[(sample >= block.start) & (sample < stop)]
                 sampled[layer].append(emb[inside - block.start])
@@ -214,5 +230,9 @@ def stream_topm(
         rows, scores = kept[layer]
         positive = scores > 0
         selections.append(LayerSelection(layer=layer, rows=rows[positive], scores=scores[positive]))
-    gathered = None if sample is None else {layer: np.concatenate(p) if p else np.empty((0, 0), np.float32) for layer, p in sampled.items()}
+    gathered = (
+        None
+        if sample is None
+        else {layer: np.concatenate(p) if p else np.empty((0, 0), np.float32) for layer, p in sampled.items()}
+    )
     return StreamResult(selections=selections, mean_scores=mean_scores, sample=gathered)

@@ -48,7 +48,11 @@ def _held_out_zscores(seeds_n: np.ndarray, sample_n: np.ndarray) -> np.ndarray:
 
 
 def layer_quality(
-    seed_codes: Mapping[int, Matrix], corpus_codes: Mapping[int, Matrix], *, sample_size: int = 8192, seed: int = 0
+    seed_codes: Mapping[int, Matrix],
+    corpus_codes: Mapping[int, Matrix],
+    *,
+    sample_size: int = 8192,
+    seed: int = 0,
 ) -> dict[int, float]:
     """Unsupervised quality of each layer's code space for seed-based retrieval (leave-one-seed-out).
 
@@ -84,9 +88,7 @@ def layer_quality(
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample_size), replace=False))
         # Sample before converting: a float64 or torch corpus is never copied whole.
         sample = codes[torch.from_numpy(rows)] if isinstance(codes, torch.Tensor) else codes[rows]
-        sample_n = l2_normalise(
-            as_float32_matrix(sample, f"corpus_codes[{layer}]"), f"corpus_codes[{layer}]"
-        )
+        sample_n = l2_normalise(as_float32_matrix(sample, f"corpus_codes[{layer}]"), f"corpus_codes[{layer}]")
         seeds_n = normalised_seeds(seed_codes[layer], sample_n.shape[1], name=f"seed_codes[{layer}]")
         if seeds_n.shape[0] < 2:
             raise RetrievalInputError(f"seed_codes[{layer}] has one seed; leave-one-out needs at least 2")
@@ -95,7 +97,11 @@ def layer_quality(
 
 
 def layer_weights(
-    seed_codes: Mapping[int, Matrix], corpus_codes: Mapping[int, Matrix], *, sample_size: int = 8192, seed: int = 0
+    seed_codes: Mapping[int, Matrix],
+    corpus_codes: Mapping[int, Matrix],
+    *,
+    sample_size: int = 8192,
+    seed: int = 0,
 ) -> dict[int, float]:
     """Vote weights from `layer_quality`: max(quality, 0), scaled to mean 1 over the layers.
 
@@ -148,7 +154,9 @@ def layer_agreement(selections: Sequence[LayerSelection], corpus_size: int) -> d
         if not rows or not others:
             out[layer] = 0.0
             continue
-        out[layer] = float(np.mean([len(rows & sets[k]) / len(rows) - len(sets[k]) / corpus_size for k in others]))
+        out[layer] = float(
+            np.mean([len(rows & sets[k]) / len(rows) - len(sets[k]) / corpus_size for k in others])
+        )
     return out
 
 

@@ -70,7 +70,9 @@ class CodesManifest:
     def read(cls, out_dir: Path) -> CodesManifest:
         path = out_dir / MANIFEST
         if not path.is_file():
-            raise CodesError(f"{path} does not exist: {out_dir} is not a complete code directory; re-run the sae-codes stage")
+            raise CodesError(
+                f"{path} does not exist: {out_dir} is not a complete code directory; re-run the sae-codes stage"
+            )
         raw = json.loads(path.read_text(encoding="utf-8"))
         return cls(**{**raw, "shards": [tuple(s) for s in raw["shards"]]})
 
@@ -142,12 +144,25 @@ def write_codes(
     indptr = torch.zeros(n * len(layers) + 1, dtype=torch.int64)
     torch.cumsum(torch.cat(counts), 0, out=indptr[1:])
     name = "codes-00000.safetensors"
-    save_file({"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous(),
-               "indptr": indptr, "rows": torch.arange(n)}, str(out_dir / name))  # fmt: skip
+    save_file(
+        {
+            "values": torch.cat(values).contiguous(),
+            "indices": torch.cat(indices).contiguous(),
+            "indptr": indptr,
+            "rows": torch.arange(n),
+        },
+        str(out_dir / name),
+    )
     manifest = CodesManifest(
-        layers=list(layers), d_sae=sae.d_sae, code_k=code_k or sae.d_sae, num_rows=n, value_dtype=value_dtype,
-        shards=[(name, n)], truncated=truncated, mean_l0=l0_sum / max(1, n * len(layers)),
-    )  # fmt: skip
+        layers=list(layers),
+        d_sae=sae.d_sae,
+        code_k=code_k or sae.d_sae,
+        num_rows=n,
+        value_dtype=value_dtype,
+        shards=[(name, n)],
+        truncated=truncated,
+        mean_l0=l0_sum / max(1, n * len(layers)),
+    )
     (out_dir / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1), encoding="utf-8")
     return manifest
 
@@ -181,8 +196,12 @@ def _read_shard(path: Path) -> CodeShard:
     if not path.is_file():
         raise CodesError(f"{path} is listed in {MANIFEST} but missing; re-run the sae-codes stage")
     with safe_open(str(path), framework="np") as f:
-        return CodeShard(rows=f.get_tensor("rows"), values=f.get_tensor("values"), indices=f.get_tensor("indices"),
-                         indptr=f.get_tensor("indptr"))
+        return CodeShard(
+            rows=f.get_tensor("rows"),
+            values=f.get_tensor("values"),
+            indices=f.get_tensor("indices"),
+            indptr=f.get_tensor("indptr"),
+        )
 
 
 class SparseCodeSource:
@@ -199,8 +218,10 @@ class SparseCodeSource:
         first = self.manifests[0]
         for d, m in zip(self.dirs, self.manifests, strict=True):
             if (m.layers, m.d_sae) != (first.layers, first.d_sae):
-                raise CodesError(f"{d} holds codes of layers {m.layers} x {m.d_sae}, {self.dirs[0]} of "
-                                 f"{first.layers} x {first.d_sae}; the shards of one corpus must share their SAEs")  # fmt: skip
+                raise CodesError(
+                    f"{d} holds codes of layers {m.layers} x {m.d_sae}, {self.dirs[0]} of "
+                    f"{first.layers} x {first.d_sae}; the shards of one corpus must share their SAEs"
+                )
         self._offsets = np.cumsum([0] + [m.num_rows for m in self.manifests])
 
     @property
@@ -223,7 +244,9 @@ class SparseCodeSource:
             for file, n in m.shards:
                 shard = _read_shard(d / file)
                 if shard.rows.shape != (n,) or not np.array_equal(shard.rows, np.arange(local, local + n)):
-                    raise CodesError(f"{d / file}: rows are not the consecutive rows its manifest says; re-run the sae-codes stage")
+                    raise CodesError(
+                        f"{d / file}: rows are not the consecutive rows its manifest says; re-run the sae-codes stage"
+                    )
                 yield start, shard
                 start, local = start + n, local + n
 
@@ -239,12 +262,15 @@ class SparseCodeSource:
         cells = self.num_rows * len(self.layers)
         truncated = sum(m.truncated for m in self.manifests)
         l0 = sum(m.mean_l0 * m.num_rows for m in self.manifests) / max(1, self.num_rows)
-        return {"code_k": self.manifests[0].code_k, "value_dtype": self.manifests[0].value_dtype,
-                "mean_l0": round(l0, 2), "truncated_fraction": round(truncated / max(1, cells), 4)}  # fmt: skip
+        return {
+            "code_k": self.manifests[0].code_k,
+            "value_dtype": self.manifests[0].value_dtype,
+            "mean_l0": round(l0, 2),
+            "truncated_fraction": round(truncated / max(1, cells), 4),
+        }
 
 
 def dense_layer(dirs: Sequence[Path], position: int) -> np.ndarray:
     """[N, d_sae] codes of one layer position over all `dirs` (seeds, and the dense baseline of the benchmark)."""
     source = SparseCodeSource(dirs)
     return np.concatenate([shard.dense(position, source.d_sae) for _, shard in source.shards()])
-

@@ -86,7 +86,13 @@ def save_saes(
         )
     extras = _per_layer_extras(extra_cfg, sae.num_layers)
     # The SAE's own activation last: it is what `load_saes` rebuilds (k is null for a ReLU SAE).
-    base = {"d_in": sae.d_in, "d_sae": sae.d_sae, **(cfg.model_dump() if cfg is not None else {}), "kind": sae.kind, "k": sae.k}
+    base = {
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        **(cfg.model_dump() if cfg is not None else {}),
+        "kind": sae.kind,
+        "k": sae.k,
+    }
     clash = sorted({key for extra in extras for key in extra} & (set(base) | {"layer"}))
     if clash:
         raise SAEInputError(f"extra_cfg keys {clash} would overwrite SAE fields; rename them")

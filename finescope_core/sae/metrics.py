@@ -48,7 +48,12 @@ class LayerMetrics:
         """The final numbers without the curves (what stage info and reports show); val_* only when measured."""
         out: dict[str, Any] = {"fvu": self.fvu, "l0": self.l0, "dead_fraction": self.dead_fraction}
         if self.val_fvu is not None:
-            out.update(val_fvu=self.val_fvu, val_l0=self.val_l0, val_dead_fraction=self.val_dead_fraction, best_step=self.best_step)
+            out.update(
+                val_fvu=self.val_fvu,
+                val_l0=self.val_l0,
+                val_dead_fraction=self.val_dead_fraction,
+                best_step=self.best_step,
+            )
         out["steps_trained"] = self.steps_trained
         return out
 

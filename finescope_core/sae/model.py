@@ -186,7 +186,9 @@ class BatchedSAE(nn.Module):
             raise SAEInputError(f"cannot stack SAEs of different (d_in, d_sae) shapes: {sorted(shapes)}")
         kinds = {(s.kind, s.k) for s in saes}
         if len(kinds) != 1:
-            raise SAEInputError(f"cannot stack SAEs of different activations (kind, k): {sorted(kinds, key=str)}")
+            raise SAEInputError(
+                f"cannot stack SAEs of different activations (kind, k): {sorted(kinds, key=str)}"
+            )
         d_in, d_sae = shapes.pop()
         kind, k = kinds.pop()
         out = BatchedSAE(sum(s.num_layers for s in saes), d_in, d_sae, kind, k).to(saes[0].W_enc.device)

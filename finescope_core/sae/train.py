@@ -245,7 +245,11 @@ def standardisation_stats(acts: Tensor, layer_ids: Sequence[int], chunk: int = 4
 
 
 def _train_step(
-    sae: BatchedSAE, optimizer: torch.optim.Optimizer, x_norm: Tensor, tracker: DeadLatentTracker, cfg: SAEConfig
+    sae: BatchedSAE,
+    optimizer: torch.optim.Optimizer,
+    x_norm: Tensor,
+    tracker: DeadLatentTracker,
+    cfg: SAEConfig,
 ) -> SAELosses:
     """One Adam step on every layer at once, keeping decoder rows unit-norm; returns the step's losses."""
     losses = sae_losses(sae, x_norm, tracker.dead_mask(), cfg)
@@ -370,4 +374,6 @@ def train_saes(
             progress(cfg.steps, cfg.steps, loss=curve.loss[-1], fvu=curve.fvu[-1], stopped_at=float(step + 1))
     sae.eval()
     val = evaluate_saes(sae, val_acts) if stopping is not None else None
-    return sae, _layer_metrics(evaluate_saes(sae, acts), curve, steps_trained, val, stopping, val_curve, val_steps)
+    return sae, _layer_metrics(
+        evaluate_saes(sae, acts), curve, steps_trained, val, stopping, val_curve, val_steps
+    )

@@ -34,7 +34,9 @@ def _reference_pooled(model, texts: list[str], layers: list[int], skip_first: in
         ids = torch.tensor([tok(text, truncation=True, max_length=32)["input_ids"]])
         seen: dict[int, torch.Tensor] = {}
         handles = [
-            arch.layers[layer].register_forward_hook(lambda m, a, o, layer=layer, seen=seen: seen.__setitem__(layer, o))
+            arch.layers[layer].register_forward_hook(
+                lambda m, a, o, layer=layer, seen=seen: seen.__setitem__(layer, o)
+            )
             for layer in layers
         ]
         try:
@@ -49,7 +51,9 @@ def _reference_pooled(model, texts: list[str], layers: list[int], skip_first: in
 
 
 def _extract(model, texts, layers, *, sort=True, batch_size=3, indices=None, skip_first=1):
-    batches = iter_text_batches(byte_tokenizer(), texts, max_length=32, batch_size=batch_size, sort_by_length=sort)
+    batches = iter_text_batches(
+        byte_tokenizer(), texts, max_length=32, batch_size=batch_size, sort_by_length=sort
+    )
     got = list(extract_pooled(model, batches, layers, skip_first=skip_first, indices=indices))
     rows = torch.cat([r for r, _ in got])
     acts = torch.cat([a for _, a in got])
@@ -81,14 +85,24 @@ def test_indices_select_coordinates_per_layer() -> None:
 
 def test_length_sorting_does_not_change_results() -> None:
     model = tiny_model("qwen3")
-    assert_close(_extract(model, TEXTS, [0, 1], sort=True), _extract(model, TEXTS, [0, 1], sort=False), rtol=1e-4, atol=1e-5)
+    assert_close(
+        _extract(model, TEXTS, [0, 1], sort=True),
+        _extract(model, TEXTS, [0, 1], sort=False),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_forward_stops_after_deepest_requested_layer() -> None:
     model = tiny_model("llama", layers=3)
     arch = resolve_arch(model)
     calls = {"layer2": 0, "layer1": 0, "norm": 0, "lm_head": 0}
-    watched = {"layer2": arch.layers[2], "layer1": arch.layers[1], "norm": arch.backbone.norm, "lm_head": model.lm_head}
+    watched = {
+        "layer2": arch.layers[2],
+        "layer1": arch.layers[1],
+        "norm": arch.backbone.norm,
+        "lm_head": model.lm_head,
+    }
     handles = [
         mod.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
         for name, mod in watched.items()
@@ -131,23 +145,47 @@ def test_sharded_write_and_load_restore_original_order(tmp_path: Path) -> None:
     indices = torch.tensor([[0, 2, 4, 6], [7, 5, 3, 1]])
     progress: list[tuple[int, int]] = []
     manifest = write_activation_shards(
-        model, tok, TEXTS, [0, 2], tmp_path, indices=indices, max_length=32, batch_size=2, skip_first=1,
-        shard_size=3, progress=lambda d, t: progress.append((d, t)),
+        model,
+        tok,
+        TEXTS,
+        [0, 2],
+        tmp_path,
+        indices=indices,
+        max_length=32,
+        batch_size=2,
+        skip_first=1,
+        shard_size=3,
+        progress=lambda d, t: progress.append((d, t)),
     )
     assert [s.num_rows for s in manifest.shards] == [3, 3, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "activations.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"
+        "activations.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
     ]
     shards = list(iter_shards(tmp_path))
     assert all(acts.shape[1:] == (2, 4) for _, acts in shards)
     expected = _extract(model, TEXTS, [0, 2], indices=indices)
     assert_close(load_activations(tmp_path), expected)
     unsharded = tmp_path / "one"
-    write_activation_shards(model, tok, TEXTS, [0, 2], unsharded, indices=indices, max_length=32, batch_size=2,
-                            skip_first=1, shard_size=100)
+    write_activation_shards(
+        model,
+        tok,
+        TEXTS,
+        [0, 2],
+        unsharded,
+        indices=indices,
+        max_length=32,
+        batch_size=2,
+        skip_first=1,
+        shard_size=100,
+    )
     assert_close(load_activations(unsharded), load_activations(tmp_path))
     meta = json.loads((tmp_path / "activations.json").read_text())
-    assert meta["layers"] == [0, 2] and meta["k"] == 4 and meta["num_rows"] == 7 and meta["dtype"] == "float32"
+    assert (
+        meta["layers"] == [0, 2] and meta["k"] == 4 and meta["num_rows"] == 7 and meta["dtype"] == "float32"
+    )
     assert meta["indices"] == indices.tolist()
     assert progress[-1] == (7, 7)
 
@@ -170,8 +208,14 @@ def test_rewrite_removes_stale_shards_and_incomplete_dirs_are_refused(tmp_path: 
 
 def test_extracted_tensors_are_ordinary_tensors() -> None:
     acts = _extract(tiny_model("llama"), TEXTS[:2], [0])
-    rows, got = next(extract_pooled(tiny_model("llama"), iter_text_batches(byte_tokenizer(), ["abc"], max_length=8,
-                                                                             batch_size=1), [0], skip_first=0))
+    rows, got = next(
+        extract_pooled(
+            tiny_model("llama"),
+            iter_text_batches(byte_tokenizer(), ["abc"], max_length=8, batch_size=1),
+            [0],
+            skip_first=0,
+        )
+    )
     got.mul_(2)  # an inference-mode tensor would refuse this outside inference mode
     assert not got.is_inference() and acts.shape == (2, 1, 48) and rows.tolist() == [0]
 
@@ -212,7 +256,9 @@ def test_directories_of_consecutive_slices_load_as_one_corpus(tmp_path: Path) ->
     write_activation_shards(model, tok, TEXTS, [0, 1, 2], tmp_path / "whole", shard_size=100, **kw)
     cuts = [(0, 3), (3, 4), (4, 7)]
     for start, stop in cuts:
-        write_activation_shards(model, tok, TEXTS[start:stop], [0, 1, 2], tmp_path / f"part{start}", shard_size=2, **kw)
+        write_activation_shards(
+            model, tok, TEXTS[start:stop], [0, 1, 2], tmp_path / f"part{start}", shard_size=2, **kw
+        )
     parts = [tmp_path / f"part{start}" for start, _ in cuts]
     whole = load_activations(tmp_path / "whole")
     assert_close(load_activations(parts), whole)

@@ -21,8 +21,14 @@ def test_overrides_apply_dotted_fields(tmp_path):
     "text, message",
     [
         ("seeds: [s]\ncorpus: [c]\ncurate: {topm: 3}\n", "curate.topm: unknown field"),
-        ("seeds: [s]\ncorpus: [c]\ncurate: {method: svm}\n", "curate.method: Input should be 'sae', 'sentence'"),
-        ("seeds: [s]\ncorpus: [c]\ncurate: {final_size: 0}\n", "curate.final_size: Input should be greater than or equal to 1"),
+        (
+            "seeds: [s]\ncorpus: [c]\ncurate: {method: svm}\n",
+            "curate.method: Input should be 'sae', 'sentence'",
+        ),
+        (
+            "seeds: [s]\ncorpus: [c]\ncurate: {final_size: 0}\n",
+            "curate.final_size: Input should be greater than or equal to 1",
+        ),
         ("seeds: [s]\ncorpus: [c]\nprune: {ratio: 1.5}\n", "prune.ratio: Input should be less than 1"),
         ("corpus: [c]\n", "seeds: Field required"),
         ("seeds: []\ncorpus: [c]\n", "seeds: Value error, give at least one file"),
@@ -82,7 +88,11 @@ def test_keywords_hub_ids_and_uris_are_left_alone(tmp_path):
     )
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.seeds, cfg.corpus, cfg.model, cfg.teacher.model, cfg.prune.data) == (
-        ["s3://b/s.jsonl"], ["/abs/c.jsonl"], "org/model", "base", "curated"
+        ["s3://b/s.jsonl"],
+        ["/abs/c.jsonl"],
+        "org/model",
+        "base",
+        "curated",
     )
 
 
@@ -91,10 +101,22 @@ def test_path_fields_cover_every_field_that_names_a_file():
     from finescope_core.config import path_fields
 
     fields = path_fields()
-    for dotted in ("seeds", "corpus", "store", "output", "model", "teacher.model", "prune.data",
-                   "evaluate.eval_file", "evaluate.mc_file", "evaluate.numeric_file"):  # fmt: skip
+    for dotted in (
+        "seeds",
+        "corpus",
+        "store",
+        "output",
+        "model",
+        "teacher.model",
+        "prune.data",
+        "evaluate.eval_file",
+        "evaluate.mc_file",
+        "evaluate.numeric_file",
+    ):
         assert dotted in fields
-    suspicious = [d for d, _ in _leaf(FinescopeConfig) if d.endswith(("_file", "_dir", "path")) and d not in fields]
+    suspicious = [
+        d for d, _ in _leaf(FinescopeConfig) if d.endswith(("_file", "_dir", "path")) and d not in fields
+    ]
     assert suspicious == []
 
 

@@ -23,7 +23,10 @@ def test_hooked_layers_resolves_configured_layers_ascending() -> None:
 @pytest.mark.parametrize(
     ("layers", "message"),
     [
-        ([-1, 5], r"curate\.layers \[-1, 5\] names decoder layer 5 twice \(as -1 and 5\); list each layer once"),
+        (
+            [-1, 5],
+            r"curate\.layers \[-1, 5\] names decoder layer 5 twice \(as -1 and 5\); list each layer once",
+        ),
         ([2, 2], r"curate\.layers \[2, 2\] names decoder layer 2 twice"),
         ([0, 6], r"curate\.layers contains 6, which is out of range: the model has 6 layers \(valid: 0\.\.5"),
         ([], r"no layers requested in curate\.layers"),
@@ -57,9 +60,32 @@ def test_plain_vote_is_the_default_and_unchanged() -> None:
     voted, summary = select_records("sae", corpus, seeds, 600, cfg, 0, [7])
     # Recorded with the code before layer_weighting existed: layer 9's near-copies outscore layer 4's cluster.
     assert [v.row for v in voted] == [
-        105, 116, 115, 119, 104, 107, 118, 127, 128, 101, 117, 102, 106, 126, 103, 109, 125, 129, 108, 110,
-        100, 113, 111, 112, 123,
-    ]  # fmt: skip
+        105,
+        116,
+        115,
+        119,
+        104,
+        107,
+        118,
+        127,
+        128,
+        101,
+        117,
+        102,
+        106,
+        126,
+        103,
+        109,
+        125,
+        129,
+        108,
+        110,
+        100,
+        113,
+        111,
+        112,
+        123,
+    ]
     assert all(v.votes == len(v.layers) for v in voted)
     assert summary["effective_top_m"] == 30 and summary["excluded_seed_copies"] == 1
     assert summary["per_layer"] == {
@@ -81,7 +107,9 @@ def test_quality_weighting_counts_each_layer_by_its_weight() -> None:
     assert order == sorted(order)
     # Layer 4's cluster now fills the set: the layer whose seeds look like any corpus row counts for little.
     assert all(v.row < 40 for v in voted)
-    plain, _ = select_records("sae", corpus, seeds, 600, cfg.model_copy(update={"layer_weighting": "vote"}), 0, [7])
+    plain, _ = select_records(
+        "sae", corpus, seeds, 600, cfg.model_copy(update={"layer_weighting": "vote"}), 0, [7]
+    )
     assert not {v.row for v in plain} & {v.row for v in voted}
 
 
@@ -91,7 +119,9 @@ def test_quality_weighting_needs_two_usable_seeds_per_layer() -> None:
     cfg = CurateConfig(top_m=30, final_size=25, layer_weighting="quality", seed_pooling="max")
     with pytest.raises(CurationError, match=r"seeds per layer: \{9: 1\}.*curate\.layer_weighting: vote"):
         select_records("sae", corpus, seeds, 600, cfg, 0, [7])
-    voted, _ = select_records("sae", corpus, seeds, 600, cfg.model_copy(update={"layer_weighting": "vote"}), 0, [7])
+    voted, _ = select_records(
+        "sae", corpus, seeds, 600, cfg.model_copy(update={"layer_weighting": "vote"}), 0, [7]
+    )
     assert len(voted) == 25
 
 
@@ -129,11 +159,15 @@ def test_ties_and_zero_codes_do_not_depend_on_row_order() -> None:
     assert [ids[v.row] for v in other_seed] != chosen  # the seed picks among tied records
 
     # Asking for more than the rows with a positive score: the all-zero codes are never filled in.
-    everything, _ = select_records("sae", corpus, seeds, 300, cfg.model_copy(update={"final_size": 300}), 0, [5], ids=ids)
+    everything, _ = select_records(
+        "sae", corpus, seeds, 300, cfg.model_copy(update={"final_size": 300}), 0, [5], ids=ids
+    )
     assert len(everything) == 199 and all(v.row < 200 for v in everything)
     assert [ids[v.row] for v in everything] == [
         p_ids[v.row]
-        for v in select_records("sae", p_corpus, seeds, 300, cfg.model_copy(update={"final_size": 300}), 0, p_excluded, ids=p_ids)[0]
+        for v in select_records(
+            "sae", p_corpus, seeds, 300, cfg.model_copy(update={"final_size": 300}), 0, p_excluded, ids=p_ids
+        )[0]
     ]
 
 

@@ -18,10 +18,13 @@ def write(path: Path, lines: list[str] | str | bytes) -> str:
 
 
 def test_jsonl_text_and_instruction_records_keep_fields_and_ids(tmp_path):
-    p = write(tmp_path / "c.jsonl", [
-        json.dumps({"id": "a", "text": "hello"}),
-        json.dumps({"instruction": "Add", "input": "1 and 2", "output": "3", "extra": 7}),
-    ])
+    p = write(
+        tmp_path / "c.jsonl",
+        [
+            json.dumps({"id": "a", "text": "hello"}),
+            json.dumps({"instruction": "Add", "input": "1 and 2", "output": "3", "extra": 7}),
+        ],
+    )
     rs = load_records([p], role="corpus")
     assert [r.id for r in rs.records] == ["a", "c-000001"]
     assert rs.records[1].text == "Add\n\n1 and 2\n\n3"
@@ -30,12 +33,19 @@ def test_jsonl_text_and_instruction_records_keep_fields_and_ids(tmp_path):
 
 
 def test_integer_ids_become_strings_in_the_record_and_its_fields(tmp_path):
-    p = write(tmp_path / "c.jsonl", [json.dumps({"id": 7, "text": "a"}), json.dumps({"id": "8", "text": "b"})])
+    p = write(
+        tmp_path / "c.jsonl", [json.dumps({"id": 7, "text": "a"}), json.dumps({"id": "8", "text": "b"})]
+    )
     rs = load_records([p], role="corpus")
     assert [r.id for r in rs.records] == ["7", "8"]
     assert [r.fields["id"] for r in rs.records] == ["7", "8"]
-    pq.write_table(pa.Table.from_pylist([{"id": 1, "text": "x"}, {"id": 2, "text": "y"}]), tmp_path / "d.parquet")
-    assert [r.fields["id"] for r in load_records([str(tmp_path / "d.parquet")], role="corpus").records] == ["1", "2"]
+    pq.write_table(
+        pa.Table.from_pylist([{"id": 1, "text": "x"}, {"id": 2, "text": "y"}]), tmp_path / "d.parquet"
+    )
+    assert [r.fields["id"] for r in load_records([str(tmp_path / "d.parquet")], role="corpus").records] == [
+        "1",
+        "2",
+    ]
     with pytest.raises(DataError, match="duplicate id '7'"):
         load_records([p, write(tmp_path / "e.jsonl", [json.dumps({"id": "7", "text": "z"})])], role="corpus")
 
@@ -53,19 +63,30 @@ def test_text_and_instruction_records_give_prompt_and_reference(tmp_path):
 
 
 def test_messages_record_prompt_is_the_conversation_up_to_the_last_user_turn(tmp_path):
-    single = load_one(tmp_path, {"id": 3, "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": " What is 2+2? "},
-        {"role": "assistant", "content": "4", "weight": 1},
-    ]})
+    single = load_one(
+        tmp_path,
+        {
+            "id": 3,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": " What is 2+2? "},
+                {"role": "assistant", "content": "4", "weight": 1},
+            ],
+        },
+    )
     assert single.id == "3" and single.fields["id"] == "3"
     assert (single.prompt, single.reference) == ("Be brief.\n\nWhat is 2+2?", "4")
     assert single.text == "Be brief.\n\nWhat is 2+2?\n\n4"
-    multi = load_one(tmp_path, {"messages": [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Name a prime."},
-    ]})
+    multi = load_one(
+        tmp_path,
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a prime."},
+            ]
+        },
+    )
     assert multi.prompt == "User: Hi\n\nAssistant: Hello!\n\nUser: Name a prime." and multi.reference is None
     assert multi.text == "Hi\n\nHello!\n\nName a prime."
 
@@ -75,24 +96,40 @@ def test_prompt_completion_records_strings_and_conversational(tmp_path):
     assert (pc.prompt, pc.reference, pc.text) == ("The sky is", "blue.", "The sky is\n\nblue.")
     only = load_one(tmp_path, {"prompt": "Tell a joke."})
     assert (only.prompt, only.reference) == ("Tell a joke.", None)
-    chat = load_one(tmp_path, {"prompt": [{"role": "user", "content": "Capital of France?"}],
-                               "completion": [{"role": "assistant", "content": "Paris."}]})
+    chat = load_one(
+        tmp_path,
+        {
+            "prompt": [{"role": "user", "content": "Capital of France?"}],
+            "completion": [{"role": "assistant", "content": "Paris."}],
+        },
+    )
     assert (chat.prompt, chat.reference) == ("Capital of France?", "Paris.")
 
 
 def test_a_text_field_is_the_text_and_the_request_still_comes_from_the_record(tmp_path):
-    r = load_one(tmp_path, {"text": "<user>Hi</user><bot>Yo</bot>", "messages": [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+    r = load_one(
+        tmp_path,
+        {
+            "text": "<user>Hi</user><bot>Yo</bot>",
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+        },
+    )
     assert (r.text, r.prompt, r.reference) == ("<user>Hi</user><bot>Yo</bot>", "Hi", "Yo")
 
 
 def test_mixed_formats_in_one_parquet_file_arrive_as_nulls_and_still_load(tmp_path):
-    rows = [{"text": "plain", "instruction": None, "messages": None},
-            {"text": None, "instruction": "Add 1 and 2", "messages": None},
-            {"text": None, "instruction": None, "messages": [{"role": "user", "content": "Hi"}]}]
+    rows = [
+        {"text": "plain", "instruction": None, "messages": None},
+        {"text": None, "instruction": "Add 1 and 2", "messages": None},
+        {"text": None, "instruction": None, "messages": [{"role": "user", "content": "Hi"}]},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     rs = load_records([str(tmp_path / "m.parquet")], role="corpus")
-    assert rs.texts == ["plain", "Add 1 and 2", "Hi"] and [r.prompt for r in rs.records] == [None, "Add 1 and 2", "Hi"]
+    assert rs.texts == ["plain", "Add 1 and 2", "Hi"] and [r.prompt for r in rs.records] == [
+        None,
+        "Add 1 and 2",
+        "Hi",
+    ]
 
 
 def test_json_array_file_and_jsonl_in_a_json_file(tmp_path):
@@ -113,17 +150,32 @@ def test_json_array_file_and_jsonl_in_a_json_file(tmp_path):
     [
         ({"messages": "hi"}, "c.jsonl:1: field 'messages' must be a list of"),
         ({"messages": ["hi"]}, "c.jsonl:1: messages[0] must be an object with 'role' and 'content', got str"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "c.jsonl:1: messages[0] has role 'tool'; use 'system', 'user'"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "c.jsonl:1: messages[0] has role 'tool'; use 'system', 'user'",
+        ),
         ({"messages": [{"content": "x"}]}, "c.jsonl:1: messages[0] has role None"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
-         "c.jsonl:1: messages[0] (user): 'content' must be a string, got list; join multi-part"),
-        ({"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]},
-         "c.jsonl:1: 'messages' has no user turn"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
+            "c.jsonl:1: messages[0] (user): 'content' must be a string, got list; join multi-part",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            "c.jsonl:1: 'messages' has no user turn",
+        ),
         ({"messages": []}, "c.jsonl:1: field 'messages' is empty"),
-        ({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]},
-         "c.jsonl:1: the last user turn (messages[0]) is empty"),
-        ({"prompt": "x", "completion": 3}, "c.jsonl:1: 'prompt' and 'completion' must both be strings or both lists"),
-        ({"prompt": [{"role": "user", "content": "x"}], "completion": "y"}, "must both be strings or both lists"),
+        (
+            {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]},
+            "c.jsonl:1: the last user turn (messages[0]) is empty",
+        ),
+        (
+            {"prompt": "x", "completion": 3},
+            "c.jsonl:1: 'prompt' and 'completion' must both be strings or both lists",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": "x"}], "completion": "y"},
+            "must both be strings or both lists",
+        ),
         ({"instruction": "x", "input": 5}, "c.jsonl:1: field 'input' must be a string, got int"),
         ({"body": "x"}, "'prompt' (+ 'completion'); or 'messages' (a list of"),
     ],
@@ -142,7 +194,10 @@ def test_bad_chat_and_prompt_records_name_file_line_and_fix(tmp_path, record, me
         ('[{"text": "a"}, "b"]', "c.json:item 1: each item of the array must be a JSON object, got str"),
         ('[{"text": "a"}]\n[{"text": "b"}]', "c.json:2:1: malformed JSON (Extra data"),
         ('{"text": "a"}\n{"text": "b"\n', "c.json:2: malformed JSON"),
-        ('{"data": [{"text": "a"}, 3]}', "c.json:data item 1: each item of 'data' must be a JSON object, got int"),
+        (
+            '{"data": [{"text": "a"}, 3]}',
+            "c.json:data item 1: each item of 'data' must be a JSON object, got int",
+        ),
         ('"just a string"', "c.json: holds a JSON str; give a JSON array of record objects"),
         (b'[{"text": "a"},\n {"text": "\xff"}]', "c.json:2: not valid UTF-8"),
     ],
@@ -162,11 +217,18 @@ def test_ids_are_stable_and_hash_changes_with_content(tmp_path):
 
 
 def test_parquet_and_hf_dataset_dir(tmp_path):
-    pq.write_table(pa.Table.from_pylist([{"text": "x", "id": None}, {"text": "y", "id": "q"}]), tmp_path / "d.parquet")
-    assert [r.id for r in load_records([str(tmp_path / "d.parquet")], role="corpus").records] == ["d-000000", "q"]
+    pq.write_table(
+        pa.Table.from_pylist([{"text": "x", "id": None}, {"text": "y", "id": "q"}]), tmp_path / "d.parquet"
+    )
+    assert [r.id for r in load_records([str(tmp_path / "d.parquet")], role="corpus").records] == [
+        "d-000000",
+        "q",
+    ]
     import datasets
 
-    datasets.Dataset.from_list([{"instruction": "i1"}, {"instruction": "i2"}]).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_list([{"instruction": "i1"}, {"instruction": "i2"}]).save_to_disk(
+        str(tmp_path / "hf")
+    )
     rs = load_records([str(tmp_path / "hf")], role="corpus")
     assert rs.texts == ["i1", "i2"]
 
@@ -220,7 +282,9 @@ def test_deduplicate_and_seed_copies(tmp_path):
     seeds = load_records([write(tmp_path / "s.txt", ["What is 2+2?"])], role="seeds")
     corpus = load_records([write(tmp_path / "c.txt", ["what is  2+2?", "b", "B ", "c"])], role="corpus")
     prepared = deduplicate(corpus)
-    assert prepared.corpus.texts == ["what is  2+2?", "b", "c"] and prepared.dropped_duplicates == ["c-000002"]
+    assert prepared.corpus.texts == ["what is  2+2?", "b", "c"] and prepared.dropped_duplicates == [
+        "c-000002"
+    ]
     assert seed_copies(prepared.corpus, seeds) == [0]
     with pytest.raises(DataError, match="has 3 usable records .* asks for 5"):
         check_sizes(len(prepared.corpus), needed=5, what="curate.final_size")

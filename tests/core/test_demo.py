@@ -83,14 +83,21 @@ def built_humaneval(total: int) -> int:
 
 
 @needs_assets
-def test_eval_files_hold_each_domain_source_outside_the_corpus(built: demo.DemoData, corpus: list[dict]) -> None:
+def test_eval_files_hold_each_domain_source_outside_the_corpus(
+    built: demo.DemoData, corpus: list[dict]
+) -> None:
     in_corpus = {r["id"] for r in corpus}
     texts = {(r["instruction"], r["output"]) for r in corpus}
     for domain, source in demo.DEMO_DOMAINS.items():
         items = [json.loads(line) for line in built.evals[domain].read_text().splitlines()]
         assert 0 < len(items) <= demo.DEMO_EVAL_ITEMS and {r["source"] for r in items} == {source}
-        assert not {r["id"] for r in items} & in_corpus and not {(r["instruction"], r["output"]) for r in items} & texts
-    assert len([1 for _ in built.evals["math"].read_text().splitlines()]) == demo.DEMO_EVAL_ITEMS  # 1319 - 400 left
+        assert (
+            not {r["id"] for r in items} & in_corpus
+            and not {(r["instruction"], r["output"]) for r in items} & texts
+        )
+    assert (
+        len([1 for _ in built.evals["math"].read_text().splitlines()]) == demo.DEMO_EVAL_ITEMS
+    )  # 1319 - 400 left
 
 
 @needs_assets

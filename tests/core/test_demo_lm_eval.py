@@ -54,7 +54,9 @@ def test_yaml_points_at_the_absolute_data_and_lm_eval_finds_both_tasks(built):
         assert doc["task"] == name and data.is_absolute() and data.is_file()
     gen = yaml.safe_load((built.lm_eval / f"{ANSWER_TASK}.yaml").read_text())
     assert gen["generation_kwargs"]["until"] and gen["generation_kwargs"]["max_gen_toks"] <= 128
-    assert check_harness_config(EvalConfig(lm_eval_tasks=list(DEMO_TASKS), lm_eval_include=str(built.lm_eval)))
+    assert check_harness_config(
+        EvalConfig(lm_eval_tasks=list(DEMO_TASKS), lm_eval_include=str(built.lm_eval))
+    )
 
 
 def test_same_seed_same_tasks_and_no_tasks_when_the_corpus_keeps_every_problem(built, tmp_path):
@@ -62,5 +64,7 @@ def test_same_seed_same_tasks_and_no_tasks_when_the_corpus_keeps_every_problem(b
     for name in DEMO_TASKS:
         assert read_jsonl(again.lm_eval / f"{name}.jsonl") == read_jsonl(built.lm_eval / f"{name}.jsonl")
     other = build_demo_corpus(tmp_path / "other", seed=1)
-    assert read_jsonl(other.lm_eval / f"{NEXT_STEP_TASK}.jsonl") != read_jsonl(built.lm_eval / f"{NEXT_STEP_TASK}.jsonl")
+    assert read_jsonl(other.lm_eval / f"{NEXT_STEP_TASK}.jsonl") != read_jsonl(
+        built.lm_eval / f"{NEXT_STEP_TASK}.jsonl"
+    )
     assert build_demo_corpus(tmp_path / "all", per_source_cap={"gsm8k": None}).lm_eval is None

@@ -85,7 +85,9 @@ def test_perplexity_does_not_depend_on_padding_or_batch_size() -> None:
     model, tok = tiny_model("qwen2"), byte_tokenizer()
     alone = perplexity(model, tok, TEXTS, max_length=64, batch_size=1)
     for batch_size in (2, 3, 5):
-        assert_close(perplexity(model, tok, TEXTS, max_length=64, batch_size=batch_size), alone, rtol=1e-5, atol=0)
+        assert_close(
+            perplexity(model, tok, TEXTS, max_length=64, batch_size=batch_size), alone, rtol=1e-5, atol=0
+        )
 
 
 def test_perplexity_reports_progress_and_restores_train_mode() -> None:
@@ -131,13 +133,18 @@ def test_choice_logprobs_match_brute_force(max_length: int) -> None:
     expected = _brute_force_choice_scores(model, MC_ITEMS, max_length)
     assert [len(r) for r in got] == [4, 2, 3]
     for g, e in zip(got, expected, strict=True):
-        assert_close(torch.tensor(g, dtype=torch.float64), torch.tensor(e, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+        assert_close(
+            torch.tensor(g, dtype=torch.float64), torch.tensor(e, dtype=torch.float64), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_mc_accuracy_equals_argmax_of_reference_scores() -> None:
     model = tiny_model()
     ref = _brute_force_choice_scores(model, MC_ITEMS, 128)
-    expected = sum(int(max(range(len(r)), key=r.__getitem__) == it["answer"]) for r, it in zip(ref, MC_ITEMS, strict=True))
+    expected = sum(
+        int(max(range(len(r)), key=r.__getitem__) == it["answer"])
+        for r, it in zip(ref, MC_ITEMS, strict=True)
+    )
     out = mc_accuracy(model, byte_tokenizer(), MC_ITEMS, max_length=128, batch_size=4)
     assert out["n"] == 3
     assert out["accuracy"] == pytest.approx(expected / 3)
@@ -151,7 +158,9 @@ class FavourToken(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.token_id, self.vocab, self.bonus = token_id, vocab, bonus
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: object) -> SimpleNamespace:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: object
+    ) -> SimpleNamespace:
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.token_id] = self.bonus
         return SimpleNamespace(logits=logits)
@@ -231,15 +240,22 @@ def test_choice_longer_than_max_length_is_refused() -> None:
 
 
 def _write_lines(path: Path, lines: list[object]) -> str:
-    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n", encoding="utf-8"
+    )
     return str(path)
 
 
 def test_load_mc_items_normalises_and_reports_file_line(tmp_path: Path) -> None:
-    good = _write_lines(tmp_path / "mc.jsonl", [MC_ITEMS[0], "", {"question": "q", "choices": ["a", "b"], "answer": "b"}])
+    good = _write_lines(
+        tmp_path / "mc.jsonl", [MC_ITEMS[0], "", {"question": "q", "choices": ["a", "b"], "answer": "b"}]
+    )
     items = load_mc_items(good)
     assert [it["answer"] for it in items] == [1, 1]
-    bad = _write_lines(tmp_path / "bad.jsonl", [MC_ITEMS[0], MC_ITEMS[1], {"question": "q", "choices": ["a", "b"], "answer": 5}])
+    bad = _write_lines(
+        tmp_path / "bad.jsonl",
+        [MC_ITEMS[0], MC_ITEMS[1], {"question": "q", "choices": ["a", "b"], "answer": 5}],
+    )
     with pytest.raises(EvalError, match=r"bad\.jsonl:3: field 'answer'"):
         load_mc_items(bad)
     missing = _write_lines(tmp_path / "m.jsonl", [{"question": "q", "answer": 0}])
@@ -255,9 +271,17 @@ def test_load_mc_items_normalises_and_reports_file_line(tmp_path: Path) -> None:
 
 
 def test_load_numeric_items_validates_answers(tmp_path: Path) -> None:
-    path = _write_lines(tmp_path / "num.jsonl", [{"question": "q1", "answer": "So 3 + 4 = 7.\n#### 7"}, {"question": "q2", "answer": 12}])
-    assert [reference_number(it["answer"], "x") for it in load_numeric_items(path)] == [Decimal(7), Decimal(12)]
-    bad = _write_lines(tmp_path / "bad.jsonl", [{"question": "q1", "answer": 1}, {"question": "q2", "answer": "none"}])
+    path = _write_lines(
+        tmp_path / "num.jsonl",
+        [{"question": "q1", "answer": "So 3 + 4 = 7.\n#### 7"}, {"question": "q2", "answer": 12}],
+    )
+    assert [reference_number(it["answer"], "x") for it in load_numeric_items(path)] == [
+        Decimal(7),
+        Decimal(12),
+    ]
+    bad = _write_lines(
+        tmp_path / "bad.jsonl", [{"question": "q1", "answer": 1}, {"question": "q2", "answer": "none"}]
+    )
     with pytest.raises(EvalError, match=r"bad\.jsonl:2: field 'answer'"):
         load_numeric_items(bad)
     no_answer = _write_lines(tmp_path / "na.jsonl", [{"question": "q1"}])
@@ -386,16 +410,27 @@ def test_count_parameters_counts_tied_embeddings_once() -> None:
 def test_evaluate_model_returns_every_metric_and_a_valid_metrics_file() -> None:
     model, tok = tiny_model(), byte_tokenizer()
     cfg = EvalConfig(max_length=32, max_new_tokens=4, max_examples=2)
-    numeric = [{"question": "What is 2 + 2?", "answer": 4}, {"question": "3 + 3?", "answer": 6}, {"question": "x", "answer": 1}]
+    numeric = [
+        {"question": "What is 2 + 2?", "answer": 4},
+        {"question": "3 + 3?", "answer": 6},
+        {"question": "x", "answer": 1},
+    ]
     seen: set[str] = set()
     result = evaluate_model(
-        model, tok, domain_texts=TEXTS, mc_items=MC_ITEMS, numeric_items=numeric, cfg=cfg,
+        model,
+        tok,
+        domain_texts=TEXTS,
+        mc_items=MC_ITEMS,
+        numeric_items=numeric,
+        cfg=cfg,
         progress=lambda done, total, **info: seen.add(str(info["metric"])),
     )
     assert seen == {"perplexity", "mc", "numeric"}
     assert result["n"] == {"perplexity": 2, "mc": 2, "numeric": 2}
     assert set(result["ci"]) == {"perplexity", "mc_accuracy", "mc_accuracy_norm", "numeric_exact_match"}
-    assert all(c["low"] <= c["value"] <= c["high"] and c["value"] == result[k] for k, c in result["ci"].items())
+    assert all(
+        c["low"] <= c["value"] <= c["high"] and c["value"] == result[k] for k, c in result["ci"].items()
+    )
     assert_close(result["perplexity"], perplexity(model, tok, TEXTS[:2], max_length=32), rtol=1e-6, atol=0)
     assert result["mc_accuracy"] == mc_accuracy(model, tok, MC_ITEMS[:2], max_length=32)["accuracy"]
     assert 0 <= result["numeric_exact_match"] <= 1 and "mc_accuracy_norm" in result
@@ -412,15 +447,22 @@ def test_evaluate_model_without_optional_sets() -> None:
 # ------------------------------------------------------------------------------------- metrics.json
 
 GOOD = {
-    "perplexity": 12.5, "parameters": 1000, "mc_accuracy": 0.25, "n": {"perplexity": 4, "mc": 4},
-    "ci": {"perplexity": {"value": 12.5, "low": 10.0, "high": 15.0, "n": 4},
-           "mc_accuracy": {"value": 0.25, "low": 0.0, "high": 0.75, "n": 4}},
-}  # fmt: skip
+    "perplexity": 12.5,
+    "parameters": 1000,
+    "mc_accuracy": 0.25,
+    "n": {"perplexity": 4, "mc": 4},
+    "ci": {
+        "perplexity": {"value": 12.5, "low": 10.0, "high": 15.0, "n": 4},
+        "mc_accuracy": {"value": 0.25, "low": 0.0, "high": 0.75, "n": 4},
+    },
+}
 NO_PARAMETERS = {k: v for k, v in GOOD.items() if k != "parameters"}
 
 
 def test_metrics_schema_accepts_baselines() -> None:
-    metrics = {"models": {"base": GOOD, "pruned": GOOD, "tuned": GOOD, "pruned-random": GOOD, "tuned-random": GOOD}}
+    metrics = {
+        "models": {"base": GOOD, "pruned": GOOD, "tuned": GOOD, "pruned-random": GOOD, "tuned-random": GOOD}
+    }
     assert metrics_schema_errors(metrics) == []
 
 
@@ -430,12 +472,27 @@ def test_metrics_schema_accepts_baselines() -> None:
         ([], "metrics: must be an object"),
         ({"base": GOOD}, "metrics: must be an object"),
         ({"models": {"base": GOOD, "pruned": GOOD}}, "models.tuned: missing"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "perplexity": float("nan")}}}, "models.tuned.perplexity"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "perplexity": 0}}}, "models.tuned.perplexity"),
-        ({"models": {"base": {**GOOD, "parameters": 10.0}, "pruned": GOOD, "tuned": GOOD}}, "models.base.parameters"),
-        ({"models": {"base": {**GOOD, "parameters": True}, "pruned": GOOD, "tuned": GOOD}}, "models.base.parameters"),
+        (
+            {"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "perplexity": float("nan")}}},
+            "models.tuned.perplexity",
+        ),
+        (
+            {"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "perplexity": 0}}},
+            "models.tuned.perplexity",
+        ),
+        (
+            {"models": {"base": {**GOOD, "parameters": 10.0}, "pruned": GOOD, "tuned": GOOD}},
+            "models.base.parameters",
+        ),
+        (
+            {"models": {"base": {**GOOD, "parameters": True}, "pruned": GOOD, "tuned": GOOD}},
+            "models.base.parameters",
+        ),
         ({"models": {"base": GOOD, "pruned": {"parameters": 5}, "tuned": GOOD}}, "models.pruned.perplexity"),
-        ({"models": {"base": GOOD, "pruned": {**GOOD, "mc_accuracy": 1.5}, "tuned": GOOD}}, "models.pruned.mc_accuracy"),
+        (
+            {"models": {"base": GOOD, "pruned": {**GOOD, "mc_accuracy": 1.5}, "tuned": GOOD}},
+            "models.pruned.mc_accuracy",
+        ),
         ({"models": {"base": GOOD, "pruned": GOOD, "tuned": GOOD, "x": 3}}, "models.x: must be an object"),
     ],
 )
@@ -450,34 +507,109 @@ def test_metrics_schema_errors_name_the_path(metrics: object, fragment: str) -> 
         ([], "metrics: must be an object with a 'models' object"),
         ({"models": []}, "metrics: must be an object with a 'models' object"),
         ({"models": {"base": GOOD, "tuned": GOOD}}, "models.pruned: missing"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": [GOOD]}}, "models.tuned: must be an object of metrics"),
-        ({"models": {"base": {**GOOD, "perplexity": float("inf")}, "pruned": GOOD, "tuned": GOOD}},
-         "models.base.perplexity: must be a finite number > 0, got inf"),
-        ({"models": {"base": {**GOOD, "perplexity": "12"}, "pruned": GOOD, "tuned": GOOD}},
-         "models.base.perplexity: must be a finite number > 0, got '12'"),
-        ({"models": {"base": NO_PARAMETERS, "pruned": GOOD, "tuned": GOOD}}, "models.base.parameters: missing"),
-        ({"models": {"base": {**GOOD, "parameters": -4}, "pruned": GOOD, "tuned": GOOD}},
-         "models.base.parameters: must be an integer > 0, got -4"),
-        ({"models": {"base": GOOD, "pruned": {**GOOD, "numeric_exact_match": None}, "tuned": GOOD}},
-         "models.pruned.numeric_exact_match: must be a number in [0, 1], got None"),
-        ({"models": {"base": GOOD, "pruned": {**GOOD, "mc_accuracy_norm": -0.1}, "tuned": GOOD}},
-         "models.pruned.mc_accuracy_norm: must be a number in [0, 1], got -0.1"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": 3}}}, "models.tuned.n: must be an object"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"mc": 2}}}}, "models.tuned.n.perplexity: missing"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 0}}}},
-         "models.tuned.n.perplexity: must be an integer > 0, got 0"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 2, "numeric": 1.0}}}},
-         "models.tuned.n.numeric: must be an integer > 0, got 1.0"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "ci": {"perplexity": GOOD["ci"]["perplexity"]}}}},
-         "models.tuned: ci must hold exactly the metrics present (mc_accuracy, perplexity), got perplexity"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "ci": {**GOOD["ci"], "perplexity": {
-            "value": 12.5, "low": 13.0, "high": 15.0, "n": 4}}}}},
-         "models.tuned.ci.perplexity: must satisfy low <= value <= high, got 13.0, 12.5, 15.0"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "ci": {**GOOD["ci"], "perplexity": {
-            "value": 11.0, "low": 10.0, "high": 15.0, "n": 4}}}}},
-         "models.tuned: ci.perplexity.value differs from perplexity"),
-        ({"models": {"base": GOOD, "pruned": GOOD, "tuned": GOOD, "pruned-random": {**GOOD, "parameters": None}}},
-         "models.pruned-random.parameters: must be an integer > 0, got None"),
+        (
+            {"models": {"base": GOOD, "pruned": GOOD, "tuned": [GOOD]}},
+            "models.tuned: must be an object of metrics",
+        ),
+        (
+            {"models": {"base": {**GOOD, "perplexity": float("inf")}, "pruned": GOOD, "tuned": GOOD}},
+            "models.base.perplexity: must be a finite number > 0, got inf",
+        ),
+        (
+            {"models": {"base": {**GOOD, "perplexity": "12"}, "pruned": GOOD, "tuned": GOOD}},
+            "models.base.perplexity: must be a finite number > 0, got '12'",
+        ),
+        (
+            {"models": {"base": NO_PARAMETERS, "pruned": GOOD, "tuned": GOOD}},
+            "models.base.parameters: missing",
+        ),
+        (
+            {"models": {"base": {**GOOD, "parameters": -4}, "pruned": GOOD, "tuned": GOOD}},
+            "models.base.parameters: must be an integer > 0, got -4",
+        ),
+        (
+            {"models": {"base": GOOD, "pruned": {**GOOD, "numeric_exact_match": None}, "tuned": GOOD}},
+            "models.pruned.numeric_exact_match: must be a number in [0, 1], got None",
+        ),
+        (
+            {"models": {"base": GOOD, "pruned": {**GOOD, "mc_accuracy_norm": -0.1}, "tuned": GOOD}},
+            "models.pruned.mc_accuracy_norm: must be a number in [0, 1], got -0.1",
+        ),
+        (
+            {"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": 3}}},
+            "models.tuned.n: must be an object",
+        ),
+        (
+            {"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"mc": 2}}}},
+            "models.tuned.n.perplexity: missing",
+        ),
+        (
+            {"models": {"base": GOOD, "pruned": GOOD, "tuned": {**GOOD, "n": {"perplexity": 0}}}},
+            "models.tuned.n.perplexity: must be an integer > 0, got 0",
+        ),
+        (
+            {
+                "models": {
+                    "base": GOOD,
+                    "pruned": GOOD,
+                    "tuned": {**GOOD, "n": {"perplexity": 2, "numeric": 1.0}},
+                }
+            },
+            "models.tuned.n.numeric: must be an integer > 0, got 1.0",
+        ),
+        (
+            {
+                "models": {
+                    "base": GOOD,
+                    "pruned": GOOD,
+                    "tuned": {**GOOD, "ci": {"perplexity": GOOD["ci"]["perplexity"]}},
+                }
+            },
+            "models.tuned: ci must hold exactly the metrics present (mc_accuracy, perplexity), got perplexity",
+        ),
+        (
+            {
+                "models": {
+                    "base": GOOD,
+                    "pruned": GOOD,
+                    "tuned": {
+                        **GOOD,
+                        "ci": {
+                            **GOOD["ci"],
+                            "perplexity": {"value": 12.5, "low": 13.0, "high": 15.0, "n": 4},
+                        },
+                    },
+                }
+            },
+            "models.tuned.ci.perplexity: must satisfy low <= value <= high, got 13.0, 12.5, 15.0",
+        ),
+        (
+            {
+                "models": {
+                    "base": GOOD,
+                    "pruned": GOOD,
+                    "tuned": {
+                        **GOOD,
+                        "ci": {
+                            **GOOD["ci"],
+                            "perplexity": {"value": 11.0, "low": 10.0, "high": 15.0, "n": 4},
+                        },
+                    },
+                }
+            },
+            "models.tuned: ci.perplexity.value differs from perplexity",
+        ),
+        (
+            {
+                "models": {
+                    "base": GOOD,
+                    "pruned": GOOD,
+                    "tuned": GOOD,
+                    "pruned-random": {**GOOD, "parameters": None},
+                }
+            },
+            "models.pruned-random.parameters: must be an integer > 0, got None",
+        ),
     ],
 )
 def test_metrics_model_rejects_each_bad_shape_naming_the_path(metrics: object, message: str) -> None:
@@ -486,8 +618,10 @@ def test_metrics_model_rejects_each_bad_shape_naming_the_path(metrics: object, m
 
 def test_metrics_model_reads_baselines_as_model_metrics() -> None:
     counts = {"perplexity": 2, "mc": 2, "numeric": 2}
-    doc = {"models": {name: {**GOOD, "n": counts} for name in ("base", "pruned", "tuned", "pruned-random")},
-           "stage_seconds": {"sae": 1.5}}  # fmt: skip
+    doc = {
+        "models": {name: {**GOOD, "n": counts} for name in ("base", "pruned", "tuned", "pruned-random")},
+        "stage_seconds": {"sae": 1.5},
+    }
     parsed = MetricsDocument.model_validate(doc)
     extra = parsed.models.model_extra or {}
     assert isinstance(extra["pruned-random"], ModelMetrics) and extra["pruned-random"].parameters == 1000

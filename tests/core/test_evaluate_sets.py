@@ -34,7 +34,11 @@ def test_interval_of_constant_data_is_the_exact_value() -> None:
     ci = mean_interval([1.0] * 30, resamples=200, seed=0)
     assert (ci.value, ci.low, ci.high, ci.n) == (1.0, 1.0, 1.0, 30)
     ppl = perplexity_interval([2.0] * 10, [2] * 10, resamples=200, seed=0)
-    assert ppl.low == pytest.approx(math.e) and ppl.high == pytest.approx(math.e) and ppl.value == pytest.approx(math.e)
+    assert (
+        ppl.low == pytest.approx(math.e)
+        and ppl.high == pytest.approx(math.e)
+        and ppl.value == pytest.approx(math.e)
+    )
 
 
 def test_interval_matches_a_brute_force_bootstrap_and_contains_the_estimate() -> None:
@@ -44,7 +48,9 @@ def test_interval_matches_a_brute_force_bootstrap_and_contains_the_estimate() ->
     # Brute force: the same resamples drawn one by one, the 2.5 / 97.5 percentiles of their means.
     idx = np.random.default_rng(7).integers(0, len(hits), size=(500, len(hits)))
     means = sorted(float(np.mean([hits[i] for i in row])) for row in idx)
-    assert ci.low == pytest.approx(np.percentile(means, 2.5)) and ci.high == pytest.approx(np.percentile(means, 97.5))
+    assert ci.low == pytest.approx(np.percentile(means, 2.5)) and ci.high == pytest.approx(
+        np.percentile(means, 97.5)
+    )
     assert ci.low <= ci.value <= ci.high and ci.value == pytest.approx(sum(hits) / len(hits))
 
 
@@ -54,7 +60,9 @@ def test_perplexity_interval_resamples_items_and_recomputes_the_token_weighted_m
     assert ci.value == pytest.approx(math.exp(sum(nll) / sum(tokens)))
     idx = np.random.default_rng(1).integers(0, 4, size=(300, 4))
     stats = [math.exp(sum(nll[i] for i in row) / sum(tokens[i] for i in row)) for row in idx]
-    assert ci.low == pytest.approx(np.percentile(stats, 2.5)) and ci.high == pytest.approx(np.percentile(stats, 97.5))
+    assert ci.low == pytest.approx(np.percentile(stats, 2.5)) and ci.high == pytest.approx(
+        np.percentile(stats, 97.5)
+    )
 
 
 def test_interval_shrinks_with_n() -> None:
@@ -74,7 +82,11 @@ def test_overlap() -> None:
 
 def test_chat_perplexity_equals_exp_mean_nll_from_the_logits_by_hand() -> None:
     model, tok = tiny_model(), byte_tokenizer()
-    pairs = [("What is 2 + 2?", "It is 4."), ("Name a colour.", "Blue, mostly."), ("Hi", "Hello there, friend.")]
+    pairs = [
+        ("What is 2 + 2?", "It is 4."),
+        ("Name a colour.", "Blue, mostly."),
+        ("Hi", "Hello there, friend."),
+    ]
     nll, counts = chat_nll(model, tok, pairs, max_length=64, batch_size=2)
     total = scored = 0.0
     for (prompt, reference), item_nll, item_count in zip(pairs, nll, counts, strict=True):
@@ -96,7 +108,9 @@ def test_text_nll_sums_to_the_raw_text_perplexity() -> None:
     model, tok = tiny_model(), byte_tokenizer()
     texts = ["Janet has 16 eggs.", "2 + 2 = 4", "The quick brown fox jumps."]
     nll, counts = text_nll(model, tok, texts, max_length=32, batch_size=2)
-    assert math.exp(sum(nll) / sum(counts)) == pytest.approx(perplexity(model, tok, texts, max_length=32), rel=1e-5)
+    assert math.exp(sum(nll) / sum(counts)) == pytest.approx(
+        perplexity(model, tok, texts, max_length=32), rel=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------------- contamination
@@ -136,11 +150,16 @@ def test_ngram_overlap_matches_brute_force_and_near_duplicates_are_caught() -> N
     found = check_contamination(items, reference)
     brute = [i for i, item in enumerate(items) if _brute_force_ngram(item, reference)]
     assert found.ngram == brute == [3]
-    assert 7 in found.near_duplicate and 8 in found.near_duplicate and _jaccard(items[7], reference[-2]) == 1.0
+    assert (
+        7 in found.near_duplicate and 8 in found.near_duplicate and _jaccard(items[7], reference[-2]) == 1.0
+    )
     assert 5 in found.kept
     # Every other item is clean by brute force (no 13-gram, Jaccard far below the threshold).
     for i in found.kept:
-        assert not _brute_force_ngram(items[i], reference) and max(_jaccard(items[i], r) for r in reference) < 0.5
+        assert (
+            not _brute_force_ngram(items[i], reference)
+            and max(_jaccard(items[i], r) for r in reference) < 0.5
+        )
     assert found.summary() == {"checked": 30, "kept": 27, "dropped_ngram": 1, "dropped_near_duplicate": 2}
 
 
@@ -156,8 +175,15 @@ def test_internal_duplicates_count_exact_and_near_copies() -> None:
 
 
 def _records(n: int) -> list[Record]:
-    return [Record(id=f"r{i}", text=f"text {i}", fields={"id": f"r{i}", "text": f"text {i}"}, origin=f"c.jsonl:{i + 1}")
-            for i in range(n)]  # fmt: skip
+    return [
+        Record(
+            id=f"r{i}",
+            text=f"text {i}",
+            fields={"id": f"r{i}", "text": f"text {i}"},
+            origin=f"c.jsonl:{i + 1}",
+        )
+        for i in range(n)
+    ]
 
 
 def test_split_is_a_seeded_hash_of_the_id_and_ignores_order() -> None:
@@ -178,4 +204,6 @@ def test_nearest_to_centroid_by_brute_force() -> None:
     centroid = (seeds / np.linalg.norm(seeds, axis=1, keepdims=True)).mean(axis=0)
     cos = [float(v @ centroid / np.linalg.norm(v) / np.linalg.norm(centroid)) for v in items]
     assert nearest_to_centroid(items, seeds, 5) == sorted(range(50), key=lambda i: -cos[i])[:5]
-    assert list(itertools.islice(nearest_to_centroid(items, seeds, 100), 3)) == nearest_to_centroid(items, seeds, 3)
+    assert list(itertools.islice(nearest_to_centroid(items, seeds, 100), 3)) == nearest_to_centroid(
+        items, seeds, 3
+    )

@@ -24,10 +24,14 @@ def test_a_directory_output_is_replaced_whole_with_its_extra_files(tmp_path):
     dest = tmp_path / "out"
     export_outputs([Output("model", source=_model_dir(tmp_path / "v1", "1"))], str(dest))
     (dest / "model" / "stale.bin").write_text("left from an older export")
-    written = export_outputs([Output("model", source=_model_dir(tmp_path / "v2", "2"), files={"README.md": "card"})], str(dest))
+    written = export_outputs(
+        [Output("model", source=_model_dir(tmp_path / "v2", "2"), files={"README.md": "card"})], str(dest)
+    )
     assert written == {"model": str(dest / "model")}
     assert sorted(p.name for p in (dest / "model").iterdir()) == ["README.md", "config.json"]
-    assert (dest / "model" / "config.json").read_text() == "2" and (dest / "model" / "README.md").read_text() == "card"
+    assert (dest / "model" / "config.json").read_text() == "2" and (
+        dest / "model" / "README.md"
+    ).read_text() == "card"
     assert [p.name for p in dest.iterdir()] == ["model"]  # no temporary or old copies left behind
     assert (tmp_path / "v2" / "README.md").read_text() == "old card"  # the source is never touched
 
@@ -35,7 +39,9 @@ def test_a_directory_output_is_replaced_whole_with_its_extra_files(tmp_path):
 def test_text_and_nested_outputs(tmp_path):
     src = tmp_path / "data.jsonl"
     src.write_text("{}\n")
-    written = export_outputs([Output("sub/data.jsonl", source=src), Output("sub/README.md", text="hello")], str(tmp_path / "o"))
+    written = export_outputs(
+        [Output("sub/data.jsonl", source=src), Output("sub/README.md", text="hello")], str(tmp_path / "o")
+    )
     assert (tmp_path / "o" / "sub" / "README.md").read_text() == "hello"
     assert set(written) == {"sub/data.jsonl", "sub/README.md"}
 
@@ -60,15 +66,32 @@ def test_remote_outputs_replace_the_old_directory(tmp_path):
 
 
 def _facts(**kw) -> RunFacts:
-    metrics = {"models": {
-        "base": {"perplexity": 7.0, "parameters": 1000, "n": {"perplexity": 18}},
-        "pruned": {"perplexity": 19.0, "parameters": 700, "mc_accuracy": 0.4},
-        "tuned": {"perplexity": 12.5, "parameters": 700, "mc_accuracy": 0.5},
-    }}  # fmt: skip
-    prune = {"params_before": {"total": 1000}, "params_after": {"total": 700}, "achieved_ratio": 0.3, "target_ratio": 0.3}
-    return RunFacts(**{"name": "math", "base_model": "default", "base_model_id": base_model_id("default", False),
-                       "method": "sae", "code_version": "0.1.0", "curated_records": 100, "prune": prune,
-                       "metrics": metrics, **kw})  # fmt: skip
+    metrics = {
+        "models": {
+            "base": {"perplexity": 7.0, "parameters": 1000, "n": {"perplexity": 18}},
+            "pruned": {"perplexity": 19.0, "parameters": 700, "mc_accuracy": 0.4},
+            "tuned": {"perplexity": 12.5, "parameters": 700, "mc_accuracy": 0.5},
+        }
+    }
+    prune = {
+        "params_before": {"total": 1000},
+        "params_after": {"total": 700},
+        "achieved_ratio": 0.3,
+        "target_ratio": 0.3,
+    }
+    return RunFacts(
+        **{
+            "name": "math",
+            "base_model": "default",
+            "base_model_id": base_model_id("default", False),
+            "method": "sae",
+            "code_version": "0.1.0",
+            "curated_records": 100,
+            "prune": prune,
+            "metrics": metrics,
+            **kw,
+        }
+    )
 
 
 def test_model_cards_parse_back_with_base_and_metrics():
@@ -98,7 +121,9 @@ def test_base_model_ids():
 def test_dataset_card_points_datasets_at_its_file():
     card = DatasetCard(dataset_card("curated", _facts(), 1234, ["curated.jsonl"], ["id", "text", "rank"]))
     assert card.data.size_categories == "1K<n<10K" and card.data.pretty_name == "math (curated)"
-    assert card.data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": ["curated.jsonl"]}]}]
+    assert card.data.configs == [
+        {"config_name": "default", "data_files": [{"split": "train", "path": ["curated.jsonl"]}]}
+    ]
     assert "1,234 records" in card.text and "`rank`" in card.text
 
 

@@ -84,7 +84,9 @@ def test_model_loss_with_these_labels_is_the_response_only_cross_entropy() -> No
 def test_truncation_keeps_the_prompt_and_drops_prompts_that_fill_the_cutoff() -> None:
     tok = byte_tokenizer()
     prompt_len = len(encode_prompt(tok, "Hi"))
-    built = build_examples(tok, [{"prompt": "Hi", "response": "x" * 50}, {"prompt": "y" * 80, "response": "z"}], prompt_len + 5)
+    built = build_examples(
+        tok, [{"prompt": "Hi", "response": "x" * 50}, {"prompt": "y" * 80, "response": "z"}], prompt_len + 5
+    )
     assert built.dropped == 1 and built.truncated == 1 and len(built.examples) == 1
     ex = built.examples[0]
     assert len(ex["input_ids"]) == prompt_len + 5 and ex["input_ids"][:prompt_len] == encode_prompt(tok, "Hi")
@@ -160,8 +162,13 @@ def test_training_reduces_loss_and_writes_adapter_merged_and_report(tmp_path: Pa
 
 def test_eval_loss_per_epoch_and_reruns_are_deterministic(tmp_path: Path) -> None:
     rows = ROWS * 2
-    cfg = FinetuneConfig(**SMALL | {"epochs": 3, "lr": 5e-3, "eval_fraction": 0.25, "dropout": 0.1, "grad_accum": 2})
-    runs = [lora_finetune(_expressive_tiny(), byte_tokenizer(), rows, cfg, tmp_path / "out", seed=7) for _ in range(2)]
+    cfg = FinetuneConfig(
+        **SMALL | {"epochs": 3, "lr": 5e-3, "eval_fraction": 0.25, "dropout": 0.1, "grad_accum": 2}
+    )
+    runs = [
+        lora_finetune(_expressive_tiny(), byte_tokenizer(), rows, cfg, tmp_path / "out", seed=7)
+        for _ in range(2)
+    ]
     a, b = runs
     assert (a.train_examples, a.eval_examples) == (6, 2)
     assert len(a.eval_loss) == 3 and a.eval_loss_before is not None
@@ -177,17 +184,29 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path: Path, method: 
     rows = ROWS * 2
     base = SMALL | {"epochs": 2, "lr": 5e-3, "eval_fraction": 0.25, "dropout": 0.1, "method": method}
     plain, ckpt = (
-        lora_finetune(_expressive_tiny(), byte_tokenizer(), rows, FinetuneConfig(**base | {"gradient_checkpointing": on}),
-                      tmp_path / f"out-{on}", seed=3)
+        lora_finetune(
+            _expressive_tiny(),
+            byte_tokenizer(),
+            rows,
+            FinetuneConfig(**base | {"gradient_checkpointing": on}),
+            tmp_path / f"out-{on}",
+            seed=3,
+        )
         for on in (False, True)
-    )  # fmt: skip
+    )
     assert ckpt.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
     assert ckpt.eval_loss == pytest.approx(plain.eval_loss, rel=1e-5)
 
 
 def test_no_usable_rows_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="max_length"):
-        lora_finetune(tiny_model(), byte_tokenizer(), [{"prompt": "p" * 200, "response": "r"}], FinetuneConfig(**SMALL), tmp_path / "out")
+        lora_finetune(
+            tiny_model(),
+            byte_tokenizer(),
+            [{"prompt": "p" * 200, "response": "r"}],
+            FinetuneConfig(**SMALL),
+            tmp_path / "out",
+        )
 
 
 @pytest.mark.slow
@@ -196,7 +215,9 @@ def test_default_model_lora_step_and_merged_reload(tmp_path: Path) -> None:
     from finescope_core.model import load_model
 
     model, tok = load_model("default", Path(__file__).resolve().parents[2] / ".finescope-cache", device="cpu")
-    cfg = FinetuneConfig(rank=8, alpha=16, batch_size=4, grad_accum=1, epochs=1, eval_fraction=0.0, max_length=96)
+    cfg = FinetuneConfig(
+        rank=8, alpha=16, batch_size=4, grad_accum=1, epochs=1, eval_fraction=0.0, max_length=96
+    )
     summary = lora_finetune(model, tok, ROWS, cfg, tmp_path / "out")
     assert summary.steps == 1 and summary.trainable_params > 0
     enc = tok(["Add 2 and 3."], return_tensors="pt")
@@ -213,8 +234,17 @@ def test_full_bf16_tuning_tracks_float32_and_pure_bf16_does_not(
     themselves in bf16, as before) rounds most updates away and drifts more than 0.015 from it."""
     import finescope_core.finetune as ft
 
-    cfg = FinetuneConfig(**{**SMALL, "method": "full", "lr": 1e-4, "epochs": 4, "eval_fraction": 0.0,
-                            "warmup_ratio": 0.0, "max_grad_norm": 1e9})  # fmt: skip
+    cfg = FinetuneConfig(
+        **{
+            **SMALL,
+            "method": "full",
+            "lr": 1e-4,
+            "epochs": 4,
+            "eval_fraction": 0.0,
+            "warmup_ratio": 0.0,
+            "max_grad_norm": 1e9,
+        }
+    )
 
     def losses(dtype: torch.dtype, name: str) -> list[float]:
         model = tiny_model("llama").to(dtype)

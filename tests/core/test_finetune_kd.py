@@ -29,7 +29,9 @@ from finescope_core.finetune import (
 from finescope_core.tiny import byte_tokenizer, tiny_model
 from tests.core.test_finetune import ROWS
 
-SMALL = dict(rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, max_length=128, warmup_ratio=0.0, kd_weight=0.0)
+SMALL = dict(
+    rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, max_length=128, warmup_ratio=0.0, kd_weight=0.0
+)
 
 
 def _expressive_tiny(seed: int = 0) -> PreTrainedModel:
@@ -77,23 +79,32 @@ def test_training_with_kd_moves_the_student_towards_the_teacher(tmp_path: Path) 
     teacher, student = _expressive_tiny(1).eval(), _expressive_tiny(0)
     examples = build_examples(tok, ROWS, 128).examples
     before = evaluate_kd(student, teacher, examples, 4, tok.pad_token_id)
-    cfg = FinetuneConfig(**SMALL | {"epochs": 10, "lr": 1e-2, "eval_fraction": 0.0, "kd_weight": 0.9, "temperature": 2.0})
+    cfg = FinetuneConfig(
+        **SMALL | {"epochs": 10, "lr": 1e-2, "eval_fraction": 0.0, "kd_weight": 0.9, "temperature": 2.0}
+    )
     summary = lora_finetune(student, tok, ROWS, cfg, tmp_path / "out", teacher=teacher)
     after = evaluate_kd(student, teacher, examples, 4, tok.pad_token_id)
     assert after < 0.8 * before
     assert len(summary.train_kd) == summary.steps and summary.train_kd[-1] < summary.train_kd[0]
-    assert summary.kd_weight == 0.9 and json.loads((tmp_path / "out" / "finetune.json").read_text())["kd_weight"] == 0.9
+    assert (
+        summary.kd_weight == 0.9
+        and json.loads((tmp_path / "out" / "finetune.json").read_text())["kd_weight"] == 0.9
+    )
 
 
 def test_kd_without_a_teacher_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="teacher"):
-        lora_finetune(tiny_model(), byte_tokenizer(), ROWS, FinetuneConfig(**SMALL | {"kd_weight": 0.5}), tmp_path / "o")
+        lora_finetune(
+            tiny_model(), byte_tokenizer(), ROWS, FinetuneConfig(**SMALL | {"kd_weight": 0.5}), tmp_path / "o"
+        )
 
 
 def test_kd_lowers_the_held_out_loss(tmp_path: Path) -> None:
     rows = ROWS * 3
     cfg = FinetuneConfig(**SMALL | {"epochs": 3, "lr": 5e-3, "eval_fraction": 0.25, "kd_weight": 0.5})
-    summary = lora_finetune(_expressive_tiny(0), byte_tokenizer(), rows, cfg, tmp_path / "out", teacher=_expressive_tiny(0))
+    summary = lora_finetune(
+        _expressive_tiny(0), byte_tokenizer(), rows, cfg, tmp_path / "out", teacher=_expressive_tiny(0)
+    )
     assert summary.eval_loss_before is not None and min(summary.eval_loss) < summary.eval_loss_before
 
 
@@ -102,7 +113,9 @@ def test_the_saved_model_is_the_best_epoch(tmp_path: Path) -> None:
     rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"{2 * i}"} for i in range(12)]
     epochs = 5
     base_cfg = SMALL | {"eval_fraction": 0.25, "lr": 1.0, "rank": 8, "max_grad_norm": 100.0, "epochs": epochs}
-    full = lora_finetune(_expressive_tiny(0), byte_tokenizer(), rows, FinetuneConfig(**base_cfg), tmp_path / "a")
+    full = lora_finetune(
+        _expressive_tiny(0), byte_tokenizer(), rows, FinetuneConfig(**base_cfg), tmp_path / "a"
+    )
     losses = full.eval_loss
     assert len(losses) == epochs
     best = min(range(epochs), key=lambda i: losses[i]) + 1
@@ -113,7 +126,11 @@ def test_the_saved_model_is_the_best_epoch(tmp_path: Path) -> None:
     built = build_examples(tok, rows, 128).examples
     _, held_idx = split_indices(len(built), 0.25, 0)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "merged").eval()
-    assert math.isclose(evaluate_loss(reloaded, [built[i] for i in held_idx], 2, tok.pad_token_id), losses[best - 1], rel_tol=1e-4)
+    assert math.isclose(
+        evaluate_loss(reloaded, [built[i] for i in held_idx], 2, tok.pad_token_id),
+        losses[best - 1],
+        rel_tol=1e-4,
+    )
 
 
 def test_method_full_saves_a_loadable_full_model_and_no_adapter(tmp_path: Path) -> None:
@@ -136,7 +153,9 @@ def test_lora_merged_logits_equal_the_adapter_applied_logits(tmp_path: Path) -> 
     base.save_pretrained(tmp_path / "base")
     cfg = FinetuneConfig(**SMALL | {"epochs": 2, "lr": 1e-2, "eval_fraction": 0.0})
     lora_finetune(_expressive_tiny(0), byte_tokenizer(), ROWS, cfg, tmp_path / "out")
-    applied = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "out" / "adapter").eval()
+    applied = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "out" / "adapter"
+    ).eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
     assert_close(_logits(merged), _logits(applied), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(_logits(merged), _logits(base.eval()), atol=1e-3)
@@ -151,9 +170,10 @@ def test_kd_over_all_tokens_covers_every_real_position_and_matches_a_hand_kl() -
         resp = distill_loss(student, batch, teacher, 0.5, 2.0, "response")
         every = distill_loss(student, batch, teacher, 0.5, 2.0, "all")
         same = distill_loss(student, batch, copy.deepcopy(student), 0.5, 2.0, "all")
-        s_logits, t_logits = student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, teacher(
-            **{k: batch[k] for k in ("input_ids", "attention_mask")}
-        ).logits
+        s_logits, t_logits = (
+            student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+            teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+        )
     real = batch["attention_mask"][:, 1:].bool()
     assert every.kd_positions == int(real.sum()) > resp.kd_positions == resp.tokens
     assert every.tokens == resp.tokens and every.ce == resp.ce  # the CE term stays on the responses
@@ -161,7 +181,10 @@ def test_kd_over_all_tokens_covers_every_real_position_and_matches_a_hand_kl() -
     assert_close(every.kd, float(hand), rtol=1e-5, atol=1e-5)
     assert every.kd > resp.kd > 0 and abs(same.kd) < 1e-5
     # The mix divides each term by its own positions.
-    assert_close(float(every.mixed(resp.tokens, every.kd_positions)), 0.5 * every.ce / resp.tokens + 0.5 * every.kd / every.kd_positions)
+    assert_close(
+        float(every.mixed(resp.tokens, every.kd_positions)),
+        0.5 * every.ce / resp.tokens + 0.5 * every.kd / every.kd_positions,
+    )
     with pytest.raises(FinetuneError, match="kd_tokens"):
         distill_loss(student, batch, teacher, 0.5, 1.0, "prompt")
 
@@ -178,7 +201,9 @@ def test_a_step_averages_each_term_over_its_positions_in_the_whole_step(
     student = _expressive_tiny(0)
     examples = build_examples(tok, ROWS, 128).examples
     with torch.no_grad():
-        parts = distill_loss(copy.deepcopy(student).eval(), pad_batch(examples, tok.pad_token_id), teacher, 0.7, 1.5, kd_tokens)
+        parts = distill_loss(
+            copy.deepcopy(student).eval(), pad_batch(examples, tok.pad_token_id), teacher, 0.7, 1.5, kd_tokens
+        )
     hand = 0.3 * parts.ce / parts.tokens + 0.7 * parts.kd / parts.kd_positions
     cfg = FinetuneConfig(
         **SMALL
@@ -197,7 +222,10 @@ def test_kd_over_all_tokens_brings_the_prompt_distributions_closer_than_response
     examples = build_examples(tok, ROWS, 128).examples
     after = {}
     for kd_tokens in ("response", "all"):
-        cfg = FinetuneConfig(**SMALL | {"epochs": 10, "lr": 1e-2, "eval_fraction": 0.0, "kd_weight": 0.9, "kd_tokens": kd_tokens})
+        cfg = FinetuneConfig(
+            **SMALL
+            | {"epochs": 10, "lr": 1e-2, "eval_fraction": 0.0, "kd_weight": 0.9, "kd_tokens": kd_tokens}
+        )
         student = _expressive_tiny(0)
         lora_finetune(student, tok, ROWS, cfg, tmp_path / kd_tokens, teacher=teacher)
         after[kd_tokens] = evaluate_kd(student, teacher, examples, 4, tok.pad_token_id, kd_tokens="all")

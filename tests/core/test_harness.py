@@ -42,7 +42,7 @@ MC_ITEMS = [
     {"question": "opposite of hot", "choices": ["cold", "warm", "tepid", "ice"], "answer": 0},
     {"question": "10 - 7", "choices": ["3", "4", "seven", "17"], "answer": 0},
     {"question": "a pet", "choices": ["rock", "stone", "cat", "sand"], "answer": 2},
-]  # fmt: skip
+]
 
 
 def _mc_task(root: Path, items: list[dict]) -> Path:
@@ -50,25 +50,45 @@ def _mc_task(root: Path, items: list[dict]) -> Path:
     prompt `Question: ...\\nAnswer:`, each choice after lm-eval's default target delimiter " "."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    (root / "mc.yaml").write_text(yaml.safe_dump({
-        "task": MC_TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(root / "mc.jsonl")}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-    }))  # fmt: skip
+    (root / "mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": MC_TASK,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(root / "mc.jsonl")}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "Question: {{question}}\nAnswer:",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "answer",
+                "metric_list": [
+                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                ],
+            }
+        )
+    )
     return root
 
 
 def _gen_task(root: Path, items: list[dict], max_gen_toks: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "gen.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    (root / "gen.yaml").write_text(yaml.safe_dump({
-        "task": GEN_TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(root / "gen.jsonl")}},
-        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-    }))  # fmt: skip
+    (root / "gen.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": GEN_TASK,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(root / "gen.jsonl")}},
+                "test_split": "test",
+                "output_type": "generate_until",
+                "doc_to_text": "{{prompt}}",
+                "doc_to_target": "{{target}}",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False},
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )
     return root
 
 
@@ -78,7 +98,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     model is the same architecture with the LoRA merged in), so the stock CLI must load what we export."""
     root = tmp_path_factory.mktemp("tiny")
     model = AutoModelForCausalLM.from_pretrained(save_tiny(root / "base", seed=3), dtype=torch.float32)
-    plan = prune_model(model, byte_tokenizer(), ["some pruning text", "and more of it"], PruneConfig(ratio=0.3))
+    plan = prune_model(
+        model, byte_tokenizer(), ["some pruning text", "and more of it"], PruneConfig(ratio=0.3)
+    )
     assert plan.ratio > 0.2
     return save_pruned(model, byte_tokenizer(), plan, root / "pruned-model")
 
@@ -92,12 +114,32 @@ def _lm_eval_cli() -> str:
 def _stock_cli(model_dir: Path, include: Path, out: Path, home: Path, *extra: str) -> Path:
     """`lm_eval --model hf` on a saved directory, offline, samples logged under `out` (returned)."""
     proc = subprocess.run(
-        [_lm_eval_cli(), "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32", "--tasks", MC_TASK,
-         "--include_path", str(include), "--device", "cpu", "--batch_size", "4", "--log_samples",
-         "--output_path", str(out), "--seed", "0", *extra],
-        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                                           "PATH": "/usr/bin:/bin", "HOME": str(home)},
-    )  # fmt: skip
+        [
+            _lm_eval_cli(),
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model_dir},dtype=float32",
+            "--tasks",
+            MC_TASK,
+            "--include_path",
+            str(include),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--log_samples",
+            "--output_path",
+            str(out),
+            "--seed",
+            "0",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(home)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -116,7 +158,10 @@ def test_in_memory_harness_the_stock_cli_and_our_scorer_agree_item_by_item(tiny_
     # (ii) the stock CLI on the saved directory
     out = _stock_cli(tiny_dir, include, tmp_path / "cli-out", tmp_path)
     [samples_file] = out.rglob(f"samples_{MC_TASK}_*.jsonl")
-    cli = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in map(json.loads, samples_file.read_text().splitlines())}
+    cli = {
+        s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]]
+        for s in map(json.loads, samples_file.read_text().splitlines())
+    }
     [results_file] = out.rglob("results_*.json")
     cli_acc = json.loads(results_file.read_text())["results"][MC_TASK]["acc,none"]
 
@@ -134,7 +179,10 @@ def test_in_memory_harness_the_stock_cli_and_our_scorer_agree_item_by_item(tiny_
     assert metrics["acc"]["value"] == pytest.approx(cli_acc) == pytest.approx(acc["accuracy"])
     # acc_norm: lm-eval divides by len(choice); mc_accuracy by len(" " + choice) (the text it scores).
     # On lm-eval's convention our log-probs give lm-eval's acc_norm.
-    norm = sum(pick([s / len(c) for s, c in zip(row, it["choices"], strict=True)]) == it["answer"] for row, it in zip(ours, MC_ITEMS, strict=True))
+    norm = sum(
+        pick([s / len(c) for s, c in zip(row, it["choices"], strict=True)]) == it["answer"]
+        for row, it in zip(ours, MC_ITEMS, strict=True)
+    )
     assert metrics["acc_norm"]["value"] == pytest.approx(norm / len(MC_ITEMS))
     assert metrics["acc"]["n"] == len(MC_ITEMS)
 
@@ -143,9 +191,15 @@ def _greedy(model, tok, prompt: str, max_new: int) -> str:
     """Our own greedy generation of `prompt`, cut at the first newline as the task's `until` says."""
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
 
 
 def test_generation_exact_match_agrees_with_a_direct_check_of_the_generated_text(tmp_path):
@@ -154,7 +208,10 @@ def test_generation_exact_match_agrees_with_a_direct_check_of_the_generated_text
     # Half the targets are the model's own greedy answers, so exact match is 1/2 if lm-eval generated
     # what we generate, and the per-item hits show which items it matched.
     generated = [_greedy(model, tok, p, 6) for p in prompts]
-    items = [{"prompt": p, "target": g if i % 2 == 0 else "no such answer"} for i, (p, g) in enumerate(zip(prompts, generated, strict=True))]
+    items = [
+        {"prompt": p, "target": g if i % 2 == 0 else "no such answer"}
+        for i, (p, g) in enumerate(zip(prompts, generated, strict=True))
+    ]
     cfg = EvalConfig(lm_eval_tasks=[GEN_TASK], lm_eval_include=str(_gen_task(tmp_path, items, 6)))
     run = run_harness(model, tok, cfg, seed=0, batch_size=1)[GEN_TASK]
     by_doc = {s["doc_id"]: s for s in run["samples"][GEN_TASK]}
@@ -162,15 +219,19 @@ def test_generation_exact_match_agrees_with_a_direct_check_of_the_generated_text
         assert by_doc[i]["filtered_resps"][0] == generated[i]
         assert by_doc[i]["exact_match"] == float(generated[i] == item["target"])
     em = task_metrics(GEN_TASK, run, seed=0)["exact_match"]
-    assert em["value"] == pytest.approx(sum(g == it["target"] for g, it in zip(generated, items, strict=True)) / len(items))
+    assert em["value"] == pytest.approx(
+        sum(g == it["target"] for g, it in zip(generated, items, strict=True)) / len(items)
+    )
     assert em["n"] == len(items)
 
 
 def test_the_ci_holds_the_estimate_and_comes_from_the_per_sample_values():
     def results(values: list[float]) -> dict:
         mean = sum(values) / len(values)
-        return {"results": {"t": {"acc,none": mean, "acc_stderr,none": 0.1}},
-                "samples": {"t": [{"doc_id": i, "filter": "none", "acc": v} for i, v in enumerate(values)]}}  # fmt: skip
+        return {
+            "results": {"t": {"acc,none": mean, "acc_stderr,none": 0.1}},
+            "samples": {"t": [{"doc_id": i, "filter": "none", "acc": v} for i, v in enumerate(values)]},
+        }
 
     spread = task_metrics("t", results([1.0, 0.0] * 10), seed=0)["acc"]
     assert spread["ci"][0] < spread["value"] == 0.5 < spread["ci"][1]
@@ -192,9 +253,15 @@ def test_harness_metrics_fit_the_metrics_schema(tmp_path):
     include = _mc_task(tmp_path, MC_ITEMS[:4])
     cfg = EvalConfig(lm_eval_tasks=[MC_TASK], lm_eval_include=str(include), max_examples=3)
     lm = harness_metrics(tiny_model(), byte_tokenizer(), cfg, seed=0, batch_size=4)
-    assert set(lm[MC_TASK]) == {"acc", "acc_norm"} and lm[MC_TASK]["acc"]["n"] == 3  # max_examples, no limit set
-    ppl = {"perplexity": 2.0, "parameters": 10, "n": {"perplexity": 3},
-           "ci": {"perplexity": {"value": 2.0, "low": 1.5, "high": 2.5, "n": 3}}}
+    assert (
+        set(lm[MC_TASK]) == {"acc", "acc_norm"} and lm[MC_TASK]["acc"]["n"] == 3
+    )  # max_examples, no limit set
+    ppl = {
+        "perplexity": 2.0,
+        "parameters": 10,
+        "n": {"perplexity": 3},
+        "ci": {"perplexity": {"value": 2.0, "low": 1.5, "high": 2.5, "n": 3}},
+    }
     doc = {"models": {name: {**ppl, "lm_eval": lm} for name in ("base", "pruned", "tuned")}}
     assert metrics_schema_errors(json.loads(json.dumps(doc))) == []
     doc["models"]["base"]["lm_eval"][MC_TASK]["acc"]["ci"] = [0.1]
@@ -211,8 +278,15 @@ def test_docs_pick_the_documents_that_run_and_harness_texts_reads_them_in_lm_eva
     assert texts[MC_TASK][3] == "\n".join([MC_ITEMS[3]["question"], *MC_ITEMS[3]["choices"]])
     cfg = EvalConfig(lm_eval_tasks=[MC_TASK], lm_eval_include=str(include), lm_eval_limit=3)
     samples: dict = {}
-    lm = harness_metrics(tiny_model(), byte_tokenizer(), cfg, seed=0, batch_size=4, samples=samples,
-                         docs={MC_TASK: [1, 4, 6, 7]})  # fmt: skip
+    lm = harness_metrics(
+        tiny_model(),
+        byte_tokenizer(),
+        cfg,
+        seed=0,
+        batch_size=4,
+        samples=samples,
+        docs={MC_TASK: [1, 4, 6, 7]},
+    )
     assert samples[MC_TASK]["acc"]["doc_ids"] == [1, 4, 6] and lm[MC_TASK]["acc"]["n"] == 3
 
 
@@ -227,8 +301,15 @@ def test_a_missing_include_dir_or_unknown_task_is_refused_naming_the_field(tmp_p
 
 def test_include_resolves_against_the_config_file_and_its_content_reaches_the_hash(tmp_path):
     include = _mc_task(tmp_path / "tasks", MC_ITEMS)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(
-        {"seeds": ["s.jsonl"], "corpus": ["c.jsonl"], "evaluate": {"lm_eval_tasks": [MC_TASK], "lm_eval_include": "tasks"}}))
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seeds": ["s.jsonl"],
+                "corpus": ["c.jsonl"],
+                "evaluate": {"lm_eval_tasks": [MC_TASK], "lm_eval_include": "tasks"},
+            }
+        )
+    )
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.evaluate.lm_eval_include == str(include.resolve())
     before = harness_include_sha(cfg.evaluate.lm_eval_include)
@@ -245,28 +326,42 @@ def test_chat_template_runs_equal_the_stock_cli_with_apply_chat_template(tiny_di
     assert tok.chat_template
     cfg = EvalConfig(lm_eval_tasks=[MC_TASK], lm_eval_include=str(include), lm_eval_limit=len(MC_ITEMS))
     plain = run_harness(model, tok, cfg, seed=0, batch_size=4)
-    both = run_harness(model, tok, cfg.model_copy(update={"lm_eval_chat_template": "both"}), seed=0, batch_size=4)
+    both = run_harness(
+        model, tok, cfg.model_copy(update={"lm_eval_chat_template": "both"}), seed=0, batch_size=4
+    )
     chat_label = MC_TASK + "@chat"
     assert list(both) == [MC_TASK, chat_label]
 
     def loglik(run: dict, label: str) -> dict[int, list[float]]:
-        return {s["doc_id"]: [float(ll) for ll, _ in s["filtered_resps"]] for s in run[label]["samples"][label]}
+        return {
+            s["doc_id"]: [float(ll) for ll, _ in s["filtered_resps"]] for s in run[label]["samples"][label]
+        }
 
     assert loglik(both, MC_TASK) == loglik(plain, MC_TASK)
     chat = loglik(both, chat_label)
     assert chat != loglik(plain, MC_TASK)  # the template changes what is scored
     prompts = [s["arguments"][0][0] for s in both[chat_label]["samples"][chat_label]]
-    assert all(p.startswith(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)[:6]) for p in prompts)
+    assert all(
+        p.startswith(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)[:6])
+        for p in prompts
+    )
 
     out = _stock_cli(tiny_dir, include, tmp_path / "cli-chat", tmp_path, "--apply_chat_template")
     [samples_file] = out.rglob(f"samples_{MC_TASK}_*.jsonl")
-    cli = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in map(json.loads, samples_file.read_text().splitlines())}
+    cli = {
+        s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]]
+        for s in map(json.loads, samples_file.read_text().splitlines())
+    }
     for i in range(len(MC_ITEMS)):
         torch.testing.assert_close(torch.tensor(chat[i]), torch.tensor(cli[i]), atol=1e-4, rtol=1e-5)
-    metrics = harness_metrics(model, tok, cfg.model_copy(update={"lm_eval_chat_template": "on"}), seed=0, batch_size=4)
+    metrics = harness_metrics(
+        model, tok, cfg.model_copy(update={"lm_eval_chat_template": "on"}), seed=0, batch_size=4
+    )
     assert list(metrics) == [MC_TASK]
     [results_file] = out.rglob("results_*.json")
-    assert metrics[MC_TASK]["acc"]["value"] == pytest.approx(json.loads(results_file.read_text())["results"][MC_TASK]["acc,none"])
+    assert metrics[MC_TASK]["acc"]["value"] == pytest.approx(
+        json.loads(results_file.read_text())["results"][MC_TASK]["acc,none"]
+    )
 
 
 def test_chat_template_without_one_in_the_tokenizer_is_refused_naming_the_field(tiny_dir, tmp_path):

@@ -11,7 +11,9 @@ from finescope_core.io import JsonlError, read_jsonl, read_jsonl_rows
 
 
 def _write(path: Path, n: int) -> list[dict]:
-    rows = [{"id": f"r{i}", "text": "é" * (i % 5) + f" line {i}\\n"} for i in range(n)]  # non-ASCII, escaped newlines
+    rows = [
+        {"id": f"r{i}", "text": "é" * (i % 5) + f" line {i}\\n"} for i in range(n)
+    ]  # non-ASCII, escaped newlines
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return rows
 

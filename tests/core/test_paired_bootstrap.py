@@ -59,8 +59,10 @@ def _brute_ratio(nll_a, tok_a, nll_b, tok_b, *, resamples, seed) -> Interval:
 
 
 def _brute_difference(a, b, *, resamples, seed) -> Interval:
-    stats = [sum(a[i] for i in row) / len(row) - sum(b[i] for i in row) / len(row)
-             for row in _indices(len(a), resamples, seed)]  # fmt: skip
+    stats = [
+        sum(a[i] for i in row) / len(row) - sum(b[i] for i in row) / len(row)
+        for row in _indices(len(a), resamples, seed)
+    ]
     return _percentile_interval(stats, sum(a) / len(a) - sum(b) / len(b), len(a))
 
 
@@ -142,12 +144,19 @@ def test_paired_functions_refuse_mismatched_or_empty_items() -> None:
 
 # ------------------------------------------------------------------------- per-item numbers of a model
 
-TEXTS = ["Janet has 16 eggs and eats 3 of them every morning.", "2 + 2 = 4", "ok",
-         "The quick brown fox jumps over the lazy dog.", "How many bolts in total does it take?"]  # fmt: skip
+TEXTS = [
+    "Janet has 16 eggs and eats 3 of them every morning.",
+    "2 + 2 = 4",
+    "ok",
+    "The quick brown fox jumps over the lazy dog.",
+    "How many bolts in total does it take?",
+]
 CHAT = [("What is 2 + 2?", "It is 4."), ("Name a colour.", "Blue."), ("Say hi", "hi")]
-MC = [{"question": "What is 2 + 2?", "choices": ["3", "4", "five", "22"], "answer": 1},
-      {"question": "Which gas do plants absorb?", "choices": ["oxygen", "carbon dioxide"], "answer": 1},
-      {"question": "Pick one", "choices": ["a", "bb", "ccc"], "answer": 2}]  # fmt: skip
+MC = [
+    {"question": "What is 2 + 2?", "choices": ["3", "4", "five", "22"], "answer": 1},
+    {"question": "Which gas do plants absorb?", "choices": ["oxygen", "carbon dioxide"], "answer": 1},
+    {"question": "Pick one", "choices": ["a", "bb", "ccc"], "answer": 2},
+]
 NUMERIC = [{"question": "What is 2 + 2?", "answer": 4}, {"question": "3 + 3?", "answer": 6}]
 
 
@@ -155,18 +164,52 @@ def test_stored_per_item_numbers_reproduce_every_reported_metric_exactly() -> No
     model, tok = tiny_model(), byte_tokenizer()
     cfg = EvalConfig(max_length=32, max_new_tokens=3, bootstrap_resamples=200)
     items: dict = {}
-    metrics = evaluate_model(model, tok, domain_texts=TEXTS, chat_pairs=CHAT, general_texts=TEXTS[::-1],
-                             mc_items=MC, numeric_items=NUMERIC, cfg=cfg, seed=5, items=items)  # fmt: skip
-    assert evaluate_model(model, tok, domain_texts=TEXTS, chat_pairs=CHAT, general_texts=TEXTS[::-1], mc_items=MC,
-                          numeric_items=NUMERIC, cfg=cfg, seed=5) == metrics  # fmt: skip
+    metrics = evaluate_model(
+        model,
+        tok,
+        domain_texts=TEXTS,
+        chat_pairs=CHAT,
+        general_texts=TEXTS[::-1],
+        mc_items=MC,
+        numeric_items=NUMERIC,
+        cfg=cfg,
+        seed=5,
+        items=items,
+    )
+    assert (
+        evaluate_model(
+            model,
+            tok,
+            domain_texts=TEXTS,
+            chat_pairs=CHAT,
+            general_texts=TEXTS[::-1],
+            mc_items=MC,
+            numeric_items=NUMERIC,
+            cfg=cfg,
+            seed=5,
+        )
+        == metrics
+    )
     # as the evaluate stage writes and the metrics document reads them
     doc = json.loads(json.dumps(items_document(items, seed=5, resamples=200)))
     stored = doc["metrics"]
-    assert set(stored) == set(metrics["ci"]) == {"perplexity", "chat_perplexity", "general_perplexity", "mc_accuracy",
-                                                 "mc_accuracy_norm", "numeric_exact_match"}  # fmt: skip
+    assert (
+        set(stored)
+        == set(metrics["ci"])
+        == {
+            "perplexity",
+            "chat_perplexity",
+            "general_perplexity",
+            "mc_accuracy",
+            "mc_accuracy_norm",
+            "numeric_exact_match",
+        }
+    )
     for name, entry in stored.items():
         if "nll" in entry:
-            again = perplexity_interval(entry["nll"], entry["tokens"], resamples=doc["resamples"], seed=doc["seed"])
+            again = perplexity_interval(
+                entry["nll"], entry["tokens"], resamples=doc["resamples"], seed=doc["seed"]
+            )
             plain = math.exp(sum(entry["nll"]) / sum(entry["tokens"]))
         else:
             again = mean_interval(entry["values"], resamples=doc["resamples"], seed=doc["seed"])
@@ -180,32 +223,54 @@ def test_stored_per_item_numbers_reproduce_every_reported_metric_exactly() -> No
 
 def test_task_samples_are_lm_evals_per_sample_values_by_doc_id() -> None:
     samples = [{"doc_id": i, "filter": "none", "acc": v} for i, v in ((2, 1.0), (0, 0.0), (1, True))]
-    results = {"results": {"t": {"acc,none": 2 / 3, "acc_stderr,none": 0.3, "alias": "t"}}, "samples": {"t": samples}}
+    results = {
+        "results": {"t": {"acc,none": 2 / 3, "acc_stderr,none": 0.3, "alias": "t"}},
+        "samples": {"t": samples},
+    }
     assert task_samples("t", results) == {"acc": {"doc_ids": [0, 1, 2], "values": [0.0, 1.0, 1.0]}}
 
 
 # ------------------------------------------------------------------------- metrics.json comparisons
 
-MODEL = {"perplexity": 5.0, "parameters": 10, "n": {"perplexity": 4},
-         "ci": {"perplexity": {"value": 5.0, "low": 4.0, "high": 6.0, "n": 4}}}  # fmt: skip
+MODEL = {
+    "perplexity": 5.0,
+    "parameters": 10,
+    "n": {"perplexity": 4},
+    "ci": {"perplexity": {"value": 5.0, "low": 4.0, "high": 6.0, "n": 4}},
+}
 
 
 def _items(shift: float, hits: list[int], acc: list[float] | None = None) -> dict:
     per_token = [1.0, 2.5, 1.5, 3.0, 2.0, 2.2, 1.1, 2.9]
     tokens = [4, 9, 3, 12, 7, 5, 8, 6]
-    doc = items_document({"chat_perplexity": {"nll": [(p + shift) * t for p, t in zip(per_token, tokens, strict=True)],
-                                              "tokens": tokens},
-                          "mc_accuracy": {"values": hits}}, seed=0, resamples=500,
-                         lm_eval={"tiny": {"acc": {"doc_ids": list(range(len(acc or []))), "values": acc or []}}}
-                         if acc else None)  # fmt: skip
+    doc = items_document(
+        {
+            "chat_perplexity": {
+                "nll": [(p + shift) * t for p, t in zip(per_token, tokens, strict=True)],
+                "tokens": tokens,
+            },
+            "mc_accuracy": {"values": hits},
+        },
+        seed=0,
+        resamples=500,
+        lm_eval={"tiny": {"acc": {"doc_ids": list(range(len(acc or []))), "values": acc or []}}}
+        if acc
+        else None,
+    )
     return json.loads(json.dumps(doc))
 
 
 def test_comparison_pairs_are_tuned_vs_all_and_baseline_tuned_vs_base() -> None:
     names = ["base", "pruned", "tuned", "pruned-random", "tuned-random", "tuned-corpus"]
-    assert comparison_pairs(names) == [("tuned", "base"), ("tuned", "pruned"), ("tuned", "pruned-random"),
-                                       ("tuned", "tuned-random"), ("tuned", "tuned-corpus"),
-                                       ("tuned-random", "base"), ("tuned-corpus", "base")]  # fmt: skip
+    assert comparison_pairs(names) == [
+        ("tuned", "base"),
+        ("tuned", "pruned"),
+        ("tuned", "pruned-random"),
+        ("tuned", "tuned-random"),
+        ("tuned", "tuned-corpus"),
+        ("tuned-random", "base"),
+        ("tuned-corpus", "base"),
+    ]
 
 
 def test_comparisons_section_is_schema_checked_and_reported_for_a_baseline() -> None:
@@ -218,15 +283,29 @@ def test_comparisons_section_is_schema_checked_and_reported_for_a_baseline() -> 
     found = comparisons(items)
     by = {(c["a"], c["b"], c["metric"]): c for c in found}
     assert set(by) == {
-        *((a, b, m) for a, b in [("tuned", "base"), ("tuned", "pruned")]
-          for m in ("chat_perplexity", "mc_accuracy", "lm_eval:tiny:acc")),
-        ("tuned", "tuned-random", "chat_perplexity"), ("tuned", "tuned-random", "mc_accuracy"),
-        ("tuned-random", "base", "chat_perplexity"), ("tuned-random", "base", "mc_accuracy"),
-    }  # fmt: skip
+        *(
+            (a, b, m)
+            for a, b in [("tuned", "base"), ("tuned", "pruned")]
+            for m in ("chat_perplexity", "mc_accuracy", "lm_eval:tiny:acc")
+        ),
+        ("tuned", "tuned-random", "chat_perplexity"),
+        ("tuned", "tuned-random", "mc_accuracy"),
+        ("tuned-random", "base", "chat_perplexity"),
+        ("tuned-random", "base", "mc_accuracy"),
+    }
     vs_random = by[("tuned", "tuned-random", "chat_perplexity")]
-    assert vs_random["kind"] == "ratio" and vs_random["value"] < 1 and vs_random["high"] < 1 and vs_random["clear"]
+    assert (
+        vs_random["kind"] == "ratio"
+        and vs_random["value"] < 1
+        and vs_random["high"] < 1
+        and vs_random["clear"]
+    )
     same_hits = by[("tuned", "tuned-random", "mc_accuracy")]
-    assert same_hits["kind"] == "difference" and (same_hits["value"], same_hits["low"], same_hits["high"]) == (0, 0, 0)
+    assert same_hits["kind"] == "difference" and (
+        same_hits["value"],
+        same_hits["low"],
+        same_hits["high"],
+    ) == (0, 0, 0)
     assert not same_hits["clear"]
     assert by[("tuned", "base", "lm_eval:tiny:acc")]["value"] == pytest.approx(-0.25)
     assert all(c["n"] == 8 for c in found if not c["metric"].startswith("lm_eval"))
@@ -244,12 +323,18 @@ def test_comparisons_section_is_schema_checked_and_reported_for_a_baseline() -> 
 
     body = evaluation_body(doc)
     assert "Paired comparisons (same items, bootstrap over items)" in body
-    line = next(li for li in body.splitlines() if li.startswith("- tuned vs tuned-random — chat perplexity ratio"))
+    line = next(
+        li for li in body.splitlines() if li.startswith("- tuned vs tuned-random — chat perplexity ratio")
+    )
     r = vs_random
-    assert line == (f"- tuned vs tuned-random — chat perplexity ratio {r['value']:.2f} [{r['low']:.2f}, "
-                    f"{r['high']:.2f}], n=8: tuned lower (clear)")  # fmt: skip
-    assert ("- tuned vs tuned-random — MC accuracy difference +0.00 [+0.00, +0.00], n=8: no difference "
-            "(not clear at this n)") in body
+    assert line == (
+        f"- tuned vs tuned-random — chat perplexity ratio {r['value']:.2f} [{r['low']:.2f}, "
+        f"{r['high']:.2f}], n=8: tuned lower (clear)"
+    )
+    assert (
+        "- tuned vs tuned-random — MC accuracy difference +0.00 [+0.00, +0.00], n=8: no difference "
+        "(not clear at this n)"
+    ) in body
     assert any(li.startswith("- tuned-random vs base — chat perplexity ratio") for li in body.splitlines())
     assert "Comparisons (overlapping intervals" in body  # the overlap lines stay
     assert paired_rows(found)[0]["a"] == "tuned" and len(paired_rows(found)) == len(found)
@@ -257,10 +342,28 @@ def test_comparisons_section_is_schema_checked_and_reported_for_a_baseline() -> 
 
 
 def test_paired_lines_word_the_direction_and_clarity() -> None:
-    ratio = {"a": "tuned", "b": "tuned-random", "metric": "chat_perplexity", "kind": "ratio", "value": 0.8912,
-             "low": 0.8401, "high": 0.9433, "n": 150, "clear": True}  # fmt: skip
-    diff = {"a": "tuned", "b": "base", "metric": "mc_accuracy", "kind": "difference", "value": 0.05,
-            "low": -0.02, "high": 0.12, "n": 100, "clear": False}  # fmt: skip
+    ratio = {
+        "a": "tuned",
+        "b": "tuned-random",
+        "metric": "chat_perplexity",
+        "kind": "ratio",
+        "value": 0.8912,
+        "low": 0.8401,
+        "high": 0.9433,
+        "n": 150,
+        "clear": True,
+    }
+    diff = {
+        "a": "tuned",
+        "b": "base",
+        "metric": "mc_accuracy",
+        "kind": "difference",
+        "value": 0.05,
+        "low": -0.02,
+        "high": 0.12,
+        "n": 100,
+        "clear": False,
+    }
     lm = {**diff, "metric": "lm_eval:gsm_next:acc", "value": -0.1, "low": -0.2, "high": -0.01, "clear": True}
     # clear, close to 1: as many decimals as keep the bounds off 1
     near = {**ratio, "metric": "perplexity", "value": 0.99968, "low": 0.99951, "high": 0.99991}
@@ -273,9 +376,16 @@ def test_paired_lines_word_the_direction_and_clarity() -> None:
 
 
 def test_comparisons_refuse_models_scored_on_different_items() -> None:
-    items = {"base": _items(0.0, [1, 0, 1, 0, 1, 0, 1, 0]), "pruned": _items(0.5, [0] * 8),
-             "tuned": _items(0.1, [1, 0, 1])}  # fmt: skip
-    with pytest.raises(ValueError, match="paired comparison tuned vs base, mc_accuracy: .*model A has 3 items and model B 8"):
+    items = {
+        "base": _items(0.0, [1, 0, 1, 0, 1, 0, 1, 0]),
+        "pruned": _items(0.5, [0] * 8),
+        "tuned": _items(0.1, [1, 0, 1]),
+    }
+    with pytest.raises(
+        ValueError, match="paired comparison tuned vs base, mc_accuracy: .*model A has 3 items and model B 8"
+    ):
         comparisons(items)
     # a model without stored per-item numbers is left out of the comparisons, not an error
-    assert {c["b"] for c in comparisons({**items, "tuned": None, "tuned-x": _items(0.2, [0] * 8)})} == {"base"}
+    assert {c["b"] for c in comparisons({**items, "tuned": None, "tuned-x": _items(0.2, [0] * 8)})} == {
+        "base"
+    }

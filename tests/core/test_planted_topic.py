@@ -28,13 +28,27 @@ from finescope_core.saliency import LayerSaliency
 from finescope_core.tiny import byte_tokenizer, tiny_model
 
 PLANTED, BACKGROUND, LAYERS = 40, 400, [0, 1, 2]
-CFG = CurateConfig(final_size=PLANTED, top_m=PLANTED, k_act=16, probes=1, reference_size=48, max_length=32,
-                   batch_size=32, sae={"d_sae": 64, "steps": 200, "batch_size": 64})  # fmt: skip
+CFG = CurateConfig(
+    final_size=PLANTED,
+    top_m=PLANTED,
+    k_act=16,
+    probes=1,
+    reference_size=48,
+    max_length=32,
+    batch_size=32,
+    sae={"d_sae": 64, "steps": 200, "batch_size": 64},
+)
 
 
 def _records(prefix: str, texts: list[str]) -> RecordSet:
-    return RecordSet([Record(id=f"{prefix}{i}", text=t, fields={"id": f"{prefix}{i}", "text": t}, origin=f"{prefix}:{i}")
-                      for i, t in enumerate(texts)])  # fmt: skip
+    return RecordSet(
+        [
+            Record(
+                id=f"{prefix}{i}", text=t, fields={"id": f"{prefix}{i}", "text": t}, origin=f"{prefix}:{i}"
+            )
+            for i, t in enumerate(texts)
+        ]
+    )
 
 
 def planted_corpus(seed: int = 0) -> tuple[RecordSet, RecordSet, np.ndarray]:
@@ -49,7 +63,9 @@ def planted_corpus(seed: int = 0) -> tuple[RecordSet, RecordSet, np.ndarray]:
     def text(vocab: list[str]) -> str:
         return " ".join(rng.choice(vocab) for _ in range(rng.randint(6, 10)))
 
-    rows = [(True, text(topic)) for _ in range(PLANTED)] + [(False, text(background)) for _ in range(BACKGROUND)]
+    rows = [(True, text(topic)) for _ in range(PLANTED)] + [
+        (False, text(background)) for _ in range(BACKGROUND)
+    ]
     rng.shuffle(rows)
     corpus = _records("r", [t for _, t in rows])
     return corpus, _records("s", [text(topic) for _ in range(10)]), np.array([p for p, _ in rows])
@@ -73,16 +89,26 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[RecordSet, Recor
 
 def embeddings(pipeline: tuple[RecordSet, RecordSet, np.ndarray, Path], method: str) -> tuple[dict, dict]:
     corpus, seeds, _, work = pipeline
-    emb = core.method_embeddings(method, corpus, seeds, activations=(work / "corpus", work / "seeds"), layers=LAYERS,
-                                 sae_dir=work / "sae")  # fmt: skip
+    emb = core.method_embeddings(
+        method,
+        corpus,
+        seeds,
+        activations=(work / "corpus", work / "seeds"),
+        layers=LAYERS,
+        sae_dir=work / "sae",
+    )
     assert emb[0] is not None and emb[1] is not None
     return emb[0], emb[1]
 
 
-def precision(pipeline: tuple[RecordSet, RecordSet, np.ndarray, Path], method: str, cfg: CurateConfig = CFG) -> float:
+def precision(
+    pipeline: tuple[RecordSet, RecordSet, np.ndarray, Path], method: str, cfg: CurateConfig = CFG
+) -> float:
     corpus, _, planted, _ = pipeline
     corpus_emb, seed_emb = embeddings(pipeline, method) if method != "random" else (None, None)
-    voted, _ = core.select_records(method, corpus_emb, seed_emb, len(corpus), cfg, 0, ids=[r.id for r in corpus.records])
+    voted, _ = core.select_records(
+        method, corpus_emb, seed_emb, len(corpus), cfg, 0, ids=[r.id for r in corpus.records]
+    )
     assert len(voted) == PLANTED
     return float(planted[[v.row for v in voted]].mean())
 
@@ -102,8 +128,16 @@ def test_random_stays_near_the_base_rate(pipeline) -> None:
 def _select(pipeline, method: str, cfg: CurateConfig, seed_emb: dict | None = None, **kw):
     corpus, _, _, _ = pipeline
     corpus_emb, own_seeds = embeddings(pipeline, method)
-    return core.select_records(method, corpus_emb, seed_emb or own_seeds, len(corpus), cfg, 0,
-                               ids=[r.id for r in corpus.records], **kw)  # fmt: skip
+    return core.select_records(
+        method,
+        corpus_emb,
+        seed_emb or own_seeds,
+        len(corpus),
+        cfg,
+        0,
+        ids=[r.id for r in corpus.records],
+        **kw,
+    )
 
 
 def test_seed_expansion_is_a_second_round_with_the_first_rounds_best_as_seeds(pipeline) -> None:
@@ -116,7 +150,9 @@ def test_seed_expansion_is_a_second_round_with_the_first_rounds_best_as_seeds(pi
     best = [v.row for v in first[:10]]
     by_hand = {layer: np.concatenate([s, corpus_emb[layer][best]]) for layer, s in seed_emb.items()}
     again, _ = _select(pipeline, "sae", CFG, seed_emb=by_hand)
-    assert [(v.row, v.votes, v.mean_score) for v in expanded] == [(v.row, v.votes, v.mean_score) for v in again]
+    assert [(v.row, v.votes, v.mean_score) for v in expanded] == [
+        (v.row, v.votes, v.mean_score) for v in again
+    ]
     assert set(best) <= {v.row for v in expanded}  # a pseudo-seed matches itself in every layer
     assert precision(pipeline, "sae", cfg) >= 0.8
 
@@ -131,14 +167,22 @@ def test_fusion_with_the_sentence_ranking_is_reciprocal_rank_fusion(pipeline) ->
     assert len(fused) == PLANTED and summary["fusion"]["depth"] == 2 * PLANTED
     deep = CFG.model_copy(update={"final_size": 2 * PLANTED})
     own, _ = _select(pipeline, "sae", deep)
-    other, _ = core.select_records("sentence", sent[0], sent[1], len(corpus), deep, 0, ids=[r.id for r in corpus.records])
+    other, _ = core.select_records(
+        "sentence", sent[0], sent[1], len(corpus), deep, 0, ids=[r.id for r in corpus.records]
+    )
     priority = retrieval.tie_priority([r.id for r in corpus.records], 0)
-    expected = retrieval.reciprocal_rank_fusion([[v.row for v in own], [v.row for v in other]], PLANTED, priority=priority)
+    expected = retrieval.reciprocal_rank_fusion(
+        [[v.row for v in own], [v.row for v in other]], PLANTED, priority=priority
+    )
     assert [(v.row, v.mean_score) for v in fused] == [(row, score) for row, score, _ in expected]
     in_sentence, votes = {v.row for v in other}, {v.row: v.votes for v in own}
     for v in fused:
         assert (-1 in v.layers) == (v.row in in_sentence) and v.votes == votes.get(v.row, 0.0)
-    assert float(planted[[v.row for v in fused]].mean()) > 0.3  # far above the 0.09 base rate (sanity, not a claim)
+    assert (
+        float(planted[[v.row for v in fused]].mean()) > 0.3
+    )  # far above the 0.09 base rate (sanity, not a claim)
     # The sentence method itself ignores fusion.
-    alone, s_summary = core.select_records("sentence", sent[0], sent[1], len(corpus), cfg, 0, fusion_emb=(sent[0], sent[1]))
+    alone, s_summary = core.select_records(
+        "sentence", sent[0], sent[1], len(corpus), cfg, 0, fusion_emb=(sent[0], sent[1])
+    )
     assert "fusion" not in s_summary and len(alone) == PLANTED

@@ -221,6 +221,7 @@ def test_bf16_importance_never_holds_every_bf16_gradient_beside_the_sum() -> Non
     last = arch.attention[0].q_proj.weight
     others = [p for p in model.parameters() if p is not last]
     seen: list[int] = []
+
     # Registered before group_importance's own hook, so it runs before `last` itself is folded.
     def count(p: torch.Tensor) -> None:
         seen.append(sum(q.grad is not None for q in others))

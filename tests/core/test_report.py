@@ -27,9 +27,19 @@ from finescope_core.report import (
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRICS = {
     "models": {
-        "base": {"perplexity": 8.1, "parameters": 134_000_000, "mc_accuracy": 0.4, "numeric_exact_match": 0.1},
+        "base": {
+            "perplexity": 8.1,
+            "parameters": 134_000_000,
+            "mc_accuracy": 0.4,
+            "numeric_exact_match": 0.1,
+        },
         "pruned": {"perplexity": 30.5, "parameters": 94_000_000, "mc_accuracy": 0.3},
-        "tuned": {"perplexity": 11.2, "parameters": 94_000_000, "mc_accuracy": 0.35, "numeric_exact_match": 0.05},
+        "tuned": {
+            "perplexity": 11.2,
+            "parameters": 94_000_000,
+            "mc_accuracy": 0.35,
+            "numeric_exact_match": 0.05,
+        },
         "pruned-random": {"perplexity": float("nan"), "parameters": 94_000_000},
     }
 }
@@ -38,11 +48,19 @@ rng = np.random.default_rng(0)
 # name -> (call with good data, call with empty/NaN data)
 PLOTS: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Path]]] = {
     "saliency": (
-        lambda out: plot_saliency({0: rng.random(64), 3: rng.random(64) ** 3, 5: np.r_[rng.random(10), np.nan]}, out, k_act=8),
+        lambda out: plot_saliency(
+            {0: rng.random(64), 3: rng.random(64) ** 3, 5: np.r_[rng.random(10), np.nan]}, out, k_act=8
+        ),
         lambda out: plot_saliency({0: np.full(4, np.nan), 1: np.array([])}, out),
     ),
     "sae": (
-        lambda out: plot_sae_metrics({0: {"fvu": 0.2, "l0": 31.0, "dead_fraction": 0.05}, 4: {"fvu": float("nan"), "l0": 12.0, "dead_fraction": 0.3}}, out),
+        lambda out: plot_sae_metrics(
+            {
+                0: {"fvu": 0.2, "l0": 31.0, "dead_fraction": 0.05},
+                4: {"fvu": float("nan"), "l0": 12.0, "dead_fraction": 0.3},
+            },
+            out,
+        ),
         lambda out: plot_sae_metrics({}, out),
     ),
     "retrieval": (
@@ -106,7 +124,10 @@ def _cells(line: str) -> list[str]:
 
 
 def test_markdown_table_escapes_pipes_backslashes_and_newlines() -> None:
-    rows = [{"name": "a|b", "text": "line1\nline2\r\nline3", "score": 0.123456}, {"name": "back\\|slash", "extra": [1, 2]}]
+    rows = [
+        {"name": "a|b", "text": "line1\nline2\r\nline3", "score": 0.123456},
+        {"name": "back\\|slash", "extra": [1, 2]},
+    ]
     table = markdown_table(rows)
     lines = table.splitlines()
     assert len(lines) == 4  # header, rule, two rows: no newline escaped into a new row
@@ -135,7 +156,10 @@ def test_example_records_table_shortens_text_and_keeps_retrieval_columns() -> No
     assert _cells(lines[3])[4] == "short \\| piped"
     with pytest.raises(ReportError, match="no field 'text'.*instruction"):
         example_records_table([{"instruction": "do it"}], 1)
-    assert example_records_table([{"instruction": "do it"}], 1, text_field="instruction").splitlines()[2] == "| do it |"
+    assert (
+        example_records_table([{"instruction": "do it"}], 1, text_field="instruction").splitlines()[2]
+        == "| do it |"
+    )
 
 
 def test_write_report_links_images_relatively(tmp_path: Path) -> None:
@@ -177,21 +201,42 @@ def test_interval_table_and_overlap_statements() -> None:
         "tuned-random": {"parameters": 7, "ci": {"perplexity": ci(12.0, 11.0, 13.0)}},
     }
     rows = metric_rows(models)
-    assert rows[0] == {"model": "base", "parameters": 10, "domain perplexity (raw text)": "8 [7.5, 8.5] (n=50)"}
+    assert rows[0] == {
+        "model": "base",
+        "parameters": 10,
+        "domain perplexity (raw text)": "8 [7.5, 8.5] (n=50)",
+    }
     lines = comparisons(models)
     assert any(line.startswith("- tuned vs base") and "intervals overlap" in line for line in lines)
-    assert any(line.startswith("- tuned vs pruned") and "do not overlap: tuned is better" in line for line in lines)
-    assert any(line.startswith("- tuned-random vs tuned") and "tuned-random is worse" in line for line in lines)
+    assert any(
+        line.startswith("- tuned vs pruned") and "do not overlap: tuned is better" in line for line in lines
+    )
+    assert any(
+        line.startswith("- tuned-random vs tuned") and "tuned-random is worse" in line for line in lines
+    )
 
 
 def test_harness_table_is_task_by_model_with_cis_and_empty_without_results():
     from finescope_core.report import harness_rows, harness_table
 
     acc = {"value": 0.5, "ci": [0.25, 0.75], "n": 8, "stderr": 0.18}
-    models = {"base": {"perplexity": 3.0, "lm_eval": {"t": {"acc": acc}}}, "pruned": {"perplexity": 4.0},
-              "tuned": {"perplexity": 3.5, "lm_eval": {"t": {"acc": {**acc, "value": 0.625, "ci": [0.375, 0.875]}}}}}
-    assert harness_rows(models) == [{"task": "t", "metric": "acc", "n": 8, "base": "0.500 [0.250, 0.750]",
-                                     "tuned": "0.625 [0.375, 0.875]"}]
+    models = {
+        "base": {"perplexity": 3.0, "lm_eval": {"t": {"acc": acc}}},
+        "pruned": {"perplexity": 4.0},
+        "tuned": {
+            "perplexity": 3.5,
+            "lm_eval": {"t": {"acc": {**acc, "value": 0.625, "ci": [0.375, 0.875]}}},
+        },
+    }
+    assert harness_rows(models) == [
+        {
+            "task": "t",
+            "metric": "acc",
+            "n": 8,
+            "base": "0.500 [0.250, 0.750]",
+            "tuned": "0.625 [0.375, 0.875]",
+        }
+    ]
     table = harness_table(models)
     assert table.splitlines()[0] == "| task | metric | n | base | tuned |"
     assert "| t | acc | 8 | 0.500 [0.250, 0.750] | 0.625 [0.375, 0.875] |" in table

@@ -9,8 +9,14 @@ from finescope_core.report_stage import layer_weights_section
 
 
 def test_layer_weights_section_shows_each_layers_weight(tmp_path: Path) -> None:
-    summary = {"layer_weighting": "quality", "effective_top_m": 100,
-               "per_layer": {"11": {"mean_top_score": 0.5, "weight": 0.25}, "3": {"mean_top_score": 0.71234567, "weight": 1.75}}}  # fmt: skip
+    summary = {
+        "layer_weighting": "quality",
+        "effective_top_m": 100,
+        "per_layer": {
+            "11": {"mean_top_score": 0.5, "weight": 0.25},
+            "3": {"mean_top_score": 0.71234567, "weight": 1.75},
+        },
+    }
     (tmp_path / "curation.json").write_text(json.dumps(summary))
     section = layer_weights_section(tmp_path)
     assert section is not None and section.heading == "Layer weights"

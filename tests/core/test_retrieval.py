@@ -221,7 +221,10 @@ def test_vote_drops_zero_scores_and_breaks_ties_by_priority() -> None:
         LayerSelection(0, np.array([4, 2, 6, 1]), np.array([0.5, 0.5, 0.0, 0.0])),
         LayerSelection(1, np.array([2, 4, 1, 6]), np.array([0.5, 0.5, 0.0, -0.1])),
     ]
-    assert [r.row for r in vote(sel, 10)] == [2, 4]  # zero and negative picks are no votes; row order breaks the tie
+    assert [r.row for r in vote(sel, 10)] == [
+        2,
+        4,
+    ]  # zero and negative picks are no votes; row order breaks the tie
     priority = np.zeros(7, dtype=np.uint64)
     priority[[2, 4]] = [9, 3]
     out = vote(sel, 10, priority=priority)

@@ -23,24 +23,42 @@ def test_duplicates_removed_are_counted_against_the_whole_corpus():
 
 def test_teacher_fallbacks_give_count_share_and_reasons_per_variant():
     distillation = {
-        "curated": {"kept_teacher": 2, "fell_back_to_reference": 6, "dropped": 0,
-                    "fell_back": {"truncated": 4, "wrong_answer": 2}, "dropped_by_reason": {}},
+        "curated": {
+            "kept_teacher": 2,
+            "fell_back_to_reference": 6,
+            "dropped": 0,
+            "fell_back": {"truncated": 4, "wrong_answer": 2},
+            "dropped_by_reason": {},
+        },
         "random": {"kept_teacher": 8, "fell_back_to_reference": 0, "dropped": 0},
-    }  # fmt: skip
+    }
     [line] = fallback_warnings(distillation)
-    assert line.startswith("teacher (curated): 6 of 8 responses (75 %) fell back to the reference answer and 0 ")
+    assert line.startswith(
+        "teacher (curated): 6 of 8 responses (75 %) fell back to the reference answer and 0 "
+    )
     assert "by reason: truncated 4, wrong_answer 2" in line
 
 
 def test_dropped_responses_count_with_their_reasons():
-    [line] = fallback_warnings({"curated": {"kept_teacher": 1, "fell_back_to_reference": 0, "dropped": 3,
-                                            "dropped_by_reason": {"empty": 3}}})  # fmt: skip
+    [line] = fallback_warnings(
+        {
+            "curated": {
+                "kept_teacher": 1,
+                "fell_back_to_reference": 0,
+                "dropped": 3,
+                "dropped_by_reason": {"empty": 3},
+            }
+        }
+    )
     assert "0 of 4 responses (0 %) fell back" in line and "3 (75 %) were dropped; by reason: empty 3" in line
 
 
 def test_evaluation_sets_under_the_threshold_are_named_with_the_fix():
-    small = {"domain": {"kept": SMALL_EVAL_SET - 1, "checked": 40}, "general": {"kept": 0, "checked": 0},
-             "split": {"records": 10}}  # fmt: skip
+    small = {
+        "domain": {"kept": SMALL_EVAL_SET - 1, "checked": 40},
+        "general": {"kept": 0, "checked": 0},
+        "split": {"records": 10},
+    }
     lines = eval_set_warnings(small)
     assert len(lines) == 2
     expected = f"evaluation: the domain set has {SMALL_EVAL_SET - 1} items (under {SMALL_EVAL_SET}; 40 "

@@ -193,7 +193,9 @@ def test_auxk_revives_latents_that_never_fire(monkeypatch) -> None:
 
     monkeypatch.setattr(BatchedSAE, "initialised", half_dead_init)
     acts = sparse_data(n=1000, k=16, atoms=64, active=3, layers=1)
-    cfg = SAEConfig(kind="relu", d_sae=128, steps=300, batch_size=64, lr=3e-3, l1_coef=3e-2, dead_after=128, k_aux=32)
+    cfg = SAEConfig(
+        kind="relu", d_sae=128, steps=300, batch_size=64, lr=3e-3, l1_coef=3e-2, dead_after=128, k_aux=32
+    )
     _, without = train_saes(acts, cfg.model_copy(update={"aux_alpha": 0.0}), seed=0)
     _, with_auxk = train_saes(acts, cfg, seed=0)
     assert without[0].dead_fraction > 0.2
@@ -221,7 +223,9 @@ def test_dead_tracker_reports_latent_with_negative_encoder() -> None:
 
 def test_training_recovers_sparse_dictionary() -> None:
     acts = sparse_data()
-    cfg = SAEConfig(kind="relu", d_sae=128, steps=300, batch_size=128, lr=3e-3, l1_coef=3e-2, dead_after=512, k_aux=32)
+    cfg = SAEConfig(
+        kind="relu", d_sae=128, steps=300, batch_size=128, lr=3e-3, l1_coef=3e-2, dead_after=512, k_aux=32
+    )
     calls = []
     sae, metrics = train_saes(acts, cfg, seed=0, progress=lambda *args, **info: calls.append((*args, info)))
     assert len(metrics) == 2

@@ -34,7 +34,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def sparse_data(n: int = 1000, k: int = 16, atoms: int = 48, active: int = 3, layers: int = 2, seed: int = 99) -> torch.Tensor:
+def sparse_data(
+    n: int = 1000, k: int = 16, atoms: int = 48, active: int = 3, layers: int = 2, seed: int = 99
+) -> torch.Tensor:
     """x = sparse non-negative codes @ a random unit dictionary per layer, plus a little noise. [n, L, k]"""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -58,7 +60,9 @@ def random_topk_sae(k: int, num_layers: int = 2, d_in: int = 8, d_sae: int = 32,
     return sae
 
 
-TOPK = SAEConfig(kind="topk", k=4, d_sae=64, steps=300, batch_size=64, lr=3e-3, dead_after=256, k_aux=16, patience=0)
+TOPK = SAEConfig(
+    kind="topk", k=4, d_sae=64, steps=300, batch_size=64, lr=3e-3, dead_after=256, k_aux=16, patience=0
+)
 
 
 # --- TopK ----------------------------------------------------------------------------------------------
@@ -87,7 +91,9 @@ def test_topk_keeps_the_k_largest_relu_codes_per_sample() -> None:
 
 def test_topk_with_ties_and_zeros_keeps_at_most_k() -> None:
     sae = BatchedSAE(1, 4, 8, "topk", 3)
-    pre = torch.tensor([[[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 0.0, 0.0, -3.0, 0.0, 0.0, 0.0]]])
+    pre = torch.tensor(
+        [[[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 0.0, 0.0, -3.0, 0.0, 0.0, 0.0]]]
+    )
     codes = sae.activate(pre)
     assert (codes != 0).sum(dim=-1).tolist() == [[3, 1]]  # ties: exactly 3 of the 4; zeros: only 1 positive
     assert codes[0, 1].tolist() == [2.0, 0, 0, 0, 0, 0, 0, 0]
@@ -154,7 +160,17 @@ def test_validation_split_is_seeded_disjoint_and_complete() -> None:
 
 def test_heldout_fvu_and_dead_fraction_match_direct_computation() -> None:
     acts = sparse_data(n=600, layers=2)
-    cfg = SAEConfig(kind="relu", d_sae=64, steps=60, batch_size=64, lr=3e-3, l1_coef=3e-2, dead_after=128, k_aux=16, val_fraction=0.25)
+    cfg = SAEConfig(
+        kind="relu",
+        d_sae=64,
+        steps=60,
+        batch_size=64,
+        lr=3e-3,
+        l1_coef=3e-2,
+        dead_after=128,
+        k_aux=16,
+        val_fraction=0.25,
+    )
     sae, metrics = train_saes(acts, cfg, seed=5)
     _, val_rows = validation_split(len(acts), cfg.val_fraction, 5)
     assert len(val_rows) == 150
@@ -198,13 +214,17 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
 
 def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_weights() -> None:
     acts = sparse_data(n=240, layers=2)  # few rows, many steps: held-out FVU plateaus (then overfits)
-    cfg = TOPK.model_copy(update={"steps": 4000, "eval_every": 10, "patience": 3, "lr": 1e-2, "val_fraction": 0.25})
+    cfg = TOPK.model_copy(
+        update={"steps": 4000, "eval_every": 10, "patience": 3, "lr": 1e-2, "val_fraction": 0.25}
+    )
     sae, metrics = train_saes(acts, cfg, seed=1)
     _, val_rows = validation_split(len(acts), cfg.val_fraction, 1)
     direct = evaluate_saes(sae, acts[val_rows]).fvu
     for i, m in enumerate(metrics):
         assert m.steps_trained < cfg.steps
-        assert m.val_steps[-1] == m.steps_trained and m.best_step is not None and m.best_step < m.steps_trained
+        assert (
+            m.val_steps[-1] == m.steps_trained and m.best_step is not None and m.best_step < m.steps_trained
+        )
         assert m.val_fvu == pytest.approx(min(m.val_fvu_curve), rel=1e-5)
         assert m.val_fvu_curve[m.val_steps.index(m.best_step)] == pytest.approx(m.val_fvu, rel=1e-5)
         assert float(direct[i]) == pytest.approx(m.val_fvu, rel=1e-5)
@@ -213,7 +233,9 @@ def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_weights() -> None:
 
 def test_per_layer_training_with_early_stopping_stacks_to_joint_training() -> None:
     acts = sparse_data(n=240, layers=3)
-    cfg = TOPK.model_copy(update={"steps": 600, "eval_every": 10, "patience": 2, "lr": 1e-2, "val_fraction": 0.25})
+    cfg = TOPK.model_copy(
+        update={"steps": 600, "eval_every": 10, "patience": 2, "lr": 1e-2, "val_fraction": 0.25}
+    )
     joint, joint_metrics = train_saes(acts, cfg, seed=2)
     parts = [train_saes(acts[:, [i]], cfg, seed=2, layer_ids=[i]) for i in range(3)]
     stacked = BatchedSAE.stack([p[0] for p in parts])
@@ -245,7 +267,11 @@ def test_sae_saved_before_topk_loads_as_relu(tmp_path) -> None:
     sae, metrics = train_saes(acts, cfg, seed=0)
     save_saes(sae, metrics, [0], tmp_path, cfg=cfg)
     path = tmp_path / "layer_00" / CFG_FILE
-    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("kind", "k", "val_fraction", "eval_every", "patience")}
+    old = {
+        k: v
+        for k, v in json.loads(path.read_text()).items()
+        if k not in ("kind", "k", "val_fraction", "eval_every", "patience")
+    }
     path.write_text(json.dumps(old))
     loaded, _, _ = load_saes(tmp_path)
     assert loaded.kind == "relu" and loaded.k is None

@@ -76,7 +76,9 @@ def test_padded_batch_matches_each_sample_alone(arch: str) -> None:
     batched = batch_saliency(model, batch, [0, -1], probes, skip_first=1)
     for b in range(len(batch)):
         n = int(batch.attention_mask[b].sum())
-        alone = TextBatch(batch.input_ids[b : b + 1, :n], batch.attention_mask[b : b + 1, :n], batch.rows[b : b + 1])
+        alone = TextBatch(
+            batch.input_ids[b : b + 1, :n], batch.attention_mask[b : b + 1, :n], batch.rows[b : b + 1]
+        )
         single = batch_saliency(model, alone, [0, -1], probes[:, b : b + 1, :n], skip_first=1)
         assert_close(batched[b], single[0], rtol=1e-4, atol=1e-6)
 
@@ -93,7 +95,9 @@ def test_jacobian_saliency_is_mean_over_corpus_of_per_sample_estimates() -> None
     g_ref = torch.Generator().manual_seed(4)
     per_sample = []
     for batch in batches:
-        probes = torch.stack([rademacher_probe(batch.attention_mask, 48, g_ref, torch.float32) for _ in range(2)])
+        probes = torch.stack(
+            [rademacher_probe(batch.attention_mask, 48, g_ref, torch.float32) for _ in range(2)]
+        )
         per_sample.append(batch_saliency(model, batch, [0, 1], probes, skip_first=1))
     assert_close(got, torch.cat(per_sample).mean(dim=0))
     assert seen == [(3, 8), (6, 8), (8, 8)]
@@ -103,8 +107,12 @@ def test_jacobian_saliency_is_mean_over_corpus_of_per_sample_estimates() -> None
 def test_sdpa_model_gives_eager_result_and_is_restored(arch: str) -> None:
     eager, sdpa = tiny_model(arch, seed=5), tiny_model(arch, seed=5, attn_implementation="sdpa")
     batches = [_batch(TEXTS)]
-    w_eager = jacobian_saliency(eager, batches, [0, 1], probes=2, skip_first=1, generator=torch.Generator().manual_seed(0))
-    w_sdpa = jacobian_saliency(sdpa, batches, [0, 1], probes=2, skip_first=1, generator=torch.Generator().manual_seed(0))
+    w_eager = jacobian_saliency(
+        eager, batches, [0, 1], probes=2, skip_first=1, generator=torch.Generator().manual_seed(0)
+    )
+    w_sdpa = jacobian_saliency(
+        sdpa, batches, [0, 1], probes=2, skip_first=1, generator=torch.Generator().manual_seed(0)
+    )
     assert_close(w_sdpa, w_eager, rtol=1e-5, atol=1e-7)
     assert sdpa.config._attn_implementation == "sdpa"
 
@@ -132,7 +140,14 @@ def test_compute_saliency_selects_top_k_of_its_scores(selector: str, tmp_path: P
     model = tiny_model("qwen3", layers=3)
     batches = list(iter_text_batches(byte_tokenizer(), TEXTS, max_length=24, batch_size=2))
     sal = compute_saliency(
-        model, batches, [-1, 0], selector=selector, k_act=8, probes=2, skip_first=1, generator=torch.Generator()
+        model,
+        batches,
+        [-1, 0],
+        selector=selector,
+        k_act=8,
+        probes=2,
+        skip_first=1,
+        generator=torch.Generator(),
     )
     assert sal.layers == [2, 0] and sal.selector == selector
     assert sal.scores.shape == (2, 48) and sal.indices.shape == (2, 8)
@@ -152,8 +167,16 @@ def test_compute_saliency_rejects_bad_input_before_running_the_model() -> None:
         yield
 
     with pytest.raises(SaliencyError, match="k_act=49.*d=48"):
-        compute_saliency(model, no_batches(), [0], selector="jacobian", k_act=49, probes=1, skip_first=1,
-                         generator=torch.Generator())
+        compute_saliency(
+            model,
+            no_batches(),
+            [0],
+            selector="jacobian",
+            k_act=49,
+            probes=1,
+            skip_first=1,
+            generator=torch.Generator(),
+        )
     with pytest.raises(SaliencyError, match="probes=0"):
         jacobian_saliency(model, no_batches(), [0], probes=0, skip_first=1, generator=torch.Generator())
     with pytest.raises(SaliencyError, match="empty"):
@@ -169,10 +192,16 @@ def test_default_model_with_sdpa_switches_to_eager_and_matches() -> None:
 
     model, tok = load_model("default", Path(__file__).resolve().parents[2] / ".finescope-cache", device="cpu")
     assert model.config._attn_implementation == "sdpa"
-    batches = list(iter_text_batches(tok, ["The mitochondria is the powerhouse.", "Hi"], max_length=16, batch_size=2))
-    got = jacobian_saliency(model, batches, [0, 14, -1], probes=1, skip_first=1, generator=torch.Generator().manual_seed(0))
+    batches = list(
+        iter_text_batches(tok, ["The mitochondria is the powerhouse.", "Hi"], max_length=16, batch_size=2)
+    )
+    got = jacobian_saliency(
+        model, batches, [0, 14, -1], probes=1, skip_first=1, generator=torch.Generator().manual_seed(0)
+    )
     assert model.config._attn_implementation == "sdpa"
     model.set_attn_implementation("eager")
-    ref = jacobian_saliency(model, batches, [0, 14, -1], probes=1, skip_first=1, generator=torch.Generator().manual_seed(0))
+    ref = jacobian_saliency(
+        model, batches, [0, 14, -1], probes=1, skip_first=1, generator=torch.Generator().manual_seed(0)
+    )
     assert_close(got, ref)
     assert got.shape == (3, 576) and bool((got > 0).all())

@@ -17,14 +17,21 @@ from finescope_core.retrieval import (
 )
 from finescope_core.retrieval.stream import DenseSource, stream_topm
 
-POOLINGS = [SeedPooling("max"), SeedPooling("mean"), SeedPooling("softmax", 0.2), SeedPooling("softmax", 0.01)]
+POOLINGS = [
+    SeedPooling("max"),
+    SeedPooling("mean"),
+    SeedPooling("softmax", 0.2),
+    SeedPooling("softmax", 0.01),
+]
 
 
 def _reference(corpus: np.ndarray, seeds: np.ndarray, pooling: SeedPooling) -> np.ndarray:
     """Every row's pooled score in float64 from the textbook formulas (no shared code with the library)."""
     c = corpus.astype(np.float64)
     s = seeds.astype(np.float64)
-    cn = c / np.where(np.linalg.norm(c, axis=1, keepdims=True) > 0, np.linalg.norm(c, axis=1, keepdims=True), 1)
+    cn = c / np.where(
+        np.linalg.norm(c, axis=1, keepdims=True) > 0, np.linalg.norm(c, axis=1, keepdims=True), 1
+    )
     sims = cn @ (s / np.linalg.norm(s, axis=1, keepdims=True)).T
     if pooling.kind == "max":
         return sims.max(axis=1)
@@ -87,7 +94,9 @@ def test_pooled_top_m_is_the_reference_top_m(pooling: SeedPooling, m: int) -> No
     exclude[[3, 7, 650]] = True
     priority = tie_priority([f"r{i}" for i in range(n)], seed=5)
     rows, scores = topm_max_over_seeds(corpus, seeds, m, exclude=exclude, priority=priority, pooling=pooling)
-    brute_rows, brute_scores = brute_force_topm(corpus, seeds, m, exclude=exclude, priority=priority, pooling=pooling)
+    brute_rows, brute_scores = brute_force_topm(
+        corpus, seeds, m, exclude=exclude, priority=priority, pooling=pooling
+    )
     np.testing.assert_array_equal(rows, brute_rows)
     np.testing.assert_array_equal(scores, brute_scores)
     ref = _reference(corpus, seeds, pooling)
@@ -103,7 +112,9 @@ def test_pooled_top_m_is_the_reference_top_m(pooling: SeedPooling, m: int) -> No
 
 @pytest.mark.parametrize("pooling", POOLINGS[1:3], ids=lambda p: p.kind)
 @pytest.mark.parametrize("block_rows", [None, 1, 7, 128])
-def test_streamed_pooled_top_m_is_the_whole_matrix_bit_for_bit(pooling: SeedPooling, block_rows: int | None) -> None:
+def test_streamed_pooled_top_m_is_the_whole_matrix_bit_for_bit(
+    pooling: SeedPooling, block_rows: int | None
+) -> None:
     corpus, seeds = _corpus()
     n = corpus.shape[0]
     emb = {2: corpus, 6: np.sqrt(corpus)}
@@ -111,7 +122,9 @@ def test_streamed_pooled_top_m_is_the_whole_matrix_bit_for_bit(pooling: SeedPool
     priority = tie_priority([f"r{i}" for i in range(n)], seed=1)
     result = stream_topm(DenseSource(emb, block_rows), seed_emb, 40, priority=priority, pooling=pooling)
     for sel in result.selections:
-        rows, scores = topm_max_over_seeds(emb[sel.layer], seed_emb[sel.layer], 40, priority=priority, pooling=pooling)
+        rows, scores = topm_max_over_seeds(
+            emb[sel.layer], seed_emb[sel.layer], 40, priority=priority, pooling=pooling
+        )
         np.testing.assert_array_equal(sel.rows, rows[scores > 0])
         np.testing.assert_array_equal(sel.scores, scores[scores > 0])
     expected = np.mean([_reference(emb[layer], seed_emb[layer], pooling) for layer in (2, 6)], axis=0)
@@ -137,7 +150,9 @@ def _two_subtopics() -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     a, b = 3 * rng.normal(size=d), 3 * rng.normal(size=d)
     corpus[:40] = a + rng.normal(size=(40, d))
     corpus[40:80] = b + rng.normal(size=(40, d))
-    seeds = np.concatenate([a + rng.normal(size=(8, d)), b + rng.normal(size=(2, d)), rng.normal(size=(1, d))]).astype(np.float32)
+    seeds = np.concatenate(
+        [a + rng.normal(size=(8, d)), b + rng.normal(size=(2, d)), rng.normal(size=(1, d))]
+    ).astype(np.float32)
     corpus[100:160] = seeds[10] + 0.05 * rng.normal(size=(60, d))
     return {0: corpus}, {0: seeds}
 

@@ -128,6 +128,8 @@ def test_missing_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> N
 def test_corpus_embeddings_stage_round_trips(tmp_path) -> None:
     info = sentence.write_corpus_embeddings(TEXTS, tmp_path)
     assert info == {"rows": len(TEXTS), "dim": EMBEDDING_DIM, "model": sentence.MODEL_PIN}
-    np.testing.assert_array_equal(sentence.read_corpus_embeddings(tmp_path, len(TEXTS)), sentence_embeddings(TEXTS))
+    np.testing.assert_array_equal(
+        sentence.read_corpus_embeddings(tmp_path, len(TEXTS)), sentence_embeddings(TEXTS)
+    )
     with pytest.raises(SentenceModelError, match=rf"the corpus has {len(TEXTS) + 1} rows"):
         sentence.read_corpus_embeddings(tmp_path, len(TEXTS) + 1)

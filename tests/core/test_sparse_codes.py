@@ -29,8 +29,17 @@ SLICES = [(0, 150), (150, 151), (151, 440)]  # three corpus shards, one of a sin
 
 def _cfg(kind: str, **over: object) -> CurateConfig:
     sae = {"d_sae": 64, "steps": 200, "batch_size": 64, "kind": kind, "k": 8}
-    return CurateConfig(final_size=40, top_m=40, k_act=16, probes=1, reference_size=48, max_length=32, batch_size=32,
-                        sae=sae, **over)  # type: ignore[arg-type]  # fmt: skip
+    return CurateConfig(
+        final_size=40,
+        top_m=40,
+        k_act=16,
+        probes=1,
+        reference_size=48,
+        max_length=32,
+        batch_size=32,
+        sae=sae,
+        **over,
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module", params=["topk", "relu"])
@@ -74,8 +83,9 @@ def _dense(run: dict, cfg: CurateConfig):
 
 
 def _streamed(run: dict, cfg: CurateConfig, code_dirs: list[Path]):
-    source, seed_emb = core.streamed_embeddings("sae", run["dirs"], [run["work"] / "seeds"], LAYERS,
-                                                sae_dir=run["work"] / "sae", code_dirs=code_dirs)  # fmt: skip
+    source, seed_emb = core.streamed_embeddings(
+        "sae", run["dirs"], [run["work"] / "seeds"], LAYERS, sae_dir=run["work"] / "sae", code_dirs=code_dirs
+    )
     ids = [r.id for r in run["corpus"].records]
     return core.curate_records("sae", source, seed_emb, len(ids), cfg, 0, [3, 99], ids=ids)
 
@@ -92,7 +102,9 @@ def test_stored_codes_decode_to_the_encoded_codes(run: dict) -> None:
     assert info["truncated_fraction"] == 0
     stored = sum(len(shard.values) for _, shard in SparseCodeSource(dirs).shards())
     assert stored == int((dense > 0).sum())  # CSR: exactly the nonzeros, no padding
-    assert info["mean_l0"] == pytest.approx(float((dense > 0).sum(-1).float().mean()), abs=0.01)  # rounded to 2 places
+    assert info["mean_l0"] == pytest.approx(
+        float((dense > 0).sum(-1).float().mean()), abs=0.01
+    )  # rounded to 2 places
 
 
 @pytest.mark.parametrize("weighting", ["vote", "quality", "agreement"])
@@ -104,7 +116,9 @@ def test_streamed_curation_equals_the_dense_path(run: dict, weighting: str, expa
     dense, streamed = _dense(run, cfg), _streamed(run, cfg, _codes(run, code_k, "float32"))
     assert [v.row for v in streamed.voted] == [v.row for v in dense.voted]
     assert [v.votes for v in streamed.voted] == pytest.approx([v.votes for v in dense.voted], rel=1e-6)
-    np.testing.assert_allclose([v.mean_score for v in streamed.voted], [v.mean_score for v in dense.voted], rtol=1e-6)
+    np.testing.assert_allclose(
+        [v.mean_score for v in streamed.voted], [v.mean_score for v in dense.voted], rtol=1e-6
+    )
     assert streamed.summary.keys() == dense.summary.keys()
     assert streamed.summary["effective_top_m"] == dense.summary["effective_top_m"]
     assert streamed.mean_scores is not None and len(streamed.mean_scores) == len(run["corpus"])
@@ -130,7 +144,9 @@ def test_activation_baseline_streamed_equals_dense(run: dict) -> None:
     streamed = core.curate_records("activation", source, s_emb, len(ids), run["cfg"], 0, ids=ids)
     # float64 statistics vs torch's float32 ones: the same records, scores equal to float rounding.
     assert [v.row for v in streamed.voted] == [v.row for v in dense.voted]
-    np.testing.assert_allclose([v.mean_score for v in streamed.voted], [v.mean_score for v in dense.voted], rtol=1e-4)
+    np.testing.assert_allclose(
+        [v.mean_score for v in streamed.voted], [v.mean_score for v in dense.voted], rtol=1e-4
+    )
 
 
 def test_top_nonzeros_pads_short_codes_and_counts_nonzeros() -> None:

@@ -61,8 +61,18 @@ def test_unfinished_directory_is_never_seen_and_is_superseded(tmp_path):
 def test_cache_key_depends_on_everything():
     base = cache_key("s", "1", {"a": 1}, {"x": "h"})
     assert base == cache_key("s", "1", {"a": 1}, {"x": "h"})
-    assert len({base, cache_key("s", "2", {"a": 1}, {"x": "h"}), cache_key("s", "1", {"a": 2}, {"x": "h"}),
-                cache_key("s", "1", {"a": 1}, {"x": "g"}), cache_key("t", "1", {"a": 1}, {"x": "h"})}) == 5
+    assert (
+        len(
+            {
+                base,
+                cache_key("s", "2", {"a": 1}, {"x": "h"}),
+                cache_key("s", "1", {"a": 2}, {"x": "h"}),
+                cache_key("s", "1", {"a": 1}, {"x": "g"}),
+                cache_key("t", "1", {"a": 1}, {"x": "h"}),
+            }
+        )
+        == 5
+    )
 
 
 def test_unwritable_store_fails_before_work(tmp_path):
@@ -104,15 +114,29 @@ class Flaky:
 FAST = RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.002)
 
 
-@pytest.mark.parametrize("error", [ConnectionRefusedError(111, "refused"), TimeoutError("slow"),
-                                   OSError(errno.EBUSY, "SlowDown"), OSError(errno.EREMOTEIO, "InternalError")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(111, "refused"),
+        TimeoutError("slow"),
+        OSError(errno.EBUSY, "SlowDown"),
+        OSError(errno.EREMOTEIO, "InternalError"),
+    ],
+)
 def test_transient_errors_are_retried_until_they_pass(error):
     flaky = Flaky(error, failures=3)
     assert FAST.call("op", flaky) == "ok" and flaky.calls == 4
 
 
-@pytest.mark.parametrize("error", [PermissionError("Forbidden"), FileNotFoundError("gone"), ValueError("bad"),
-                                   OSError(errno.EIO, "unknown")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError("Forbidden"),
+        FileNotFoundError("gone"),
+        ValueError("bad"),
+        OSError(errno.EIO, "unknown"),
+    ],
+)
 def test_permanent_errors_are_raised_at_once(error):
     flaky = Flaky(error, failures=1)
     with pytest.raises(type(error)):
@@ -148,7 +172,12 @@ DAY = 86400
 def commit(store: ArtifactStore, stage: str, key: str, payload: bytes, info: dict | None = None) -> None:
     with store.work_dir(stage, key, resume=False) as work:
         (work / "data.bin").write_bytes(payload)
-        store.commit(work, stage, key, {"version": "1", "config": {"seed": 0}, "inputs": {"x": "h"}, "info": info or {}})
+        store.commit(
+            work,
+            stage,
+            key,
+            {"version": "1", "config": {"seed": 0}, "inputs": {"x": "h"}, "info": info or {}},
+        )
 
 
 def killed_work_dir(store: ArtifactStore, stage: str, key: str, payload: bytes) -> Path:
@@ -179,12 +208,19 @@ def test_scan_lists_artifacts_with_sizes_and_every_kind_of_leftover(tmp_path):
     marker_size = (tmp_path / "store" / "corpus" / "c1" / MARKER).stat().st_size
     assert arts["corpus", "c1"].size == 1000 + marker_size and arts["corpus", "c1"].files == 2
     assert arts["corpus", "c1"].description == "records=80 dropped_duplicates=1 seed=0"
-    assert arts["sae", "s1"].description.startswith("layers=[0,1]")  # the per-layer metrics are too big to show
+    assert arts["sae", "s1"].description.startswith(
+        "layers=[0,1]"
+    )  # the per-layer metrics are too big to show
     assert abs(arts["corpus", "c1"].created - time.time()) < 60
     left = {(x.kind, x.stage, x.key): x for x in listing.leftovers}
-    assert set(left) == {("work dir", "distilled", "d1"), ("unfinished commit", "pruned", "p1"),
-                         ("unfinished commit", "pruned", ".p2.tmp-1234")}
-    assert left["work dir", "distilled", "d1"].size == 500 and left["work dir", "distilled", "d1"].path == str(work)
+    assert set(left) == {
+        ("work dir", "distilled", "d1"),
+        ("unfinished commit", "pruned", "p1"),
+        ("unfinished commit", "pruned", ".p2.tmp-1234"),
+    }
+    assert left["work dir", "distilled", "d1"].size == 500 and left[
+        "work dir", "distilled", "d1"
+    ].path == str(work)
     assert not left["work dir", "distilled", "d1"].in_use
     assert [f.size for f in listing.results] == [70]
     doc = listing.to_json()
@@ -206,7 +242,9 @@ def test_delete_drops_the_marker_first_so_an_interrupted_delete_is_a_miss(tmp_pa
     assert store.lookup("sae", "k") is None and (tmp_path / "sae" / "k" / "data.bin").exists()
     monkeypatch.undo()
     listing = scan(store)
-    assert [(x.kind, x.key) for x in listing.leftovers] == [("unfinished commit", "k")]  # gc collects the rest
+    assert [(x.kind, x.key) for x in listing.leftovers] == [
+        ("unfinished commit", "k")
+    ]  # gc collects the rest
     store.delete("sae", "k")
     assert not (tmp_path / "sae" / "k").exists()
     store.delete("sae", "k")  # already gone: nothing to do
@@ -292,8 +330,12 @@ def test_ls_and_rm_on_s3(s3_server, s3_prefix, tmp_path, monkeypatch):
     from s3server import ACCESS_KEY, SECRET_KEY
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # work dirs of a remote store: this test's own
-    options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": s3_server.endpoint},
-               "skip_instance_cache": True}
+    options = {
+        "key": ACCESS_KEY,
+        "secret": SECRET_KEY,
+        "client_kwargs": {"endpoint_url": s3_server.endpoint},
+        "skip_instance_cache": True,
+    }
     store = ArtifactStore(s3_prefix, options, cache_dir=tmp_path / "cache")
     commit(store, "sae", "k1", b"a" * 100, {"layers": [0]})
     commit(store, "sae", "k2", b"b" * 50)
@@ -301,7 +343,10 @@ def test_ls_and_rm_on_s3(s3_server, s3_prefix, tmp_path, monkeypatch):
     killed_work_dir(store, "distilled", "d", b"d" * 7)
     store.local_path(store.lookup("sae", "k1"))  # a verified copy on this machine
     listing = scan(store)
-    assert sorted((a.key, a.size - len(json.dumps(a.record, indent=2))) for a in listing.artifacts) == [("k1", 100), ("k2", 50)]
+    assert sorted((a.key, a.size - len(json.dumps(a.record, indent=2))) for a in listing.artifacts) == [
+        ("k1", 100),
+        ("k2", 50),
+    ]
     assert sorted((x.kind, x.size) for x in listing.leftovers) == [("unfinished commit", 10), ("work dir", 7)]
     assert listing.artifacts[0].uri == f"{s3_prefix}/sae/k1"
 

@@ -60,7 +60,10 @@ def _plain_tokenizer():
 
 
 def test_user_prompt_joins_instruction_and_input_and_uses_text_otherwise() -> None:
-    assert user_prompt(_record(0, instruction=" Sum these ", input=" 2 and 3 ", output="5")) == "Sum these\n\n2 and 3"
+    assert (
+        user_prompt(_record(0, instruction=" Sum these ", input=" 2 and 3 ", output="5"))
+        == "Sum these\n\n2 and 3"
+    )
     assert user_prompt(_record(1, instruction="Sum", input="", output="5")) == "Sum"
     assert user_prompt(_record(2, text="A passage.")) == "A passage."
     with pytest.raises(TeacherError, match="empty instruction"):
@@ -77,19 +80,36 @@ def test_rewrite_prompt_only_when_a_reference_exists() -> None:
 
 
 def test_chat_and_prompt_completion_records_ask_their_request_and_rewrite_their_reference() -> None:
-    chat = Record(id="m", text="", origin="test:m", fields={"messages": [
-        {"role": "system", "content": "Answer in French."},
-        {"role": "user", "content": "Capital of Italy?"},
-        {"role": "assistant", "content": "Rome."},
-    ]})
+    chat = Record(
+        id="m",
+        text="",
+        origin="test:m",
+        fields={
+            "messages": [
+                {"role": "system", "content": "Answer in French."},
+                {"role": "user", "content": "Capital of Italy?"},
+                {"role": "assistant", "content": "Rome."},
+            ]
+        },
+    )
     assert user_prompt(chat) == "Answer in French.\n\nCapital of Italy?"
     msg = teacher_message(chat)
-    assert msg.startswith("Answer in French.\n\nCapital of Italy?") and "Rome." in msg and msg.endswith(REWRITE_INSTRUCTION)
+    assert (
+        msg.startswith("Answer in French.\n\nCapital of Italy?")
+        and "Rome." in msg
+        and msg.endswith(REWRITE_INSTRUCTION)
+    )
     line = distilled_line(chat, "", truncated=False, min_chars=1)
-    assert (line["prompt"], line["response"], line["source"]) == ("Answer in French.\n\nCapital of Italy?", "Rome.", "reference")
+    assert (line["prompt"], line["response"], line["source"]) == (
+        "Answer in French.\n\nCapital of Italy?",
+        "Rome.",
+        "reference",
+    )
     pc = Record(id="p", text="", origin="test:p", fields={"prompt": "Tell a joke.", "completion": ""})
     assert user_prompt(pc) == teacher_message(pc) == "Tell a joke."
-    with pytest.raises(TeacherError, match="test:q: record 'q' has an empty instruction and input \\(or an empty prompt"):
+    with pytest.raises(
+        TeacherError, match="test:q: record 'q' has an empty instruction and input \\(or an empty prompt"
+    ):
         user_prompt(Record(id="q", text="x", origin="test:q", fields={"prompt": " ", "completion": "x"}))
 
 
@@ -129,17 +149,32 @@ def test_reject_reason(response: str, kw: dict, reason: str | None) -> None:
 def test_scaffold_words_the_user_wrote_are_allowed() -> None:
     parts = ["Rewrite this sentence in the passive voice: the cat ate the fish."]
     assert reject_reason("The fish was eaten by the cat, rewrite done.", parts) is None
-    assert reject_reason("The fish was eaten by the cat, rewrite done.", ["Make it passive."]) == "mentions_scaffolding"
+    assert (
+        reject_reason("The fish was eaten by the cat, rewrite done.", ["Make it passive."])
+        == "mentions_scaffolding"
+    )
 
 
 def test_rejected_response_falls_back_to_reference_or_drops() -> None:
     with_ref = _record(0, instruction="Add 2 and 3.", output="The sum is 5.")
     no_ref = _record(1, instruction="Add 2 and 3.")
     # (the numeric check would reject it: "five" is no number; tests/core/test_teacher_fixes.py covers it)
-    kept = distilled_line(with_ref, " 2 plus 3 gives five. ", truncated=False, min_chars=8, check_answer=False)
-    assert kept == {"id": "r0", "prompt": "Add 2 and 3.", "response": "2 plus 3 gives five.", "source": "teacher", "rejected": None}
+    kept = distilled_line(
+        with_ref, " 2 plus 3 gives five. ", truncated=False, min_chars=8, check_answer=False
+    )
+    assert kept == {
+        "id": "r0",
+        "prompt": "Add 2 and 3.",
+        "response": "2 plus 3 gives five.",
+        "source": "teacher",
+        "rejected": None,
+    }
     back = distilled_line(with_ref, "The reference answer says 5.", truncated=False, min_chars=8)
-    assert (back["response"], back["source"], back["rejected"]) == ("The sum is 5.", "reference", "mentions_scaffolding")
+    assert (back["response"], back["source"], back["rejected"]) == (
+        "The sum is 5.",
+        "reference",
+        "mentions_scaffolding",
+    )
     dropped = distilled_line(no_ref, "2 plus 3 gives", truncated=True, min_chars=8)
     assert (dropped["response"], dropped["source"], dropped["rejected"]) == (None, None, "truncated")
 
@@ -242,7 +277,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
     lines = part.read_text().splitlines(keepends=True)
     assert len(lines) == 6
     full_lines = full.read_text().splitlines(keepends=True)
-    assert [json.loads(line)["id"] for line in full_lines] == [r.id for r in records]  # finished: the records' order
+    assert [json.loads(line)["id"] for line in full_lines] == [
+        r.id for r in records
+    ]  # finished: the records' order
     # Until then lines are in generation order (longest prompt first).
     order = [r.id for r in by_prompt_length(tok, records, cfg.max_prompt_length)]
     assert order != [r.id for r in records]
@@ -277,10 +314,15 @@ def test_output_lines_and_read_distilled(tmp_path: Path) -> None:
     # A random tiny model's 4 tokens are never a usable answer (cut off, or an immediate EOS).
     assert [x["source"] for x in lines] == ["reference", None, None, "reference"]
     assert all(x["rejected"] in ("empty", "truncated") for x in lines)
-    assert sum(summary.rejected.values()) == 4 and summary.dropped == 2 and summary.fell_back_to_reference == 2
+    assert (
+        sum(summary.rejected.values()) == 4 and summary.dropped == 2 and summary.fell_back_to_reference == 2
+    )
     assert 0 < summary.new_tokens <= 16
     rows = read_distilled(out)
-    assert [(r["id"], r["response"]) for r in rows] == [("r0", "The sum is 1."), ("r3", "Because it is so, always.")]
+    assert [(r["id"], r["response"]) for r in rows] == [
+        ("r0", "The sum is 1."),
+        ("r3", "Because it is so, always."),
+    ]
 
 
 def test_resume_refuses_another_runs_file_and_duplicate_ids(tmp_path: Path) -> None:
@@ -305,7 +347,9 @@ def test_a_request_too_long_for_the_prompt_budget_is_skipped_not_cut(tmp_path: P
         return original(**kw)
 
     model.generate = spy
-    summary = generate_distilled(model, tok, [long], TeacherConfig(max_new_tokens=2, max_prompt_length=16), tmp_path / "d.jsonl")
+    summary = generate_distilled(
+        model, tok, [long], TeacherConfig(max_new_tokens=2, max_prompt_length=16), tmp_path / "d.jsonl"
+    )
     assert calls == [] and summary.fell_back == {"prompt_too_long": 1}
     assert read_distilled(tmp_path / "d.jsonl")[0]["response"] == "ref"
 
@@ -333,7 +377,9 @@ def test_generation_order_is_longest_prompt_first_ties_in_input_order() -> None:
     records = _records(12)
     ordered = by_prompt_length(tok, records, 512)
     lengths = [len(fit_prompt(tok, r, 512) or ()) for r in ordered]
-    assert lengths == sorted(lengths, reverse=True) and sorted(r.id for r in ordered) == sorted(r.id for r in records)
+    assert lengths == sorted(lengths, reverse=True) and sorted(r.id for r in ordered) == sorted(
+        r.id for r in records
+    )
     for a, b in zip(ordered, ordered[1:], strict=False):
         if len(fit_prompt(tok, a, 512) or ()) == len(fit_prompt(tok, b, 512) or ()):
             assert records.index(a) < records.index(b)

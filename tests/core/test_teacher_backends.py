@@ -43,12 +43,16 @@ class _FakeLLM:
     def __init__(self, **engine: Any):
         _FakeLLM.calls.append(engine)
 
-    def generate(self, prompts: list[dict[str, Any]], sampling_params: Any, use_tqdm: bool = True) -> list[Any]:
+    def generate(
+        self, prompts: list[dict[str, Any]], sampling_params: Any, use_tqdm: bool = True
+    ) -> list[Any]:
         assert not use_tqdm and sampling_params.temperature == 0
         eos = sampling_params.stop_token_ids
         out = []
         for p in prompts:
-            (gen,) = generate_batch(self.model, self.tokenizer, [p["prompt_token_ids"]], max_new_tokens=sampling_params.max_tokens)
+            (gen,) = generate_batch(
+                self.model, self.tokenizer, [p["prompt_token_ids"]], max_new_tokens=sampling_params.max_tokens
+            )
             ids, reason = (gen.token_ids, "length") if gen.truncated else ([*gen.token_ids, eos[0]], "stop")
             out.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(ids), finish_reason=reason)]))
         return out
@@ -66,7 +70,10 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeLLM]:
 
 def test_vllm_completions_map_to_generations() -> None:
     assert vllm_generation([5, 6, 2, 9], "stop", [2]) == vllm_generation([5, 6, 2], "stop", [2])
-    assert vllm_generation([5, 6, 2], "stop", [2]).token_ids == [5, 6] and not vllm_generation([5, 6, 2], "stop", [2]).truncated
+    assert (
+        vllm_generation([5, 6, 2], "stop", [2]).token_ids == [5, 6]
+        and not vllm_generation([5, 6, 2], "stop", [2]).truncated
+    )
     assert vllm_generation([5, 6], "length", [2]).truncated
     assert not vllm_generation([5, 6], "stop", [2]).truncated  # a stop string, not the budget
 
@@ -89,7 +96,9 @@ def test_vllm_backend_writes_the_hf_backends_file(tmp_path: Path, fake_vllm: typ
     assert 0 < hf.kept_teacher < 10 or hf.rejected  # the file exercises the filter, not only one outcome
 
 
-def test_vllm_backend_is_refused_without_the_package_or_a_gpu(monkeypatch: pytest.MonkeyPatch, fake_vllm: type[_FakeLLM]) -> None:
+def test_vllm_backend_is_refused_without_the_package_or_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, fake_vllm: type[_FakeLLM]
+) -> None:
     cfg = FinescopeConfig(seeds=["s.jsonl"], corpus=["c.jsonl"], teacher={"backend": "vllm"}, device="cpu")
     with pytest.raises(TeacherError, match="runs on CUDA only"):
         check_teacher_backend(cfg)

@@ -25,16 +25,40 @@ def _fresh_user_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_first_run_with_an_empty_prefect_home_succeeds(workspace, tmp_path):  # noqa: F811
-    cfg = {"model": str(workspace / "model"), "seeds": [str(workspace / "seeds.jsonl")],
-           "corpus": [str(workspace / "corpus.jsonl")], "store": str(tmp_path / "store"), "device": "cpu",
-           "curate": {"method": "activation", "final_size": 10, "top_m": 10, "k_act": 16, "reference_size": 8,
-                      "max_length": 32}}  # fmt: skip
+    cfg = {
+        "model": str(workspace / "model"),
+        "seeds": [str(workspace / "seeds.jsonl")],
+        "corpus": [str(workspace / "corpus.jsonl")],
+        "store": str(tmp_path / "store"),
+        "device": "cpu",
+        "curate": {
+            "method": "activation",
+            "final_size": 10,
+            "top_m": 10,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+        },
+    }
     (tmp_path / "first.yaml").write_text(json.dumps(cfg))
     env = _fresh_user_env(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "curate", "--config", str(tmp_path / "first.yaml"), "--out", str(tmp_path / "out")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "curate",
+            "--config",
+            str(tmp_path / "first.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting temporary server" in proc.stderr  # the ephemeral API, as on a new machine
     assert (Path(env["PREFECT_HOME"]) / "prefect.db").is_file()  # created by this very run
@@ -44,9 +68,13 @@ def test_first_run_with_an_empty_prefect_home_succeeds(workspace, tmp_path):  # 
 def test_the_cli_waits_long_enough_for_a_first_prefect_start():
     """Creating and migrating Prefect's database on a slow machine outlasts Prefect's 20 s default."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
-    code = "import flows.cli; from prefect.settings import get_current_settings as s; " \
-           "print(s().server.ephemeral.startup_timeout_seconds)"  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    code = (
+        "import flows.cli; from prefect.settings import get_current_settings as s; "
+        "print(s().server.ephemeral.startup_timeout_seconds)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert int(out.stdout.strip()) >= 300, out.stderr
 
 
@@ -60,7 +88,10 @@ def test_each_command_lists_only_the_fields_its_flow_reads():
     for other in ("--prune.", "--teacher.", "--finetune.", "--evaluate."):
         assert other not in curate
     assert "--prune.ratio" in prune and "--teacher." not in prune and "--evaluate." not in prune
-    assert all(f in run for f in ("--prune.ratio", "--teacher.max_new_tokens", "--finetune.rank", "--evaluate.baselines"))
+    assert all(
+        f in run
+        for f in ("--prune.ratio", "--teacher.max_new_tokens", "--finetune.rank", "--evaluate.baselines")
+    )
     assert "--curate.method" not in demo and "--seeds" not in demo and "--corpus" not in demo
     assert "--curate.top_m" in demo
     assert len(curate.splitlines()) < len(run.splitlines())

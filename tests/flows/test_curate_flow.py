@@ -11,7 +11,11 @@ from flows.cli import main
 from flows.curate import curate_flow
 
 TOPICS = {
-    "math": ["What is {a} plus {b}?", "Compute {a} times {b}.", "If I have {a} apples and eat {b}, how many are left?"],
+    "math": [
+        "What is {a} plus {b}?",
+        "Compute {a} times {b}.",
+        "If I have {a} apples and eat {b}, how many are left?",
+    ],
     "chat": ["Hello, how are you {a}?", "I like the color {b} and {a}.", "Good morning, friend number {a}."],
 }
 
@@ -27,18 +31,33 @@ def workspace(tmp_path_factory):
     corpus.append({"id": "dup", "text": corpus[0]["text"]})
     corpus.append({"id": "seedcopy", "text": "What is 100 plus 1?"})
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in corpus) + "\n")
-    seeds = [{"id": f"s{i}", "instruction": f"What is {i} plus 1?" if i == 100 else f"Compute {i} times 3."} for i in (100, 5, 6)]
+    seeds = [
+        {"id": f"s{i}", "instruction": f"What is {i} plus 1?" if i == 100 else f"Compute {i} times 3."}
+        for i in (100, 5, 6)
+    ]
     (root / "seeds.jsonl").write_text("\n".join(json.dumps(r) for r in seeds) + "\n")
     return root
 
 
 def config(root, **curate) -> FinescopeConfig:
-    base = dict(final_size=20, top_m=15, k_act=16, probes=2, reference_size=16, max_length=32, batch_size=8,
-                sae={"d_sae": 64, "steps": 30, "batch_size": 32})
+    base = dict(
+        final_size=20,
+        top_m=15,
+        k_act=16,
+        probes=2,
+        reference_size=16,
+        max_length=32,
+        batch_size=8,
+        sae={"d_sae": 64, "steps": 30, "batch_size": 32},
+    )
     base.update(curate)
     return FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu", curate=base,
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        curate=base,
     )
 
 
@@ -71,7 +90,9 @@ def test_sae_curation_outputs_and_cache(workspace):
     (workspace / "seeds2.jsonl").write_text(json.dumps({"text": "Hello, how are you 3?"}) + "\n")
     other.seeds = [str(workspace / "seeds2.jsonl")]
     switched = curate_flow(other)
-    assert [m.cached for m in (switched.corpus, switched.saliency, switched.activations, switched.sae)] == [True] * 4
+    assert [m.cached for m in (switched.corpus, switched.saliency, switched.activations, switched.sae)] == [
+        True
+    ] * 4
     assert switched.seed_activations.cached is False and switched.curated.cached is False
 
     # A deleted artifact is a miss: the SAE stage and what depends on it are rebuilt, the rest is cached.
@@ -96,20 +117,26 @@ def test_baselines_share_the_output_format(workspace, method):
 def test_cli_writes_outputs_and_run_manifest(workspace, tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(config(workspace).model_dump_json())  # JSON is YAML
-    code = main(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--curate.final_size", "10"])
+    code = main(
+        ["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--curate.final_size", "10"]
+    )
     assert code == 0
     rows = read_jsonl(tmp_path / "out" / "curated.jsonl")
     assert len(rows) == 10
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["config"]["curate"]["final_size"] == 10
-    assert {"corpus", "seeds", "saliency", "activations", "seed_activations", "sae", "curated"} <= set(run["stages"])
+    assert {"corpus", "seeds", "saliency", "activations", "seed_activations", "sae", "curated"} <= set(
+        run["stages"]
+    )
     assert all(s["uri"].startswith(str(workspace / "store")) for s in run["stages"].values())
     assert (tmp_path / "out" / "curated.parquet").stat().st_size > 0
 
 
 def test_cli_bad_config_fails_before_writing(workspace, tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(f"seeds: [{workspace}/seeds.jsonl]\ncorpus: [{workspace}/corpus.jsonl]\ncurate: {{top_mm: 3}}\n")
+    cfg_file.write_text(
+        f"seeds: [{workspace}/seeds.jsonl]\ncorpus: [{workspace}/corpus.jsonl]\ncurate: {{top_mm: 3}}\n"
+    )
     assert main(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out")]) == 2
     assert "curate.top_mm: unknown field" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -121,7 +148,9 @@ def test_sentence_corpus_embeddings_are_a_cached_stage(workspace, tmp_path, monk
 
     calls = []
     real = sentence.sentence_embeddings
-    monkeypatch.setattr(sentence, "sentence_embeddings", lambda texts, **kw: calls.append(len(texts)) or real(texts, **kw))
+    monkeypatch.setattr(
+        sentence, "sentence_embeddings", lambda texts, **kw: calls.append(len(texts)) or real(texts, **kw)
+    )
     cfg = config(workspace, method="sentence")
     cfg.store = str(tmp_path / "store")
     first = curate_flow(cfg, export=False)
@@ -135,9 +164,9 @@ def test_sentence_corpus_embeddings_are_a_cached_stage(workspace, tmp_path, monk
     switched = curate_flow(other, export=False)
     assert calls == [1]  # the new seed only: the corpus embeddings came from the store
     assert switched.curated.cached is False and switched.curated.info["sentence_embeddings"] == stage
-    assert sorted(p.name for p in (tmp_path / "store" / "sentence-embeddings").iterdir() if not p.name.startswith(".")) == [
-        stage["key"]
-    ]
+    assert sorted(
+        p.name for p in (tmp_path / "store" / "sentence-embeddings").iterdir() if not p.name.startswith(".")
+    ) == [stage["key"]]
 
     fresh = other.model_copy(update={"store": str(tmp_path / "fresh")})
     calls.clear()

@@ -57,12 +57,18 @@ def test_corpus_duplicates_of_mc_and_numeric_items_leave_the_curation_pool(tmp_p
     rng = random.Random(1)
     mc, numeric = _mc(rng, 4), _numeric(rng, 4)
     rows = [{"id": f"r{i}", "text": _sentence(rng)} for i in range(30)]
-    rows += [{"id": "has-mc", "text": "Question: " + mc_text(mc[1])},
-             {"id": "has-numeric", "text": numeric[3]["question"] + " " + numeric[3]["answer"]}]  # fmt: skip
+    rows += [
+        {"id": "has-mc", "text": "Question: " + mc_text(mc[1])},
+        {"id": "has-numeric", "text": numeric[3]["question"] + " " + numeric[3]["answer"]},
+    ]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "seeds.jsonl").write_text(json.dumps({"text": _sentence(rng)}) + "\n")
-    cfg = FinescopeConfig(seeds=[str(tmp_path / "seeds.jsonl")], corpus=[str(tmp_path / "corpus.jsonl")],
-                          evaluate={"split_fraction": 0.001}, store=str(tmp_path / "store"))  # fmt: skip
+    cfg = FinescopeConfig(
+        seeds=[str(tmp_path / "seeds.jsonl")],
+        corpus=[str(tmp_path / "corpus.jsonl")],
+        evaluate={"split_fraction": 0.001},
+        store=str(tmp_path / "store"),
+    )
     seeds = load_records(cfg.seeds, role="seeds")
     corpus = load_records(cfg.corpus, role="corpus")
     held = holdout(cfg, seeds, corpus, EvalFiles(mc=mc, numeric=numeric))
@@ -73,9 +79,14 @@ def test_corpus_duplicates_of_mc_and_numeric_items_leave_the_curation_pool(tmp_p
 
 def _problems(rng: random.Random, n: int) -> list[dict]:
     """GSM8K-shaped records: a question and a worked solution ending in `#### N`."""
-    return [{"id": f"p{i}", "instruction": _sentence(rng),
-             "output": "\n".join([_sentence(rng, 8), _sentence(rng, 8), _sentence(rng, 8), f"#### {i}"])}
-            for i in range(n)]  # fmt: skip
+    return [
+        {
+            "id": f"p{i}",
+            "instruction": _sentence(rng),
+            "output": "\n".join([_sentence(rng, 8), _sentence(rng, 8), _sentence(rng, 8), f"#### {i}"]),
+        }
+        for i in range(n)
+    ]
 
 
 def test_lm_eval_documents_the_demo_builds_are_decontaminated_and_leave_the_pool(tmp_path):
@@ -91,8 +102,10 @@ def test_lm_eval_documents_the_demo_builds_are_decontaminated_and_leave_the_pool
     data = decontaminate(
         [EvalItem("d0", _sentence(rng), "eval.jsonl")], [], training, {}, EvalFiles(lm_eval=texts)
     )
-    assert data.lm_eval_docs == {NEXT_STEP_TASK: [i for i in range(len(steps)) if i != 1],
-                                 ANSWER_TASK: list(range(len(answers)))}  # fmt: skip
+    assert data.lm_eval_docs == {
+        NEXT_STEP_TASK: [i for i in range(len(steps)) if i != 1],
+        ANSWER_TASK: list(range(len(answers))),
+    }
     assert data.info["lm_eval"]["tasks"][NEXT_STEP_TASK]["dropped_ngram"] == 1
     assert data.info["lm_eval"]["checked"] == len(steps) + len(answers)
     assert data.payload()["lm_eval_docs"] == data.lm_eval_docs
@@ -104,10 +117,16 @@ def test_lm_eval_documents_the_demo_builds_are_decontaminated_and_leave_the_pool
     rows.append({"id": "has-doc", "instruction": asked["instruction"], "output": asked["output"]})
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "seeds.jsonl").write_text(json.dumps({"text": _sentence(rng)}) + "\n")
-    cfg = FinescopeConfig(seeds=[str(tmp_path / "seeds.jsonl")], corpus=[str(tmp_path / "corpus.jsonl")],
-                          store=str(tmp_path / "store"),
-                          evaluate={"split_fraction": 0.001, "lm_eval_tasks": [NEXT_STEP_TASK, ANSWER_TASK],
-                                    "lm_eval_include": str(include)})  # fmt: skip
+    cfg = FinescopeConfig(
+        seeds=[str(tmp_path / "seeds.jsonl")],
+        corpus=[str(tmp_path / "corpus.jsonl")],
+        store=str(tmp_path / "store"),
+        evaluate={
+            "split_fraction": 0.001,
+            "lm_eval_tasks": [NEXT_STEP_TASK, ANSWER_TASK],
+            "lm_eval_include": str(include),
+        },
+    )
     files = eval_files(cfg)
     assert files.lm_eval == texts
     held = holdout(cfg, load_records(cfg.seeds, role="seeds"), load_records(cfg.corpus, role="corpus"), files)

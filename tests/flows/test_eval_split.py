@@ -33,29 +33,62 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalsplit")
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
     rng = random.Random(0)
-    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}? {_sentence(rng, MATH, 14)}",
-             "output": f"{2 * i + 1} {_sentence(rng, MATH, 14)}"} for i in range(40)]  # fmt: skip
-    rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}. {_sentence(rng, CHAT, 14)}",
-              "output": f"Hello! {_sentence(rng, CHAT, 14)}"} for i in range(40)]  # fmt: skip
+    rows = [
+        {
+            "id": f"q{i}",
+            "instruction": f"What is {i} plus {i + 1}? {_sentence(rng, MATH, 14)}",
+            "output": f"{2 * i + 1} {_sentence(rng, MATH, 14)}",
+        }
+        for i in range(40)
+    ]
+    rows += [
+        {
+            "id": f"c{i}",
+            "instruction": f"Say hello to friend {i}. {_sentence(rng, CHAT, 14)}",
+            "output": f"Hello! {_sentence(rng, CHAT, 14)}",
+        }
+        for i in range(40)
+    ]
     # A near copy (other punctuation and case) of a split record, outside the split: the `corpus`
     # baseline trains on it, so the split record must be dropped from evaluation as contaminated.
     planted = next(r for r in rows if split_position(r["id"], 0) < SPLIT)
     copy_id = next(f"planted{i}" for i in range(100) if split_position(f"planted{i}", 0) >= SPLIT)
-    copy = {"id": copy_id, "instruction": planted["instruction"].upper() + "!!", "output": planted["output"] + " ."}
+    copy = {
+        "id": copy_id,
+        "instruction": planted["instruction"].upper() + "!!",
+        "output": planted["output"] + " .",
+    }
     rows.append(copy)
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7? sum plus add", "output": "107"}) + "\n")
+    (root / "seeds.jsonl").write_text(
+        json.dumps({"instruction": "What is 100 plus 7? sum plus add", "output": "107"}) + "\n"
+    )
     cfg = FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu", output=str(root / "out"),
-        curate={"final_size": 20, "top_m": 20, "k_act": 16, "reference_size": 8, "max_length": 32,
-                "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        output=str(root / "out"),
+        curate={
+            "final_size": 20,
+            "top_m": 20,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
+        },
         prune={"ratio": 0.2, "max_length": 32, "data": "random"},
         teacher={"max_new_tokens": 4, "batch_size": 16},
         finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8, "grad_accum": 1, "max_length": 384},
-        evaluate={"split_fraction": SPLIT, "domain_items": 8, "max_length": 384, "baselines": ["random", "corpus"],
-                  "bootstrap_resamples": 200},
-    )  # fmt: skip
+        evaluate={
+            "split_fraction": SPLIT,
+            "domain_items": 8,
+            "max_length": 384,
+            "baselines": ["random", "corpus"],
+            "bootstrap_resamples": 200,
+        },
+    )
     return cfg, specialize_flow(cfg), planted
 
 
@@ -76,13 +109,23 @@ def test_no_split_record_reaches_any_training_input(run):
     assert split_grams
 
     curated = curated_records(cfg, result.curate.corpus, result.curate.curated)
-    prune_texts = pruning_texts(cfg, result.curate.corpus, result.curate.curated, seeds=result.curate.seeds,
-                                excluded=result.curate.held_out.excluded)  # fmt: skip
+    prune_texts = pruning_texts(
+        cfg,
+        result.curate.corpus,
+        result.curate.curated,
+        seeds=result.curate.seeds,
+        excluded=result.curate.held_out.excluded,
+    )
     pool = training_pool(corpus.records, seeds.records, result.curate.held_out.excluded)
-    by_variant = {"": curated, **{n: baseline_records(n, pool, len(curated), cfg.seed) for n in ("random", "corpus")}}
+    by_variant = {
+        "": curated,
+        **{n: baseline_records(n, pool, len(curated), cfg.seed) for n in ("random", "corpus")},
+    }
     for name, records in by_variant.items():
         distilled = read_jsonl(artifact_dir(store, result.variants[name].distilled) / "distilled.jsonl")
-        assert [r["id"] for r in distilled] == [r.id for r in records]  # the teacher read exactly these records
+        assert [r["id"] for r in distilled] == [
+            r.id for r in records
+        ]  # the teacher read exactly these records
         assert not split & {r.id for r in records}, name
         texts = [r.text for r in records] + [f"{d['prompt']} {d['response'] or ''}" for d in distilled]
         assert not split_grams & _grams(texts), name
@@ -109,7 +152,9 @@ def test_metrics_carry_intervals_and_the_planted_copy_is_dropped(run):
     info = metrics["evaluation"]
     dropped = [d["id"] for d in info["domain"]["dropped_items"] + info["general"]["dropped_items"]]
     assert dropped == [planted["id"]]
-    assert sum(info[s]["dropped_ngram"] + info[s]["dropped_near_duplicate"] for s in ("domain", "general")) == 1
+    assert (
+        sum(info[s]["dropped_ngram"] + info[s]["dropped_near_duplicate"] for s in ("domain", "general")) == 1
+    )
     assert info["split"]["records"] == len(result.curate.held_out.split)
     for name, m in metrics["models"].items():
         assert {"perplexity", "chat_perplexity"} <= set(m["ci"]), name

@@ -18,17 +18,30 @@ from tasks.common import artifact_dir, open_store
 from tasks.evaluate import evaluate_task, evaluation_key
 
 TASK = "tiny_mc"
-ITEMS = [{"question": f"{i} + 1", "choices": [str(i + 1), str(i + 2), "ten", "zero"], "answer": 0} for i in range(6)]
+ITEMS = [
+    {"question": f"{i} + 1", "choices": [str(i + 1), str(i + 2), "ten", "zero"], "answer": 0}
+    for i in range(6)
+]
 
 
 def _task_dir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
-    (root / "mc.yaml").write_text(yaml.safe_dump({
-        "task": TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(root / "mc.jsonl")}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "answer", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
-    }))  # fmt: skip
+    (root / "mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": TASK,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(root / "mc.jsonl")}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "Question: {{question}}\nAnswer:",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "answer",
+                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+            }
+        )
+    )
     return root
 
 
@@ -38,8 +51,9 @@ def _data(texts: list[str]) -> dict:
 
 
 def _cfg(tmp_path: Path, **evaluate) -> FinescopeConfig:
-    return FinescopeConfig(seeds=["s.jsonl"], corpus=["c.jsonl"], store=str(tmp_path / "store"), device="cpu",
-                           evaluate=evaluate)  # fmt: skip
+    return FinescopeConfig(
+        seeds=["s.jsonl"], corpus=["c.jsonl"], store=str(tmp_path / "store"), device="cpu", evaluate=evaluate
+    )
 
 
 def test_evaluate_task_adds_lm_eval_results_to_the_models_metrics(tmp_path):

@@ -33,7 +33,11 @@ def inputs(tmp_path_factory):
 def write_inputs(root):
     """A tiny qwen3 model, 30 records of each topic, three multiplication seeds."""
     save_tiny(root / "model", "qwen3", hidden=48, layers=3, intermediate=96)
-    corpus = [{"id": f"{t}-{i}", "text": tpl[i % 3].format(a=i, b=i * 7 % 13)} for t, tpl in TOPICS.items() for i in range(30)]
+    corpus = [
+        {"id": f"{t}-{i}", "text": tpl[i % 3].format(a=i, b=i * 7 % 13)}
+        for t, tpl in TOPICS.items()
+        for i in range(30)
+    ]
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in corpus) + "\n")
     seeds = [{"id": f"s{i}", "text": f"Compute {i} times 3."} for i in (4, 5, 6)]
     (root / "seeds.jsonl").write_text("\n".join(json.dumps(r) for r in seeds) + "\n")
@@ -41,11 +45,25 @@ def write_inputs(root):
 
 
 def config(root: Path, store: str, **orchestration) -> FinescopeConfig:
-    curate = dict(final_size=15, top_m=12, k_act=16, probes=1, reference_size=12, max_length=24, batch_size=8,
-                  shard_size=orchestration.pop("shard_size", 4096), sae={"d_sae": 48, "steps": 25, "batch_size": 16})
+    curate = dict(
+        final_size=15,
+        top_m=12,
+        k_act=16,
+        probes=1,
+        reference_size=12,
+        max_length=24,
+        batch_size=8,
+        shard_size=orchestration.pop("shard_size", 4096),
+        sae={"d_sae": 48, "steps": 25, "batch_size": 16},
+    )
     return FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=store, device="cpu", curate=curate, orchestration=orchestration,
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=store,
+        device="cpu",
+        curate=curate,
+        orchestration=orchestration,
     )
 
 
@@ -56,7 +74,11 @@ def curated_ids(cfg: FinescopeConfig, result) -> list[str]:
 
 def sae_tensors(cfg: FinescopeConfig, result) -> dict[str, torch.Tensor]:
     root = Path(cfg.store) / "sae" / result.sae.key
-    return {f"{d.name}/{k}": v for d in sorted(root.glob("layer_*")) for k, v in load_file(d / "sae.safetensors").items()}
+    return {
+        f"{d.name}/{k}": v
+        for d in sorted(root.glob("layer_*"))
+        for k, v in load_file(d / "sae.safetensors").items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +118,9 @@ def test_a_deleted_shard_is_recomputed_alone(inputs):
     first = curate_flow(cfg)
     shards = Path(cfg.store) / "activation-shards"
     marks = {d.name: (d / "_COMPLETE.json").stat().st_mtime_ns for d in shards.iterdir()}
-    victim = json.loads((Path(cfg.store) / "activations" / first.activations.key / "shards.json").read_text())[2]["key"]
+    victim = json.loads(
+        (Path(cfg.store) / "activations" / first.activations.key / "shards.json").read_text()
+    )[2]["key"]
     for f in (shards / victim).iterdir():
         f.unlink()
     (shards / victim).rmdir()
@@ -144,7 +168,9 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
     wait_for_all = False
     time.sleep(5.5)  # Prefect caches "this tag has no limit" for 5 s per process
     try:
-        curate_flow(config(inputs, str(tmp_path / "limited"), workers=4, gpu_concurrency=1, persist_results=False))
+        curate_flow(
+            config(inputs, str(tmp_path / "limited"), workers=4, gpu_concurrency=1, persist_results=False)
+        )
         with get_client(sync_client=True) as client:
             assert client.read_concurrency_limit_by_tag("finescope-gpu").concurrency_limit == 1
     finally:
@@ -170,9 +196,14 @@ def test_task_results_are_json_outside_the_store_and_read_back(inputs, tmp_path)
     assert not (tmp_path / "store" / "prefect-results").exists()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="retrieve")), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="retrieve")),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
         )
-    run = max((r for r in runs if r.start_time and r.start_time.timestamp() >= started - 1), key=lambda r: r.start_time)
+    run = max(
+        (r for r in runs if r.start_time and r.start_time.timestamp() >= started - 1),
+        key=lambda r: r.start_time,
+    )
     files = [f for f in results_dir.iterdir() if f.is_file()]
     key = Path(run.state.data.storage_key).name  # the file a retry's cache lookup reads
     assert (results_dir / key) in files
@@ -196,9 +227,17 @@ def test_task_results_are_json_outside_the_store_and_read_back(inputs, tmp_path)
 def test_dask_cluster_runs_shards_on_both_workers(inputs, reference):
     distributed = pytest.importorskip("distributed")
     ref_cfg, ref = reference
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         with distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
-            cfg = config(inputs, str(inputs / "store-dask"), shard_size=16, task_runner="dask", address=cluster.scheduler_address)
+            cfg = config(
+                inputs,
+                str(inputs / "store-dask"),
+                shard_size=16,
+                task_runner="dask",
+                address=cluster.scheduler_address,
+            )
             result = curate_flow(cfg)
         workers = {t["worker"] for t in stream.data}
     assert len(workers) == 2, f"tasks ran on {workers}"
@@ -214,7 +253,9 @@ def test_dask_runner_starts_and_stops_its_own_cluster(inputs, reference):
     result = curate_flow(cfg)
     assert curated_ids(cfg, result) == curated_ids(ref_cfg, ref)
     time.sleep(1)
-    leftover = [p for p in psutil.Process().children(recursive=True) if "distributed" in " ".join(p.cmdline())]
+    leftover = [
+        p for p in psutil.Process().children(recursive=True) if "distributed" in " ".join(p.cmdline())
+    ]
     assert not leftover, f"dask processes left running: {leftover}"
 
 
@@ -229,8 +270,20 @@ def test_ray_runner_gives_the_same_curated_set(inputs, reference):
 
 
 def _dask_worker(address: str, name: str, *resources: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", name,
-            "--no-dashboard", "--death-timeout", "60", *resources]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_worker",
+        address,
+        "--nthreads",
+        "1",
+        "--name",
+        name,
+        "--no-dashboard",
+        "--death-timeout",
+        "60",
+        *resources,
+    ]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -240,15 +293,23 @@ def test_gpu_workers_run_every_gpu_task_on_a_worker_with_the_gpu_resource(inputs
     curated set is the same. (The resource is a label: the test runs on CPU workers.)"""
     distributed = pytest.importorskip("distributed")
     ref_cfg, ref = reference
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         gpus = [_dask_worker(cluster.scheduler_address, f"gpu-{i}", "--resources", "GPU=1") for i in range(2)]
         try:
             with distributed.Client(cluster) as client:
                 client.wait_for_workers(3, timeout=120)
                 names = {addr: w["name"] for addr, w in client.scheduler_info()["workers"].items()}
                 with distributed.get_task_stream(client) as stream:
-                    cfg = config(inputs, str(inputs / "store-gpu-workers"), shard_size=16, task_runner="dask",
-                                 address=cluster.scheduler_address, gpu_workers=True)  # fmt: skip
+                    cfg = config(
+                        inputs,
+                        str(inputs / "store-gpu-workers"),
+                        shard_size=16,
+                        task_runner="dask",
+                        address=cluster.scheduler_address,
+                        gpu_workers=True,
+                    )
                     result = curate_flow(cfg)
         finally:
             for p in gpus:

@@ -38,10 +38,19 @@ def ws(tmp_path_factory):
 
 def base_config(ws: Path, tmp: Path) -> dict:
     return {
-        "model": str(ws / "model"), "seeds": [str(ws / "seeds.jsonl")], "corpus": [str(ws / "corpus.jsonl")],
-        "store": str(tmp / "store"), "device": "cpu",
-        "curate": {"final_size": 10, "top_m": 10, "k_act": 16, "reference_size": 8, "max_length": 32,
-                   "sae": {"d_sae": 32, "steps": 10, "batch_size": 16}},
+        "model": str(ws / "model"),
+        "seeds": [str(ws / "seeds.jsonl")],
+        "corpus": [str(ws / "corpus.jsonl")],
+        "store": str(tmp / "store"),
+        "device": "cpu",
+        "curate": {
+            "final_size": 10,
+            "top_m": 10,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 10, "batch_size": 16},
+        },
         "prune": {"ratio": 0.2, "max_length": 32},
         "teacher": {"max_new_tokens": 4},
     }
@@ -57,7 +66,9 @@ def _write(path: Path, text: str | bytes) -> str:
 
 def _corpus_with(tmp: Path, bad_line: str | bytes, name: str = "bad.jsonl") -> list[str]:
     """A corpus whose third line is `bad_line` (so the message must say line 3)."""
-    good = b"".join(json.dumps({"id": f"g{i}", "text": f"good record {i}"}).encode() + b"\n" for i in range(2))
+    good = b"".join(
+        json.dumps({"id": f"g{i}", "text": f"good record {i}"}).encode() + b"\n" for i in range(2)
+    )
     bad = bad_line if isinstance(bad_line, bytes) else bad_line.encode()
     return [_write(tmp / name, good + bad + b"\n")]
 
@@ -108,7 +119,10 @@ def _directory(tmp: Path) -> list[str]:
 
 def _mc_file(tmp: Path) -> str:
     good = json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 1})
-    return _write(tmp / "mc.jsonl", good + "\n" + good + "\n" + json.dumps({"question": "1+1?", "choices": ["2"], "answer": 5}) + "\n")
+    return _write(
+        tmp / "mc.jsonl",
+        good + "\n" + good + "\n" + json.dumps({"question": "1+1?", "choices": ["2"], "answer": 5}) + "\n",
+    )
 
 
 def _corpus_copy(ws: Path, tmp: Path) -> str:
@@ -123,83 +137,252 @@ def _store_file(tmp: Path) -> str:
 
 # (case id, sub-command, mutate(cfg, ws, tmp) -> cfg, regexes the message must contain)
 CASES = [
-    ("unknown-top-level-field", "curate", lambda c, w, t: _set(c, "seedz", ["x.jsonl"]),
-     ["seedz", "unknown field", "check the spelling"]),
-    ("unknown-nested-field", "curate", lambda c, w, t: _set(c, "curate.sae.step", 5),
-     ["curate.sae.step", "unknown field"]),
-    ("value-out-of-range", "curate", lambda c, w, t: _set(c, "curate.final_size", 0),
-     ["curate.final_size", "greater than or equal to 1"]),
-    ("ratio-out-of-range", "curate", lambda c, w, t: _set(c, "prune.ratio", 1.5), ["prune.ratio", "less than 1"]),
-    ("wrong-type", "curate", lambda c, w, t: _set(c, "curate.top_m", "many"), ["curate.top_m", "valid integer"]),
-    ("unknown-method", "curate", lambda c, w, t: _set(c, "curate.method", "saes"),
-     ["curate.method", "'sae', 'sentence', 'activation' or 'random'"]),
-    ("missing-seeds-file", "curate", lambda c, w, t: _set(c, "seeds", [str(t / "nope.jsonl")]),
-     ["nope.jsonl", "no such file", "check the path"]),
-    ("missing-corpus-file", "curate", lambda c, w, t: _set(c, "corpus", [str(t / "gone.jsonl")]),
-     ["gone.jsonl", "no such file", "check the path"]),
-    ("glob-matches-nothing", "curate", lambda c, w, t: _set(c, "corpus", [str(t / "*.parquet")]),
-     [r"\*\.parquet", "matches no file", "check the pattern"]),
-    ("directory-instead-of-file", "curate", lambda c, w, t: _set(c, "corpus", _directory(t)),
-     ["adir", "is a directory", "name the files inside it"]),
-    ("unreadable-file", "curate", lambda c, w, t: _set(c, "corpus", [_unreadable(t)]),
-     ["unreadable.jsonl", "cannot be read", "check"]),
-    ("unsupported-file-type", "curate", lambda c, w, t: _set(c, "corpus", [_write(t / "c.csv", "text\nhello\n")]),
-     ["c.csv", "unsupported file type .csv", "use .jsonl"]),
-    ("malformed-jsonl-line", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, '{"text": "unterminated')),
-     ["bad.jsonl:3", "malformed JSON", "fix or remove the line"]),
-    ("non-utf8-bytes", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, b'{"text": "caf\xe9"}')),
-     ["bad.jsonl:3", "not valid UTF-8", "re-encode"]),
-    ("enormous-line", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"text": "a" * 1_100_000}))),
-     ["bad.jsonl:3", "1,100,000 characters", "split it into records"]),
-    ("no-text-field", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"id": "x", "body": "hi"}))),
-     ["bad.jsonl:3", "no 'text' and no 'instruction'", "fields found: body, id"]),
-    ("empty-text", "curate", lambda c, w, t: _set(c, "seeds", _corpus_with(t, json.dumps({"text": "  "}), "s.jsonl")),
-     ["s.jsonl:3", "text is empty", "remove the record or fill it in"]),
-    ("text-not-a-string", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"text": 42}))),
-     ["bad.jsonl:3", "'text' must be a string"]),
-    ("duplicate-ids", "curate", lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"id": "g0", "text": "again"}))),
-     ["bad.jsonl:3", "duplicate id 'g0'", r"first at .*bad.jsonl:1", "must be unique"]),
-    ("empty-file", "curate", lambda c, w, t: _set(c, "corpus", [_write(t / "empty.jsonl", "\n  \n")]),
-     ["empty.jsonl", "the file is empty", "fill it or remove it"]),
-    ("seeds-zero-records", "curate", lambda c, w, t: _set(c, "seeds", _empty_parquet(t)),
-     ["seeds.parquet", "contains no records", "remove it from `seeds:`"]),
-    ("corpus-smaller-than-final-size", "curate", lambda c, w, t: _set(c, "curate.final_size", 500),
-     ["30 usable records", "curate.final_size asks for 500", "lower curate.final_size or add corpus records"]),
-    ("model-dir-missing", "curate", lambda c, w, t: _set(c, "model", str(t / "no-model")),
-     ["no-model", "no such directory"]),
-    ("model-without-config-json", "curate", lambda c, w, t: _set(c, "model", _model_dir(t, w, ("model.safetensors",))),
-     ["broken-model", "config.json is missing", "save_pretrained"]),
-    ("model-with-only-pytorch-bin", "curate", lambda c, w, t: _set(c, "model", _bin_only_model(t, w)),
-     ["broken-model", "no \\*.safetensors weights", "never unpickles", "safe_serialization=True"]),
-    ("layers-out-of-range", "curate", lambda c, w, t: _set(c, "curate.layers", [0, 7]),
-     ["curate.layers contains 7", f"model has {LAYERS} layers", "valid: 0..2"]),
-    ("k-act-above-hidden-size", "curate", lambda c, w, t: _set(c, "curate.k_act", 1000),
-     ["curate.k_act=1000", f"hidden size {HIDDEN}", f"use at most {HIDDEN}"]),
+    (
+        "unknown-top-level-field",
+        "curate",
+        lambda c, w, t: _set(c, "seedz", ["x.jsonl"]),
+        ["seedz", "unknown field", "check the spelling"],
+    ),
+    (
+        "unknown-nested-field",
+        "curate",
+        lambda c, w, t: _set(c, "curate.sae.step", 5),
+        ["curate.sae.step", "unknown field"],
+    ),
+    (
+        "value-out-of-range",
+        "curate",
+        lambda c, w, t: _set(c, "curate.final_size", 0),
+        ["curate.final_size", "greater than or equal to 1"],
+    ),
+    (
+        "ratio-out-of-range",
+        "curate",
+        lambda c, w, t: _set(c, "prune.ratio", 1.5),
+        ["prune.ratio", "less than 1"],
+    ),
+    (
+        "wrong-type",
+        "curate",
+        lambda c, w, t: _set(c, "curate.top_m", "many"),
+        ["curate.top_m", "valid integer"],
+    ),
+    (
+        "unknown-method",
+        "curate",
+        lambda c, w, t: _set(c, "curate.method", "saes"),
+        ["curate.method", "'sae', 'sentence', 'activation' or 'random'"],
+    ),
+    (
+        "missing-seeds-file",
+        "curate",
+        lambda c, w, t: _set(c, "seeds", [str(t / "nope.jsonl")]),
+        ["nope.jsonl", "no such file", "check the path"],
+    ),
+    (
+        "missing-corpus-file",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", [str(t / "gone.jsonl")]),
+        ["gone.jsonl", "no such file", "check the path"],
+    ),
+    (
+        "glob-matches-nothing",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", [str(t / "*.parquet")]),
+        [r"\*\.parquet", "matches no file", "check the pattern"],
+    ),
+    (
+        "directory-instead-of-file",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", _directory(t)),
+        ["adir", "is a directory", "name the files inside it"],
+    ),
+    (
+        "unreadable-file",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", [_unreadable(t)]),
+        ["unreadable.jsonl", "cannot be read", "check"],
+    ),
+    (
+        "unsupported-file-type",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", [_write(t / "c.csv", "text\nhello\n")]),
+        ["c.csv", "unsupported file type .csv", "use .jsonl"],
+    ),
+    (
+        "malformed-jsonl-line",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", _corpus_with(t, '{"text": "unterminated')),
+        ["bad.jsonl:3", "malformed JSON", "fix or remove the line"],
+    ),
+    (
+        "non-utf8-bytes",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", _corpus_with(t, b'{"text": "caf\xe9"}')),
+        ["bad.jsonl:3", "not valid UTF-8", "re-encode"],
+    ),
+    (
+        "enormous-line",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"text": "a" * 1_100_000}))),
+        ["bad.jsonl:3", "1,100,000 characters", "split it into records"],
+    ),
+    (
+        "no-text-field",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"id": "x", "body": "hi"}))),
+        ["bad.jsonl:3", "no 'text' and no 'instruction'", "fields found: body, id"],
+    ),
+    (
+        "empty-text",
+        "curate",
+        lambda c, w, t: _set(c, "seeds", _corpus_with(t, json.dumps({"text": "  "}), "s.jsonl")),
+        ["s.jsonl:3", "text is empty", "remove the record or fill it in"],
+    ),
+    (
+        "text-not-a-string",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"text": 42}))),
+        ["bad.jsonl:3", "'text' must be a string"],
+    ),
+    (
+        "duplicate-ids",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", _corpus_with(t, json.dumps({"id": "g0", "text": "again"}))),
+        ["bad.jsonl:3", "duplicate id 'g0'", r"first at .*bad.jsonl:1", "must be unique"],
+    ),
+    (
+        "empty-file",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", [_write(t / "empty.jsonl", "\n  \n")]),
+        ["empty.jsonl", "the file is empty", "fill it or remove it"],
+    ),
+    (
+        "seeds-zero-records",
+        "curate",
+        lambda c, w, t: _set(c, "seeds", _empty_parquet(t)),
+        ["seeds.parquet", "contains no records", "remove it from `seeds:`"],
+    ),
+    (
+        "corpus-smaller-than-final-size",
+        "curate",
+        lambda c, w, t: _set(c, "curate.final_size", 500),
+        [
+            "30 usable records",
+            "curate.final_size asks for 500",
+            "lower curate.final_size or add corpus records",
+        ],
+    ),
+    (
+        "model-dir-missing",
+        "curate",
+        lambda c, w, t: _set(c, "model", str(t / "no-model")),
+        ["no-model", "no such directory"],
+    ),
+    (
+        "model-without-config-json",
+        "curate",
+        lambda c, w, t: _set(c, "model", _model_dir(t, w, ("model.safetensors",))),
+        ["broken-model", "config.json is missing", "save_pretrained"],
+    ),
+    (
+        "model-with-only-pytorch-bin",
+        "curate",
+        lambda c, w, t: _set(c, "model", _bin_only_model(t, w)),
+        ["broken-model", "no \\*.safetensors weights", "never unpickles", "safe_serialization=True"],
+    ),
+    (
+        "layers-out-of-range",
+        "curate",
+        lambda c, w, t: _set(c, "curate.layers", [0, 7]),
+        ["curate.layers contains 7", f"model has {LAYERS} layers", "valid: 0..2"],
+    ),
+    (
+        "k-act-above-hidden-size",
+        "curate",
+        lambda c, w, t: _set(c, "curate.k_act", 1000),
+        ["curate.k_act=1000", f"hidden size {HIDDEN}", f"use at most {HIDDEN}"],
+    ),
     ("prune-ratio-unreachable", "run", lambda c, w, t: _set(c, "prune.ratio", 0.95), ["prune.ratio", "0.95"]),
-    ("mc-file-bad-line", "run", lambda c, w, t: _set(c, "evaluate.mc_file", _mc_file(t)), ["mc.jsonl:3", "'choices' must be a list of at least 2 strings"]),
-    ("eval-file-empty", "run", lambda c, w, t: _set(c, "evaluate.eval_file", _write(t / "eval.jsonl", "\n")),
-     ["eval.jsonl", "the file is empty"]),
-    ("eval-file-no-usable-field", "run",
-     lambda c, w, t: _set(c, "evaluate.eval_file", _corpus_with(t, json.dumps({"id": "e", "body": "hi"}), "eval.jsonl")[0]),
-     ["eval.jsonl:3", "no 'text' and no 'instruction'", "fields found: body, id"]),
-    ("eval-file-all-in-corpus", "run", lambda c, w, t: _set(c, "evaluate.eval_file", _corpus_copy(w, t)),
-     ["eval.jsonl:1", "every item of evaluate.eval_file", "overlaps the corpus", "give items the corpus does not contain"]),
-    ("store-is-a-file", "curate", lambda c, w, t: _set(c, "store", _store_file(t)),
-     ["store", "not writable", "check the path"]),
-    ("prune-ratio-zero", "prune", lambda c, w, t: _set(c, "prune.ratio", 0), ["prune.ratio", "0 prunes nothing", r"\(0, 1\)"]),
-    ("corpus-symlink-loop", "curate", lambda c, w, t: _set(c, "corpus", [_symlink_loop(t, "loop.jsonl")]),
-     ["loop.jsonl", "symlink loop", "point the link at a real file"]),
-    ("model-symlink-loop", "curate", lambda c, w, t: _set(c, "model", _symlink_loop(t, "loop-model")),
-     ["loop-model", "symlink loop"]),
-    ("corpus-uri-with-credentials", "curate", lambda c, w, t: _set(c, "corpus", ["s3://AKIAKEY:SECRETVALUE@bucket/c.jsonl"]),
-     [r"corpus\[0\]", r"s3://\*\*\*@bucket/c.jsonl", "storage.secret_block", "AWS_ACCESS_KEY_ID"]),
-    ("store-uri-with-credentials", "curate", lambda c, w, t: _set(c, "store", "s3://AKIAKEY:SECRETVALUE@bucket/store"),
-     ["store", "credentials are never read from a URI", "storage.secret_block"]),
-    ("endpoint-with-credentials", "curate",
-     lambda c, w, t: _set(c, "storage.endpoint_url", "http://user:SECRETVALUE@minio:9000"),
-     ["storage.endpoint_url", r"http://\*\*\*@minio:9000", "AWS_SECRET_ACCESS_KEY"]),
-    ("eval-file-uri-with-credentials", "run", lambda c, w, t: _set(c, "evaluate.mc_file", "https://u:SECRETVALUE@host/mc.jsonl"),
-     ["evaluate.mc_file", "credentials are never read from a URI"]),
+    (
+        "mc-file-bad-line",
+        "run",
+        lambda c, w, t: _set(c, "evaluate.mc_file", _mc_file(t)),
+        ["mc.jsonl:3", "'choices' must be a list of at least 2 strings"],
+    ),
+    (
+        "eval-file-empty",
+        "run",
+        lambda c, w, t: _set(c, "evaluate.eval_file", _write(t / "eval.jsonl", "\n")),
+        ["eval.jsonl", "the file is empty"],
+    ),
+    (
+        "eval-file-no-usable-field",
+        "run",
+        lambda c, w, t: _set(
+            c, "evaluate.eval_file", _corpus_with(t, json.dumps({"id": "e", "body": "hi"}), "eval.jsonl")[0]
+        ),
+        ["eval.jsonl:3", "no 'text' and no 'instruction'", "fields found: body, id"],
+    ),
+    (
+        "eval-file-all-in-corpus",
+        "run",
+        lambda c, w, t: _set(c, "evaluate.eval_file", _corpus_copy(w, t)),
+        [
+            "eval.jsonl:1",
+            "every item of evaluate.eval_file",
+            "overlaps the corpus",
+            "give items the corpus does not contain",
+        ],
+    ),
+    (
+        "store-is-a-file",
+        "curate",
+        lambda c, w, t: _set(c, "store", _store_file(t)),
+        ["store", "not writable", "check the path"],
+    ),
+    (
+        "prune-ratio-zero",
+        "prune",
+        lambda c, w, t: _set(c, "prune.ratio", 0),
+        ["prune.ratio", "0 prunes nothing", r"\(0, 1\)"],
+    ),
+    (
+        "corpus-symlink-loop",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", [_symlink_loop(t, "loop.jsonl")]),
+        ["loop.jsonl", "symlink loop", "point the link at a real file"],
+    ),
+    (
+        "model-symlink-loop",
+        "curate",
+        lambda c, w, t: _set(c, "model", _symlink_loop(t, "loop-model")),
+        ["loop-model", "symlink loop"],
+    ),
+    (
+        "corpus-uri-with-credentials",
+        "curate",
+        lambda c, w, t: _set(c, "corpus", ["s3://AKIAKEY:SECRETVALUE@bucket/c.jsonl"]),
+        [r"corpus\[0\]", r"s3://\*\*\*@bucket/c.jsonl", "storage.secret_block", "AWS_ACCESS_KEY_ID"],
+    ),
+    (
+        "store-uri-with-credentials",
+        "curate",
+        lambda c, w, t: _set(c, "store", "s3://AKIAKEY:SECRETVALUE@bucket/store"),
+        ["store", "credentials are never read from a URI", "storage.secret_block"],
+    ),
+    (
+        "endpoint-with-credentials",
+        "curate",
+        lambda c, w, t: _set(c, "storage.endpoint_url", "http://user:SECRETVALUE@minio:9000"),
+        ["storage.endpoint_url", r"http://\*\*\*@minio:9000", "AWS_SECRET_ACCESS_KEY"],
+    ),
+    (
+        "eval-file-uri-with-credentials",
+        "run",
+        lambda c, w, t: _set(c, "evaluate.mc_file", "https://u:SECRETVALUE@host/mc.jsonl"),
+        ["evaluate.mc_file", "credentials are never read from a URI"],
+    ),
 ]
 
 
@@ -250,7 +433,7 @@ def test_hostile_input_is_refused_before_any_work(ws, tmp_path, command, mutate,
     elapsed = time.perf_counter() - start
 
     assert code == 2
-    message = err[err.index("finescope: error:"):]
+    message = err[err.index("finescope: error:") :]
     print(f"\n[{request.node.callspec.id}] {message.strip()}")  # the catalogue, with -s
     for pattern in expected:
         assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
@@ -264,7 +447,9 @@ def test_hostile_input_is_refused_before_any_work(ws, tmp_path, command, mutate,
 def test_typo_in_a_command_line_option_is_refused(ws, tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(base_config(ws, tmp_path)))
-    code, err = _run(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--curate.topm", "5"])
+    code, err = _run(
+        ["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out"), "--curate.topm", "5"]
+    )
     assert code == 2
     assert "unrecognized arguments: --curate.topm" in err
     assert not (tmp_path / "store").exists()
@@ -296,11 +481,18 @@ def test_secrets_never_reach_logs_or_artifacts(ws, tmp_path):
     cfg_file.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     # A child process, so that everything Prefect and the CLI print is captured as a user would see it.
-    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url), "OMP_NUM_THREADS": "1",
-           "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(get_current_settings().api.url),
+        "OMP_NUM_THREADS": "1",
+        "PREFECT_LOGGING_LEVEL": "DEBUG",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "curate", "--config", str(cfg_file), "--out", str(out)],
-        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert b"curate: done" in proc.stderr or b"curated 10 records" in proc.stdout
@@ -308,7 +500,11 @@ def test_secrets_never_reach_logs_or_artifacts(ws, tmp_path):
     assert run["config"]["storage"]["secret_block"] == "hostile-test-credentials"
     files = [p for p in [*out.rglob("*"), *(tmp_path / "store").rglob("*")] if p.is_file()]
     assert any(p.name == "curated.jsonl" for p in files) and any(p.name == "_COMPLETE.json" for p in files)
-    for where, data in [("stdout", proc.stdout), ("stderr", proc.stderr), *((str(p), p.read_bytes()) for p in files)]:
+    for where, data in [
+        ("stdout", proc.stdout),
+        ("stderr", proc.stderr),
+        *((str(p), p.read_bytes()) for p in files),
+    ]:
         for s in (key, secret):
             assert s.encode() not in data, f"{s!r} leaked into {where}"
 
@@ -369,7 +565,11 @@ def test_missing_model_is_refused_before_the_flow_starts(ws, tmp_path, monkeypat
     def started(*args, **kwargs):
         raise AssertionError("the flow started before the model was checked")
 
-    for module, name in ((flows.curate, "curate_flow"), (flows.prune, "prune_flow"), (flows.specialize, "specialize_flow")):
+    for module, name in (
+        (flows.curate, "curate_flow"),
+        (flows.prune, "prune_flow"),
+        (flows.specialize, "specialize_flow"),
+    ):
         monkeypatch.setattr(module, name, started)
     cfg = _set(base_config(ws, tmp_path), "model", str(tmp_path / "no-model"))
     cfg_file = tmp_path / "cfg.yaml"
@@ -401,9 +601,20 @@ def test_temporary_prefect_server_ends_when_the_cli_is_killed(ws, tmp_path):
     cfg_file.write_text(yaml.safe_dump(base_config(ws, tmp_path)))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "curate", "--config", str(cfg_file), "--out", str(tmp_path / "out")],
-        cwd=Path(__file__).resolve().parents[2], env={**env, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "curate",
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         server = _server_child(proc.pid, timeout=240)

@@ -42,8 +42,11 @@ def test_editing_the_chat_template_changes_the_distilled_tuned_and_evaluation_ke
 
     def keys() -> dict[str, str]:
         sha = model_digest(str(model))
-        return {"distilled": distilled_key(cfg, sha, records).key, "tuned": tuned_key(cfg, "p", "d", sha).key,
-                "evaluation": evaluation_key(cfg, sha, {"domain": ["x"]}).key}  # fmt: skip
+        return {
+            "distilled": distilled_key(cfg, sha, records).key,
+            "tuned": tuned_key(cfg, "p", "d", sha).key,
+            "evaluation": evaluation_key(cfg, sha, {"domain": ["x"]}).key,
+        }
 
     before = keys()
     template.write_text("<|user|>{% for m in messages %}{{ m['content'] }}{% endfor %}")

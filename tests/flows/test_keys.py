@@ -34,16 +34,25 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
     groups = [[layers[i] for i in g] for g in sae_groups(len(layers), cfg.orchestration.sae_layers_per_task)]
     record = [Record(id="r", text="t", fields={"id": "r", "text": "t"}, origin="x:1")]
     specs = [
-        records_key("corpus", "c"), records_key("seeds", "s"), saliency_key(cfg, "m", "c", layers),
-        activations_key(cfg, "m", "c", layers, "sal"), sae_key(cfg, "a", "sal"), curated_key(cfg, "c", "s", ["a", "b"], "sae"),
-        sentence_key("c"), codes_key(cfg, "shard", "sae"),
-        pruned_key(cfg, "m", "t"), distilled_key(cfg, "teacher", record), tuned_key(cfg, "p", "d", "teacher"),
-        evaluation_key(cfg, "m", {"domain": ["x"]}), report_key(cfg, {"models": {}}, "cur", "p"),
-    ]  # fmt: skip
+        records_key("corpus", "c"),
+        records_key("seeds", "s"),
+        saliency_key(cfg, "m", "c", layers),
+        activations_key(cfg, "m", "c", layers, "sal"),
+        sae_key(cfg, "a", "sal"),
+        curated_key(cfg, "c", "s", ["a", "b"], "sae"),
+        sentence_key("c"),
+        codes_key(cfg, "shard", "sae"),
+        pruned_key(cfg, "m", "t"),
+        distilled_key(cfg, "teacher", record),
+        tuned_key(cfg, "p", "d", "teacher"),
+        evaluation_key(cfg, "m", {"domain": ["x"]}),
+        report_key(cfg, {"models": {}}, "cur", "p"),
+    ]
     keys = {s.stage: s.key for s in specs}
     # Fanned-out stages: the keys of all their parts.
     keys["activation-shards"] = "+".join(
-        shard_key(cfg, "m", "c", layers, "sal", start, stop).key for start, stop in shard_plan(ROWS, cfg.curate.shard_size)
+        shard_key(cfg, "m", "c", layers, "sal", start, stop).key
+        for start, stop in shard_plan(ROWS, cfg.curate.shard_size)
     )
     keys["sae-layers"] = "+".join(sae_layers_key(cfg, "a", "sal", g).key for g in groups)
     return keys

@@ -139,9 +139,14 @@ def test_too_small_budget_is_refused_before_any_model_load(
     from flows.cli import main
 
     root = _workspace(tmp_path)
-    cfg = FinescopeConfig(model=str(root / "model"), seeds=[str(root / "seeds.jsonl")],
-                          corpus=[str(root / "corpus.jsonl")], store=str(root / "store"), device="cpu",
-                          curate={"final_size": 20, "top_m": 20})  # fmt: skip
+    cfg = FinescopeConfig(
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        curate={"final_size": 20, "top_m": 20},
+    )
     stages = memory_plan(cfg).stages
     biggest = max(stages, key=lambda s: s.peak)
     budget_gb = biggest.peak * 0.99 / 1e9
@@ -177,8 +182,10 @@ def test_plan_counts_parameters_exactly_and_grows_with_the_settings() -> None:
     from finescope_core.tiny import tiny_config
 
     config = tiny_config("llama", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
-    params = sum(p.numel() for p in tiny_model("llama", hidden=64, layers=2, heads=8, kv_heads=4,
-                                               intermediate=256).parameters())  # fmt: skip
+    params = sum(
+        p.numel()
+        for p in tiny_model("llama", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256).parameters()
+    )
 
     def peaks(**fields: Any) -> dict[str, int]:
         cfg = FinescopeConfig(seeds=["s"], corpus=["c"], device="cpu", model_dtype="float32", **fields)

@@ -41,13 +41,30 @@ def test_deployment_runs_export_what_cli_runs_export(cli_run, workspace):  # noq
     default = workspace / "store" / "outputs" / "math"
     assert result.exported.location == str(default)
     assert _tree(default) == _tree(out)
-    expected = {"run.json", "report.md", "metrics.json", "pruned-model/README.md", "tuned-model/README.md",
-                "tuned-adapter/README.md", "tuned-adapter/adapter_config.json", "distilled/distilled.jsonl",
-                "distilled/README.md", "curated/curated.jsonl", "curated/curated.parquet", "curated/README.md"}  # fmt: skip
+    expected = {
+        "run.json",
+        "report.md",
+        "metrics.json",
+        "pruned-model/README.md",
+        "tuned-model/README.md",
+        "tuned-adapter/README.md",
+        "tuned-adapter/adapter_config.json",
+        "distilled/distilled.jsonl",
+        "distilled/README.md",
+        "curated/curated.jsonl",
+        "curated/curated.parquet",
+        "curated/README.md",
+    }
     assert expected <= set(_tree(out))
     run = json.loads((out / "run.json").read_text())
     assert run["flow"] == "specialize" and run["name"] == "math"
-    assert set(run["outputs"]) >= {"pruned-model", "tuned-model", "tuned-adapter", "distilled/distilled.jsonl", "run.json"}
+    assert set(run["outputs"]) >= {
+        "pruned-model",
+        "tuned-model",
+        "tuned-adapter",
+        "distilled/distilled.jsonl",
+        "run.json",
+    }
     assert run["outputs"]["tuned-model"] == str(out / "tuned-model")
     assert {"curated", "pruned", "distilled", "tuned", "report"} <= set(run["stages"])
 
@@ -56,9 +73,9 @@ def test_adapter_finds_its_base_and_matches_the_merged_model(cli_run):
     from peft import AutoPeftModelForCausalLM
 
     _, out = cli_run
-    assert json.loads((out / "tuned-adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        out / "pruned-model"
-    )
+    assert json.loads((out / "tuned-adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(out / "pruned-model")
     adapted = AutoPeftModelForCausalLM.from_pretrained(out / "tuned-adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(out / "tuned-model").eval()
     ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -77,7 +94,10 @@ def test_model_cards_carry_base_pruning_and_metrics(cli_run):
         [result] = [r for r in card.data.eval_results if r.metric_name == "perplexity"]
         assert result.metric_value == pytest.approx(metrics[key]["perplexity"], abs=1e-4)
         info = run["stages"]["pruned"]["info"]
-        assert f"{info['params_before']['total']:,}" in card.text and f"{info['achieved_ratio']:.4f}" in card.text
+        assert (
+            f"{info['params_before']['total']:,}" in card.text
+            and f"{info['achieved_ratio']:.4f}" in card.text
+        )
     assert ModelCard.load(out / "tuned-adapter" / "README.md").data.library_name == "peft"
 
 
@@ -101,7 +121,9 @@ def _artifact(key):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        found = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
     assert found, f"no artifact {key}"
     return found[0]
 
@@ -128,5 +150,8 @@ def test_each_model_cards_use_snippet_runs_as_written(cli_run, folder, monkeypat
     [code] = re.findall(r"```python\n(.*?)```", card, flags=re.S)
     monkeypatch.chdir(out)
     namespace: dict = {}
-    exec(compile(code.replace("max_new_tokens=128", "max_new_tokens=3"), f"{folder}/README.md", "exec"), namespace)
+    exec(
+        compile(code.replace("max_new_tokens=128", "max_new_tokens=3"), f"{folder}/README.md", "exec"),
+        namespace,
+    )
     assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]  # it generated

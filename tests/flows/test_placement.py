@@ -69,8 +69,9 @@ def test_an_explicit_output_gets_the_hash_suffix_and_the_artifacts_the_new_name(
     with get_client(sync_client=True) as client:
         by_key = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
         [artifact] = client.read_artifacts(artifact_filter=by_key, limit=1)
-    assert f"random curation, prune.ratio 0.2, baselines random, model {variant.model}, settings {suffix}" in (
-        artifact.description
+    assert (
+        f"random curation, prune.ratio 0.2, baselines random, model {variant.model}, settings {suffix}"
+        in (artifact.description)
     )
 
 

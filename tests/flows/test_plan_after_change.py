@@ -21,11 +21,23 @@ BELOW_SALIENCY = {"activations (corpus)", "activations (seeds)", "sae", "sae-cod
 def baseline(tmp_path_factory):
     root = write_inputs(tmp_path_factory.mktemp("plan-change"))
     cfg = FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu",
-        curate=dict(final_size=15, top_m=12, k_act=16, probes=1, reference_size=12, max_length=24,
-                    batch_size=8, shard_size=25, sae={"d_sae": 48, "steps": 25, "batch_size": 16}),
-    )  # fmt: skip
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        curate=dict(
+            final_size=15,
+            top_m=12,
+            k_act=16,
+            probes=1,
+            reference_size=12,
+            max_length=24,
+            batch_size=8,
+            shard_size=25,
+            sae={"d_sae": 48, "steps": 25, "batch_size": 16},
+        ),
+    )
     curate_flow(cfg, export=False)
     return cfg, root
 
@@ -92,9 +104,15 @@ def test_plan_agrees_with_a_rerun_after_a_change(baseline, change, monkeypatch):
         assert {n for n, s in planned.items() if s.status == "compute"} == compute
         assert {n for n, s in planned.items() if s.status == "after"} == after
         result = curate_flow(changed, export=False)
-    ran = {"corpus": result.corpus, "seeds": result.seeds, "saliency": result.saliency,
-           "activations (corpus)": result.activations, "activations (seeds)": result.seed_activations,
-           "sae": result.sae, "curated": result.curated}  # fmt: skip
+    ran = {
+        "corpus": result.corpus,
+        "seeds": result.seeds,
+        "saliency": result.saliency,
+        "activations (corpus)": result.activations,
+        "activations (seeds)": result.seed_activations,
+        "sae": result.sae,
+        "curated": result.curated,
+    }
     for name, manifest in ran.items():
         s = planned[name]
         if s.status != "after":

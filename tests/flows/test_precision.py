@@ -34,12 +34,25 @@ def workspace(tmp_path_factory):
 
 
 def config(root, store: str, **top) -> FinescopeConfig:
-    curate = dict(final_size=20, top_m=15, k_act=16, probes=2, reference_size=16, max_length=32, batch_size=8,
-                  sae={"d_sae": 64, "steps": 30, "batch_size": 32})  # fmt: skip
+    curate = dict(
+        final_size=20,
+        top_m=15,
+        k_act=16,
+        probes=2,
+        reference_size=16,
+        max_length=32,
+        batch_size=8,
+        sae={"d_sae": 64, "steps": 30, "batch_size": 32},
+    )
     return FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / store), curate=curate, prune={"ratio": 0.2, "max_length": 32}, **top,
-    )  # fmt: skip
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / store),
+        curate=curate,
+        prune={"ratio": 0.2, "max_length": 32},
+        **top,
+    )
 
 
 def curated_ids(cfg: FinescopeConfig) -> list[str]:

@@ -16,8 +16,10 @@ from flows.cli import main
 def cli_run(tmp_path_factory):
     root = write_workspace(tmp_path_factory.mktemp("ui"))
     # 4 exact copies (up to case and spaces) under new ids: the corpus stage removes them.
-    copies = [{"id": f"dup{i}", "instruction": f"what is {i}  plus {i + 1}?", "output": f"{2 * i + 1}"}
-              for i in range(4)]
+    copies = [
+        {"id": f"dup{i}", "instruction": f"what is {i}  plus {i + 1}?", "output": f"{2 * i + 1}"}
+        for i in range(4)
+    ]
     with open(root / "corpus.jsonl", "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in copies))
     name = f"ui-{uuid.uuid4().hex[:8]}"  # a tag of this run alone on the shared test server
@@ -46,8 +48,13 @@ def _runs(name):
 def test_no_task_run_has_a_flow_run_input(cli_run):
     flows, tasks = _runs(cli_run[0])
     assert len(tasks) > 20 and {f.flow_id for f in flows}
-    found = [(t.name, arg) for t in tasks for arg, inputs in t.task_inputs.items()
-             for i in inputs if i.input_type == "flow_run"]  # fmt: skip
+    found = [
+        (t.name, arg)
+        for t in tasks
+        for arg, inputs in t.task_inputs.items()
+        for i in inputs
+        if i.input_type == "flow_run"
+    ]
     assert found == []
     # Inputs that link stages are still recorded, as task runs: the report gets the pruned model's manifest.
     [report] = [t for t in tasks if t.name.startswith("report")]
@@ -73,8 +80,11 @@ def _warning_logs(flows):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
 
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[f.id for f in flows]),
-                                                     level=LogFilterLevel(ge_=30)))  # fmt: skip
+        logs = client.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[f.id for f in flows]), level=LogFilterLevel(ge_=30)
+            )
+        )
     return [log.message for log in logs]
 
 

@@ -16,7 +16,9 @@ from flows.prune import prune_flow
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
     save_tiny(root / "model", "llama", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
-    rows = [{"id": f"r{i}", "text": f"Sample number {i}: the quick brown fox {i % 7} jumps."} for i in range(60)]
+    rows = [
+        {"id": f"r{i}", "text": f"Sample number {i}: the quick brown fox {i % 7} jumps."} for i in range(60)
+    ]
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (root / "seeds.jsonl").write_text(json.dumps({"text": "The quick brown fox jumps over 3 dogs."}) + "\n")
     return root
@@ -24,10 +26,19 @@ def workspace(tmp_path_factory):
 
 def config(root, **prune) -> FinescopeConfig:
     return FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu",
-        curate={"final_size": 20, "top_m": 20, "k_act": 16, "reference_size": 8, "max_length": 32,
-                "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        curate={
+            "final_size": 20,
+            "top_m": 20,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
+        },
         prune={"ratio": 0.2, "max_length": 32, **prune},
     )
 

@@ -23,16 +23,30 @@ def model_dir(tmp_path_factory):
 
 
 def instruction_rows() -> list[dict]:
-    rows = [{"id": i, "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
-    return rows + [{"id": 100 + i, "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(40)]
+    rows = [
+        {"id": i, "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)
+    ]
+    return rows + [
+        {"id": 100 + i, "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(40)
+    ]
 
 
 def chat_rows() -> list[dict]:
     """The same requests as chat `messages` (with a system turn) and as prompt/completion records."""
-    rows = [{"id": i, "messages": [{"role": "system", "content": "Answer with a number."},
-                                   {"role": "user", "content": f"What is {i} plus {i + 1}?"},
-                                   {"role": "assistant", "content": f"{2 * i + 1}"}]} for i in range(40)]
-    return rows + [{"id": 100 + i, "prompt": f"Say hello to friend {i}.", "completion": "Hello!"} for i in range(40)]
+    rows = [
+        {
+            "id": i,
+            "messages": [
+                {"role": "system", "content": "Answer with a number."},
+                {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                {"role": "assistant", "content": f"{2 * i + 1}"},
+            ],
+        }
+        for i in range(40)
+    ]
+    return rows + [
+        {"id": 100 + i, "prompt": f"Say hello to friend {i}.", "completion": "Hello!"} for i in range(40)
+    ]
 
 
 def write_inputs(root, corpus: list[dict], seed: dict) -> None:
@@ -42,10 +56,19 @@ def write_inputs(root, corpus: list[dict], seed: dict) -> None:
 
 def config(root, model_dir) -> FinescopeConfig:
     return FinescopeConfig(
-        model=str(model_dir), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu",
-        curate={"final_size": 30, "top_m": 30, "k_act": 16, "reference_size": 8, "max_length": 32,
-                "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
+        model=str(model_dir),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        curate={
+            "final_size": 30,
+            "top_m": 30,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
+        },
         prune={"ratio": 0.2, "max_length": 32},
         teacher={"max_new_tokens": 4, "batch_size": 16},
         finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8, "grad_accum": 1, "max_length": 48},
@@ -60,7 +83,9 @@ def run_and_check(root, model_dir, corpus: list[dict], seed: dict) -> list[dict]
     cfg_file = root / "cfg.yaml"
     cfg_file.write_text(cfg.model_dump_json())
     assert main(["run", "--config", str(cfg_file), "--out", str(root / "out")]) == 0
-    exported = [json.loads(line) for line in (root / "out" / "curated" / "curated.jsonl").read_text().splitlines()]
+    exported = [
+        json.loads(line) for line in (root / "out" / "curated" / "curated.jsonl").read_text().splitlines()
+    ]
     assert exported and all(isinstance(r["id"], str) for r in exported)
 
     result = specialize_flow(cfg)  # every stage cached: only to reach the artifacts
@@ -83,13 +108,21 @@ def run_and_check(root, model_dir, corpus: list[dict], seed: dict) -> list[dict]
 
 def test_integer_ids_go_through_finescope_run(tmp_path, model_dir):
     corpus = instruction_rows()
-    lines = run_and_check(tmp_path, model_dir, corpus, {"id": 1, "instruction": "What is 100 plus 7?", "output": "107"})
+    lines = run_and_check(
+        tmp_path, model_dir, corpus, {"id": 1, "instruction": "What is 100 plus 7?", "output": "107"}
+    )
     by_id = {str(r["id"]): r for r in corpus}
     assert all(line["prompt"] == by_id[line["id"]]["instruction"] for line in lines)
 
 
 def test_chat_and_prompt_completion_records_go_through_finescope_run(tmp_path, model_dir):
-    seed = {"id": 1, "messages": [{"role": "user", "content": "What is 100 plus 7?"}, {"role": "assistant", "content": "107"}]}
+    seed = {
+        "id": 1,
+        "messages": [
+            {"role": "user", "content": "What is 100 plus 7?"},
+            {"role": "assistant", "content": "107"},
+        ],
+    }
     lines = run_and_check(tmp_path, model_dir, chat_rows(), seed)
     expected = {str(i): f"Answer with a number.\n\nWhat is {i} plus {i + 1}?" for i in range(40)}
     expected |= {str(100 + i): f"Say hello to friend {i}." for i in range(40)}

@@ -19,26 +19,51 @@ import yaml
 from finescope_core.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-BEFORE_TEACHER = ("corpus", "seeds", "saliency", "activations", "seed_activations", "sae", "curated", "pruned")
+BEFORE_TEACHER = (
+    "corpus",
+    "seeds",
+    "saliency",
+    "activations",
+    "seed_activations",
+    "sae",
+    "curated",
+    "pruned",
+)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
-    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
-    rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)]
+    rows = [
+        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
+        for i in range(40)
+    ]
+    rows += [
+        {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)
+    ]
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    (root / "seeds.jsonl").write_text(
+        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
+    )
     return root
 
 
 def _config_file(root: Path, store: Path, path: Path) -> Path:
     cfg = {
-        "model": str(root / "model"), "seeds": [str(root / "seeds.jsonl")], "corpus": [str(root / "corpus.jsonl")],
-        "store": str(store), "device": "cpu",
-        "curate": {"final_size": 36, "top_m": 36, "k_act": 16, "reference_size": 8, "max_length": 32,
-                   "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
+        "model": str(root / "model"),
+        "seeds": [str(root / "seeds.jsonl")],
+        "corpus": [str(root / "corpus.jsonl")],
+        "store": str(store),
+        "device": "cpu",
+        "curate": {
+            "final_size": 36,
+            "top_m": 36,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
+        },
         "prune": {"ratio": 0.2, "max_length": 32},
         # Many small batches with long answers: the teacher stage takes seconds, long enough to be killed in.
         "teacher": {"max_new_tokens": 96, "batch_size": 2, "min_response_chars": 0},
@@ -78,7 +103,9 @@ def _kill_during_teacher(proc: subprocess.Popen, store: Path, timeout: float = 2
             proc.wait()
             return _complete_lines(partial[0])
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed:\n{proc.stdout.read().decode()[-3000:]}")
+            pytest.fail(
+                f"the run ended (rc {proc.returncode}) before it could be killed:\n{proc.stdout.read().decode()[-3000:]}"
+            )
         time.sleep(0.02)
     proc.kill()
     pytest.fail("the teacher stage never started")
@@ -125,8 +152,12 @@ def test_run_killed_during_teacher_resumes_and_matches_an_uninterrupted_run(work
     assert teacher["info"]["generated"] == total - lines_at_kill
     assert fresh["distilled"]["info"]["resumed_from"] == 0 and fresh["distilled"]["info"]["total"] == total
     # (c) the outputs equal those of an uninterrupted run
-    assert _artifact(store, resumed["distilled"], "distilled.jsonl") == _artifact(fresh_store, fresh["distilled"], "distilled.jsonl")
-    assert _artifact(store, resumed["curated"], "curated.jsonl") == _artifact(fresh_store, fresh["curated"], "curated.jsonl")
+    assert _artifact(store, resumed["distilled"], "distilled.jsonl") == _artifact(
+        fresh_store, fresh["distilled"], "distilled.jsonl"
+    )
+    assert _artifact(store, resumed["curated"], "curated.jsonl") == _artifact(
+        fresh_store, fresh["curated"], "curated.jsonl"
+    )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["models"]
     assert metrics == json.loads((tmp_path / "fresh-out" / "metrics.json").read_text())["models"]
 
@@ -179,11 +210,15 @@ def test_curate_killed_during_sae_training_keeps_the_finished_layers(workspace, 
     start = time.perf_counter()
     _finish(curate(config(fresh_store, tmp_path / "fresh.yaml"), tmp_path / "fresh-out"))
     fresh_seconds = time.perf_counter() - start
-    assert (tmp_path / "out" / "curated.jsonl").read_bytes() == (tmp_path / "fresh-out" / "curated.jsonl").read_bytes()
+    assert (tmp_path / "out" / "curated.jsonl").read_bytes() == (
+        tmp_path / "fresh-out" / "curated.jsonl"
+    ).read_bytes()
     fresh = json.loads((tmp_path / "fresh-out" / "run.json").read_text())["stages"]
     for name in ("sae_00", "sae_01"):
         layer = name[-2:]
         assert _artifact(store, stages["sae"], f"layer_{layer}/sae.safetensors") == _artifact(
             fresh_store, fresh["sae"], f"layer_{layer}/sae.safetensors"
         )
-    print(f"\nresume after SIGKILL in SAE training: resumed curate {resume_seconds:.1f}s, fresh curate {fresh_seconds:.1f}s")
+    print(
+        f"\nresume after SIGKILL in SAE training: resumed curate {resume_seconds:.1f}s, fresh curate {fresh_seconds:.1f}s"
+    )

@@ -17,7 +17,11 @@ from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
 
 TOPICS = {
-    "math": ["What is {a} plus {b}?", "Compute {a} times {b}.", "If I have {a} apples and eat {b}, how many are left?"],
+    "math": [
+        "What is {a} plus {b}?",
+        "Compute {a} times {b}.",
+        "If I have {a} apples and eat {b}, how many are left?",
+    ],
     "chat": ["Hello, how are you {a}?", "I like the color {b} and {a}.", "Good morning, friend number {a}."],
 }
 
@@ -30,8 +34,12 @@ def private_tmp(tmp_path, monkeypatch):
 
 def raw_fs(server) -> s3fs.S3FileSystem:
     """A client of our own, to look at and tamper with the bucket behind the store's back."""
-    return s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": server.endpoint},
-                             skip_instance_cache=True)
+    return s3fs.S3FileSystem(
+        key=ACCESS_KEY,
+        secret=SECRET_KEY,
+        client_kwargs={"endpoint_url": server.endpoint},
+        skip_instance_cache=True,
+    )
 
 
 def remote_store(server, uri: str, tmp_path, **kwargs) -> ArtifactStore:
@@ -54,7 +62,9 @@ def test_commit_lookup_and_local_path_round_trip(s3_server, s3_prefix, tmp_path)
     assert store.lookup("stage", key) is None
     commit_sample(store, key)
     found = store.lookup("stage", key)
-    assert found is not None and found.uri == f"{s3_prefix}/stage/{key}" and found.manifest["info"] == {"n": 3}
+    assert (
+        found is not None and found.uri == f"{s3_prefix}/stage/{key}" and found.manifest["info"] == {"n": 3}
+    )
     local = store.local_path(found)
     assert (local / "sub" / "weights.bin").read_bytes() == bytes(range(256)) * 64
     assert json.loads((local / "meta.json").read_text()) == {"n": 3}
@@ -86,7 +96,9 @@ def test_corrupted_remote_file_is_detected(s3_server, s3_prefix, tmp_path):
     raw_fs(s3_server).pipe_file(f"{store.files_path(found)}/sub/weights.bin", bytes(16384))  # same size
     with pytest.raises(StoreError, match=r"sub/weights.bin: content does not match its recorded sha256"):
         store.local_path(found)
-    assert list((tmp_path / "cache" / "stage" / "k").iterdir()) == []  # nothing unverified is left to be picked up
+    assert (
+        list((tmp_path / "cache" / "stage" / "k").iterdir()) == []
+    )  # nothing unverified is left to be picked up
 
 
 def test_wrong_credentials_fail_clearly_without_the_secret(s3_server, s3_prefix, tmp_path):
@@ -112,8 +124,12 @@ def test_standard_aws_variables_are_used(s3_server, s3_prefix, tmp_path, monkeyp
 
 def test_commit_survives_a_server_restart(private_s3_server, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore gives up at once: the store's own retry must cope
-    store = remote_store(private_s3_server, "s3://finescope/outage", tmp_path,
-                         retry=RetryPolicy(attempts=10, first_delay=0.5, max_delay=2.0))
+    store = remote_store(
+        private_s3_server,
+        "s3://finescope/outage",
+        tmp_path,
+        retry=RetryPolicy(attempts=10, first_delay=0.5, max_delay=2.0),
+    )
     store.check_writable()
     private_s3_server.stop()
     restarter = threading.Timer(2.0, private_s3_server.start)
@@ -135,8 +151,11 @@ def test_commit_survives_a_server_restart(private_s3_server, tmp_path, monkeypat
 def tiny_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("s3-curate")
     save_tiny(root / "model", "qwen3", hidden=48, layers=3, intermediate=96)
-    corpus = [{"id": f"{topic}-{i}", "text": templates[i % 3].format(a=i, b=i * 7 % 13)}
-              for topic, templates in TOPICS.items() for i in range(40)]
+    corpus = [
+        {"id": f"{topic}-{i}", "text": templates[i % 3].format(a=i, b=i * 7 % 13)}
+        for topic, templates in TOPICS.items()
+        for i in range(40)
+    ]
     seeds = [{"id": f"s{i}", "instruction": f"Compute {i} times 3."} for i in (4, 5, 6)]
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in corpus) + "\n")
     (root / "seeds.jsonl").write_text("\n".join(json.dumps(r) for r in seeds) + "\n")
@@ -144,11 +163,24 @@ def tiny_inputs(tmp_path_factory):
 
 
 def flow_config(root, server, data: str, store: str) -> FinescopeConfig:
-    curate = dict(final_size=20, top_m=15, k_act=16, probes=2, reference_size=16, max_length=32, batch_size=8,
-                  sae={"d_sae": 64, "steps": 30, "batch_size": 32})
+    curate = dict(
+        final_size=20,
+        top_m=15,
+        k_act=16,
+        probes=2,
+        reference_size=16,
+        max_length=32,
+        batch_size=8,
+        sae={"d_sae": 64, "steps": 30, "batch_size": 32},
+    )
     return FinescopeConfig(
-        model=str(root / "model"), seeds=[f"{data}/seeds.jsonl"], corpus=[f"{data}/corpus.jsonl"], store=store,
-        storage=server.storage() if server else {}, device="cpu", curate=curate,
+        model=str(root / "model"),
+        seeds=[f"{data}/seeds.jsonl"],
+        corpus=[f"{data}/corpus.jsonl"],
+        store=store,
+        storage=server.storage() if server else {},
+        device="cpu",
+        curate=curate,
     )
 
 
@@ -191,7 +223,9 @@ def test_curate_flow_with_wrong_credentials_stops_before_any_work(s3_server, s3_
     # Credentials from a Prefect Secret block win over the environment's (the right ones).
     block = f"wrong-{uuid.uuid4().hex[:8]}"
     Secret(value={"key": ACCESS_KEY, "secret": "wrong-secret-abcdef"}).save(block)
-    cfg = FinescopeConfig.model_validate({**cfg.model_dump(), "storage": {**s3_server.storage(), "secret_block": block}})
+    cfg = FinescopeConfig.model_validate(
+        {**cfg.model_dump(), "storage": {**s3_server.storage(), "secret_block": block}}
+    )
     with pytest.raises(StoreError, match="is not writable") as err:
         curate_flow(cfg)
     assert "wrong-secret-abcdef" not in str(err.value)
@@ -245,7 +279,11 @@ def test_task_retry_conditions_tell_outages_from_real_failures():
     outage = EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
     assert _retry_storage_outage(None, None, FailedState(outage))
     assert _retry_transient(None, None, FailedState(outage))
-    for permanent in (RuntimeError("CUDA out of memory"), StoreError("sha256 mismatch"), ValueError("bad config")):
+    for permanent in (
+        RuntimeError("CUDA out of memory"),
+        StoreError("sha256 mismatch"),
+        ValueError("bad config"),
+    ):
         assert not _retry_storage_outage(None, None, FailedState(permanent))
     assert not _retry_transient(None, None, FailedState(StoreError("sha256 mismatch")))
 
@@ -257,7 +295,11 @@ def test_unreachable_endpoint_fails_preflight_quickly(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    options = {
+        "key": ACCESS_KEY,
+        "secret": SECRET_KEY,
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+    }
     start = time.monotonic()
     with pytest.raises(StoreError, match="is not writable.*check the path, endpoint and credentials"):
         ArtifactStore("s3://finescope/x", options).check_writable()

@@ -31,8 +31,12 @@ from tasks.data import read_sae_corpus
 from tasks.plan import plan
 from tasks.saliency import saliency_key
 
-GENERAL = ["The {a} river runs past {b} old mills.", "A recipe for {a} loaves needs {b} eggs.",
-           "Train number {a} leaves platform {b} at noon.", "The museum shows {a} paintings from {b} painters."]  # fmt: skip
+GENERAL = [
+    "The {a} river runs past {b} old mills.",
+    "A recipe for {a} loaves needs {b} eggs.",
+    "Train number {a} leaves platform {b} at noon.",
+    "The museum shows {a} paintings from {b} painters.",
+]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -46,8 +50,11 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("sae-corpus")
     save_tiny(root / "model", "qwen3", hidden=48, layers=3, intermediate=96)
     for name, offset in (("corpus_a", 0), ("corpus_b", 100)):
-        rows = [{"id": f"{t}-{i}", "text": tpl[i % 3].format(a=i + offset, b=i * 7 % 13)}
-                for t, tpl in TOPICS.items() for i in range(30)]  # fmt: skip
+        rows = [
+            {"id": f"{t}-{i}", "text": tpl[i % 3].format(a=i + offset, b=i * 7 % 13)}
+            for t, tpl in TOPICS.items()
+            for i in range(30)
+        ]
         _jsonl(root / f"{name}.jsonl", rows)
     general = [{"id": f"g{i}", "text": GENERAL[i % 4].format(a=i, b=i * 5 % 11)} for i in range(48)]
     _jsonl(root / "general.jsonl", general + [{"id": "g-dup", "text": general[0]["text"]}])
@@ -55,19 +62,39 @@ def ws(tmp_path_factory):
     return root
 
 
-def config(ws: Path, store: Path, corpus: str = "corpus_a", sae_corpus: bool = True, **over) -> FinescopeConfig:
-    curate = dict(final_size=15, top_m=12, k_act=16, probes=1, reference_size=12, max_length=24, batch_size=8,
-                  shard_size=25, sae={"d_sae": 48, "steps": 25, "batch_size": 16})  # fmt: skip
+def config(
+    ws: Path, store: Path, corpus: str = "corpus_a", sae_corpus: bool = True, **over
+) -> FinescopeConfig:
+    curate = dict(
+        final_size=15,
+        top_m=12,
+        k_act=16,
+        probes=1,
+        reference_size=12,
+        max_length=24,
+        batch_size=8,
+        shard_size=25,
+        sae={"d_sae": 48, "steps": 25, "batch_size": 16},
+    )
     if sae_corpus:
         curate["sae_corpus"] = [str(ws / "general.jsonl")]
     return FinescopeConfig(
-        model=str(ws / "model"), seeds=[str(ws / "seeds.jsonl")], corpus=[str(ws / f"{corpus}.jsonl")],
-        store=str(store), device="cpu", curate=curate, **over,
-    )  # fmt: skip
+        model=str(ws / "model"),
+        seeds=[str(ws / "seeds.jsonl")],
+        corpus=[str(ws / f"{corpus}.jsonl")],
+        store=str(store),
+        device="cpu",
+        curate=curate,
+        **over,
+    )
 
 
 def sae_weights(root: Path) -> dict[str, torch.Tensor]:
-    return {f"{d.name}/{k}": v for d in sorted(root.glob("layer_*")) for k, v in load_file(d / "sae.safetensors").items()}
+    return {
+        f"{d.name}/{k}": v
+        for d in sorted(root.glob("layer_*"))
+        for k, v in load_file(d / "sae.safetensors").items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +107,15 @@ def runs(ws, tmp_path_factory):
     first = curate_flow(first_cfg)
     second_cfg = config(ws, store, corpus="corpus_b")
     second = curate_flow(second_cfg, export=False)
-    return {"plain": plain, "first": first, "first_cfg": first_cfg, "second": second, "second_cfg": second_cfg,
-            "store": store, "out": out / "a"}  # fmt: skip
+    return {
+        "plain": plain,
+        "first": first,
+        "first_cfg": first_cfg,
+        "second": second,
+        "second_cfg": second_cfg,
+        "store": store,
+        "out": out / "a",
+    }
 
 
 def test_saes_train_on_the_sae_corpus_activations(runs, tmp_path):
@@ -92,7 +126,11 @@ def test_saes_train_on_the_sae_corpus_activations(runs, tmp_path):
     assert first.sae_corpus.stage == "sae-corpus" and first.sae_corpus.info["records"] == 48
     assert first.sae_corpus.info["dropped_duplicates"] == ["g-dup"]
     assert first.sae_activations.stage == "activations" and first.sae_activations.info["rows"] == 48
-    assert first.sae.info["trained_on"] == {"stage": "sae-corpus", "sha256": first.sae_corpus.sha256, "records": 48}
+    assert first.sae.info["trained_on"] == {
+        "stage": "sae-corpus",
+        "sha256": first.sae_corpus.sha256,
+        "records": 48,
+    }
     # The saliency is taken on the sae corpus, so the coordinates do not depend on what is curated.
     store = ArtifactStore(cfg.store)
     ref = model_ref(cfg.model, store)
@@ -106,7 +144,9 @@ def test_saes_train_on_the_sae_corpus_activations(runs, tmp_path):
     indices = LayerSaliency.load(artifact_dir(store, first.saliency)).indices
     direct = tmp_path / "direct"
     direct.mkdir()
-    core.sae_stage(activation_dirs(store, first.sae_activations), first.layers, indices, cfg.curate, cfg.seed, direct)
+    core.sae_stage(
+        activation_dirs(store, first.sae_activations), first.layers, indices, cfg.curate, cfg.seed, direct
+    )
     stored = sae_weights(artifact_dir(store, first.sae))
     trained = sae_weights(direct)
     assert stored.keys() == trained.keys() and stored
@@ -114,7 +154,9 @@ def test_saes_train_on_the_sae_corpus_activations(runs, tmp_path):
     # ... and not those the same settings train on the curated corpus's activations.
     on_corpus = tmp_path / "on-corpus"
     on_corpus.mkdir()
-    core.sae_stage(activation_dirs(store, first.activations), first.layers, indices, cfg.curate, cfg.seed, on_corpus)
+    core.sae_stage(
+        activation_dirs(store, first.activations), first.layers, indices, cfg.curate, cfg.seed, on_corpus
+    )
     assert any(not torch.equal(stored[k], v) for k, v in sae_weights(on_corpus).items())
 
     # The curated corpus is encoded with those SAEs, shard by shard.
@@ -127,8 +169,16 @@ def test_saes_train_on_the_sae_corpus_activations(runs, tmp_path):
     assert run["stages"]["sae_corpus"]["key"] == first.sae_corpus.key
     assert run["stages"]["sae_activations"]["key"] == first.sae_activations.key
     assert [m.stage for m in first.stages()] == [
-        "corpus", "seeds", "sae-corpus", "saliency", "activations", "activations", "activations", "sae", "curated"
-    ]  # fmt: skip
+        "corpus",
+        "seeds",
+        "sae-corpus",
+        "saliency",
+        "activations",
+        "activations",
+        "activations",
+        "sae",
+        "curated",
+    ]
 
 
 def test_one_sae_set_serves_every_corpus(runs):
@@ -149,11 +199,26 @@ def test_plan_lists_the_sae_corpus_stages_under_the_runs_keys(runs):
     cfg, result = runs["second_cfg"], runs["second"]
     p = plan(cfg, "curate")
     rows = {s.name: s for s in p.stages}
-    assert [s.name for s in p.stages] == ["corpus", "seeds", "sae-corpus", "saliency", "activations (corpus)",
-                                          "activations (seeds)", "activations (sae-corpus)", "sae", "sae-codes", "curated"]
+    assert [s.name for s in p.stages] == [
+        "corpus",
+        "seeds",
+        "sae-corpus",
+        "saliency",
+        "activations (corpus)",
+        "activations (seeds)",
+        "activations (sae-corpus)",
+        "sae",
+        "sae-codes",
+        "curated",
+    ]
     assert all(s.status == "reuse" for s in p.stages)
-    ran = {"sae-corpus": result.sae_corpus, "saliency": result.saliency, "activations (sae-corpus)": result.sae_activations,
-           "sae": result.sae, "curated": result.curated}  # fmt: skip
+    ran = {
+        "sae-corpus": result.sae_corpus,
+        "saliency": result.saliency,
+        "activations (sae-corpus)": result.sae_activations,
+        "sae": result.sae,
+        "curated": result.curated,
+    }
     assert {n: (rows[n].stage, rows[n].key) for n in ran} == {n: (m.stage, m.key) for n, m in ran.items()}
     # `store gc` keeps what a plan names: the sae corpus, its activations and their shards too.
     shards = {(s["stage"], s["key"]) for s in listed_shards(ArtifactStore(cfg.store), result.sae_activations)}
@@ -177,7 +242,12 @@ def test_methods_without_saes_ignore_the_sae_corpus(ws, tmp_path):
     cfg = config(ws, tmp_path / "store")
     assert len(read_sae_corpus(cfg).corpus) == 48
     for method in ("activation", "sentence", "random"):
-        assert read_sae_corpus(cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"method": method})})) is None
+        assert (
+            read_sae_corpus(
+                cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"method": method})})
+            )
+            is None
+        )
 
 
 def test_relative_sae_corpus_in_a_config_file_resolves_against_the_file(tmp_path, monkeypatch):
@@ -185,19 +255,32 @@ def test_relative_sae_corpus_in_a_config_file_resolves_against_the_file(tmp_path
     conf_dir = tmp_path / "configs"
     conf_dir.mkdir()
     cfg_file = conf_dir / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "seeds": ["seeds.jsonl"], "corpus": ["corpus.jsonl"],
-        "curate": {"sae_corpus": ["data/general.jsonl", "../shared/*.parquet", "s3://bucket/web.jsonl"]},
-    }))  # fmt: skip
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "seeds": ["seeds.jsonl"],
+                "corpus": ["corpus.jsonl"],
+                "curate": {
+                    "sae_corpus": ["data/general.jsonl", "../shared/*.parquet", "s3://bucket/web.jsonl"]
+                },
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     cfg = load_config(cfg_file)
     assert cfg.curate.sae_corpus == [
-        str(conf_dir / "data" / "general.jsonl"), str(tmp_path / "shared" / "*.parquet"), "s3://bucket/web.jsonl"
+        str(conf_dir / "data" / "general.jsonl"),
+        str(tmp_path / "shared" / "*.parquet"),
+        "s3://bucket/web.jsonl",
     ]
     # Command-line overrides stay relative to the working directory, as for every path field.
     assert load_config(cfg_file, {"curate.sae_corpus": ["web.jsonl"]}).curate.sae_corpus == ["web.jsonl"]
     # One file may be given as a plain string, as for `corpus`; an empty list is refused.
-    cfg_file.write_text(yaml.safe_dump({"seeds": ["s.jsonl"], "corpus": ["c.jsonl"], "curate": {"sae_corpus": "general.jsonl"}}))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {"seeds": ["s.jsonl"], "corpus": ["c.jsonl"], "curate": {"sae_corpus": "general.jsonl"}}
+        )
+    )
     assert load_config(cfg_file).curate.sae_corpus == [str(conf_dir / "general.jsonl")]
     assert load_config(cfg_file, {"curate.sae_corpus": "web.jsonl"}).curate.sae_corpus == ["web.jsonl"]
     with pytest.raises(ValueError, match="give at least one file or URI"):
@@ -221,7 +304,9 @@ def _bad_general(tmp: Path, case: str) -> str:
     if case == "no-text-field":
         return _write(tmp / "general.jsonl", good + json.dumps({"id": "x", "body": "hi"}) + "\n")
     if case == "one-distinct-record":
-        return _write(tmp / "general.jsonl", json.dumps({"text": "same"}) + "\n" + json.dumps({"text": "SAME "}) + "\n")
+        return _write(
+            tmp / "general.jsonl", json.dumps({"text": "same"}) + "\n" + json.dumps({"text": "SAME "}) + "\n"
+        )
     return str(tmp / "general.jsonl")  # missing
 
 
@@ -252,7 +337,7 @@ def test_bad_sae_corpus_is_refused_before_any_model_work(ws, tmp_path, monkeypat
     start = time.perf_counter()
     code, err = _run(["curate", "--config", str(cfg_file), "--out", str(tmp_path / "out")])
     assert code == 2
-    message = err[err.index("finescope: error:"):]
+    message = err[err.index("finescope: error:") :]
     assert "curate.sae_corpus" in message
     for text in expected:
         assert text in message, f"{text!r} not in {message!r}"

@@ -36,11 +36,21 @@ def ws(tmp_path_factory):
 
 def config(ws: Path, store: Path) -> dict:
     return {
-        "model": str(ws / "model"), "seeds": [str(ws / "seeds.jsonl")], "corpus": [str(ws / "corpus.jsonl")],
-        "store": str(store), "device": "cpu",
-        "curate": {"final_size": 10, "top_m": 10, "k_act": 16, "reference_size": 8, "max_length": 32, "batch_size": 8,
-                   "sae": {"d_sae": 32, "steps": 10, "batch_size": 16}},
-    }  # fmt: skip
+        "model": str(ws / "model"),
+        "seeds": [str(ws / "seeds.jsonl")],
+        "corpus": [str(ws / "corpus.jsonl")],
+        "store": str(store),
+        "device": "cpu",
+        "curate": {
+            "final_size": 10,
+            "top_m": 10,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "batch_size": 8,
+            "sae": {"d_sae": 32, "steps": 10, "batch_size": 16},
+        },
+    }
 
 
 def write_config(path: Path, cfg: dict) -> str:
@@ -54,8 +64,14 @@ def test_cron_deployment_carries_the_config(ws, tmp_path, flow_name):
     cfg.storage.endpoint_url = "http://127.0.0.1:9000"  # not a secret: may travel in the parameters
     dep = build_deployment(cfg, flow_name, cron="0 3 * * 0", name="weekly")
     assert (dep.flow_name, dep.name, dep.tags) == (flow_name, "weekly", ["finescope", "weekly"])
-    assert dep.entrypoint == {"specialize": "flows.specialize.specialize_flow", "curate": "flows.curate.curate_flow",
-                              "prune": "flows.prune.prune_flow"}[flow_name]  # fmt: skip
+    assert (
+        dep.entrypoint
+        == {
+            "specialize": "flows.specialize.specialize_flow",
+            "curate": "flows.curate.curate_flow",
+            "prune": "flows.prune.prune_flow",
+        }[flow_name]
+    )
     [sched] = dep.schedules
     assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == ("0 3 * * 0", "UTC", True)
     assert set(dep.parameters) == {"config"}
@@ -166,8 +182,20 @@ def test_served_deployment_runs_when_triggered(ws, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     log = tmp_path / "serve.log"
     # A cron that does not come due during the test: the only run is the one triggered below.
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "--config", cfg_file, "--flow", "curate",
-           "--cron", "0 0 1 1 *", "--name", name]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve",
+        "--config",
+        cfg_file,
+        "--flow",
+        "curate",
+        "--cron",
+        "0 0 1 1 *",
+        "--name",
+        name,
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -20,19 +20,35 @@ def workspace(tmp_path_factory):
 def write_workspace(root):
     """A tiny qwen2 model, a corpus of 40 sums and 40 greetings, one sum as the seed."""
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=256)
-    rows = [{"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"} for i in range(40)]
-    rows += [{"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(40)]
+    rows = [
+        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
+        for i in range(40)
+    ]
+    rows += [
+        {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(40)
+    ]
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (root / "seeds.jsonl").write_text(json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n")
+    (root / "seeds.jsonl").write_text(
+        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
+    )
     return root
 
 
 def config(root) -> FinescopeConfig:
     return FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu",
-        curate={"final_size": 30, "top_m": 30, "k_act": 16, "reference_size": 8, "max_length": 32,
-                "sae": {"d_sae": 32, "steps": 20, "batch_size": 16}},
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        curate={
+            "final_size": 30,
+            "top_m": 30,
+            "k_act": 16,
+            "reference_size": 8,
+            "max_length": 32,
+            "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
+        },
         prune={"ratio": 0.2, "max_length": 32},
         teacher={"max_new_tokens": 8, "batch_size": 8},
         finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 48},
@@ -57,7 +73,9 @@ def test_specialize_end_to_end_and_cached_rerun(workspace, tmp_path):
         assert f"]({image})" in report and (out / image).stat().st_size > 0
     # paired comparisons on the same items: tuned vs every model, the baseline's tuned model vs base
     pairs = {(c["a"], c["b"]) for c in metrics["comparisons"]}
-    assert pairs == {("tuned", n) for n in ("base", "pruned", "pruned-random", "tuned-random")} | {("tuned-random", "base")}
+    assert pairs == {("tuned", n) for n in ("base", "pruned", "pruned-random", "tuned-random")} | {
+        ("tuned-random", "base")
+    }
     assert "Paired comparisons (same items, bootstrap over items)" in report
     assert "- tuned vs tuned-random — domain perplexity (raw text) ratio" in report
     tuned = AutoModelForCausalLM.from_pretrained(out / "tuned-model")
@@ -65,7 +83,11 @@ def test_specialize_end_to_end_and_cached_rerun(workspace, tmp_path):
     assert (out / "tuned-adapter" / "adapter_config.json").is_file()
 
     again = specialize_flow(cfg)
-    stages = [again.curate.curated, *(m for v in again.variants.values() for m in (v.pruned, v.distilled, v.tuned)),
-              *again.evaluations.values(), again.report]
+    stages = [
+        again.curate.curated,
+        *(m for v in again.variants.values() for m in (v.pruned, v.distilled, v.tuned)),
+        *again.evaluations.values(),
+        again.report,
+    ]
     assert all(m.cached for m in stages)
     assert again.metrics["models"] == metrics["models"]

@@ -56,15 +56,36 @@ def write_config(cfg: FinescopeConfig, path: Path) -> Path:
 def curated_run(tmp_path_factory):
     root = write_inputs(tmp_path_factory.mktemp("store-curate"))
     cfg = FinescopeConfig(
-        model=str(root / "model"), seeds=[str(root / "seeds.jsonl")], corpus=[str(root / "corpus.jsonl")],
-        store=str(root / "store"), device="cpu",
-        curate=dict(final_size=15, top_m=12, k_act=16, probes=1, reference_size=12, max_length=24, batch_size=8,
-                    shard_size=25, sae={"d_sae": 48, "steps": 25, "batch_size": 16}),
+        model=str(root / "model"),
+        seeds=[str(root / "seeds.jsonl")],
+        corpus=[str(root / "corpus.jsonl")],
+        store=str(root / "store"),
+        device="cpu",
+        curate=dict(
+            final_size=15,
+            top_m=12,
+            k_act=16,
+            probes=1,
+            reference_size=12,
+            max_length=24,
+            batch_size=8,
+            shard_size=25,
+            sae={"d_sae": 48, "steps": 25, "batch_size": 16},
+        ),
     )
     return cfg, curate_flow(cfg), write_config(cfg, root / "cfg.json")
 
 
-CURATE_ROWS = ("corpus", "seeds", "saliency", "activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated")
+CURATE_ROWS = (
+    "corpus",
+    "seeds",
+    "saliency",
+    "activations (corpus)",
+    "activations (seeds)",
+    "sae",
+    "sae-codes",
+    "curated",
+)
 
 
 def test_plan_after_a_curate_run_reuses_every_stage_under_the_runs_keys(curated_run):
@@ -73,13 +94,34 @@ def test_plan_after_a_curate_run_reuses_every_stage_under_the_runs_keys(curated_
     assert [s.name for s in p.stages] == list(CURATE_ROWS)
     assert all(s.status == "reuse" for s in p.stages)
     named = [n for n in CURATE_ROWS if n != "sae-codes"]
-    ran = dict(zip(named, (result.corpus, result.seeds, result.saliency, result.activations,
-                           result.seed_activations, result.sae, result.curated), strict=True))
-    assert {s.name: (s.stage, s.key) for s in p.stages if s.name != "sae-codes"} == {n: (m.stage, m.key) for n, m in ran.items()}
+    ran = dict(
+        zip(
+            named,
+            (
+                result.corpus,
+                result.seeds,
+                result.saliency,
+                result.activations,
+                result.seed_activations,
+                result.sae,
+                result.curated,
+            ),
+            strict=True,
+        )
+    )
+    assert {s.name: (s.stage, s.key) for s in p.stages if s.name != "sae-codes"} == {
+        n: (m.stage, m.key) for n, m in ran.items()
+    }
     codes = p.stages[6]  # one artifact per corpus shard, listed as parts (no gathered artifact)
-    assert codes.key is None and [x.key for x in codes.parts] == [c.key for c in result.codes] and len(codes.parts) == 3
+    assert (
+        codes.key is None
+        and [x.key for x in codes.parts] == [c.key for c in result.codes]
+        and len(codes.parts) == 3
+    )
     corpus_acts = p.stages[3]
-    assert len(corpus_acts.parts) == 3 and all(x.reused for x in corpus_acts.parts)  # 60 records, shards of 25
+    assert len(corpus_acts.parts) == 3 and all(
+        x.reused for x in corpus_acts.parts
+    )  # 60 records, shards of 25
     assert [x.key for x in corpus_acts.parts] == [s["key"] for s in _shards(cfg, result.activations)]
     assert len(p.stages[5].parts) == 3  # one SAE task per layer
 
@@ -90,9 +132,15 @@ def _shards(cfg, acts):
 
 # (what is deleted, the stages that compute, the stages that wait on it)
 DELETIONS = {
-    "corpus": ({"corpus"}, {"saliency", "activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated"}),
+    "corpus": (
+        {"corpus"},
+        {"saliency", "activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated"},
+    ),
     "seeds": ({"seeds"}, {"activations (seeds)", "curated"}),
-    "saliency": ({"saliency"}, {"activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated"}),
+    "saliency": (
+        {"saliency"},
+        {"activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated"},
+    ),
     "activations (corpus)": ({"activations (corpus)"}, {"sae", "sae-codes", "curated"}),
     "activations (seeds)": ({"activations (seeds)"}, {"curated"}),
     "one corpus shard": ({"activations (corpus)"}, {"sae", "sae-codes", "curated"}),
@@ -106,9 +154,15 @@ DELETIONS = {
 @pytest.mark.parametrize("deleted", list(DELETIONS))
 def test_a_deleted_curate_stage_computes_and_everything_below_it_waits(curated_run, deleted):
     cfg, result, _ = curated_run
-    manifests = {"corpus": result.corpus, "seeds": result.seeds, "saliency": result.saliency, "sae": result.sae,
-                 "activations (corpus)": result.activations, "activations (seeds)": result.seed_activations,
-                 "curated": result.curated}
+    manifests = {
+        "corpus": result.corpus,
+        "seeds": result.seeds,
+        "saliency": result.saliency,
+        "sae": result.sae,
+        "activations (corpus)": result.activations,
+        "activations (seeds)": result.seed_activations,
+        "curated": result.curated,
+    }
     if deleted == "one corpus shard":
         shard = _shards(cfg, result.activations)[1]
         stage, key = shard["stage"], shard["key"]
@@ -130,17 +184,25 @@ def test_a_deleted_curate_stage_computes_and_everything_below_it_waits(curated_r
     assert all(s.status == "reuse" for s in plan(cfg, "curate").stages)  # put back: all reused again
 
 
-@pytest.mark.parametrize(("method", "rows"), [
-    ("activation", ["corpus", "seeds", "saliency", "activations (corpus)", "activations (seeds)", "curated"]),
-    ("random", ["corpus", "seeds", "curated"]),
-    ("sentence", ["corpus", "seeds", "sentence-embeddings", "curated"]),
-])
+@pytest.mark.parametrize(
+    ("method", "rows"),
+    [
+        (
+            "activation",
+            ["corpus", "seeds", "saliency", "activations (corpus)", "activations (seeds)", "curated"],
+        ),
+        ("random", ["corpus", "seeds", "curated"]),
+        ("sentence", ["corpus", "seeds", "sentence-embeddings", "curated"]),
+    ],
+)
 def test_other_methods_plan_only_their_stages_and_share_the_sae_runs(curated_run, method, rows):
     cfg, _, _ = curated_run
     other = cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"method": method})})
     p = plan(other, "curate")
     assert [s.name for s in p.stages] == rows
-    if method == "sentence":  # the corpus's sentence embeddings are a stage of their own, then retrieval waits on it
+    if (
+        method == "sentence"
+    ):  # the corpus's sentence embeddings are a stage of their own, then retrieval waits on it
         assert [s.status for s in p.stages] == ["reuse", "reuse", "compute", "after"]
         assert p.stages[-1].after == "sentence-embeddings"
         return
@@ -160,15 +222,22 @@ def test_cli_rm_then_plan_then_run_agree(curated_run, capsys):
     planned = {s["name"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
     assert planned["sae"]["status"] == "compute" and planned["curated"]["after"] == "sae"
     again = curate_flow(cfg)
-    for name, m in (("corpus", again.corpus), ("saliency", again.saliency), ("activations (corpus)", again.activations),
-                    ("sae", again.sae)):
+    for name, m in (
+        ("corpus", again.corpus),
+        ("saliency", again.saliency),
+        ("activations (corpus)", again.activations),
+        ("sae", again.sae),
+    ):
         assert m.cached == (planned[name]["status"] == "reuse") and m.key == planned[name]["key"]
     assert all(s.status == "reuse" for s in plan(cfg, "curate").stages)
 
 
 def test_cli_plan_text_and_overrides(curated_run, capsys):
     _, _, cfg_file = curated_run
-    assert main(["store", "plan", "--flow", "curate", "--config", str(cfg_file), "--curate.final_size", "10"]) == 0
+    assert (
+        main(["store", "plan", "--flow", "curate", "--config", str(cfg_file), "--curate.final_size", "10"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "7 reused, 1 to compute, 0 after them" in out
     assert [line.split()[0] for line in out.splitlines()[1:]] == ["reuse"] * 7 + ["compute"]
@@ -180,8 +249,14 @@ def test_plan_needs_no_prefect_server(curated_run):
     _, _, cfg_file = curated_run
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(ROOT)}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "store", "plan", "--flow", "curate", "--config", str(cfg_file)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "store", "plan", "--flow", "curate", "--config", str(cfg_file)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "8 reused, 0 to compute" in done.stdout
     assert time.monotonic() - start < 60
@@ -191,7 +266,16 @@ def test_cli_ls_shows_every_stage_with_sizes(curated_run, capsys):
     cfg, result, _ = curated_run
     assert main(["store", "ls", "--store", cfg.store, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc["stages"]) >= {"corpus", "seeds", "saliency", "activation-shards", "activations", "sae-layers", "sae", "curated"}
+    assert set(doc["stages"]) >= {
+        "corpus",
+        "seeds",
+        "saliency",
+        "activation-shards",
+        "activations",
+        "sae-layers",
+        "sae",
+        "curated",
+    }
     assert doc["stages"]["activation-shards"]["count"] >= 4  # 3 corpus shards + 1 seed shard
     assert doc["total"]["size"] == sum(s["size"] for s in doc["stages"].values()) > 0
     assert main(["store", "ls", "--store", cfg.store]) == 0
@@ -258,24 +342,52 @@ def test_plan_after_a_specialize_run_reuses_every_stage_under_the_runs_keys(spec
     p = plan(cfg, "specialize")
     assert all(s.status == "reuse" for s in p.stages), statuses(p)
     keys = {s.name: s.key for s in p.stages}
-    assert {n: keys[n] for n in _specialize_manifests(result)} == {n: m.key for n, m in _specialize_manifests(result).items()}
+    assert {n: keys[n] for n in _specialize_manifests(result)} == {
+        n: m.key for n, m in _specialize_manifests(result).items()
+    }
     assert keys["curated"] == result.curate.curated.key
     prune_plan = plan(cfg, "prune")  # the prune flow prunes on the same curated texts: the same artifact
-    assert [s.name for s in prune_plan.stages][-1] == "pruned" and all(s.status == "reuse" for s in prune_plan.stages)
+    assert [s.name for s in prune_plan.stages][-1] == "pruned" and all(
+        s.status == "reuse" for s in prune_plan.stages
+    )
     assert prune_plan.stages[-1].key == result.variants[""].pruned.key
 
 
 SPECIALIZE_DELETIONS = {
     "pruned": ({"pruned"}, {"tuned", "evaluation (pruned)", "evaluation (tuned)", "report"}),
     # Every evaluation waits: its items are checked for contamination against every variant's distilled data.
-    "distilled": ({"distilled"}, {"tuned", "evaluation (base)", "evaluation (pruned)", "evaluation (tuned)",
-                                  "evaluation (pruned-random)", "evaluation (tuned-random)", "report"}),
+    "distilled": (
+        {"distilled"},
+        {
+            "tuned",
+            "evaluation (base)",
+            "evaluation (pruned)",
+            "evaluation (tuned)",
+            "evaluation (pruned-random)",
+            "evaluation (tuned-random)",
+            "report",
+        },
+    ),
     "tuned (random)": ({"tuned (random)"}, {"evaluation (tuned-random)", "report"}),
     "evaluation (base)": ({"evaluation (base)"}, {"report"}),
     "report": ({"report"}, set()),
-    "curated": ({"curated"}, {"pruned", "distilled", "tuned", "pruned (random)", "distilled (random)", "tuned (random)",
-                              "evaluation (base)", "evaluation (pruned)", "evaluation (tuned)",
-                              "evaluation (pruned-random)", "evaluation (tuned-random)", "report"}),
+    "curated": (
+        {"curated"},
+        {
+            "pruned",
+            "distilled",
+            "tuned",
+            "pruned (random)",
+            "distilled (random)",
+            "tuned (random)",
+            "evaluation (base)",
+            "evaluation (pruned)",
+            "evaluation (tuned)",
+            "evaluation (pruned-random)",
+            "evaluation (tuned-random)",
+            "report",
+        },
+    ),
 }
 
 

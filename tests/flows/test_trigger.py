@@ -40,7 +40,10 @@ def test_trigger_starts_a_run_with_one_field_changed(deployment, capsys):
     assert main(["trigger", name, "--prune.ratio", "0.5", "--curate.top_m", "12"]) == 0
     out = capsys.readouterr().out
     [run] = _runs(name)
-    assert f"started flow run '{run.name}' ({run.id}) of {name} with curate.top_m=12, prune.ratio=0.5; UI: " in out
+    assert (
+        f"started flow run '{run.name}' ({run.id}) of {name} with curate.top_m=12, prune.ratio=0.5; UI: "
+        in out
+    )
     assert out.rstrip().endswith(f"/runs/flow-run/{run.id}")
     sent = FinescopeConfig.model_validate(run.parameters["config"])
     assert (sent.prune.ratio, sent.curate.top_m) == (0.5, 12)
@@ -51,14 +54,19 @@ def test_trigger_starts_a_run_with_one_field_changed(deployment, capsys):
     assert main(["trigger", name.split("/")[1]]) == 0 and len(_runs(name)) == 2
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["--prune.ratio", "7"], "--prune.ratio: Input should be less than"),
-    (["--curate.method", "magic"], "invalid choice: 'magic'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--prune.ratio", "7"], "--prune.ratio: Input should be less than"),
+        (["--curate.method", "magic"], "invalid choice: 'magic'"),
+    ],
+)
 def test_bad_changes_are_refused_before_any_run(deployment, capsys, args, expected):
     name, _ = deployment
     before = len(_runs(name))
-    with pytest.raises(SystemExit) if "choice" in expected else contextlib.nullcontext():  # argparse exits on a bad choice
+    with (
+        pytest.raises(SystemExit) if "choice" in expected else contextlib.nullcontext()
+    ):  # argparse exits on a bad choice
         assert main(["trigger", name, *args]) == 2
     assert expected in capsys.readouterr().err
     assert len(_runs(name)) == before
@@ -66,7 +74,10 @@ def test_bad_changes_are_refused_before_any_run(deployment, capsys, args, expect
 
 def test_an_unknown_deployment_is_named(capsys):
     assert main(["trigger", "curate/no-such-thing"]) == 2
-    assert "no deployment 'curate/no-such-thing' on this Prefect server; `prefect deployment ls`" in capsys.readouterr().err
+    assert (
+        "no deployment 'curate/no-such-thing' on this Prefect server; `prefect deployment ls`"
+        in capsys.readouterr().err
+    )
 
 
 @task
@@ -87,7 +98,10 @@ def test_progress_artifacts_show_the_value_in_their_description():
 
     state = _progress_flow(return_state=True)
     with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
-            type=ArtifactFilterType(any_=["progress"])))  # fmt: skip
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+                type=ArtifactFilterType(any_=["progress"]),
+            )
+        )
     assert artifact.data == 100.0 and artifact.description == "counting: 100 % (5/5)"
