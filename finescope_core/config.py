@@ -6,9 +6,9 @@ docstring is its help text (`finescope curate --help` prints them).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
-import logging
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
