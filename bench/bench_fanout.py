@@ -72,7 +72,7 @@ def main() -> None:
     from finescope_core.tiny import save_tiny
     from flows.fanout import embed
     from tasks.activations import activation_dirs
-    from tasks.common import open_store
+    from tasks.context import open_store
     from tasks.data import data_task, model_task, read_inputs
 
     root = Path(tempfile.mkdtemp(prefix="bench-fanout-"))

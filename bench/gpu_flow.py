@@ -4,7 +4,7 @@
 to disk in the run's dtype (with an offline byte-level tokenizer), and the whole `specialize` flow runs on
 it in this process, exactly as `finescope run` does (`flows.cli.main`), on a small corpus with no
 baselines. Every stage the flow computes is measured where the flow hands it to the store: around the
-stage's build in `run_cached` (`tasks.common.build_releasing`), the CUDA allocator's peak is reset before
+stage's build in `run_cached` (`tasks.caching.build_releasing`), the CUDA allocator's peak is reset before
 and read after, so each row is that stage's own peak (`torch.cuda.max_memory_allocated`), beside its wall
 time and the memory planner's prediction for it (`finescope_core.memplan`). On a CPU the peak column is
 empty: the script itself can be tried there with `--shape tiny --device cpu --dtype float32`.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from bench_memory import write_data
 
-import tasks.common
+import tasks.caching
 from finescope_core.config import FinescopeConfig, load_config
 from finescope_core.memplan import memory_plan
 from finescope_core.tiny import byte_tokenizer
@@ -68,7 +68,7 @@ def run_config(root: Path, device: str, dtype: str) -> dict[str, Any]:
 def measured_build(device: torch.device, rows: dict[str, dict[str, Any]]) -> Callable[..., Any]:
     """A stand-in for `build_releasing` that resets the allocator's peak before each stage's build and
     files the stage's own peak and wall time under its name (a stage built twice: its larger peak)."""
-    real = tasks.common.build_releasing
+    real = tasks.caching.build_releasing
 
     def build(stage: str, fn: Callable[[Path], Any], work: Path) -> Any:
         if device.type == "cuda":
@@ -101,13 +101,13 @@ def flow_check(model: torch.nn.Module, device: torch.device, dtype: str, records
             torch.cuda.empty_cache()
         (root / "run.yaml").write_text(json.dumps(run_config(root, device.type, dtype)))
         predicted = memory_plan(load_config(root / "run.yaml")).by_stage()
-        original = tasks.common.build_releasing
-        tasks.common.build_releasing = measured_build(device, rows)
+        original = tasks.caching.build_releasing
+        tasks.caching.build_releasing = measured_build(device, rows)
         start = time.perf_counter()
         try:
             rc = cli(["run", "--config", str(root / "run.yaml"), "--out", str(root / "out")])
         finally:
-            tasks.common.build_releasing = original
+            tasks.caching.build_releasing = original
         total = time.perf_counter() - start
         smoke = vllm_smoke(root / "model", dtype) if device.type == "cuda" else None
     for stage, row in rows.items():

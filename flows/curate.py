@@ -27,7 +27,8 @@ from flows.runtime import (
     prefect_results,
 )
 from flows.ui import namer, tagged
-from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
+from tasks.caching import StageManifest, artifact_dir
+from tasks.context import artifact_key, logger, open_store
 from tasks.data import data_task, inputs_task, model_task, sae_data_task, sae_inputs_task
 from tasks.evalset import holdout
 from tasks.export import Exported, curated_outputs, export_task, run_facts

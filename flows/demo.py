@@ -22,7 +22,8 @@ from finescope_core.io import read_jsonl, write_atomic
 from finescope_core.report import harness_table
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
-from tasks.common import artifact_dir, artifact_key, logger, open_store
+from tasks.caching import artifact_dir
+from tasks.context import artifact_key, logger, open_store
 
 PRECISION_AT = (25, 50, 100)
 DEMO_LM_EVAL_TASKS = [NEXT_STEP_TASK]

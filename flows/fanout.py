@@ -18,9 +18,10 @@ from tasks.activations import (
     lookup_activations,
     shard_plan,
 )
+from tasks.caching import StageManifest
 from tasks.codes import codes_task, corpus_shard_refs, lookup_codes
-from tasks.common import ModelRef, StageManifest
 from tasks.data import record_count
+from tasks.models import ModelRef
 from tasks.sae import gather_sae_task, lookup_sae, sae_groups, sae_layers_task
 
 

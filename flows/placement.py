@@ -17,7 +17,7 @@ import fsspec
 
 from finescope_core.config import ConfigError, FinescopeConfig
 from finescope_core.settings import differences, settings, settings_hash
-from tasks.common import logger, run_name, storage_options
+from tasks.context import logger, run_name, storage_options
 from tasks.export import output_location
 
 

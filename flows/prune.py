@@ -20,7 +20,8 @@ from flows.curate import CurateResult, curate_flow
 from flows.placement import place
 from flows.runtime import prefect_results
 from flows.ui import detached, namer, tagged
-from tasks.common import StageManifest, artifact_key, logger
+from tasks.caching import StageManifest
+from tasks.context import artifact_key, logger
 from tasks.data import model_task
 from tasks.export import (
     Exported,

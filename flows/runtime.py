@@ -18,7 +18,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finescope_core.config import ConfigError, FinescopeConfig
 from flows import server_guard
-from tasks.common import GPU_TAGS, logger
+from tasks.context import logger
+from tasks.retries import GPU_TAGS
 
 # Every flow imports this module: a temporary Prefect API started by this process (no PREFECT_API_URL)
 # then ends with it, even after a SIGKILL (flows/server_guard.py).

@@ -21,7 +21,8 @@ from flows.placement import place
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
 from flows.ui import detached, namer, tagged
-from tasks.common import StageManifest, artifact_dir, artifact_key, logger, open_store
+from tasks.caching import StageManifest, artifact_dir
+from tasks.context import artifact_key, logger, open_store
 from tasks.data import load_data, model_task, read_inputs
 from tasks.evalset import candidate_items, decontaminate, eval_files, holdout, training_texts
 from tasks.evaluate import evaluate_task, evaluation_items

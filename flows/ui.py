@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from finescope_core.config import FinescopeConfig
-from tasks.common import run_name
+from tasks.context import run_name
 
 T = TypeVar("T")
 

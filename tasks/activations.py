@@ -12,24 +12,14 @@ from finescope_core import curate as core
 from finescope_core.config import FinescopeConfig
 from finescope_core.saliency import LayerSaliency
 from finescope_core.store import ArtifactStore
-from tasks.common import (
-    GPU_TAGS,
-    RUN_RESULTS,
-    STORE_RETRIES,
-    ModelRef,
-    ModelStageKey,
-    Progress,
-    StageKey,
-    StageManifest,
-    artifact_dir,
-    logger,
-    lookup_stage,
-    open_store,
-    run_cached,
-    using_model,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
+from tasks.context import logger, open_store
 from tasks.data import load_rows
 from tasks.identity import Precision, shared_precision, work_precision
+from tasks.keymodels import ModelStageKey, StageKey
+from tasks.models import ModelRef, using_model
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
 class ShardKey(ModelStageKey):

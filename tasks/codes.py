@@ -17,19 +17,11 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.model import pick_device
 from finescope_core.sae.codes import write_codes
 from tasks.activations import listed_shards
-from tasks.common import (
-    GPU_TAGS,
-    RUN_RESULTS,
-    STORE_RETRIES,
-    Progress,
-    StageKey,
-    StageKeyModel,
-    StageManifest,
-    artifact_dir,
-    lookup_stage,
-    open_store,
-    run_cached,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
+from tasks.context import open_store
+from tasks.keymodels import StageKey, StageKeyModel
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
 class CodesKey(StageKeyModel):

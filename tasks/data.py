@@ -21,19 +21,11 @@ from finescope_core.data import (
 )
 from finescope_core.formats import DataError
 from finescope_core.io import read_jsonl, read_jsonl_rows, write_jsonl
-from tasks.common import (
-    IO_RETRIES,
-    RUN_RESULTS,
-    ModelRef,
-    StageKey,
-    StageKeyModel,
-    StageManifest,
-    artifact_dir,
-    model_ref,
-    open_store,
-    run_cached,
-    storage_options,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
+from tasks.context import open_store, storage_options
+from tasks.keymodels import StageKey, StageKeyModel
+from tasks.models import ModelRef, model_ref
+from tasks.retries import IO_RETRIES
 
 
 def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:

@@ -34,7 +34,8 @@ from finescope_core.evaluate.split import (
     nearest_to_centroid,
 )
 from finescope_core.formats import DataError
-from tasks.common import StageManifest, artifact_dir, open_store, storage_options
+from tasks.caching import StageManifest, artifact_dir
+from tasks.context import open_store, storage_options
 
 
 @dataclass

@@ -19,20 +19,13 @@ from finescope_core.evaluate import (
     items_document,
 )
 from finescope_core.store import ArtifactStore
-from tasks.common import (
-    GPU_TAGS,
-    RUN_RESULTS,
-    STORE_RETRIES,
-    ModelStageKey,
-    Progress,
-    StageKey,
-    StageManifest,
-    artifact_dir,
-    open_store,
-    private_model,
-    run_cached,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
+from tasks.context import open_store
 from tasks.identity import Precision, work_precision
+from tasks.keymodels import ModelStageKey, StageKey
+from tasks.models import private_model
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
 class EvaluationKey(ModelStageKey):

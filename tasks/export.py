@@ -25,18 +25,10 @@ from finescope_core.export import Output, export_outputs, output_uri
 from finescope_core.model import DEFAULT_MODEL
 from finescope_core.settings import summary
 from finescope_core.store_admin import OUTPUTS_DIR
-from tasks.common import (
-    IO_RETRIES,
-    StageManifest,
-    artifact_dir,
-    artifact_key,
-    code_version,
-    logger,
-    open_store,
-    run_name,
-    storage_options,
-)
+from tasks.caching import StageManifest, artifact_dir, code_version
+from tasks.context import artifact_key, logger, open_store, run_name, storage_options
 from tasks.identity import model_identity
+from tasks.retries import IO_RETRIES
 
 CURATED_FILES = ("curated.jsonl", "curated.parquet", "curation.json")
 

@@ -12,21 +12,13 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.distilled import read_distilled
 from finescope_core.finetune import lora_finetune
 from finescope_core.model import load_model
-from tasks.common import (
-    GPU_TAGS,
-    RUN_RESULTS,
-    STORE_RETRIES,
-    ModelRef,
-    ModelStageKey,
-    Progress,
-    StageKey,
-    StageManifest,
-    artifact_dir,
-    open_store,
-    private_model,
-    run_cached,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
+from tasks.context import open_store
 from tasks.identity import Precision, work_precision
+from tasks.keymodels import ModelStageKey, StageKey
+from tasks.models import ModelRef, private_model
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 INFO = (
     "method",

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from tasks.activations import ActivationsKey, ShardKey
 from tasks.codes import CodesKey
-from tasks.common import StageKeyModel
 from tasks.data import CorpusKey, SaeCorpusKey, SeedsKey
 from tasks.evaluate import EvaluationKey
 from tasks.finetune import TunedKey
+from tasks.keymodels import StageKeyModel
 from tasks.prune import PrunedKey
 from tasks.report import ReportKey
 from tasks.retrieve import CuratedKey, SentenceKey

@@ -27,20 +27,16 @@ from tasks.activations import (
     shard_key,
     shard_plan,
 )
+from tasks.caching import StageManifest, lookup_stage
 from tasks.codes import codes_key
-from tasks.common import (
-    ModelRef,
-    StageKey,
-    StageManifest,
-    default_model_key,
-    lookup_stage,
-    open_store,
-)
+from tasks.context import open_store
 from tasks.data import load_data, read_inputs, read_sae_corpus, records_key
 from tasks.evalset import EvalData, candidate_items, decontaminate, eval_files, holdout, training_texts
 from tasks.evaluate import evaluation_items, evaluation_key
 from tasks.finetune import tuned_key
 from tasks.identity import model_digest
+from tasks.keymodels import StageKey
+from tasks.models import ModelRef, default_model_key
 from tasks.prune import (
     baseline_records,
     curated_records,

@@ -15,23 +15,14 @@ from finescope_core.data import Record, load_records, normalise_text
 from finescope_core.io import read_jsonl
 from finescope_core.model import checkpoint_dtype
 from finescope_core.prune import prune_model, save_pruned
-from tasks.common import (
-    GPU_TAGS,
-    RUN_RESULTS,
-    STORE_RETRIES,
-    ModelRef,
-    ModelStageKey,
-    Progress,
-    StageKey,
-    StageManifest,
-    artifact_dir,
-    open_store,
-    private_model,
-    run_cached,
-    storage_options,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
+from tasks.context import open_store, storage_options
 from tasks.data import load_data
 from tasks.identity import Precision, work_precision
+from tasks.keymodels import ModelStageKey, StageKey
+from tasks.models import ModelRef, private_model
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
 def curated_records(cfg: FinescopeConfig, corpus: StageManifest, curated: StageManifest) -> list[Record]:

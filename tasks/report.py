@@ -16,16 +16,10 @@ from finescope_core.evaluate import (
 )
 from finescope_core.report_stage import ReportInputs, report_stage
 from finescope_core.run_warnings import duplicate_warnings, eval_set_warnings, fallback_warnings
-from tasks.common import (
-    RUN_RESULTS,
-    STORE_RETRIES,
-    StageKey,
-    StageKeyModel,
-    StageManifest,
-    artifact_dir,
-    open_store,
-    run_cached,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
+from tasks.context import open_store
+from tasks.keymodels import StageKey, StageKeyModel
+from tasks.retries import STORE_RETRIES
 from tasks.teacher import distillation_info
 
 # CurateResult's stage fields and their names in metrics.json's stage_seconds, in pipeline order.

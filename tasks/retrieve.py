@@ -22,19 +22,13 @@ from finescope_core.data import (
 from finescope_core.evaluate.split import Holdout
 from finescope_core.sae.codes import SparseCodeSource
 from tasks.activations import activation_dirs
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.codes import code_dirs
-from tasks.common import (
-    RUN_RESULTS,
-    STORE_RETRIES,
-    Progress,
-    StageKey,
-    StageKeyModel,
-    StageManifest,
-    artifact_dir,
-    open_store,
-    run_cached,
-)
+from tasks.context import open_store
 from tasks.data import load_data
+from tasks.keymodels import StageKey, StageKeyModel
+from tasks.progress import Progress
+from tasks.retries import STORE_RETRIES
 
 
 class CuratedKey(StageKeyModel):

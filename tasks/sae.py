@@ -13,19 +13,11 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.model import pick_device
 from finescope_core.saliency import LayerSaliency
 from tasks.activations import activation_dirs
-from tasks.common import (
-    GPU_TAGS,
-    RUN_RESULTS,
-    STORE_RETRIES,
-    Progress,
-    StageKey,
-    StageKeyModel,
-    StageManifest,
-    artifact_dir,
-    lookup_stage,
-    open_store,
-    run_cached,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
+from tasks.context import open_store
+from tasks.keymodels import StageKey, StageKeyModel
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
 def sae_groups(num_layers: int, per_task: int) -> list[list[int]]:

@@ -9,21 +9,14 @@ from prefect import task
 
 from finescope_core import curate as core
 from finescope_core.config import FinescopeConfig
-from tasks.common import (
-    GPU_TAGS,
-    RUN_RESULTS,
-    STORE_RETRIES,
-    ModelRef,
-    ModelStageKey,
-    Progress,
-    StageKey,
-    StageManifest,
-    open_store,
-    run_cached,
-    using_model,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, run_cached
+from tasks.context import open_store
 from tasks.data import load_data
 from tasks.identity import Precision, work_precision
+from tasks.keymodels import ModelStageKey, StageKey
+from tasks.models import ModelRef, using_model
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
 class SaliencyKey(ModelStageKey):

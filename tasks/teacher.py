@@ -23,23 +23,13 @@ from finescope_core.teacher import (
     generate_distilled,
     resolve_max_new_tokens,
 )
-from tasks.common import (
-    GPU_TAGS,
-    IO_RETRIES,
-    RUN_RESULTS,
-    ModelRef,
-    ModelStageKey,
-    Progress,
-    StageKey,
-    StageManifest,
-    evict_shared_model,
-    logger,
-    model_ref,
-    open_store,
-    private_model,
-    run_cached,
-)
+from tasks.caching import RUN_RESULTS, StageManifest, run_cached
+from tasks.context import logger, open_store
 from tasks.identity import Precision, work_precision
+from tasks.keymodels import ModelStageKey, StageKey
+from tasks.models import ModelRef, evict_shared_model, model_ref, private_model
+from tasks.progress import Progress
+from tasks.retries import GPU_TAGS, IO_RETRIES
 
 
 def records_sha(records: list[Record]) -> str:

@@ -1,6 +1,6 @@
 """metrics.json carries the teacher's fallback counts by reason (the distilled stage's info)."""
 
-from tasks.common import StageManifest
+from tasks.caching import StageManifest
 from tasks.report import metrics_document
 
 

@@ -15,7 +15,8 @@ from finescope_core.io import read_jsonl
 from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
-from tasks.common import artifact_dir, open_store
+from tasks.caching import artifact_dir
+from tasks.context import open_store
 from tasks.data import load_data
 from tasks.prune import baseline_records, curated_records, pruning_texts, training_pool
 

@@ -14,7 +14,8 @@ from finescope_core.evaluate import EvalError, metrics_schema_errors
 from finescope_core.report import harness_table
 from finescope_core.tiny import save_tiny
 from flows.specialize import specialize_flow
-from tasks.common import artifact_dir, open_store
+from tasks.caching import artifact_dir
+from tasks.context import open_store
 from tasks.evaluate import evaluate_task, evaluation_key
 
 TASK = "tiny_mc"

@@ -17,17 +17,18 @@ from test_fanout import write_inputs
 from test_keys import BASE, stage_keys
 
 import tasks.activations
-import tasks.common
+import tasks.models
 from finescope_core.curate import hooked_layers
 from finescope_core.data import Record
 from finescope_core.store import ArtifactStore
 from finescope_core.tiny import save_tiny
 from tasks.activations import activation_shard_task, activations_key, gather_activations_task
-from tasks.common import RUN_RESULTS, StageManifest, _file_digest, cached_model, model_ref
+from tasks.caching import RUN_RESULTS, StageManifest
 from tasks.data import data_task, inputs_task, model_task
 from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
 from tasks.identity import Precision, model_digest
+from tasks.models import _file_digest, cached_model, model_ref
 from tasks.teacher import distilled_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,7 +163,7 @@ def test_a_long_lived_process_sees_a_changed_file_and_reloads_a_changed_model(tm
 
     loads = []
     monkeypatch.setattr(
-        tasks.common, "load_model", lambda path, **kw: loads.append(path) or (object(), object())
+        tasks.models, "load_model", lambda path, **kw: loads.append(path) or (object(), object())
     )
     model = tmp_path / "model"
     model.mkdir()

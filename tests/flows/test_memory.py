@@ -14,11 +14,14 @@ import pytest
 import torch
 from prefect import flow, task
 
-import tasks.common as common
+import tasks.models as common
 from finescope_core.memory import StageOutOfMemory
 from finescope_core.store import ArtifactStore
 from finescope_core.tiny import save_tiny, tiny_model
-from tasks.common import IO_RETRIES, STORE_RETRIES, StageKey, cached_model, private_model, run_cached
+from tasks.caching import run_cached
+from tasks.keymodels import StageKey
+from tasks.models import cached_model, private_model
+from tasks.retries import IO_RETRIES, STORE_RETRIES
 
 
 @pytest.fixture(scope="module")

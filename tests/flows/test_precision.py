@@ -12,7 +12,7 @@ from finescope_core.model import checkpoint_dtype, load_model, resolve_dtype
 from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
 from flows.prune import prune_flow
-from tasks.common import compute_dtype
+from tasks.keymodels import compute_dtype
 from tests.flows.test_curate_flow import TOPICS
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,7 +12,8 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.tiny import save_tiny
 from flows.cli import main
 from flows.specialize import specialize_flow
-from tasks.common import artifact_dir, open_store
+from tasks.caching import artifact_dir
+from tasks.context import open_store
 from tasks.prune import curated_records
 
 

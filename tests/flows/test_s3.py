@@ -274,7 +274,7 @@ class FailedState:
 def test_task_retry_conditions_tell_outages_from_real_failures():
     from botocore.exceptions import EndpointConnectionError
 
-    from tasks.common import _retry_storage_outage, _retry_transient
+    from tasks.retries import _retry_storage_outage, _retry_transient
 
     outage = EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
     assert _retry_storage_outage(None, None, FailedState(outage))

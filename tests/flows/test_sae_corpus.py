@@ -25,9 +25,10 @@ from finescope_core.tiny import save_tiny
 from flows.cli import main
 from flows.curate import curate_flow
 from tasks.activations import activation_dirs, listed_shards
+from tasks.caching import artifact_dir
 from tasks.codes import codes_key
-from tasks.common import artifact_dir, model_ref
 from tasks.data import read_sae_corpus
+from tasks.models import model_ref
 from tasks.plan import plan
 from tasks.saliency import saliency_key
 
@@ -326,10 +327,10 @@ def _write(path: Path, text: str) -> str:
     ],
 )
 def test_bad_sae_corpus_is_refused_before_any_model_work(ws, tmp_path, monkeypatch, case, expected):
-    import tasks.common
+    import tasks.models
 
     loaded = []
-    monkeypatch.setattr(tasks.common, "cached_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(tasks.models, "cached_model", lambda *a, **k: loaded.append(a))
     cfg = config(ws, tmp_path / "store").model_dump(mode="json")
     cfg["curate"]["sae_corpus"] = [_bad_general(tmp_path, case)]
     cfg_file = tmp_path / "cfg.yaml"

@@ -19,7 +19,8 @@ import pytest
 from tiny_run import config_file, write_workspace
 
 from finescope_core.store import ArtifactStore
-from tasks.common import StageKey, run_cached
+from tasks.caching import run_cached
+from tasks.keymodels import StageKey
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from test_specialize_flow import config
 from finescope_core.config import FinescopeConfig
 from flows.cli import main
 from flows.serve import build_deployment
-from tasks.common import Progress
+from tasks.progress import Progress
 
 
 @pytest.fixture(scope="module")
