@@ -72,7 +72,7 @@ def main() -> None:
     from finescope_core.tiny import save_tiny
     from flows.fanout import embed
     from tasks.activations import activation_dirs
-    from tasks.context import open_store
+    from tasks.context import RunContext, open_store
     from tasks.data import data_task, model_task, read_inputs
 
     root = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
@@ -136,10 +136,11 @@ def main() -> None:
             c = cfg(str(root / f"store-{name}"), **orchestration)
 
             def timed_embed(c: FinescopeConfig = c):
-                corpus_m, _ = data_task(c, read_inputs(c))
-                ref = model_task(c)
+                ctx = RunContext.of(c)
+                corpus_m, _ = data_task(ctx, read_inputs(c))
+                ref = model_task(ctx, c.model)
                 begin = time.perf_counter()
-                (acts,) = embed(c, ref, [corpus_m], layers, None)
+                (acts,) = embed(c, ctx, ref, [corpus_m], layers, None)
                 return time.perf_counter() - begin, acts
 
             run = flow(name=f"bench-{name}", validate_parameters=False)(timed_embed)

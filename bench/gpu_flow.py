@@ -129,7 +129,7 @@ def vllm_smoke(model_dir: Path, dtype: str, prompts: int = 64, new_tokens: int =
 
     cfg = FinescopeConfig(seeds=["s.jsonl"], corpus=["c.jsonl"])  # the default teacher and memory settings
     free, total = torch.cuda.mem_get_info()
-    engine = vllm_engine_settings(cfg, new_tokens, free, total)
+    engine = vllm_engine_settings(cfg.teacher, cfg.memory_budget, new_tokens, free, total)
     start = time.perf_counter()
     teacher = VLLMGenerator(str(model_dir), dtype, 0, **engine)
     loaded = time.perf_counter() - start

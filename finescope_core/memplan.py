@@ -19,7 +19,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import FinescopeConfig, TeacherConfig
 from finescope_core.memory import OOM_FIXES
 from finescope_core.model import model_config
 
@@ -307,7 +307,7 @@ VLLM_MAX_UTILIZATION = 0.9
 
 
 def vllm_engine_settings(
-    cfg: FinescopeConfig, max_new_tokens: int, free: int, total: int
+    teacher: TeacherConfig, memory_budget: float | None, max_new_tokens: int, free: int, total: int
 ) -> dict[str, float | int]:
     """`gpu_memory_utilization` and `max_model_len` for the vLLM teacher, from what this process leaves.
 
@@ -320,7 +320,7 @@ def vllm_engine_settings(
     Raises:
         MemoryBudgetError: when the share left is too small to start vLLM, naming the numbers and fixes.
     """
-    budget = free if cfg.memory_budget is None else min(free, int(cfg.memory_budget * GB))
+    budget = free if memory_budget is None else min(free, int(memory_budget * GB))
     share = min(VLLM_MAX_UTILIZATION, int(100 * budget / total) / 100) if total > 0 else 0.0
     if share < 0.05:
         raise MemoryBudgetError(
@@ -328,4 +328,4 @@ def vllm_engine_settings(
             "is left for vLLM, too little to start it. Fixes, in order: free the GPU of other processes; "
             "raise memory_budget; teacher.backend: hf with teacher.device_map: auto"
         )
-    return {"gpu_memory_utilization": share, "max_model_len": cfg.teacher.max_prompt_length + max_new_tokens}
+    return {"gpu_memory_utilization": share, "max_model_len": teacher.max_prompt_length + max_new_tokens}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from prefect import flow
@@ -26,15 +27,24 @@ from flows.runtime import (
     check_runner,
     prefect_results,
 )
-from flows.ui import namer, tagged
+from flows.ui import detached, namer, tagged
 from tasks.caching import StageManifest, artifact_dir
-from tasks.context import artifact_key, logger, open_store
-from tasks.data import data_task, inputs_task, model_task, sae_data_task, sae_inputs_task
+from tasks.context import RunContext, artifact_key, logger
+from tasks.data import (
+    data_task,
+    inputs_task,
+    model_task,
+    read_inputs,
+    read_sae_corpus,
+    sae_data_task,
+    sae_inputs_task,
+)
 from tasks.evalset import holdout
-from tasks.export import Exported, curated_outputs, export_task, run_facts
+from tasks.export import Exported, RunRecord, curated_outputs, export_task, run_facts
+from tasks.planning import current_planner
 from tasks.prune import training_pool
 from tasks.report import compute_seconds
-from tasks.retrieve import retrieve_task
+from tasks.retrieve import CURATED_FILE, retrieve_task
 from tasks.saliency import saliency_task
 
 
@@ -117,21 +127,33 @@ def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int]
         The layers to hook (empty for methods without a model), the validated input data and the
         records held out of curation for evaluation.
     """
-    layers: list[int] = []
     if cfg.curate.method in ("sae", "activation"):
-        num_layers, hidden = model_shape(cfg)
-        layers = hooked_layers(num_layers, cfg.curate)
-        check_curation_fits(cfg.curate, hidden)
+        check_curation_fits(cfg.curate, model_shape(cfg)[1])
         check_memory(cfg, stages=("saliency", "activations"))  # above memory_budget: refused before any load
     check_runner(cfg)
-    inputs = inputs_task(cfg)
+    layers, inputs, held = read_data(cfg, evaluating, read=inputs_task, read_sae=sae_inputs_task)
+    RunContext.of(cfg).store.check_writable()
+    apply_gpu_limit(cfg)
+    return layers, inputs, held
+
+
+def read_data(
+    cfg: FinescopeConfig,
+    evaluating: bool = False,
+    read: Callable[[FinescopeConfig], tuple[RecordSet, PreparedCorpus]] = read_inputs,
+    read_sae: Callable[[FinescopeConfig], PreparedCorpus | None] = read_sae_corpus,
+) -> tuple[list[int], Inputs, Holdout]:
+    """The layers to hook, the validated input data and the evaluation hold-out: what a run (through
+    retried tasks) and a dry run (plain reads) both start from; nothing written."""
+    layers = (
+        hooked_layers(model_shape(cfg)[0], cfg.curate) if cfg.curate.method in ("sae", "activation") else []
+    )
+    inputs = read(cfg)
     seeds, prepared = inputs
-    sae_corpus = sae_inputs_task(cfg)
+    sae_corpus = read_sae(cfg)
     held = holdout(cfg, seeds, prepared.corpus, evaluating=evaluating)
     usable = len(training_pool(prepared.corpus.records, seeds.records, held.excluded))
     check_sizes(usable, needed=cfg.curate.final_size, what="curate.final_size")
-    open_store(cfg).check_writable()
-    apply_gpu_limit(cfg)
     return layers, Inputs(inputs, sae_corpus), held
 
 
@@ -147,42 +169,55 @@ def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool =
     layers, inputs, held = preflight(config, evaluating)
     if export:
         config = place(config, "curate")  # another run's outputs are never replaced in silence
+    ctx = RunContext.of(config)
     with prefect_results(config), tagged(config):
-        result = _curate(config, layers, inputs, held)
+        result = curate_graph(config, ctx, layers, inputs, held)
         publish(config, result)
         if export:
             facts = run_facts(config, result.curated)
             outputs = curated_outputs(config, result.curated, facts)
             result.exported = export_task(
-                config, "curate", outputs, result.manifests(), time.perf_counter() - start
+                ctx, RunRecord.of(config), "curate", outputs, result.manifests(), time.perf_counter() - start
             )
     return result
 
 
-def _curate(config: FinescopeConfig, layers: list[int], inputs: Inputs, held: Holdout) -> CurateResult:
+def curate_stages(config: FinescopeConfig, ctx: RunContext, evaluating: bool = False) -> CurateResult:
+    """The curate flow as a parent flow's subflow; in a dry run, its graph planned in place (an empty
+    evaluation split is the run's to refuse, not the plan's)."""
+    if current_planner() is not None:
+        return curate_graph(config, ctx, *read_data(config))
+    return detached(curate_flow(config, export=False, evaluating=evaluating))
+
+
+def curate_graph(
+    config: FinescopeConfig, ctx: RunContext, layers: list[int], inputs: Inputs, held: Holdout
+) -> CurateResult:
+    """The curate pipeline's stages, as a run executes them and `store plan` plans them (`tasks.planning`)."""
     # quote: the records are data, not futures; Prefect need not walk every one of them.
-    corpus, seeds = data_task(config, quote(inputs.records))
-    method = config.curate.method
+    corpus, seeds = data_task(ctx, quote(inputs.records))
+    section = config.curate
+    method = section.method
     sal = acts = seed_acts = sae = codes = None
     # With `curate.sae_corpus` (`sae` only) the SAEs train on that corpus's activations. The saliency is
     # taken on it too, so the coordinates, the activations and the SAEs depend on it alone and one SAE
     # set serves every corpus and seed set; the corpus and seeds are embedded at those coordinates.
-    sae_corpus = sae_data_task(config, quote(inputs.sae_corpus)) if inputs.sae_corpus is not None else None
+    sae_corpus = sae_data_task(ctx, quote(inputs.sae_corpus)) if inputs.sae_corpus is not None else None
     sae_acts = None
     if method in ("sae", "activation"):
-        ref = model_task(config)
+        ref = model_task(ctx, ctx.model)
         # `activation` reads the same selected coordinates as `sae`, so it isolates what the SAE adds
         # and reuses every corpus-side stage of an `sae` run (without `sae_corpus`).
-        sal = saliency_task(config, ref, sae_corpus or corpus, layers)
+        sal = saliency_task(section, ctx, ref, sae_corpus or corpus, layers)
         acts, seed_acts, *rest = embed(
-            config, ref, [corpus, seeds, *([sae_corpus] if sae_corpus else [])], layers, sal
+            config, ctx, ref, [corpus, seeds, *([sae_corpus] if sae_corpus else [])], layers, sal
         )
         sae_acts = rest[0] if rest else None
         if method == "sae":
-            sae = train_saes(config, sae_acts or acts, sal, layers, sae_corpus or corpus)
-            codes = encode_corpus(config, acts, sae)
+            sae = train_saes(config, ctx, sae_acts or acts, sal, layers, sae_corpus or corpus)
+            codes = encode_corpus(config, ctx, acts, sae)
     curated = retrieve_task(
-        config, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held), codes
+        section, ctx, corpus, seeds, (acts, seed_acts) if acts else None, sae, quote(held), codes
     )
     logger().info(
         "held out of curation for evaluation: %d split records, %d eval-file duplicates",
@@ -246,7 +281,7 @@ def publish(cfg: FinescopeConfig, result: CurateResult) -> None:
 
 
 def _top_records(cfg: FinescopeConfig, curated: StageManifest, n: int) -> list[dict[str, Any]]:
-    return read_jsonl(artifact_dir(open_store(cfg), curated) / "curated.jsonl")[:n]
+    return read_jsonl(artifact_dir(RunContext.of(cfg).store, curated) / CURATED_FILE)[:n]
 
 
 def _sae_source(result: CurateResult) -> list[str]:

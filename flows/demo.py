@@ -23,7 +23,7 @@ from finescope_core.report import harness_table
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
 from tasks.caching import artifact_dir
-from tasks.context import artifact_key, logger, open_store
+from tasks.context import RunContext, artifact_key, logger
 
 PRECISION_AT = (25, 50, 100)
 DEMO_LM_EVAL_TASKS = [NEXT_STEP_TASK]
@@ -67,7 +67,7 @@ def demo_flow(
         cfg.curate.method = method  # type: ignore[assignment]
         start = time.perf_counter()
         result = curate_flow(cfg, export=False)
-        rows = read_jsonl(artifact_dir(open_store(cfg), result.curated) / "curated.jsonl")
+        rows = read_jsonl(artifact_dir(RunContext.of(cfg).store, result.curated) / "curated.jsonl")
         results[method] = {
             "precision": {
                 f"@{k}": domain_precision(rows[:k], domain) for k in PRECISION_AT if len(rows) >= k

@@ -2,7 +2,8 @@
 
 Each runs as a subflow on the task runner chosen by `orchestration.task_runner` (threads, Dask or
 Ray), so the rest of a run stays in its own process while these spread over workers. The parent
-looks in the store first: a cached stage starts no subflow and no cluster.
+looks in the store first: a cached stage starts no subflow and no cluster. In a dry run
+(`tasks.planning`) each plans its gathered stage with its parts instead of starting the subflow.
 """
 
 from __future__ import annotations
@@ -14,32 +15,40 @@ from flows.runtime import gpu_placement, task_runner
 from flows.ui import detached
 from tasks.activations import (
     activation_shard_task,
+    activations_key,
     gather_activations_task,
+    listed_shards,
     lookup_activations,
+    shard_key,
     shard_plan,
 )
-from tasks.caching import StageManifest
-from tasks.codes import codes_task, corpus_shard_refs, lookup_codes
+from tasks.caching import PendingManifest, StageManifest, lookup_stage
+from tasks.codes import codes_key, codes_task, corpus_shard_refs, lookup_codes
+from tasks.context import RunContext
 from tasks.data import record_count
+from tasks.keymodels import StageKey
 from tasks.models import ModelRef
-from tasks.sae import gather_sae_task, lookup_sae, sae_groups, sae_layers_task
+from tasks.planning import Planner, current_planner, first_blocker
+from tasks.sae import gather_sae_task, lookup_sae, sae_groups, sae_key, sae_layers_key, sae_layers_task
 
 
 @flow(name="embed", log_prints=True)
 def embed_flow(
     config: FinescopeConfig,
+    ctx: RunContext,
     ref: ModelRef,
     record_sets: list[StageManifest],
     layers: list[int],
     sal: StageManifest | None,
 ) -> list[StageManifest]:
     """Every shard of every record set as one mapped task, then one gathered artifact per record set."""
-    sizes = [record_count(config, records) for records in record_sets]
+    sizes = [record_count(ctx, records) for records in record_sets]
     plans = [shard_plan(size, config.curate.shard_size) for size in sizes]
     with gpu_placement(config):
         futures = [
             activation_shard_task.map(
-                unmapped(config),
+                unmapped(config.curate),
+                unmapped(ctx),
                 unmapped(ref),
                 unmapped(records),
                 unmapped(layers),
@@ -51,13 +60,14 @@ def embed_flow(
         ]
     shards = [f.result() for f in futures]
     return [
-        gather_activations_task(config, ref, records, layers, sal, done, size)
+        gather_activations_task(config.curate, ctx, ref, records, layers, sal, done, size)
         for records, done, size in zip(record_sets, shards, sizes, strict=True)
     ]
 
 
 def embed(
     config: FinescopeConfig,
+    ctx: RunContext,
     ref: ModelRef,
     record_sets: list[StageManifest],
     layers: list[int],
@@ -68,7 +78,10 @@ def embed(
     Record sets with the same content (the same artifact hash, e.g. a `curate.sae_corpus` that is the
     corpus) have the same activations key: each is embedded once.
     """
-    found = [lookup_activations(config, ref, records, layers, sal) for records in record_sets]
+    planner = current_planner()
+    if planner is not None:
+        return [_plan_activations(planner, config, ctx, ref, records, layers, sal) for records in record_sets]
+    found = [lookup_activations(config.curate, ctx, ref, records, layers, sal) for records in record_sets]
     missing = list(
         {
             records.sha256: records for records, hit in zip(record_sets, found, strict=True) if hit is None
@@ -78,7 +91,7 @@ def embed(
         runner = embed_flow.with_options(
             task_runner=task_runner(config), flow_run_name="embed-" + "+".join(m.stage for m in missing)
         )
-        made = detached(runner(config, ref, missing, layers, sal))
+        made = detached(runner(config, ctx, ref, missing, layers, sal))
         built = dict(zip((m.sha256 for m in missing), made, strict=True))
         found = [
             hit if hit is not None else built[records.sha256]
@@ -90,6 +103,7 @@ def embed(
 @flow(name="sae-training", flow_run_name="sae-training", log_prints=True)
 def sae_flow(
     config: FinescopeConfig,
+    ctx: RunContext,
     acts: StageManifest,
     sal: StageManifest,
     layers: list[int],
@@ -99,13 +113,14 @@ def sae_flow(
     groups = sae_groups(len(layers), config.orchestration.sae_layers_per_task)
     with gpu_placement(config):
         futures = sae_layers_task.map(
-            unmapped(config), unmapped(acts), unmapped(sal), unmapped(layers), groups
+            unmapped(config.curate), unmapped(ctx), unmapped(acts), unmapped(sal), unmapped(layers), groups
         )
-    return gather_sae_task(config, acts, sal, layers, futures.result(), records)
+    return gather_sae_task(config.curate, ctx, acts, sal, layers, futures.result(), records)
 
 
 def train_saes(
     config: FinescopeConfig,
+    ctx: RunContext,
     acts: StageManifest,
     sal: StageManifest,
     layers: list[int],
@@ -113,30 +128,130 @@ def train_saes(
 ) -> StageManifest:
     """The SAEs of every hooked layer, trained on `acts` (the activations of `records`: the corpus, or
     `curate.sae_corpus`): from the store when cached, else through `sae_flow`."""
-    found = lookup_sae(config, acts, sal)
+    planner = current_planner()
+    if planner is not None:
+        return _plan_sae(planner, config, ctx, acts, sal, layers)
+    found = lookup_sae(config.curate, ctx, acts, sal)
     if found is not None:
         return found
     runner = sae_flow.with_options(task_runner=task_runner(config))
-    return detached(runner(config, acts, sal, layers, records))
+    return detached(runner(config, ctx, acts, sal, layers, records))
 
 
 @flow(name="sae-codes", flow_run_name="sae-codes", log_prints=True)
 def codes_flow(
-    config: FinescopeConfig, acts: StageManifest, sae: StageManifest, missing: list[int]
+    config: FinescopeConfig, ctx: RunContext, acts: StageManifest, sae: StageManifest, missing: list[int]
 ) -> list[StageManifest]:
     """One mapped task per corpus shard whose codes are not in the store yet."""
-    shards = corpus_shard_refs(config, acts)
+    shards = corpus_shard_refs(ctx, acts)
     with gpu_placement(config):
-        futures = codes_task.map(unmapped(config), [shards[i] for i in missing], unmapped(sae), missing)
+        futures = codes_task.map(
+            unmapped(config.curate), unmapped(ctx), [shards[i] for i in missing], unmapped(sae), missing
+        )
     return list(futures.result())
 
 
-def encode_corpus(config: FinescopeConfig, acts: StageManifest, sae: StageManifest) -> list[StageManifest]:
-    """The sparse SAE codes of every corpus shard, in row order: from the store when cached, else through `codes_flow`."""
-    found = lookup_codes(config, acts, sae)
+def encode_corpus(
+    config: FinescopeConfig, ctx: RunContext, acts: StageManifest, sae: StageManifest
+) -> list[StageManifest]:
+    """The sparse SAE codes of every corpus shard, in row order: from the store when cached, else through
+    `codes_flow`."""
+    planner = current_planner()
+    if planner is not None:
+        return _plan_codes(planner, config, ctx, acts, sae)
+    found = lookup_codes(config.curate, ctx, acts, sae)
     missing = [i for i, hit in enumerate(found) if hit is None]
     if missing:
         runner = codes_flow.with_options(task_runner=task_runner(config))
-        built = iter(detached(runner(config, acts, sae, missing)))
+        built = iter(detached(runner(config, ctx, acts, sae, missing)))
         found = [hit if hit is not None else next(built) for hit in found]
     return found  # type: ignore[return-value]
+
+
+# --- dry runs: each fanned-out stage planned with its parts ------------------------------------------
+
+
+def _pending(
+    planner: Planner, name: str, stage: str, spec: StageKey | None, found: StageManifest | None
+) -> StageManifest:
+    """Record the gathered stage's row; hand on its manifest, or what waits for it."""
+    if spec is None:
+        planner.row(name, stage, "reuse" if found is not None else "compute")
+    else:
+        planner.row(name, stage, "reuse" if found is not None else "compute", spec.key)
+    if found is not None:
+        return found
+    uri = planner.store.artifact_uri(stage, spec.key) if spec is not None else ""
+    key = spec.key if spec is not None else ""
+    return PendingManifest(stage=stage, key=key, uri=uri, sha256="", cached=False, seconds=0.0, pending=name)
+
+
+def _after(planner: Planner, name: str, stage: str, *inputs: object) -> StageManifest | None:
+    waiting = first_blocker(*inputs)
+    if waiting is None:
+        return None
+    planner.row(name, stage, "after", after=waiting)
+    return PendingManifest(stage=stage, key="", uri="", sha256="", cached=False, seconds=0.0, pending=waiting)
+
+
+def _plan_activations(
+    planner: Planner,
+    config: FinescopeConfig,
+    ctx: RunContext,
+    ref: ModelRef,
+    records: StageManifest,
+    layers: list[int],
+    sal: StageManifest | None,
+) -> StageManifest:
+    """Gathered activations are reused only with every shard they list (`lookup_activations`)."""
+    name = f"activations ({records.stage})"
+    waiting = _after(planner, name, "activations", ref, records, sal)
+    if waiting is not None:
+        return waiting
+    section, sal_sha = config.curate, sal.sha256 if sal else None
+    found = lookup_activations(section, ctx, ref, records, layers, sal)
+    if found is not None:
+        for s in listed_shards(ctx.store, found):
+            planner.part(s["stage"], s["key"], True)
+    else:
+        for start, stop in shard_plan(record_count(ctx, records), section.shard_size):
+            spec = shard_key(section, ctx, ref.sha256, records.sha256, layers, sal_sha, start, stop)
+            planner.part(spec.stage, spec.key, lookup_stage(ctx.store, spec) is not None)
+    spec = activations_key(section, ctx, ref.sha256, records.sha256, layers, sal_sha)
+    return _pending(planner, name, "activations", spec, found)
+
+
+def _plan_sae(
+    planner: Planner,
+    config: FinescopeConfig,
+    ctx: RunContext,
+    acts: StageManifest,
+    sal: StageManifest,
+    layers: list[int],
+) -> StageManifest:
+    waiting = _after(planner, "sae", "sae", acts, sal)
+    if waiting is not None:
+        return waiting
+    section = config.curate
+    for group in sae_groups(len(layers), config.orchestration.sae_layers_per_task):
+        spec = sae_layers_key(section, ctx, acts.sha256, sal.sha256, [layers[i] for i in group])
+        planner.part(spec.stage, spec.key, lookup_stage(ctx.store, spec) is not None)
+    found = lookup_sae(section, ctx, acts, sal)
+    return _pending(planner, "sae", "sae", sae_key(section, ctx, acts.sha256, sal.sha256), found)
+
+
+def _plan_codes(
+    planner: Planner, config: FinescopeConfig, ctx: RunContext, acts: StageManifest, sae: StageManifest
+) -> list[StageManifest]:
+    """The corpus's codes, one artifact per activation shard (no gathered artifact: the row has no key)."""
+    waiting = _after(planner, "sae-codes", "sae-codes", acts, sae)
+    if waiting is not None:
+        return [waiting]
+    specs = [codes_key(config.curate, ctx, s["sha256"], sae.sha256) for s in corpus_shard_refs(ctx, acts)]
+    found = [lookup_stage(ctx.store, spec) for spec in specs]
+    for spec, hit in zip(specs, found, strict=True):
+        planner.part(spec.stage, spec.key, hit is not None)
+    if all(hit is not None for hit in found):
+        planner.row("sae-codes", "sae-codes", "reuse")
+        return [hit for hit in found if hit is not None]
+    return [_pending(planner, "sae-codes", "sae-codes", None, None)]

@@ -16,21 +16,22 @@ from finescope_core.memplan import check_memory
 from finescope_core.model import model_config
 from finescope_core.prune import plan_widths
 from finescope_core.settings import summary
-from flows.curate import CurateResult, curate_flow
+from flows.curate import CurateResult, curate_stages
 from flows.placement import place
 from flows.runtime import prefect_results
-from flows.ui import detached, namer, tagged
+from flows.ui import namer, tagged
 from tasks.caching import StageManifest
-from tasks.context import artifact_key, logger
+from tasks.context import RunContext, artifact_key, logger
 from tasks.data import model_task
 from tasks.export import (
     Exported,
+    RunRecord,
     curated_outputs,
     export_task,
     pruned_output,
     run_facts,
 )
-from tasks.prune import prune_task, pruning_texts, texts_sha
+from tasks.prune import prune_task, pruning_texts
 
 
 class PruneResult(BaseModel):
@@ -76,7 +77,9 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
     # A stage whose predicted peak is above the memory budget: refused before any model load.
     check_memory(config, stages=("saliency", "activations", "pruned"))
     with prefect_results(config), tagged(config):
-        result = _prune(config)
+        ctx = RunContext.of(config)
+        result = prune_graph(config, ctx)
+        _publish(config, result.pruned)
         if export:
             curated = result.curate.curated if result.curate else None
             facts = run_facts(config, curated, result.pruned.info)
@@ -84,22 +87,30 @@ def prune_flow(config: FinescopeConfig, export: bool = True) -> PruneResult:
             if curated is not None:
                 outputs += curated_outputs(config, curated, facts, prefix="curated/")
             result.exported = export_task(
-                config, "prune", outputs, result.manifests(), time.perf_counter() - start
+                ctx, RunRecord.of(config), "prune", outputs, result.manifests(), time.perf_counter() - start
             )
     return result
 
 
-def _prune(config: FinescopeConfig) -> PruneResult:
+def prune_graph(config: FinescopeConfig, ctx: RunContext) -> PruneResult:
+    """The prune pipeline's stages, as a run executes them and `store plan` plans them: curation only
+    when the pruning data comes from it."""
     uses_corpus = config.prune.data in ("curated", "random")
-    curated = detached(curate_flow(config, export=False)) if uses_corpus else None
+    curated = curate_stages(config, ctx) if uses_corpus else None
     texts = pruning_texts(
-        config,
+        config.prune,
+        ctx,
         curated.corpus if curated else None,
         curated.curated if curated else None,
         seeds=curated.seeds if curated else None,
         excluded=curated.held_out.excluded if curated else (),
     )
-    pruned = prune_task(config, model_task(config), texts, texts_sha(texts))
+    pruned = prune_task(config.prune, ctx, model_task(ctx, ctx.model), texts)
+    return PruneResult(curate=curated, pruned=pruned)
+
+
+def _publish(config: FinescopeConfig, pruned: StageManifest) -> None:
+    """The parameters table as a Prefect artifact, and a log line."""
     info = pruned.info
     rows = [
         {
@@ -122,4 +133,3 @@ def _prune(config: FinescopeConfig) -> PruneResult:
         info["achieved_ratio"],
         config.prune.ratio,
     )
-    return PruneResult(curate=curated, pruned=pruned)

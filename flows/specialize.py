@@ -16,24 +16,25 @@ from finescope_core.memplan import check_memory
 from finescope_core.report import embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
 from finescope_core.settings import summary
-from flows.curate import CurateResult, curate_flow
+from flows.curate import CurateResult, curate_stages
 from flows.placement import place
 from flows.prune import check_ratio
 from flows.runtime import prefect_results
-from flows.ui import detached, namer, tagged
+from flows.ui import namer, tagged
 from tasks.caching import StageManifest, artifact_dir
-from tasks.context import artifact_key, logger, open_store
+from tasks.context import RunContext, artifact_key, logger
 from tasks.data import load_data, model_task, read_inputs
-from tasks.evalset import candidate_items, decontaminate, eval_files, holdout, training_texts
+from tasks.evalset import EvalData, candidate_items, decontaminate, eval_files, holdout, training_texts
 from tasks.evaluate import evaluate_task, evaluation_items
-from tasks.export import Exported, export_task, specialize_outputs
+from tasks.export import Exported, RunRecord, export_task, specialize_outputs
 from tasks.finetune import finetune_task
+from tasks.models import ModelRef
+from tasks.planning import plannable
 from tasks.prune import (
     baseline_records,
     curated_records,
     prune_task,
     pruning_texts,
-    texts_sha,
     training_pool,
 )
 from tasks.report import CURATE_SECONDS, metrics_document, report_task, stage_seconds
@@ -52,7 +53,8 @@ class SpecializeResult(BaseModel):
     curate: CurateResult
     variants: dict[str, Variant]
     evaluations: dict[str, StageManifest]
-    metrics: dict[str, Any]
+    metrics: Any
+    """metrics.json (a dict; in a dry run, what waits for the evaluations)."""
     report: StageManifest
     exported: Exported | None = None
 
@@ -67,16 +69,6 @@ class SpecializeResult(BaseModel):
         return stages
 
 
-def _variant(cfg: FinescopeConfig, base, prune_texts: list[str], records: list[Record], tag: str) -> Variant:
-    # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
-    prune = prune_task.with_options(task_run_name=f"prune-{tag}")
-    pruned = prune(cfg, base, prune_texts, texts_sha(prune_texts))
-    teacher = teacher_ref(cfg, base)
-    distilled = teacher_task(cfg, teacher, records, tag)
-    tuned = finetune_task(cfg, pruned, distilled, tag, teacher)
-    return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
-
-
 @flow(name="specialize", flow_run_name=namer("specialize"), log_prints=True)
 def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     """From seeds and a corpus to a pruned, teacher-distilled, LoRA-tuned domain model with a report.
@@ -86,17 +78,20 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     """
     start = time.perf_counter()
     check_ratio(config)
-    check_harness_config(
-        config.evaluate
-    )  # a missing lm-eval include dir or an unknown task name: refused first
-    check_teacher_backend(config)  # vllm without the package or a GPU: refused before any model work
+    # A missing lm-eval include dir or an unknown task name: refused first.
+    check_harness_config(config.evaluate)
+    # vllm without the package or a GPU: refused before any model work.
+    check_teacher_backend(config.teacher, config.device)
     check_memory(config)  # a stage predicted above the memory budget: refused before any model load
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)
+    ctx = RunContext.of(config)
     with prefect_results(config), tagged(config):
-        result = _specialize(config)
+        result = specialize_graph(config, ctx)
+        _log_warnings(result.metrics)
+        _publish(config, result.metrics, result.report)
         main = result.variants[""]
         outputs = specialize_outputs(
             config,
@@ -108,69 +103,130 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
             result.metrics,
         )
         result.exported = export_task(
-            config, "specialize", outputs, result.manifests(), time.perf_counter() - start
+            ctx, RunRecord.of(config), "specialize", outputs, result.manifests(), time.perf_counter() - start
         )
     return result
 
 
-def _specialize(config: FinescopeConfig) -> SpecializeResult:
-    curated = detached(curate_flow(config, export=False, evaluating=True))
-    held = curated.held_out
-    corpus, seeds = load_data(config, curated.corpus), load_data(config, curated.seeds)
-    train = curated_records(config, curated.corpus, curated.curated)
+class Training(BaseModel):
+    """One variant's training data: the records the teacher answers, the texts that score pruning."""
+
+    records: list[Record]
+    texts: list[str]
+
+
+@plannable
+def curated_training(config: FinescopeConfig, ctx: RunContext, curated: CurateResult) -> Training:
+    """The curated variant's data: the curated records; the pruning texts `prune.data` names."""
+    records = curated_records(ctx, curated.corpus, curated.curated)
+    texts = pruning_texts(
+        config.prune,
+        ctx,
+        curated.corpus,
+        curated.curated,
+        seeds=curated.seeds,
+        excluded=curated.held_out.excluded,
+    )
     logger().info(
         "curated set: %d records for pruning/tuning; %d corpus records held out for evaluation",
-        len(train),
-        len(held.excluded),
+        len(records),
+        len(curated.held_out.excluded),
     )
-    base = model_task(config)
-    main_texts = pruning_texts(
-        config, curated.corpus, curated.curated, seeds=curated.seeds, excluded=held.excluded
-    )
-    variants = {"": _variant(config, base, main_texts, train, "curated")}
-    training = {"": (train, main_texts)}
-    pool = training_pool(corpus.records, seeds.records, held.excluded)
-    for name in config.evaluate.baselines:
-        records = baseline_records(name, pool, len(train), config.seed)
-        texts = [r.text for r in records]
-        variants[name] = _variant(config, base, texts, records, name)
-        training[name] = (records, texts)
+    return Training(records=records, texts=texts)
 
+
+@plannable
+def baseline_training(ctx: RunContext, name: str, curated: CurateResult, main: Training) -> Training:
+    """A baseline's data, from the training pool (never the evaluation split): its records are its texts."""
+    corpus, seeds = load_data(ctx, curated.corpus), load_data(ctx, curated.seeds)
+    pool = training_pool(corpus.records, seeds.records, curated.held_out.excluded)
+    records = baseline_records(name, pool, len(main.records), ctx.seed)
+    return Training(records=records, texts=[r.text for r in records])
+
+
+def _variant(
+    config: FinescopeConfig, ctx: RunContext, base: ModelRef, teacher: ModelRef, data: Training, tag: str
+) -> Variant:
+    # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
+    pruned = prune_task(config.prune, ctx, base, data.texts, tag)
+    distilled = teacher_task(config.teacher, ctx, teacher, data.records, tag)
+    kd_teacher = teacher if config.finetune.kd_weight > 0 else None  # the loss reads the teacher
+    tuned = finetune_task(config.finetune, ctx, pruned, distilled, tag, kd_teacher, config.teacher.device_map)
+    return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
+
+
+@plannable
+def evaluation_data(
+    config: FinescopeConfig,
+    ctx: RunContext,
+    curated: CurateResult,
+    training: dict[str, Training],
+    distilled: dict[str, StageManifest],
+) -> EvalData:
+    """The evaluation items: the split or the eval files, less every item any variant learned from."""
+    corpus, seeds = load_data(ctx, curated.corpus), load_data(ctx, curated.seeds)
     files = eval_files(config)
-    domain, general, info = candidate_items(config, seeds, corpus, held, files)
+    domain, general, info = candidate_items(config, seeds, corpus, curated.held_out, files)
     learned = [
-        t for name, v in variants.items() for t in training_texts(config, *training[name], v.distilled)
+        t
+        for name, data in training.items()
+        for t in training_texts(ctx, data.records, data.texts, distilled[name])
     ]
-    data = decontaminate(domain, general, learned, info, files)
+    evaluation = decontaminate(domain, general, learned, info, files)
+    dropped = evaluation.info["domain"]["dropped_ngram"] + evaluation.info["domain"]["dropped_near_duplicate"]
     logger().info(
         "evaluation: %d domain items (%d dropped as contaminated), %d general items",
-        len(data.domain),
-        data.info["domain"]["dropped_ngram"] + data.info["domain"]["dropped_near_duplicate"],
-        len(data.general),
+        len(evaluation.domain),
+        dropped,
+        len(evaluation.general),
     )
-    payload = data.payload()
-    store = open_store(config)
-    evaluations = {"base": evaluate_task(config, "base", base.path, base.sha256, payload)}
+    return evaluation
+
+
+@plannable
+def run_metrics(
+    ctx: RunContext,
+    curated: CurateResult,
+    variants: dict[str, Variant],
+    evaluations: dict[str, StageManifest],
+    evaluation: EvalData,
+) -> dict[str, Any]:
+    """metrics.json: every evaluation with its intervals, the paired comparisons, the stages' seconds."""
+    return metrics_document(
+        evaluations,
+        _stage_seconds(curated, variants, evaluations),
+        evaluation=evaluation.info,
+        distilled={name: v.distilled for name, v in variants.items()},
+        items=evaluation_items(ctx.store, evaluations),
+        record_sets={"corpus": curated.corpus, "curate.sae_corpus": curated.sae_corpus},
+    )
+
+
+def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResult:
+    """The specialize pipeline's stages, as a run executes them and `store plan` plans them."""
+    curated = curate_stages(config, ctx, evaluating=True)
+    base = model_task(ctx, ctx.model)
+    teacher = teacher_ref(config.teacher, ctx, base)
+    training = {"": curated_training(config, ctx, curated)}
+    for name in config.evaluate.baselines:
+        training[name] = baseline_training(ctx, name, curated, training[""])
+    variants = {
+        name: _variant(config, ctx, base, teacher, data, name or "curated") for name, data in training.items()
+    }
+    distilled = {name: v.distilled for name, v in variants.items()}
+    evaluation = evaluation_data(config, ctx, curated, training, distilled)
+    payload = evaluation.payload()
+    evaluations = {"base": evaluate_task(config.evaluate, ctx, "base", base, payload)}
     for name, v in variants.items():
         suffix = f"-{name}" if name else ""
         evaluations[f"pruned{suffix}"] = evaluate_task(
-            config, f"pruned{suffix}", str(artifact_dir(store, v.pruned) / "model"), v.pruned.sha256, payload
+            config.evaluate, ctx, f"pruned{suffix}", v.pruned, payload
         )
         evaluations[f"tuned{suffix}"] = evaluate_task(
-            config, f"tuned{suffix}", str(artifact_dir(store, v.tuned) / "merged"), v.tuned.sha256, payload
+            config.evaluate, ctx, f"tuned{suffix}", v.tuned, payload
         )
-    seconds = _stage_seconds(curated, variants, evaluations)
-    metrics = metrics_document(
-        evaluations,
-        seconds,
-        evaluation=data.info,
-        distilled={name: v.distilled for name, v in variants.items()},
-        items=evaluation_items(store, evaluations),
-        record_sets={"corpus": curated.corpus, "curate.sae_corpus": curated.sae_corpus},
-    )
-    _log_warnings(metrics)
-    report = report_task(config, curated, metrics, variants[""].pruned)
-    _publish(config, metrics, report)
+    metrics = run_metrics(ctx, curated, variants, evaluations, evaluation)
+    report = report_task(config.curate, config.prune, ctx, curated, metrics, variants[""].pruned)
     return SpecializeResult(
         curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report
     )
@@ -217,7 +273,7 @@ def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifes
         key=artifact_key("specialize", cfg, "stage-seconds"),
         description=summary(cfg),
     )
-    report_dir = artifact_dir(open_store(cfg), report)
+    report_dir = artifact_dir(RunContext.of(cfg).store, report)
     # The UI has no directory to resolve the plots' relative links against: they travel inline.
     body = embed_images((report_dir / "report.md").read_text(encoding="utf-8"), report_dir)
     create_markdown_artifact(

@@ -215,7 +215,7 @@ def _when(epoch: float) -> str:
 def _plan(args: argparse.Namespace) -> int:
     from finescope_core.config import load_config
     from finescope_core.memplan import memory_plan
-    from tasks.plan import plan
+    from flows.plan import plan
 
     cfg = load_config(args.config, overrides(args))
     result = plan(cfg, args.flow)
@@ -324,7 +324,7 @@ def _reachable(
     store: ArtifactStore, configs: list[FinescopeConfig], paths: list[Path]
 ) -> set[tuple[str, str]]:
     """Every (stage, key) some flow of some config would use: the union of their plans (planning is cheap)."""
-    from tasks.plan import plan
+    from flows.plan import plan
 
     keep: set[tuple[str, str]] = set()
     for cfg, path in zip(configs, paths, strict=True):

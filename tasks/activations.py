@@ -6,19 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from finescope_core import curate as core
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import CurateConfig
 from finescope_core.saliency import LayerSaliency
 from finescope_core.store import ArtifactStore
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
-from tasks.context import logger, open_store
+from tasks.context import RunContext, logger
 from tasks.data import load_rows
-from tasks.identity import Precision, shared_precision, work_precision
+from tasks.identity import Precision, shared_precision
 from tasks.keymodels import ModelStageKey, StageKey
 from tasks.models import ModelRef, using_model
 from tasks.progress import Progress
+from tasks.registry import Stage, stage_task
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
@@ -67,7 +66,8 @@ def _activation_inputs(model_sha: str, records_sha: str, sal_sha: str | None) ->
 
 
 def shard_key(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     model_sha: str,
     records_sha: str,
     layers: list[int],
@@ -78,11 +78,14 @@ def shard_key(
 ) -> StageKey:
     """`precision`: where the shard's work runs (`work_precision`, resolved by the caller when None)."""
     inputs = _activation_inputs(model_sha, records_sha, sal_sha)
-    return ShardKey.of(cfg, inputs, precision, layers=layers, start=start, stop=stop).spec()
+    return ShardKey.of(
+        ctx.settings(curate=section), inputs, precision, layers=layers, start=start, stop=stop
+    ).spec()
 
 
 def activations_key(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     model_sha: str,
     records_sha: str,
     layers: list[int],
@@ -91,7 +94,7 @@ def activations_key(
 ) -> StageKey:
     """`precision`: the one its shards ran in (the gather passes theirs; a lookup, this process's)."""
     inputs = _activation_inputs(model_sha, records_sha, sal_sha)
-    return ActivationsKey.of(cfg, inputs, precision, layers=layers).spec()
+    return ActivationsKey.of(ctx.settings(curate=section), inputs, precision, layers=layers).spec()
 
 
 def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -99,7 +102,21 @@ def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
 
 
-@task(
+SHARDS_FILE = "shards.json"
+"""The gathered `activations` artifact's one file: its shards' references, in row order."""
+SHARD = Stage(
+    "activation-shards",
+    ShardKey,
+    upstream=("models", "corpus", "seeds", "sae-corpus", "saliency"),
+    core=core.activation_stage,
+    part_of="activations",
+)
+ACTIVATIONS = Stage("activations", ActivationsKey, upstream=("activation-shards",), files=(SHARDS_FILE,))
+
+
+@stage_task(
+    SHARD,
+    label="activations ({records.stage})",
     name="embed-shard",
     task_run_name="embed-{records.stage}-{start}",
     cache_policy=RUN_RESULTS,
@@ -107,7 +124,8 @@ def shard_plan(rows: int, shard_size: int) -> list[tuple[int, int]]:
     **STORE_RETRIES,
 )
 def activation_shard_task(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     ref: ModelRef,
     records: StageManifest,
     layers: list[int],
@@ -120,28 +138,35 @@ def activation_shard_task(
     Each shard is its own artifact, so shards run on different workers and a killed run keeps the
     shards it finished.
     """
-    store = open_store(cfg)
-    ran = work_precision(cfg)  # here, on the worker that runs the model: the key says what it ran in
+    store = ctx.store
+    ran = ctx.precision()  # here, on the worker that runs the model: the key says what it ran in
 
     def build(work: Path) -> dict[str, Any]:
         indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
-        part = load_rows(cfg, records, start, stop)
+        part = load_rows(ctx, records, start, stop)
         what = f"activations ({records.stage} {start}:{stop})"
         with using_model(ref.path, ran.device, ran.dtype) as (model, tok):
-            info = core.activation_stage(model, tok, part, layers, indices, cfg.curate, work, Progress(what))
+            info = core.activation_stage(model, tok, part, layers, indices, section, work, Progress(what))
         return {**info, "precision": ran.model_dump()}
 
-    spec = shard_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop, ran)
+    spec = shard_key(
+        section, ctx, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop, ran
+    )
     return run_cached(store, spec, build)
 
 
 def lookup_activations(
-    cfg: FinescopeConfig, ref: ModelRef, records: StageManifest, layers: list[int], sal: StageManifest | None
+    section: CurateConfig,
+    ctx: RunContext,
+    ref: ModelRef,
+    records: StageManifest,
+    layers: list[int],
+    sal: StageManifest | None,
 ) -> StageManifest | None:
     """The gathered activations of `records` when they and every shard they list are in the store."""
-    store = open_store(cfg)
+    store = ctx.store
     found = lookup_stage(
-        store, activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None)
+        store, activations_key(section, ctx, ref.sha256, records.sha256, layers, sal.sha256 if sal else None)
     )
     if found is None:
         return None
@@ -156,14 +181,20 @@ def lookup_activations(
 
 def listed_shards(store: ArtifactStore, acts: StageManifest) -> list[dict[str, Any]]:
     """The shard references of a gathered activations artifact: [{stage, key, sha256, rows}] in row order."""
-    return json.loads((artifact_dir(store, acts) / "shards.json").read_text())
+    return json.loads((artifact_dir(store, acts) / SHARDS_FILE).read_text())
 
 
-@task(
-    name="activations", task_run_name="activations-{records.stage}", cache_policy=RUN_RESULTS, **STORE_RETRIES
+@stage_task(
+    ACTIVATIONS,
+    label="activations ({records.stage})",
+    name="activations",
+    task_run_name="activations-{records.stage}",
+    cache_policy=RUN_RESULTS,
+    **STORE_RETRIES,
 )
 def gather_activations_task(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     ref: ModelRef,
     records: StageManifest,
     layers: list[int],
@@ -181,7 +212,7 @@ def gather_activations_task(
             {"stage": s.stage, "key": s.key, "sha256": s.sha256, "rows": s.info.get("rows", 0)}
             for s in shards
         ]
-        (work / "shards.json").write_text(json.dumps(listed, indent=1))
+        (work / SHARDS_FILE).write_text(json.dumps(listed, indent=1))
         # The work is the shards' (this step only lists them): their seconds make the stage's time.
         return {
             "layers": layers,
@@ -192,8 +223,8 @@ def gather_activations_task(
 
     # The shards ran on the workers: their precision, not this process's, is what the artifact holds.
     ran = shared_precision([s.info for s in shards], f"activations of {records.uri}")
-    spec = activations_key(cfg, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, ran)
-    return run_cached(open_store(cfg), spec, build)
+    spec = activations_key(section, ctx, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, ran)
+    return run_cached(ctx.store, spec, build)
 
 
 def activation_dirs(store: ArtifactStore, acts: StageManifest) -> list[Path]:

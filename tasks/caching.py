@@ -23,6 +23,7 @@ from finescope_core.store import (
 from tasks.context import logger
 from tasks.identity import inputs_digest
 from tasks.keymodels import StageKey
+from tasks.planning import Planner, current_planner, first_blocker
 
 CODE_VERSION = __version__
 
@@ -92,6 +93,9 @@ def run_cached(
     `build` to continue from. A run that finds another building the same key waits for it and then
     reuses its artifact.
     """
+    planner = current_planner()
+    if planner is not None:  # a dry run (`finescope store plan`): look up, never build
+        return _planned(planner, store, spec)
     stage, key = spec.stage, spec.key
     found = _reusable(store, spec, warn=True)
     if found is not None:
@@ -130,6 +134,37 @@ def _reusable(store: ArtifactStore, spec: StageKey, *, warn: bool) -> Artifact |
     if warn:
         logger().warning("%s: %s; recomputing it", spec.stage, store.damage_message(found, problems))
     return None
+
+
+class PendingManifest(StageManifest):
+    """In a dry run: the manifest of a stage to compute (its key is known, its content not yet)."""
+
+    pending: str
+    """The plan row that computes it: what every stage reading it waits for."""
+
+
+def _planned(planner: Planner, store: ArtifactStore, spec: StageKey) -> StageManifest:
+    name = planner.label or spec.stage
+    found = lookup_stage(store, spec)
+    planner.row(name, spec.stage, "reuse" if found is not None else "compute", spec.key)
+    if found is not None:
+        return found
+    uri = store.artifact_uri(spec.stage, spec.key)
+    return PendingManifest(
+        stage=spec.stage, key=spec.key, uri=uri, sha256="", cached=False, seconds=0.0, pending=name
+    )
+
+
+def planned_after(stage: str, *inputs: Any) -> StageManifest | None:
+    """In a dry run, when one of `inputs` (looked up inside a task, e.g. the sentence embeddings the
+    retrieval reads) is still to compute: the pending manifest of `stage`, planned after it. Else None."""
+    planner = current_planner()
+    waiting = first_blocker(*inputs) if planner is not None else None
+    if planner is None or waiting is None:
+        return None
+    name = planner.label or stage
+    planner.row(name, stage, "after", after=waiting)
+    return PendingManifest(stage=stage, key="", uri="", sha256="", cached=False, seconds=0.0, pending=name)
 
 
 def lookup_stage(store: ArtifactStore, spec: StageKey) -> StageManifest | None:

@@ -10,17 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from finescope_core import sae as sae_lib
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import CurateConfig
 from finescope_core.model import pick_device
 from finescope_core.sae.codes import write_codes
 from tasks.activations import listed_shards
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
-from tasks.context import open_store
+from tasks.context import RunContext
 from tasks.keymodels import StageKey, StageKeyModel
 from tasks.progress import Progress
+from tasks.registry import Stage, stage_task
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
@@ -37,25 +36,31 @@ class CodesKey(StageKeyModel):
     code_dtype: str
 
 
-def codes_key(cfg: FinescopeConfig, shard_sha: str, sae_sha: str) -> StageKey:
-    return CodesKey.of(cfg, {"activations": shard_sha, "sae": sae_sha}).spec()
+def codes_key(section: CurateConfig, ctx: RunContext, shard_sha: str, sae_sha: str) -> StageKey:
+    return CodesKey.of(ctx.settings(curate=section), {"activations": shard_sha, "sae": sae_sha}).spec()
 
 
-def corpus_shard_refs(cfg: FinescopeConfig, acts: StageManifest) -> list[dict[str, Any]]:
+def corpus_shard_refs(ctx: RunContext, acts: StageManifest) -> list[dict[str, Any]]:
     """The shard references ({stage, key, sha256, rows}) of a gathered activations artifact, in row order."""
-    return listed_shards(open_store(cfg), acts)
+    return listed_shards(ctx.store, acts)
 
 
-@task(
+CODES = Stage("sae-codes", CodesKey, upstream=("activation-shards", "sae"), core=write_codes)
+
+
+@stage_task(
+    CODES,
     name="sae-codes",
     task_run_name="sae-codes-{index}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,
     **STORE_RETRIES,
 )
-def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, index: int) -> StageManifest:
+def codes_task(
+    section: CurateConfig, ctx: RunContext, shard: dict[str, Any], sae: StageManifest, index: int
+) -> StageManifest:
     """The sparse codes of one corpus shard (the `index`-th) under every layer's SAE."""
-    store = open_store(cfg)
+    store = ctx.store
 
     def build(work: Path) -> dict[str, Any]:
         found = store.lookup(shard["stage"], shard["key"])
@@ -64,15 +69,15 @@ def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, 
                 f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; re-run to rebuild it"
             )
         model, layers, _ = sae_lib.load_saes(artifact_dir(store, sae))
-        model.to(pick_device(cfg.device))  # encoding runs where the SAEs are; the codes come back to the CPU
-        code_k = None if cfg.curate.code_k == "all" else cfg.curate.code_k
+        model.to(pick_device(ctx.device))  # encoding runs where the SAEs are; the codes come back to the CPU
+        code_k = None if section.code_k == "all" else section.code_k
         manifest = write_codes(
             model,
             store.local_path(found),
             layers,
             work,
             code_k=code_k,
-            value_dtype=cfg.curate.code_dtype,
+            value_dtype=section.code_dtype,
             progress=Progress(f"sae codes (shard {index})"),
         )
         return {
@@ -81,18 +86,21 @@ def codes_task(cfg: FinescopeConfig, shard: dict[str, Any], sae: StageManifest, 
             "mean_l0": round(manifest.mean_l0, 2),
         }
 
-    return run_cached(store, codes_key(cfg, shard["sha256"], sae.sha256), build)
+    return run_cached(store, codes_key(section, ctx, shard["sha256"], sae.sha256), build)
 
 
-def lookup_codes(cfg: FinescopeConfig, acts: StageManifest, sae: StageManifest) -> list[StageManifest | None]:
+def lookup_codes(
+    section: CurateConfig, ctx: RunContext, acts: StageManifest, sae: StageManifest
+) -> list[StageManifest | None]:
     """Per corpus shard, its codes when they are in the store (None where not)."""
-    store = open_store(cfg)
+    store = ctx.store
     return [
-        lookup_stage(store, codes_key(cfg, s["sha256"], sae.sha256)) for s in corpus_shard_refs(cfg, acts)
+        lookup_stage(store, codes_key(section, ctx, s["sha256"], sae.sha256))
+        for s in corpus_shard_refs(ctx, acts)
     ]
 
 
-def code_dirs(cfg: FinescopeConfig, codes: list[StageManifest]) -> list[Path]:
+def code_dirs(ctx: RunContext, codes: list[StageManifest]) -> list[Path]:
     """Local directories of the code artifacts, in row order."""
-    store = open_store(cfg)
+    store = ctx.store
     return [artifact_dir(store, c) for c in codes]

@@ -1,18 +1,85 @@
-"""The run context: the run's name, its store (opened once per process and store), logging."""
+"""The run context every task receives beside its config section: the store (opened once per process),
+where model work runs, the seed, the run's name; and logging."""
 
 from __future__ import annotations
 
 import functools
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
+from pydantic import BaseModel, ConfigDict
 
-from finescope_core.config import ConfigError, FinescopeConfig, slug
-from finescope_core.store import (
-    ArtifactStore,
-)
+from finescope_core.config import ConfigError, FinescopeConfig, StorageConfig, slug
+from finescope_core.stage import StageContext
+from finescope_core.store import ArtifactStore
+from tasks.identity import Precision, work_precision
+
+
+class RunContext(BaseModel):
+    """The run-wide settings a task needs, and nothing of the stages' own sections.
+
+    Small and JSON-able, so it travels to Dask and Ray workers as a task parameter; the store it
+    names is opened once per process and store (`store`). Key models read `seed`, `device` and
+    `model_dtype` from it (`settings`), a stage's own fields from its section.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    store_uri: str
+    storage: StorageConfig
+    model: str
+    device: str
+    model_dtype: str
+    seed: int
+    memory_budget: float | None = None
+    name: str | None = None
+
+    @classmethod
+    def of(cls, cfg: FinescopeConfig) -> RunContext:
+        return cls(
+            store_uri=cfg.store,
+            storage=cfg.storage,
+            model=cfg.model,
+            device=cfg.device,
+            model_dtype=cfg.model_dtype,
+            seed=cfg.seed,
+            memory_budget=cfg.memory_budget,
+            name=cfg.name,
+        )
+
+    @property
+    def store(self) -> ArtifactStore:
+        return _opened(self.store_uri, self.storage.model_dump_json())
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for the store and remote inputs, with credentials from `storage.secret_block`."""
+        block = self.storage.secret_block
+        return self.storage.fsspec_options(block_credentials(block) if block else None)
+
+    def precision(self) -> Precision:
+        """Where model work runs in this process (`work_precision`): call it where the work runs."""
+        return work_precision(self)
+
+    def settings(self, **sections: Any) -> SimpleNamespace:
+        """What a key model reads its dotted config fields from: these sections and the run's own fields."""
+        return SimpleNamespace(
+            seed=self.seed, device=self.device, model_dtype=self.model_dtype, model=self.model, **sections
+        )
+
+    def stage_context(self, precision: Precision | None = None) -> StageContext:
+        """The core entries' context, with the precision resolved here unless given."""
+        ran = precision or self.precision()
+        return StageContext(device=ran.device, dtype=ran.dtype, seed=self.seed, run=self.name or "finescope")
+
+
+@functools.lru_cache(maxsize=8)
+def _opened(uri: str, storage_json: str) -> ArtifactStore:
+    storage = StorageConfig.model_validate_json(storage_json)
+    block = storage.secret_block
+    return ArtifactStore(uri, storage.fsspec_options(block_credentials(block) if block else None))
 
 
 def run_name(cfg: FinescopeConfig) -> str:
@@ -40,17 +107,17 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def open_store(cfg: FinescopeConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.store, storage_options(cfg))
+    """The store of `cfg` (opened once per process): for callers that hold a configuration, not a context."""
+    return RunContext.of(cfg).store
 
 
 def storage_options(cfg: FinescopeConfig) -> dict[str, Any]:
     """fsspec options for the store and remote inputs, with credentials from `storage.secret_block`."""
-    block = cfg.storage.secret_block
-    return cfg.storage.fsspec_options(_block_credentials(block) if block else None)
+    return RunContext.of(cfg).storage_options()
 
 
 @functools.lru_cache(maxsize=8)
-def _block_credentials(name: str) -> dict[str, str]:
+def block_credentials(name: str) -> dict[str, str]:
     """`{"key", "secret"}` from the Prefect Secret block `name`, read once per process."""
     from prefect.blocks.system import Secret
 

@@ -3,13 +3,13 @@ content hash, the model to use."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import FinescopeConfig, StorageConfig
 from finescope_core.data import (
     PreparedCorpus,
     Record,
@@ -22,19 +22,53 @@ from finescope_core.data import (
 from finescope_core.formats import DataError
 from finescope_core.io import read_jsonl, read_jsonl_rows, write_jsonl
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
-from tasks.context import open_store, storage_options
+from tasks.context import RunContext, block_credentials
 from tasks.keymodels import StageKey, StageKeyModel
 from tasks.models import ModelRef, model_ref
+from tasks.planning import labelled
+from tasks.registry import Stage, declare, stage_task
 from tasks.retries import IO_RETRIES
+
+RECORDS_FILE = "records.jsonl"
+"""The one file of a `corpus`, `seeds` or `sae-corpus` artifact: one validated record a line."""
 
 
 def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
-    """Load and validate seeds and corpus; no model work, nothing written."""
-    options = storage_options(cfg)
-    seeds = load_records(cfg.seeds, role="seeds", storage_options=options)
-    prepared = deduplicate(load_records(cfg.corpus, role="corpus", storage_options=options))
+    """Load and validate seeds and corpus; no model work, nothing written.
+
+    Read once per run: the flow's preflight reads them, and every later call of the run (the curate
+    subflow's preflight, `inputs_task`, the evaluation split) gets the same objects back while the
+    files are unchanged (`_stamp`: local files by size and mtime; remote ones are read again).
+    """
+    storage = cfg.storage.model_dump_json()
+    return _read_inputs(tuple(cfg.seeds), tuple(cfg.corpus), cfg.curate.final_size, storage, _stamp(cfg))
+
+
+def _stamp(cfg: FinescopeConfig) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for uri in (*cfg.seeds, *cfg.corpus):
+        path = Path(uri).expanduser()
+        if "://" in uri or not path.exists():
+            return (object(),)  # never equal: read again
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        out += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return tuple(out)
+
+
+def _options(storage: str) -> dict[str, Any]:
+    config = StorageConfig.model_validate_json(storage)
+    return config.fsspec_options(block_credentials(config.secret_block) if config.secret_block else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_inputs(
+    seed_uris: tuple[str, ...], corpus_uris: tuple[str, ...], final_size: int, storage: str, stamp: Any
+) -> tuple[RecordSet, PreparedCorpus]:
+    options = _options(storage)
+    seeds = load_records(list(seed_uris), role="seeds", storage_options=options)
+    prepared = deduplicate(load_records(list(corpus_uris), role="corpus", storage_options=options))
     usable = len(prepared.corpus) - len(seed_copies(prepared.corpus, seeds))
-    check_sizes(usable, needed=cfg.curate.final_size, what="curate.final_size")
+    check_sizes(usable, needed=final_size, what="curate.final_size")
     return seeds, prepared
 
 
@@ -56,7 +90,8 @@ def read_sae_corpus(cfg: FinescopeConfig) -> PreparedCorpus | None:
     if cfg.curate.method != "sae" or uris is None:
         return None
     try:
-        prepared = deduplicate(load_records(uris, role="sae_corpus", storage_options=storage_options(cfg)))
+        options = RunContext.of(cfg).storage_options()
+        prepared = deduplicate(load_records(uris, role="sae_corpus", storage_options=options))
     except DataError as e:
         raise DataError(f"{SAE_CORPUS_FIELD}: {e}") from None
     if len(prepared.corpus) < 2:
@@ -117,25 +152,29 @@ def records_key(stage: str, records_sha: str) -> StageKey:
     return RECORD_KEYS[stage](inputs={"records": records_sha}).spec()
 
 
-def _store_records(
-    cfg: FinescopeConfig, stage: str, records: RecordSet, info: dict[str, Any]
-) -> StageManifest:
+def _store_records(ctx: RunContext, stage: str, records: RecordSet, info: dict[str, Any]) -> StageManifest:
     def build(work: Path) -> dict[str, Any]:
-        _write_records(work / "records.jsonl", records.records)
+        _write_records(work / RECORDS_FILE, records.records)
         return {"records": len(records), **info}
 
-    return run_cached(open_store(cfg), records_key(stage, records.sha256), build)
+    return run_cached(ctx.store, records_key(stage, records.sha256), build)
 
 
-@task(name="inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+CORPUS = declare(Stage("corpus", CorpusKey, files=(RECORDS_FILE,)))
+SEEDS = declare(Stage("seeds", SeedsKey, files=(RECORDS_FILE,)))
+SAE_CORPUS = declare(Stage("sae-corpus", SaeCorpusKey, files=(RECORDS_FILE,)))
+
+
+@stage_task(name="inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def inputs_task(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
-    """`read_inputs` as a task, so transient read errors of remote inputs are retried."""
+    """`read_inputs` as a task, so transient read errors of remote inputs are retried. The one task
+    that reads the configuration itself: it names the input files."""
     return read_inputs(cfg)
 
 
-@task(name="data", cache_policy=RUN_RESULTS, **IO_RETRIES)
+@stage_task(name="data", cache_policy=RUN_RESULTS, **IO_RETRIES)
 def data_task(
-    cfg: FinescopeConfig, inputs: tuple[RecordSet, PreparedCorpus]
+    ctx: RunContext, inputs: tuple[RecordSet, PreparedCorpus]
 ) -> tuple[StageManifest, StageManifest]:
     """Validated (corpus, seeds) from `inputs_task`, each stored by content hash; the corpus de-duplicated.
 
@@ -143,38 +182,41 @@ def data_task(
     activations, SAEs) is reused when only the seeds change.
     """
     seeds, prepared = inputs
-    corpus = _store_records(
-        cfg, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates}
-    )
-    return corpus, _store_records(cfg, "seeds", seeds, {})
+    with labelled("corpus"):
+        corpus = _store_records(
+            ctx, "corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates}
+        )
+    with labelled("seeds"):
+        return corpus, _store_records(ctx, "seeds", seeds, {})
 
 
-@task(name="sae-inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+@stage_task(name="sae-inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def sae_inputs_task(cfg: FinescopeConfig) -> PreparedCorpus | None:
-    """`read_sae_corpus` as a task, so transient read errors of remote inputs are retried."""
+    """`read_sae_corpus` as a task, so transient read errors of remote inputs are retried. It reads the
+    configuration itself: it names the input files."""
     return read_sae_corpus(cfg)
 
 
-@task(name="sae-data", cache_policy=RUN_RESULTS, **IO_RETRIES)
-def sae_data_task(cfg: FinescopeConfig, prepared: PreparedCorpus) -> StageManifest:
+@stage_task(SAE_CORPUS, name="sae-data", cache_policy=RUN_RESULTS, **IO_RETRIES)
+def sae_data_task(ctx: RunContext, prepared: PreparedCorpus) -> StageManifest:
     """The SAEs' general corpus from `sae_inputs_task`, stored by content hash (the `sae-corpus` stage).
 
     Its own artifact, apart from the corpus being curated: the SAEs (and the saliency and activations
     they train on) then depend on it alone, so one SAE set serves every corpus and seed set.
     """
     return _store_records(
-        cfg, "sae-corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates}
+        ctx, "sae-corpus", prepared.corpus, {"dropped_duplicates": prepared.dropped_duplicates}
     )
 
 
-def load_data(cfg: FinescopeConfig, records: StageManifest) -> RecordSet:
+def load_data(ctx: RunContext, records: StageManifest) -> RecordSet:
     """The records of a committed corpus/seeds artifact."""
-    return read_records(artifact_dir(open_store(cfg), records) / "records.jsonl")
+    return read_records(artifact_dir(ctx.store, records) / RECORDS_FILE)
 
 
-def load_rows(cfg: FinescopeConfig, records: StageManifest, start: int, stop: int) -> RecordSet:
+def load_rows(ctx: RunContext, records: StageManifest, start: int, stop: int) -> RecordSet:
     """Records [start, stop) of a committed corpus/seeds artifact, without parsing the others (one shard's share)."""
-    path = artifact_dir(open_store(cfg), records) / "records.jsonl"
+    path = artifact_dir(ctx.store, records) / RECORDS_FILE
     rows = read_jsonl_rows(path, start, stop)
     return RecordSet(
         [
@@ -184,14 +226,14 @@ def load_rows(cfg: FinescopeConfig, records: StageManifest, start: int, stop: in
     )
 
 
-def record_count(cfg: FinescopeConfig, records: StageManifest) -> int:
+def record_count(ctx: RunContext, records: StageManifest) -> int:
     """Records in a committed corpus/seeds artifact (from its summary; counted when it has none)."""
     count = records.info.get("records")
-    return int(count) if count is not None else len(load_data(cfg, records))
+    return int(count) if count is not None else len(load_data(ctx, records))
 
 
-@task(name="model", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
-def model_task(cfg: FinescopeConfig) -> ModelRef:
+@stage_task(label="{label}", name="model", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+def model_task(ctx: RunContext, spec: str, label: str = "models") -> ModelRef:
     """Resolve the model (converting the bundled default once into the store). Never a stored Prefect
     result: a retry hashes the model's files again (cheap: large files' digests are cached by stat)."""
-    return model_ref(cfg.model, open_store(cfg))
+    return model_ref(spec, ctx.store)

@@ -35,7 +35,8 @@ from finescope_core.evaluate.split import (
 )
 from finescope_core.formats import DataError
 from tasks.caching import StageManifest, artifact_dir
-from tasks.context import open_store, storage_options
+from tasks.context import RunContext, storage_options
+from tasks.teacher import DISTILLED_FILE
 
 
 @dataclass
@@ -191,13 +192,13 @@ def candidate_items(
 
 
 def training_texts(
-    store_cfg: FinescopeConfig,
+    ctx: RunContext,
     records: Sequence[Record],
     prune_texts: Sequence[str],
     distilled: StageManifest,
 ) -> list[str]:
     """Everything one variant learns from: its curated (or baseline) records, pruning texts and distilled rows."""
-    rows = read_distilled(artifact_dir(open_store(store_cfg), distilled) / "distilled.jsonl")
+    rows = read_distilled(artifact_dir(ctx.store, distilled) / DISTILLED_FILE)
     return [
         *(r.text for r in records),
         *prune_texts,

@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import EvalConfig
 from finescope_core.evaluate import (
     ITEMS_FILE,
     check_harness_config,
@@ -20,11 +18,14 @@ from finescope_core.evaluate import (
 )
 from finescope_core.store import ArtifactStore
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
-from tasks.context import open_store
-from tasks.identity import Precision, work_precision
+from tasks.context import RunContext
+from tasks.finetune import MERGED_DIR
+from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
-from tasks.models import private_model
+from tasks.models import ModelRef, private_model
 from tasks.progress import Progress
+from tasks.prune import MODEL_DIR
+from tasks.registry import Stage, stage_task
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
@@ -62,17 +63,22 @@ class EvaluationKey(ModelStageKey):
 
 
 def evaluation_key(
-    cfg: FinescopeConfig, model_sha: str, data: dict[str, Any], precision: Precision | None = None
+    section: EvalConfig,
+    ctx: RunContext,
+    model_sha: str,
+    data: dict[str, Any],
+    precision: Precision | None = None,
 ) -> StageKey:
     data_sha = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     inputs = {"model": model_sha, "data": data_sha}
-    if cfg.evaluate.lm_eval_tasks and (include_sha := harness_include_sha(cfg.evaluate.lm_eval_include)):
+    if section.lm_eval_tasks and (include_sha := harness_include_sha(section.lm_eval_include)):
         inputs["lm_eval"] = include_sha
-    return EvaluationKey.of(cfg, inputs, precision).spec()
+    return EvaluationKey.of(ctx.settings(evaluate=section), inputs, precision).spec()
 
 
 def with_harness(
-    cfg: FinescopeConfig,
+    section: EvalConfig,
+    ctx: RunContext,
     model: Any,
     tok: Any,
     metrics: dict[str, Any],
@@ -84,14 +90,14 @@ def with_harness(
 
     `docs`: task -> the doc ids that passed the contamination check (`EvalData.lm_eval_docs`); a task
     not in it runs on its first documents."""
-    if not cfg.evaluate.lm_eval_tasks:
+    if not section.lm_eval_tasks:
         return metrics, {}
     samples: dict[str, Any] = {}
     metrics["lm_eval"] = harness_metrics(
         model,
         tok,
-        cfg.evaluate,
-        seed=cfg.seed,
+        section,
+        seed=ctx.seed,
         progress=Progress(f"lm-eval {name}"),
         samples=samples,
         docs=docs,
@@ -99,45 +105,66 @@ def with_harness(
     return metrics, samples
 
 
-@task(
-    name="evaluate", task_run_name="evaluate-{name}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES
+METRICS_FILE = "metrics.json"
+"""Every metric of the model, with its interval and n (also the manifest's info)."""
+EVALUATION = Stage(
+    "evaluation",
+    EvaluationKey,
+    upstream=("models", "pruned", "tuned", "distilled"),
+    core=evaluate_model,
+    files=(METRICS_FILE, ITEMS_FILE),
+)
+MODEL_DIRS = {"pruned": MODEL_DIR, "tuned": MERGED_DIR}
+"""Where a stage's artifact keeps the model an evaluation loads."""
+
+
+@stage_task(
+    EVALUATION,
+    label="evaluation ({name})",
+    name="evaluate",
+    task_run_name="evaluate-{name}",
+    cache_policy=RUN_RESULTS,
+    tags=GPU_TAGS,
+    **STORE_RETRIES,
 )
 def evaluate_task(
-    cfg: FinescopeConfig, name: str, model_path: str, model_sha: str, data: dict[str, Any]
+    section: EvalConfig, ctx: RunContext, name: str, model: ModelRef | StageManifest, data: dict[str, Any]
 ) -> StageManifest:
     """Domain perplexity (raw and chat-formatted), general perplexity, MC accuracy / numeric exact match
     when given, each with a bootstrap 95 % interval; `data` is `tasks.evalset.EvalData.payload()`.
 
     The artifact holds metrics.json (also the manifest's info) and `ITEMS_FILE`, every metric's per-item
     numbers (lm-eval's per-sample values included), which paired comparisons between models read."""
-    ran = work_precision(cfg)
+    ran = ctx.precision()
+    if isinstance(model, ModelRef):
+        model_path, model_sha = model.path, model.sha256
+    else:  # a pruned or tuned artifact: keyed by the artifact's hash
+        model_path, model_sha = str(artifact_dir(ctx.store, model) / MODEL_DIRS[model.stage]), model.sha256
 
     def build(work: Path) -> dict[str, Any]:
-        check_harness_config(cfg.evaluate)  # a bad lm-eval task setup fails before the model loads
-        model, tok = private_model(model_path, ran.device, ran.dtype)
+        check_harness_config(section)  # a bad lm-eval task setup fails before the model loads
+        loaded, tok = private_model(model_path, ran.device, ran.dtype)
         items: dict[str, Any] = {}
         metrics = evaluate_model(
-            model,
+            loaded,
             tok,
             domain_texts=data["domain"],
             chat_pairs=[tuple(p) for p in data["chat"]],
             general_texts=data["general"],
             mc_items=data["mc"],
             numeric_items=data["numeric"],
-            cfg=cfg.evaluate,
-            seed=cfg.seed,
+            cfg=section,
+            seed=ctx.seed,
             progress=Progress(f"evaluate {name}"),
             items=items,
         )
-        metrics, samples = with_harness(cfg, model, tok, metrics, name, data.get("lm_eval_docs"))
-        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        doc = items_document(
-            items, seed=cfg.seed, resamples=cfg.evaluate.bootstrap_resamples, lm_eval=samples
-        )
+        metrics, samples = with_harness(section, ctx, loaded, tok, metrics, name, data.get("lm_eval_docs"))
+        (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        doc = items_document(items, seed=ctx.seed, resamples=section.bootstrap_resamples, lm_eval=samples)
         (work / ITEMS_FILE).write_text(json.dumps(doc))
         return metrics
 
-    return run_cached(open_store(cfg), evaluation_key(cfg, model_sha, data, ran), build)
+    return run_cached(ctx.store, evaluation_key(section, ctx, model_sha, data, ran), build)
 
 
 def evaluation_items(

@@ -12,22 +12,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from finescope_core import __version__
 from finescope_core.cards import RunFacts, base_model_id, dataset_card, model_card
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import FinescopeConfig, slug
 from finescope_core.distilled import read_distilled
 from finescope_core.export import Output, export_outputs, output_uri
 from finescope_core.model import DEFAULT_MODEL
 from finescope_core.settings import summary
 from finescope_core.store_admin import OUTPUTS_DIR
 from tasks.caching import StageManifest, artifact_dir, code_version
-from tasks.context import artifact_key, logger, open_store, run_name, storage_options
+from tasks.context import RunContext, logger, run_name
 from tasks.identity import model_identity
+from tasks.registry import stage_task
 from tasks.retries import IO_RETRIES
 
 CURATED_FILES = ("curated.jsonl", "curated.parquet", "curation.json")
@@ -68,7 +68,7 @@ def curated_outputs(
     cfg: FinescopeConfig, curated: StageManifest, facts: RunFacts, prefix: str = ""
 ) -> list[Output]:
     """The curated set as a dataset directory: the data files and a dataset card (`README.md`)."""
-    src = artifact_dir(open_store(cfg), curated)
+    src = artifact_dir(RunContext.of(cfg).store, curated)
     with open(src / "curated.jsonl", encoding="utf-8") as f:
         first = f.readline()
     fields = list(json.loads(first)) if first.strip() else []
@@ -81,7 +81,7 @@ def curated_outputs(
 def pruned_output(cfg: FinescopeConfig, pruned: StageManifest, facts: RunFacts) -> Output:
     return Output(
         "pruned-model",
-        source=artifact_dir(open_store(cfg), pruned) / "model",
+        source=artifact_dir(RunContext.of(cfg).store, pruned) / "model",
         files={"README.md": model_card("pruned", facts)},
     )
 
@@ -97,7 +97,7 @@ def specialize_outputs(
 ) -> list[Output]:
     """Report files, both models with cards, the adapter pointing at the exported pruned model (LoRA
     tuning only: `finetune.method: full` has no adapter), the data."""
-    store = open_store(cfg)
+    store = RunContext.of(cfg).store
     facts = dataclasses.replace(
         run_facts(cfg, curated, pruned.info, metrics), tuning=str(tuned.info.get("method", "lora"))
     )
@@ -138,8 +138,32 @@ def specialize_outputs(
     return outputs + curated_outputs(cfg, curated, facts, prefix="curated/")
 
 
+class RunRecord(BaseModel):
+    """What run.json says of a run beside its stages and outputs: prepared by the flow, which holds the
+    configuration, so the export task receives data, not the configuration."""
+
+    location: str
+    """The run's output location (`output_location`)."""
+    name: str
+    config: dict[str, Any]
+    """The whole configuration, as run.json records it."""
+    models: dict[str, dict[str, str]]
+    summary: str
+    """One line of the run's main settings (`finescope_core.settings.summary`)."""
+
+    @classmethod
+    def of(cls, cfg: FinescopeConfig) -> RunRecord:
+        return cls(
+            location=output_location(cfg),
+            name=run_name(cfg),
+            config=json.loads(cfg.model_dump_json()),
+            models=model_identities(cfg),
+            summary=summary(cfg),
+        )
+
+
 def run_manifest(
-    cfg: FinescopeConfig, flow: str, stages: dict[str, Any], seconds: float, outputs: dict[str, str]
+    run: RunRecord, flow: str, stages: dict[str, Any], seconds: float, outputs: dict[str, str]
 ) -> str:
     """run.json: parameters, every stage's artifact URI and key, the code version, every output's URI."""
     from prefect.runtime import deployment, flow_run
@@ -147,12 +171,12 @@ def run_manifest(
     manifest = {
         "code_version": code_version(),
         "flow": flow,
-        "name": run_name(cfg),
+        "name": run.name,
         "flow_run": {"id": flow_run.id, "name": flow_run.name, "deployment": deployment.name},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 1),
-        "config": json.loads(cfg.model_dump_json()),
-        "models": model_identities(cfg),
+        "config": run.config,
+        "models": run.models,
         "stages": stages,
         "outputs": outputs,
     }
@@ -167,20 +191,20 @@ def model_identities(cfg: FinescopeConfig) -> dict[str, dict[str, str]]:
     return {field: model_identity(spec) for field, spec in local_or_hub.items()}
 
 
-@task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)
+@stage_task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)
 def export_task(
-    cfg: FinescopeConfig, flow: str, outputs: list[Output], stages: dict[str, Any], seconds: float
+    ctx: RunContext, run: RunRecord, flow: str, outputs: list[Output], stages: dict[str, Any], seconds: float
 ) -> Exported:
     """Write `outputs`, then run.json (listing them) last, to the run's output location."""
-    location = output_location(cfg)
-    written = export_outputs(outputs, location, storage_options(cfg))
+    location = run.location
+    written = export_outputs(outputs, location, ctx.storage_options())
     written["run.json"] = output_uri(location, "run.json")
-    manifest = run_manifest(cfg, flow, stages, seconds, written)
-    export_outputs([Output("run.json", text=manifest)], location, storage_options(cfg))
+    manifest = run_manifest(run, flow, stages, seconds, written)
+    export_outputs([Output("run.json", text=manifest)], location, ctx.storage_options())
     logger().info("outputs exported to %s (%d items)", location, len(written))
     # Every output's URI in the UI, so a deployment run says where its model and data went.
     rows = [{"output": name, "uri": uri} for name, uri in written.items()]
     create_table_artifact(
-        rows, key=artifact_key(flow, cfg, "outputs"), description=f"outputs in {location}; {summary(cfg)}"
+        rows, key=slug(f"{flow}-{run.name}-outputs"), description=f"outputs in {location}; {run.summary}"
     )
     return Exported(location=location, outputs=written)

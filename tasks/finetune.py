@@ -6,19 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import FinetuneConfig
 from finescope_core.distilled import read_distilled
 from finescope_core.finetune import lora_finetune
 from finescope_core.model import load_model
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
-from tasks.context import open_store
-from tasks.identity import Precision, work_precision
+from tasks.context import RunContext
+from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
 from tasks.models import ModelRef, private_model
 from tasks.progress import Progress
+from tasks.prune import MODEL_DIR
+from tasks.registry import Stage, stage_task, variant_label
 from tasks.retries import GPU_TAGS, STORE_RETRIES
+from tasks.teacher import DISTILLED_FILE
 
 INFO = (
     "method",
@@ -49,7 +50,8 @@ class TunedKey(ModelStageKey):
 
 
 def tuned_key(
-    cfg: FinescopeConfig,
+    section: FinetuneConfig,
+    ctx: RunContext,
     pruned_sha: str,
     distilled_sha: str,
     teacher_sha: str | None = None,
@@ -61,47 +63,63 @@ def tuned_key(
         ValueError: `finetune.kd_weight > 0` without the teacher's hash.
     """
     inputs = {"pruned": pruned_sha, "distilled": distilled_sha}
-    if cfg.finetune.kd_weight > 0:
+    if section.kd_weight > 0:
         if teacher_sha is None:
             raise ValueError("finetune.kd_weight > 0: the tuned key needs the teacher model's hash")
         inputs["teacher"] = teacher_sha
-    return TunedKey.of(cfg, inputs, precision).spec()
+    return TunedKey.of(ctx.settings(finetune=section), inputs, precision).spec()
 
 
-@task(
-    name="finetune", task_run_name="finetune-{tag}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES
+MERGED_DIR = "merged"
+"""The tuned model's directory in the `tuned` artifact (LoRA merged into the pruned model, or the fully
+tuned model): a plain Hugging Face model directory."""
+TUNED = Stage(
+    "tuned", TunedKey, upstream=("pruned", "distilled", "models"), core=lora_finetune, files=(MERGED_DIR,)
+)
+
+
+@stage_task(
+    TUNED,
+    label=variant_label("tuned"),
+    name="finetune",
+    task_run_name="finetune-{tag}",
+    cache_policy=RUN_RESULTS,
+    tags=GPU_TAGS,
+    **STORE_RETRIES,
 )
 def finetune_task(
-    cfg: FinescopeConfig,
+    section: FinetuneConfig,
+    ctx: RunContext,
     pruned: StageManifest,
     distilled: StageManifest,
-    tag: str,
+    tag: str = "curated",
     teacher: ModelRef | None = None,
+    teacher_device_map: str | None = None,
 ) -> StageManifest:
     """Tune the pruned model with the distilled data (KD from `teacher` when `finetune.kd_weight > 0`);
     the merged model (plain HF directory) and, for LoRA, the adapter."""
-    store = open_store(cfg)
-    use_teacher = cfg.finetune.kd_weight > 0
+    store = ctx.store
+    use_teacher = section.kd_weight > 0
     if use_teacher and teacher is None:
         raise ValueError("finetune.kd_weight > 0 needs the teacher model (tasks.teacher.teacher_ref)")
-    ran = work_precision(cfg)
+    ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = private_model(str(artifact_dir(store, pruned) / "model"), ran.device, ran.dtype)
+        model, tok = private_model(str(artifact_dir(store, pruned) / MODEL_DIR), ran.device, ran.dtype)
         teacher_model = None
         if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
-            device_map = "auto" if cfg.teacher.device_map == "auto" else None
+            device_map = "auto" if teacher_device_map == "auto" else None
             teacher_model, _ = load_model(
                 teacher.path, device=ran.device, dtype=ran.dtype, device_map=device_map
             )
-        rows = read_distilled(artifact_dir(store, distilled) / "distilled.jsonl")
+        rows = read_distilled(artifact_dir(store, distilled) / DISTILLED_FILE)
         summary = lora_finetune(
             model,
             tok,
             rows,
-            cfg.finetune,
+            section,
             work,
-            seed=cfg.seed,
+            seed=ctx.seed,
             progress=Progress(f"finetune ({tag})"),
             teacher=teacher_model,
         )
@@ -109,5 +127,5 @@ def finetune_task(
         return {k: info[k] for k in INFO}
 
     teacher_sha = teacher.sha256 if teacher is not None else None
-    key = tuned_key(cfg, pruned.sha256, distilled.sha256, teacher_sha, ran)
+    key = tuned_key(section, ctx, pruned.sha256, distilled.sha256, teacher_sha, ran)
     return run_cached(store, key, build)

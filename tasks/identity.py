@@ -11,12 +11,12 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel
 
-from finescope_core.config import ConfigError, FinescopeConfig
+from finescope_core.config import ConfigError
 from finescope_core.identity import HubRevisionError, directory_digest, hub_revision
 from finescope_core.model import resolve_dtype
 
@@ -30,7 +30,17 @@ class Precision(BaseModel):
     """The torch dtype name, `auto` resolved for the device."""
 
 
-def work_precision(cfg: FinescopeConfig) -> Precision:
+class RunsModels(Protocol):
+    """What `work_precision` reads: a `FinescopeConfig` or a `tasks.context.RunContext`."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def model_dtype(self) -> str: ...
+
+
+def work_precision(cfg: RunsModels) -> Precision:
     """The precision of model work in this process: `device` and `model_dtype` resolved here.
 
     Call it where the work runs (inside the task), never on a driver that only schedules it: a CPU

@@ -58,8 +58,9 @@ class StageKeyModel(BaseModel):
         return set(cls.CONFIG.values()) | set(cls.DERIVED)
 
     @classmethod
-    def of(cls, cfg: FinescopeConfig, inputs: dict[str, str], **derived: Any) -> Self:
-        """The key of this stage for `cfg`, its inputs and its derived settings."""
+    def of(cls, cfg: Any, inputs: dict[str, str], **derived: Any) -> Self:
+        """The key of this stage for `cfg` (a `FinescopeConfig`, or the sections and run fields a task holds:
+        `RunContext.settings`), its inputs and its derived settings."""
         fields = {name: config_value(cfg, dotted) for name, dotted in cls.CONFIG.items()}
         return cls(**fields, **derived, inputs=inputs)
 
@@ -91,9 +92,7 @@ class ModelStageKey(StageKeyModel):
     dtype: str
 
     @classmethod
-    def of(
-        cls, cfg: FinescopeConfig, inputs: dict[str, str], precision: Precision | None = None, **derived: Any
-    ) -> Self:
+    def of(cls, cfg: Any, inputs: dict[str, str], precision: Precision | None = None, **derived: Any) -> Self:
         ran = precision or work_precision(cfg)
         return super().of(cfg, inputs, **{"device": ran.device, "dtype": ran.dtype, **derived})
 
@@ -103,7 +102,7 @@ def compute_dtype(cfg: FinescopeConfig) -> str:
     return work_precision(cfg).dtype
 
 
-def config_value(cfg: BaseModel, dotted: str) -> Any:
+def config_value(cfg: Any, dotted: str) -> Any:
     """The value of a dotted config field (a section comes back as a plain dict)."""
     value: Any = cfg
     for part in dotted.split("."):

@@ -24,7 +24,7 @@ from finescope_core.model import (
 from finescope_core.store import (
     ArtifactStore,
 )
-from tasks.caching import artifact_dir, run_cached
+from tasks.caching import PendingManifest, artifact_dir, run_cached
 from tasks.identity import model_digest
 from tasks.keymodels import StageKey
 
@@ -34,6 +34,12 @@ class ModelRef(BaseModel):
 
     path: str
     sha256: str
+
+
+class PendingModel(ModelRef):
+    """In a dry run: a model the run would convert first (the bundled default, not yet in the store)."""
+
+    pending: str
 
 
 def model_ref(spec: str, store: ArtifactStore) -> ModelRef:
@@ -50,6 +56,8 @@ def model_ref(spec: str, store: ArtifactStore) -> ModelRef:
             return {"source": gguf.name}
 
         manifest = run_cached(store, default_model_key(gguf), build)
+        if isinstance(manifest, PendingManifest):  # a dry run: converted by the run, not by the plan
+            return PendingModel(path=DEFAULT_MODEL, sha256="", pending=manifest.pending)
         return ModelRef(path=str(artifact_dir(store, manifest) / DEFAULT_MODEL_NAME), sha256=manifest.sha256)
     return ModelRef(path=_model_path(spec), sha256=model_digest(spec))
 

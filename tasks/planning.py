@@ -86,11 +86,30 @@ class Plan:
         }
 
 
-class Pending(BaseModel):
-    """What a dry run hands on for a value that only a stage to compute would produce."""
+class Pending:
+    """What a dry run hands on for a value that only a stage to compute would produce.
 
-    after: str
-    """The plan row of the stage that must be computed first."""
+    It stands in for any value: an attribute, an item or a call of it is the same pending value, so
+    the flow's code between stages runs unchanged until a stage (or a `plannable` step) receives it.
+    """
+
+    def __init__(self, after: str):
+        self.after = after
+        """The plan row of the stage that must be computed first."""
+
+    def __getattr__(self, name: str) -> Pending:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __getitem__(self, key: object) -> Pending:
+        return self
+
+    def __call__(self, *args: object, **kwargs: object) -> Pending:
+        return self
+
+    def __repr__(self) -> str:
+        return f"Pending(after={self.after!r})"
 
 
 class Planner:
@@ -110,6 +129,8 @@ class Planner:
         self, name: str, stage: str, status: Status, key: str | None = None, after: str | None = None
     ) -> None:
         uri = self.store.artifact_uri(stage, key) if key is not None else None
+        if key is not None and any((r.name, r.stage, r.key) == (name, stage, key) for r in self.rows):
+            return  # the same stage reached twice (the model a subflow resolved too): planned once
         parts, self._parts = self._parts, []
         self.rows.append(PlannedStage(name, stage, status, key, uri, after, parts))
 
@@ -180,7 +201,7 @@ def plannable(fn: Callable[P, R]) -> Callable[P, R]:
         if current_planner() is not None:
             waiting = first_blocker(args, kwargs)
             if waiting is not None:
-                return Pending(after=waiting)  # type: ignore[return-value]  # consumers test with `blocker`
+                return Pending(waiting)  # type: ignore[return-value]  # consumers test with `blocker`
         return fn(*args, **kwargs)
 
     return wrapper

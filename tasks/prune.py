@@ -8,30 +8,32 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import PruneConfig
 from finescope_core.data import Record, load_records, normalise_text
 from finescope_core.io import read_jsonl
 from finescope_core.model import checkpoint_dtype
 from finescope_core.prune import prune_model, save_pruned
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
-from tasks.context import open_store, storage_options
+from tasks.context import RunContext
 from tasks.data import load_data
-from tasks.identity import Precision, work_precision
+from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
 from tasks.models import ModelRef, private_model
+from tasks.planning import plannable
 from tasks.progress import Progress
+from tasks.registry import Stage, stage_task, variant_label
 from tasks.retries import GPU_TAGS, STORE_RETRIES
+from tasks.retrieve import CURATED_FILE
 
 
-def curated_records(cfg: FinescopeConfig, corpus: StageManifest, curated: StageManifest) -> list[Record]:
+@plannable
+def curated_records(ctx: RunContext, corpus: StageManifest, curated: StageManifest) -> list[Record]:
     """The curated set's corpus records, best first: what pruning (`curated`) and the teacher read.
 
     The whole set: evaluation items come from the evaluation split, which curation never sees.
     """
-    rows = read_jsonl(artifact_dir(open_store(cfg), curated) / "curated.jsonl")
-    by_id = {r.id: r for r in load_data(cfg, corpus).records}
+    rows = read_jsonl(artifact_dir(ctx.store, curated) / CURATED_FILE)
+    by_id = {r.id: r for r in load_data(ctx, corpus).records}
     return [by_id[r["id"]] for r in rows]
 
 
@@ -44,8 +46,10 @@ def training_pool(
     return [r for r in corpus if r.id not in skip and normalise_text(r.text) not in seed_texts]
 
 
+@plannable
 def pruning_texts(
-    cfg: FinescopeConfig,
+    section: PruneConfig,
+    ctx: RunContext,
     corpus: StageManifest | None,
     curated: StageManifest | None,
     *,
@@ -54,19 +58,19 @@ def pruning_texts(
 ) -> list[str]:
     """The texts that score importance: the curated set, a random sample of its size from the training
     pool (`training_pool`: never the evaluation split, `excluded`, nor a seed copy), or a file."""
-    choice = cfg.prune.data
+    choice = section.data
     if choice in ("curated", "random"):
         assert corpus is not None and curated is not None, (
             "curated data is needed for prune.data curated/random"
         )
-        train = curated_records(cfg, corpus, curated)
+        train = curated_records(ctx, corpus, curated)
         if choice == "curated":
             return [r.text for r in train]
-        seed_records = load_data(cfg, seeds).records if seeds is not None else []
-        pool = training_pool(load_data(cfg, corpus).records, seed_records, excluded)
-        picked = random.Random(cfg.seed).sample(range(len(pool)), min(len(train), len(pool)))
+        seed_records = load_data(ctx, seeds).records if seeds is not None else []
+        pool = training_pool(load_data(ctx, corpus).records, seed_records, excluded)
+        picked = random.Random(ctx.seed).sample(range(len(pool)), min(len(train), len(pool)))
         return [pool[i].text for i in sorted(picked)]
-    return load_records([choice], role="prune.data", storage_options=storage_options(cfg)).texts
+    return load_records([choice], role="prune.data", storage_options=ctx.storage_options()).texts
 
 
 def texts_sha(texts: list[str]) -> str:
@@ -101,23 +105,44 @@ class PrunedKey(ModelStageKey):
 
 
 def pruned_key(
-    cfg: FinescopeConfig, model_sha: str, texts_digest: str, precision: Precision | None = None
+    section: PruneConfig,
+    ctx: RunContext,
+    model_sha: str,
+    texts_digest: str,
+    precision: Precision | None = None,
 ) -> StageKey:
-    return PrunedKey.of(cfg, {"model": model_sha, "texts": texts_digest}, precision).spec()
+    return PrunedKey.of(
+        ctx.settings(prune=section), {"model": model_sha, "texts": texts_digest}, precision
+    ).spec()
 
 
-@task(name="prune", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
-def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_digest: str) -> StageManifest:
+MODEL_DIR = "model"
+"""The pruned model's directory in the `pruned` artifact (a plain Hugging Face model directory)."""
+PRUNED = Stage("pruned", PrunedKey, upstream=("models", "curated"), core=prune_model, files=(MODEL_DIR,))
+
+
+@stage_task(
+    PRUNED,
+    label=variant_label("pruned"),
+    name="prune",
+    task_run_name="prune-{tag}",
+    cache_policy=RUN_RESULTS,
+    tags=GPU_TAGS,
+    **STORE_RETRIES,
+)
+def prune_task(
+    section: PruneConfig, ctx: RunContext, ref: ModelRef, texts: list[str], tag: str = "curated"
+) -> StageManifest:
     """LLM-Pruner-style structured pruning to `prune.ratio`, saved as a plain HF directory under `model/`."""
-    ran = work_precision(cfg)
+    ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:
         # A private copy (pruning is in place), loaded with the shared copy evicted: one copy, not two.
         model, tok = private_model(ref.path, ran.device, ran.dtype)
         plan = prune_model(
-            model, tok, texts, cfg.prune, rule=cfg.prune.widths, progress=Progress("prune importance")
+            model, tok, texts, section, rule=section.widths, progress=Progress("prune importance")
         )
-        save_pruned(model, tok, plan, work / "model", dtype=checkpoint_dtype(ref.path))
+        save_pruned(model, tok, plan, work / MODEL_DIR, dtype=checkpoint_dtype(ref.path))
         report = plan.to_dict()
         keys = (
             "target_ratio",
@@ -129,7 +154,7 @@ def prune_task(cfg: FinescopeConfig, ref: ModelRef, texts: list[str], texts_dige
         )
         return {k: report[k] for k in keys}
 
-    return run_cached(open_store(cfg), pruned_key(cfg, ref.sha256, texts_digest, ran), build)
+    return run_cached(ctx.store, pruned_key(section, ctx, ref.sha256, texts_sha(texts), ran), build)
 
 
 def baseline_records(name: str, pool: list[Record], size: int, seed: int) -> list[Record]:

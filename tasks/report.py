@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import CurateConfig, PruneConfig
 from finescope_core.evaluate import (
     comparisons,
     metrics_schema_errors,
@@ -17,8 +15,9 @@ from finescope_core.evaluate import (
 from finescope_core.report_stage import ReportInputs, report_stage
 from finescope_core.run_warnings import duplicate_warnings, eval_set_warnings, fallback_warnings
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
-from tasks.context import open_store
+from tasks.context import RunContext
 from tasks.keymodels import StageKey, StageKeyModel
+from tasks.registry import Stage, stage_task
 from tasks.retries import STORE_RETRIES
 from tasks.teacher import distillation_info
 
@@ -126,17 +125,39 @@ class ReportKey(StageKeyModel):
     k_act: int
 
 
-def report_key(cfg: FinescopeConfig, metrics: dict[str, Any], curated_sha: str, pruned_sha: str) -> StageKey:
+def report_key(
+    curate: CurateConfig,
+    prune: PruneConfig,
+    ctx: RunContext,
+    metrics: dict[str, Any],
+    curated_sha: str,
+    pruned_sha: str,
+) -> StageKey:
     metrics_sha = hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()
-    return ReportKey.of(cfg, {"metrics": metrics_sha, "curated": curated_sha, "pruned": pruned_sha}).spec()
+    settings = ctx.settings(curate=curate, prune=prune)
+    return ReportKey.of(
+        settings, {"metrics": metrics_sha, "curated": curated_sha, "pruned": pruned_sha}
+    ).spec()
 
 
-@task(name="report", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+REPORT_FILE = "report.md"
+"""The report (plots beside it, linked relatively)."""
+REPORT = Stage(
+    "report", ReportKey, upstream=("curated", "pruned", "evaluation"), core=report_stage, files=(REPORT_FILE,)
+)
+
+
+@stage_task(REPORT, name="report", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def report_task(
-    cfg: FinescopeConfig, curate: Any, metrics: dict[str, Any], pruned: StageManifest
+    curate_section: CurateConfig,
+    prune_section: PruneConfig,
+    ctx: RunContext,
+    curate: Any,
+    metrics: dict[str, Any],
+    pruned: StageManifest,
 ) -> StageManifest:
     """report.md with plots: saliency, SAE metrics, retrieval scores + examples, parameters, evaluation."""
-    store = open_store(cfg)
+    store = ctx.store
 
     def build(work: Path) -> dict[str, Any]:
         inputs = ReportInputs(
@@ -148,7 +169,8 @@ def report_task(
             if curate.sae
             else None,
         )
-        title = f"finescope: {cfg.curate.method} curation, ratio {cfg.prune.ratio}"
-        return report_stage(inputs, title=title, k_act=cfg.curate.k_act, work=work)
+        title = f"finescope: {curate_section.method} curation, ratio {prune_section.ratio}"
+        return report_stage(inputs, title=title, k_act=curate_section.k_act, work=work)
 
-    return run_cached(store, report_key(cfg, metrics, curate.curated.sha256, pruned.sha256), build)
+    key = report_key(curate_section, prune_section, ctx, metrics, curate.curated.sha256, pruned.sha256)
+    return run_cached(store, key, build)

@@ -11,23 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
 
 from finescope_core import curate as core
 from finescope_core import sentence
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import CurateConfig
 from finescope_core.data import (
     seed_copies,
 )
 from finescope_core.evaluate.split import Holdout
 from finescope_core.sae.codes import SparseCodeSource
 from tasks.activations import activation_dirs
-from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
+from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, planned_after, run_cached
 from tasks.codes import code_dirs
-from tasks.context import open_store
+from tasks.context import RunContext
 from tasks.data import load_data
 from tasks.keymodels import StageKey, StageKeyModel
+from tasks.planning import labelled
 from tasks.progress import Progress
+from tasks.registry import Stage, declare, stage_task
 from tasks.retries import STORE_RETRIES
 
 
@@ -73,10 +74,10 @@ class CuratedKey(StageKeyModel):
     seed: int
 
 
-def needs_sentence(cfg: FinescopeConfig) -> bool:
+def needs_sentence(section: CurateConfig) -> bool:
     """Whether the retrieval reads the corpus's sentence embeddings (the method, or fusion with it)."""
-    method = cfg.curate.method
-    return method == "sentence" or (cfg.curate.fusion == "sentence" and method in ("sae", "activation"))
+    method = section.method
+    return method == "sentence" or (section.fusion == "sentence" and method in ("sae", "activation"))
 
 
 class SentenceKey(StageKeyModel):
@@ -92,7 +93,8 @@ def sentence_key(corpus_sha: str) -> StageKey:
 
 
 def curated_key(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     corpus_sha: str,
     seeds_sha: str,
     acts_shas: list[str] | None,
@@ -108,29 +110,45 @@ def curated_key(
         "sentence": sentence_sha or "",
         "excluded": excluded_sha,
     }
-    return CuratedKey.of(cfg, inputs).spec()
+    return CuratedKey.of(ctx.settings(curate=section), inputs).spec()
 
 
-def _device(cfg: FinescopeConfig) -> str:
-    return "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+def _device(ctx: RunContext) -> str:
+    return "cuda" if ctx.device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def sentence_stage(cfg: FinescopeConfig, corpus: StageManifest) -> StageManifest:
+def sentence_stage(ctx: RunContext, corpus: StageManifest) -> StageManifest:
     """The corpus's sentence embeddings from the store, computed on a miss (a plain call, inside the task)."""
-    store = open_store(cfg)
+    store = ctx.store
 
     def build(work: Path) -> dict[str, Any]:
-        texts = load_data(cfg, corpus).texts
+        texts = load_data(ctx, corpus).texts
         return sentence.write_corpus_embeddings(
-            texts, work, device=_device(cfg), progress=Progress("sentence corpus embeddings")
+            texts, work, device=_device(ctx), progress=Progress("sentence corpus embeddings")
         )
 
-    return run_cached(store, sentence_key(corpus.sha256), build)
+    with labelled("sentence-embeddings"):
+        return run_cached(store, sentence_key(corpus.sha256), build)
 
 
-@task(name="retrieve", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+SENTENCE = declare(
+    Stage("sentence-embeddings", SentenceKey, upstream=("corpus",), core=sentence.write_corpus_embeddings)
+)
+CURATED_FILE = "curated.jsonl"
+"""The curated set, best first (`curated.parquet` holds the same rows)."""
+CURATED = Stage(
+    "curated",
+    CuratedKey,
+    upstream=("corpus", "seeds", "activations", "sae", "sae-codes", "sentence-embeddings"),
+    core=core.curate_records,
+    files=(CURATED_FILE, "curated.parquet", "curation.json", "scores.safetensors"),
+)
+
+
+@stage_task(CURATED, name="retrieve", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def retrieve_task(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     corpus: StageManifest,
     seeds: StageManifest,
     acts: tuple[StageManifest, StageManifest] | None,
@@ -144,20 +162,23 @@ def retrieve_task(
     `sae` and `activation` read the corpus shard by shard (`codes`: the corpus's sparse SAE codes per
     shard, for `sae`), so memory does not grow with the corpus beyond the records themselves and one
     score per record."""
-    store = open_store(cfg)
-    sent = sentence_stage(cfg, corpus) if needs_sentence(cfg) else None
+    store = ctx.store
+    sent = sentence_stage(ctx, corpus) if needs_sentence(section) else None
+    waiting = planned_after("curated", sent)  # a dry run: the embeddings are still to compute
+    if waiting is not None:
+        return waiting
 
     def build(work: Path) -> dict[str, Any]:
-        seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
+        seed_records, corpus_records = load_data(ctx, seeds), load_data(ctx, corpus)
         cached = (
             sentence.read_corpus_embeddings(artifact_dir(store, sent), len(corpus_records)) if sent else None
         )
-        method = cfg.curate.method
+        method = section.method
         summary: dict[str, Any] = {}
         corpus_emb: core.Embeddings | None
         if method in ("sae", "activation"):
             assert acts is not None
-            dirs = code_dirs(cfg, codes) if codes else None
+            dirs = code_dirs(ctx, codes) if codes else None
             corpus_emb, seed_emb = core.streamed_embeddings(
                 method,
                 activation_dirs(store, acts[0]),
@@ -174,13 +195,13 @@ def retrieve_task(
                 corpus_records,
                 seed_records,
                 sentence_corpus=cached,
-                device=_device(cfg),
+                device=_device(ctx),
                 progress=Progress(f"{method} embeddings"),
             )
         fusion = None
         if cached is not None and method != "sentence":  # curate.fusion: sentence
             f_corpus, f_seeds = core.method_embeddings(
-                "sentence", corpus_records, seed_records, sentence_corpus=cached, device=_device(cfg)
+                "sentence", corpus_records, seed_records, sentence_corpus=cached, device=_device(ctx)
             )
             assert f_corpus is not None and f_seeds is not None
             fusion = (f_corpus, f_seeds)
@@ -192,8 +213,8 @@ def retrieve_task(
             corpus_emb,
             seed_emb,
             len(corpus_records),
-            cfg.curate,
-            cfg.seed,
+            section,
+            ctx.seed,
             excluded,
             ids=[r.id for r in corpus_records.records],
             fusion_emb=fusion,
@@ -219,7 +240,8 @@ def retrieve_task(
 
     acts_shas = [a.sha256 for a in acts] if acts else None
     spec = curated_key(
-        cfg,
+        section,
+        ctx,
         corpus.sha256,
         seeds.sha256,
         acts_shas,

@@ -6,17 +6,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from finescope_core import curate as core
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import CurateConfig
 from finescope_core.model import pick_device
 from finescope_core.saliency import LayerSaliency
 from tasks.activations import activation_dirs
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
-from tasks.context import open_store
+from tasks.context import RunContext
 from tasks.keymodels import StageKey, StageKeyModel
 from tasks.progress import Progress
+from tasks.registry import Stage, stage_task
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
@@ -55,15 +54,26 @@ class SaeKey(StageKeyModel):
     seed: int
 
 
-def sae_layers_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str, layer_ids: list[int]) -> StageKey:
-    return SaeLayersKey.of(cfg, {"activations": acts_sha, "saliency": sal_sha}, layers=layer_ids).spec()
+def sae_layers_key(
+    section: CurateConfig, ctx: RunContext, acts_sha: str, sal_sha: str, layer_ids: list[int]
+) -> StageKey:
+    return SaeLayersKey.of(
+        ctx.settings(curate=section), {"activations": acts_sha, "saliency": sal_sha}, layers=layer_ids
+    ).spec()
 
 
-def sae_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str) -> StageKey:
-    return SaeKey.of(cfg, {"activations": acts_sha, "saliency": sal_sha}).spec()
+def sae_key(section: CurateConfig, ctx: RunContext, acts_sha: str, sal_sha: str) -> StageKey:
+    return SaeKey.of(ctx.settings(curate=section), {"activations": acts_sha, "saliency": sal_sha}).spec()
 
 
-@task(
+SAE_LAYERS = Stage(
+    "sae-layers", SaeLayersKey, upstream=("activations", "saliency"), core=core.sae_stage, part_of="sae"
+)
+SAE = Stage("sae", SaeKey, upstream=("sae-layers",))
+
+
+@stage_task(
+    SAE_LAYERS,
     name="sae-layers",
     task_run_name="sae-layers-{positions}",
     cache_policy=RUN_RESULTS,
@@ -71,10 +81,15 @@ def sae_key(cfg: FinescopeConfig, acts_sha: str, sal_sha: str) -> StageKey:
     **STORE_RETRIES,
 )
 def sae_layers_task(
-    cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest, layers: list[int], positions: list[int]
+    section: CurateConfig,
+    ctx: RunContext,
+    acts: StageManifest,
+    sal: StageManifest,
+    layers: list[int],
+    positions: list[int],
 ) -> StageManifest:
     """Eq. 3-5 / §6: the SAEs of some hooked layers (batched into one module), on their activations only."""
-    store = open_store(cfg)
+    store = ctx.store
     ids = [layers[i] for i in positions]
 
     def build(work: Path) -> dict[str, Any]:
@@ -85,19 +100,21 @@ def sae_layers_task(
             dirs,
             layers,
             indices,
-            cfg.curate,
-            cfg.seed,
+            section,
+            ctx.seed,
             work,
             progress,
             positions,
-            device=pick_device(cfg.device),
+            device=pick_device(ctx.device),
         )
 
-    return run_cached(store, sae_layers_key(cfg, acts.sha256, sal.sha256, ids), build)
+    return run_cached(store, sae_layers_key(section, ctx, acts.sha256, sal.sha256, ids), build)
 
 
-def lookup_sae(cfg: FinescopeConfig, acts: StageManifest, sal: StageManifest) -> StageManifest | None:
-    return lookup_stage(open_store(cfg), sae_key(cfg, acts.sha256, sal.sha256))
+def lookup_sae(
+    section: CurateConfig, ctx: RunContext, acts: StageManifest, sal: StageManifest
+) -> StageManifest | None:
+    return lookup_stage(ctx.store, sae_key(section, ctx, acts.sha256, sal.sha256))
 
 
 def trained_on(records: StageManifest) -> dict[str, Any]:
@@ -106,9 +123,10 @@ def trained_on(records: StageManifest) -> dict[str, Any]:
     return {"stage": records.stage, "sha256": records.sha256, "records": records.info.get("records")}
 
 
-@task(name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+@stage_task(SAE, name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def gather_sae_task(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     acts: StageManifest,
     sal: StageManifest,
     layers: list[int],
@@ -120,7 +138,7 @@ def gather_sae_task(
     `records` are the records `acts` are of (the corpus, or `curate.sae_corpus`); the info names them
     (`trained_on`). They are not in the key: the activations' hash already is, and it hashes them.
     """
-    store = open_store(cfg)
+    store = ctx.store
 
     def build(work: Path) -> dict[str, Any]:
         metrics: dict[int, Any] = {}
@@ -140,4 +158,4 @@ def gather_sae_task(
             "parts_seconds": sum(p.seconds for p in parts),
         }
 
-    return run_cached(store, sae_key(cfg, acts.sha256, sal.sha256), build)
+    return run_cached(store, sae_key(section, ctx, acts.sha256, sal.sha256), build)

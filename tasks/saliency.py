@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from finescope_core import curate as core
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import CurateConfig
 from tasks.caching import RUN_RESULTS, StageManifest, run_cached
-from tasks.context import open_store
+from tasks.context import RunContext
 from tasks.data import load_data
-from tasks.identity import Precision, work_precision
+from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
 from tasks.models import ModelRef, using_model
 from tasks.progress import Progress
+from tasks.registry import Stage, stage_task
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
@@ -52,34 +51,41 @@ class SaliencyKey(ModelStageKey):
 
 
 def saliency_key(
-    cfg: FinescopeConfig,
+    section: CurateConfig,
+    ctx: RunContext,
     model_sha: str,
     corpus_sha: str,
     layers: list[int],
     precision: Precision | None = None,
 ) -> StageKey:
-    return SaliencyKey.of(cfg, {"model": model_sha, "corpus": corpus_sha}, precision, layers=layers).spec()
+    inputs = {"model": model_sha, "corpus": corpus_sha}
+    return SaliencyKey.of(ctx.settings(curate=section), inputs, precision, layers=layers).spec()
 
 
-@task(name="saliency", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+SALIENCY = Stage(
+    "saliency", SaliencyKey, upstream=("models", "corpus", "sae-corpus"), core=core.saliency_stage
+)
+
+
+@stage_task(SALIENCY, name="saliency", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def saliency_task(
-    cfg: FinescopeConfig, ref: ModelRef, corpus: StageManifest, layers: list[int]
+    section: CurateConfig, ctx: RunContext, ref: ModelRef, corpus: StageManifest, layers: list[int]
 ) -> StageManifest:
     """Eq. 6-10: per-coordinate saliency of every hooked layer on D0; top-k_act indices per layer."""
 
-    ran = work_precision(cfg)
+    ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:
         with using_model(ref.path, ran.device, ran.dtype) as (model, tok):
             return core.saliency_stage(
                 model,
                 tok,
-                load_data(cfg, corpus),
+                load_data(ctx, corpus),
                 layers,
-                cfg.curate,
-                cfg.seed,
+                section,
+                ctx.seed,
                 work,
-                Progress(f"saliency ({cfg.curate.selector})"),
+                Progress(f"saliency ({section.selector})"),
             )
 
-    return run_cached(open_store(cfg), saliency_key(cfg, ref.sha256, corpus.sha256, layers, ran), build)
+    return run_cached(ctx.store, saliency_key(section, ctx, ref.sha256, corpus.sha256, layers, ran), build)

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
 
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import TeacherConfig
 from finescope_core.data import Record
 from finescope_core.memplan import vllm_engine_settings
 from finescope_core.model import load_tokenizer
@@ -24,11 +23,13 @@ from finescope_core.teacher import (
     resolve_max_new_tokens,
 )
 from tasks.caching import RUN_RESULTS, StageManifest, run_cached
-from tasks.context import logger, open_store
-from tasks.identity import Precision, work_precision
+from tasks.context import RunContext, logger
+from tasks.data import model_task
+from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
-from tasks.models import ModelRef, evict_shared_model, model_ref, private_model
+from tasks.models import ModelRef, evict_shared_model, private_model
 from tasks.progress import Progress
+from tasks.registry import Stage, stage_task, variant_label
 from tasks.retries import GPU_TAGS, IO_RETRIES
 
 
@@ -39,11 +40,11 @@ def records_sha(records: list[Record]) -> str:
     return h.hexdigest()
 
 
-def teacher_ref(cfg: FinescopeConfig, base: ModelRef) -> ModelRef:
+def teacher_ref(section: TeacherConfig, ctx: RunContext, base: ModelRef) -> ModelRef:
     """The teacher: the unpruned base model unless `teacher.model` names another."""
-    if cfg.teacher.model == "base":
+    if section.model == "base":
         return base
-    return model_ref(cfg.teacher.model, open_store(cfg))
+    return model_task(ctx, section.model, "models (teacher)")
 
 
 class DistilledKey(ModelStageKey):
@@ -76,57 +77,87 @@ class DistilledKey(ModelStageKey):
 
 
 def distilled_key(
-    cfg: FinescopeConfig, teacher_sha: str, records: list[Record], precision: Precision | None = None
+    section: TeacherConfig,
+    ctx: RunContext,
+    teacher_sha: str,
+    records: list[Record],
+    precision: Precision | None = None,
 ) -> StageKey:
-    return DistilledKey.of(cfg, {"teacher": teacher_sha, "records": records_sha(records)}, precision).spec()
+    return DistilledKey.of(
+        ctx.settings(teacher=section), {"teacher": teacher_sha, "records": records_sha(records)}, precision
+    ).spec()
 
 
-@task(name="teacher", task_run_name="teacher-{tag}", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **IO_RETRIES)
-def teacher_task(cfg: FinescopeConfig, teacher: ModelRef, records: list[Record], tag: str) -> StageManifest:
+DISTILLED_FILE = "distilled.jsonl"
+"""The teacher's responses, one JSON line a record (written as they come, so a killed run resumes)."""
+DISTILLED = Stage(
+    "distilled",
+    DistilledKey,
+    upstream=("models", "curated"),
+    core=generate_distilled,
+    files=(DISTILLED_FILE,),
+)
+
+
+@stage_task(
+    DISTILLED,
+    label=variant_label("distilled"),
+    name="teacher",
+    task_run_name="teacher-{tag}",
+    cache_policy=RUN_RESULTS,
+    tags=GPU_TAGS,
+    **IO_RETRIES,
+)
+def teacher_task(
+    section: TeacherConfig, ctx: RunContext, teacher: ModelRef, records: list[Record], tag: str = "curated"
+) -> StageManifest:
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
-    ran = work_precision(cfg)
+    ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:
         model: Teacher
-        if cfg.teacher.backend == "vllm":
-            check_teacher_backend(cfg)
+        if section.backend == "vllm":
+            check_teacher_backend(section, ctx.device)
             evict_shared_model()  # vLLM sizes its cache from the memory free when it starts
             tok = load_tokenizer(teacher.path)
             free, total = torch.cuda.mem_get_info()
-            engine = vllm_engine_settings(cfg, resolve_max_new_tokens(tok, records, cfg.teacher), free, total)
+            budget = resolve_max_new_tokens(tok, records, section)
+            engine = vllm_engine_settings(section, ctx.memory_budget, budget, free, total)
             logger().info("teacher (vllm): %s", engine)
             model = VLLMGenerator(
-                teacher.path, ran.dtype if cfg.model_dtype != "auto" else "auto", cfg.seed, **engine
+                teacher.path, ran.dtype if ctx.model_dtype != "auto" else "auto", ctx.seed, **engine
             )
         else:
-            device_map = "auto" if cfg.teacher.device_map == "auto" else None
+            device_map = "auto" if section.device_map == "auto" else None
             model, tok = private_model(teacher.path, ran.device, ran.dtype, device_map=device_map)
         summary = generate_distilled(
             model,
             tok,
             records,
-            cfg.teacher,
-            work / "distilled.jsonl",
+            section,
+            work / DISTILLED_FILE,
             progress=Progress(f"teacher ({tag})"),
-            seed=cfg.seed,
+            seed=ctx.seed,
         )
         return summary.to_dict()
 
-    return run_cached(open_store(cfg), distilled_key(cfg, teacher.sha256, records, ran), build, resume=True)
+    return run_cached(
+        ctx.store, distilled_key(section, ctx, teacher.sha256, records, ran), build, resume=True
+    )
 
 
-def check_teacher_backend(cfg: FinescopeConfig) -> None:
+def check_teacher_backend(section: TeacherConfig, device: str) -> None:
     """Refuse `teacher.backend: vllm` without the package or a CUDA device, before any work."""
-    if cfg.teacher.backend != "vllm":
+    if section.backend != "vllm":
         return
     if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
         raise TeacherError(
             "teacher.backend: vllm needs the vllm package: pip install 'finescope[vllm]' (CUDA only); "
             "or set teacher.backend: hf"
         )
-    if cfg.device == "cpu" or not torch.cuda.is_available():
+    if device == "cpu" or not torch.cuda.is_available():
         raise TeacherError(
-            f"teacher.backend: vllm runs on CUDA only (device: {cfg.device}, CUDA available: "
+            f"teacher.backend: vllm runs on CUDA only (device: {device}, CUDA available: "
             f"{torch.cuda.is_available()}); set teacher.backend: hf"
         )
 

@@ -101,12 +101,14 @@ def test_vllm_backend_is_refused_without_the_package_or_a_gpu(
 ) -> None:
     cfg = FinescopeConfig(seeds=["s.jsonl"], corpus=["c.jsonl"], teacher={"backend": "vllm"}, device="cpu")
     with pytest.raises(TeacherError, match="runs on CUDA only"):
-        check_teacher_backend(cfg)
+        check_teacher_backend(cfg.teacher, cfg.device)
     monkeypatch.delitem(sys.modules, "vllm")
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
     with pytest.raises(TeacherError, match=r"pip install 'finescope\[vllm\]'"):
-        check_teacher_backend(cfg)
-    check_teacher_backend(cfg.model_copy(update={"teacher": TeacherConfig()}))  # hf: nothing to check
+        check_teacher_backend(cfg.teacher, cfg.device)
+    check_teacher_backend(
+        cfg.model_copy(update={"teacher": TeacherConfig()}).teacher, cfg.device
+    )  # hf: nothing to check
 
 
 def test_device_map_auto_loads_the_same_model(tmp_path: Path) -> None:

@@ -178,7 +178,7 @@ def test_sentence_corpus_embeddings_are_a_cached_stage(workspace, tmp_path, monk
 
 
 def test_fusion_and_seed_expansion_run_in_the_flow_and_plan(workspace, tmp_path):
-    from tasks.plan import plan
+    from flows.plan import plan
 
     cfg = config(workspace, fusion="sentence", expand_seeds=3)
     cfg.store = str(tmp_path / "store")

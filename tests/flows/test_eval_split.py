@@ -16,7 +16,7 @@ from finescope_core.tiny import save_tiny
 from flows.curate import curate_flow
 from flows.specialize import specialize_flow
 from tasks.caching import artifact_dir
-from tasks.context import open_store
+from tasks.context import RunContext, open_store
 from tasks.data import load_data
 from tasks.prune import baseline_records, curated_records, pruning_texts, training_pool
 
@@ -100,7 +100,10 @@ def _grams(texts) -> set:
 def test_no_split_record_reaches_any_training_input(run):
     cfg, result, planted = run
     store = open_store(cfg)
-    corpus, seeds = load_data(cfg, result.curate.corpus), load_data(cfg, result.curate.seeds)
+    corpus, seeds = (
+        load_data(RunContext.of(cfg), result.curate.corpus),
+        load_data(RunContext.of(cfg), result.curate.seeds),
+    )
     split = set(result.curate.held_out.split)
     assert planted["id"] in split and len(split) >= 10
     # Every split record but the planted twin (whose copy outside the split is training data: the
@@ -109,7 +112,7 @@ def test_no_split_record_reaches_any_training_input(run):
     split_grams = _grams(split_texts)
     assert split_grams
 
-    curated = curated_records(cfg, result.curate.corpus, result.curate.curated)
+    curated = curated_records(RunContext.of(cfg), result.curate.corpus, result.curate.curated)
     prune_texts = pruning_texts(
         cfg,
         result.curate.corpus,

@@ -15,8 +15,9 @@ from finescope_core.report import harness_table
 from finescope_core.tiny import save_tiny
 from flows.specialize import specialize_flow
 from tasks.caching import artifact_dir
-from tasks.context import open_store
+from tasks.context import RunContext, open_store
 from tasks.evaluate import evaluate_task, evaluation_key
+from tasks.models import ModelRef
 
 TASK = "tiny_mc"
 ITEMS = [
@@ -63,7 +64,9 @@ def test_evaluate_task_adds_lm_eval_results_to_the_models_metrics(tmp_path):
     cfg = _cfg(tmp_path, lm_eval_tasks=[TASK], lm_eval_include=str(include), lm_eval_limit=4)
     texts = ["some held-out domain text", "and another one"]
     data = _data(texts)
-    manifest = evaluate_task.fn(cfg, "base", str(model_dir), "m", data)
+    manifest = evaluate_task.fn(
+        cfg.evaluate, RunContext.of(cfg), "base", ModelRef(path=str(model_dir), sha256="m"), data
+    )
     metrics = json.loads((artifact_dir(open_store(cfg), manifest) / "metrics.json").read_text())
     assert set(metrics["lm_eval"][TASK]) == {"acc", "acc_norm"}
     assert metrics["lm_eval"][TASK]["acc"]["n"] == 4
@@ -73,9 +76,9 @@ def test_evaluate_task_adds_lm_eval_results_to_the_models_metrics(tmp_path):
     assert f"| {TASK} | acc | 4 |" in table and "| base | pruned | tuned |" in table
 
     # An edited task file is a new evaluation key; turning lm-eval off forgets the directory.
-    before = evaluation_key(cfg, "m", data).key
+    before = evaluation_key(cfg.evaluate, RunContext.of(cfg), "m", data).key
     (include / "mc.jsonl").write_text(json.dumps(ITEMS[0]) + "\n")
-    assert evaluation_key(cfg, "m", data).key != before
+    assert evaluation_key(cfg.evaluate, RunContext.of(cfg), "m", data).key != before
     off = _cfg(tmp_path, lm_eval_include=str(include))
     assert evaluation_key(off, "m", data).key == evaluation_key(_cfg(tmp_path), "m", data).key
 
@@ -84,10 +87,22 @@ def test_a_bad_lm_eval_setup_is_refused_before_the_model_loads(tmp_path):
     missing = _cfg(tmp_path, lm_eval_tasks=[TASK], lm_eval_include=str(tmp_path / "nowhere"))
     # The model path does not exist either: the lm-eval check must come first.
     with pytest.raises(EvalError, match=r"evaluate\.lm_eval_include: .*nowhere is not a directory"):
-        evaluate_task.fn(missing, "base", str(tmp_path / "no-model"), "m", _data(["text"]))
+        evaluate_task.fn(
+            missing.evaluate,
+            RunContext.of(missing),
+            "base",
+            ModelRef(path=str(tmp_path / "no-model"), sha256="m"),
+            _data(["text"]),
+        )
     unknown = _cfg(tmp_path, lm_eval_tasks=["not_a_task"], lm_eval_include=str(_task_dir(tmp_path / "tasks")))
     with pytest.raises(EvalError, match=r"evaluate\.lm_eval_tasks: \['not_a_task'\] not found"):
-        evaluate_task.fn(unknown, "base", str(tmp_path / "no-model"), "m", _data(["text"]))
+        evaluate_task.fn(
+            unknown.evaluate,
+            RunContext.of(unknown),
+            "base",
+            ModelRef(path=str(tmp_path / "no-model"), sha256="m"),
+            _data(["text"]),
+        )
     # The flow refuses it before curation (its seeds and corpus do not even exist).
     with pytest.raises(EvalError, match=r"evaluate\.lm_eval_include"):
         specialize_flow(missing)

@@ -17,6 +17,7 @@ from test_fanout import write_inputs
 from test_keys import BASE, stage_keys
 
 import tasks.activations
+import tasks.context
 import tasks.models
 from finescope_core.curate import hooked_layers
 from finescope_core.data import Record
@@ -24,6 +25,7 @@ from finescope_core.store import ArtifactStore
 from finescope_core.tiny import save_tiny
 from tasks.activations import activation_shard_task, activations_key, gather_activations_task
 from tasks.caching import RUN_RESULTS, StageManifest
+from tasks.context import RunContext
 from tasks.data import data_task, inputs_task, model_task
 from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
@@ -44,9 +46,9 @@ def test_editing_the_chat_template_changes_the_distilled_tuned_and_evaluation_ke
     def keys() -> dict[str, str]:
         sha = model_digest(str(model))
         return {
-            "distilled": distilled_key(cfg, sha, records).key,
-            "tuned": tuned_key(cfg, "p", "d", sha).key,
-            "evaluation": evaluation_key(cfg, sha, {"domain": ["x"]}).key,
+            "distilled": distilled_key(cfg.teacher, RunContext.of(cfg), sha, records).key,
+            "tuned": tuned_key(cfg.finetune, RunContext.of(cfg), "p", "d", sha).key,
+            "evaluation": evaluation_key(cfg.evaluate, RunContext.of(cfg), sha, {"domain": ["x"]}).key,
         }
 
     before = keys()
@@ -107,7 +109,7 @@ def test_changing_a_stages_source_changes_exactly_its_key(source_copy, changed):
 def corpus(tmp_path):
     root = write_inputs(tmp_path)
     cfg = fanout_config(root, str(tmp_path / "store"))
-    (corpus_manifest, _seeds) = data_task.fn(cfg, inputs_task.fn(cfg))
+    (corpus_manifest, _seeds) = data_task.fn(RunContext.of(cfg), inputs_task.fn(cfg))
     ref = model_ref(cfg.model, ArtifactStore(cfg.store))
     return cfg, ref, corpus_manifest, hooked_layers(3, cfg.curate)
 
@@ -119,19 +121,31 @@ def test_gathered_activations_are_keyed_by_the_precision_their_shards_ran_in(cor
     rows = records.info["records"]
     bf16 = Precision(device="cpu", dtype="bfloat16")
     with monkeypatch.context() as worker:  # the worker's resolution: a GPU worker says bfloat16 for `auto`
-        worker.setattr(tasks.activations, "work_precision", lambda cfg: bf16)
-        shard = activation_shard_task.fn(cfg, ref, records, layers, None, 0, rows)
+        worker.setattr(tasks.context, "work_precision", lambda cfg: bf16)
+        shard = activation_shard_task.fn(cfg.curate, RunContext.of(cfg), ref, records, layers, None, 0, rows)
     assert shard.info["precision"] == bf16.model_dump()
-    gathered = gather_activations_task.fn(cfg, ref, records, layers, None, [shard], rows)  # on the driver
-    assert gathered.key == activations_key(cfg, ref.sha256, records.sha256, layers, None, bf16).key
-    assert gathered.key != activations_key(cfg, ref.sha256, records.sha256, layers, None).key  # float32 here
+    gathered = gather_activations_task.fn(
+        cfg.curate, RunContext.of(cfg), ref, records, layers, None, [shard], rows
+    )  # on the driver
+    assert (
+        gathered.key
+        == activations_key(cfg.curate, RunContext.of(cfg), ref.sha256, records.sha256, layers, None, bf16).key
+    )
+    assert (
+        gathered.key
+        != activations_key(cfg.curate, RunContext.of(cfg), ref.sha256, records.sha256, layers, None).key
+    )  # float32 here
     stored = json.loads((Path(cfg.store) / "activations" / gathered.key / "_COMPLETE.json").read_text())
     assert "bfloat16" in json.dumps(stored)
 
-    fp32_shard = activation_shard_task.fn(cfg, ref, records, layers, None, 0, rows)  # a float32 run
+    fp32_shard = activation_shard_task.fn(
+        cfg.curate, RunContext.of(cfg), ref, records, layers, None, 0, rows
+    )  # a float32 run
     assert not fp32_shard.cached and fp32_shard.key != shard.key
     with pytest.raises(ValueError, match="different precisions"):
-        gather_activations_task.fn(cfg, ref, records, layers, None, [shard, fp32_shard], 2 * rows)
+        gather_activations_task.fn(
+            cfg.curate, RunContext.of(cfg), ref, records, layers, None, [shard, fp32_shard], 2 * rows
+        )
 
 
 # --- Prefect's result key and long-lived processes ------------------------------------------------------

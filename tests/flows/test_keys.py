@@ -12,6 +12,7 @@ from finescope_core.curate import hooked_layers
 from finescope_core.data import Record
 from tasks.activations import activations_key, shard_key, shard_plan
 from tasks.codes import codes_key
+from tasks.context import RunContext
 from tasks.data import records_key
 from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
@@ -36,25 +37,27 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
     specs = [
         records_key("corpus", "c"),
         records_key("seeds", "s"),
-        saliency_key(cfg, "m", "c", layers),
-        activations_key(cfg, "m", "c", layers, "sal"),
-        sae_key(cfg, "a", "sal"),
-        curated_key(cfg, "c", "s", ["a", "b"], "sae"),
+        saliency_key(cfg.curate, RunContext.of(cfg), "m", "c", layers),
+        activations_key(cfg.curate, RunContext.of(cfg), "m", "c", layers, "sal"),
+        sae_key(cfg.curate, RunContext.of(cfg), "a", "sal"),
+        curated_key(cfg.curate, RunContext.of(cfg), "c", "s", ["a", "b"], "sae"),
         sentence_key("c"),
-        codes_key(cfg, "shard", "sae"),
-        pruned_key(cfg, "m", "t"),
-        distilled_key(cfg, "teacher", record),
-        tuned_key(cfg, "p", "d", "teacher"),
-        evaluation_key(cfg, "m", {"domain": ["x"]}),
-        report_key(cfg, {"models": {}}, "cur", "p"),
+        codes_key(cfg.curate, RunContext.of(cfg), "shard", "sae"),
+        pruned_key(cfg.prune, RunContext.of(cfg), "m", "t"),
+        distilled_key(cfg.teacher, RunContext.of(cfg), "teacher", record),
+        tuned_key(cfg.finetune, RunContext.of(cfg), "p", "d", "teacher"),
+        evaluation_key(cfg.evaluate, RunContext.of(cfg), "m", {"domain": ["x"]}),
+        report_key(cfg.curate, cfg.prune, RunContext.of(cfg), {"models": {}}, "cur", "p"),
     ]
     keys = {s.stage: s.key for s in specs}
     # Fanned-out stages: the keys of all their parts.
     keys["activation-shards"] = "+".join(
-        shard_key(cfg, "m", "c", layers, "sal", start, stop).key
+        shard_key(cfg.curate, RunContext.of(cfg), "m", "c", layers, "sal", start, stop).key
         for start, stop in shard_plan(ROWS, cfg.curate.shard_size)
     )
-    keys["sae-layers"] = "+".join(sae_layers_key(cfg, "a", "sal", g).key for g in groups)
+    keys["sae-layers"] = "+".join(
+        sae_layers_key(cfg.curate, RunContext.of(cfg), "a", "sal", g).key for g in groups
+    )
     return keys
 
 

@@ -15,8 +15,9 @@ from finescope_core.evaluate import ITEMS_FILE, mean_interval, metrics_schema_er
 from finescope_core.report_stage import evaluation_body
 from finescope_core.tiny import save_tiny
 from tasks.caching import artifact_dir
-from tasks.context import open_store
+from tasks.context import RunContext, open_store
 from tasks.evaluate import EvaluationKey, evaluate_task, evaluation_items
+from tasks.models import ModelRef
 from tasks.report import metrics_document
 
 TASK = "tiny_mc"
@@ -75,7 +76,13 @@ def test_evaluations_store_per_item_numbers_and_the_document_pairs_them(tmp_path
         "numeric": None,
     }
     evaluations = {
-        name: evaluate_task.fn(cfg, name, str(save_tiny(tmp_path / name, seed=seed)), f"sha-{name}", data)
+        name: evaluate_task.fn(
+            cfg.evaluate,
+            RunContext.of(cfg),
+            name,
+            ModelRef(path=str(save_tiny(tmp_path / name, seed=seed)), sha256=f"sha-{name}"),
+            data,
+        )
         for name, seed in (("base", 0), ("pruned", 1), ("tuned", 2), ("tuned-random", 3))
     }
     store = open_store(cfg)

@@ -12,7 +12,7 @@ import tasks.retrieve
 import tasks.saliency
 from finescope_core.config import FinescopeConfig
 from flows.curate import curate_flow
-from tasks.plan import plan
+from flows.plan import plan
 
 BELOW_SALIENCY = {"activations (corpus)", "activations (seeds)", "sae", "sae-codes", "curated"}
 

@@ -13,7 +13,7 @@ from finescope_core.tiny import save_tiny
 from flows.cli import main
 from flows.specialize import specialize_flow
 from tasks.caching import artifact_dir
-from tasks.context import open_store
+from tasks.context import RunContext, open_store
 from tasks.prune import curated_records
 
 
@@ -91,7 +91,9 @@ def run_and_check(root, model_dir, corpus: list[dict], seed: dict) -> list[dict]
 
     result = specialize_flow(cfg)  # every stage cached: only to reach the artifacts
     store = open_store(cfg)
-    train = [{"id": r.id} for r in curated_records(cfg, result.curate.corpus, result.curate.curated)]
+    train = [
+        {"id": r.id} for r in curated_records(RunContext.of(cfg), result.curate.corpus, result.curate.curated)
+    ]
     held = [{"id": i} for i in result.curate.held_out.split]
     corpus_ids = {str(r["id"]) for r in corpus}
     assert held and train and all(isinstance(r["id"], str) and r["id"] in corpus_ids for r in train + held)

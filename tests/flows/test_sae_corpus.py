@@ -24,12 +24,13 @@ from finescope_core.store import ArtifactStore
 from finescope_core.tiny import save_tiny
 from flows.cli import main
 from flows.curate import curate_flow
+from flows.plan import plan
 from tasks.activations import activation_dirs, listed_shards
 from tasks.caching import artifact_dir
 from tasks.codes import codes_key
+from tasks.context import RunContext
 from tasks.data import read_sae_corpus
 from tasks.models import model_ref
-from tasks.plan import plan
 from tasks.saliency import saliency_key
 
 GENERAL = [
@@ -135,7 +136,10 @@ def test_saes_train_on_the_sae_corpus_activations(runs, tmp_path):
     # The saliency is taken on the sae corpus, so the coordinates do not depend on what is curated.
     store = ArtifactStore(cfg.store)
     ref = model_ref(cfg.model, store)
-    assert first.saliency.key == saliency_key(cfg, ref.sha256, first.sae_corpus.sha256, first.layers).key
+    assert (
+        first.saliency.key
+        == saliency_key(cfg.curate, RunContext.of(cfg), ref.sha256, first.sae_corpus.sha256, first.layers).key
+    )
     assert first.saliency.key != plain.saliency.key
     # Same corpus and seeds, another SAE: its key hashes the sae corpus's activations.
     assert first.corpus.key == plain.corpus.key and first.sae.key != plain.sae.key
@@ -162,7 +166,9 @@ def test_saes_train_on_the_sae_corpus_activations(runs, tmp_path):
 
     # The curated corpus is encoded with those SAEs, shard by shard.
     shards = listed_shards(store, first.activations)
-    assert [c.key for c in first.codes] == [codes_key(cfg, s["sha256"], first.sae.sha256).key for s in shards]
+    assert [c.key for c in first.codes] == [
+        codes_key(cfg.curate, RunContext.of(cfg), s["sha256"], first.sae.sha256).key for s in shards
+    ]
     assert sum(c.info["rows"] for c in first.codes) == 60
 
     # run.json lists the new stages.

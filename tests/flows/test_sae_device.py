@@ -16,6 +16,7 @@ import tasks.codes
 import tasks.sae
 from finescope_core.config import FinescopeConfig
 from finescope_core.sae.model import BatchedSAE
+from tasks.context import RunContext
 
 META = torch.device("meta")
 
@@ -35,7 +36,7 @@ def test_sae_training_runs_on_cfg_device(tmp_path: Path, monkeypatch: pytest.Mon
         tasks.sae, "pick_device", lambda device: META if device == "cuda" else torch.device(device)
     )
     monkeypatch.setattr(tasks.sae, "run_cached", _build_directly(tmp_path))
-    monkeypatch.setattr(tasks.sae, "open_store", lambda cfg: None)
+    monkeypatch.setattr(RunContext, "store", property(lambda self: None))
     monkeypatch.setattr(tasks.sae, "artifact_dir", lambda store, m: tmp_path)
     monkeypatch.setattr(tasks.sae, "activation_dirs", lambda store, acts: [tmp_path])
     monkeypatch.setattr(
@@ -43,7 +44,8 @@ def test_sae_training_runs_on_cfg_device(tmp_path: Path, monkeypatch: pytest.Mon
     )
     monkeypatch.setattr(tasks.sae.core, "sae_stage", lambda *a, **k: seen.update(k) or {})
     manifest = SimpleNamespace(sha256="x")
-    tasks.sae.sae_layers_task.fn(_cfg(), manifest, manifest, [0, 1], [0, 1])
+    cfg = _cfg()
+    tasks.sae.sae_layers_task.fn(cfg.curate, RunContext.of(cfg), manifest, manifest, [0, 1], [0, 1])
     assert seen.get("device") == META
 
 
@@ -55,7 +57,7 @@ def test_sae_codes_are_encoded_on_cfg_device(tmp_path: Path, monkeypatch: pytest
         tasks.codes, "pick_device", lambda device: META if device == "cuda" else torch.device(device)
     )
     monkeypatch.setattr(tasks.codes, "run_cached", _build_directly(tmp_path))
-    monkeypatch.setattr(tasks.codes, "open_store", lambda cfg: store)
+    monkeypatch.setattr(RunContext, "store", property(lambda self: store))
     monkeypatch.setattr(tasks.codes, "artifact_dir", lambda store, m: tmp_path)
     sae = BatchedSAE.initialised(4, 8, [0, 1])
     monkeypatch.setattr(tasks.codes.sae_lib, "load_saes", lambda path: (sae, [0, 1], []))
@@ -65,7 +67,12 @@ def test_sae_codes_are_encoded_on_cfg_device(tmp_path: Path, monkeypatch: pytest
         return SimpleNamespace(num_rows=0, truncated=0, mean_l0=0.0)
 
     monkeypatch.setattr(tasks.codes, "write_codes", write_codes)
+    cfg = _cfg()
     tasks.codes.codes_task.fn(
-        _cfg(), {"stage": "activation-shards", "key": "k", "sha256": "a"}, SimpleNamespace(sha256="s"), 0
+        cfg.curate,
+        RunContext.of(cfg),
+        {"stage": "activation-shards", "key": "k", "sha256": "a"},
+        SimpleNamespace(sha256="s"),
+        0,
     )
     assert seen == [META]

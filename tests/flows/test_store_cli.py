@@ -22,8 +22,8 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.store import ArtifactStore
 from flows.cli import main
 from flows.curate import curate_flow
+from flows.plan import plan
 from flows.specialize import specialize_flow
-from tasks.plan import plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
