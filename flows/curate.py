@@ -131,8 +131,14 @@ def preflight(cfg: FinescopeConfig, evaluating: bool = False) -> tuple[list[int]
         check_curation_fits(cfg.curate, model_shape(cfg)[1])
         check_memory(cfg, stages=("saliency", "activations"))  # above memory_budget: refused before any load
     check_runner(cfg)
-    layers, inputs, held = read_data(cfg, evaluating, read=inputs_task, read_sae=sae_inputs_task)
-    RunContext.of(cfg).store.check_writable()
+    ctx = RunContext.of(cfg)
+    layers, inputs, held = read_data(
+        cfg,
+        evaluating,
+        read=lambda c: inputs_task(ctx, c.seeds, c.corpus, c.curate.final_size),
+        read_sae=lambda c: sae_inputs_task(ctx, c.curate),
+    )
+    ctx.store.check_writable()
     apply_gpu_limit(cfg)
     return layers, inputs, held
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect.cache_policies import NO_CACHE
 
-from finescope_core.config import FinescopeConfig, StorageConfig
+from finescope_core.config import CurateConfig, FinescopeConfig, StorageConfig
 from finescope_core.data import (
     PreparedCorpus,
     Record,
@@ -40,13 +40,20 @@ def read_inputs(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
     subflow's preflight, `inputs_task`, the evaluation split) gets the same objects back while the
     files are unchanged (`_stamp`: local files by size and mtime; remote ones are read again).
     """
-    storage = cfg.storage.model_dump_json()
-    return _read_inputs(tuple(cfg.seeds), tuple(cfg.corpus), cfg.curate.final_size, storage, _stamp(cfg))
+    return read_files(cfg.seeds, cfg.corpus, cfg.curate.final_size, cfg.storage)
 
 
-def _stamp(cfg: FinescopeConfig) -> tuple[Any, ...]:
+def read_files(
+    seeds: list[str], corpus: list[str], final_size: int, storage: StorageConfig
+) -> tuple[RecordSet, PreparedCorpus]:
+    """`read_inputs` of the files themselves."""
+    stamp = _stamp([*seeds, *corpus])
+    return _read_inputs(tuple(seeds), tuple(corpus), final_size, storage.model_dump_json(), stamp)
+
+
+def _stamp(uris: list[str]) -> tuple[Any, ...]:
     out: list[Any] = []
-    for uri in (*cfg.seeds, *cfg.corpus):
+    for uri in uris:
         path = Path(uri).expanduser()
         if "://" in uri or not path.exists():
             return (object(),)  # never equal: read again
@@ -76,6 +83,11 @@ SAE_CORPUS_FIELD = "curate.sae_corpus"
 
 
 def read_sae_corpus(cfg: FinescopeConfig) -> PreparedCorpus | None:
+    """The SAEs' general corpus of `cfg` (`read_sae_files`)."""
+    return read_sae_files(cfg.curate, cfg.storage)
+
+
+def read_sae_files(section: CurateConfig, storage: StorageConfig) -> PreparedCorpus | None:
     """Load and validate the general corpus the SAEs train on (`curate.sae_corpus`), de-duplicated like the
     corpus; no model work, nothing written.
 
@@ -86,11 +98,11 @@ def read_sae_corpus(cfg: FinescopeConfig) -> PreparedCorpus | None:
         DataError: what the corpus is refused for (a missing, empty or malformed file, a bad record: naming
             file and line), prefixed with the field; fewer than 2 distinct records (an SAE needs 2 rows).
     """
-    uris = cfg.curate.sae_corpus
-    if cfg.curate.method != "sae" or uris is None:
+    uris = section.sae_corpus
+    if section.method != "sae" or uris is None:
         return None
     try:
-        options = RunContext.of(cfg).storage_options()
+        options = _options(storage.model_dump_json())
         prepared = deduplicate(load_records(uris, role="sae_corpus", storage_options=options))
     except DataError as e:
         raise DataError(f"{SAE_CORPUS_FIELD}: {e}") from None
@@ -166,10 +178,11 @@ SAE_CORPUS = declare(Stage("sae-corpus", SaeCorpusKey, files=(RECORDS_FILE,)))
 
 
 @stage_task(name="inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
-def inputs_task(cfg: FinescopeConfig) -> tuple[RecordSet, PreparedCorpus]:
-    """`read_inputs` as a task, so transient read errors of remote inputs are retried. The one task
-    that reads the configuration itself: it names the input files."""
-    return read_inputs(cfg)
+def inputs_task(
+    ctx: RunContext, seeds: list[str], corpus: list[str], final_size: int
+) -> tuple[RecordSet, PreparedCorpus]:
+    """`read_inputs` as a task, so transient read errors of remote inputs are retried."""
+    return read_files(seeds, corpus, final_size, ctx.storage)
 
 
 @stage_task(name="data", cache_policy=RUN_RESULTS, **IO_RETRIES)
@@ -191,10 +204,9 @@ def data_task(
 
 
 @stage_task(name="sae-inputs", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
-def sae_inputs_task(cfg: FinescopeConfig) -> PreparedCorpus | None:
-    """`read_sae_corpus` as a task, so transient read errors of remote inputs are retried. It reads the
-    configuration itself: it names the input files."""
-    return read_sae_corpus(cfg)
+def sae_inputs_task(ctx: RunContext, section: CurateConfig) -> PreparedCorpus | None:
+    """`read_sae_corpus` as a task, so transient read errors of remote inputs are retried."""
+    return read_sae_files(section, ctx.storage)
 
 
 @stage_task(SAE_CORPUS, name="sae-data", cache_policy=RUN_RESULTS, **IO_RETRIES)

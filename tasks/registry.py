@@ -69,10 +69,23 @@ class StageTask(Generic[P, R]):
     function directly, where `run_cached` records the stage as reused or to compute.
     """
 
-    def __init__(self, prefect_task: Task[P, R], stage: Stage | None, label: Label | None):
+    def __init__(
+        self,
+        prefect_task: Task[P, R],
+        stage: Stage | None,
+        label: Label | None,
+        keyless: tuple[str, ...] = (),
+    ):
         self.task = prefect_task
         self.stage = stage
         self.label = label
+        self.keyless = keyless
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the Prefect task's (`retries`, `cache_policy`, `tags`, ...)."""
+        if name == "task":  # not set yet (unpickling): no recursion through this method
+            raise AttributeError(name)
+        return getattr(self.task, name)
 
     @property
     def fn(self) -> Callable[P, R]:
@@ -83,7 +96,7 @@ class StageTask(Generic[P, R]):
         return self.task.name
 
     def with_options(self, **options: Any) -> StageTask[P, R]:
-        return StageTask(self.task.with_options(**options), self.stage, self.label)
+        return StageTask(self.task.with_options(**options), self.stage, self.label, self.keyless)
 
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         planner = current_planner()
@@ -92,7 +105,7 @@ class StageTask(Generic[P, R]):
         args = tuple(_plain(a) for a in args)
         kwargs = {k: _plain(v) for k, v in kwargs.items()}
         name = self.row_name(args, kwargs)
-        waiting = first_blocker(args, kwargs)
+        waiting = first_blocker(*self._keyed(args, kwargs))
         if waiting is not None:
             if self.stage is None:
                 return Pending(waiting)  # type: ignore[return-value]  # consumers test it with `blocker`
@@ -108,6 +121,13 @@ class StageTask(Generic[P, R]):
         if current_planner() is None:
             return self.task.map(*args, **kwargs)
         return _PlannedMap([self(*call_args) for call_args in _mapped_calls(args)])
+
+    def _keyed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The arguments the stage's key depends on: all but `keyless` ones."""
+        if not self.keyless:
+            return [args, kwargs]
+        bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        return [v for k, v in bound.arguments.items() if k not in self.keyless]
 
     def row_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The plan row's name: `label` formatted with the call's arguments, else the stage's name."""
@@ -150,17 +170,19 @@ def variant_label(name: str) -> Label:
 
 
 def stage_task(
-    stage: Stage | None = None, *, label: Label | None = None, **options: Any
+    stage: Stage | None = None, *, label: Label | None = None, keyless: tuple[str, ...] = (), **options: Any
 ) -> Callable[[Callable[P, R]], StageTask[P, R]]:
     """Declare `stage` (None: a step of a flow that is no stage) and make its function a Prefect task.
 
-    `label` names the stage's plan row from the call's arguments (`"pruned {variant}"`); `options` are
-    `prefect.task`'s (name, retries, cache policy, tags, ...).
+    `label` names the stage's plan row from the call's arguments (`variant_label`, or a format string
+    such as `"evaluation ({name})"`); `keyless` names the parameters its key does not read (a dry run
+    plans the stage even while they are still to compute); `options` are `prefect.task`'s (name,
+    retries, cache policy, tags, ...).
     """
     if stage is not None:
         declare(stage)
 
     def wrap(fn: Callable[P, R]) -> StageTask[P, R]:
-        return StageTask(task(fn, **options), stage, label)
+        return StageTask(task(fn, **options), stage, label, keyless)
 
     return wrap

@@ -26,7 +26,7 @@ from finescope_core.tiny import save_tiny
 from tasks.activations import activation_shard_task, activations_key, gather_activations_task
 from tasks.caching import RUN_RESULTS, StageManifest
 from tasks.context import RunContext
-from tasks.data import data_task, inputs_task, model_task
+from tasks.data import data_task, inputs_task, model_task, read_inputs
 from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
 from tasks.identity import Precision, model_digest
@@ -109,7 +109,7 @@ def test_changing_a_stages_source_changes_exactly_its_key(source_copy, changed):
 def corpus(tmp_path):
     root = write_inputs(tmp_path)
     cfg = fanout_config(root, str(tmp_path / "store"))
-    (corpus_manifest, _seeds) = data_task.fn(RunContext.of(cfg), inputs_task.fn(cfg))
+    (corpus_manifest, _seeds) = data_task.fn(RunContext.of(cfg), read_inputs(cfg))
     ref = model_ref(cfg.model, ArtifactStore(cfg.store))
     return cfg, ref, corpus_manifest, hooked_layers(3, cfg.curate)
 
