@@ -31,7 +31,9 @@ class TextBatch:
     rows: Tensor
 
     def to(self, device: torch.device | str) -> TextBatch:
-        """Copy of the batch with ids and mask on `device` (rows stay where they are: they index host data)."""
+        """Copy of the batch with ids and mask on `device`.
+
+        Rows stay where they are: they index host data."""
         return TextBatch(self.input_ids.to(device), self.attention_mask.to(device), self.rows)
 
     def __len__(self) -> int:

@@ -112,21 +112,28 @@ def _load_snippet(kind: Literal["pruned", "tuned", "adapter"]) -> str:
         imports = "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer"
     else:
         folder = f"{kind}-model"
-        load = f'model = AutoModelForCausalLM.from_pretrained("{folder}")\ntok = AutoTokenizer.from_pretrained("{folder}")'
+        load = (
+            f'model = AutoModelForCausalLM.from_pretrained("{folder}")\n'
+            f'tok = AutoTokenizer.from_pretrained("{folder}")'
+        )
         imports = "from transformers import AutoModelForCausalLM, AutoTokenizer"
     return (
         f"```python\n{imports}\n\n{load}\n"
         'messages = [{"role": "user", "content": "Your question"}]\n'
-        'inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)\n'
+        "inputs = tok.apply_chat_template("
+        'messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)\n'
         "out = model.generate(**inputs, max_new_tokens=128, do_sample=False)\n"
         'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n```'
     )
 
 
 def model_card(kind: Literal["pruned", "tuned", "adapter"], facts: RunFacts) -> str:
-    """README.md of `pruned-model/`, `tuned-model/` (LoRA merged in, or fully tuned) or `tuned-adapter/` (peft)."""
+    """README.md of `pruned-model/`, `tuned-model/` (LoRA merged in, or fully tuned) or `tuned-adapter/`
+    (peft)."""
     what = {
-        "pruned": "the base model after structured pruning guided by the curated domain data, before recovery",
+        "pruned": (
+            "the base model after structured pruning guided by the curated domain data, before recovery"
+        ),
         "tuned": "the pruned model after teacher-guided LoRA distillation, with the adapter merged in"
         if facts.tuning == "lora"
         else "the pruned model after teacher-guided distillation, all of its weights tuned",
@@ -154,7 +161,8 @@ def model_card(kind: Literal["pruned", "tuned", "adapter"], facts: RunFacts) -> 
         "",
         f"This is {what}. It was made by [finescope](https://arxiv.org/abs/2505.00624) {facts.code_version} "
         f"from `{facts.base_model}` for the `{facts.name}` domain: `{facts.method}` curation chose "
-        f"{facts.curated_records} domain records out of the corpus, starting from a handful of seed examples.",
+        f"{facts.curated_records} domain records out of the corpus, starting from a handful of seed "
+        "examples.",
         "",
         _pruning_line(facts),
         "",
@@ -192,7 +200,8 @@ def dataset_card(
     data_files: Sequence[str],
     fields: Sequence[str],
 ) -> str:
-    """README.md of the curated set (records chosen from the corpus) or the distilled set (teacher responses)."""
+    """README.md of the curated set (records chosen from the corpus) or the distilled set (teacher
+    responses)."""
     data = DatasetCardData(
         pretty_name=f"{facts.name} ({kind})",
         size_categories=_size_category(records),
@@ -205,8 +214,8 @@ def dataset_card(
         "(`rank`, `score`, `votes`; `layers` for the SAE layers that chose each), every original field kept"
         if kind == "curated"
         else f"the teacher-guided training data of the `{facts.name}` model: each curated training record's "
-        "`prompt` and `response`, which is the teacher's (`source: teacher`) or, when the filter `rejected` the "
-        "teacher's for the reason given, the record's reference answer (`source: reference`)"
+        "`prompt` and `response`, which is the teacher's (`source: teacher`) or, when the filter "
+        "`rejected` the teacher's for the reason given, the record's reference answer (`source: reference`)"
     )
     body = [
         f"# {facts.name}: {kind} data",

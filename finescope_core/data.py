@@ -100,8 +100,8 @@ def record_parts(fields: dict[str, Any], origin: str) -> RecordParts:
     if shape is None and not has_text:
         found = ", ".join(sorted(fields)) or "none"
         raise DataError(
-            f"{origin}: record has no 'text' and no 'instruction', 'prompt' or 'messages' field (fields found: "
-            f"{found}); {RECORD_SHAPES}"
+            f"{origin}: record has no 'text' and no 'instruction', 'prompt' or 'messages' field "
+            f"(fields found: {found}); {RECORD_SHAPES}"
         )
     if shape == "messages":
         parts = _from_turns(_turns(fields["messages"], "messages", origin), "messages", origin)
@@ -212,7 +212,8 @@ def _from_turns(turns: list[Turn], name: str, origin: str) -> RecordParts:
 
 
 def shown_text(fields: dict[str, Any]) -> str:
-    """What a table of records shows for one (curated.jsonl row or input fields): its text, else its request."""
+    """What a table of records shows for one (curated.jsonl row or input fields): its text, else its
+    request."""
     text = fields.get("text")
     if isinstance(text, str):
         return text
@@ -324,6 +325,7 @@ def check_sizes(usable: int, *, needed: int, what: str) -> None:
     """Refuse a corpus with fewer usable records than a stage asks for."""
     if usable < needed:
         raise DataError(
-            f"the corpus has {usable} usable records (after removing duplicates, copies of seeds and records held out for evaluation) but "
-            f"{what} asks for {needed}; lower {what} or add corpus records"
+            f"the corpus has {usable} usable records (after removing duplicates, copies of seeds and "
+            f"records held out for evaluation) but {what} asks for {needed}; lower {what} or add corpus "
+            "records"
         )

@@ -282,7 +282,8 @@ def build_demo_corpus(
 
 
 def _hold_out(groups: Mapping[str, list[Record]], seed: int) -> dict[str, list[Record]]:
-    """`groups` without the seeded `DEMO_EVAL_SHARE` of each source it names (those never reach the corpus)."""
+    """`groups` without the seeded `DEMO_EVAL_SHARE` of each source it names (those never reach the
+    corpus)."""
     out = dict(groups)
     for source, share in DEMO_EVAL_SHARE.items():
         records = groups.get(source, [])
@@ -294,7 +295,8 @@ def _hold_out(groups: Mapping[str, list[Record]], seed: int) -> dict[str, list[R
 
 
 def _eval_items(records: Sequence[Record], in_corpus: set[str], seed: int) -> list[Record]:
-    """A seeded sample of at most `DEMO_EVAL_ITEMS` of `records` that are not in the corpus, in source order."""
+    """A seeded sample of at most `DEMO_EVAL_ITEMS` of `records` that are not in the corpus, in source
+    order."""
     pool = [r for r in records if r["id"] not in in_corpus]
     if not pool:
         return []

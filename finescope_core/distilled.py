@@ -131,7 +131,8 @@ def summarise(
 
 
 def read_distilled(path: Path) -> list[dict[str, Any]]:
-    """The usable rows of a distilled file (dropped records left out): dicts with id, prompt, response, source."""
+    """The usable rows of a distilled file (dropped records left out): dicts with id, prompt, response,
+    source."""
     rows = []
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not raw.strip():

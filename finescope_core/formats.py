@@ -195,7 +195,8 @@ def iter_raw(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt, ".parquet": _read_parquet}
         if suffix not in readers:
             raise DataError(
-                f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet, .txt or an HF dataset dir"
+                f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet, .txt "
+                "or an HF dataset dir"
             )
         try:
             with fs.open(path, "rb") as f:

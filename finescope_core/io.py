@@ -60,7 +60,9 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path, *, atomic: boo
 
 
 def write_atomic(path: str | Path, write: Any) -> Path:
-    """Write `path` through a temporary file beside it, renamed into place: readers see old or new, never half.
+    """Write `path` through a temporary file beside it, renamed into place.
+
+    Readers see the old file or the new one, never half of one.
 
     Args:
         write: called with the open temporary text file (or a str / bytes to write as they are).

@@ -324,8 +324,8 @@ def vllm_engine_settings(
     share = min(VLLM_MAX_UTILIZATION, int(100 * budget / total) / 100) if total > 0 else 0.0
     if share < 0.05:
         raise MemoryBudgetError(
-            f"stage 'distilled' (teacher.backend: vllm): {budget / GB:.2f} GB of the GPU's {total / GB:.2f} GB "
-            "is left for vLLM, too little to start it. Fixes, in order: free the GPU of other processes; "
-            "raise memory_budget; teacher.backend: hf with teacher.device_map: auto"
+            f"stage 'distilled' (teacher.backend: vllm): {budget / GB:.2f} GB of the GPU's "
+            f"{total / GB:.2f} GB is left for vLLM, too little to start it. Fixes, in order: free the GPU "
+            "of other processes; raise memory_budget; teacher.backend: hf with teacher.device_map: auto"
         )
     return {"gpu_memory_utilization": share, "max_model_len": teacher.max_prompt_length + max_new_tokens}

@@ -87,11 +87,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 DEFAULT_CACHE = Path(".finescope-cache")
-"""Where `load_model("default")` outside a flow keeps the converted bundled model (flows keep it in the store)."""
+"""Where `load_model("default")` outside a flow keeps the converted bundled model (flows keep it in the
+store)."""
 
 
 def resolve_model_path(spec: str, cache_dir: Path = DEFAULT_CACHE) -> str:
-    """Turn a config's `model` into something `from_pretrained` takes, converting the default once into `cache_dir`.
+    """Turn a config's `model` into something `from_pretrained` takes.
+
+    The bundled default is converted once, into `cache_dir`.
 
     Raises:
         ModelError: a local directory without config.json or without safetensors weights.
@@ -348,7 +351,8 @@ def resolve_arch(model: PreTrainedModel) -> DecoderArch:
 def _check_shapes(arch: DecoderArch) -> None:
     if arch.num_heads % arch.num_kv_heads:
         raise ModelError(
-            f"num_attention_heads={arch.num_heads} is not a multiple of num_key_value_heads={arch.num_kv_heads}"
+            f"num_attention_heads={arch.num_heads} is not a multiple of "
+            f"num_key_value_heads={arch.num_kv_heads}"
         )
     for i, (a, m) in enumerate(zip(arch.attention, arch.mlp, strict=True)):
         expected = {

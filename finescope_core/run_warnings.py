@@ -43,8 +43,8 @@ def fallback_warnings(distillation: Mapping[str, Mapping[str, Any]]) -> list[str
         reasons = _reasons(info.get("fell_back") or {}, info.get("dropped_by_reason") or {})
         out.append(
             f"teacher ({variant}): {fell_back} of {total} responses ({_share(fell_back, total)}) fell back "
-            f"to the reference answer and {dropped} ({_share(dropped, total)}) were dropped; by reason: {reasons} "
-            "(see teacher.max_new_tokens, teacher.min_response_chars, teacher.check_answer)"
+            f"to the reference answer and {dropped} ({_share(dropped, total)}) were dropped; by reason: "
+            f"{reasons} (see teacher.max_new_tokens, teacher.min_response_chars, teacher.check_answer)"
         )
     return out
 

@@ -176,7 +176,7 @@ def read_corpus_embeddings(stage_dir: Path, rows: int) -> np.ndarray:
     emb: np.ndarray = load_file(str(stage_dir / CORPUS_FILE))["corpus"]
     if emb.shape != (rows, EMBEDDING_DIM):
         raise SentenceModelError(
-            f"{stage_dir / CORPUS_FILE} holds embeddings of shape {emb.shape}, but the corpus has {rows} rows "
-            f"(expected ({rows}, {EMBEDDING_DIM})); delete the artifact to rebuild it"
+            f"{stage_dir / CORPUS_FILE} holds embeddings of shape {emb.shape}, but the corpus has "
+            f"{rows} rows (expected ({rows}, {EMBEDDING_DIM})); delete the artifact to rebuild it"
         )
     return emb

@@ -1,4 +1,5 @@
-"""Retrieval (paper eq. 12-13): the top-M corpus rows by max-over-seeds cosine per layer, and the vote across layers.
+"""Retrieval (paper eq. 12-13): the top-M corpus rows by max-over-seeds cosine per layer, and the vote
+across layers.
 
 - `search`: the exact top-M (FAISS, certified against rounding and ties) and its brute-force reference;
 - `scores`: the canonical score (and how seed cosines are pooled into it) and input checks both share;

@@ -1,4 +1,5 @@
-"""The canonical seed score (max-over-seeds cosine, or another `SeedPooling`) and the input handling every retrieval path shares.
+"""The canonical seed score (max-over-seeds cosine, or another `SeedPooling`) and the input handling
+every retrieval path shares.
 
 Every score retrieval returns is computed one way (`exact_scores`: a float64 sum of the exact
 products of the float32-normalised vectors, one row at a time), so equal rows get equal scores

@@ -113,7 +113,8 @@ def gather_from_blocks(blocks: Iterator[Block], rows: Sequence[int]) -> dict[int
 
 
 def materialise(source: EmbeddingSource) -> dict[int, np.ndarray]:
-    """Every block of `source` as one {layer: [N, d]} matrix: the dense path, for tests and benchmarks only."""
+    """Every block of `source` as one {layer: [N, d]} matrix: the dense path, for tests and benchmarks
+    only."""
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in source.layers}
     for block in source.blocks():
         for layer, emb in block.embeddings.items():

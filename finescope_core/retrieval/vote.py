@@ -53,7 +53,8 @@ def _check_selection(sel: LayerSelection) -> None:
     rows, scores = np.asarray(sel.rows), np.asarray(sel.scores)
     if rows.ndim != 1 or rows.shape != scores.shape:
         raise RetrievalInputError(
-            f"layer {sel.layer}: rows and scores must be 1-D of equal length, got {rows.shape} and {scores.shape}"
+            f"layer {sel.layer}: rows and scores must be 1-D of equal length, got {rows.shape} and "
+            f"{scores.shape}"
         )
     if not np.isfinite(scores).all():
         raise RetrievalInputError(f"layer {sel.layer}: scores must be finite (NaN/inf cannot be ordered)")

@@ -127,7 +127,8 @@ def _mean_one(scores: Mapping[int, float]) -> dict[int, float]:
 
 
 def layer_agreement(selections: Sequence[LayerSelection], corpus_size: int) -> dict[int, float]:
-    """How much each layer's top-M list agrees with the other layers', beyond chance (no labels, no seed count).
+    """How much each layer's top-M list agrees with the other layers', beyond chance (no labels, no seed
+    count).
 
     a_l = mean over the other layers k of |T_l & T_k| / |T_l|, minus |T_k| / N, the overlap two
     random lists of those sizes would have. Why it tracks a layer's precision: if a list is the

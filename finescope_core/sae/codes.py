@@ -71,14 +71,16 @@ class CodesManifest:
         path = out_dir / MANIFEST
         if not path.is_file():
             raise CodesError(
-                f"{path} does not exist: {out_dir} is not a complete code directory; re-run the sae-codes stage"
+                f"{path} does not exist: {out_dir} is not a complete code directory; re-run the sae-codes "
+                "stage"
             )
         raw = json.loads(path.read_text(encoding="utf-8"))
         return cls(**{**raw, "shards": [tuple(s) for s in raw["shards"]]})
 
 
 def top_nonzeros(codes: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The k largest latents of each code: (values [..., k], indices [..., k] int, nonzeros [...] of each code).
+    """The k largest latents of each code: (values [..., k], indices [..., k] int, nonzeros [...] of each
+    code).
 
     Codes are non-negative (ReLU / TopK); slots beyond a code's nonzeros hold value 0 at index 0.
     """
@@ -245,7 +247,8 @@ class SparseCodeSource:
                 shard = _read_shard(d / file)
                 if shard.rows.shape != (n,) or not np.array_equal(shard.rows, np.arange(local, local + n)):
                     raise CodesError(
-                        f"{d / file}: rows are not the consecutive rows its manifest says; re-run the sae-codes stage"
+                        f"{d / file}: rows are not the consecutive rows its manifest says; re-run the "
+                        "sae-codes stage"
                     )
                 yield start, shard
                 start, local = start + n, local + n
@@ -271,6 +274,7 @@ class SparseCodeSource:
 
 
 def dense_layer(dirs: Sequence[Path], position: int) -> np.ndarray:
-    """[N, d_sae] codes of one layer position over all `dirs` (seeds, and the dense baseline of the benchmark)."""
+    """[N, d_sae] codes of one layer position over all `dirs` (seeds, and the dense baseline of the
+    benchmark)."""
     source = SparseCodeSource(dirs)
     return np.concatenate([shard.dense(position, source.d_sae) for _, shard in source.shards()])

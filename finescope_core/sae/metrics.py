@@ -45,7 +45,8 @@ class LayerMetrics:
     """Optimiser steps this layer took before it stopped (early stopping) or ran out of `steps`."""
 
     def summary(self) -> dict[str, Any]:
-        """The final numbers without the curves (what stage info and reports show); val_* only when measured."""
+        """The final numbers without the curves (what stage info and reports show); val_* only when
+        measured."""
         out: dict[str, Any] = {"fvu": self.fvu, "l0": self.l0, "dead_fraction": self.dead_fraction}
         if self.val_fvu is not None:
             out.update(

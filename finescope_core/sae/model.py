@@ -7,7 +7,8 @@ no parameters; they live in one module so that a training step is one set of bat
 L sets. Choices, and why:
 
 - Inputs are z-scored per layer and coordinate with statistics of the training data, stored with
-  the SAE as buffers: raw pooled activations are dominated by a few massive coordinates (docs/architecture.md, "Pooling").
+  the SAE as buffers: raw pooled activations are dominated by a few massive coordinates
+  (docs/architecture.md, "Pooling").
 - Anthropic/sparsify-style encoder: b_dec is subtracted before encoding, so b_dec is the point the
   dictionary is centred on.
 - Decoder rows stay unit-norm, so the L1 penalty cannot be dodged by shrinking codes and growing
@@ -211,7 +212,8 @@ def encode(sae: BatchedSAE, acts: Tensor, batch_size: int = 4096) -> Tensor:
     """
     if acts.dim() != 3 or acts.shape[1:] != (sae.num_layers, sae.d_in):
         raise SAEInputError(
-            f"acts must have shape [N, {sae.num_layers}, {sae.d_in}] to match the SAEs; got {tuple(acts.shape)}"
+            f"acts must have shape [N, {sae.num_layers}, {sae.d_in}] to match the SAEs; "
+            f"got {tuple(acts.shape)}"
         )
     out = torch.empty(acts.shape[0], sae.num_layers, sae.d_sae, device=acts.device)
     device = sae.W_enc.device

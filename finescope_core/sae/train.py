@@ -305,7 +305,8 @@ def train_saes(
     progress: Progress = no_progress,
     layer_ids: Sequence[int] | None = None,
 ) -> tuple[BatchedSAE, list[LayerMetrics]]:
-    """Train one SAE per layer of `acts`, all layers at once, with Adam on FVU + alpha*AuxK (+ lambda*L1 for ReLU).
+    """Train one SAE per layer of `acts`, all layers at once, with Adam on FVU + alpha*AuxK (+ lambda*L1
+    for ReLU).
 
     Deterministic given `seed`. Each layer's initialisation and minibatch order depend only on
     (seed, layer id), and the held-out rows on (seed, N) only, so training layers separately (with

@@ -164,6 +164,28 @@ def test_boto_errors_are_classified():
     assert is_transient(wrapped)
 
 
+def test_the_store_packages_declare_every_name_the_other_layers_import():
+    """`store` and `store_admin` are packages whose `__init__` re-exports their modules' names: each
+    name in `__all__` resolves, and every name that tasks, flows, tests or bench import is in it."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("finescope_core.store", "finescope_core.store_admin"):
+        package = importlib.import_module(name)
+        assert [n for n in package.__all__ if getattr(package, n, None) is None] == []
+        imported = {
+            alias.name
+            for layer in ("tasks", "flows", "tests", "bench")
+            for path in (root / layer).rglob("*.py")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module == name
+            for alias in node.names
+        }
+        assert imported and imported <= set(package.__all__), imported - set(package.__all__)
+
+
 # --- listing and cleaning up (finescope_core.store_admin) -------------------------------------------
 
 DAY = 86400

@@ -46,7 +46,9 @@ TRANSIENT_ERRNOS = {
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether retrying may help: connection trouble, timeouts and 5xx; never auth, permission or not-found."""
+    """Whether retrying may help: connection trouble, timeouts and 5xx.
+
+    Never bad credentials, permission or not-found: retrying cannot change those."""
     if isinstance(
         error, PermissionError | FileNotFoundError | FileExistsError | IsADirectoryError | NotADirectoryError
     ):
