@@ -61,8 +61,9 @@ def _check_plan(arch: DecoderArch, plan: PrunePlan) -> None:
     for i, (q, kv, ch) in enumerate(zip(plan.keep_q, plan.keep_kv, plan.keep_channels, strict=True)):
         if not _layer_fits(arch, plan, q.tolist(), kv.tolist(), ch.tolist()):
             raise PruneError(
-                f"the plan does not fit layer {i} of this model ({arch.num_heads} heads in {arch.num_kv_heads} KV "
-                f"groups, {arch.intermediate_size} channels); was it made for another model, or applied twice?"
+                f"the plan does not fit layer {i} of this model ({arch.num_heads} heads in "
+                f"{arch.num_kv_heads} KV groups, {arch.intermediate_size} channels); was it made for "
+                "another model, or applied twice?"
             )
 
 

@@ -211,8 +211,9 @@ def _unreachable(
     other: AttentionUnit = "kv_groups" if attention == "heads" else "heads"
     msg = (
         f"prune ratio {ratio} cannot be reached with attention={attention!r} while keeping at least one head "
-        f"per KV group and one MLP channel per layer: reachable ratios are {_reachable(model, arch, total, attention)}"
-        f" (with attention={other!r}: {_reachable(model, arch, total, other)}). Pick a ratio in those ranges."
+        "per KV group and one MLP channel per layer: reachable ratios are "
+        f"{_reachable(model, arch, total, attention)} (with attention={other!r}: "
+        f"{_reachable(model, arch, total, other)}). Pick a ratio in those ranges."
     )
     if refused:
         msg += " Widths the model's config class refuses on reload were skipped: " + "; ".join(refused)
