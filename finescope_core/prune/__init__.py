@@ -5,7 +5,8 @@ loss on the pruning texts; `importance`) -> `plan_widths` (one width per unit ty
 layer, that lands on the parameter ratio; among those, the one whose removed groups matter least;
 `widths`) -> `build_plan` (which units each layer keeps, by its own scores; `plan`) -> `apply_pruning`
 (sliced `nn.Linear`s + config; `apply`) -> `save_pruned` (a plain `save_pretrained` directory; `stage`,
-with `prune_model`, the whole stage). Parameters are counted by `counts.count_parameters`.
+with `prune_model`, the whole stage, and `run`, its entry). Parameters are counted by
+`counts.count_parameters`.
 
 Units are GQA-safe and keep `head_dim`, so RoPE is untouched (see `importance` for what each unit holds).
 """
@@ -16,17 +17,29 @@ from finescope_core.prune.counts import PARAM_KEYS, count_parameters
 from finescope_core.prune.errors import PruneError
 from finescope_core.prune.importance import GroupScores, Method, group_importance
 from finescope_core.prune.plan import PrunePlan, build_plan, plan_pruning
-from finescope_core.prune.stage import prune_model, save_pruned
+from finescope_core.prune.stage import (
+    INFO,
+    MODEL_DIR,
+    REPORT_FILE,
+    PruneInputs,
+    prune_model,
+    run,
+    save_pruned,
+)
 from finescope_core.prune.widths import RATIO_TOLERANCE, AttentionUnit, WidthRule, Widths, plan_widths
 
 __all__ = [
+    "INFO",
+    "MODEL_DIR",
     "PARAM_KEYS",
     "RATIO_TOLERANCE",
+    "REPORT_FILE",
     "AttentionUnit",
     "GroupScores",
     "LMBatches",
     "Method",
     "PruneError",
+    "PruneInputs",
     "PrunePlan",
     "WidthRule",
     "Widths",
@@ -38,5 +51,6 @@ __all__ = [
     "plan_pruning",
     "plan_widths",
     "prune_model",
+    "run",
     "save_pruned",
 ]

@@ -62,8 +62,8 @@ def _check_plan(arch: DecoderArch, plan: PrunePlan) -> None:
         if not _layer_fits(arch, plan, q.tolist(), kv.tolist(), ch.tolist()):
             raise PruneError(
                 f"the plan does not fit layer {i} of this model ({arch.num_heads} heads in "
-                f"{arch.num_kv_heads} KV groups, {arch.intermediate_size} channels); was it made for another "
-                "model, or applied twice?"
+                f"{arch.num_kv_heads} KV groups, {arch.intermediate_size} channels); was it made for "
+                "another model, or applied twice?"
             )
 
 

@@ -1,6 +1,7 @@
 """The whole prune stage: importance on the pruning texts -> plan for the ratio -> prune -> save.
 
-`save_pruned` writes a plain `save_pretrained` directory with the plan as `prune_report.json`.
+`save_pruned` writes a plain `save_pretrained` directory with the plan as `prune_report.json`; `run`
+is the stage's entry (`finescope_core.stage`): the same work into the stage's `model/` directory.
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +24,52 @@ from finescope_core.prune.batches import lm_batches
 from finescope_core.prune.importance import Method, group_importance
 from finescope_core.prune.plan import PrunePlan, plan_pruning
 from finescope_core.prune.widths import WidthRule, plan_widths
+from finescope_core.stage import StageContext
 
+MODEL_DIR = "model"
+"""The pruned model in the stage's artifact: a plain `save_pretrained` directory."""
 REPORT_FILE = "prune_report.json"
 """The plan, next to the weights of a pruned model (`PrunePlan.to_dict`)."""
+INFO = (
+    "target_ratio",
+    "achieved_ratio",
+    "params_before",
+    "params_after",
+    "widths_before",
+    "widths_after",
+)
+"""The plan's fields kept in the stage info."""
+
+
+@dataclass(frozen=True)
+class PruneInputs:
+    """What the `pruned` stage reads, already loaded (the caller's model cache loads the model)."""
+
+    model: PreTrainedModel
+    """The base model, a private copy: pruning changes it in place."""
+    tokenizer: PreTrainedTokenizerBase
+    """Its tokenizer (needs a pad token)."""
+    texts: Sequence[str]
+    """The texts that score importance (`prune.data`: the curated set, a random sample or a file)."""
+    dtype: torch.dtype
+    """The precision the pruned weights are stored in: the base checkpoint's (`model.checkpoint_dtype`)."""
+
+
+def run(
+    inputs: PruneInputs,
+    section: PruneConfig,
+    ctx: StageContext,
+    work_dir: Path,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Prune `inputs.model` to `section.ratio` and save it under `work_dir / MODEL_DIR`; the info is the
+    plan's `INFO` fields. `ctx` is unused: the model is loaded on its device and dtype by the caller."""
+    plan = prune_model(
+        inputs.model, inputs.tokenizer, inputs.texts, section, rule=section.widths, progress=progress
+    )
+    save_pruned(inputs.model, inputs.tokenizer, plan, work_dir / MODEL_DIR, dtype=inputs.dtype)
+    report = plan.to_dict()
+    return {k: report[k] for k in INFO}
 
 
 def prune_model(

@@ -232,7 +232,7 @@ def test_full_bf16_tuning_tracks_float32_and_pure_bf16_does_not(
     """Full tuning of a bf16 model keeps float32 master weights (autocast to bf16): over 16 AdamW steps
     at lr 1e-4 its per-step loss stays within 0.005 nats of the float32 run's. Pure bf16 (the weights
     themselves in bf16, as before) rounds most updates away and drifts more than 0.015 from it."""
-    import finescope_core.finetune as ft
+    import finescope_core.finetune.stage as ft
 
     cfg = FinetuneConfig(
         **{
