@@ -29,7 +29,7 @@ from finescope_core.evaluate import (
 from finescope_core.evaluate.bootstrap import CONFIDENCE
 from finescope_core.evaluate.paired import comparison_pairs
 from finescope_core.report import paired_lines, paired_rows
-from finescope_core.report_stage import evaluation_body
+from finescope_core.report.sections import evaluation_body
 from finescope_core.tiny import byte_tokenizer, tiny_model
 
 # ------------------------------------------------------------------------------------ brute force
@@ -369,9 +369,11 @@ def test_paired_lines_word_the_direction_and_clarity() -> None:
     near = {**ratio, "metric": "perplexity", "value": 0.99968, "low": 0.99951, "high": 0.99991}
     assert paired_lines([ratio, diff, lm, near]) == [
         "- tuned vs tuned-random — chat perplexity ratio 0.89 [0.84, 0.94], n=150: tuned lower (clear)",
-        "- tuned vs base — MC accuracy difference +0.05 [-0.02, +0.12], n=100: tuned higher (not clear at this n)",
+        "- tuned vs base — MC accuracy difference +0.05 [-0.02, +0.12], n=100: "
+        "tuned higher (not clear at this n)",
         "- tuned vs base — lm-eval gsm_next acc difference -0.10 [-0.20, -0.01], n=100: tuned lower (clear)",
-        "- tuned vs tuned-random — domain perplexity (raw text) ratio 0.9997 [0.9995, 0.9999], n=150: tuned lower (clear)",
+        "- tuned vs tuned-random — domain perplexity (raw text) ratio 0.9997 [0.9995, 0.9999], n=150: "
+        "tuned lower (clear)",
     ]
 
 

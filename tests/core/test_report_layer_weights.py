@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finescope_core.report_stage import layer_weights_section
+from finescope_core.report.sections import layer_weights_section
 
 
 def test_layer_weights_section_shows_each_layers_weight(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ import pytest
 from test_curate_flow import workspace  # noqa: F401  (the module-scoped tiny workspace)
 
 from finescope_core import __version__
+from finescope_core.config import FinescopeConfig
 from flows.cli import build_parser, main
+from flows.options import SECTIONS, _leaf_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,6 +97,21 @@ def test_each_command_lists_only_the_fields_its_flow_reads():
     assert "--curate.method" not in demo and "--seeds" not in demo and "--corpus" not in demo
     assert "--curate.top_m" in demo
     assert len(curate.splitlines()) < len(run.splitlines())
+
+
+def test_run_help_prints_every_field_docstring():
+    """The help text is each config field's docstring, read from the source of the module that defines
+    its section (`finescope_core/config/`): every field of `run` must still show all of it, whole."""
+    squeezed = "".join(_help("run").split())
+    fields = [(d, i) for d, i in _leaf_fields(FinescopeConfig) if d.split(".")[0] in SECTIONS["run"]]
+    assert len(fields) > 100
+    for dotted, info in fields:
+        assert info.description, f"{dotted} has no docstring"
+        assert f"--{dotted}" in squeezed
+        assert "".join(info.description.split()) in squeezed, dotted
+    for section in ("curate", "prune", "teacher", "finetune", "evaluate", "orchestration", "storage"):
+        doc = (FinescopeConfig.model_fields[section].annotation.__doc__ or "").splitlines()[0].rstrip(".")
+        assert "".join(f"{section}: {doc}".split()) in squeezed
 
 
 def test_choices_are_shown_and_enforced(capsys):

@@ -12,7 +12,7 @@ from finescope_core.evaluate.harness_docs import harness_texts
 from finescope_core.evaluate.leakage import mc_text, numeric_text
 from finescope_core.evaluate.split import EvalItem
 from finescope_core.io import read_jsonl
-from finescope_core.report_stage import _eval_sets_text
+from finescope_core.report.sections import _eval_sets_text
 from tasks.evalset import EvalFiles, decontaminate, eval_files, holdout
 
 WORDS = [f"w{i}" for i in range(400)]

@@ -84,6 +84,10 @@ CODE_CHANGES = {
     "finescope_core/prune/importance.py": {"pruned"},
     # A stage's task module: that stage alone (the key model shares it with no other stage).
     "tasks/saliency.py": {"saliency"},
+    # A module of a package a stage names (`finescope_core.report`), reached through its `__init__`.
+    "finescope_core/report/tables.py": {"report"},
+    # A config section's module: config code only validates, values reach keys through key fields.
+    "finescope_core/config/prune.py": set(),
 }
 
 

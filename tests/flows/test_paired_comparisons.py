@@ -12,7 +12,7 @@ import yaml
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.evaluate import ITEMS_FILE, mean_interval, metrics_schema_errors, perplexity_interval
-from finescope_core.report_stage import evaluation_body
+from finescope_core.report.sections import evaluation_body
 from finescope_core.tiny import save_tiny
 from tasks.caching import artifact_dir
 from tasks.context import RunContext, open_store
