@@ -1,4 +1,5 @@
-"""Evaluation of base / pruned / tuned models: domain perplexity, multiple-choice accuracy, numeric exact match.
+"""Evaluation of base / pruned / tuned models: domain perplexity, multiple-choice accuracy, numeric
+exact match.
 
 Perplexity is token-level over all held-out texts (`perplexity`), on raw text and on the chat-formatted
 response tokens LoRA tuning learns from (`chat_nll`); every metric carries a seeded bootstrap 95 %
