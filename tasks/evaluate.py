@@ -15,9 +15,10 @@ from finescope_core.evaluate import (
     check_harness_config,
     evaluate_model,
     harness_include_sha,
-    harness_metrics,
     items_document,
 )
+from finescope_core.evaluate import with_harness as core_with_harness
+from finescope_core.progress import no_progress
 from finescope_core.store import ArtifactStore
 from tasks.common import (
     GPU_TAGS,
@@ -91,19 +92,9 @@ def with_harness(
 
     `docs`: task -> the doc ids that passed the contamination check (`EvalData.lm_eval_docs`); a task
     not in it runs on its first documents."""
-    if not cfg.evaluate.lm_eval_tasks:
-        return metrics, {}
-    samples: dict[str, Any] = {}
-    metrics["lm_eval"] = harness_metrics(
-        model,
-        tok,
-        cfg.evaluate,
-        seed=cfg.seed,
-        progress=Progress(f"lm-eval {name}"),
-        samples=samples,
-        docs=docs,
-    )
-    return metrics, samples
+    # A progress bar only when lm-eval runs (each one is a Prefect artifact).
+    progress = Progress(f"lm-eval {name}") if cfg.evaluate.lm_eval_tasks else no_progress
+    return core_with_harness(model, tok, cfg.evaluate, metrics, seed=cfg.seed, progress=progress, docs=docs)
 
 
 @task(
