@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from finescope_core import io
+from finescope_core.prompts import plain_prompt
 
 NEXT_STEP_TASK = "finescope_gsm8k_next_step"
 ANSWER_TASK = "finescope_gsm8k_answer"
@@ -33,9 +34,11 @@ DEMO_TASKS = (NEXT_STEP_TASK, ANSWER_TASK)
 MAX_ITEMS = 200
 """Items per task (the evaluate stage's `lm_eval_limit` may run fewer)."""
 MAX_SHOWN_STEPS = 2
-"""The next-step context shows at most this many solution lines (short contexts: 4 choices cost 4 passes)."""
+"""The next-step context shows at most this many solution lines (short contexts: 4 choices cost 4
+passes)."""
 ANSWER_MAX_NEW_TOKENS = 64
-"""Generation budget of the answer task: a short worked solution; a cut-off one still ends in its last number, which is compared."""
+"""Generation budget of the answer task: a short worked solution; a cut-off one still ends in its last
+number, which is compared."""
 _FINAL = re.compile(r"^####\s*(.+?)\s*$")
 _NUMBER_PATTERN = r"-?[0-9][0-9,]*(?:\.[0-9]+)?"
 
@@ -49,10 +52,6 @@ def _steps_and_answer(solution: str) -> tuple[list[str], str] | None:
     if final is None:
         return None
     return lines[:-1], final.group(1).replace(",", "")
-
-
-def _prompt(question: str) -> str:
-    return f"Question: {question.strip()}\nAnswer:"
 
 
 def next_step_items(
@@ -80,7 +79,7 @@ def next_step_items(
                 distractors.append(line)
         choices = [true, *distractors]
         rng.shuffle(choices)
-        context = _prompt(problem["instruction"]) + "".join(f"\n{line}" for line in steps[:k])
+        context = plain_prompt(problem["instruction"]) + "".join(f"\n{line}" for line in steps[:k])
         items.append(
             {"id": problem["id"], "context": context, "choices": choices, "label": choices.index(true)}
         )
@@ -98,13 +97,15 @@ def answer_items(
     usable.sort(key=lambda ps: len(ps[0]["instruction"]) + len(ps[0]["output"]))
     (shot, (shot_steps, shot_answer)), rest = usable[0], usable[1:]
     rest.sort(key=lambda ps: ps[0]["id"])
-    example = _prompt(shot["instruction"]) + " " + "\n".join([*shot_steps, f"#### {shot_answer}"]) + "\n\n"
+    example = (
+        plain_prompt(shot["instruction"]) + " " + "\n".join([*shot_steps, f"#### {shot_answer}"]) + "\n\n"
+    )
     rng = random.Random(f"{seed}:answer")
     chosen = sorted(rng.sample(range(len(rest)), min(size, len(rest))))
     return [
         {
             "id": rest[i][0]["id"],
-            "prompt": example + _prompt(rest[i][0]["instruction"]),
+            "prompt": example + plain_prompt(rest[i][0]["instruction"]),
             "answer": rest[i][1][1],
         }
         for i in chosen

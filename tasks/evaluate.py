@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finescope_core import evaluate as core
 from finescope_core.config import EvalConfig
 from finescope_core.evaluate import (
     ITEMS_FILE,
+    METRICS_FILE,
+    EvalInputs,
     check_harness_config,
-    evaluate_model,
     harness_include_sha,
-    harness_metrics,
-    items_document,
 )
 from finescope_core.store import ArtifactStore
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
@@ -76,42 +76,11 @@ def evaluation_key(
     return EvaluationKey.of(ctx.settings(evaluate=section), inputs, precision).spec()
 
 
-def with_harness(
-    section: EvalConfig,
-    ctx: RunContext,
-    model: Any,
-    tok: Any,
-    metrics: dict[str, Any],
-    name: str,
-    docs: dict[str, list[int]] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`metrics` plus `lm_eval` (task -> metric -> value / CI / n) when `evaluate.lm_eval_tasks` is set, and
-    lm-eval's per-sample values behind them (task -> metric -> doc ids / values; {} without tasks).
-
-    `docs`: task -> the doc ids that passed the contamination check (`EvalData.lm_eval_docs`); a task
-    not in it runs on its first documents."""
-    if not section.lm_eval_tasks:
-        return metrics, {}
-    samples: dict[str, Any] = {}
-    metrics["lm_eval"] = harness_metrics(
-        model,
-        tok,
-        section,
-        seed=ctx.seed,
-        progress=Progress(f"lm-eval {name}"),
-        samples=samples,
-        docs=docs,
-    )
-    return metrics, samples
-
-
-METRICS_FILE = "metrics.json"
-"""Every metric of the model, with its interval and n (also the manifest's info)."""
 EVALUATION = Stage(
     "evaluation",
     EvaluationKey,
     upstream=("models", "pruned", "tuned", "distilled"),
-    core=evaluate_model,
+    core=core.run,
     files=(METRICS_FILE, ITEMS_FILE),
 )
 MODEL_DIRS = {"pruned": MODEL_DIR, "tuned": MERGED_DIR}
@@ -144,25 +113,8 @@ def evaluate_task(
     def build(work: Path) -> dict[str, Any]:
         check_harness_config(section)  # a bad lm-eval task setup fails before the model loads
         loaded, tok = private_model(model_path, ran.device, ran.dtype)
-        items: dict[str, Any] = {}
-        metrics = evaluate_model(
-            loaded,
-            tok,
-            domain_texts=data["domain"],
-            chat_pairs=[tuple(p) for p in data["chat"]],
-            general_texts=data["general"],
-            mc_items=data["mc"],
-            numeric_items=data["numeric"],
-            cfg=section,
-            seed=ctx.seed,
-            progress=Progress(f"evaluate {name}"),
-            items=items,
-        )
-        metrics, samples = with_harness(section, ctx, loaded, tok, metrics, name, data.get("lm_eval_docs"))
-        (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        doc = items_document(items, seed=ctx.seed, resamples=section.bootstrap_resamples, lm_eval=samples)
-        (work / ITEMS_FILE).write_text(json.dumps(doc))
-        return metrics
+        inputs = EvalInputs(model=loaded, tokenizer=tok, data=data, name=name)
+        return core.run(inputs, section, ctx.stage_context(ran), work, Progress(f"evaluate {name}"))
 
     return run_cached(ctx.store, evaluation_key(section, ctx, model_sha, data, ran), build)
 

@@ -1,4 +1,5 @@
-"""Evaluation of base / pruned / tuned models: domain perplexity, multiple-choice accuracy, numeric exact match.
+"""Evaluation of base / pruned / tuned models: domain perplexity, multiple-choice accuracy, numeric
+exact match.
 
 Perplexity is token-level over all held-out texts (`perplexity`), on raw text and on the chat-formatted
 response tokens LoRA tuning learns from (`chat_nll`); every metric carries a seeded bootstrap 95 %
@@ -10,7 +11,9 @@ does (`choice`); numeric questions (GSM8K style) by greedy generation and compar
 `metrics` is the `metrics.json` the evaluate stage writes, as pydantic models. `harness` runs
 lm-evaluation-harness tasks on the same in-memory model, with bootstrap CIs from lm-eval's per-sample log.
 `paired` compares two models on the same items by a paired bootstrap over the per-item numbers the
-evaluate stage stores (`evaluate_model(items=...)`, `harness_metrics(samples=...)`).
+evaluate stage stores (`evaluate_model(items=...)`, `harness_metrics(samples=...)`). `stage.run` is
+the evaluation stage's entry. Prompts come from `finescope_core.prompts`, final answers from
+`finescope_core.answers`, generation from `finescope_core.generate`.
 """
 
 from finescope_core.evaluate.bootstrap import (
@@ -64,17 +67,19 @@ from finescope_core.evaluate.numeric import (
 )
 from finescope_core.evaluate.paired import ITEMS_FILE, comparisons, items_document
 from finescope_core.evaluate.perplexity import chat_nll, perplexity, text_nll
-from finescope_core.evaluate.stage import evaluate_model
+from finescope_core.evaluate.stage import METRICS_FILE, EvalInputs, evaluate_model, run, with_harness
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "ITEMS_FILE",
+    "METRICS_FILE",
     "REQUIRED_MODELS",
     "STOP_STRINGS",
     "Comparison",
     "Contamination",
     "EvalCounts",
     "EvalError",
+    "EvalInputs",
     "Interval",
     "MetricsDocument",
     "ModelMetrics",
@@ -113,7 +118,9 @@ __all__ = [
     "perplexity",
     "perplexity_interval",
     "reference_number",
+    "run",
     "run_harness",
     "task_samples",
     "text_nll",
+    "with_harness",
 ]

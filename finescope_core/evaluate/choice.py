@@ -17,11 +17,13 @@ from finescope_core.batching import right_pad
 from finescope_core.evaluate.errors import EvalError
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, eval_mode, model_device
 from finescope_core.progress import Progress, no_progress
+from finescope_core.prompts import plain_prompt
 
 
 def mc_prompt(question: str) -> str:
-    """The prompt a multiple-choice question is scored after; each choice follows as " <choice>"."""
-    return f"Question: {question.strip()}\nAnswer:"
+    """The prompt a multiple-choice question is scored after, always the plain format
+    (`finescope_core.prompts.plain_prompt`); each choice follows as " <choice>"."""
+    return plain_prompt(question)
 
 
 def encode_continuation(
@@ -203,7 +205,8 @@ def check_mc_item(item: Any, where: str) -> dict[str, Any]:
     index = _answer_index(answer)
     if index is None or not 0 <= index < len(choices):
         raise EvalError(
-            f"{where}: field 'answer' must be a choice index 0..{len(choices) - 1} (or a letter), got {answer!r}"
+            f"{where}: field 'answer' must be a choice index 0..{len(choices) - 1} (or a letter), "
+            f"got {answer!r}"
         )
     return {"question": question, "choices": list(choices), "answer": index}
 

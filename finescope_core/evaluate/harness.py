@@ -294,8 +294,8 @@ def run_harness(
     runs = harness_runs(cfg)
     if any(chat for _, _, chat in runs) and not getattr(tokenizer, "chat_template", None):
         raise EvalError(
-            f"evaluate.lm_eval_chat_template={cfg.lm_eval_chat_template!r}, but the model's tokenizer has no chat "
-            "template; set evaluate.lm_eval_chat_template: off"
+            f"evaluate.lm_eval_chat_template={cfg.lm_eval_chat_template!r}, but the model's tokenizer "
+            "has no chat template; set evaluate.lm_eval_chat_template: off"
         )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
     out: dict[str, dict[str, Any]] = {}

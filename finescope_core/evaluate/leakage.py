@@ -22,7 +22,8 @@ def mc_text(item: Mapping[str, Any]) -> str:
 
 
 def numeric_text(item: Mapping[str, Any]) -> str:
-    """A `{question, answer}` item: the question, then its reference answer (a worked solution or a number)."""
+    """A `{question, answer}` item: the question, then its reference answer (a worked solution or a
+    number)."""
     return f"{item['question']}\n{item['answer']}"
 
 

@@ -3,9 +3,9 @@
 `{"models": {"base": {...}, "pruned": {...}, "tuned": {...}, ...}, "comparisons": [...], "stage_seconds":
 {...}}`: one entry per evaluated model (`evaluate_model`'s result), baselines such as "pruned-random"
 included; `comparisons` (when the evaluations stored per-item numbers) the paired comparisons of
-`finescope_core.evaluate.paired.comparisons`; other top-level keys pass as they are. Values are checked strictly (`True` is no count, `"0.5"` no accuracy),
-and each wrong value reads `<dotted path>: must be <what>, got <value>`, as `metrics_schema_errors`
-returns it.
+`finescope_core.evaluate.paired.comparisons`; other top-level keys pass as they are. Values are
+checked strictly (`True` is no count, `"0.5"` no accuracy), and each wrong value reads
+`<dotted path>: must be <what>, got <value>`, as `metrics_schema_errors` returns it.
 """
 
 from __future__ import annotations

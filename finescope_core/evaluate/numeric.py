@@ -3,49 +3,35 @@
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
-from decimal import Decimal, InvalidOperation
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from finescope_core.evaluate.choice import mc_prompt
+from finescope_core.answers import final_answer
 from finescope_core.evaluate.errors import EvalError
-from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, eval_mode, model_device
+from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE, eval_mode
+from finescope_core.generate import GenerationError, generate_batch
 from finescope_core.progress import Progress, no_progress
+from finescope_core.prompts import PLAIN_STOP, encode_prompt, format_prompt
 
 # A model that keeps talking after its answer (plain prompt format) starts the next question.
-STOP_STRINGS = ("\nQuestion:",)
-
-_NUMBER = re.compile(r"(?:(?<![\w.])[-−])?(?:\$[-−]?)?(?:\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|\.\d+)")
+STOP_STRINGS = (PLAIN_STOP,)
 
 
 def extract_number(text: str) -> Decimal | None:
-    """The final numeric answer in a text, GSM8K convention.
+    """The final numeric answer in a text (`finescope_core.answers.final_answer`, not strict).
 
-    The first number after the last "####" if there is one, else the last number in the text. Commas
-    between digit groups, "$" and a trailing "." are dropped; "-" is a sign only when it does not follow
-    a word character ("3-4" reads as 3 and 4).
+    After the last "####" its first number, else the last number of the last `\\boxed{}`, else the
+    last number in the text. Commas between digit groups, "$" and a trailing "." are dropped; "-" is
+    a sign only when it does not follow a word character ("3-4" reads as 3 and 4).
 
     Returns:
         The number as a Decimal (so "42.0" equals "42"), or None when the text holds no number.
     """
-    if "####" in text:
-        found = _NUMBER.search(text.rsplit("####", 1)[1])
-        if found is not None:
-            return _to_decimal(found.group())
-    numbers = _NUMBER.findall(text)
-    return _to_decimal(numbers[-1]) if numbers else None
-
-
-def _to_decimal(token: str) -> Decimal:
-    cleaned = token.replace("$", "").replace(",", "").replace("−", "-")
-    try:
-        return Decimal(cleaned)
-    except InvalidOperation:  # "--5": two signs; the digits are still the answer
-        return Decimal(cleaned.lstrip("-"))
+    return final_answer(text)
 
 
 def reference_number(answer: Any, where: str) -> Decimal:
@@ -81,13 +67,9 @@ def check_numeric_item(item: Any, where: str) -> dict[str, Any]:
 
 
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
-    """The question as a user turn of the tokenizer's chat template, or "Question: ...\\nAnswer:" without one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert isinstance(prompt, str), "tokenize=False renders the template as text"
-        return prompt
-    return mc_prompt(question)
+    """The question as the model is prompted everywhere (`finescope_core.prompts.format_prompt`): a
+    user turn of the tokenizer's chat template, or "Question: ...\\nAnswer:" without one."""
+    return format_prompt(tokenizer, question)
 
 
 def generate_answers(
@@ -99,7 +81,8 @@ def generate_answers(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = no_progress,
 ) -> list[str]:
-    """Greedy answers to `questions`, generated in left-padded batches of similar prompt length.
+    """Greedy answers to `questions`, generated in left-padded batches of similar prompt length
+    (`finescope_core.generate.generate_batch`, the teacher's loop), decoded up to the first EOS.
 
     Returns:
         The decoded new text of each question, in input order, cut at "\\nQuestion:" (a model that goes
@@ -112,47 +95,23 @@ def generate_answers(
         raise EvalError(
             "the tokenizer has no pad token; pass it through finescope_core.model.prepare_tokenizer"
         )
-    prompts = [generation_prompt(tokenizer, q) for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [generation_prompt(tokenizer, q) for q in questions]
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
     answers = [""] * len(prompts)
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            texts = _generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)
-            for i, text in zip(rows, texts, strict=True):
-                answers[i] = _cut_at_stop(text)
+            try:
+                gens = generate_batch(
+                    model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new_tokens
+                )
+            except GenerationError as e:  # a module without generate(): an evaluation input error
+                raise EvalError(f"numeric exact match: {e}") from None
+            for i, gen in zip(rows, gens, strict=True):
+                answers[i] = _cut_at_stop(str(tokenizer.decode(gen.token_ids, skip_special_tokens=True)))
             progress(min(start + batch_size, len(order)), len(order))
     return answers
-
-
-def _generate_batch(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
-) -> list[str]:
-    """The greedy continuation of each prompt, decoded, from one left-padded `generate` call."""
-    # A chat template writes its own special tokens (BOS included, where the model uses one).
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    enc = tokenizer(
-        prompts, padding=True, padding_side="left", add_special_tokens=not templated, return_tensors="pt"
-    ).to(model_device(model))
-    out = _generate_fn(model)(
-        input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"],
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def _generate_fn(model: nn.Module) -> Callable[..., Tensor]:
-    """The model's `generate` (transformers' GenerationMixin, or any module with one)."""
-    generate = getattr(model, "generate", None)
-    if not callable(generate):
-        raise EvalError(
-            f"{type(model).__name__} has no generate(); numeric exact match needs a causal LM that generates "
-            "(an AutoModelForCausalLM)"
-        )
-    return cast("Callable[..., Tensor]", generate)  # GenerationMixin.generate returns the token ids
 
 
 def _cut_at_stop(text: str) -> str:

@@ -43,7 +43,8 @@ def items_document(
     """The content of `ITEMS_FILE`: the per-item numbers and the bootstrap settings they were scored with.
 
     Args:
-        items: the per-item numbers `evaluate_model(items=...)` fills, {metric: {"nll", "tokens"} | {"values"}}.
+        items: the per-item numbers `evaluate_model(items=...)` fills,
+            {metric: {"nll", "tokens"} | {"values"}}.
         seed, resamples: the bootstrap seed and resample count of the model's intervals.
         lm_eval: `harness.task_samples` per task, {task: {metric: {"doc_ids", "values"}}}.
     """

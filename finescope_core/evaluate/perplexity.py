@@ -113,7 +113,7 @@ def chat_nll(
     """Per (prompt, reference): summed NLL of the reference's tokens and EOS after the chat-formatted prompt.
 
     The tokens are exactly those LoRA tuning learns from (`finetune.build_examples`: the prompt through
-    `teacher.encode_prompt`, loss on the response tokens + EOS, cut at `max_length`). A pair whose
+    `prompts.encode_prompt`, loss on the response tokens + EOS, cut at `max_length`). A pair whose
     prompt alone fills `max_length` has no scored token (0, 0).
     """
     from finescope_core.finetune import IGNORE, build_examples, pad_batch
@@ -123,9 +123,8 @@ def chat_nll(
     for prompt, reference in pairs:
         one = build_examples(tokenizer, [{"prompt": prompt, "response": reference}], max_length).examples
         built.append(one[0] if one else None)
-    rows = sorted(
-        (i for i, e in enumerate(built) if e is not None), key=lambda i: -len(built[i]["input_ids"])
-    )  # type: ignore[index]
+    lengths = {i: len(e["input_ids"]) for i, e in enumerate(built) if e is not None}
+    rows = sorted(lengths, key=lambda i: -lengths[i])  # longest first, ties in input order
     nll, tokens = [0.0] * len(pairs), [0] * len(pairs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with eval_mode(model):

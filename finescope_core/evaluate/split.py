@@ -65,7 +65,8 @@ class EvalItem:
 
 
 def nearest_to_centroid(item_emb: np.ndarray, seed_emb: np.ndarray, n: int) -> list[int]:
-    """Rows of `item_emb` nearest (cosine) the mean of the unit-normalised `seed_emb`, best first (ties by row)."""
+    """Rows of `item_emb` nearest (cosine) the mean of the unit-normalised `seed_emb`, best first (ties
+    by row)."""
     seeds = seed_emb / np.maximum(np.linalg.norm(seed_emb, axis=1, keepdims=True), 1e-12)
     centroid = seeds.mean(axis=0)
     centroid = centroid / max(float(np.linalg.norm(centroid)), 1e-12)

@@ -1,8 +1,15 @@
-"""All metrics of one model, as the evaluate stage stores them (one `models` entry of metrics.json)."""
+"""The `evaluation` stage: all metrics of one model (one `models` entry of metrics.json), lm-eval's too.
+
+`evaluate_model` scores one model on the evaluation data; `with_harness` adds the lm-evaluation-harness
+tasks of `evaluate.lm_eval_tasks`; `run` is the stage's entry, writing `METRICS_FILE` and `ITEMS_FILE`.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -11,11 +18,17 @@ from finescope_core.config import EvalConfig
 from finescope_core.evaluate.bootstrap import Interval, mean_interval, perplexity_interval
 from finescope_core.evaluate.choice import mc_hits
 from finescope_core.evaluate.errors import EvalError
+from finescope_core.evaluate.harness import harness_metrics
 from finescope_core.evaluate.inference import DEFAULT_BATCH_SIZE
 from finescope_core.evaluate.numeric import numeric_hits
+from finescope_core.evaluate.paired import ITEMS_FILE, items_document
 from finescope_core.evaluate.perplexity import chat_nll, text_nll
 from finescope_core.progress import Info, Progress, no_progress
 from finescope_core.prune.counts import count_parameters
+from finescope_core.stage import StageContext
+
+METRICS_FILE = "metrics.json"
+"""The `evaluation` artifact's metrics of the model (`evaluate_model` + `lm_eval`), also its info."""
 
 
 def _tagged(progress: Progress, metric: str) -> Progress:
@@ -152,3 +165,83 @@ def _perplexity(nll: list[float], tokens: list[int], resamples: int, seed: int, 
             f"every one of the {what} is a single token, so no token is predicted; pass longer texts"
         )
     return perplexity_interval(nll, tokens, resamples=resamples, seed=seed)
+
+
+def with_harness(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig,
+    metrics: dict[str, Any],
+    *,
+    seed: int,
+    progress: Progress = no_progress,
+    docs: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`metrics` plus `lm_eval` (task -> metric -> value / CI / n) when `cfg.lm_eval_tasks` is set, and
+    lm-eval's per-sample values behind them (task -> metric -> doc ids / values; {} without tasks).
+
+    `docs`: task -> the doc ids that passed the contamination check (`EvalData.lm_eval_docs`); a task
+    not in it runs on its first documents."""
+    if not cfg.lm_eval_tasks:
+        return metrics, {}
+    samples: dict[str, Any] = {}
+    metrics["lm_eval"] = harness_metrics(
+        model, tokenizer, cfg, seed=seed, progress=progress, samples=samples, docs=docs
+    )
+    return metrics, samples
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What the `evaluation` stage reads: the loaded model and the evaluation data."""
+
+    model: PreTrainedModel
+    """The model to score, loaded on the stage's device and dtype."""
+    tokenizer: PreTrainedTokenizerBase
+    """Its tokenizer (`finescope_core.model.prepare_tokenizer`: with a pad token)."""
+    data: Mapping[str, Any]
+    """The evaluation data payload (`tasks.evalset.EvalData.payload()`): `domain`, `chat`, `general`,
+    `mc`, `numeric` and, when lm-eval tasks run, `lm_eval_docs`."""
+    name: str
+    """The model's name in the run (`base`, `pruned`, `tuned`, ...), for progress lines."""
+
+
+def run(
+    inputs: EvalInputs, section: EvalConfig, ctx: StageContext, work_dir: Path, progress: Progress
+) -> dict[str, Any]:
+    """The `evaluation` stage: every metric of `inputs.model` (and lm-eval's tasks) in
+    `work_dir / METRICS_FILE`, their per-item numbers in `work_dir / ITEMS_FILE`.
+
+    `progress` is called per batch with `metric=` the metric being scored (`lm_eval` for the harness).
+
+    Returns:
+        The metrics (the content of `METRICS_FILE`).
+    """
+    data = inputs.data
+    items: dict[str, Any] = {}
+    metrics = evaluate_model(
+        inputs.model,
+        inputs.tokenizer,
+        domain_texts=data["domain"],
+        chat_pairs=[tuple(p) for p in data["chat"]],
+        general_texts=data["general"],
+        mc_items=data["mc"],
+        numeric_items=data["numeric"],
+        cfg=section,
+        seed=ctx.seed,
+        progress=progress,
+        items=items,
+    )
+    metrics, samples = with_harness(
+        inputs.model,
+        inputs.tokenizer,
+        section,
+        metrics,
+        seed=ctx.seed,
+        progress=_tagged(progress, "lm_eval"),
+        docs=data.get("lm_eval_docs"),
+    )
+    (work_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    doc = items_document(items, seed=ctx.seed, resamples=section.bootstrap_resamples, lm_eval=samples)
+    (work_dir / ITEMS_FILE).write_text(json.dumps(doc))
+    return metrics

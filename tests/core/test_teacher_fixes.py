@@ -92,6 +92,7 @@ def test_fallback_counts_by_reason_are_in_the_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import finescope_core.teacher as teacher
+    import finescope_core.teacher.backends as backends
 
     records = [
         _record(0, instruction="Add 3 and 4.", output="3 + 4 = 7\n#### 7"),
@@ -113,7 +114,7 @@ def test_fallback_counts_by_reason_are_in_the_summary(
         ]
 
     seen: list[int] = []
-    monkeypatch.setattr(teacher, "generate_batch", fake_generate)
+    monkeypatch.setattr(backends, "generate_batch", fake_generate)  # the HF backend generates
     summary = generate_distilled(
         tiny_model(), byte_tokenizer(), records, TeacherConfig(max_prompt_length=256), tmp_path / "d.jsonl"
     )
