@@ -13,7 +13,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
 from finescope_core.memplan import check_memory
-from finescope_core.report import embed_images, harness_rows, metric_rows, paired_rows
+from finescope_core.report import ReportSettings, embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
 from finescope_core.settings import summary
 from flows.curate import CurateResult, curate_stages
@@ -226,7 +226,7 @@ def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResu
             config.evaluate, ctx, f"tuned{suffix}", v.tuned, payload
         )
     metrics = run_metrics(ctx, curated, variants, evaluations, evaluation)
-    report = report_task(config.curate, config.prune, ctx, curated, metrics, variants[""].pruned)
+    report = report_task(ReportSettings.of(config), ctx, curated, metrics, variants[""].pruned)
     return SpecializeResult(
         curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report
     )

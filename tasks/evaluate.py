@@ -16,15 +16,15 @@ from finescope_core.evaluate import (
     check_harness_config,
     harness_include_sha,
 )
+from finescope_core.finetune import MERGED_DIR
+from finescope_core.prune import MODEL_DIR
 from finescope_core.store import ArtifactStore
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.context import RunContext
-from tasks.finetune import MERGED_DIR
 from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
 from tasks.models import ModelRef, private_model
 from tasks.progress import Progress
-from tasks.prune import MODEL_DIR
 from tasks.registry import Stage, stage_task
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 

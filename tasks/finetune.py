@@ -6,35 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finescope_core import finetune as core
 from finescope_core.config import FinetuneConfig
-from finescope_core.distilled import read_distilled
-from finescope_core.finetune import lora_finetune
+from finescope_core.finetune import MERGED_DIR, TuneInputs
 from finescope_core.model import load_model
+from finescope_core.prune import MODEL_DIR
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.context import RunContext
 from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
 from tasks.models import ModelRef, private_model
 from tasks.progress import Progress
-from tasks.prune import MODEL_DIR
 from tasks.registry import Stage, stage_task, variant_label
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 from tasks.teacher import DISTILLED_FILE
-
-INFO = (
-    "method",
-    "kd_weight",
-    "temperature",
-    "train_examples",
-    "eval_examples",
-    "steps",
-    "eval_loss_before",
-    "eval_loss",
-    "best_epoch",
-    "seconds",
-    "tokens_per_second",
-)
-"""The summary fields kept in the stage info."""
 
 
 class TunedKey(ModelStageKey):
@@ -70,11 +55,12 @@ def tuned_key(
     return TunedKey.of(ctx.settings(finetune=section), inputs, precision).spec()
 
 
-MERGED_DIR = "merged"
-"""The tuned model's directory in the `tuned` artifact (LoRA merged into the pruned model, or the fully
-tuned model): a plain Hugging Face model directory."""
 TUNED = Stage(
-    "tuned", TunedKey, upstream=("pruned", "distilled", "models"), core=lora_finetune, files=(MERGED_DIR,)
+    "tuned",
+    TunedKey,
+    upstream=("pruned", "distilled", "models"),
+    core=core.run,
+    files=(MERGED_DIR, core.ADAPTER_DIR, core.SUMMARY_FILE),
 )
 
 
@@ -112,19 +98,13 @@ def finetune_task(
             teacher_model, _ = load_model(
                 teacher.path, device=ran.device, dtype=ran.dtype, device_map=device_map
             )
-        rows = read_distilled(artifact_dir(store, distilled) / DISTILLED_FILE)
-        summary = lora_finetune(
-            model,
-            tok,
-            rows,
-            section,
-            work,
-            seed=ctx.seed,
-            progress=Progress(f"finetune ({tag})"),
+        inputs = TuneInputs(
+            model=model,
+            tokenizer=tok,
+            distilled=artifact_dir(store, distilled) / DISTILLED_FILE,
             teacher=teacher_model,
         )
-        info = summary.to_dict()
-        return {k: info[k] for k in INFO}
+        return core.run(inputs, section, ctx.stage_context(ran), work, Progress(f"finetune ({tag})"))
 
     teacher_sha = teacher.sha256 if teacher is not None else None
     key = tuned_key(section, ctx, pruned.sha256, distilled.sha256, teacher_sha, ran)

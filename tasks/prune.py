@@ -8,11 +8,12 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from finescope_core import prune as core
 from finescope_core.config import PruneConfig
 from finescope_core.data import Record, load_records, normalise_text
 from finescope_core.io import read_jsonl
 from finescope_core.model import checkpoint_dtype
-from finescope_core.prune import prune_model, save_pruned
+from finescope_core.prune import MODEL_DIR, PruneInputs
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.context import RunContext
 from tasks.data import load_data
@@ -116,9 +117,9 @@ def pruned_key(
     ).spec()
 
 
-MODEL_DIR = "model"
-"""The pruned model's directory in the `pruned` artifact (a plain Hugging Face model directory)."""
-PRUNED = Stage("pruned", PrunedKey, upstream=("models", "curated"), core=prune_model, files=(MODEL_DIR,))
+PRUNED = Stage(
+    "pruned", PrunedKey, upstream=("models", "curated"), core=core.run, files=(MODEL_DIR, core.REPORT_FILE)
+)
 
 
 @stage_task(
@@ -139,20 +140,8 @@ def prune_task(
     def build(work: Path) -> dict[str, Any]:
         # A private copy (pruning is in place), loaded with the shared copy evicted: one copy, not two.
         model, tok = private_model(ref.path, ran.device, ran.dtype)
-        plan = prune_model(
-            model, tok, texts, section, rule=section.widths, progress=Progress("prune importance")
-        )
-        save_pruned(model, tok, plan, work / MODEL_DIR, dtype=checkpoint_dtype(ref.path))
-        report = plan.to_dict()
-        keys = (
-            "target_ratio",
-            "achieved_ratio",
-            "params_before",
-            "params_after",
-            "widths_before",
-            "widths_after",
-        )
-        return {k: report[k] for k in keys}
+        inputs = PruneInputs(model=model, tokenizer=tok, texts=texts, dtype=checkpoint_dtype(ref.path))
+        return core.run(inputs, section, ctx.stage_context(ran), work, Progress("prune importance"))
 
     return run_cached(ctx.store, pruned_key(section, ctx, ref.sha256, texts_sha(texts), ran), build)
 

@@ -7,16 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finescope_core.config import CurateConfig, PruneConfig
+from finescope_core import report as core
 from finescope_core.evaluate import (
     comparisons,
     metrics_schema_errors,
 )
-from finescope_core.report_stage import ReportInputs, report_stage
+from finescope_core.report import METRICS_FILE, REPORT_FILE, ReportInputs, ReportSettings
 from finescope_core.run_warnings import duplicate_warnings, eval_set_warnings, fallback_warnings
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.context import RunContext
 from tasks.keymodels import StageKey, StageKeyModel
+from tasks.progress import Progress
 from tasks.registry import Stage, stage_task
 from tasks.retries import STORE_RETRIES
 from tasks.teacher import distillation_info
@@ -126,35 +127,25 @@ class ReportKey(StageKeyModel):
 
 
 def report_key(
-    curate: CurateConfig,
-    prune: PruneConfig,
-    ctx: RunContext,
-    metrics: dict[str, Any],
-    curated_sha: str,
-    pruned_sha: str,
+    settings: ReportSettings, metrics: dict[str, Any], curated_sha: str, pruned_sha: str
 ) -> StageKey:
     metrics_sha = hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()
-    settings = ctx.settings(curate=curate, prune=prune)
-    return ReportKey.of(
-        settings, {"metrics": metrics_sha, "curated": curated_sha, "pruned": pruned_sha}
-    ).spec()
+    inputs = {"metrics": metrics_sha, "curated": curated_sha, "pruned": pruned_sha}
+    return ReportKey(ratio=settings.ratio, method=settings.method, k_act=settings.k_act, inputs=inputs).spec()
 
 
-REPORT_FILE = "report.md"
-"""The report (plots beside it, linked relatively)."""
 REPORT = Stage(
-    "report", ReportKey, upstream=("curated", "pruned", "evaluation"), core=report_stage, files=(REPORT_FILE,)
+    "report",
+    ReportKey,
+    upstream=("curated", "pruned", "evaluation"),
+    core=core.run,
+    files=(REPORT_FILE, METRICS_FILE),
 )
 
 
 @stage_task(REPORT, name="report", cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def report_task(
-    curate_section: CurateConfig,
-    prune_section: PruneConfig,
-    ctx: RunContext,
-    curate: Any,
-    metrics: dict[str, Any],
-    pruned: StageManifest,
+    section: ReportSettings, ctx: RunContext, curate: Any, metrics: dict[str, Any], pruned: StageManifest
 ) -> StageManifest:
     """report.md with plots: saliency, SAE metrics, retrieval scores + examples, parameters, evaluation."""
     store = ctx.store
@@ -169,8 +160,6 @@ def report_task(
             if curate.sae
             else None,
         )
-        title = f"finescope: {curate_section.method} curation, ratio {prune_section.ratio}"
-        return report_stage(inputs, title=title, k_act=curate_section.k_act, work=work)
+        return core.run(inputs, section, ctx.stage_context(), work, Progress("report"))
 
-    key = report_key(curate_section, prune_section, ctx, metrics, curate.curated.sha256, pruned.sha256)
-    return run_cached(store, key, build)
+    return run_cached(store, report_key(section, metrics, curate.curated.sha256, pruned.sha256), build)

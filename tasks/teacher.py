@@ -11,15 +11,17 @@ from typing import Any
 
 import torch
 
+from finescope_core import teacher as core
 from finescope_core.config import TeacherConfig
 from finescope_core.data import Record
 from finescope_core.memplan import vllm_engine_settings
 from finescope_core.model import load_tokenizer
 from finescope_core.teacher import (
+    DISTILLED_FILE,
+    DistillInputs,
     Teacher,
     TeacherError,
     VLLMGenerator,
-    generate_distilled,
     resolve_max_new_tokens,
 )
 from tasks.caching import RUN_RESULTS, StageManifest, run_cached
@@ -88,13 +90,11 @@ def distilled_key(
     ).spec()
 
 
-DISTILLED_FILE = "distilled.jsonl"
-"""The teacher's responses, one JSON line a record (written as they come, so a killed run resumes)."""
 DISTILLED = Stage(
     "distilled",
     DistilledKey,
     upstream=("models", "curated"),
-    core=generate_distilled,
+    core=core.run,
     files=(DISTILLED_FILE,),
 )
 
@@ -130,16 +130,8 @@ def teacher_task(
         else:
             device_map = "auto" if section.device_map == "auto" else None
             model, tok = private_model(teacher.path, ran.device, ran.dtype, device_map=device_map)
-        summary = generate_distilled(
-            model,
-            tok,
-            records,
-            section,
-            work / DISTILLED_FILE,
-            progress=Progress(f"teacher ({tag})"),
-            seed=ctx.seed,
-        )
-        return summary.to_dict()
+        inputs = DistillInputs(teacher=model, tokenizer=tok, records=records)
+        return core.run(inputs, section, ctx.stage_context(ran), work, Progress(f"teacher ({tag})"))
 
     return run_cached(
         ctx.store, distilled_key(section, ctx, teacher.sha256, records, ran), build, resume=True

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from finescope_core.config import FinescopeConfig
 from finescope_core.curate import hooked_layers
 from finescope_core.data import Record
+from finescope_core.report import ReportSettings
 from tasks.activations import activations_key, shard_key, shard_plan
 from tasks.codes import codes_key
 from tasks.context import RunContext
@@ -47,7 +48,7 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
         distilled_key(cfg.teacher, RunContext.of(cfg), "teacher", record),
         tuned_key(cfg.finetune, RunContext.of(cfg), "p", "d", "teacher"),
         evaluation_key(cfg.evaluate, RunContext.of(cfg), "m", {"domain": ["x"]}),
-        report_key(cfg.curate, cfg.prune, RunContext.of(cfg), {"models": {}}, "cur", "p"),
+        report_key(ReportSettings.of(cfg), {"models": {}}, "cur", "p"),
     ]
     keys = {s.stage: s.key for s in specs}
     # Fanned-out stages: the keys of all their parts.
