@@ -13,14 +13,11 @@ from typing import Any
 import torch
 from prefect import task
 
-from finescope_core import curate as core
 from finescope_core import sentence
 from finescope_core.config import FinescopeConfig
-from finescope_core.data import (
-    seed_copies,
-)
+from finescope_core.curate import curated
 from finescope_core.evaluate.split import Holdout
-from finescope_core.sae.codes import SparseCodeSource
+from finescope_core.stage import StageContext
 from tasks.activations import activation_dirs
 from tasks.codes import code_dirs
 from tasks.common import (
@@ -35,6 +32,7 @@ from tasks.common import (
     run_cached,
 )
 from tasks.data import load_data
+from tasks.identity import work_precision
 
 
 class CuratedKey(StageKeyModel):
@@ -43,7 +41,8 @@ class CuratedKey(StageKeyModel):
 
     STAGE = "curated"
     # 2: zero-score rows never selected, ties broken by a seeded hash of the id; the evaluation split excluded
-    # 3: `sae` reads the stored sparse codes shard by shard; scores.safetensors instead of every record's embeddings
+    # 3: `sae` reads the stored sparse codes shard by shard; scores.safetensors instead of every record's
+    #    embeddings
     # 4: curate.seed_pooling (softmax over the seeds by default, was their maximum)
     VERSION = "4"
     CODE = (
@@ -121,15 +120,18 @@ def _device(cfg: FinescopeConfig) -> str:
     return "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
+def _context(cfg: FinescopeConfig) -> StageContext:
+    """Where the retrieval's own model work (the sentence encoder) runs, and the run's seed."""
+    return StageContext(device=_device(cfg), dtype=work_precision(cfg).dtype, seed=cfg.seed)
+
+
 def sentence_stage(cfg: FinescopeConfig, corpus: StageManifest) -> StageManifest:
     """The corpus's sentence embeddings from the store, computed on a miss (a plain call, inside the task)."""
     store = open_store(cfg)
 
     def build(work: Path) -> dict[str, Any]:
-        texts = load_data(cfg, corpus).texts
-        return sentence.write_corpus_embeddings(
-            texts, work, device=_device(cfg), progress=Progress("sentence corpus embeddings")
-        )
+        inputs = sentence.SentenceInputs(texts=load_data(cfg, corpus).texts)
+        return sentence.run(inputs, cfg.curate, _context(cfg), work, Progress("sentence corpus embeddings"))
 
     return run_cached(store, sentence_key(corpus.sha256), build)
 
@@ -154,74 +156,20 @@ def retrieve_task(
     sent = sentence_stage(cfg, corpus) if needs_sentence(cfg) else None
 
     def build(work: Path) -> dict[str, Any]:
-        seed_records, corpus_records = load_data(cfg, seeds), load_data(cfg, corpus)
-        cached = (
-            sentence.read_corpus_embeddings(artifact_dir(store, sent), len(corpus_records)) if sent else None
+        inputs = curated.CurateInputs(
+            corpus=load_data(cfg, corpus),
+            seeds=load_data(cfg, seeds),
+            held_out_ids=frozenset(held.excluded),
+            corpus_activations=activation_dirs(store, acts[0]) if acts else None,
+            seed_activations=activation_dirs(store, acts[1]) if acts else None,
+            layers=acts[0].info["layers"] if acts else [],
+            sae_dir=artifact_dir(store, sae) if sae else None,
+            code_dirs=code_dirs(cfg, codes) if codes else None,
+            sentence_dir=artifact_dir(store, sent) if sent else None,
+            sentence_ref={"key": sent.key, "uri": sent.uri} if sent else None,
         )
-        method = cfg.curate.method
-        summary: dict[str, Any] = {}
-        corpus_emb: core.Embeddings | None
-        if method in ("sae", "activation"):
-            assert acts is not None
-            dirs = code_dirs(cfg, codes) if codes else None
-            corpus_emb, seed_emb = core.streamed_embeddings(
-                method,
-                activation_dirs(store, acts[0]),
-                activation_dirs(store, acts[1]),
-                acts[0].info["layers"],
-                sae_dir=artifact_dir(store, sae) if sae else None,
-                code_dirs=dirs,
-            )
-            if isinstance(corpus_emb, SparseCodeSource):
-                summary["codes"] = corpus_emb.info()
-        else:
-            corpus_emb, seed_emb = core.method_embeddings(
-                method,
-                corpus_records,
-                seed_records,
-                sentence_corpus=cached,
-                device=_device(cfg),
-                progress=Progress(f"{method} embeddings"),
-            )
-        fusion = None
-        if cached is not None and method != "sentence":  # curate.fusion: sentence
-            f_corpus, f_seeds = core.method_embeddings(
-                "sentence", corpus_records, seed_records, sentence_corpus=cached, device=_device(cfg)
-            )
-            assert f_corpus is not None and f_seeds is not None
-            fusion = (f_corpus, f_seeds)
-        held_ids = set(held.excluded)
-        copies = seed_copies(corpus_records, seed_records)
-        excluded = sorted(set(copies) | {i for i, r in enumerate(corpus_records.records) if r.id in held_ids})
-        result = core.curate_records(
-            method,
-            corpus_emb,
-            seed_emb,
-            len(corpus_records),
-            cfg.curate,
-            cfg.seed,
-            excluded,
-            ids=[r.id for r in corpus_records.records],
-            fusion_emb=fusion,
-        )
-        if result.mean_scores is not None and seed_emb is not None:
-            core.save_scores(work / core.SCORES_FILE, result.mean_scores, seed_emb)
-        rows = core.curated_rows(corpus_records, result.voted)
-        extra = result.summary
-        if (
-            "excluded_seed_copies" in extra
-        ):  # the held-out records are excluded too, but counted by the holdout
-            extra["excluded_seed_copies"] = len(copies)
-        summary = {
-            "method": method,
-            "corpus_records": len(corpus_records),
-            "seed_records": len(seed_records),
-            **extra,
-            **summary,
-        }
-        if sent is not None:
-            summary["sentence_embeddings"] = {"key": sent.key, "uri": sent.uri}
-        return core.write_curated(rows, work, summary)
+        progress = Progress(f"{cfg.curate.method} embeddings")
+        return curated.run(inputs, cfg.curate, _context(cfg), work, progress)
 
     acts_shas = [a.sha256 for a in acts] if acts else None
     spec = curated_key(
