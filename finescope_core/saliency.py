@@ -1,4 +1,5 @@
-"""Per-coordinate Jacobian saliency of pooled layer activations and Top-K coordinate selection (paper eq. 6-10).
+"""Per-coordinate Jacobian saliency of pooled layer activations and Top-K coordinate selection
+(paper eq. 6-10).
 
 s_j(x) = ||d a_j(x) / d e(x)||_F (eq. 6), where a(l)(x) is the masked mean of layer l's output over
 positions and e(x) the input embeddings. It is estimated with R Rademacher probes r: u = J r is one
@@ -28,6 +29,7 @@ from finescope_core.batching import TextBatch, masked_mean, pooling_mask
 from finescope_core.hooks import LayerCapture, capture_layers, resolve_layers
 from finescope_core.model import DecoderArch, resolve_arch
 from finescope_core.progress import Progress, no_progress
+from finescope_core.saliency_exact import exact_saliency as exact_saliency  # the estimator's reference
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,9 @@ def forward_ad_attention(model: PreTrainedModel) -> Iterator[None]:
     model.set_attn_implementation("eager")
     if model.config._attn_implementation != "eager":
         raise SaliencyError(
-            f"cannot switch {type(model).__name__} from {current!r} to eager attention, and {current!r} has no "
-            "forward-mode AD rule; load the model with attn_implementation='eager' for the saliency stage"
+            f"cannot switch {type(model).__name__} from {current!r} to eager attention, and {current!r} "
+            "has no forward-mode AD rule; load the model with attn_implementation='eager' for the "
+            "saliency stage"
         )
     try:
         yield
@@ -215,7 +218,8 @@ def _saliency_with_probes(
 def _squared_tangents(
     arch: DecoderArch, capture: LayerCapture, embeds: Tensor, probe: Tensor, mask: Tensor, pmask: Tensor
 ) -> Tensor:
-    """u_j^2 with u = J r for one probe r: one forward-mode pass serves every hooked layer. [B, L, d] float32."""
+    """u_j^2 with u = J r for one probe r: one forward-mode pass serves every hooked layer.
+    [B, L, d] float32."""
     # torch.autograd.forward_ad ships without annotations (torch 2.13), hence the two ignores below.
     with fwad.dual_level():
         dual: Tensor = fwad.make_dual(embeds, probe.to(embeds.device, embeds.dtype))  # type: ignore[no-untyped-call]
@@ -231,7 +235,8 @@ def _squared_tangents(
 def batch_saliency(
     model: PreTrainedModel, batch: TextBatch, layers: Sequence[int], probes: Tensor, skip_first: int
 ) -> Tensor:
-    """Per-sample Hutchinson saliency ŝ(l)(x) (eq. 8) of one batch with given probes, all layers in one pass each.
+    """Per-sample Hutchinson saliency ŝ(l)(x) (eq. 8) of one batch with given probes, all layers in one
+    pass each.
 
     Args:
         model: a Llama/Qwen-style causal LM.
@@ -305,46 +310,6 @@ def jacobian_saliency(
             "the reference corpus D0 is empty; give at least one text (curate.reference_size)"
         )
     return (total / done).cpu()
-
-
-def exact_saliency(
-    model: PreTrainedModel, batch: TextBatch, layers: Sequence[int], skip_first: int
-) -> Tensor:
-    """Reference for eq. 6: exact per-sample Jacobian row norms ||d a(l)_j(x) / d e(x)||_F.
-
-    Builds the Jacobian with reverse mode (vectorised over the L*d output coordinates), so it is only
-    practical for tiny models; tests use it to check the Hutchinson estimator.
-
-    Args:
-        model: a Llama/Qwen-style causal LM.
-        batch: B texts.
-        layers: decoder layers (negative counts from the end).
-        skip_first: leading tokens left out of pooling.
-
-    Returns:
-        [B, L, d] float32 on the CPU.
-    """
-    arch = resolve_arch(model)
-    batch = batch.to(_model_device(model))
-    mask = batch.attention_mask
-    pmask = pooling_mask(mask, skip_first)
-    with torch.no_grad():
-        embeds = arch.embed(batch.input_ids)
-    with torch.enable_grad(), capture_layers(arch, layers) as cap:
-
-        def pooled_sum(e: Tensor) -> Tensor:
-            outs = cap.run(
-                lambda: arch.backbone(inputs_embeds=e, attention_mask=mask, use_cache=False),
-                reduce=lambda h: masked_mean(h, pmask),
-            )
-            # Samples do not interact, so d(sum_b a[b])/d e[b] is sample b's own Jacobian: B times fewer rows.
-            return torch.stack(outs, dim=1).sum(dim=0)  # [L, d]
-
-        # torch.autograd.functional ships without annotations (torch 2.13).
-        jac: Tensor = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
-            pooled_sum, embeds, vectorize=True
-        )  # [L, d, B, T, D]
-    return jac.float().square().sum(dim=(-2, -1)).permute(2, 0, 1).sqrt().cpu()
 
 
 def compute_saliency(

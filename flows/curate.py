@@ -12,7 +12,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 
 from finescope_core.config import FinescopeConfig
-from finescope_core.curate import check_curation_fits, hooked_layers
+from finescope_core.curate import CURATED_FILE, check_curation_fits, hooked_layers
 from finescope_core.data import PreparedCorpus, RecordSet, check_sizes, shown_text
 from finescope_core.evaluate.split import Holdout
 from finescope_core.io import read_jsonl
@@ -44,7 +44,7 @@ from tasks.export import Exported, RunRecord, curated_outputs, export_task, run_
 from tasks.planning import current_planner
 from tasks.prune import training_pool
 from tasks.report import compute_seconds
-from tasks.retrieve import CURATED_FILE, retrieve_task
+from tasks.retrieve import retrieve_task
 from tasks.saliency import saliency_task
 
 

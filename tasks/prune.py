@@ -10,6 +10,7 @@ from typing import Any
 
 from finescope_core import prune as core
 from finescope_core.config import PruneConfig
+from finescope_core.curate import CURATED_FILE
 from finescope_core.data import Record, load_records, normalise_text
 from finescope_core.io import read_jsonl
 from finescope_core.model import checkpoint_dtype
@@ -24,7 +25,6 @@ from tasks.planning import plannable
 from tasks.progress import Progress
 from tasks.registry import Stage, stage_task, variant_label
 from tasks.retries import GPU_TAGS, STORE_RETRIES
-from tasks.retrieve import CURATED_FILE
 
 
 @plannable

@@ -12,14 +12,12 @@ from typing import Any
 
 import torch
 
-from finescope_core import curate as core
 from finescope_core import sentence
 from finescope_core.config import CurateConfig
-from finescope_core.data import (
-    seed_copies,
-)
+from finescope_core.curate import curated
+from finescope_core.curate.curated_set import CURATED_FILE, CURATED_PARQUET, SCORES_FILE, SUMMARY_FILE
 from finescope_core.evaluate.split import Holdout
-from finescope_core.sae.codes import SparseCodeSource
+from finescope_core.stage import StageContext
 from tasks.activations import activation_dirs
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, planned_after, run_cached
 from tasks.codes import code_dirs
@@ -117,31 +115,38 @@ def _device(ctx: RunContext) -> str:
     return "cuda" if ctx.device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def sentence_stage(ctx: RunContext, corpus: StageManifest) -> StageManifest:
+def _context(ctx: RunContext) -> StageContext:
+    """Where the retrieval's own model work (the sentence encoder) runs, and the run's seed."""
+    return StageContext(device=_device(ctx), dtype=ctx.precision().dtype, seed=ctx.seed)
+
+
+def sentence_stage(section: CurateConfig, ctx: RunContext, corpus: StageManifest) -> StageManifest:
     """The corpus's sentence embeddings from the store, computed on a miss (a plain call, inside the task)."""
     store = ctx.store
 
     def build(work: Path) -> dict[str, Any]:
-        texts = load_data(ctx, corpus).texts
-        return sentence.write_corpus_embeddings(
-            texts, work, device=_device(ctx), progress=Progress("sentence corpus embeddings")
-        )
+        inputs = sentence.SentenceInputs(texts=load_data(ctx, corpus).texts)
+        return sentence.run(inputs, section, _context(ctx), work, Progress("sentence corpus embeddings"))
 
     with labelled("sentence-embeddings"):
         return run_cached(store, sentence_key(corpus.sha256), build)
 
 
 SENTENCE = declare(
-    Stage("sentence-embeddings", SentenceKey, upstream=("corpus",), core=sentence.write_corpus_embeddings)
+    Stage(
+        "sentence-embeddings",
+        SentenceKey,
+        upstream=("corpus",),
+        core=sentence.run,
+        files=(sentence.CORPUS_FILE,),
+    )
 )
-CURATED_FILE = "curated.jsonl"
-"""The curated set, best first (`curated.parquet` holds the same rows)."""
 CURATED = Stage(
     "curated",
     CuratedKey,
     upstream=("corpus", "seeds", "activations", "sae", "sae-codes", "sentence-embeddings"),
-    core=core.curate_records,
-    files=(CURATED_FILE, "curated.parquet", "curation.json", "scores.safetensors"),
+    core=curated.run,
+    files=(CURATED_FILE, CURATED_PARQUET, SUMMARY_FILE, SCORES_FILE),
 )
 
 
@@ -163,80 +168,26 @@ def retrieve_task(
     shard, for `sae`), so memory does not grow with the corpus beyond the records themselves and one
     score per record."""
     store = ctx.store
-    sent = sentence_stage(ctx, corpus) if needs_sentence(section) else None
+    sent = sentence_stage(section, ctx, corpus) if needs_sentence(section) else None
     waiting = planned_after("curated", sent)  # a dry run: the embeddings are still to compute
     if waiting is not None:
         return waiting
 
     def build(work: Path) -> dict[str, Any]:
-        seed_records, corpus_records = load_data(ctx, seeds), load_data(ctx, corpus)
-        cached = (
-            sentence.read_corpus_embeddings(artifact_dir(store, sent), len(corpus_records)) if sent else None
+        inputs = curated.CurateInputs(
+            corpus=load_data(ctx, corpus),
+            seeds=load_data(ctx, seeds),
+            held_out_ids=frozenset(held.excluded),
+            corpus_activations=activation_dirs(store, acts[0]) if acts else None,
+            seed_activations=activation_dirs(store, acts[1]) if acts else None,
+            layers=acts[0].info["layers"] if acts else [],
+            sae_dir=artifact_dir(store, sae) if sae else None,
+            code_dirs=code_dirs(ctx, codes) if codes else None,
+            sentence_dir=artifact_dir(store, sent) if sent else None,
+            sentence_ref={"key": sent.key, "uri": sent.uri} if sent else None,
         )
-        method = section.method
-        summary: dict[str, Any] = {}
-        corpus_emb: core.Embeddings | None
-        if method in ("sae", "activation"):
-            assert acts is not None
-            dirs = code_dirs(ctx, codes) if codes else None
-            corpus_emb, seed_emb = core.streamed_embeddings(
-                method,
-                activation_dirs(store, acts[0]),
-                activation_dirs(store, acts[1]),
-                acts[0].info["layers"],
-                sae_dir=artifact_dir(store, sae) if sae else None,
-                code_dirs=dirs,
-            )
-            if isinstance(corpus_emb, SparseCodeSource):
-                summary["codes"] = corpus_emb.info()
-        else:
-            corpus_emb, seed_emb = core.method_embeddings(
-                method,
-                corpus_records,
-                seed_records,
-                sentence_corpus=cached,
-                device=_device(ctx),
-                progress=Progress(f"{method} embeddings"),
-            )
-        fusion = None
-        if cached is not None and method != "sentence":  # curate.fusion: sentence
-            f_corpus, f_seeds = core.method_embeddings(
-                "sentence", corpus_records, seed_records, sentence_corpus=cached, device=_device(ctx)
-            )
-            assert f_corpus is not None and f_seeds is not None
-            fusion = (f_corpus, f_seeds)
-        held_ids = set(held.excluded)
-        copies = seed_copies(corpus_records, seed_records)
-        excluded = sorted(set(copies) | {i for i, r in enumerate(corpus_records.records) if r.id in held_ids})
-        result = core.curate_records(
-            method,
-            corpus_emb,
-            seed_emb,
-            len(corpus_records),
-            section,
-            ctx.seed,
-            excluded,
-            ids=[r.id for r in corpus_records.records],
-            fusion_emb=fusion,
-        )
-        if result.mean_scores is not None and seed_emb is not None:
-            core.save_scores(work / core.SCORES_FILE, result.mean_scores, seed_emb)
-        rows = core.curated_rows(corpus_records, result.voted)
-        extra = result.summary
-        if (
-            "excluded_seed_copies" in extra
-        ):  # the held-out records are excluded too, but counted by the holdout
-            extra["excluded_seed_copies"] = len(copies)
-        summary = {
-            "method": method,
-            "corpus_records": len(corpus_records),
-            "seed_records": len(seed_records),
-            **extra,
-            **summary,
-        }
-        if sent is not None:
-            summary["sentence_embeddings"] = {"key": sent.key, "uri": sent.uri}
-        return core.write_curated(rows, work, summary)
+        progress = Progress(f"{section.method} embeddings")
+        return curated.run(inputs, section, _context(ctx), work, progress)
 
     acts_shas = [a.sha256 for a in acts] if acts else None
     spec = curated_key(

@@ -28,12 +28,17 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from finescope_core.activations import load_activations
+from finescope_core.config import CurateConfig
 from finescope_core.progress import Progress, no_progress
 from finescope_core.retrieval.stream import Block, gather_from_blocks
+from finescope_core.sae.io import load_saes
 from finescope_core.sae.model import BatchedSAE, SAEInputError, encode
+from finescope_core.stage import StageContext
 
 MANIFEST = "codes.json"
 FORMAT = "finescope-sae-codes/1"
+CODES_FILE = "codes-00000.safetensors"
+"""The one file of codes a code directory holds (the manifest lists it)."""
 VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -71,16 +76,16 @@ class CodesManifest:
         path = out_dir / MANIFEST
         if not path.is_file():
             raise CodesError(
-                f"{path} does not exist: {out_dir} is not a complete code directory; re-run the sae-codes "
-                "stage"
+                f"{path} does not exist: {out_dir} is not a complete code directory; "
+                "re-run the sae-codes stage"
             )
         raw = json.loads(path.read_text(encoding="utf-8"))
         return cls(**{**raw, "shards": [tuple(s) for s in raw["shards"]]})
 
 
 def top_nonzeros(codes: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The k largest latents of each code: (values [..., k], indices [..., k] int, nonzeros [...] of each
-    code).
+    """The k largest latents of each code: (values [..., k], indices [..., k] int, nonzeros [...] of
+    each code).
 
     Codes are non-negative (ReLU / TopK); slots beyond a code's nonzeros hold value 0 at index 0.
     """
@@ -145,7 +150,7 @@ def write_codes(
     n = acts.shape[0]
     indptr = torch.zeros(n * len(layers) + 1, dtype=torch.int64)
     torch.cumsum(torch.cat(counts), 0, out=indptr[1:])
-    name = "codes-00000.safetensors"
+    name = CODES_FILE
     save_file(
         {
             "values": torch.cat(values).contiguous(),
@@ -167,6 +172,40 @@ def write_codes(
     )
     (out_dir / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1), encoding="utf-8")
     return manifest
+
+
+@dataclass(frozen=True)
+class CodesInputs:
+    """What one `sae-codes` shard reads: one corpus activation shard and the SAEs, as local directories."""
+
+    shard_dir: Path
+    """The corpus activation shard (an `activation-shards` artifact) to encode."""
+    sae_dir: Path
+    """The `sae` artifact: every hooked layer's SAE."""
+
+
+def run(
+    inputs: CodesInputs,
+    section: CurateConfig,
+    ctx: StageContext,
+    work_dir: Path,
+    progress: Progress = no_progress,
+) -> dict[str, Any]:
+    """One `sae-codes` shard's entry: the shard's codes under every layer's SAE (`write_codes`), with
+    `section.code_k` latents kept per code (every nonzero one for `all`) as `section.code_dtype`."""
+    model, layers, _ = load_saes(inputs.sae_dir)
+    model.to(ctx.device)  # encoding runs where the SAEs are; the codes come back to the CPU
+    code_k = None if section.code_k == "all" else section.code_k
+    manifest = write_codes(
+        model,
+        inputs.shard_dir,
+        layers,
+        work_dir,
+        code_k=code_k,
+        value_dtype=section.code_dtype,
+        progress=progress,
+    )
+    return {"rows": manifest.num_rows, "truncated": manifest.truncated, "mean_l0": round(manifest.mean_l0, 2)}
 
 
 @dataclass(frozen=True)
@@ -247,8 +286,8 @@ class SparseCodeSource:
                 shard = _read_shard(d / file)
                 if shard.rows.shape != (n,) or not np.array_equal(shard.rows, np.arange(local, local + n)):
                     raise CodesError(
-                        f"{d / file}: rows are not the consecutive rows its manifest says; re-run the "
-                        "sae-codes stage"
+                        f"{d / file}: rows are not the consecutive rows its manifest says; "
+                        "re-run the sae-codes stage"
                     )
                 yield start, shard
                 start, local = start + n, local + n
