@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finescope_core import curate as core
 from finescope_core.config import CurateConfig
-from finescope_core.saliency import LayerSaliency
+from finescope_core.curate import activations as stage
+from finescope_core.curate.activations import MANIFEST_FILE, ActivationInputs
 from finescope_core.store import ArtifactStore
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
 from tasks.context import RunContext, logger
@@ -108,7 +108,8 @@ SHARD = Stage(
     "activation-shards",
     ShardKey,
     upstream=("models", "corpus", "seeds", "sae-corpus", "saliency"),
-    core=core.activation_stage,
+    core=stage.run,
+    files=(MANIFEST_FILE,),
     part_of="activations",
 )
 ACTIVATIONS = Stage("activations", ActivationsKey, upstream=("activation-shards",), files=(SHARDS_FILE,))
@@ -142,12 +143,14 @@ def activation_shard_task(
     ran = ctx.precision()  # here, on the worker that runs the model: the key says what it ran in
 
     def build(work: Path) -> dict[str, Any]:
-        indices = LayerSaliency.load(artifact_dir(store, sal)).indices if sal is not None else None
         part = load_rows(ctx, records, start, stop)
         what = f"activations ({records.stage} {start}:{stop})"
+        sal_dir = artifact_dir(store, sal) if sal is not None else None
         with using_model(ref.path, ran.device, ran.dtype) as (model, tok):
-            info = core.activation_stage(model, tok, part, layers, indices, section, work, Progress(what))
-        return {**info, "precision": ran.model_dump()}
+            inputs = ActivationInputs(
+                model=model, tokenizer=tok, records=part, layers=layers, saliency_dir=sal_dir
+            )
+            return stage.run(inputs, section, ctx.stage_context(ran), work, Progress(what))
 
     spec = shard_key(
         section, ctx, ref.sha256, records.sha256, layers, sal.sha256 if sal else None, start, stop, ran

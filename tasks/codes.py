@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finescope_core import sae as sae_lib
 from finescope_core.config import CurateConfig
 from finescope_core.model import pick_device
-from finescope_core.sae.codes import write_codes
+from finescope_core.sae import codes as stage
+from finescope_core.sae.codes import CODES_FILE, CodesInputs
+from finescope_core.stage import StageContext
 from tasks.activations import listed_shards
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
 from tasks.context import RunContext
@@ -45,7 +46,9 @@ def corpus_shard_refs(ctx: RunContext, acts: StageManifest) -> list[dict[str, An
     return listed_shards(ctx.store, acts)
 
 
-CODES = Stage("sae-codes", CodesKey, upstream=("activation-shards", "sae"), core=write_codes)
+CODES = Stage(
+    "sae-codes", CodesKey, upstream=("activation-shards", "sae"), core=stage.run, files=(CODES_FILE,)
+)
 
 
 @stage_task(
@@ -68,23 +71,10 @@ def codes_task(
             raise FileNotFoundError(
                 f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; re-run to rebuild it"
             )
-        model, layers, _ = sae_lib.load_saes(artifact_dir(store, sae))
-        model.to(pick_device(ctx.device))  # encoding runs where the SAEs are; the codes come back to the CPU
-        code_k = None if section.code_k == "all" else section.code_k
-        manifest = write_codes(
-            model,
-            store.local_path(found),
-            layers,
-            work,
-            code_k=code_k,
-            value_dtype=section.code_dtype,
-            progress=Progress(f"sae codes (shard {index})"),
-        )
-        return {
-            "rows": manifest.num_rows,
-            "truncated": manifest.truncated,
-            "mean_l0": round(manifest.mean_l0, 2),
-        }
+        inputs = CodesInputs(shard_dir=store.local_path(found), sae_dir=artifact_dir(store, sae))
+        # Encoding runs where the SAEs are (`pick_device`: `auto` resolved here); codes come back to the CPU.
+        ran = StageContext(device=str(pick_device(ctx.device)), dtype="float32", seed=ctx.seed)
+        return stage.run(inputs, section, ran, work, Progress(f"sae codes (shard {index})"))
 
     return run_cached(store, codes_key(section, ctx, shard["sha256"], sae.sha256), build)
 

@@ -27,6 +27,7 @@ from finescope_core.store import (
 from tasks.caching import PendingManifest, artifact_dir, run_cached
 from tasks.identity import model_digest
 from tasks.keymodels import StageKey
+from tasks.registry import Stage, declare
 
 
 class ModelRef(BaseModel):
@@ -60,6 +61,10 @@ def model_ref(spec: str, store: ArtifactStore) -> ModelRef:
             return PendingModel(path=DEFAULT_MODEL, sha256="", pending=manifest.pending)
         return ModelRef(path=str(artifact_dir(store, manifest) / DEFAULT_MODEL_NAME), sha256=manifest.sha256)
     return ModelRef(path=_model_path(spec), sha256=model_digest(spec))
+
+
+MODELS = declare(Stage("models", None, core=convert_gguf, files=(DEFAULT_MODEL_NAME,)))
+"""The bundled default model, converted once from its GGUF into a plain Hugging Face directory."""
 
 
 def default_model_key(gguf: Path) -> StageKey:

@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from finescope_core import curate as core
 from finescope_core.config import CurateConfig
+from finescope_core.curate import sae as stage
+from finescope_core.curate.sae import SaeLayersInputs
 from finescope_core.model import pick_device
-from finescope_core.saliency import LayerSaliency
+from finescope_core.stage import StageContext
 from tasks.activations import activation_dirs
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, lookup_stage, run_cached
 from tasks.context import RunContext
@@ -67,7 +68,7 @@ def sae_key(section: CurateConfig, ctx: RunContext, acts_sha: str, sal_sha: str)
 
 
 SAE_LAYERS = Stage(
-    "sae-layers", SaeLayersKey, upstream=("activations", "saliency"), core=core.sae_stage, part_of="sae"
+    "sae-layers", SaeLayersKey, upstream=("activations", "saliency"), core=stage.run, part_of="sae"
 )
 SAE = Stage("sae", SaeKey, upstream=("sae-layers",))
 
@@ -93,20 +94,15 @@ def sae_layers_task(
     ids = [layers[i] for i in positions]
 
     def build(work: Path) -> dict[str, Any]:
-        indices = LayerSaliency.load(artifact_dir(store, sal)).indices
-        progress = Progress(f"sae training (layers {ids})")
-        dirs = activation_dirs(store, acts)
-        return core.sae_stage(
-            dirs,
-            layers,
-            indices,
-            section,
-            ctx.seed,
-            work,
-            progress,
-            positions,
-            device=pick_device(ctx.device),
+        inputs = SaeLayersInputs(
+            activation_dirs=activation_dirs(store, acts),
+            saliency_dir=artifact_dir(store, sal),
+            layers=layers,
+            positions=positions,
         )
+        # On the run's device (`pick_device`: `auto` resolved here, where the training runs).
+        ran = StageContext(device=str(pick_device(ctx.device)), dtype="float32", seed=ctx.seed)
+        return stage.run(inputs, section, ran, work, Progress(f"sae training (layers {ids})"))
 
     return run_cached(store, sae_layers_key(section, ctx, acts.sha256, sal.sha256, ids), build)
 

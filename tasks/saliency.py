@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finescope_core import curate as core
 from finescope_core.config import CurateConfig
+from finescope_core.curate import saliency as stage
+from finescope_core.curate.saliency import SALIENCY_FILES, SaliencyInputs
 from tasks.caching import RUN_RESULTS, StageManifest, run_cached
 from tasks.context import RunContext
 from tasks.data import load_data
@@ -63,7 +64,7 @@ def saliency_key(
 
 
 SALIENCY = Stage(
-    "saliency", SaliencyKey, upstream=("models", "corpus", "sae-corpus"), core=core.saliency_stage
+    "saliency", SaliencyKey, upstream=("models", "corpus", "sae-corpus"), core=stage.run, files=SALIENCY_FILES
 )
 
 
@@ -77,15 +78,9 @@ def saliency_task(
 
     def build(work: Path) -> dict[str, Any]:
         with using_model(ref.path, ran.device, ran.dtype) as (model, tok):
-            return core.saliency_stage(
-                model,
-                tok,
-                load_data(ctx, corpus),
-                layers,
-                section,
-                ctx.seed,
-                work,
-                Progress(f"saliency ({section.selector})"),
+            inputs = SaliencyInputs(model=model, tokenizer=tok, corpus=load_data(ctx, corpus), layers=layers)
+            return stage.run(
+                inputs, section, ctx.stage_context(ran), work, Progress(f"saliency ({section.selector})")
             )
 
     return run_cached(ctx.store, saliency_key(section, ctx, ref.sha256, corpus.sha256, layers, ran), build)
