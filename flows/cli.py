@@ -35,7 +35,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _flow_command(sub: Any, name: str, help_text: str, out_help: str) -> argparse.ArgumentParser:
     usage = f"finescope {name} [--config FILE] [--out DIR] [--FIELD VALUE ...]"
-    parser = sub.add_parser(name, help=help_text, description=help_text, usage=usage, allow_abbrev=False)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text, usage=usage, allow_abbrev=False
+    )
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML config file (fields below)")
     parser.add_argument(
         "--out",
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "run",
         "the whole specialize flow: curate, prune, teacher, LoRA, evaluate, report",
-        "report.md, metrics.json, pruned-model/, tuned-model/, tuned-adapter/, curated/, distilled/, run.json",
+        "report.md, metrics.json, pruned-model/, tuned-model/, tuned-adapter/, curated/, distilled/, "
+        "run.json",
     )
     demo = sub.add_parser(
         "demo",
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve one flow as a Prefect deployment on a schedule from this process (needs PREFECT_API_URL)",
-        usage="finescope serve [--config FILE] [--flow F] [--cron CRON | --interval SECONDS] [--FIELD VALUE ...]",
+        usage="finescope serve [--config FILE] [--flow F] [--cron CRON | --interval SECONDS] "
+        "[--FIELD VALUE ...]",
         allow_abbrev=False,
     )
     serve.add_argument(
@@ -166,9 +170,9 @@ def _run_flow(command: str, cfg: FinescopeConfig) -> None:
     if command == "curate":
         from flows.curate import curate_flow
 
-        result = curate_flow(cfg)
+        curated = curate_flow(cfg)
         print(
-            f"curated {result.curated.info.get('records', 0)} records; outputs in {_where(result.exported)}"
+            f"curated {curated.curated.info.get('records', 0)} records; outputs in {_where(curated.exported)}"
         )
     elif command == "prune":
         from flows.prune import prune_flow
@@ -186,7 +190,8 @@ def _run_flow(command: str, cfg: FinescopeConfig) -> None:
         for name, m in result.metrics["models"].items():
             ci = m["ci"]["perplexity"]
             print(
-                f"{name:>16}: perplexity {m['perplexity']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] (n={ci['n']}), "
+                f"{name:>16}: perplexity {m['perplexity']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] "
+                f"(n={ci['n']}), "
                 f"parameters {m['parameters']:,}"
             )
         print(f"report, models and data in {_where(result.exported)}")
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Per-batch progress comes from our own log lines (terminal + Prefect); transformers' bars would
     # interleave with them.
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         if args.command in ("curate", "prune", "run"):
             from prefect import tags

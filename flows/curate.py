@@ -71,7 +71,8 @@ class CurateResult(BaseModel):
     """Where the outputs went (None when a parent flow exports them)."""
 
     def manifests(self) -> dict[str, Any]:
-        """Every stage's manifest by name, for run.json (the per-shard codes as one entry listing its parts)."""
+        """Every stage's manifest by name, for run.json (the per-shard codes as one entry listing its
+        parts)."""
         skip = ("layers", "exported", "held_out", "codes")
         out = {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
         if self.codes:
@@ -165,7 +166,8 @@ def read_data(
 
 @flow(name="curate", flow_run_name=namer("curate"), log_prints=True)
 def curate_flow(config: FinescopeConfig, export: bool = True, evaluating: bool = False) -> CurateResult:
-    """Data -> saliency -> activations -> SAEs -> sparse codes -> retrieval and vote (each stage cached in the store).
+    """Data -> saliency -> activations -> SAEs -> sparse codes -> retrieval and vote (each stage cached in
+    the store).
 
     With `export` (off when a parent flow exports), the curated set goes to the run's output location
     as a dataset directory (data, dataset card, run.json). The evaluation split is kept out of the
@@ -308,7 +310,8 @@ def _markdown(cfg: FinescopeConfig, result: CurateResult, top: list[dict[str, An
     lines = [
         f"# Curated set ({cfg.curate.method})",
         "",
-        f"{result.curated.info.get('records', 0)} records from {result.curated.info.get('corpus_records', '?')} "
+        f"{result.curated.info.get('records', 0)} records from "
+        f"{result.curated.info.get('corpus_records', '?')} "
         f"(layers {result.layers or '-'}); artifact `{result.curated.uri}`",
         *_sae_source(result),
         *(f"\n**Warning**: {w}" for w in corpus_warnings(result)),

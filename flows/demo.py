@@ -1,4 +1,5 @@
-"""The `demo` flow: the bundled mixed-domain corpus, one domain's seeds, every curation method side by side."""
+"""The `demo` flow: the bundled mixed-domain corpus, one domain's seeds, every curation method side by
+side."""
 
 from __future__ import annotations
 

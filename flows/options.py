@@ -41,7 +41,8 @@ def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, An
 
 
 def _choices(annotation: Any) -> tuple[str, ...] | None:
-    """The allowed values of a Literal field (or an optional Literal), as they are typed on the command line."""
+    """The allowed values of a Literal field (or an optional Literal), as they are typed on the command
+    line."""
     if typing.get_origin(annotation) is Literal:
         return tuple(str(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

@@ -59,7 +59,7 @@ def check_ratio(cfg: FinescopeConfig) -> None:
         )
     hf = model_config(cfg.model)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf)
+        skeleton = AutoModelForCausalLM.from_config(hf)  # type: ignore[no-untyped-call]
     plan_widths(skeleton, cfg.prune.ratio, cfg.prune.attention)
 
 

@@ -45,12 +45,13 @@ def check_runner(cfg: FinescopeConfig) -> None:
             )
 
 
-def task_runner(cfg: FinescopeConfig) -> TaskRunner:
+def task_runner(cfg: FinescopeConfig) -> TaskRunner[Any]:
     """The runner of the fanned-out stages (corpus shards, per-layer SAEs)."""
     o = cfg.orchestration
     check_runner(cfg)
     if o.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+        # prefect_dask re-exports DaskTaskRunner without listing it in __all__
+        from prefect_dask import DaskTaskRunner  # type: ignore[attr-defined]
 
         if o.address:
             return DaskTaskRunner(address=o.address)
@@ -65,17 +66,20 @@ def task_runner(cfg: FinescopeConfig) -> TaskRunner:
             gpus = torch.cuda.device_count()
             if gpus == 0:
                 raise ConfigError(
-                    "orchestration.gpu_workers starts one Dask worker per GPU, and no CUDA device is visible; "
-                    "set gpu_workers: false, or give an address of a cluster with GPU workers"
+                    "orchestration.gpu_workers starts one Dask worker per GPU, and no CUDA device is "
+                    "visible; set gpu_workers: false, or give an address of a cluster with GPU workers"
                 )
             cluster.update(n_workers=gpus, resources={"GPU": 1})
         return DaskTaskRunner(cluster_kwargs=cluster)
     if o.task_runner == "ray":
         from prefect_ray import RayTaskRunner
 
-        if o.address:
-            return RayTaskRunner(address=o.address)
-        return RayTaskRunner(init_kwargs={"num_cpus": o.workers, "include_dashboard": False})
+        ray: TaskRunner[Any] = (
+            RayTaskRunner(address=o.address)
+            if o.address
+            else RayTaskRunner(init_kwargs={"num_cpus": o.workers, "include_dashboard": False})
+        )
+        return ray
     return ThreadPoolTaskRunner(max_workers=o.workers)
 
 
@@ -150,7 +154,8 @@ def gpu_placement(cfg: FinescopeConfig) -> Iterator[None]:
     if cfg.orchestration.gpu_workers:
         import dask
 
-        with dask.annotate(resources={"GPU": 1}):
+        # dask re-exports `annotate` without listing it in __all__
+        with dask.annotate(resources={"GPU": 1}):  # type: ignore[attr-defined]
             yield
     else:
         yield

@@ -45,7 +45,8 @@ def schedule(cron: str | None, interval: int | None) -> Schedule | None:
             return Cron(cron, timezone="UTC")
         except ValueError as e:
             raise ServeError(
-                f"--cron {cron!r} is not a valid cron string ({e}); give five fields, minute hour day-of-month "
+                f"--cron {cron!r} is not a valid cron string ({e}); give five fields, minute hour "
+                f"day-of-month "
                 "month day-of-week, quoted, e.g. --cron '0 3 * * 0' for Sundays at 03:00 UTC"
             ) from None
     if interval is not None:
@@ -102,7 +103,7 @@ def build_deployment(
     sched = schedule(cron, interval)
     flow = load_flow(flow_name)
     try:
-        return flow.to_deployment(
+        deployment: RunnerDeployment = flow.to_deployment(
             name,
             schedule=sched,
             parameters=parameters,
@@ -113,6 +114,7 @@ def build_deployment(
         )
     except InvalidNameError as e:
         raise ServeError(f"--name {name!r}: {e}") from None
+    return deployment
 
 
 def prefect_ui_url() -> str:
@@ -143,7 +145,8 @@ def prefect_ui_url() -> str:
 
 
 def default_name(config_file: Path | None) -> str:
-    """The config file's stem as a run name (`My Math.yaml` -> `my-math`), so each config gets its own deployment."""
+    """The config file's stem as a run name (`My Math.yaml` -> `my-math`), so each config gets its own
+    deployment."""
     return (slug(config_file.stem) if config_file is not None else None) or DEFAULT_NAME
 
 

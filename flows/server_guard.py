@@ -38,7 +38,8 @@ runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 
 
 def _guarded_uvicorn_command(self: Any) -> subprocess.Popen[Any]:
-    """`SubprocessASGIServer._run_uvicorn_command` with the parent watch: the same arguments and environment."""
+    """`SubprocessASGIServer._run_uvicorn_command` with the parent watch: the same arguments and
+    environment."""
     import prefect
     from prefect.settings import get_current_settings
 

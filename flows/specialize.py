@@ -207,9 +207,9 @@ def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResu
     curated = curate_stages(config, ctx, evaluating=True)
     base = model_task(ctx, ctx.model)
     teacher = teacher_ref(config.teacher, ctx, base)
-    training = {"": curated_training(config, ctx, curated)}
-    for name in config.evaluate.baselines:
-        training[name] = baseline_training(ctx, name, curated, training[""])
+    training: dict[str, Training] = {"": curated_training(config, ctx, curated)}
+    for baseline in config.evaluate.baselines:
+        training[baseline] = baseline_training(ctx, baseline, curated, training[""])
     variants = {
         name: _variant(config, ctx, base, teacher, data, name or "curated") for name, data in training.items()
     }

@@ -33,7 +33,7 @@ FLOW_CHOICES = ("specialize", "prune", "curate")
 COMMAND_OF = {"specialize": "finescope run", "prune": "finescope prune", "curate": "finescope curate"}
 
 
-def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_store_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `store` and its sub-commands to the `finescope` parser's sub-commands."""
 
     store = subparsers.add_parser(
@@ -90,7 +90,8 @@ def add_store_parser(subparsers: argparse._SubParsersAction) -> None:
         "--keep-days",
         type=float,
         metavar="N",
-        help="keep artifacts created in the last N days; delete older ones (with --config: older *and* unused)",
+        help="keep artifacts created in the last N days; delete older ones "
+        "(with --config: older *and* unused)",
     )
     gc.add_argument(
         "--min-age",
@@ -186,7 +187,8 @@ def _ls_lines(listing: StoreListing) -> list[str]:
     if listing.leftovers:
         size = sum(x.size for x in listing.leftovers)
         lines.append(
-            f"uncommitted leftovers: {len(listing.leftovers)}, {human(size)} (`finescope store gc` collects them)"
+            f"uncommitted leftovers: {len(listing.leftovers)}, {human(size)} "
+            "(`finescope store gc` collects them)"
         )
         for x in listing.leftovers:
             state = "in use" if x.in_use else f"modified {_when(x.modified)}"
@@ -241,8 +243,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"  {s.status:<8} {s.name:<{width}}  {peak}  {detail}{parts}")
     if counts["after"]:
         print(
-            "stages `after X` run once X is computed: their keys hash X's content, so they are unknown until then "
-            "(if X comes out byte-identical, they are reused)"
+            "stages `after X` run once X is computed: their keys hash X's content, so they are unknown "
+            "until then (if X comes out byte-identical, they are reused)"
         )
     return 0
 
@@ -309,7 +311,8 @@ def _gc(args: argparse.Namespace) -> int:
     if results:  # one line for what can be thousands of small files
         where = results[0].where.rsplit("/", 1)[0]
         print(
-            f"{verb} {len(results)} prefect results in {where}  {human(sum(x.size for x in results))}  ({results[0].reason})"
+            f"{verb} {len(results)} prefect results in {where}  {human(sum(x.size for x in results))}  "
+            f"({results[0].reason})"
         )
     for x in garbage.kept:
         print(f"kept {x.kind:<17} {x.where}  {human(x.size)}  ({x.reason})")
@@ -334,7 +337,8 @@ def _reachable(
                 keep |= plan(on_store, flow).keys()
             except (ValueError, OSError) as e:
                 raise ValueError(
-                    f"cannot plan the {flow} flow of {path} ({e}); fix it or leave it out; nothing was deleted"
+                    f"cannot plan the {flow} flow of {path} ({e}); fix it or leave it out; "
+                    "nothing was deleted"
                 ) from None
     return keep
 

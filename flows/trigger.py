@@ -74,6 +74,7 @@ def trigger(name: str, overrides: dict[str, Any]) -> tuple[FlowRun, str]:
         The new flow run and the UI address of its page.
     """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
     ui = prefect_ui_url()  # refuses a missing or unreachable server, with the steps to start one
@@ -82,4 +83,5 @@ def trigger(name: str, overrides: dict[str, Any]) -> tuple[FlowRun, str]:
         parameters = changed_parameters(deployment.parameters, overrides)
     # timeout 0: start it and return; as_subflow off: a run of its own, not a child of anything here.
     run = run_deployment(deployment.id, parameters=parameters, timeout=0, as_subflow=False)
+    assert isinstance(run, FlowRun)  # the synchronous call: a flow run, not a coroutine
     return run, f"{ui}/runs/flow-run/{run.id}"

@@ -184,7 +184,8 @@ def lookup_activations(
 
 def listed_shards(store: ArtifactStore, acts: StageManifest) -> list[dict[str, Any]]:
     """The shard references of a gathered activations artifact: [{stage, key, sha256, rows}] in row order."""
-    return json.loads((artifact_dir(store, acts) / SHARDS_FILE).read_text())
+    shards: list[dict[str, Any]] = json.loads((artifact_dir(store, acts) / SHARDS_FILE).read_text())
+    return shards
 
 
 @stage_task(
@@ -205,7 +206,8 @@ def gather_activations_task(
     shards: list[StageManifest],
     rows: int,
 ) -> StageManifest:
-    """One artifact that lists the shard artifacts of `records` (`rows` records) in row order (references, not copies)."""
+    """One artifact that lists the shard artifacts of `records` (`rows` records) in row order (references,
+    not copies)."""
     covered = sum(s.info.get("rows", 0) for s in shards)
     if covered != rows:
         raise ValueError(f"activation shards cover {covered} of {rows} records of {records.uri}; re-run")
@@ -237,7 +239,8 @@ def activation_dirs(store: ArtifactStore, acts: StageManifest) -> list[Path]:
         found = store.lookup(s["stage"], s["key"])
         if found is None or found.sha256 != s["sha256"]:
             raise FileNotFoundError(
-                f"{store.artifact_uri(s['stage'], s['key'])} (listed by {acts.uri}) is missing or changed; re-run to rebuild it"
+                f"{store.artifact_uri(s['stage'], s['key'])} (listed by {acts.uri}) is missing or changed; "
+                f"re-run to rebuild it"
             )
         dirs.append(store.local_path(found))
     return dirs

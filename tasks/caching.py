@@ -1,4 +1,5 @@
-"""The cached-stage runner: a stage's artifact from the store when committed and sound, else built and committed."""
+"""The cached-stage runner: a stage's artifact from the store when committed and sound, else built and
+committed."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class RunResults(CachePolicy):
 
     The stage cache proper is `run_cached` (content-addressed, in the artifact store). This policy
     gives Prefect a storage key per task run, so that with `orchestration.persist_results` its result
-    is written to the run's result storage (JSON on this machine, see `flows.runtime`) and a retried flow run reads it
+    is written to the run's result storage (JSON on this machine, see `flows.runtime`) and a retried flow
+    run reads it
     back instead of re-running the task. Without it, no key: nothing is written.
 
     The key holds the task's inputs by content (`inputs_digest`: a manifest by its artifact's hash), so

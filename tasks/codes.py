@@ -69,7 +69,8 @@ def codes_task(
         found = store.lookup(shard["stage"], shard["key"])
         if found is None or found.sha256 != shard["sha256"]:
             raise FileNotFoundError(
-                f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; re-run to rebuild it"
+                f"{store.artifact_uri(shard['stage'], shard['key'])} is missing or changed; "
+                "re-run to rebuild it"
             )
         inputs = CodesInputs(shard_dir=store.local_path(found), sae_dir=artifact_dir(store, sae))
         # Encoding runs where the SAEs are (`pick_device`: `auto` resolved here); codes come back to the CPU.

@@ -99,7 +99,7 @@ def artifact_key(flow: str, cfg: FinescopeConfig, what: str) -> str:
     return slug(f"{flow}-{run_name(cfg)}-{what}") or what
 
 
-def logger() -> logging.Logger | logging.LoggerAdapter:
+def logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     try:
         return get_run_logger()
     except MissingContextError:
@@ -122,7 +122,9 @@ def block_credentials(name: str) -> dict[str, str]:
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        block = Secret.load(name)
+        assert isinstance(block, Secret)  # the synchronous call: the block, not a coroutine
+        value = block.get()
     except ValueError as e:
         raise ConfigError(
             f"storage.secret_block={name!r}: no such Prefect Secret block ({e}); create it with "

@@ -108,7 +108,8 @@ def read_sae_files(section: CurateConfig, storage: StorageConfig) -> PreparedCor
         raise DataError(f"{SAE_CORPUS_FIELD}: {e}") from None
     if len(prepared.corpus) < 2:
         raise DataError(
-            f"{SAE_CORPUS_FIELD}: {', '.join(uris)} holds {len(prepared.corpus)} distinct record(s); the SAEs train on "
+            f"{SAE_CORPUS_FIELD}: {', '.join(uris)} holds {len(prepared.corpus)} distinct record(s); the "
+            f"SAEs train on "
             "at least 2 (a general corpus of thousands is what they are for): add records or unset the field"
         )
     return prepared
@@ -145,7 +146,8 @@ class SeedsKey(CorpusKey):
 
 
 class SaeCorpusKey(CorpusKey):
-    """`sae-corpus`: the validated, de-duplicated general corpus the SAEs train on (`curate.sae_corpus`), keyed
+    """`sae-corpus`: the validated, de-duplicated general corpus the SAEs train on (`curate.sae_corpus`),
+    keyed
     by its content alone.
 
     The same records as a `corpus` artifact give the same artifact hash, so every key downstream of
@@ -227,7 +229,8 @@ def load_data(ctx: RunContext, records: StageManifest) -> RecordSet:
 
 
 def load_rows(ctx: RunContext, records: StageManifest, start: int, stop: int) -> RecordSet:
-    """Records [start, stop) of a committed corpus/seeds artifact, without parsing the others (one shard's share)."""
+    """Records [start, stop) of a committed corpus/seeds artifact, without parsing the others (one shard's
+    share)."""
     path = artifact_dir(ctx.store, records) / RECORDS_FILE
     rows = read_jsonl_rows(path, start, stop)
     return RecordSet(

@@ -34,9 +34,9 @@ from finescope_core.evaluate.split import (
     nearest_to_centroid,
 )
 from finescope_core.formats import DataError
+from finescope_core.teacher import DISTILLED_FILE
 from tasks.caching import StageManifest, artifact_dir
 from tasks.context import RunContext, storage_options
-from tasks.teacher import DISTILLED_FILE
 
 
 @dataclass
@@ -87,7 +87,8 @@ def holdout(
     *,
     evaluating: bool = False,
 ) -> Holdout:
-    """The corpus ids kept out of curation: the evaluation split, and records overlapping an eval file's items.
+    """The corpus ids kept out of curation: the evaluation split, and records overlapping an eval file's
+    items.
 
     Args:
         evaluating: the run evaluates models, so it needs domain items (an eval file or a non-empty split).
@@ -114,9 +115,9 @@ def holdout(
         against = check_contamination([r.text for r in files.domain], corpus.texts)
         if not against.kept:
             raise DataError(
-                f"{files.domain[0].origin}: every item of evaluate.eval_file ({ev.eval_file}, {len(files.domain)} "
-                f"items) overlaps the corpus ({NGRAM}-gram or near duplicate), so none is held out; give items "
-                "the corpus does not contain"
+                f"{files.domain[0].origin}: every item of evaluate.eval_file ({ev.eval_file}, "
+                f"{len(files.domain)} items) overlaps the corpus ({NGRAM}-gram or near duplicate), so none "
+                "is held out; give items the corpus does not contain"
             )
     return Holdout(split=sorted(split_ids), file_duplicates=sorted(duplicates), duplicates_by_kind=by_kind)
 
@@ -197,7 +198,8 @@ def training_texts(
     prune_texts: Sequence[str],
     distilled: StageManifest,
 ) -> list[str]:
-    """Everything one variant learns from: its curated (or baseline) records, pruning texts and distilled rows."""
+    """Everything one variant learns from: its curated (or baseline) records, pruning texts and distilled
+    rows."""
     rows = read_distilled(artifact_dir(ctx.store, distilled) / DISTILLED_FILE)
     return [
         *(r.text for r in records),
@@ -260,7 +262,7 @@ def _decontaminate_documents(
     if not tasks:
         return {}
     kept: dict[str, list[int]] = {}
-    per_task = {}
+    per_task: dict[str, dict[str, Any]] = {}
     for task, texts in tasks.items():
         found = check_contamination(texts, training)
         if not found.kept:

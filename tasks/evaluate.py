@@ -30,10 +30,12 @@ from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
 class EvaluationKey(ModelStageKey):
-    """`evaluation`: the scoring settings, on a model and the evaluation data (`EvalData.payload`, by content).
+    """`evaluation`: the scoring settings, on a model and the evaluation data (`EvalData.payload`, by
+    content).
 
     The evaluation files, the split settings and the item counts reach it through that data.
-    `evaluate.lm_eval_include` reaches it through the content hash of its task YAMLs and data (input `lm_eval`).
+    `evaluate.lm_eval_include` reaches it through the content hash of its task YAMLs and data (input
+    `lm_eval`).
     """
 
     STAGE = "evaluation"

@@ -11,6 +11,7 @@ from finescope_core.config import FinetuneConfig
 from finescope_core.finetune import MERGED_DIR, TuneInputs
 from finescope_core.model import load_model
 from finescope_core.prune import MODEL_DIR
+from finescope_core.teacher import DISTILLED_FILE
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.context import RunContext
 from tasks.identity import Precision
@@ -19,11 +20,11 @@ from tasks.models import ModelRef, private_model
 from tasks.progress import Progress
 from tasks.registry import Stage, stage_task, variant_label
 from tasks.retries import GPU_TAGS, STORE_RETRIES
-from tasks.teacher import DISTILLED_FILE
 
 
 class TunedKey(ModelStageKey):
-    """`tuned`: every tuning setting, on the pruned model, the distilled data and (with KD) the teacher model."""
+    """`tuned`: every tuning setting, on the pruned model, the distilled data and (with KD) the teacher
+    model."""
 
     STAGE = "tuned"
     VERSION = "2"  # 2: Trainer loop (warm-up + cosine, best epoch), logit distillation, method lora | full

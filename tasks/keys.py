@@ -1,4 +1,4 @@
-"""Every stage's key model in one list, and each config field that no key reads, with the reason.
+"""Every declared stage's key model, and each config field that no key reads, with the reason.
 
 A new config field must land in one of the two: read by a stage (in its key model's `CONFIG` or
 `DERIVED`), or listed here with why it cannot change any stage's output. `tests/flows/test_keys.py`
@@ -7,37 +7,27 @@ changes every field in turn and checks the keys that change are exactly those of
 
 from __future__ import annotations
 
-from tasks.activations import ActivationsKey, ShardKey
-from tasks.codes import CodesKey
-from tasks.data import CorpusKey, SaeCorpusKey, SeedsKey
-from tasks.evaluate import EvaluationKey
-from tasks.finetune import TunedKey
+# Importing the task modules declares their stages (`tasks.registry.STAGES`).
+import tasks.activations
+import tasks.codes
+import tasks.data
+import tasks.evaluate
+import tasks.finetune
+import tasks.models
+import tasks.prune
+import tasks.report
+import tasks.retrieve
+import tasks.sae
+import tasks.saliency
+import tasks.teacher  # noqa: F401
 from tasks.keymodels import StageKeyModel
-from tasks.prune import PrunedKey
-from tasks.report import ReportKey
-from tasks.retrieve import CuratedKey, SentenceKey
-from tasks.sae import SaeKey, SaeLayersKey
-from tasks.saliency import SaliencyKey
-from tasks.teacher import DistilledKey
+from tasks.registry import STAGES
 
-KEY_MODELS: tuple[type[StageKeyModel], ...] = (
-    CorpusKey,
-    SeedsKey,
-    SaeCorpusKey,
-    SaliencyKey,
-    ShardKey,
-    ActivationsKey,
-    SaeLayersKey,
-    SaeKey,
-    CodesKey,
-    SentenceKey,
-    CuratedKey,
-    PrunedKey,
-    DistilledKey,
-    TunedKey,
-    EvaluationKey,
-    ReportKey,
-)
+
+def key_models() -> list[type[StageKeyModel]]:
+    """The key model of every declared stage (a stage declared later, e.g. a plugin's, included)."""
+    return [stage.key for stage in STAGES.values() if stage.key is not None]
+
 
 UNKEYED: dict[str, str] = {
     "name": "names the run's Prefect artifacts and default output directory",
@@ -53,11 +43,12 @@ UNKEYED: dict[str, str] = {
     "computes",
     "prune.data": "reaches the pruning key through the pruning texts' content hash",
     "teacher.model": "reaches the distilled key through the teacher's content hash",
-    "teacher.device_map": "where the teacher's layers live: the same outputs on one device or spread over several",
-    "evaluate.eval_file": "reaches the curated key through the held-out ids' hash (its duplicates leave the pool) "
-    "and the evaluation key through the evaluation data's content hash",
-    "evaluate.split_fraction": "reaches the keys through the split: the held-out ids' hash (curated), pruning "
-    "texts, teacher records, evaluation data",
+    "teacher.device_map": "where the teacher's layers live: the same outputs on one device or spread "
+    "over several",
+    "evaluate.eval_file": "reaches the curated key through the held-out ids' hash (its duplicates leave "
+    "the pool) and the evaluation key through the evaluation data's content hash",
+    "evaluate.split_fraction": "reaches the keys through the split: the held-out ids' hash (curated), "
+    "pruning texts, teacher records, evaluation data",
     "evaluate.split_max": "reaches the keys through the split, as evaluate.split_fraction",
     "evaluate.domain_items": "reaches the evaluation key through the evaluation data's content hash",
     "evaluate.general_file": "reaches the curated key through the held-out ids' hash and the evaluation key "
@@ -65,7 +56,8 @@ UNKEYED: dict[str, str] = {
     "evaluate.general_items": "reaches the evaluation key through the evaluation data's content hash",
     "evaluate.mc_file": "reaches the evaluation key through the evaluation data's content hash",
     "evaluate.numeric_file": "reaches the evaluation key through the evaluation data's content hash",
-    "evaluate.lm_eval_include": "reaches the evaluation key through its task YAMLs' and data files' content hash",
+    "evaluate.lm_eval_include": "reaches the evaluation key through its task YAMLs' and data files' content "
+    "hash",
     "evaluate.baselines": "decides which variants run, not what any stage computes",
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
     "orchestration.address": "where stages run: model stages key the device kind and dtype resolved there",

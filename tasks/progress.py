@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -11,7 +12,8 @@ from tasks.context import logger
 
 
 class Progress:
-    """Per-batch progress, shown in the terminal (a log line every ~10%) and in Prefect (a progress artifact)."""
+    """Per-batch progress, shown in the terminal (a log line every ~10%) and in Prefect (a progress
+    artifact)."""
 
     MIN_UPDATE_SECONDS = 2.0
 
@@ -21,8 +23,10 @@ class Progress:
         self.shown_pct = -1
         self.shown_at = float("-inf")
         self.start = time.perf_counter()
+        self.artifact_id: UUID | None = None
         try:
-            self.artifact_id = create_progress_artifact(0.0, description=f"{what}: 0 %")
+            made = create_progress_artifact(0.0, description=f"{what}: 0 %")
+            self.artifact_id = made if isinstance(made, UUID) else None  # sync call: an id, not a coroutine
         except Exception:  # no Prefect run context (a plain function call): terminal only
             self.artifact_id = None
 

@@ -101,7 +101,7 @@ class StageTask(Generic[P, R]):
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         planner = current_planner()
         if planner is None:
-            return self.task(*args, **kwargs)
+            return self.task(*args, **kwargs)  # type: ignore[no-any-return]  # typed P -> R
         args = tuple(_plain(a) for a in args)
         kwargs = {k: _plain(v) for k, v in kwargs.items()}
         name = self.row_name(args, kwargs)

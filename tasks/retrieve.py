@@ -36,7 +36,8 @@ class CuratedKey(StageKeyModel):
 
     STAGE = "curated"
     # 2: zero-score rows never selected, ties broken by a seeded hash of the id; the evaluation split excluded
-    # 3: `sae` reads the stored sparse codes shard by shard; scores.safetensors instead of every record's embeddings
+    # 3: `sae` reads the stored sparse codes shard by shard; scores.safetensors instead of every record's
+    # embeddings
     # 4: curate.seed_pooling (softmax over the seeds by default, was their maximum)
     VERSION = "4"
     CODE = (

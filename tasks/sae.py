@@ -1,4 +1,5 @@
-"""Tasks of the `sae` stage: one SAE per hooked layer, trained in groups of layers, gathered into one artifact."""
+"""Tasks of the `sae` stage: one SAE per hooked layer, trained in groups of layers, gathered into one
+artifact."""
 
 from __future__ import annotations
 

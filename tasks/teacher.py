@@ -50,11 +50,13 @@ def teacher_ref(section: TeacherConfig, ctx: RunContext, base: ModelRef) -> Mode
 
 
 class DistilledKey(ModelStageKey):
-    """`distilled`: the generation settings, on the teacher model (`teacher.model`, by content) and the records."""
+    """`distilled`: the generation settings, on the teacher model (`teacher.model`, by content) and the
+    records."""
 
     STAGE = "distilled"
     # 2: max_new_tokens auto, prompts shortened in the reference, wrong_answer check
-    # 3: batches by prompt length (longest first), so batch composition and per-batch seeds differ; the backend
+    # 3: batches by prompt length (longest first), so batch composition and per-batch seeds differ; the
+    # backend
     VERSION = "3"
     CODE = ("finescope_core.teacher", "finescope_core.model", "finescope_core.data")
     CONFIG = {
@@ -111,7 +113,8 @@ DISTILLED = Stage(
 def teacher_task(
     section: TeacherConfig, ctx: RunContext, teacher: ModelRef, records: list[Record], tag: str = "curated"
 ) -> StageManifest:
-    """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a kill."""
+    """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a
+    kill."""
     ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:

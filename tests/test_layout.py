@@ -1,6 +1,8 @@
-"""The core library knows nothing of orchestration (docs/architecture.md, "Layers"), and nothing imports in a cycle."""
+"""The core library knows nothing of orchestration (docs/architecture.md, "Layers"), nothing imports in a
+cycle, no module outgrows one idea, and no task takes the whole configuration."""
 
 import ast
+import sys
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[1] / "finescope_core"
@@ -70,3 +72,52 @@ def test_public_api_resolves_and_stays_lazy():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0] == "False" and out[1] == finescope_core.__version__
+
+
+MAX_LINES = 400
+"""A module holds one idea: past this many lines it holds several (split it by idea, not by size)."""
+
+
+def test_no_module_of_the_library_tasks_or_flows_is_over_the_line_limit():
+    root = Path(__file__).resolve().parents[1]
+    long = {
+        str(path.relative_to(root)): n
+        for package in ("finescope_core", "tasks", "flows")
+        for path in (root / package).rglob("*.py")
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_no_task_takes_the_whole_configuration():
+    """Tasks receive their config section and the run context (`tasks.context.RunContext`), not the
+    whole `FinescopeConfig`; the store is opened in one place."""
+    import inspect
+
+    import flows.plan  # noqa: F401  (imports every stage's task module)
+    from finescope_core.config import FinescopeConfig
+    from tasks.registry import StageTask
+
+    root = Path(__file__).resolve().parents[1]
+    tasks = {
+        f"{module.__name__}.{name}": value
+        for module in list(sys.modules.values())
+        if getattr(module, "__name__", "").startswith("tasks.")
+        for name, value in vars(module).items()
+        if isinstance(value, StageTask)
+    }
+    assert len(tasks) > 10
+    whole = [
+        name
+        for name, t in tasks.items()
+        if FinescopeConfig in inspect.get_annotations(t.fn, eval_str=True).values()
+    ]
+    assert not whole, f"tasks taking the whole config: {whole}"
+    opened = [
+        f"{path.relative_to(root)}:{i}"
+        for package in ("tasks", "flows")
+        for path in (root / package).rglob("*.py")
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if "open_store(" in line
+    ]
+    assert len(opened) <= 3, opened

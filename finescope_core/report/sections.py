@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from finescope_core.curate import SCORES_FILE, load_scores
 from finescope_core.data import shown_text
 from finescope_core.evaluate.leakage import ITEM_KINDS
 from finescope_core.io import read_jsonl
 from finescope_core.report.document import ReportSection
+from finescope_core.report.inputs import ReportInputs
 from finescope_core.report.plots import (
     plot_eval,
     plot_parameters,
@@ -32,9 +33,6 @@ from finescope_core.report.tables import (
     paired_lines,
 )
 from finescope_core.saliency import LayerSaliency
-
-if TYPE_CHECKING:
-    from finescope_core.report.stage import ReportInputs
 
 CURATED_ROWS = "curated.jsonl"
 """The curated artifact's records, best first (written by `finescope_core.curate`)."""

@@ -7,7 +7,6 @@ directories (`ReportInputs`) and the three settings the report shows (`ReportSet
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from finescope_core.config import FinescopeConfig
 from finescope_core.progress import Progress
 from finescope_core.report.document import REPORT_FILE, write_report
+from finescope_core.report.inputs import ReportInputs
 from finescope_core.report.sections import report_sections
 from finescope_core.stage import StageContext
 
@@ -29,21 +29,6 @@ __all__ = [
     "report_stage",
     "run",
 ]
-
-
-@dataclass(frozen=True)
-class ReportInputs:
-    """What the report shows, as local directories and plain numbers."""
-
-    curated_dir: Path
-    """The curated artifact (curated.jsonl, and scores.safetensors when the method scores records)."""
-    metrics: Mapping[str, Any]
-    """metrics.json: `{"models": {name: {...}}, "stage_seconds": {...}}`."""
-    prune_info: Mapping[str, Any]
-    """The prune stage's info: params_before / params_after / achieved_ratio / target_ratio."""
-    saliency_dir: Path | None = None
-    sae_metrics: Mapping[int, Mapping[str, float]] | None = None
-    """SAE metrics by layer, when the method trained SAEs."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from tasks.context import RunContext
 from tasks.data import records_key
 from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
-from tasks.keys import KEY_MODELS, UNKEYED
+from tasks.keys import UNKEYED, key_models
 from tasks.prune import pruned_key
 from tasks.report import report_key
 from tasks.retrieve import curated_key, sentence_key
@@ -123,7 +123,7 @@ def changed(dotted: str, annotation: Any) -> tuple[Any, FinescopeConfig]:
 
 
 def readers(dotted: str) -> set[str]:
-    return {m.STAGE for m in KEY_MODELS if any(dotted == r or dotted.startswith(r + ".") for r in m.reads())}
+    return {m.STAGE for m in key_models() if any(dotted == r or dotted.startswith(r + ".") for r in m.reads())}
 
 
 def unkeyed(dotted: str) -> bool:
@@ -149,7 +149,7 @@ def test_every_field_is_read_by_a_stage_or_says_why_not(dotted, annotation):
 
 
 def test_every_key_field_comes_from_the_config_or_is_derived():
-    for model in KEY_MODELS:
+    for model in key_models():
         fields = set(model.model_fields) - {"inputs"}
         derived = fields - set(model.CONFIG)
         allowed = {"layers", "start", "stop", "device", "dtype"}
@@ -163,7 +163,7 @@ def test_every_key_model_names_the_code_that_implements_it():
     the task module into the library."""
     from finescope_core.code_identity import module_closure, module_file
 
-    for model in KEY_MODELS:
+    for model in key_models():
         assert model.CODE, f"{model.__name__}: no CODE modules"
         for name in model.CODE:
             module_file(name)  # raises for a module that does not exist
