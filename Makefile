@@ -25,11 +25,13 @@ demo: install
 	$(VENV)/bin/finescope demo --config configs/demo.yaml --out $(OUT)
 
 test: install
+	$(VENV)/bin/ruff format --check finescope_core tasks flows tests bench
 	$(VENV)/bin/ruff check finescope_core tasks flows tests bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: install
+	$(VENV)/bin/ruff format --check finescope_core tasks flows tests bench
 	$(VENV)/bin/ruff check finescope_core tasks flows tests bench
 	$(VENV)/bin/mypy
 

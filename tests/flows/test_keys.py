@@ -123,7 +123,9 @@ def changed(dotted: str, annotation: Any) -> tuple[Any, FinescopeConfig]:
 
 
 def readers(dotted: str) -> set[str]:
-    return {m.STAGE for m in key_models() if any(dotted == r or dotted.startswith(r + ".") for r in m.reads())}
+    return {
+        m.STAGE for m in key_models() if any(dotted == r or dotted.startswith(r + ".") for r in m.reads())
+    }
 
 
 def unkeyed(dotted: str) -> bool:
