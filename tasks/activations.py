@@ -118,8 +118,7 @@ ACTIVATIONS = Stage("activations", ActivationsKey, upstream=("activation-shards"
 @stage_task(
     SHARD,
     label="activations ({records.stage})",
-    name="embed-shard",
-    task_run_name="embed-{records.stage}-{start}",
+    task_run_name="activation-shards-{records.stage}-{start}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,
     **STORE_RETRIES,
@@ -191,7 +190,6 @@ def listed_shards(store: ArtifactStore, acts: StageManifest) -> list[dict[str, A
 @stage_task(
     ACTIVATIONS,
     label="activations ({records.stage})",
-    name="activations",
     task_run_name="activations-{records.stage}",
     cache_policy=RUN_RESULTS,
     **STORE_RETRIES,

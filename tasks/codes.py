@@ -53,7 +53,6 @@ CODES = Stage(
 
 @stage_task(
     CODES,
-    name="sae-codes",
     task_run_name="sae-codes-{index}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,

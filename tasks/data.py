@@ -211,7 +211,7 @@ def sae_inputs_task(ctx: RunContext, section: CurateConfig) -> PreparedCorpus | 
     return read_sae_files(section, ctx.storage)
 
 
-@stage_task(SAE_CORPUS, name="sae-data", cache_policy=RUN_RESULTS, **IO_RETRIES)
+@stage_task(SAE_CORPUS, cache_policy=RUN_RESULTS, **IO_RETRIES)
 def sae_data_task(ctx: RunContext, prepared: PreparedCorpus) -> StageManifest:
     """The SAEs' general corpus from `sae_inputs_task`, stored by content hash (the `sae-corpus` stage).
 

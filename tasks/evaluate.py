@@ -92,8 +92,7 @@ MODEL_DIRS = {"pruned": MODEL_DIR, "tuned": MERGED_DIR}
 @stage_task(
     EVALUATION,
     label="evaluation ({name})",
-    name="evaluate",
-    task_run_name="evaluate-{name}",
+    task_run_name="evaluation-{name}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,
     **STORE_RETRIES,

@@ -68,8 +68,7 @@ TUNED = Stage(
 @stage_task(
     TUNED,
     label=variant_label("tuned"),
-    name="finetune",
-    task_run_name="finetune-{tag}",
+    task_run_name="tuned-{tag}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,
     **STORE_RETRIES,

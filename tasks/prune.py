@@ -125,8 +125,7 @@ PRUNED = Stage(
 @stage_task(
     PRUNED,
     label=variant_label("pruned"),
-    name="prune",
-    task_run_name="prune-{tag}",
+    task_run_name="pruned-{tag}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,
     **STORE_RETRIES,

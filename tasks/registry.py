@@ -174,13 +174,18 @@ def stage_task(
 ) -> Callable[[Callable[P, R]], StageTask[P, R]]:
     """Declare `stage` (None: a step of a flow that is no stage) and make its function a Prefect task.
 
-    `label` names the stage's plan row from the call's arguments (`variant_label`, or a format string
+    A stage's Prefect task is named as the stage (`pruned`, `distilled`, ...), so the store, the plan
+    and the Prefect UI say one name. `label` names the stage's plan row from the call's arguments (`variant_label`, or a format string
     such as `"evaluation ({name})"`); `keyless` names the parameters its key does not read (a dry run
     plans the stage even while they are still to compute); `options` are `prefect.task`'s (name,
     retries, cache policy, tags, ...).
     """
     if stage is not None:
         declare(stage)
+        if options.setdefault("name", stage.name) != stage.name:  # one name for a stage and its task
+            raise ValueError(
+                f"the task of stage {stage.name!r} is named {options['name']!r}: leave `name` out"
+            )
 
     def wrap(fn: Callable[P, R]) -> StageTask[P, R]:
         return StageTask(task(fn, **options), stage, label, keyless)

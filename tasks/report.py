@@ -143,7 +143,7 @@ REPORT = Stage(
 )
 
 
-@stage_task(REPORT, name="report", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+@stage_task(REPORT, cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def report_task(
     section: ReportSettings, ctx: RunContext, curate: Any, metrics: dict[str, Any], pruned: StageManifest
 ) -> StageManifest:

@@ -151,7 +151,7 @@ CURATED = Stage(
 )
 
 
-@stage_task(CURATED, keyless=("codes",), name="retrieve", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+@stage_task(CURATED, keyless=("codes",), cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def retrieve_task(
     section: CurateConfig,
     ctx: RunContext,

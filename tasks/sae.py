@@ -76,7 +76,6 @@ SAE = Stage("sae", SaeKey, upstream=("sae-layers",))
 
 @stage_task(
     SAE_LAYERS,
-    name="sae-layers",
     task_run_name="sae-layers-{positions}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,
@@ -120,7 +119,7 @@ def trained_on(records: StageManifest) -> dict[str, Any]:
     return {"stage": records.stage, "sha256": records.sha256, "records": records.info.get("records")}
 
 
-@stage_task(SAE, name="sae", cache_policy=RUN_RESULTS, **STORE_RETRIES)
+@stage_task(SAE, cache_policy=RUN_RESULTS, **STORE_RETRIES)
 def gather_sae_task(
     section: CurateConfig,
     ctx: RunContext,

@@ -68,7 +68,7 @@ SALIENCY = Stage(
 )
 
 
-@stage_task(SALIENCY, name="saliency", cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
+@stage_task(SALIENCY, cache_policy=RUN_RESULTS, tags=GPU_TAGS, **STORE_RETRIES)
 def saliency_task(
     section: CurateConfig, ctx: RunContext, ref: ModelRef, corpus: StageManifest, layers: list[int]
 ) -> StageManifest:

@@ -104,8 +104,7 @@ DISTILLED = Stage(
 @stage_task(
     DISTILLED,
     label=variant_label("distilled"),
-    name="teacher",
-    task_run_name="teacher-{tag}",
+    task_run_name="distilled-{tag}",
     cache_policy=RUN_RESULTS,
     tags=GPU_TAGS,
     **IO_RETRIES,

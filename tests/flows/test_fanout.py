@@ -196,7 +196,7 @@ def test_task_results_are_json_outside_the_store_and_read_back(inputs, tmp_path)
     assert not (tmp_path / "store" / "prefect-results").exists()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="retrieve")),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="curated")),
             sort=TaskRunSort.EXPECTED_START_TIME_ASC,
             limit=200,
         )

@@ -67,9 +67,9 @@ def test_flow_and_task_runs_are_named_and_tagged(cli_run):
     assert {f.name for f in flows} >= {f"{name}-sae-r0.2", f"{name}-sae", "sae-training", "sae-codes"}
     assert all({"finescope", name} <= set(r.tags) for r in [*flows, *tasks])
     names = {t.name for t in tasks}
-    stages, tags = ("prune", "teacher", "finetune"), ("curated", "random")
+    stages, tags = ("pruned", "distilled", "tuned"), ("curated", "random")
     variants = {f"{stage}-{tag}" for stage in stages for tag in tags}
-    evaluations = {f"evaluate-{m}" for m in ("base", "pruned", "tuned", "pruned-random", "tuned-random")}
+    evaluations = {f"evaluation-{m}" for m in ("base", "pruned", "tuned", "pruned-random", "tuned-random")}
     assert variants | evaluations <= names
     # Within one flow run no two task runs share a name.
     assert Counter((t.flow_run_id, t.name) for t in tasks).most_common(1)[0][1] == 1
