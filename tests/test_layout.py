@@ -1,4 +1,5 @@
-"""The core library knows nothing of orchestration (docs/architecture.md, "Layers"), and nothing imports in a cycle."""
+"""The core library knows nothing of orchestration (docs/architecture.md, "Layers"), and nothing
+imports in a cycle."""
 
 import ast
 from pathlib import Path
