@@ -284,7 +284,8 @@ class Draws:
     def header(self) -> None:
         draws = len(next(iter(self.draws.values())))
         print(
-            f"\n{draws} more seed sets per target, drawn from its corpus records (excluded from the ranking); precision@100"
+            f"\n{draws} more seed sets per target, drawn from its corpus records "
+            "(excluded from the ranking); precision@100"
         )
         print(
             "| method | mean @100 [95 % CI over draws] | mixed targets @100 [95 % CI] | "
@@ -357,7 +358,8 @@ def main() -> None:
     print(
         f"machine: {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
         f"{args.threads} thread(s); python {platform.python_version()}\n"
-        f"corpus: {n} records; layers {p.layers}; k_act {ccfg.k_act}; final_size {ccfg.final_size}, top_m {ccfg.top_m}; "
+        f"corpus: {n} records; layers {p.layers}; k_act {ccfg.k_act}; final_size {ccfg.final_size}, "
+        f"top_m {ccfg.top_m}; "
         f"corpus-side stages {p.seconds:.0f} s (a few: cached)\n"
         + "\n".join(
             f"  target {t.name:<12} {t.label:<15} {run.counts[t.name]:>4} in the corpus "
@@ -440,7 +442,8 @@ def main() -> None:
                 )
 
     print(
-        f"\nprecision@100 per target; @k = share of the target among the first k, over min(k, its records); n = {n}"
+        "\nprecision@100 per target; @k = share of the target among the first k, "
+        f"over min(k, its records); n = {n}"
     )
     print_rows(run.rows, p.topics)
     print("\nweakest target @100 against random @100 (x): ")
@@ -459,7 +462,8 @@ def main() -> None:
             worst = min(p.topics, key=lambda t: r["topics"][t.name])
             ratio = r["topics"][worst.name] / rand["topics"][worst.name][100]
             print(
-                f"  {r['method']:<45} {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]; weakest {worst.name} "
+                f"  {r['method']:<45} {r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]; "
+                f"weakest {worst.name} "
                 f"{r['topics'][worst.name]:.2f} ({ratio:.1f}x random); mixed targets {r['mixed']:.3f}"
             )
     if args.json:

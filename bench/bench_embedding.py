@@ -85,7 +85,8 @@ def main() -> None:
 
     t_ours, t_bare = timed(ours, args.repeats), timed(bare, args.repeats)
     print(
-        f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), torch {torch.__version__} "
+        f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), device cpu"
     )
     print(

@@ -99,11 +99,13 @@ def main() -> None:
         )
 
     print(
-        f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads in this process"
     )
     print(
-        f"{args.texts} texts, max_length {args.max_length}, qwen3 hidden {args.hidden} x {args.layers} layers, "
+        f"{args.texts} texts, max_length {args.max_length}, "
+        f"qwen3 hidden {args.hidden} x {args.layers} layers, "
         f"shards of {args.shard_size}"
     )
 

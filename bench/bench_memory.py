@@ -189,7 +189,8 @@ def run_flow(code: Path, root: Path, dtype: str, layers: int, interval: float) -
 
 
 def workspace(root: Path, dtype: str, layers: int, checkpoint: str) -> Path:
-    """`root` itself for a float32 checkpoint; else a copy of the workspace with the model saved in `dtype`."""
+    """`root` itself for a float32 checkpoint; else a copy of the workspace with the model saved in
+    `dtype`."""
     if checkpoint == "float32" or dtype == "float32":
         return root
     import torch

@@ -194,7 +194,8 @@ def time_importance(model: PreTrainedModel, batches: Batches) -> tuple[GroupScor
     plain = plain_forward_backward(model, batches)
     seconds, scores = timed(lambda: group_importance(model, batches, method="taylor"))
     print(
-        f"(a) plain forward+backward {plain:.2f}s | taylor importance {seconds:.2f}s | ratio {seconds / plain:.2f}x"
+        f"(a) plain forward+backward {plain:.2f}s | taylor importance {seconds:.2f}s | "
+        f"ratio {seconds / plain:.2f}x"
     )
     return scores, seconds
 
@@ -208,7 +209,8 @@ def compare_variants(
     common = plan_widths(model, ratio, attention, scores=variants["taylor, domain"])
     prop = plan_widths(model, ratio, attention, rule="proportional")
     print(
-        f"(b) ratio {ratio}, attention={attention}; per layer {arch.num_heads} heads / {arch.num_kv_heads} KV / "
+        f"(b) ratio {ratio}, attention={attention}; "
+        f"per layer {arch.num_heads} heads / {arch.num_kv_heads} KV / "
         f"{arch.intermediate_size} channels; common widths (taylor-domain pipeline) {fmt(common)}, "
         f"proportional {fmt(prop)}"
     )
@@ -242,7 +244,8 @@ def report_plans(before: dict[str, int], plans: dict[str, PrunePlan]) -> None:
     )
     for name in ("taylor, generic", "magnitude"):
         print(
-            f"  kept-unit overlap of {name} with taylor, domain: channels {overlap(ref.keep_channels, plans[name].keep_channels):.3f}, "
+            f"  kept-unit overlap of {name} with taylor, domain: "
+            f"channels {overlap(ref.keep_channels, plans[name].keep_channels):.3f}, "
             f"query heads {overlap(ref.keep_q, plans[name].keep_q):.3f}"
         )
 
@@ -261,7 +264,8 @@ def compare_torch_pruning(
         model, GroupScores(domain.heads, domain.kv, channels, method="torch-pruning"), widths
     )
     print(
-        f"  torch-pruning MLP + our heads at {widths}: ppl {perplexity(pruned, eval_b):.2f}, scores {seconds:.2f}s, "
+        f"  torch-pruning MLP + our heads at {widths}: ppl {perplexity(pruned, eval_b):.2f}, "
+        f"scores {seconds:.2f}s, "
         f"kept-channel overlap with ours {overlap(ref.keep_channels, plan.keep_channels):.3f}"
     )
 
@@ -289,8 +293,10 @@ def main() -> None:
     )
     n_tok = sum(int(b["attention_mask"].sum()) for b in domain_b)
     print(
-        f"model={args.model}: {count_parameters(model)['total']:,} params; pruning data {len(domain)} GSM8K records "
-        f"({n_tok} tokens, {len(domain_b)} batches of {args.batch_size}x<={args.max_length}); eval {len(held_out)} records"
+        f"model={args.model}: {count_parameters(model)['total']:,} params; "
+        f"pruning data {len(domain)} GSM8K records "
+        f"({n_tok} tokens, {len(domain_b)} batches of {args.batch_size}x<={args.max_length}); "
+        f"eval {len(held_out)} records"
     )
     taylor_domain, _ = time_importance(model, domain_b)
     variants = {

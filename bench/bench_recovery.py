@@ -1,14 +1,16 @@
-"""Benchmark: how much of what pruning lost does tuning win back, by loss (CE / logit KD) and method (LoRA / full).
+"""Benchmark: how much of what pruning lost does tuning win back, by loss (CE / logit KD) and method
+(LoRA / full).
 
     python bench/bench_recovery.py            # SmolLM2-135M pruned at 0.3, GSM8K; ~10 min on 2 shared cores
     python bench/bench_recovery.py --quick    # fewer records and variants, ~3 min
 
 The bundled model (`load_model("default")`) is pruned at ratio 0.3 (Taylor importance on the
-training problems' texts), then tuned on the GSM8K training problems (the first `--prune-texts`, 32, are the pruning data) with their reference
-answers as targets (no teacher generation), one epoch each. Every model is scored on other GSM8K
-problems. Training and scored problems are disjoint from every item a config under `configs/` reports
-(`recovery_items.bench_problems`: demo-corpus problems outside every evaluation split), so settings
-chosen here are not tuned to the reported items. The score is the chat-formatted response perplexity (prompt through `teacher.encode_prompt`, loss on
+training problems' texts), then tuned on the GSM8K training problems (the first `--prune-texts`, 32,
+are the pruning data) with their reference answers as targets (no teacher generation), one epoch
+each. Every model is scored on other GSM8K problems. Training and scored problems are disjoint from
+every item a config under `configs/` reports (`recovery_items.bench_problems`: demo-corpus problems
+outside every evaluation split), so settings chosen here are not tuned to the reported items. The
+score is the chat-formatted response perplexity (prompt through `teacher.encode_prompt`, loss on
 the response tokens only). `recovered` is the share of the pruning loss in log-perplexity won back:
 (log ppl_pruned - log ppl_tuned) / (log ppl_pruned - log ppl_base).
 """
@@ -93,7 +95,8 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, cpus={os.cpu_count()}, "
         f"torch threads={torch.get_num_threads()}, torch {torch.__version__}, device=cpu; "
-        f"SmolLM2-135M-Instruct pruned at 0.3 ({args.importance}), {n_train} GSM8K train problems, {n_eval} held-out, {args.epochs} epoch(s)"
+        f"SmolLM2-135M-Instruct pruned at 0.3 ({args.importance}), {n_train} GSM8K train problems, "
+        f"{n_eval} held-out, {args.epochs} epoch(s)"
     )
     train_rec, eval_rec = bench_split(n_train, n_eval)
     train_rows, eval_rows = rows_of(train_rec), rows_of(eval_rec)

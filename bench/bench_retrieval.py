@@ -93,7 +93,8 @@ def main() -> None:
     args = p.parse_args()
 
     print(
-        f"machine: {platform.processor() or platform.machine()}, cpus={os.cpu_count()}, torch {torch.__version__} "
+        f"machine: {platform.processor() or platform.machine()}, cpus={os.cpu_count()}, "
+        f"torch {torch.__version__} "
         f"(threads {torch.get_num_threads()}), faiss {faiss.__version__}, numpy {np.__version__}, device=cpu"
     )
     print(

@@ -164,7 +164,8 @@ def run_ours(name: str, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[str
 
 
 def run_sparsify(k: int, cfg: SAEConfig, d: Demo, ccfg: CurateConfig) -> dict[str, Any]:
-    """sparsify's TopK SparseCoder on the same standardised training rows, one layer at a time (see the docstring)."""
+    """sparsify's TopK SparseCoder on the same standardised training rows, one layer at a time
+    (see the docstring)."""
     from sparsify import SaeConfig, SparseCoder
 
     train_rows, val_rows = validation_split(len(d.corpus_acts), cfg.val_fraction, SEED)
@@ -299,11 +300,15 @@ def main() -> None:
     relu = args.l1 if args.l1 is not None else [3e-3] if args.quick else [3e-3, 1e-2, 3e-2]
     ks = args.k if args.k is not None else [32] if args.quick else [16, 32, 64]
     print(
-        f"machine: {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), torch {torch.__version__}, {args.threads} thread(s)\n"
-        f"demo: {len(d.ids)} corpus records, {len(d.seed_acts)} {DOMAIN} seeds, layers {d.layers}, k_act {ccfg.k_act}; "
+        f"machine: {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
+        f"{args.threads} thread(s)\n"
+        f"demo: {len(d.ids)} corpus records, {len(d.seed_acts)} {DOMAIN} seeds, "
+        f"layers {d.layers}, k_act {ccfg.k_act}; "
         f"activations {d.extract_s:.0f} s (0: cached)\n"
-        f"SAEs: d_sae {base.d_sae}, steps <= {base.steps}, batch {base.batch_size}, lr {base.lr}, val_fraction {base.val_fraction}, "
-        f"eval_every {base.eval_every}, patience {base.patience}; means over layers; precision of the top {ccfg.final_size}"
+        f"SAEs: d_sae {base.d_sae}, steps <= {base.steps}, batch {base.batch_size}, lr {base.lr}, "
+        f"val_fraction {base.val_fraction}, "
+        f"eval_every {base.eval_every}, patience {base.patience}; means over layers; "
+        f"precision of the top {ccfg.final_size}"
     )
     rows = []
     # The `activation` baseline: the pooled activations z-scored with corpus statistics, as curate does.

@@ -130,11 +130,13 @@ def main() -> None:
     batches = list(iter_text_batches(tok, texts, max_length=args.seq_len, batch_size=args.batch_size))
     all_layers = list(range(arch.num_layers))
     print(
-        f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), torch {torch.__version__} "
+        f"machine: {os.cpu_count()} cpus ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), device cpu"
     )
     print(
-        f"model: {what} ({model.config._attn_implementation} attention, eager during saliency); |D0|={len(texts)}, batch {args.batch_size}x{batches[0].input_ids.shape[1]} tokens, "
+        f"model: {what} ({model.config._attn_implementation} attention, eager during saliency); "
+        f"|D0|={len(texts)}, batch {args.batch_size}x{batches[0].input_ids.shape[1]} tokens, "
         f"R={args.probes}, L={arch.num_layers}"
     )
 

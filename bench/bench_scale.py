@@ -1,4 +1,5 @@
-"""How `finescope curate` scales with the corpus: seconds per 1k records, peak RSS and stored bytes per record.
+"""How `finescope curate` scales with the corpus: seconds per 1k records, peak RSS and stored bytes
+per record.
 
 A synthetic corpus of short records (a planted topic of 1 % among background text) goes through the
 whole `curate` flow with a tiny random model, once per size, each in a fresh process and a fresh store:
@@ -270,15 +271,18 @@ def main() -> None:
         intermediate=2 * args.hidden,
     )
     print(
-        f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+        f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}"
     )
     print(
         f"tiny llama hidden {args.hidden} x {args.layers} layers; SAE {args.sae_kind} d_sae {args.d_sae}, "
-        f"{args.sae_steps} steps; codes: {args.code_k} latents, {args.code_dtype}; records of 8-24 words, 1 % on a "
+        f"{args.sae_steps} steps; codes: {args.code_k} latents, {args.code_dtype}; "
+        "records of 8-24 words, 1 % on a "
         "planted topic; default config otherwise"
     )
     print(
-        f"\n{'records':>9} {'seconds':>8} {'s/1k':>6} {'peak RSS':>9} {'stored B/rec':>12} {'codes B/rec':>11} "
+        f"\n{'records':>9} {'seconds':>8} {'s/1k':>6} {'peak RSS':>9} "
+        f"{'stored B/rec':>12} {'codes B/rec':>11} "
         f"{'p@100':>6}"
     )
     rows = []
@@ -287,7 +291,8 @@ def main() -> None:
             r = run_size(work, model, n, args)
             rows.append(r)
             print(
-                f"{n:>9} {r['seconds']:>8.1f} {1000 * r['seconds'] / n:>6.2f} {r['peak_rss'] / 2**30:>7.2f}GB "
+                f"{n:>9} {r['seconds']:>8.1f} {1000 * r['seconds'] / n:>6.2f} "
+                f"{r['peak_rss'] / 2**30:>7.2f}GB "
                 f"{r['derived_bytes'] / n:>12.0f} {r['codes_bytes'] / n:>11.0f} {r['precision']:>6.2f}",
                 flush=True,
             )
@@ -296,7 +301,8 @@ def main() -> None:
             print(f"marginal cost {a['n']} -> {b['n']}: {marginal:.3f} s per 1k records")
         names = list(rows[-1]["stage_seconds"])
         print(
-            "\nseconds per 1k records by stage (every shard's artifact summed; the whole run's includes Prefect's start):"
+            "\nseconds per 1k records by stage "
+            "(every shard's artifact summed; the whole run's includes Prefect's start):"
         )
         print(f"{'records':>9} " + " ".join(f"{k[:16]:>16}" for k in names))
         for r in rows:
@@ -308,7 +314,8 @@ def main() -> None:
         for r in rows[1:]:
             per = (r["seconds"] / r["n"]) / (base["seconds"] / base["n"])
             print(
-                f"{r['n']} vs {base['n']}: s/1k x{per:.2f}, peak RSS x{r['peak_rss'] / base['peak_rss']:.2f}, "
+                f"{r['n']} vs {base['n']}: s/1k x{per:.2f}, "
+                f"peak RSS x{r['peak_rss'] / base['peak_rss']:.2f}, "
                 f"stored B/rec x{(r['derived_bytes'] / r['n']) / (base['derived_bytes'] / base['n']):.2f}"
             )
         print("\nstored bytes per record by stage (largest size):")
@@ -320,9 +327,12 @@ def main() -> None:
             r = dense[-1]
             d = dense_vs_streaming(r["case"])
             print(
-                f"\nretrieval on {r['n']} stored codes ({args.layers} layers, 10 seeds, top-100): dense {d['dense_s']:.2f}s "
-                f"peak {d['dense_peak'] / 2**20:.0f} MiB; streaming {d['stream_s']:.2f}s peak {d['stream_peak'] / 2**20:.0f} MiB "
-                f"(time x{d['stream_s'] / d['dense_s']:.2f}, memory x{d['stream_peak'] / d['dense_peak']:.3f})"
+                f"\nretrieval on {r['n']} stored codes ({args.layers} layers, 10 seeds, top-100): "
+                f"dense {d['dense_s']:.2f}s "
+                f"peak {d['dense_peak'] / 2**20:.0f} MiB; "
+                f"streaming {d['stream_s']:.2f}s peak {d['stream_peak'] / 2**20:.0f} MiB "
+                f"(time x{d['stream_s'] / d['dense_s']:.2f}, "
+                f"memory x{d['stream_peak'] / d['dense_peak']:.3f})"
             )
     finally:
         if not args.keep:

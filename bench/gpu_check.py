@@ -169,7 +169,8 @@ def main() -> None:
         else platform.processor() or platform.machine()
     )
     print(
-        f"device: {name}; torch {torch.__version__}; {args.shape} Llama ({params / 1e9:.2f} B params), {args.dtype}; "
+        f"device: {name}; torch {torch.__version__}; "
+        f"{args.shape} Llama ({params / 1e9:.2f} B params), {args.dtype}; "
         f"hooked layers {layers}; built in {t_build:.0f} s"
     )
     results: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""Pooled layer activations a~(l)(x) (paper eq. 11) for many texts, from one forward pass per batch, sharded on disk.
+"""Pooled layer activations a~(l)(x) (paper eq. 11) for many texts, from one forward pass per batch,
+sharded on disk.
 
 All requested layers are captured from the same pass, which stops right after the deepest of them
 (no later layer, final norm or lm_head runs). Shards hold at most `shard_size` texts, so a corpus
@@ -94,7 +95,8 @@ class ActivationManifest:
 def _check_indices(indices: Tensor, num_layers: int, width: int) -> Tensor:
     if indices.ndim != 2 or indices.shape[0] != num_layers:
         raise ActivationError(
-            f"indices must be [L, k] with one row per requested layer (L={num_layers}), got {tuple(indices.shape)}"
+            f"indices must be [L, k] with one row per requested layer (L={num_layers}), "
+            f"got {tuple(indices.shape)}"
         )
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= width):
         raise ActivationError(f"indices must lie in 0..{width - 1} (the hidden size), got values outside")
@@ -220,7 +222,8 @@ def write_activation_shards(
     dtype: torch.dtype = torch.float32,
     progress: Progress = no_progress,
 ) -> ActivationManifest:
-    """Embed `texts` and write `shard-NNNNN.safetensors` files (`acts` [n, L, k], `rows` [n]) plus `activations.json`.
+    """Embed `texts` and write `shard-NNNNN.safetensors` files (`acts` [n, L, k], `rows` [n]) plus
+    `activations.json`.
 
     At most `shard_size` texts are held in memory. The manifest is written last; a previous manifest in
     `out_dir` is removed first, so an interrupted run never leaves a directory that looks complete.
@@ -312,7 +315,8 @@ def load_activations(dirs: Path | Sequence[Path], positions: Sequence[int] | Non
     for path, m in zip(paths[1:], manifests[1:], strict=True):
         if (m.layers, m.k, m.dtype) != (first.layers, first.k, first.dtype):
             raise ActivationError(
-                f"{path} holds layers {m.layers} x {m.k} ({m.dtype}), {paths[0]} holds {first.layers} x {first.k} "
+                f"{path} holds layers {m.layers} x {m.k} ({m.dtype}), "
+                f"{paths[0]} holds {first.layers} x {first.k} "
                 f"({first.dtype}); the shards of one corpus must come from the same settings, re-run them"
             )
     picked = list(range(len(first.layers))) if positions is None else list(positions)
@@ -375,7 +379,8 @@ def load_activation_rows(
     total = num_rows(dirs)
     if want.numel() == 0 or int(want.min()) < 0 or int(want.max()) >= total:
         raise ActivationError(
-            f"rows must be a non-empty selection of 0..{total - 1} (the texts of {len(dirs)} activation directories)"
+            f"rows must be a non-empty selection of 0..{total - 1} "
+            f"(the texts of {len(dirs)} activation directories)"
         )
     out: Tensor | None = None
     start = 0

@@ -79,7 +79,8 @@ class S3Server:
         (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
 
     def storage(self) -> dict[str, str]:
-        """A `StorageConfig` mapping for this server (credentials come from the environment: `credentials_env`)."""
+        """A `StorageConfig` mapping for this server (credentials come from the environment:
+        `credentials_env`)."""
         return {"endpoint_url": self.endpoint}
 
     def _command(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""deployments/prefect.yaml: its parameters are valid configs, and a real Prefect server registers it as written.
+"""deployments/prefect.yaml: its parameters are valid configs, and a real Prefect server registers
+it as written.
 
 The server tests start a `prefect server start` of their own, create the README's work pools (with the
 base job templates `prefect work-pool create --type` gives), run the README's `prefect deploy`, and
@@ -133,7 +134,8 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 
 async def _create_pools_and_read_deployments(api: str, deploy: list[str], env: dict[str, str]) -> Registered:
-    """Creates the pools, runs `prefect deploy`, and returns each deployment by name with its pool and flow name.
+    """Creates the pools, runs `prefect deploy`, and returns each deployment by name with its pool and
+    flow name.
 
     A pool gets the base job template that `prefect work-pool create --type KIND` would give it (the
     installed worker's, else the server's copy of the collection registry), without a CLI start per pool.
@@ -238,7 +240,8 @@ def test_docker_job_variables_make_the_containers_the_worker_would_create(prefec
 
 
 def test_docker_images_copy_every_file_the_package_build_reads():
-    """`pip install .` in the image reads the readme and license files pyproject names: they must be copied."""
+    """`pip install .` in the image reads the readme and license files pyproject names: they must be
+    copied."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

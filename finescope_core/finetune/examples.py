@@ -12,7 +12,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from finescope_core.finetune.errors import FinetuneError
-from finescope_core.teacher import encode_prompt
+from finescope_core.prompts import encode_prompt
 
 IGNORE = -100
 """Label of positions without loss (prompt and padding), as torch's cross entropy expects."""

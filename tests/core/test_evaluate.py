@@ -565,7 +565,8 @@ def test_metrics_schema_errors_name_the_path(metrics: object, fragment: str) -> 
                     "tuned": {**GOOD, "ci": {"perplexity": GOOD["ci"]["perplexity"]}},
                 }
             },
-            "models.tuned: ci must hold exactly the metrics present (mc_accuracy, perplexity), got perplexity",
+            "models.tuned: ci must hold exactly the metrics present (mc_accuracy, perplexity), "
+            "got perplexity",
         ),
         (
             {

@@ -24,7 +24,7 @@ from finescope_core.evaluate import (
 )
 from finescope_core.evaluate.contamination import NGRAM, ngrams, words
 from finescope_core.evaluate.split import evaluation_split, nearest_to_centroid, split_position
-from finescope_core.teacher import encode_prompt
+from finescope_core.prompts import encode_prompt
 from finescope_core.tiny import byte_tokenizer, tiny_model
 
 # ------------------------------------------------------------------------------------------ bootstrap
@@ -141,7 +141,8 @@ def test_ngram_overlap_matches_brute_force_and_near_duplicates_are_caught() -> N
     items[3] = "Fresh start, " + " ".join(w.upper() for w in run) + "; and a fresh ending here"
     # A 12-word run is no 13-gram overlap.
     items[5] = "x " + " ".join(reference[7].split()[:12]) + " y"
-    # Near duplicates without any shared 13-gram (short texts): a re-punctuated copy, and a copy with a word added.
+    # Near duplicates without any shared 13-gram (short texts): a re-punctuated copy, and a copy
+    # with a word added.
     reference.append("solve for x in two x plus three equals seven")
     items[7] = "Solve for x in: two x plus three equals seven."
     reference.append("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu")

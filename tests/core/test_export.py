@@ -1,4 +1,5 @@
-"""Exported outputs: whole replacement, extra files, remote targets; HF cards that parse back; inline plots."""
+"""Exported outputs: whole replacement, extra files, remote targets; HF cards that parse back;
+inline plots."""
 
 import base64
 

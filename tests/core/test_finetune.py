@@ -26,7 +26,7 @@ from finescope_core.finetune import (
     split_indices,
 )
 from finescope_core.model import resolve_arch
-from finescope_core.teacher import encode_prompt
+from finescope_core.prompts import encode_prompt
 from finescope_core.tiny import byte_tokenizer, tiny_model
 
 ROWS = [

@@ -111,7 +111,8 @@ def test_near_ties_from_scaled_copies_are_certified() -> None:
 
 
 def test_widening_survives_adversarial_tie_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """FAISS promises nothing about ties: with a kernel that keeps the highest ids the answer must not move."""
+    """FAISS promises nothing about ties: with a kernel that keeps the highest ids the answer must
+    not move."""
     real_knn = faiss.knn
     calls: list[int] = []
 

@@ -114,7 +114,8 @@ def test_topk_training_reduces_heldout_fvu_below_the_mean_predictor() -> None:
     train_rows, val_rows = validation_split(len(acts), TOPK.val_fraction, 0)
     val = acts[val_rows]
     x = sae.normalize(val.transpose(0, 1))
-    # The mean predictor (the training mean, 0 after standardisation) on the held-out rows, around their own mean.
+    # The mean predictor (the training mean, 0 after standardisation) on the held-out rows,
+    # around their own mean.
     mean_fvu = x.pow(2).sum(dim=(1, 2)) / (x - x.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
     for i, m in enumerate(metrics):
         assert m.fvu_curve[-1] < 0.5 * m.fvu_curve[0]

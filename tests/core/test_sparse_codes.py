@@ -125,7 +125,8 @@ def test_streamed_curation_equals_the_dense_path(run: dict, weighting: str, expa
 
 
 def test_truncated_half_precision_codes_keep_the_curated_set(run: dict) -> None:
-    """The defaults' storage (float16, the largest latents only) changes the set little, and says how much it cut."""
+    """The defaults' storage (float16, the largest latents only) changes the set little, and says
+    how much it cut."""
     dense = _dense(run, run["cfg"])
     dirs = _codes(run, 6, "float16")
     streamed = _streamed(run, run["cfg"], dirs)

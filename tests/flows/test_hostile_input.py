@@ -469,7 +469,8 @@ def test_broken_config_file_is_refused(tmp_path, content, expected):
 
 
 def test_secrets_never_reach_logs_or_artifacts(ws, tmp_path):
-    """A successful run with storage credentials from a Secret block: they appear in no output, run.json or stored file."""
+    """A successful run with storage credentials from a Secret block: they appear in no output,
+    run.json or stored file."""
     from prefect.blocks.system import Secret
     from prefect.settings import get_current_settings
 

@@ -78,7 +78,8 @@ def config(root, model_dir) -> FinescopeConfig:
 
 
 def run_and_check(root, model_dir, corpus: list[dict], seed: dict) -> list[dict]:
-    """`finescope run`, then the checks every format must pass; returns the distilled lines of the curated set."""
+    """`finescope run`, then the checks every format must pass; returns the distilled lines of the
+    curated set."""
     write_inputs(root, corpus, seed)
     cfg = config(root, model_dir)
     cfg_file = root / "cfg.yaml"

@@ -104,7 +104,8 @@ def _kill_during_teacher(proc: subprocess.Popen, store: Path, timeout: float = 2
             return _complete_lines(partial[0])
         if proc.poll() is not None:
             pytest.fail(
-                f"the run ended (rc {proc.returncode}) before it could be killed:\n{proc.stdout.read().decode()[-3000:]}"
+                f"the run ended (rc {proc.returncode}) before it could be killed:\n"
+                f"{proc.stdout.read().decode()[-3000:]}"
             )
         time.sleep(0.02)
     proc.kill()
@@ -162,7 +163,8 @@ def test_run_killed_during_teacher_resumes_and_matches_an_uninterrupted_run(work
     assert metrics == json.loads((tmp_path / "fresh-out" / "metrics.json").read_text())["models"]
 
     print(
-        f"\nresume after SIGKILL: killed {killed_after:.1f}s into the run with {lines_at_kill}/{total} teacher lines "
+        f"\nresume after SIGKILL: killed {killed_after:.1f}s into the run "
+        f"with {lines_at_kill}/{total} teacher lines "
         f"written; resumed run {resume_seconds:.1f}s (generated {teacher['info']['generated']}), "
         f"uninterrupted run {fresh_seconds:.1f}s; teacher stage {teacher['seconds']:.1f}s resumed vs "
         f"{fresh['distilled']['seconds']:.1f}s fresh"
@@ -220,5 +222,6 @@ def test_curate_killed_during_sae_training_keeps_the_finished_layers(workspace, 
             fresh_store, fresh["sae"], f"layer_{layer}/sae.safetensors"
         )
     print(
-        f"\nresume after SIGKILL in SAE training: resumed curate {resume_seconds:.1f}s, fresh curate {fresh_seconds:.1f}s"
+        f"\nresume after SIGKILL in SAE training: resumed curate {resume_seconds:.1f}s, "
+        f"fresh curate {fresh_seconds:.1f}s"
     )
