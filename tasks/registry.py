@@ -175,10 +175,10 @@ def stage_task(
     """Declare `stage` (None: a step of a flow that is no stage) and make its function a Prefect task.
 
     A stage's Prefect task is named as the stage (`pruned`, `distilled`, ...), so the store, the plan
-    and the Prefect UI say one name. `label` names the stage's plan row from the call's arguments (`variant_label`, or a format string
-    such as `"evaluation ({name})"`); `keyless` names the parameters its key does not read (a dry run
-    plans the stage even while they are still to compute); `options` are `prefect.task`'s (name,
-    retries, cache policy, tags, ...).
+    and the Prefect UI say one name. `label` names the stage's plan row from the call's arguments
+    (`variant_label`, or a format string such as `"evaluation ({name})"`); `keyless` names the
+    parameters its key does not read (a dry run plans the stage even while they are still to compute);
+    `options` are `prefect.task`'s (retries, cache policy, tags, ...).
     """
     if stage is not None:
         declare(stage)
