@@ -16,6 +16,9 @@ from typing import Any
 
 from finescope_core.data import Record
 
+DISTILLED_FILE = "distilled.jsonl"
+"""The `distilled` artifact's file: one JSON line per record, in output order."""
+
 
 class TeacherError(ValueError):
     """Bad teacher input (records, resume file); the message names it and the fix."""

@@ -14,7 +14,7 @@ import torch
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record, RecordSet, load_records, seed_copies
-from finescope_core.distilled import read_distilled
+from finescope_core.distilled import DISTILLED_FILE, read_distilled
 from finescope_core.evaluate import load_mc_items, load_numeric_items
 from finescope_core.evaluate.contamination import (
     NEAR_DUPLICATE,
@@ -34,7 +34,6 @@ from finescope_core.evaluate.split import (
     nearest_to_centroid,
 )
 from finescope_core.formats import DataError
-from finescope_core.teacher import DISTILLED_FILE
 from tasks.caching import StageManifest, artifact_dir
 from tasks.context import RunContext, storage_options
 

@@ -16,9 +16,8 @@ from finescope_core.evaluate import (
     check_harness_config,
     harness_include_sha,
 )
-from finescope_core.finetune import MERGED_DIR
-from finescope_core.prune import MODEL_DIR
 from finescope_core.store import ArtifactStore
+from tasks import registry
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.context import RunContext
 from tasks.identity import Precision
@@ -85,8 +84,6 @@ EVALUATION = Stage(
     core=core.run,
     files=(METRICS_FILE, ITEMS_FILE),
 )
-MODEL_DIRS = {"pruned": MODEL_DIR, "tuned": MERGED_DIR}
-"""Where a stage's artifact keeps the model an evaluation loads."""
 
 
 @stage_task(
@@ -109,7 +106,7 @@ def evaluate_task(
     if isinstance(model, ModelRef):
         model_path, model_sha = model.path, model.sha256
     else:  # a pruned or tuned artifact: keyed by the artifact's hash
-        model_path, model_sha = str(artifact_dir(ctx.store, model) / MODEL_DIRS[model.stage]), model.sha256
+        model_path, model_sha = str(registry.model_path(ctx.store, model)), model.sha256
 
     def build(work: Path) -> dict[str, Any]:
         check_harness_config(section)  # a bad lm-eval task setup fails before the model loads

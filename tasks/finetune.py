@@ -8,17 +8,16 @@ from typing import Any
 
 from finescope_core import finetune as core
 from finescope_core.config import FinetuneConfig
+from finescope_core.distilled import DISTILLED_FILE
 from finescope_core.finetune import MERGED_DIR, TuneInputs
 from finescope_core.model import load_model
-from finescope_core.prune import MODEL_DIR
-from finescope_core.teacher import DISTILLED_FILE
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
 from tasks.context import RunContext
 from tasks.identity import Precision
 from tasks.keymodels import ModelStageKey, StageKey
 from tasks.models import ModelRef, private_model
 from tasks.progress import Progress
-from tasks.registry import Stage, stage_task, variant_label
+from tasks.registry import Stage, model_path, stage_task, variant_label
 from tasks.retries import GPU_TAGS, STORE_RETRIES
 
 
@@ -62,6 +61,7 @@ TUNED = Stage(
     upstream=("pruned", "distilled", "models"),
     core=core.run,
     files=(MERGED_DIR, core.ADAPTER_DIR, core.SUMMARY_FILE),
+    model_dir=MERGED_DIR,
 )
 
 
@@ -91,7 +91,7 @@ def finetune_task(
     ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = private_model(str(artifact_dir(store, pruned) / MODEL_DIR), ran.device, ran.dtype)
+        model, tok = private_model(str(model_path(store, pruned)), ran.device, ran.dtype)
         teacher_model = None
         if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
             device_map = "auto" if teacher_device_map == "auto" else None

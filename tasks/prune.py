@@ -10,7 +10,7 @@ from typing import Any
 
 from finescope_core import prune as core
 from finescope_core.config import PruneConfig
-from finescope_core.curate import CURATED_FILE
+from finescope_core.curate.curated_set import CURATED_FILE
 from finescope_core.data import Record, load_records, normalise_text
 from finescope_core.io import read_jsonl
 from finescope_core.model import checkpoint_dtype
@@ -118,7 +118,12 @@ def pruned_key(
 
 
 PRUNED = Stage(
-    "pruned", PrunedKey, upstream=("models", "curated"), core=core.run, files=(MODEL_DIR, core.REPORT_FILE)
+    "pruned",
+    PrunedKey,
+    upstream=("models", "curated"),
+    core=core.run,
+    files=(MODEL_DIR, core.REPORT_FILE),
+    model_dir=MODEL_DIR,
 )
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from prefect import Task, task
 from prefect.utilities.annotations import quote
 
-from tasks.caching import PendingManifest
+from finescope_core.store import ArtifactStore
+from tasks.caching import PendingManifest, StageManifest, artifact_dir
 from tasks.keymodels import StageKeyModel
 from tasks.planning import Pending, current_planner, first_blocker, labelled
 
@@ -46,6 +48,8 @@ class Stage:
     """The files (or directories) its artifact holds, by the constants of its core module."""
     part_of: str | None = None
     """For a fanned-out part (an activation shard, some layers' SAEs): the stage that gathers it."""
+    model_dir: str | None = None
+    """The directory of its artifact that holds a loadable model (`pruned`, `tuned`), if any."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -59,6 +63,17 @@ def declare(stage: Stage) -> Stage:
         raise ValueError(f"stage {stage.name!r} is declared twice, differently: {known} and {stage}")
     STAGES[stage.name] = stage
     return stage
+
+
+def model_path(store: ArtifactStore, manifest: StageManifest) -> Path:
+    """The local directory of the model a `pruned` or `tuned` artifact holds (downloaded when remote).
+
+    Read from the stage's declaration, so a consumer needs neither the producing stage's code (nor its
+    code identity in its key) nor a copy of its directory name."""
+    found = STAGES.get(manifest.stage)
+    if found is None or found.model_dir is None:
+        raise ValueError(f"{manifest.uri}: stage {manifest.stage!r} holds no model")
+    return artifact_dir(store, manifest) / found.model_dir
 
 
 class StageTask(Generic[P, R]):

@@ -22,7 +22,14 @@ from transformers import PreTrainedTokenizerBase
 
 from finescope_core.config import TeacherConfig
 from finescope_core.data import Record
-from finescope_core.distilled import TeacherSummary, check_ids, pending_batches, read_done, summarise
+from finescope_core.distilled import (
+    DISTILLED_FILE,
+    TeacherSummary,
+    check_ids,
+    pending_batches,
+    read_done,
+    summarise,
+)
 from finescope_core.generate import Generation
 from finescope_core.progress import Progress
 from finescope_core.stage import StageContext
@@ -30,7 +37,6 @@ from finescope_core.teacher.backends import Teacher, teacher_generate
 from finescope_core.teacher.filter import distilled_line, output_line
 from finescope_core.teacher.prompts import fit_prompt
 
-DISTILLED_FILE = "distilled.jsonl"
 """The `distilled` artifact's one file: a JSONL line per curated record."""
 
 AUTO_FACTOR = 1.25

@@ -114,7 +114,8 @@ def test_no_split_record_reaches_any_training_input(run):
 
     curated = curated_records(RunContext.of(cfg), result.curate.corpus, result.curate.curated)
     prune_texts = pruning_texts(
-        cfg,
+        cfg.prune,
+        RunContext.of(cfg),
         result.curate.corpus,
         result.curate.curated,
         seeds=result.curate.seeds,

@@ -135,12 +135,12 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
     """Per-layer SAE tasks (tagged finescope-gpu) overlap on 4 threads, unless the tag limit is 1."""
     from prefect import get_client
 
-    import tasks.sae
+    import finescope_core.curate.sae as sae_stage
 
     intervals: list[tuple[float, float]] = []
     started: list[float] = []
     wait_for_all = True
-    train = tasks.sae.core.sae_stage
+    train = sae_stage.sae_stage
 
     def timed_training(*args, **kwargs):
         begin = time.monotonic()
@@ -154,7 +154,7 @@ def test_gpu_tag_limit_runs_tagged_tasks_one_at_a_time(inputs, tmp_path, monkeyp
         intervals.append((begin, time.monotonic()))
         return out
 
-    monkeypatch.setattr(tasks.sae.core, "sae_stage", timed_training)
+    monkeypatch.setattr(sae_stage, "sae_stage", timed_training)
 
     def overlaps() -> int:
         spans = sorted(intervals)

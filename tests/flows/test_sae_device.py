@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+import finescope_core.curate.sae as sae_stage
+import finescope_core.sae.codes as codes_stage
 import tasks.codes
 import tasks.sae
 from finescope_core.config import FinescopeConfig
@@ -40,13 +42,13 @@ def test_sae_training_runs_on_cfg_device(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(tasks.sae, "artifact_dir", lambda store, m: tmp_path)
     monkeypatch.setattr(tasks.sae, "activation_dirs", lambda store, acts: [tmp_path])
     monkeypatch.setattr(
-        tasks.sae.LayerSaliency, "load", lambda path: SimpleNamespace(indices=torch.zeros(2, 4))
+        sae_stage.LayerSaliency, "load", lambda path: SimpleNamespace(indices=torch.zeros(2, 4))
     )
-    monkeypatch.setattr(tasks.sae.core, "sae_stage", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr(sae_stage, "sae_stage", lambda *a, **k: seen.update(k) or {})
     manifest = SimpleNamespace(sha256="x")
     cfg = _cfg()
     tasks.sae.sae_layers_task.fn(cfg.curate, RunContext.of(cfg), manifest, manifest, [0, 1], [0, 1])
-    assert seen.get("device") == META
+    assert torch.device(seen.get("device")) == META
 
 
 def test_sae_codes_are_encoded_on_cfg_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,13 +62,13 @@ def test_sae_codes_are_encoded_on_cfg_device(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(RunContext, "store", property(lambda self: store))
     monkeypatch.setattr(tasks.codes, "artifact_dir", lambda store, m: tmp_path)
     sae = BatchedSAE.initialised(4, 8, [0, 1])
-    monkeypatch.setattr(tasks.codes.sae_lib, "load_saes", lambda path: (sae, [0, 1], []))
+    monkeypatch.setattr(codes_stage, "load_saes", lambda path: (sae, [0, 1], []))
 
     def write_codes(model: BatchedSAE, *a: Any, **k: Any) -> Any:
         seen.append(model.W_enc.device)
         return SimpleNamespace(num_rows=0, truncated=0, mean_l0=0.0)
 
-    monkeypatch.setattr(tasks.codes, "write_codes", write_codes)
+    monkeypatch.setattr(codes_stage, "write_codes", write_codes)
     cfg = _cfg()
     tasks.codes.codes_task.fn(
         cfg.curate,
