@@ -29,7 +29,7 @@ from tasks.evaluate import evaluate_task, evaluation_items
 from tasks.export import Exported, RunRecord, export_task, specialize_outputs
 from tasks.finetune import finetune_task
 from tasks.models import ModelRef
-from tasks.planning import plannable
+from tasks.planning import current_planner, plannable
 from tasks.prune import (
     baseline_records,
     curated_records,
@@ -90,7 +90,6 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     ctx = RunContext.of(config)
     with prefect_results(config), tagged(config):
         result = specialize_graph(config, ctx)
-        _log_warnings(result.metrics)
         _publish(config, result.metrics, result.report)
         main = result.variants[""]
         outputs = specialize_outputs(
@@ -226,6 +225,8 @@ def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResu
             config.evaluate, ctx, f"tuned{suffix}", v.tuned, payload
         )
     metrics = run_metrics(ctx, curated, variants, evaluations, evaluation)
+    if current_planner() is None:  # a run, not a dry run: its warnings as soon as they are known
+        _log_warnings(metrics)
     report = report_task(ReportSettings.of(config), ctx, curated, metrics, variants[""].pruned)
     return SpecializeResult(
         curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report
