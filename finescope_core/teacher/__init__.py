@@ -13,7 +13,7 @@ comments on the passage, a base model continues it. Either way the student learn
 reply to a domain text, and no invented instruction wraps the user's data.
 """
 
-from finescope_core.distilled import TeacherError
+from finescope_core.distilled import DISTILLED_FILE, TeacherError
 from finescope_core.generate import Generation, eos_ids, generate_batch
 from finescope_core.prompts import PLAIN_TEMPLATE, encode_prompt, format_prompt
 from finescope_core.teacher.backends import Teacher, VLLMGenerator, teacher_generate, vllm_generation
@@ -39,7 +39,6 @@ from finescope_core.teacher.stage import (
     AUTO_FACTOR,
     AUTO_FALLBACK,
     AUTO_RANGE,
-    DISTILLED_FILE,
     DistillInputs,
     auto_max_new_tokens,
     by_prompt_length,
