@@ -22,13 +22,12 @@ from tasks.activations import (
     shard_key,
     shard_plan,
 )
-from tasks.caching import PendingManifest, StageManifest, lookup_stage
+from tasks.caching import StageManifest, lookup_stage, planned_after, planned_row
 from tasks.codes import codes_key, codes_task, corpus_shard_refs, lookup_codes
 from tasks.context import RunContext
 from tasks.data import record_count
-from tasks.keymodels import StageKey
 from tasks.models import ModelRef
-from tasks.planning import Planner, current_planner, first_blocker
+from tasks.planning import Planner, current_planner
 from tasks.sae import gather_sae_task, lookup_sae, sae_groups, sae_key, sae_layers_key, sae_layers_task
 
 
@@ -171,29 +170,6 @@ def encode_corpus(
 # --- dry runs: each fanned-out stage planned with its parts ------------------------------------------
 
 
-def _pending(
-    planner: Planner, name: str, stage: str, spec: StageKey | None, found: StageManifest | None
-) -> StageManifest:
-    """Record the gathered stage's row; hand on its manifest, or what waits for it."""
-    if spec is None:
-        planner.row(name, stage, "reuse" if found is not None else "compute")
-    else:
-        planner.row(name, stage, "reuse" if found is not None else "compute", spec.key)
-    if found is not None:
-        return found
-    uri = planner.store.artifact_uri(stage, spec.key) if spec is not None else ""
-    key = spec.key if spec is not None else ""
-    return PendingManifest(stage=stage, key=key, uri=uri, sha256="", cached=False, seconds=0.0, pending=name)
-
-
-def _after(planner: Planner, name: str, stage: str, *inputs: object) -> StageManifest | None:
-    waiting = first_blocker(*inputs)
-    if waiting is None:
-        return None
-    planner.row(name, stage, "after", after=waiting)
-    return PendingManifest(stage=stage, key="", uri="", sha256="", cached=False, seconds=0.0, pending=waiting)
-
-
 def _plan_activations(
     planner: Planner,
     config: FinescopeConfig,
@@ -205,7 +181,7 @@ def _plan_activations(
 ) -> StageManifest:
     """Gathered activations are reused only with every shard they list (`lookup_activations`)."""
     name = f"activations ({records.stage})"
-    waiting = _after(planner, name, "activations", ref, records, sal)
+    waiting = planned_after("activations", ref, records, sal, name=name)
     if waiting is not None:
         return waiting
     section, sal_sha = config.curate, sal.sha256 if sal else None
@@ -218,7 +194,7 @@ def _plan_activations(
             spec = shard_key(section, ctx, ref.sha256, records.sha256, layers, sal_sha, start, stop)
             planner.part(spec.stage, spec.key, lookup_stage(ctx.store, spec) is not None)
     spec = activations_key(section, ctx, ref.sha256, records.sha256, layers, sal_sha)
-    return _pending(planner, name, "activations", spec, found)
+    return planned_row(planner, name, "activations", spec, found)
 
 
 def _plan_sae(
@@ -229,7 +205,7 @@ def _plan_sae(
     sal: StageManifest,
     layers: list[int],
 ) -> StageManifest:
-    waiting = _after(planner, "sae", "sae", acts, sal)
+    waiting = planned_after("sae", acts, sal, name="sae")
     if waiting is not None:
         return waiting
     section = config.curate
@@ -237,14 +213,14 @@ def _plan_sae(
         spec = sae_layers_key(section, ctx, acts.sha256, sal.sha256, [layers[i] for i in group])
         planner.part(spec.stage, spec.key, lookup_stage(ctx.store, spec) is not None)
     found = lookup_sae(section, ctx, acts, sal)
-    return _pending(planner, "sae", "sae", sae_key(section, ctx, acts.sha256, sal.sha256), found)
+    return planned_row(planner, "sae", "sae", sae_key(section, ctx, acts.sha256, sal.sha256), found)
 
 
 def _plan_codes(
     planner: Planner, config: FinescopeConfig, ctx: RunContext, acts: StageManifest, sae: StageManifest
 ) -> list[StageManifest]:
     """The corpus's codes, one artifact per activation shard (no gathered artifact: the row has no key)."""
-    waiting = _after(planner, "sae-codes", "sae-codes", acts, sae)
+    waiting = planned_after("sae-codes", acts, sae, name="sae-codes")
     if waiting is not None:
         return [waiting]
     specs = [codes_key(config.curate, ctx, s["sha256"], sae.sha256) for s in corpus_shard_refs(ctx, acts)]
@@ -254,4 +230,4 @@ def _plan_codes(
     if all(hit is not None for hit in found):
         planner.row("sae-codes", "sae-codes", "reuse")
         return [hit for hit in found if hit is not None]
-    return [_pending(planner, "sae-codes", "sae-codes", None, None)]
+    return [planned_row(planner, "sae-codes", "sae-codes", None, None)]

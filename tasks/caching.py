@@ -144,29 +144,38 @@ class PendingManifest(StageManifest):
     pending: str
     """The plan row that computes it: what every stage reading it waits for."""
 
+    @classmethod
+    def of(cls, stage: str, pending: str, key: str = "", uri: str = "") -> PendingManifest:
+        return cls(stage=stage, key=key, uri=uri, sha256="", cached=False, seconds=0.0, pending=pending)
 
-def _planned(planner: Planner, store: ArtifactStore, spec: StageKey) -> StageManifest:
-    name = planner.label or spec.stage
-    found = lookup_stage(store, spec)
-    planner.row(name, spec.stage, "reuse" if found is not None else "compute", spec.key)
+
+def planned_row(
+    planner: Planner, name: str, stage: str, spec: StageKey | None, found: StageManifest | None
+) -> StageManifest:
+    """Record a looked-up stage's row (`reuse` or `compute`); hand on its manifest, or what waits for it.
+    `spec` None: a stage of parts with no gathered key (the corpus's codes)."""
+    key = spec.key if spec is not None else None
+    planner.row(name, stage, "reuse" if found is not None else "compute", key)
     if found is not None:
         return found
-    uri = store.artifact_uri(spec.stage, spec.key)
-    return PendingManifest(
-        stage=spec.stage, key=spec.key, uri=uri, sha256="", cached=False, seconds=0.0, pending=name
-    )
+    uri = planner.store.artifact_uri(stage, key) if key is not None else ""
+    return PendingManifest.of(stage, name, key or "", uri)
 
 
-def planned_after(stage: str, *inputs: Any) -> StageManifest | None:
+def _planned(planner: Planner, store: ArtifactStore, spec: StageKey) -> StageManifest:
+    return planned_row(planner, planner.label or spec.stage, spec.stage, spec, lookup_stage(store, spec))
+
+
+def planned_after(stage: str, *inputs: Any, name: str | None = None) -> StageManifest | None:
     """In a dry run, when one of `inputs` (looked up inside a task, e.g. the sentence embeddings the
-    retrieval reads) is still to compute: the pending manifest of `stage`, planned after it. Else None."""
+    retrieval reads) is still to compute: the pending manifest of `stage`, planned after it (row `name`,
+    else the current label). Else None."""
     planner = current_planner()
     waiting = first_blocker(*inputs) if planner is not None else None
     if planner is None or waiting is None:
         return None
-    name = planner.label or stage
-    planner.row(name, stage, "after", after=waiting)
-    return PendingManifest(stage=stage, key="", uri="", sha256="", cached=False, seconds=0.0, pending=name)
+    planner.row(name or planner.label or stage, stage, "after", after=waiting)
+    return PendingManifest.of(stage, waiting)  # what waits for it waits for the same first stage
 
 
 def lookup_stage(store: ArtifactStore, spec: StageKey) -> StageManifest | None:

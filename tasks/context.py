@@ -56,8 +56,7 @@ class RunContext(BaseModel):
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for the store and remote inputs, with credentials from `storage.secret_block`."""
-        block = self.storage.secret_block
-        return self.storage.fsspec_options(block_credentials(block) if block else None)
+        return fsspec_options(self.storage)
 
     def precision(self) -> Precision:
         """Where model work runs in this process (`work_precision`): call it where the work runs."""
@@ -75,11 +74,15 @@ class RunContext(BaseModel):
         return StageContext(device=ran.device, dtype=ran.dtype, seed=self.seed, run=self.name or "finescope")
 
 
+def fsspec_options(storage: StorageConfig) -> dict[str, Any]:
+    """fsspec options of `storage`, with credentials from its Prefect Secret block when it names one."""
+    block = storage.secret_block
+    return storage.fsspec_options(block_credentials(block) if block else None)
+
+
 @functools.lru_cache(maxsize=8)
 def _opened(uri: str, storage_json: str) -> ArtifactStore:
-    storage = StorageConfig.model_validate_json(storage_json)
-    block = storage.secret_block
-    return ArtifactStore(uri, storage.fsspec_options(block_credentials(block) if block else None))
+    return ArtifactStore(uri, fsspec_options(StorageConfig.model_validate_json(storage_json)))
 
 
 def run_name(cfg: FinescopeConfig) -> str:

@@ -22,7 +22,7 @@ from finescope_core.data import (
 from finescope_core.formats import DataError
 from finescope_core.io import read_jsonl, read_jsonl_rows, write_jsonl
 from tasks.caching import RUN_RESULTS, StageManifest, artifact_dir, run_cached
-from tasks.context import RunContext, block_credentials
+from tasks.context import RunContext, fsspec_options
 from tasks.keymodels import StageKey, StageKeyModel
 from tasks.models import ModelRef, model_ref
 from tasks.planning import labelled
@@ -63,8 +63,7 @@ def _stamp(uris: list[str]) -> tuple[Any, ...]:
 
 
 def _options(storage: str) -> dict[str, Any]:
-    config = StorageConfig.model_validate_json(storage)
-    return config.fsspec_options(block_credentials(config.secret_block) if config.secret_block else None)
+    return fsspec_options(StorageConfig.model_validate_json(storage))
 
 
 @functools.lru_cache(maxsize=4)

@@ -125,9 +125,8 @@ class StageTask(Generic[P, R]):
             if self.stage is None:
                 return Pending(waiting)  # type: ignore[return-value]  # consumers test it with `blocker`
             planner.row(name, self.stage.name, "after", after=waiting)
-            return PendingManifest(  # type: ignore[return-value]  # every stage task returns a manifest
-                stage=self.stage.name, key="", uri="", sha256="", cached=False, seconds=0.0, pending=waiting
-            )
+            # Every stage task returns a manifest.
+            return PendingManifest.of(self.stage.name, waiting)  # type: ignore[return-value]
         with labelled(name):
             return self.fn(*args, **kwargs)
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from finescope_core.tiny import save_tiny
+from tiny_run import config_file, write_workspace
 
 ROOT = Path(__file__).resolve().parents[2]
 BEFORE_TEACHER = (
@@ -33,45 +32,21 @@ BEFORE_TEACHER = (
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
-    rows = [
-        {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
-        for i in range(40)
-    ]
-    rows += [
-        {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)
-    ]
-    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "seeds.jsonl").write_text(
-        json.dumps({"instruction": "What is 100 plus 7?", "output": "107"}) + "\n"
-    )
-    return root
+    return write_workspace(tmp_path_factory.mktemp("resume"), questions=40)
 
 
 def _config_file(root: Path, store: Path, path: Path) -> Path:
-    cfg = {
-        "model": str(root / "model"),
-        "seeds": [str(root / "seeds.jsonl")],
-        "corpus": [str(root / "corpus.jsonl")],
-        "store": str(store),
-        "device": "cpu",
-        "curate": {
-            "final_size": 36,
-            "top_m": 36,
-            "k_act": 16,
-            "reference_size": 8,
-            "max_length": 32,
-            "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
-        },
-        "prune": {"ratio": 0.2, "max_length": 32},
-        # Many small batches with long answers: the teacher stage takes seconds, long enough to be killed in.
-        "teacher": {"max_new_tokens": 96, "batch_size": 2, "min_response_chars": 0},
-        "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 48},
-        "evaluate": {"split_fraction": 0.2, "max_length": 32},
+    curate = {
+        "final_size": 36,
+        "top_m": 36,
+        "k_act": 16,
+        "reference_size": 8,
+        "max_length": 32,
+        "sae": {"d_sae": 32, "steps": 20, "batch_size": 16},
     }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    # Many small batches with long answers: the teacher stage takes seconds, long enough to be killed in.
+    teacher = {"max_new_tokens": 96, "batch_size": 2, "min_response_chars": 0}
+    return config_file(root, store, path, curate=curate, teacher=teacher)
 
 
 def _env() -> dict[str, str]:

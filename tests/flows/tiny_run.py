@@ -9,12 +9,12 @@ import yaml
 from finescope_core.tiny import save_tiny
 
 
-def write_workspace(root: Path) -> Path:
-    """A tiny Qwen2 model, 30 arithmetic + 20 greeting records and one seed under `root`."""
+def write_workspace(root: Path, questions: int = 30) -> Path:
+    """A tiny Qwen2 model, `questions` arithmetic + 20 greeting records and one seed under `root`."""
     save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
     rows = [
         {"id": f"q{i}", "instruction": f"What is {i} plus {i + 1}?", "output": f"{2 * i + 1}"}
-        for i in range(30)
+        for i in range(questions)
     ]
     rows += [
         {"id": f"c{i}", "instruction": f"Say hello to friend {i}.", "output": "Hello!"} for i in range(20)
