@@ -18,8 +18,18 @@ GENERAL = ("name", "model", "seeds", "corpus", "store", "storage", "device", "me
 SECTIONS: dict[str, tuple[str, ...]] = {
     "curate": (*GENERAL, "curate", "orchestration"),
     "prune": (*GENERAL, "curate", "prune", "orchestration"),
-    "run": (*GENERAL, "curate", "prune", "teacher", "finetune", "evaluate", "orchestration"),
-    "serve": (*GENERAL, "output", "curate", "prune", "teacher", "finetune", "evaluate", "orchestration"),
+    "run": (*GENERAL, "curate", "prune", "recover", "teacher", "finetune", "evaluate", "orchestration"),
+    "serve": (
+        *GENERAL,
+        "output",
+        "curate",
+        "prune",
+        "recover",
+        "teacher",
+        "finetune",
+        "evaluate",
+        "orchestration",
+    ),
 }
 """The config fields (top-level names) each sub-command's flow reads, and so offers as options."""
 DEMO_HIDDEN = ("seeds", "corpus", "curate.method")

@@ -13,6 +13,7 @@ from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
 from finescope_core.memplan import check_memory
+from finescope_core.recover import PoolDraw
 from finescope_core.report import ReportSettings, embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
 from finescope_core.settings import summary
@@ -37,16 +38,25 @@ from tasks.prune import (
     pruning_texts,
     training_pool,
 )
+from tasks.recover import recover_task, recovery_pool
 from tasks.report import CURATE_SECONDS, metrics_document, report_task, stage_seconds
 from tasks.teacher import check_teacher_backend, teacher_ref, teacher_task
 
 
 class Variant(BaseModel):
-    """One prune + teacher + tune pipeline (the FineScope one, or a baseline at the same ratio)."""
+    """One prune + (recover) + teacher + tune pipeline (the FineScope one, or a baseline at the same
+    ratio)."""
 
     pruned: StageManifest
     distilled: StageManifest
     tuned: StageManifest
+    recovered: StageManifest | None = None
+    """The distillation phase over the variant's pool (None: `recover.tokens` is 0)."""
+
+    def stages(self) -> list[StageManifest]:
+        """The variant's stages in the order they run."""
+        middle = [self.recovered] if self.recovered is not None else []
+        return [self.pruned, *middle, self.distilled, self.tuned]
 
 
 class SpecializeResult(BaseModel):
@@ -62,8 +72,8 @@ class SpecializeResult(BaseModel):
         """Every stage's manifest by name, for run.json."""
         stages = self.curate.manifests()
         for name, variant in self.variants.items():
-            for stage, manifest in variant.model_dump().items():
-                stages[f"{stage}-{name}" if name else stage] = manifest
+            for manifest in variant.stages():
+                stages[f"{manifest.stage}-{name}" if name else manifest.stage] = manifest.model_dump()
         stages.update({f"evaluate-{k}": v.model_dump() for k, v in self.evaluations.items()})
         stages["report"] = self.report.model_dump()
         return stages
@@ -144,14 +154,41 @@ def baseline_training(ctx: RunContext, name: str, curated: CurateResult, main: T
 
 
 def _variant(
-    config: FinescopeConfig, ctx: RunContext, base: ModelRef, teacher: ModelRef, data: Training, tag: str
+    config: FinescopeConfig,
+    ctx: RunContext,
+    base: ModelRef,
+    teacher: ModelRef,
+    data: Training,
+    tag: str,
+    pool: PoolDraw | None,
 ) -> Variant:
     # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
     pruned = prune_task(config.prune, ctx, base, data.texts, tag)
+    device_map = config.teacher.device_map
+    recovered = None
+    if pool is not None:  # recover.tokens > 0: tuning starts from the recovered model
+        recovered = recover_task(config.recover, ctx, pruned, teacher, config.finetune, pool, tag, device_map)
     distilled = teacher_task(config.teacher, ctx, teacher, data.records, tag)
     kd_teacher = teacher if config.finetune.kd_weight > 0 else None  # the loss reads the teacher
-    tuned = finetune_task(config.finetune, ctx, pruned, distilled, tag, kd_teacher, config.teacher.device_map)
-    return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
+    start = recovered if recovered is not None else pruned
+    tuned = finetune_task(config.finetune, ctx, start, distilled, tag, kd_teacher, device_map)
+    return Variant(pruned=pruned, distilled=distilled, tuned=tuned, recovered=recovered)
+
+
+def recovery_pools(
+    config: FinescopeConfig, ctx: RunContext, curated: CurateResult, variants: list[str]
+) -> dict[str, PoolDraw | None]:
+    """Each variant's recovery pool (the curated one's by score, a baseline's at random); None for every
+    variant when `recover.tokens` is 0 (no phase)."""
+    if config.recover.tokens == 0:
+        return {name: None for name in variants}
+    excluded = list(curated.held_out.excluded)
+    return {
+        name: recovery_pool(
+            config.recover, ctx, curated.corpus, curated.seeds, curated.curated, excluded, name
+        )
+        for name in variants
+    }
 
 
 @plannable
@@ -161,8 +198,10 @@ def evaluation_data(
     curated: CurateResult,
     training: dict[str, Training],
     distilled: dict[str, StageManifest],
+    pools: dict[str, PoolDraw | None],
 ) -> EvalData:
-    """The evaluation items: the split or the eval files, less every item any variant learned from."""
+    """The evaluation items: the split or the eval files, less every item any variant learned from (its
+    records, pruning texts, distilled rows and recovery pool)."""
     corpus, seeds = load_data(ctx, curated.corpus), load_data(ctx, curated.seeds)
     files = eval_files(config)
     domain, general, info = candidate_items(config, seeds, corpus, curated.held_out, files)
@@ -171,6 +210,7 @@ def evaluation_data(
         for name, data in training.items()
         for t in training_texts(ctx, data.records, data.texts, distilled[name])
     ]
+    learned += [r.text for pool in pools.values() if pool is not None for r in pool.records]
     evaluation = decontaminate(domain, general, learned, info, files)
     dropped = evaluation.info["domain"]["dropped_ngram"] + evaluation.info["domain"]["dropped_near_duplicate"]
     logger().info(
@@ -190,8 +230,9 @@ def run_metrics(
     evaluations: dict[str, StageManifest],
     evaluation: EvalData,
 ) -> dict[str, Any]:
-    """metrics.json: every evaluation with its intervals, the paired comparisons, the stages' seconds."""
-    return metrics_document(
+    """metrics.json: every evaluation with its intervals, the paired comparisons, the stages' seconds,
+    and (when it ran) each variant's recovery phase."""
+    metrics = metrics_document(
         evaluations,
         _stage_seconds(curated, variants, evaluations),
         evaluation=evaluation.info,
@@ -199,6 +240,10 @@ def run_metrics(
         items=evaluation_items(ctx.store, evaluations),
         record_sets={"corpus": curated.corpus, "curate.sae_corpus": curated.sae_corpus},
     )
+    recovery = {name or "curated": v.recovered.info for name, v in variants.items() if v.recovered}
+    if recovery:  # only then: with recover.tokens 0 the document (and the report's key) is as before
+        metrics["recovery"] = recovery
+    return metrics
 
 
 def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResult:
@@ -209,11 +254,13 @@ def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResu
     training: dict[str, Training] = {"": curated_training(config, ctx, curated)}
     for baseline in config.evaluate.baselines:
         training[baseline] = baseline_training(ctx, baseline, curated, training[""])
+    pools = recovery_pools(config, ctx, curated, list(training))
     variants = {
-        name: _variant(config, ctx, base, teacher, data, name or "curated") for name, data in training.items()
+        name: _variant(config, ctx, base, teacher, data, name or "curated", pools[name])
+        for name, data in training.items()
     }
     distilled = {name: v.distilled for name, v in variants.items()}
-    evaluation = evaluation_data(config, ctx, curated, training, distilled)
+    evaluation = evaluation_data(config, ctx, curated, training, distilled, pools)
     payload = evaluation.payload()
     evaluations = {"base": evaluate_task(config.evaluate, ctx, "base", base, payload)}
     for name, v in variants.items():
@@ -248,7 +295,7 @@ def _stage_seconds(
     curate = {field: getattr(curated, field) for field in CURATE_SECONDS}
     return stage_seconds(
         curate,
-        {name: [v.pruned, v.distilled, v.tuned] for name, v in variants.items()},
+        {name: v.stages() for name, v in variants.items()},
         evaluations,
         curated.codes,
     )

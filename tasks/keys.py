@@ -15,6 +15,7 @@ import tasks.evaluate
 import tasks.finetune
 import tasks.models
 import tasks.prune
+import tasks.recover
 import tasks.report
 import tasks.retrieve
 import tasks.sae

@@ -6,6 +6,8 @@ import uuid
 import pytest
 from s3server import BUCKET, S3Server, credentials_env, weed_binary
 
+from finescope_core.config import FinescopeConfig, RecoverConfig
+
 
 def _server_or_skip(root) -> S3Server:
     binary = weed_binary()
@@ -42,3 +44,18 @@ def private_s3_server(tmp_path_factory):
 def s3_prefix() -> str:
     """A fresh `s3://bucket/prefix` on the shared server."""
     return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def recovery_off_by_default():
+    """The library's recovery budget (`recover.tokens`, millions of tokens) is for real corpora: the tests'
+    tiny runs go without the phase unless they set `recover.tokens` (tests/flows/test_recover_flow.py)."""
+    field = RecoverConfig.model_fields["tokens"]
+    default = field.default
+    field.default = 0
+    RecoverConfig.model_rebuild(force=True)
+    FinescopeConfig.model_rebuild(force=True)
+    yield
+    field.default = default
+    RecoverConfig.model_rebuild(force=True)
+    FinescopeConfig.model_rebuild(force=True)

@@ -3,7 +3,7 @@
 The CLI, the YAML file and the Prefect flow parameters all use these models. Every field's
 docstring is its help text (`finescope curate --help` prints them).
 
-One module per section (`storage`, `curate` with its `sae` sub-section, `prune`, `teacher`,
+One module per section (`storage`, `curate` with its `sae` sub-section, `prune`, `recover`, `teacher`,
 `finetune`, `evaluate`, `orchestration`), the whole run's model (`finescope`), and the loader
 (`loading`: YAML, overrides, relative paths, errors). Import the names from here.
 """
@@ -16,12 +16,14 @@ from finescope_core.config.finetune import KD_TEMPERATURE, KD_WEIGHT, FinetuneCo
 from finescope_core.config.loading import ConfigError, load_config, path_fields, resolve_config_paths
 from finescope_core.config.orchestration import OrchestrationConfig
 from finescope_core.config.prune import PruneConfig
+from finescope_core.config.recover import RECOVER_TOKENS, RecoverConfig
 from finescope_core.config.storage import StorageConfig
 from finescope_core.config.teacher import TeacherConfig
 
 __all__ = [
     "KD_TEMPERATURE",
     "KD_WEIGHT",
+    "RECOVER_TOKENS",
     "NAME_OR_PATH",
     "PATH",
     "ConfigError",
@@ -31,6 +33,7 @@ __all__ = [
     "FinetuneConfig",
     "OrchestrationConfig",
     "PruneConfig",
+    "RecoverConfig",
     "SAEConfig",
     "StorageConfig",
     "TeacherConfig",

@@ -12,6 +12,7 @@ from finescope_core.config.evaluate import EvalConfig
 from finescope_core.config.finetune import FinetuneConfig
 from finescope_core.config.orchestration import OrchestrationConfig
 from finescope_core.config.prune import PruneConfig
+from finescope_core.config.recover import RecoverConfig
 from finescope_core.config.storage import StorageConfig
 from finescope_core.config.teacher import TeacherConfig
 from finescope_core.config_guard import check_no_credentials
@@ -54,6 +55,8 @@ class FinescopeConfig(Strict):
     """Curation stage."""
     prune: PruneConfig = Field(default_factory=PruneConfig)
     """Pruning stage."""
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    """Recovery by logit distillation over the training pool (between pruning and tuning)."""
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     """Teacher generation stage."""
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

@@ -19,6 +19,7 @@ from tasks.evaluate import evaluation_key
 from tasks.finetune import tuned_key
 from tasks.keys import UNKEYED, key_models
 from tasks.prune import pruned_key
+from tasks.recover import recovered_key
 from tasks.report import report_key
 from tasks.retrieve import curated_key, sentence_key
 from tasks.sae import sae_groups, sae_key, sae_layers_key
@@ -45,6 +46,7 @@ def stage_keys(cfg: FinescopeConfig) -> dict[str, str]:
         sentence_key("c"),
         codes_key(cfg.curate, RunContext.of(cfg), "shard", "sae"),
         pruned_key(cfg.prune, RunContext.of(cfg), "m", "t"),
+        recovered_key(cfg.recover, cfg.finetune, RunContext.of(cfg), "p", "teacher", "pool"),
         distilled_key(cfg.teacher, RunContext.of(cfg), "teacher", record),
         tuned_key(cfg.finetune, RunContext.of(cfg), "p", "d", "teacher"),
         evaluation_key(cfg.evaluate, RunContext.of(cfg), "m", {"domain": ["x"]}),

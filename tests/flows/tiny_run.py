@@ -46,6 +46,7 @@ def config_file(root: Path, store: Path | str, path: Path, **sections: Any) -> P
         "teacher": {"max_new_tokens": 8, "batch_size": 8, "min_response_chars": 0},
         "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 48},
         "evaluate": {"split_fraction": 0.2, "max_length": 32},
+        "recover": {"tokens": 0},  # the library's budget is for real corpora (a subprocess run reads this)
         **sections,
     }
     path.write_text(yaml.safe_dump(cfg))
