@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
-from finescope_core.memplan import check_memory
+from finescope_core.memplan_recover import check_run_memory
 from finescope_core.recover import PoolDraw
 from finescope_core.report import ReportSettings, embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
@@ -92,7 +92,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     check_harness_config(config.evaluate)
     # vllm without the package or a GPU: refused before any model work.
     check_teacher_backend(config.teacher, config.device)
-    check_memory(config)  # a stage predicted above the memory budget: refused before any model load
+    check_run_memory(config)  # a stage predicted above the memory budget: refused before any model load
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)

@@ -216,12 +216,12 @@ def _when(epoch: float) -> str:
 
 def _plan(args: argparse.Namespace) -> int:
     from finescope_core.config import load_config
-    from finescope_core.memplan import memory_plan
+    from finescope_core.memplan_recover import run_memory_plan
     from flows.plan import plan
 
     cfg = load_config(args.config, overrides(args))
     result = plan(cfg, args.flow)
-    peaks = memory_plan(cfg).by_stage()
+    peaks = run_memory_plan(cfg).by_stage()
     if args.json:
         print(json.dumps({**result.to_json(), "predicted_peak_bytes": peaks}, indent=2))
         return 0
