@@ -79,6 +79,7 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[Report
     if weights is not None:
         sections.append(weights)
     sections.append(_parameters_section(inputs.metrics, inputs.prune_info, work))
+    sections += recovery_section(inputs.metrics)
     sections.append(
         ReportSection(
             "Evaluation",
@@ -88,6 +89,24 @@ def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[Report
     )
     sections += _harness_section(inputs.metrics)
     return sections
+
+
+def recovery_section(metrics: Mapping[str, Any]) -> list[ReportSection]:
+    """Each variant's distillation phase over its pool (metrics.json `recovery`), when it ran."""
+    found = metrics.get("recovery") or {}
+    rows = [
+        {
+            "variant": name,
+            "tokens": info.get("tokens"),
+            "steps": info.get("steps"),
+            "seconds": info.get("seconds"),
+            "loss start → end": f"{info.get('loss_start', 0):.4g} → {info.get('loss_end', 0):.4g}",
+            "records read (nearest / general)": f"{info.get('nearest_read')} / {info.get('general_read')}",
+        }
+        for name, info in found.items()
+    ]
+    body = "`T²·KL(teacher ‖ student)` (+ `recover.ce_weight` · CE) over packed texts of each variant's pool"
+    return [ReportSection("Recovery over the corpus", f"{body}\n\n{markdown_table(rows)}")] if rows else []
 
 
 def _warnings_section(metrics: Mapping[str, Any]) -> list[ReportSection]:

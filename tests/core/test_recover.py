@@ -179,3 +179,13 @@ def test_the_random_twin_draws_its_whole_pool_at_random():
     assert draw_random(pool, 20, seed=5).ids != draw.ids
     top = sorted(SCORES, key=lambda i: -SCORES[i])[:20]
     assert draw.ids != top and not draw.general
+
+
+def test_the_report_shows_each_variants_phase_only_when_it_ran():
+    from finescope_core.report.sections import recovery_section
+
+    assert recovery_section({}) == []
+    info = {"tokens": 1024, "steps": 8, "seconds": 3.5, "loss_start": 2.0, "loss_end": 1.5}
+    (section,) = recovery_section({"recovery": {"curated": {**info, "nearest_read": 30, "general_read": 7}}})
+    assert section.heading == "Recovery over the corpus"
+    assert "| curated | 1024 | 8 | 3.5 | 2 → 1.5 | 30 / 7 |" in section.body

@@ -73,6 +73,8 @@ def test_every_variant_recovers_on_its_own_pool_and_tuned_starts_from_it(ran):
     assert [r["id"] for r in pools[""]] != [r["id"] for r in pools["random"]]
     assert set(result.metrics["recovery"]) == {"curated", "random"}
     assert {"recovered", "recovered-random"} <= set(result.metrics["stage_seconds"])
+    report = (artifact_dir(ctx.store, result.report) / "report.md").read_text()
+    assert "## Recovery over the corpus" in report
 
 
 def test_the_evaluation_counts_the_pools_as_learned(ran):
