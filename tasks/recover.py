@@ -33,7 +33,16 @@ def draw_for(
 ) -> PoolDraw:
     """A variant's recovery pool from the training pool: the curated variant's (`""`) nearest first by
     `scores` plus the general share; a baseline's (`random`, `corpus`) wholly at random, so a comparison
-    with it measures curation."""
+    with it measures curation.
+
+    Raises:
+        ValueError: the training pool is empty (before any model is loaded).
+    """
+    if not pool:
+        raise ValueError(
+            "recover: the training pool is empty (every corpus record is held out for evaluation or copies "
+            "a seed): add corpus records, or set recover.tokens: 0 to tune the pruned model directly"
+        )
     size = None if section.pool == "auto" else section.pool
     if variant:
         return draw_random(pool, size, seed)

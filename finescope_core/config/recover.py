@@ -3,7 +3,7 @@ pool (the `recovered` stage, between `pruned` and `tuned`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -22,7 +22,7 @@ class RecoverConfig(Strict):
     tokens: int = Field(RECOVER_TOKENS, ge=0)
     """Token budget of the phase: the tokens the student trains on (repeating the pool when it holds
     fewer). 0: no phase; `tuned` starts from the pruned model."""
-    pool: int | Literal["auto"] = "auto"
+    pool: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Training-pool records drawn, nearest to the seeds first (the curated stage's scores). `auto`:
     the whole training pool in that order, read until the budget is spent."""
     general_share: float = Field(0.2, ge=0, le=1)
@@ -35,7 +35,7 @@ class RecoverConfig(Strict):
     """Sequences per micro-batch."""
     grad_accum: int = Field(4, ge=1)
     """Micro-batches per optimiser step."""
-    lr: float | Literal["auto"] = "auto"
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     """AdamW learning rate. `auto`: 2e-4 for LoRA, 2e-5 for full tuning (`finetune.method`)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """Share of the optimiser steps with a linear warm-up (then cosine decay to 0)."""

@@ -7,13 +7,14 @@ import pytest
 import yaml
 from tiny_run import config_file, write_workspace
 
-from finescope_core.config import FinescopeConfig
+from finescope_core.config import FinescopeConfig, RecoverConfig
 from finescope_core.data import Record
 from finescope_core.recover import PoolDraw
 from flows.plan import plan
 from flows.specialize import curated_training, evaluation_data, specialize_flow
 from tasks.caching import artifact_dir
 from tasks.context import RunContext
+from tasks.recover import draw_for
 
 RECOVER = {
     "tokens": 768,
@@ -103,3 +104,8 @@ def test_a_rerun_reuses_it_and_tokens_zero_plans_the_graph_as_before(ran, tmp_pa
     assert rows["pruned"].key == main.pruned.key and rows["pruned"].status == "reuse"
     assert rows["distilled"].key == main.distilled.key and rows["distilled"].status == "reuse"
     assert rows["tuned"].status == "compute"
+
+
+def test_an_empty_training_pool_is_refused_with_the_fix_before_any_model_load():
+    with pytest.raises(ValueError, match="recover.tokens: 0"):
+        draw_for(RecoverConfig(), [], {}, "", seed=0)
