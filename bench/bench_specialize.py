@@ -23,6 +23,7 @@ and grid points. `--set FIELD=VALUE` passes any config field to every run (`--se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -43,6 +44,8 @@ except ImportError:
     from bench.specialize_data import DOMAINS, DomainData, build_domains
 
 from finescope_core.config import ConfigError, load_config
+from finescope_core.config.loading import resolve_config_paths
+from finescope_core.config_guard import safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMARY = {"chat": "chat_perplexity", "text": "perplexity"}
@@ -112,13 +115,26 @@ def check_settings(config: Path, overrides: dict[str, Any]) -> None:
         raise SystemExit(f"--grid / --set / --quick settings are not valid for {config}: {e}") from None
 
 
-def cli_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+def write_run_config(base: Path, overrides: dict[str, Any], path: Path) -> Path:
+    """The base config with its relative paths made absolute and the dotted `overrides` set, written to
+    `path` (a YAML, not command-line options: an option such as `--teacher.max_new_tokens` only offers
+    its named choices, while the config file takes any value the field does)."""
+    raw = safe_load(base.read_text()) or {}
+    resolve_config_paths(raw, base.parent)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def run_one(data: DomainData, settings: dict[str, Any], ratio: float, args: argparse.Namespace) -> RunResult:
     """One `finescope run` of a domain at a ratio and settings; its metrics.json."""
-    tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(settings.items())) or "defaults"
+    # The settings' hash names the run (its config YAML beside it spells them out).
+    tag = hashlib.sha256(json.dumps(sorted(settings.items())).encode()).hexdigest()[:10]
     out = args.work / "runs" / data.name / f"{tag}-r{ratio:g}"
     overrides = {
         "seeds": [str(data.seeds)],
@@ -130,10 +146,9 @@ def run_one(data: DomainData, settings: dict[str, Any], ratio: float, args: argp
         "prune.ratio": ratio,
         **settings,
     }
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(args.config), "--out", str(out)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", cli_value(value)]
     out.mkdir(parents=True, exist_ok=True)
+    config = write_run_config(args.config, overrides, out.parent / f"{out.name}.yaml")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--out", str(out)]
     log = out.parent / f"{out.name}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"[{data.name}] ratio {ratio:g} {settings or ''} -> {out} (log {log})", flush=True)
