@@ -1,7 +1,6 @@
 """lm-evaluation-harness tasks on an in-memory model: the ecosystem's numbers, with our own bootstrap CIs.
 
-`harness_metrics` wraps the model the evaluate stage already loaded in lm-eval's `HFLM` (no re-load;
-`harness_lm.SharedContextLM`, which runs a multiple-choice item's shared context once),
+`harness_metrics` wraps the model the evaluate stage already loaded in lm-eval's `HFLM` (no re-load),
 runs each task through `lm_eval.simple_evaluate` with lm-eval's per-sample log (`log_samples=True`),
 and returns, per task and metric, lm-eval's value and stderr beside `n` and a seeded 95 % percentile
 bootstrap CI that we compute from the per-sample values. Tasks come from a directory of task YAMLs
@@ -270,8 +269,7 @@ def run_harness(
 ) -> dict[str, dict[str, Any]]:
     """Run `cfg.lm_eval_tasks` with lm-evaluation-harness on an in-memory model and tokenizer.
 
-    The model is wrapped in lm-eval's `HFLM` as it is (no copy, no re-load; `SharedContextLM`: the
-    choices of an item are scored after one pass over their shared context). Each task is cut to
+    The model is wrapped in lm-eval's `HFLM` as it is (no copy, no re-load). Each task is cut to
     `harness_limit(cfg)` examples and run zero-shot with every lm-eval seed set to `seed`, one
     `simple_evaluate` call per run (`harness_runs`: plain and/or with the chat template). A task in
     `docs` (task -> doc ids, those that passed the contamination check) runs on the first
@@ -291,8 +289,7 @@ def run_harness(
     if manager is None:
         return {}
     from lm_eval import simple_evaluate
-
-    from finescope_core.evaluate.harness_lm import SharedContextLM
+    from lm_eval.models.huggingface import HFLM
 
     runs = harness_runs(cfg)
     if any(chat for _, _, chat in runs) and not getattr(tokenizer, "chat_template", None):
@@ -300,9 +297,7 @@ def run_harness(
             f"evaluate.lm_eval_chat_template={cfg.lm_eval_chat_template!r}, but the model's tokenizer "
             "has no chat template; set evaluate.lm_eval_chat_template: off"
         )
-    lm = SharedContextLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model))
-    )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
     out: dict[str, dict[str, Any]] = {}
     for i, (label, name, chat) in enumerate(runs):
         chosen = {name: list(docs[name])[: harness_limit(cfg)]} if docs and name in docs else None
