@@ -1,7 +1,7 @@
 """Benchmark: does the specialised model recover on each domain, and does curated data beat random data?
 
     python bench/bench_specialize.py --out bench-specialize.md                 # 3 domains, ratios 0.1-0.4
-    python bench/bench_specialize.py --quick --domains math --choose-on math   # smoke run, minutes
+    python bench/bench_specialize.py --quick --domains math --choose-on math   # smoke run, tiny sizes
     python bench/bench_specialize.py --grid recover.tokens=100000,400000 --grid finetune.lr=1e-4,2e-4
 
 Three domains are built at run time from installed packages (`bench/specialize_data.py`): `math` and
@@ -278,7 +278,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="base config")
     ap.add_argument("--work", type=Path, default=Path("out/bench-specialize"), help="data, store and runs")
     ap.add_argument("--general", type=int, default=None, help="general paragraphs of the text corpus (1200)")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one ratio, a 2-point grid: minutes")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny sizes, a smaller demo corpus, ratio 0.3, a 2-point grid",
+    )
     ap.add_argument("--out", type=Path, help="also write the markdown tables here")
     args = ap.parse_args(argv)
     args.work = args.work.resolve()
