@@ -65,6 +65,7 @@ def test_specialize_end_to_end_and_cached_rerun(workspace, tmp_path):
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics_schema_errors(metrics) == []
+    assert metrics["primary"]["metric"] == "chat_perplexity"  # every domain item is a sum with its answer
     assert set(metrics["models"]) == {"base", "pruned", "tuned", "pruned-random", "tuned-random"}
     assert metrics["models"]["pruned"]["parameters"] < metrics["models"]["base"]["parameters"]
     assert metrics["models"]["tuned"]["parameters"] == metrics["models"]["pruned"]["parameters"]
