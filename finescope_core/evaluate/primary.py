@@ -20,10 +20,11 @@ PRIMARY_METRICS = (CHAT, RAW_TEXT)
 
 
 def primary_metric(models: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """`{"metric", "why"}` for metrics.json's `models`: chat perplexity when at least half of the domain
-    items are requests with a reference answer (its `n` against raw text's), else raw-text perplexity.
+    """`{"metric", "why"}` for metrics.json's `models`: chat perplexity when it was scored on at least
+    half of the domain items (its `n` against raw text's), else raw-text perplexity.
 
-    Every model is scored on the same items, so the counts are read from the first model.
+    Chat perplexity is scored on the items with a request and a reference answer whose prompt fits
+    `evaluate.max_length`. Every model is scored on the same items, so the counts are the first model's.
     """
     counts = next(iter(models.values()), {}).get("n") or {}
     items, chat = int(counts.get("perplexity", 0)), int(counts.get("chat") or 0)
@@ -33,10 +34,15 @@ def primary_metric(models: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
             "the reference's tokens after the chat prompt, the tokens tuning learns from"
         )
         return {"metric": CHAT, "why": why}
-    plain = items - chat
-    why = (
-        f"{plain} of the {items} domain items are plain text (no request with a reference answer): the "
-        "raw-text perplexity of the items, the text a plain-text record teaches"
-        + (f"; chat perplexity covers only the other {chat}" if chat else "; chat perplexity does not apply")
-    )
+    if chat:
+        why = (
+            f"only {chat} of the {items} domain items are requests with a reference answer (the others are "
+            "plain text): the raw-text perplexity of every item"
+        )
+    else:
+        why = (
+            f"none of the {items} domain items is a request with a reference answer (a plain-text domain, "
+            "or requests longer than evaluate.max_length): the raw-text perplexity of the items, the text "
+            "a plain-text record teaches; chat perplexity does not apply"
+        )
     return {"metric": RAW_TEXT, "why": why}

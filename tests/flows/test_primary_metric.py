@@ -46,8 +46,8 @@ def _evaluations(items: int, chat: int) -> dict[str, StageManifest]:
 def test_a_plain_text_domain_is_headlined_by_raw_text_perplexity() -> None:
     doc = metrics_document(_evaluations(40, 0), {})
     assert doc["primary"]["metric"] == "perplexity"
-    assert "40 of the 40 domain items are plain text" in doc["primary"]["why"]
-    assert "chat perplexity does not apply" in doc["primary"]["why"]
+    assert doc["primary"]["why"].startswith("none of the 40 domain items is a request with a reference")
+    assert doc["primary"]["why"].endswith("chat perplexity does not apply")
     assert all("chat_perplexity" not in m for m in doc["models"].values())  # no number to misread
     assert metrics_schema_errors(doc) == []
 
@@ -88,7 +88,7 @@ def test_the_report_opens_with_the_primary_metric_and_puts_it_first_in_the_table
     ]
     [section] = primary_section(doc)
     assert section.heading == "Primary metric"
-    assert section.body.startswith("**domain perplexity (raw text)** (`perplexity`): 30 of the 40 domain")
+    assert section.body.startswith("**domain perplexity (raw text)** (`perplexity`): only 10 of the 40")
     assert "- tuned: 6 [5.4, 6.6] (n=40)" in section.body
     assert "tuned vs base — domain perplexity (raw text) ratio 1.50 [1.20, 1.80]" in section.body
     assert "chat perplexity ratio" not in section.body  # the other metric's comparison stays below
