@@ -215,7 +215,8 @@ def dataset_card(
         if kind == "curated"
         else f"the teacher-guided training data of the `{facts.name}` model: each curated training record's "
         "`prompt` and `response`, which is the teacher's (`source: teacher`) or, when the filter "
-        "`rejected` the teacher's for the reason given, the record's reference answer (`source: reference`)"
+        "`rejected` the teacher's for the reason given, the record's reference answer (`source: reference`); "
+        "a plain-text record's own `text` (`source: text`), learned as text"
     )
     body = [
         f"# {facts.name}: {kind} data",

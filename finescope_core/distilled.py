@@ -1,7 +1,9 @@
 """The distilled-data file a teacher run writes: resuming it after a kill, reading it back, its counts.
 
-One JSON line per record (`id`, `prompt`, `response`, `source`, `rejected`), appended batch by batch,
-so a killed run leaves complete lines (and at most one partial last line, cut off on resume).
+One JSON line per record, appended batch by batch, so a killed run leaves complete lines (and at most
+one partial last line, cut off on resume): a request's line is (`id`, `prompt`, `response`, `source`,
+`rejected`), tuned on as chat; a plain-text record's line under `teacher.text_records: text` is (`id`,
+`text`, `source: "text"`, `rejected: null`), tuned on as text (`text_line`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ DISTILLED_FILE = "distilled.jsonl"
 """The `distilled` artifact's file: one JSON line per record, in output order."""
 
 
+TEXT_SOURCE = "text"
+"""`source` of a text line: the record's own text, learned as text; the teacher never saw it."""
+
+
 class TeacherError(ValueError):
     """Bad teacher input (records, resume file); the message names it and the fix."""
 
 
 @dataclass
 class TeacherSummary:
-    """Counts over the whole output file; `generated`, `new_tokens` and `seconds` cover this call only."""
+    """Counts over the whole output file; `generated`, `new_tokens` and `seconds` cover this call only.
+
+    `kept_teacher + fell_back_to_reference + dropped` are the records the teacher was asked about;
+    `kept_text` the plain-text records written as text lines without asking it."""
 
     total: int
     generated: int
@@ -34,6 +43,8 @@ class TeacherSummary:
     fell_back_to_reference: int
     dropped: int
     resumed_from: int
+    kept_text: int = 0
+    """Plain-text records written as text lines (`teacher.text_records: text`), not sent to the teacher."""
     rejected: dict[str, int] = field(default_factory=dict)
     """Rejection reason -> number of records (fallbacks and drops together)."""
     fell_back: dict[str, int] = field(default_factory=dict)
@@ -51,6 +62,11 @@ class TeacherSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"tokens_per_second": self.tokens_per_second}
+
+
+def text_line(record: Record) -> dict[str, Any]:
+    """The line of a plain-text record learned as text: its own text, no teacher response."""
+    return {"id": record.id, "text": record.text, "source": TEXT_SOURCE, "rejected": None}
 
 
 def check_ids(records: Sequence[Record]) -> None:
@@ -125,6 +141,7 @@ def summarise(
         fell_back_to_reference=sources["reference"],
         dropped=sources[None],
         resumed_from=resumed,
+        kept_text=sources[TEXT_SOURCE],
         rejected=dict(sorted(reasons.items())),
         fell_back=dict(sorted(fell_back.items())),
         dropped_by_reason=dict(sorted(dropped.items())),
@@ -135,7 +152,7 @@ def summarise(
 
 def read_distilled(path: Path) -> list[dict[str, Any]]:
     """The usable rows of a distilled file (dropped records left out): dicts with id, prompt, response,
-    source."""
+    source for a request; id, text, source (`TEXT_SOURCE`) for a text line (`is_text_row`)."""
     rows = []
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not raw.strip():
@@ -146,6 +163,18 @@ def read_distilled(path: Path) -> list[dict[str, Any]]:
             raise TeacherError(
                 f"{path}:{lineno} is not valid JSON ({e}); regenerate the distilled data"
             ) from None
-        if line.get("response") is not None:
+        if line.get("source") == TEXT_SOURCE:
+            rows.append({k: line[k] for k in ("id", "text", "source")})
+        elif line.get("response") is not None:
             rows.append({k: line[k] for k in ("id", "prompt", "response", "source")})
     return rows
+
+
+def is_text_row(row: dict[str, Any]) -> bool:
+    """True for a row `read_distilled` gives for a text line (learned as text, not as chat)."""
+    return row.get("source") == TEXT_SOURCE
+
+
+def row_text(row: dict[str, Any]) -> str:
+    """Everything a row teaches, as one string: its text, or its request and response."""
+    return str(row["text"]) if is_text_row(row) else f"{row['prompt']}\n\n{row['response']}"

@@ -14,7 +14,7 @@ import torch
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record, RecordSet, load_records, seed_copies
-from finescope_core.distilled import DISTILLED_FILE, read_distilled
+from finescope_core.distilled import DISTILLED_FILE, read_distilled, row_text
 from finescope_core.evaluate import load_mc_items, load_numeric_items
 from finescope_core.evaluate.contamination import (
     NEAR_DUPLICATE,
@@ -203,7 +203,7 @@ def training_texts(
     return [
         *(r.text for r in records),
         *prune_texts,
-        *(f"{row['prompt']}\n\n{row['response']}" for row in rows),
+        *(row_text(row) for row in rows),
     ]
 
 

@@ -130,7 +130,8 @@ def specialize_outputs(
         )
     distilled_file = artifact_dir(store, distilled) / "distilled.jsonl"
     rows = read_distilled(distilled_file)
-    card = dataset_card("distilled", facts, len(rows), ["distilled.jsonl"], list(rows[0]) if rows else [])
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # text rows and request rows differ
+    card = dataset_card("distilled", facts, len(rows), ["distilled.jsonl"], fields)
     outputs += [
         Output("distilled/distilled.jsonl", source=distilled_file),
         Output("distilled/README.md", text=card),

@@ -11,6 +11,7 @@ from finescope_core import report as core
 from finescope_core.evaluate import (
     comparisons,
     metrics_schema_errors,
+    primary_metric,
 )
 from finescope_core.report import METRICS_FILE, REPORT_FILE, ReportInputs, ReportSettings
 from finescope_core.run_warnings import duplicate_warnings, eval_set_warnings, fallback_warnings
@@ -77,8 +78,8 @@ def metrics_document(
     items: dict[str, dict[str, Any] | None] | None = None,
     record_sets: dict[str, StageManifest | None] | None = None,
 ) -> dict[str, Any]:
-    """`metrics.json`: {"models": {name: metrics}, "comparisons": [...], "evaluation": how the eval sets
-    were made, "stage_seconds": {...}}, schema-checked.
+    """`metrics.json`: {"models": {name: metrics}, "primary": {metric, why}, "comparisons": [...],
+    "evaluation": how the eval sets were made, "stage_seconds": {...}}, schema-checked.
 
     Args:
         distilled: each variant's distilled manifest by variant name ("" for the curated one); adds
@@ -93,6 +94,7 @@ def metrics_document(
     sets (`finescope_core.run_warnings`), in that order; the report shows them first.
     """
     doc: dict[str, Any] = {"models": {name: m.info for name, m in evaluations.items()}}
+    doc["primary"] = primary_metric(doc["models"])
     if items is not None:
         doc["comparisons"] = comparisons({name: items.get(name) for name in evaluations})
     if evaluation is not None:
@@ -117,7 +119,9 @@ class ReportKey(StageKeyModel):
     """`report`: what the report shows, on the metrics document, the curated set and the pruned model."""
 
     STAGE = "report"
-    VERSION = "4"  # 3: a "Layer weights" section, intervals and comparisons; 4: paired comparisons
+    # 3: a "Layer weights" section, intervals and comparisons; 4: paired comparisons; 5: the primary
+    # metric first (a section, and the first column of the evaluation table)
+    VERSION = "5"
     CODE = ("finescope_core.report_stage", "finescope_core.report", "finescope_core.evaluate")
     CONFIG = {"ratio": "prune.ratio", "method": "curate.method", "k_act": "curate.k_act"}
 

@@ -22,6 +22,7 @@ from finescope_core.teacher import (
     Teacher,
     TeacherError,
     VLLMGenerator,
+    learned_as_text,
     resolve_max_new_tokens,
 )
 from tasks.caching import RUN_RESULTS, StageManifest, run_cached
@@ -57,7 +58,8 @@ class DistilledKey(ModelStageKey):
     # 2: max_new_tokens auto, prompts shortened in the reference, wrong_answer check
     # 3: batches by prompt length (longest first), so batch composition and per-batch seeds differ; the
     # backend
-    VERSION = "3"
+    # 4: teacher.text_records: a plain-text record becomes a text line (`text`), not a teacher reply
+    VERSION = "4"
     CODE = ("finescope_core.teacher", "finescope_core.model", "finescope_core.data")
     CONFIG = {
         "max_new_tokens": "teacher.max_new_tokens",
@@ -66,6 +68,7 @@ class DistilledKey(ModelStageKey):
         "temperature": "teacher.temperature",
         "min_response_chars": "teacher.min_response_chars",
         "check_answer": "teacher.check_answer",
+        "text_records": "teacher.text_records",
         "backend": "teacher.backend",
         "seed": "seed",
     }
@@ -76,6 +79,7 @@ class DistilledKey(ModelStageKey):
     temperature: float
     min_response_chars: int
     check_answer: bool
+    text_records: str
     backend: str
     seed: int
 
@@ -113,17 +117,21 @@ def teacher_task(
     section: TeacherConfig, ctx: RunContext, teacher: ModelRef, records: list[Record], tag: str = "curated"
 ) -> StageManifest:
     """Teacher responses (SDFT rewrite when a reference exists), written incrementally; resumes after a
-    kill."""
+    kill. Plain-text records become text lines (`teacher.text_records: text`); when every record does,
+    the teacher model is not loaded."""
     ran = ctx.precision()
+    asked = [r for r in records if not learned_as_text(r, section.text_records)]
 
     def build(work: Path) -> dict[str, Any]:
-        model: Teacher
-        if section.backend == "vllm":
+        model: Teacher | None
+        if not asked:  # nothing to generate: the tokenizer alone (the stage reads no model weights)
+            model, tok = None, load_tokenizer(teacher.path)
+        elif section.backend == "vllm":
             check_teacher_backend(section, ctx.device)
             evict_shared_model()  # vLLM sizes its cache from the memory free when it starts
             tok = load_tokenizer(teacher.path)
             free, total = torch.cuda.mem_get_info()
-            budget = resolve_max_new_tokens(tok, records, section)
+            budget = resolve_max_new_tokens(tok, asked, section)
             engine = vllm_engine_settings(section, ctx.memory_budget, budget, free, total)
             logger().info("teacher (vllm): %s", engine)
             model = VLLMGenerator(
@@ -164,6 +172,7 @@ FALLBACK_INFO = (
     "kept_teacher",
     "fell_back_to_reference",
     "dropped",
+    "kept_text",
 )
 """The distilled stage's info fields that say how much of the data is the teacher's, and why not."""
 

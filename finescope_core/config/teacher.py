@@ -35,6 +35,12 @@ class TeacherConfig(Strict):
     """0: greedy decoding (reproducible); above 0: sampling at this temperature."""
     min_response_chars: int = Field(8, ge=0)
     """Responses shorter than this are rejected (the reference is kept instead, when there is one)."""
+    text_records: Literal["text", "elaborate"] = "text"
+    """What a plain-text record (only `text`: no request, no reference) becomes in the distilled data.
+    `text`: a text row, learned as text (language modelling and KD over every token of it, no chat
+    template), and never sent to the teacher, so the student learns the domain's own text; when every
+    record is text the teacher model is not even loaded. `elaborate`: the text is the user message, the
+    teacher writes a reply and the student learns the pair as chat (the behaviour before this setting)."""
     check_answer: bool = True
     """When a reference has a numeric final answer (GSM8K `#### 42`, `\\boxed{42}`, or a reference
     that ends with a number), reject a response whose final number differs (reason `wrong_answer`)."""

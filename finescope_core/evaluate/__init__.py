@@ -10,10 +10,12 @@ does (`choice`); numeric questions (GSM8K style) by greedy generation and compar
 (`numeric`). `loading` reads their eval files, `stage.evaluate_model` runs every metric on one model, and
 `metrics` is the `metrics.json` the evaluate stage writes, as pydantic models. `harness` runs
 lm-evaluation-harness tasks on the same in-memory model, with bootstrap CIs from lm-eval's per-sample log.
-`paired` compares two models on the same items by a paired bootstrap over the per-item numbers the
-evaluate stage stores (`evaluate_model(items=...)`, `harness_metrics(samples=...)`). `stage.run` is
-the evaluation stage's entry. Prompts come from `finescope_core.prompts`, final answers from
-`finescope_core.answers`, generation from `finescope_core.generate`.
+`primary` names the metric to read first (chat perplexity for requests with references, raw-text
+perplexity for a plain-text domain). `paired` compares two models on the same items by a paired
+bootstrap over the per-item numbers the evaluate stage stores (`evaluate_model(items=...)`,
+`harness_metrics(samples=...)`). `stage.run` is the evaluation stage's entry. Prompts come from
+`finescope_core.prompts`, final answers from `finescope_core.answers`, generation from
+`finescope_core.generate`.
 """
 
 from finescope_core.evaluate.bootstrap import (
@@ -67,12 +69,14 @@ from finescope_core.evaluate.numeric import (
 )
 from finescope_core.evaluate.paired import ITEMS_FILE, comparisons, items_document
 from finescope_core.evaluate.perplexity import chat_nll, perplexity, text_nll
+from finescope_core.evaluate.primary import PRIMARY_METRICS, primary_metric
 from finescope_core.evaluate.stage import METRICS_FILE, EvalInputs, evaluate_model, run, with_harness
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "ITEMS_FILE",
     "METRICS_FILE",
+    "PRIMARY_METRICS",
     "REQUIRED_MODELS",
     "STOP_STRINGS",
     "Comparison",
@@ -117,6 +121,7 @@ __all__ = [
     "paired_perplexity_ratio",
     "perplexity",
     "perplexity_interval",
+    "primary_metric",
     "reference_number",
     "run",
     "run_harness",

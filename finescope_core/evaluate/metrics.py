@@ -211,6 +211,15 @@ class Comparison(BaseModel):
         return self
 
 
+class Primary(BaseModel):
+    """The run's primary metric (`finescope_core.evaluate.primary`): its name and why it was chosen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Annotated[Literal["chat_perplexity", "perplexity"], _expect("'chat_perplexity' or 'perplexity'")]
+    why: Annotated[str, Field(strict=True, min_length=1), _expect("a sentence")]
+
+
 class MetricsDocument(BaseModel):
     """The whole `metrics.json`; `evaluation` (how the eval sets were made), `stage_seconds` and any
     other top-level key are not checked."""
@@ -220,10 +229,21 @@ class MetricsDocument(BaseModel):
     models: ModelsByName
     comparisons: Annotated[list[Comparison] | None, _not_null("a list of comparisons")] = None
     """Paired comparisons between models on the same items; left out when no per-item numbers were stored."""
+    primary: Annotated[Primary | None, _not_null("an object with metric and why")] = None
+    """The metric to read first; every model has it."""
 
     @model_validator(mode="after")
     def _compared_models_exist(self) -> MetricsDocument:
         names = set(ModelsByName.model_fields) | set(self.models.model_extra or {})
+        if self.primary is not None:
+            by_name: dict[str, ModelMetrics] = dict(self.models)
+            lacking = [n for n in sorted(names) if self.primary.metric not in by_name[n].ci]
+            if lacking:
+                raise PydanticCustomError(
+                    _BAD_VALUE,
+                    "primary.metric: {metric} must be measured for every model, not for {lacking}",
+                    {"metric": self.primary.metric, "lacking": ", ".join(lacking)},
+                )
         for i, c in enumerate(self.comparisons or []):
             unknown = [m for m in (c.a, c.b) if m not in names]
             if unknown:

@@ -1,5 +1,5 @@
-"""Training examples: (prompt, response) rows tokenised for response-only loss, padded micro-batches,
-and the seeded held-out split."""
+"""Training examples: (prompt, response) rows tokenised for response-only loss, text rows tokenised for
+loss on every token, padded micro-batches, and the seeded held-out split."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from finescope_core.distilled import is_text_row
 from finescope_core.finetune.errors import FinetuneError
 from finescope_core.prompts import encode_prompt
 
@@ -27,23 +28,25 @@ class Examples:
     examples: list[Example]
     """`input_ids` and `labels` per example (IGNORE on prompt positions), unpadded."""
     dropped: int = 0
-    """Rows whose prompt alone fills the cutoff (nothing left to learn from)."""
+    """Rows whose prompt alone fills the cutoff, or text rows of one token (nothing left to learn from)."""
     truncated: int = 0
-    """Rows whose response was cut to fit the cutoff (their EOS is lost)."""
+    """Rows whose response (or text) was cut to fit the cutoff (their EOS is lost)."""
 
 
 def build_examples(
     tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]], cutoff: int
 ) -> Examples:
-    """Tokenise (prompt, response) rows for response-only loss.
+    """Tokenise (prompt, response) rows for response-only loss, and text rows for loss on every token.
 
     The prompt is formatted as at inference (`teacher.encode_prompt`); the response follows with EOS.
     Prompt and response are tokenised separately because at inference the response tokens are
-    generated after the prompt's tokens, never merged across the boundary.
+    generated after the prompt's tokens, never merged across the boundary. A text row
+    (`finescope_core.distilled.is_text_row`) is one sequence, as in language-model training
+    (`text_example`).
 
     Args:
-        rows: dicts with `prompt` (the user's request) and `response` strings.
-        cutoff: most tokens per example; the response tail is cut first.
+        rows: dicts with `prompt` (the user's request) and `response` strings, or text rows.
+        cutoff: most tokens per example; the response (or text) tail is cut first.
 
     Returns:
         Examples with labels IGNORE on every prompt token, plus the dropped / truncated counts.
@@ -52,6 +55,9 @@ def build_examples(
         raise FinetuneError("the tokenizer has no eos_token; set one so responses can be terminated")
     built = Examples(examples=[])
     for row in rows:
+        if is_text_row(row):
+            _add_text(built, text_example(tokenizer, row["text"]), cutoff)
+            continue
         prompt = encode_prompt(tokenizer, row["prompt"])
         if len(prompt) >= cutoff:
             built.dropped += 1
@@ -64,6 +70,28 @@ def build_examples(
             built.truncated += 1
         built.examples.append({"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response})
     return built
+
+
+def text_example(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A text's token ids as in language-model training: the tokenizer's own special tokens (a BOS
+    where it adds one, as raw-text perplexity tokenises), no chat template, then EOS, so the student
+    also learns where a domain text ends."""
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids or ids[-1] != tokenizer.eos_token_id:  # a tokenizer that appends EOS itself gets no second
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _add_text(built: Examples, ids: list[int], cutoff: int) -> None:
+    """A text example whose every real token is a label (the first predicts nothing, as ever), cut at
+    the cutoff; one of a single token has nothing to learn from."""
+    if len(ids) > cutoff:
+        ids = ids[:cutoff]
+        built.truncated += 1
+    if len(ids) < 2:
+        built.dropped += 1
+        return
+    built.examples.append({"input_ids": ids, "labels": list(ids)})
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:

@@ -113,7 +113,8 @@ def lora_finetune(
 
     Args:
         model: the student (e.g. the pruned model), on its training device.
-        rows: dicts with `prompt` and `response` (`teacher.read_distilled` gives them).
+        rows: dicts with `prompt` and `response`, or text rows learned as text
+            (`finescope_core.distilled.read_distilled` gives both).
         cfg: method, LoRA, distillation and optimiser settings.
         out_dir: replaced atomically; its parent gets a temporary sibling while writing.
         seed: LoRA init, dropout, the held-out split and the epoch shuffles.

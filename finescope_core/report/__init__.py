@@ -13,7 +13,12 @@ from finescope_core.report.plots import (
     plot_sae_metrics,
     plot_saliency,
 )
-from finescope_core.report.sections import evaluation_body, layer_weights_section, report_sections
+from finescope_core.report.sections import (
+    evaluation_body,
+    layer_weights_section,
+    primary_section,
+    report_sections,
+)
 from finescope_core.report.stage import METRICS_FILE, ReportInputs, ReportSettings, report_stage, run
 from finescope_core.report.tables import (
     ACCURACY_LABELS,
@@ -59,6 +64,7 @@ __all__ = [
     "plot_retrieval_scores",
     "plot_sae_metrics",
     "plot_saliency",
+    "primary_section",
     "report_sections",
     "report_stage",
     "run",

@@ -1,4 +1,5 @@
-"""The sections of the report, one per stage (and the warnings first), each with its plot.
+"""The sections of the report, one per stage (the primary metric and the warnings first), each with its
+plot.
 
 Each section reads the run's artifacts as they are on disk (the curated set's directory, the saliency
 artifact) or the numbers of `metrics.json`, and writes its plot into the report's work directory.
@@ -25,9 +26,11 @@ from finescope_core.report.plots import (
     plot_saliency,
 )
 from finescope_core.report.tables import (
+    METRIC_LABELS,
     comparisons,
     example_records_table,
     harness_table,
+    interval_cell,
     markdown_table,
     metric_rows,
     paired_lines,
@@ -47,7 +50,7 @@ EVALUATION_PLOT = "evaluation.png"
 
 def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[ReportSection]:
     """One section per stage, each with its plot written into `work`."""
-    sections = _warnings_section(inputs.metrics)
+    sections = primary_section(inputs.metrics) + _warnings_section(inputs.metrics)
     if inputs.saliency_dir is not None:
         sal = LayerSaliency.load(inputs.saliency_dir)
         scores = {layer: sal.scores[i].numpy() for i, layer in enumerate(sal.layers)}
@@ -109,6 +112,25 @@ def recovery_section(metrics: Mapping[str, Any]) -> list[ReportSection]:
     return [ReportSection("Recovery over the corpus", f"{body}\n\n{markdown_table(rows)}")] if rows else []
 
 
+def primary_section(metrics: Mapping[str, Any]) -> list[ReportSection]:
+    """The metric to read first (metrics.json `primary`), every model's value of it, and the paired
+    comparisons of the tuned model with base and with each baseline's tuned model on it."""
+    primary = metrics.get("primary")
+    if not primary:
+        return []
+    metric = primary["metric"]
+    lines = [f"**{METRIC_LABELS[metric]}** (`{metric}`): {primary['why']}.", ""]
+    lines += [f"- {name}: {interval_cell(m['ci'].get(metric))}" for name, m in metrics["models"].items()]
+    headline = [
+        c
+        for c in metrics.get("comparisons") or []
+        if c["metric"] == metric and c["a"] == "tuned" and (c["b"] == "base" or c["b"].startswith("tuned-"))
+    ]
+    if headline:
+        lines += ["", "Paired on the same items:", "", *paired_lines(headline)]
+    return [ReportSection("Primary metric", "\n".join(lines))]
+
+
 def _warnings_section(metrics: Mapping[str, Any]) -> list[ReportSection]:
     """The run's warnings (metrics.json `warnings`: data lost, thin evaluation sets), first, when any."""
     found = metrics.get("warnings") or []
@@ -122,7 +144,7 @@ def evaluation_body(metrics: Mapping[str, Any]) -> str:
     parts = [
         "Every model is scored on the same items. Each cell is the value with its bootstrap 95 % interval "
         "(items resampled, seeded) and n.",
-        markdown_table(metric_rows(models)),
+        markdown_table(metric_rows(models, (metrics.get("primary") or {}).get("metric"))),
     ]
     info = metrics.get("evaluation")
     if info:

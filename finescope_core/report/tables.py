@@ -35,14 +35,18 @@ def interval_cell(ci: Mapping[str, Any] | None) -> str:
     return f"{ci['value']:.4g} [{ci['low']:.4g}, {ci['high']:.4g}] (n={ci['n']})"
 
 
-def metric_rows(models: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per model: parameters and, per metric measured for any model, `value [low, high] (n=N)`."""
+def metric_rows(models: Mapping[str, Mapping[str, Any]], primary: str | None = None) -> list[dict[str, Any]]:
+    """One row per model: parameters and, per metric measured for any model, `value [low, high] (n=N)`;
+    the `primary` metric (metrics.json's `primary.metric`), when given, first and marked so."""
     keys = [k for k in METRIC_LABELS if any(k in m.get("ci", {}) for m in models.values())]
+    if primary in keys:
+        keys = [primary, *(k for k in keys if k != primary)]
+    labels = {k: METRIC_LABELS[k] + (" — primary" if k == primary else "") for k in keys}
     return [
         {
             "model": name,
             "parameters": m.get("parameters"),
-            **{METRIC_LABELS[k]: interval_cell(m.get("ci", {}).get(k)) for k in keys},
+            **{labels[k]: interval_cell(m.get("ci", {}).get(k)) for k in keys},
         }
         for name, m in models.items()
     ]

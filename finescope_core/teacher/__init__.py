@@ -8,9 +8,11 @@ reference answer is kept instead when there is one, and the record is dropped wh
 (`filter`). The HF model or the vLLM engine generates (`backends`); `stage` writes the resumable
 JSONL (`generate_distilled`) and is the stage's entry (`run`).
 
-Plain-text records (only `text`) are used as the user message as they are: a chat teacher answers or
-comments on the passage, a base model continues it. Either way the student learns the teacher's
-reply to a domain text, and no invented instruction wraps the user's data.
+Plain-text records (only `text`) are learned as text by default (`teacher.text_records: text`): the
+stage writes each as a text line (`finescope_core.distilled.text_line`) without asking the teacher,
+and tuning learns every token of it, so the student learns the domain's own text. With
+`teacher.text_records: elaborate` the text is the user message as it is: a chat teacher answers or
+comments on the passage, a base model continues it, and the student learns that reply as chat.
 """
 
 from finescope_core.distilled import DISTILLED_FILE, TeacherError
@@ -32,6 +34,7 @@ from finescope_core.teacher.prompts import (
     REWRITE_INSTRUCTION,
     REWRITE_TEMPLATE,
     fit_prompt,
+    learned_as_text,
     teacher_message,
     user_prompt,
 )
@@ -74,6 +77,7 @@ __all__ = [
     "format_prompt",
     "generate_batch",
     "generate_distilled",
+    "learned_as_text",
     "output_line",
     "reject_reason",
     "resolve_max_new_tokens",

@@ -37,6 +37,12 @@ def user_prompt(record: Record) -> str:
     return prompt
 
 
+def learned_as_text(record: Record, text_records: str) -> bool:
+    """True when the record becomes a text line, never sent to the teacher: a plain-text record (no
+    request) under `teacher.text_records: text`."""
+    return text_records == "text" and record.prompt is None
+
+
 def teacher_message(record: Record) -> str:
     """What the teacher is asked: the SDFT rewrite prompt when a reference exists, else the request."""
     prompt = user_prompt(record)

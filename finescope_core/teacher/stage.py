@@ -1,6 +1,8 @@
-"""The `distilled` stage: the teacher answers every curated record, written batch by batch, resumable.
+"""The `distilled` stage: the teacher answers every curated request, written batch by batch, resumable.
 
-The generation budget fits the domain (`max_new_tokens: auto`, from the references' lengths).
+A plain-text record under `teacher.text_records: text` is written as a text line first, without the
+teacher (`learned_as_text`). The generation budget fits the domain (`max_new_tokens: auto`, from the
+references' lengths).
 Records are generated longest prompt first (batches of similar length, little padding). Output is
 JSONL, one line per input record, appended and fsynced batch by batch: a killed run resumes where it
 stopped and ends with the same file as an uninterrupted run (greedy decoding); once every record is
@@ -16,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from transformers import PreTrainedTokenizerBase
 
@@ -24,18 +26,20 @@ from finescope_core.config import TeacherConfig
 from finescope_core.data import Record
 from finescope_core.distilled import (
     DISTILLED_FILE,
+    TeacherError,
     TeacherSummary,
     check_ids,
     pending_batches,
     read_done,
     summarise,
+    text_line,
 )
 from finescope_core.generate import Generation
 from finescope_core.progress import Progress
 from finescope_core.stage import StageContext
 from finescope_core.teacher.backends import Teacher, teacher_generate
 from finescope_core.teacher.filter import distilled_line, output_line
-from finescope_core.teacher.prompts import fit_prompt
+from finescope_core.teacher.prompts import fit_prompt, learned_as_text
 
 """The `distilled` artifact's one file: a JSONL line per curated record."""
 
@@ -101,8 +105,15 @@ def _distill_batch(
     return lines, sum(len(g.token_ids) for g in gens)
 
 
+def _append(f: TextIO, lines: list[dict[str, Any]]) -> None:
+    """Append complete lines and make them durable, so a kill leaves only whole lines behind."""
+    f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def generate_distilled(
-    model: Teacher,
+    model: Teacher | None,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Record],
     cfg: TeacherConfig,
@@ -113,12 +124,15 @@ def generate_distilled(
 ) -> TeacherSummary:
     """Write the distilled dataset for `records` to `out_path` (JSONL), resuming an interrupted run.
 
-    Each line is `{"id", "prompt", "response", "source", "rejected"}`: `prompt` is the user's request
-    without the rewrite scaffolding, `source` is `teacher` or `reference` (the teacher's response was
-    rejected for the reason in `rejected`), and a dropped record has `response` and `source` null.
+    A request's line is `{"id", "prompt", "response", "source", "rejected"}`: `prompt` is the user's
+    request without the rewrite scaffolding, `source` is `teacher` or `reference` (the teacher's
+    response was rejected for the reason in `rejected`), and a dropped record has `response` and
+    `source` null. A plain-text record under `cfg.text_records: text` gets a text line
+    (`finescope_core.distilled.text_line`), written before any generation.
 
     Args:
-        model: the teacher, in eval mode (or a `VLLMGenerator`).
+        model: the teacher, in eval mode (or a `VLLMGenerator`); None when no record asks it
+            (every record is learned as text).
         records: the curated records, with unique ids, in output order.
         cfg: generation settings (batch size, budgets, temperature, reject threshold).
         out_path: the JSONL file; lines already there (from a killed run) are kept and skipped.
@@ -132,19 +146,30 @@ def generate_distilled(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     lines = read_done(out_path, {r.id for r in records})
     resumed, done = len(lines), {line["id"] for line in lines}
+    asked = [r for r in records if not learned_as_text(r, cfg.text_records)]
+    if asked and model is None:
+        raise TeacherError(
+            f"{len(asked)} records are requests (e.g. {asked[0].origin}) and need the teacher model; "
+            "pass the teacher"
+        )
     generated = tokens = 0
-    max_new_tokens = resolve_max_new_tokens(tokenizer, records, cfg)
+    max_new_tokens = resolve_max_new_tokens(tokenizer, asked, cfg)
     start = time.perf_counter()
     with out_path.open("a", encoding="utf-8") as f:
+        texts = [text_line(r) for r in records if r.id not in done and learned_as_text(r, cfg.text_records)]
+        if texts:
+            _append(f, texts)
+            lines += texts
+            if progress is not None:
+                progress(len(lines), len(records))
         for batch_no, batch in pending_batches(
-            by_prompt_length(tokenizer, records, cfg.max_prompt_length), done, cfg.batch_size
+            by_prompt_length(tokenizer, asked, cfg.max_prompt_length), done, cfg.batch_size
         ):
+            assert model is not None, "checked above: requests need the teacher"
             new, n_tokens = _distill_batch(
                 model, tokenizer, batch, cfg, seed * 1_000_003 + batch_no, max_new_tokens
             )
-            f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
-            f.flush()
-            os.fsync(f.fileno())
+            _append(f, new)
             lines += new
             generated, tokens = generated + len(new), tokens + n_tokens
             if progress is not None:
@@ -180,8 +205,9 @@ def by_prompt_length(
 class DistillInputs:
     """What the `distilled` stage reads: the loaded teacher and the curated records."""
 
-    teacher: Teacher
-    """The teacher, in eval mode (an HF model), or the vLLM engine (`VLLMGenerator`)."""
+    teacher: Teacher | None
+    """The teacher, in eval mode (an HF model), or the vLLM engine (`VLLMGenerator`); None when every
+    record is learned as text (`learned_as_text`), so nothing asks it."""
     tokenizer: PreTrainedTokenizerBase
     """The teacher's tokenizer (`finescope_core.model.load_tokenizer` / `prepare_tokenizer`)."""
     records: Sequence[Record]
@@ -191,8 +217,8 @@ class DistillInputs:
 def run(
     inputs: DistillInputs, section: TeacherConfig, ctx: StageContext, work_dir: Path, progress: Progress
 ) -> dict[str, Any]:
-    """The `distilled` stage: the teacher's responses to `inputs.records` in `work_dir / DISTILLED_FILE`,
-    resuming lines a killed run left there.
+    """The `distilled` stage: the teacher's responses to `inputs.records` (and the text lines of
+    plain-text records) in `work_dir / DISTILLED_FILE`, resuming lines a killed run left there.
 
     Returns:
         The `TeacherSummary` as a dict (counts by source and reason, budget, tokens, seconds).

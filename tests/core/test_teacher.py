@@ -214,7 +214,7 @@ def test_generation_stops_at_eos() -> None:
 
 def test_sampling_is_seeded_per_batch_and_leaves_the_global_rng_alone(tmp_path: Path) -> None:
     model, tok = tiny_model(), byte_tokenizer()
-    cfg = TeacherConfig(max_new_tokens=6, batch_size=2, temperature=1.0)
+    cfg = TeacherConfig(max_new_tokens=6, batch_size=2, temperature=1.0, text_records="elaborate")
     outputs: list[torch.Tensor] = []
     original = model.generate
 
@@ -257,7 +257,7 @@ class Killed(RuntimeError):
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
     model, tok = tiny_model(), byte_tokenizer()
-    cfg = TeacherConfig(max_new_tokens=12, batch_size=3, min_response_chars=1)
+    cfg = TeacherConfig(max_new_tokens=12, batch_size=3, min_response_chars=1, text_records="elaborate")
     records = _records(10)  # batches of 3, 3, 3, 1
     calls = _finish_early(model, step=6)
     full = tmp_path / "full.jsonl"
@@ -306,7 +306,8 @@ def test_output_lines_and_read_distilled(tmp_path: Path) -> None:
     model, tok = tiny_model(), byte_tokenizer()
     records = _records(4)
     out = tmp_path / "d.jsonl"
-    summary = generate_distilled(model, tok, records, TeacherConfig(max_new_tokens=4, batch_size=4), out)
+    cfg = TeacherConfig(max_new_tokens=4, batch_size=4, text_records="elaborate")
+    summary = generate_distilled(model, tok, records, cfg, out)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == [r.id for r in records]
     assert [x["prompt"] for x in lines] == [user_prompt(r) for r in records]
@@ -383,3 +384,51 @@ def test_generation_order_is_longest_prompt_first_ties_in_input_order() -> None:
     for a, b in zip(ordered, ordered[1:], strict=False):
         if len(fit_prompt(tok, a, 512) or ()) == len(fit_prompt(tok, b, 512) or ()):
             assert records.index(a) < records.index(b)
+
+
+# -- plain-text records learned as text (teacher.text_records) ----------------------------------------
+
+
+def test_text_records_become_text_lines_without_the_teacher_and_requests_stay_as_before(
+    tmp_path: Path,
+) -> None:
+    model, tok = tiny_model(), byte_tokenizer()
+    records = _records(8)  # two of them plain texts (kind 2)
+    texts = {r.id for r in records if r.prompt is None}
+    asked: list[list[int]] = []
+    original = model.generate
+
+    def spy(**kw):
+        asked.extend(kw["input_ids"].tolist())
+        return original(**kw)
+
+    model.generate = spy
+    cfg = TeacherConfig(max_new_tokens=6, batch_size=3, min_response_chars=1)
+    summary = generate_distilled(model, tok, records, cfg, tmp_path / "text.jsonl")
+    lines = {x["id"]: x for x in map(json.loads, (tmp_path / "text.jsonl").read_text().splitlines())}
+    assert len(texts) == 2 and len(asked) == len(records) - 2  # the teacher never saw a plain text
+    for r in records:
+        if r.id in texts:
+            assert lines[r.id] == {"id": r.id, "text": r.text, "source": "text", "rejected": None}
+    assert summary.kept_text == 2 and summary.generated == 6 and summary.total == 8
+    assert summary.kept_teacher + summary.fell_back_to_reference + summary.dropped == 6
+
+    old = generate_distilled(
+        model, tok, records, cfg.model_copy(update={"text_records": "elaborate"}), tmp_path / "old.jsonl"
+    )
+    old_lines = {x["id"]: x for x in map(json.loads, (tmp_path / "old.jsonl").read_text().splitlines())}
+    assert all(old_lines[i] == lines[i] for i in lines if i not in texts)  # requests: as before
+    assert all("prompt" in old_lines[i] for i in texts) and old.kept_text == 0 and len(asked) == 6 + 8
+
+    rows = {row["id"]: row for row in read_distilled(tmp_path / "text.jsonl")}
+    assert all(rows[i] == {"id": i, "text": lines[i]["text"], "source": "text"} for i in texts)
+
+
+def test_all_text_records_need_no_teacher_model_and_requests_do(tmp_path: Path) -> None:
+    tok = byte_tokenizer()
+    records = [r for r in _records(12) if r.prompt is None]
+    summary = generate_distilled(None, tok, records, TeacherConfig(), tmp_path / "d.jsonl")
+    assert summary.kept_text == summary.total == 3 and summary.generated == 0
+    assert [row["text"] for row in read_distilled(tmp_path / "d.jsonl")] == [r.text for r in records]
+    with pytest.raises(TeacherError, match="need the teacher model"):
+        generate_distilled(None, tok, _records(3), TeacherConfig(), tmp_path / "e.jsonl")

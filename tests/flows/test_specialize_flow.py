@@ -65,6 +65,12 @@ def test_specialize_end_to_end_and_cached_rerun(workspace, tmp_path):
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics_schema_errors(metrics) == []
+    # Every domain item is a sum with its answer, but its chat prompt fills evaluate.max_length (32 bytes),
+    # so no chat perplexity is scored and raw text is primary.
+    assert "chat_perplexity" not in metrics["models"]["base"]
+    assert metrics["primary"]["metric"] == "perplexity"
+    assert metrics["primary"]["why"].startswith("none of the ")
+    assert "\n## Primary metric\n" in (out / "report.md").read_text()
     assert set(metrics["models"]) == {"base", "pruned", "tuned", "pruned-random", "tuned-random"}
     assert metrics["models"]["pruned"]["parameters"] < metrics["models"]["base"]["parameters"]
     assert metrics["models"]["tuned"]["parameters"] == metrics["models"]["pruned"]["parameters"]

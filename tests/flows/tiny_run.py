@@ -51,3 +51,19 @@ def config_file(root: Path, store: Path | str, path: Path, **sections: Any) -> P
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def write_text_workspace(root: Path, definitions: int = 40) -> Path:
+    """A plain-text domain: a tiny Qwen2 model, `definitions` short legal definitions + 30 cooking notes
+    as `text` records, and two definitions as seeds (no record has a request or a reference)."""
+    save_tiny(root / "model", "qwen2", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=128)
+    rows = [
+        {"id": f"d{i}", "text": f"Term {i}: a party to contract {i} owes the duty of clause {i + 1}."}
+        for i in range(definitions)
+    ]
+    rows += [{"id": f"k{i}", "text": f"Stir soup {i} and add {i + 2} cups of rice."} for i in range(30)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seeds = [{"text": "Term 100: a party to contract 100 owes the duty of clause 7."}]
+    seeds.append({"text": "Term 200: a party to contract 200 owes the duty of clause 9."})
+    (root / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n" for s in seeds))
+    return root
