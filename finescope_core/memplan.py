@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from finescope_core.config import FinescopeConfig, TeacherConfig
 from finescope_core.memory import OOM_FIXES
 from finescope_core.model import model_config
+from finescope_core.prune.chunks import layer_chunks, sums_limit
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOAD_OVERHEAD = 0.10
@@ -243,19 +244,28 @@ def _activations(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> St
 
 
 def _prune(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
-    """A private copy (the shared one evicted), one float32 gradient accumulator over the projections
-    (under bf16 plus the one bf16 gradient being folded), and the scoring's float32 temporaries."""
+    """A private copy (the shared one evicted), one float32 gradient accumulator over one chunk's
+    projections (`prune.chunks`: all of them in float32; under bf16 as many layers as fit the bound,
+    plus the one bf16 gradient being folded), and the scoring's float32 temporaries."""
     tokens = cfg.prune.batch_size * cfg.prune.max_length
     folding = s.largest_param * elem if elem != 4 else 0
     return StagePeak(
         "pruned",
         {
             "weights": weights,
-            "gradients": s.projection_params * 4 + folding,
+            "gradients": importance_sums(s, elem) + folding,
             "activations": s.train_activations(tokens, elem),
             "scoring": 2 * s.largest_param * 4,
         },
     )
+
+
+def importance_sums(s: Shapes, elem: int) -> int:
+    """Bytes of the float32 gradient sums one importance pass holds: its chunk's layers' projections
+    (the layers are alike, so the chunking is that of `layer_chunks` over equal layers)."""
+    per_layer = 4 * s.projection_params // s.layers
+    chunks = layer_chunks([per_layer] * s.layers, sums_limit(s.params * elem, elem))
+    return max(len(c) for c in chunks) * per_layer
 
 
 def _teacher(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
