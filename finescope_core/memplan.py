@@ -19,7 +19,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from finescope_core.config import FinescopeConfig, TeacherConfig
+from finescope_core.config import FinescopeConfig, FinetuneConfig, TeacherConfig
 from finescope_core.memory import OOM_FIXES
 from finescope_core.model import model_config
 from finescope_core.prune.chunks import layer_chunks, sums_limit
@@ -291,19 +291,44 @@ def _finetune(
     (LoRA: float32 adapters; full: gradients and AdamW moments, plus float32 master weights under a
     16-bit dtype), and activations with or without gradient checkpointing."""
     f = cfg.finetune
+    tokens = f.batch_size * f.max_length
+    adapter_inputs = 0
     if f.method == "lora":
         trained = _lora_params(s, f.rank, params / s.params)
         training = trained * 4 * (2 + ADAM_STATES)  # float32 adapter, its gradient, two moments
+        adapter_inputs = _lora_inputs(s, f, elem, params / s.params) * tokens
     else:
         training = params * (elem + 4 * ADAM_STATES + (4 if elem != 4 else 0))
-    tokens = f.batch_size * f.max_length
     parts: dict[str, Any] = {
         "weights": pruned,
         "training": training,
+        "adapter_inputs": adapter_inputs,
         "activations": s.train_activations(tokens, elem, checkpointing=f.gradient_checkpointing),
         "teacher": teacher + s.inference_activations(tokens, elem) if f.kd_weight > 0 else 0,
     }
     return StagePeak("tuned", parts)
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+"""Projections of a decoder layer that read the same input tensor."""
+
+
+def _lora_inputs(s: Shapes, f: FinetuneConfig, elem: int, kept: float) -> int:
+    """Bytes per token autograd keeps for peft's float32 LoRA branches (measured with saved-tensor
+    hooks): each adapter's rank-wide `lora_A` output, and its input: with dropout > 0 the dropout's
+    float32 noise mask and output per adapted projection; without, under a 16-bit model the input
+    cast to float32 per projection (q, k and v each cast their own copy), in float32 the projection's
+    own input, once per tensor the projections read."""
+    width = {"down_proj": int(s.intermediate * kept)}
+    each = sum(width.get(name, s.hidden) for name in f.target_modules)
+    if f.dropout > 0:
+        inputs = 2 * each
+    elif elem != 4:
+        inputs = each
+    else:
+        read = [g for g in SHARED_INPUTS if any(name in f.target_modules for name in g)]
+        inputs = sum(width.get(g[0], s.hidden) for g in read)
+    return s.layers * (inputs + len(f.target_modules) * f.rank) * 4
 
 
 def _lora_params(s: Shapes, rank: int, kept: float) -> int:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from finescope_core.config import FinescopeConfig
@@ -29,7 +30,8 @@ def _model(dtype: torch.dtype) -> PreTrainedModel:
         for name, p in model.named_parameters():
             if name.endswith("proj.bias"):
                 p.normal_(0, 0.1)
-    return model.to(dtype)
+    nn.Module.to(model, dtype)  # transformers' wrapper of `to` hides its signature
+    return model
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:
