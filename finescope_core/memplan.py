@@ -297,6 +297,8 @@ def _finetune(
         trained = _lora_params(s, f.rank, params / s.params)
         training = trained * 4 * (2 + ADAM_STATES)  # float32 adapter, its gradient, two moments
         adapter_inputs = _lora_inputs(s, f, elem, params / s.params) * tokens
+        if f.gradient_checkpointing:  # kept for the one layer being recomputed
+            adapter_inputs //= s.layers
     else:
         training = params * (elem + 4 * ADAM_STATES + (4 if elem != 4 else 0))
     parts: dict[str, Any] = {
