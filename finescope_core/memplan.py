@@ -76,9 +76,12 @@ class Shapes:
         kept = self.layers * self.hidden + per_layer if checkpointing else self.layers * per_layer
         return tokens * (kept * elem + 3 * self.vocab * 4)
 
-    def inference_activations(self, tokens: int, elem: int) -> int:
-        """Bytes a no-grad forward pass holds at once: a layer's widest tensors and the float32 logits."""
-        return tokens * ((4 * self.hidden + 3 * self.intermediate) * elem + 2 * self.vocab * 4)
+    def inference_activations(self, tokens: int, elem: int, on_cpu: bool = False) -> int:
+        """Bytes a no-grad forward pass holds at once: a layer's widest tensors and the float32 logits.
+        On a CPU they are counted in float32 whatever the weights' dtype: measured with
+        `bench/bench_memory.py`, a bf16 evaluation holds as much above its weights as a float32 one."""
+        act = 4 if on_cpu else elem
+        return tokens * ((4 * self.hidden + 3 * self.intermediate) * act + 2 * self.vocab * 4)
 
     def kv_cache(self, tokens: int, elem: int) -> int:
         return 2 * self.layers * self.kv_width * tokens * elem
@@ -193,7 +196,10 @@ def plan_memory(
         _finetune(cfg, s, elem, pruned, pruned_params, teacher_weights),
         StagePeak(
             "evaluation",
-            {"weights": weights, "activations": s.inference_activations(cfg.evaluate.max_length * 8, elem)},
+            {
+                "weights": weights,
+                "activations": s.inference_activations(cfg.evaluate.max_length * 8, elem, _on_cpu(cfg)),
+            },
         ),
     )
     # The shared copy is loaded once, by the first stage that runs it (saliency); preflight checks the
@@ -222,6 +228,10 @@ def _conversion(cfg: FinescopeConfig, config: PretrainedConfig, params: int, ele
     return params * stored_elem if on_cpu and stored_elem > elem else 0
 
 
+def _on_cpu(cfg: FinescopeConfig) -> bool:
+    return cfg.device == "cpu" or not torch.cuda.is_available()
+
+
 def _dtype_name(cfg: FinescopeConfig) -> str:
     if cfg.model_dtype != "auto":
         return cfg.model_dtype
@@ -239,7 +249,8 @@ def _activations(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> St
     """Pooled activations: the shared model's forward passes, no gradients."""
     tokens = cfg.curate.batch_size * cfg.curate.max_length
     return StagePeak(
-        "activations", {"weights": weights, "activations": s.inference_activations(tokens, elem)}
+        "activations",
+        {"weights": weights, "activations": s.inference_activations(tokens, elem, _on_cpu(cfg))},
     )
 
 
@@ -278,7 +289,7 @@ def _teacher(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StageP
             "weights": weights if cfg.teacher.backend == "hf" else 0,
             "kv_cache": s.kv_cache(tokens, elem),
             "activations": s.inference_activations(
-                cfg.teacher.batch_size * cfg.teacher.max_prompt_length, elem
+                cfg.teacher.batch_size * cfg.teacher.max_prompt_length, elem, _on_cpu(cfg)
             ),
         },
     )
@@ -306,7 +317,7 @@ def _finetune(
         "training": training,
         "adapter_inputs": adapter_inputs,
         "activations": s.train_activations(tokens, elem, checkpointing=f.gradient_checkpointing),
-        "teacher": teacher + s.inference_activations(tokens, elem) if f.kd_weight > 0 else 0,
+        "teacher": teacher + s.inference_activations(tokens, elem, _on_cpu(cfg)) if f.kd_weight > 0 else 0,
     }
     return StagePeak("tuned", parts)
 
