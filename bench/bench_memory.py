@@ -281,8 +281,11 @@ def main() -> None:
         saved = json.loads(args.report.read_text())
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:  # predictions from today's planner
             (Path(tmp) / "model").mkdir()
-            (Path(tmp) / "model" / "config.json").write_text(json.dumps(saved["model_config"]))
             for r in saved["results"]:
+                # `--checkpoint run` saved the model in the run's dtype: the planner reads it from the config
+                stored = r["dtype"] if r.get("checkpoint") == "run" else saved["model_config"].get("dtype")
+                config = {**saved["model_config"], "dtype": stored}
+                (Path(tmp) / "model" / "config.json").write_text(json.dumps(config))
                 r["predicted"] = predictions(Path(tmp), r["dtype"], saved["layers"])
         print("\n\n".join(table(r) for r in saved["results"]))
         return

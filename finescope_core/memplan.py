@@ -19,9 +19,10 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from finescope_core.config import FinescopeConfig, TeacherConfig
+from finescope_core.config import FinescopeConfig, FinetuneConfig, TeacherConfig
 from finescope_core.memory import OOM_FIXES
 from finescope_core.model import model_config
+from finescope_core.prune.chunks import layer_chunks, sums_limit
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOAD_OVERHEAD = 0.10
@@ -75,9 +76,12 @@ class Shapes:
         kept = self.layers * self.hidden + per_layer if checkpointing else self.layers * per_layer
         return tokens * (kept * elem + 3 * self.vocab * 4)
 
-    def inference_activations(self, tokens: int, elem: int) -> int:
-        """Bytes a no-grad forward pass holds at once: a layer's widest tensors and the float32 logits."""
-        return tokens * ((4 * self.hidden + 3 * self.intermediate) * elem + 2 * self.vocab * 4)
+    def inference_activations(self, tokens: int, elem: int, on_cpu: bool = False) -> int:
+        """Bytes a no-grad forward pass holds at once: a layer's widest tensors and the float32 logits.
+        On a CPU they are counted in float32 whatever the weights' dtype: measured with
+        `bench/bench_memory.py`, a bf16 evaluation holds as much above its weights as a float32 one."""
+        act = 4 if on_cpu else elem
+        return tokens * ((4 * self.hidden + 3 * self.intermediate) * act + 2 * self.vocab * 4)
 
     def kv_cache(self, tokens: int, elem: int) -> int:
         return 2 * self.layers * self.kv_width * tokens * elem
@@ -192,7 +196,10 @@ def plan_memory(
         _finetune(cfg, s, elem, pruned, pruned_params, teacher_weights),
         StagePeak(
             "evaluation",
-            {"weights": weights, "activations": s.inference_activations(cfg.evaluate.max_length * 8, elem)},
+            {
+                "weights": weights,
+                "activations": s.inference_activations(cfg.evaluate.max_length * 8, elem, _on_cpu(cfg)),
+            },
         ),
     )
     # The shared copy is loaded once, by the first stage that runs it (saliency); preflight checks the
@@ -221,6 +228,10 @@ def _conversion(cfg: FinescopeConfig, config: PretrainedConfig, params: int, ele
     return params * stored_elem if on_cpu and stored_elem > elem else 0
 
 
+def _on_cpu(cfg: FinescopeConfig) -> bool:
+    return cfg.device == "cpu" or not torch.cuda.is_available()
+
+
 def _dtype_name(cfg: FinescopeConfig) -> str:
     if cfg.model_dtype != "auto":
         return cfg.model_dtype
@@ -238,24 +249,34 @@ def _activations(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> St
     """Pooled activations: the shared model's forward passes, no gradients."""
     tokens = cfg.curate.batch_size * cfg.curate.max_length
     return StagePeak(
-        "activations", {"weights": weights, "activations": s.inference_activations(tokens, elem)}
+        "activations",
+        {"weights": weights, "activations": s.inference_activations(tokens, elem, _on_cpu(cfg))},
     )
 
 
 def _prune(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
-    """A private copy (the shared one evicted), one float32 gradient accumulator over the projections
-    (under bf16 plus the one bf16 gradient being folded), and the scoring's float32 temporaries."""
+    """A private copy (the shared one evicted), one float32 gradient accumulator over one chunk's
+    projections (`prune.chunks`: all of them in float32; under bf16 as many layers as fit the bound,
+    plus the one bf16 gradient being folded), and the scoring's float32 temporaries."""
     tokens = cfg.prune.batch_size * cfg.prune.max_length
     folding = s.largest_param * elem if elem != 4 else 0
     return StagePeak(
         "pruned",
         {
             "weights": weights,
-            "gradients": s.projection_params * 4 + folding,
+            "gradients": importance_sums(s, elem) + folding,
             "activations": s.train_activations(tokens, elem),
             "scoring": 2 * s.largest_param * 4,
         },
     )
+
+
+def importance_sums(s: Shapes, elem: int) -> int:
+    """Bytes of the float32 gradient sums one importance pass holds: its chunk's layers' projections
+    (the layers are alike, so the chunking is that of `layer_chunks` over equal layers)."""
+    per_layer = 4 * s.projection_params // s.layers
+    chunks = layer_chunks([per_layer] * s.layers, sums_limit(s.params * elem, elem))
+    return max(len(c) for c in chunks) * per_layer
 
 
 def _teacher(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StagePeak:
@@ -268,7 +289,7 @@ def _teacher(cfg: FinescopeConfig, s: Shapes, elem: int, weights: int) -> StageP
             "weights": weights if cfg.teacher.backend == "hf" else 0,
             "kv_cache": s.kv_cache(tokens, elem),
             "activations": s.inference_activations(
-                cfg.teacher.batch_size * cfg.teacher.max_prompt_length, elem
+                cfg.teacher.batch_size * cfg.teacher.max_prompt_length, elem, _on_cpu(cfg)
             ),
         },
     )
@@ -281,19 +302,46 @@ def _finetune(
     (LoRA: float32 adapters; full: gradients and AdamW moments, plus float32 master weights under a
     16-bit dtype), and activations with or without gradient checkpointing."""
     f = cfg.finetune
+    tokens = f.batch_size * f.max_length
+    adapter_inputs = 0
     if f.method == "lora":
         trained = _lora_params(s, f.rank, params / s.params)
         training = trained * 4 * (2 + ADAM_STATES)  # float32 adapter, its gradient, two moments
+        adapter_inputs = _lora_inputs(s, f, elem, params / s.params) * tokens
+        if f.gradient_checkpointing:  # kept for the one layer being recomputed
+            adapter_inputs //= s.layers
     else:
         training = params * (elem + 4 * ADAM_STATES + (4 if elem != 4 else 0))
-    tokens = f.batch_size * f.max_length
     parts: dict[str, Any] = {
         "weights": pruned,
         "training": training,
+        "adapter_inputs": adapter_inputs,
         "activations": s.train_activations(tokens, elem, checkpointing=f.gradient_checkpointing),
-        "teacher": teacher + s.inference_activations(tokens, elem) if f.kd_weight > 0 else 0,
+        "teacher": teacher + s.inference_activations(tokens, elem, _on_cpu(cfg)) if f.kd_weight > 0 else 0,
     }
     return StagePeak("tuned", parts)
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+"""Projections of a decoder layer that read the same input tensor."""
+
+
+def _lora_inputs(s: Shapes, f: FinetuneConfig, elem: int, kept: float) -> int:
+    """Bytes per token autograd keeps for peft's float32 LoRA branches (measured with saved-tensor
+    hooks): each adapter's rank-wide `lora_A` output, and its input: with dropout > 0 the dropout's
+    float32 noise mask and output per adapted projection; without, under a 16-bit model the input
+    cast to float32 per projection (q, k and v each cast their own copy), in float32 the projection's
+    own input, once per tensor the projections read."""
+    width = {"down_proj": int(s.intermediate * kept)}
+    each = sum(width.get(name, s.hidden) for name in f.target_modules)
+    if f.dropout > 0:
+        inputs = 2 * each
+    elif elem != 4:
+        inputs = each
+    else:
+        read = [g for g in SHARED_INPUTS if any(name in f.target_modules for name in g)]
+        inputs = sum(width.get(g[0], s.hidden) for g in read)
+    return s.layers * (inputs + len(f.target_modules) * f.rank) * 4
 
 
 def _lora_params(s: Shapes, rank: int, kept: float) -> int:

@@ -4,7 +4,9 @@ Gradients are accumulated over the whole pruning set first (one gradient copy in
 batches), then each group scores `taylor` = sum |w * g| (element-wise), `vector` = |sum w * g|, or
 `magnitude` = sum |w| (no data), with g the gradient of the token-averaged LM loss over all pruning
 tokens. Only the projections require grad meanwhile, so embeddings and lm_head cost no gradient memory
-or compute.
+or compute. With `max_sums` the layers are scored in chunks, one pass over all the batches per chunk
+with only that chunk's projections requiring grad (`finescope_core.prune.chunks`): only one chunk's
+float32 sums exist at a time, and the scores are the one-pass scores.
 
 Groups (GQA-safe): a query head is its `head_dim` rows of q_proj (+ bias) and its `head_dim` columns of
 o_proj; a KV group its rows of k_proj and v_proj (+ biases) and all the query heads that read it; an MLP
@@ -13,7 +15,7 @@ channel one row of gate_proj and up_proj (+ biases) and the matching column of d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +26,7 @@ from transformers import PreTrainedModel
 
 from finescope_core.model import AttentionParts, DecoderArch, MLPParts, resolve_arch
 from finescope_core.progress import Progress, no_progress
-from finescope_core.prune.counts import projections
+from finescope_core.prune.chunks import layer_chunks
 from finescope_core.prune.errors import PruneError
 
 Method = Literal["taylor", "vector", "magnitude"]
@@ -55,6 +57,7 @@ def group_importance(
     *,
     method: Method = "taylor",
     progress: Progress = no_progress,
+    max_sums: int | None = None,
 ) -> GroupScores:
     """Score every query head, KV group and MLP channel of every layer.
 
@@ -63,8 +66,12 @@ def group_importance(
         batches: dicts with `input_ids`, `attention_mask` and `labels` ([B, T], pads -100), e.g. from
             `lm_batches`. Ignored for `magnitude`.
         method: `taylor` (sum |w*g|), `vector` (|sum w*g|) or `magnitude` (sum |w|).
-        progress: called as progress(batches done, batches in all) after each backward pass; the
-            total is 0 when `batches` has no length.
+        progress: called as progress(batches done, batches in all) after each backward pass (over
+            all passes); the total is 0 when `batches` has no length.
+        max_sums: the most bytes one pass's float32 gradient sums may take (`chunks.sums_limit`); the
+            layers are split into as few consecutive chunks as respect it (at least one layer each)
+            and each chunk costs one pass: a forward and a backward down to its first layer over every
+            batch. None: one pass.
 
     Returns:
         The scores. Any `.grad` the model held is discarded; gradients are cleared again on return.
@@ -80,26 +87,59 @@ def group_importance(
         raise PruneError(f"importance method {method!r} is unknown; choose taylor, vector or magnitude")
     arch = resolve_arch(model)
     if method == "magnitude":
-        return _collect_scores(arch, method, tokens=0, grads={})
+        return _stack(arch, method, 0, [_layer_scores(arch, i, method, {}) for i in range(len(arch.mlp))])
+    chunks = layer_chunks([4 * _numel(_layer_params(arch, i)) for i in range(len(arch.mlp))], max_sums)
+    if len(chunks) > 1 and isinstance(batches, Iterator):
+        batches = list(batches)  # every pass reads the same batches
+    counter = _Counter(progress, len(chunks) * len(batches) if isinstance(batches, Sized) else 0)
+    per_layer: list[tuple[Tensor, Tensor, Tensor]] = []
+    tokens = 0
     try:
-        tokens, grads = _accumulate_grads(model, arch, batches, progress)
-        return _collect_scores(arch, method, tokens, grads)
+        for chunk in chunks:
+            params = [p for i in chunk for p in _layer_params(arch, i)]
+            tokens, grads = _accumulate_grads(model, params, batches, counter)
+            per_layer += [_layer_scores(arch, i, method, grads) for i in chunk]
+            del grads  # this chunk's sums go before the next chunk's are made
+            for p in params:
+                p.grad = None
+        return _stack(arch, method, tokens, per_layer)
     finally:
         for p in model.parameters():
             p.grad = None
 
 
-def _prunable_params(arch: DecoderArch) -> list[nn.Parameter]:
-    return [p for _, lin in projections(arch) for p in lin.parameters()]
+class _Counter:
+    """Progress over all passes: batches done so far, of all the passes' batches."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def step(self) -> None:
+        self.done += 1
+        self.progress(self.done, self.total)
+
+
+def _layer_params(arch: DecoderArch, i: int) -> list[nn.Parameter]:
+    """Layer `i`'s prunable projections' parameters (weights and biases)."""
+    a, m = arch.attention[i], arch.mlp[i]
+    linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+    return [p for lin in linears for p in lin.parameters()]
+
+
+def _numel(params: Sequence[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
 
 
 def _accumulate_grads(
-    model: PreTrainedModel, arch: DecoderArch, batches: Iterable[dict[str, Tensor]], progress: Progress
+    model: PreTrainedModel,
+    prunable: Sequence[nn.Parameter],
+    batches: Iterable[dict[str, Tensor]],
+    counter: _Counter,
 ) -> tuple[int, dict[Tensor, Tensor]]:
-    """The float32 gradient of the mean token loss over all batches per projection parameter, and the
-    token count.
+    """The float32 gradient of the mean token loss over all batches per parameter of `prunable`, and
+    the token count.
 
-    Only the projections' weights require grad meanwhile (embeddings, norms and lm_head would cost
+    Only `prunable` requires grad meanwhile (embeddings, norms and lm_head would cost
     memory for nothing); the previous flags and train/eval mode are restored afterwards. Parameters
     stored in a lower precision have their gradient moved into a float32 sum by a post-accumulate-grad
     hook, the moment backward produces it: the sum over many batches does not round at bf16
@@ -107,9 +147,7 @@ def _accumulate_grads(
     """
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    prunable = _prunable_params(arch)
     device = next(model.parameters()).device
-    total = len(batches) if isinstance(batches, Sized) else 0
     tokens = 0
     sums: dict[Tensor, Tensor] = {}
     fold = _folder(sums)
@@ -124,12 +162,12 @@ def _accumulate_grads(
         for p in prunable:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for done, batch in enumerate(batches, start=1):
+            for batch in batches:
                 loss, n = _summed_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
                 if n:
                     torch.autograd.backward(loss)
                 tokens += n
-                progress(done, total)
+                counter.step()
     finally:
         for hook in hooks:
             hook.remove()
@@ -203,10 +241,13 @@ def _cols(lin: nn.Linear, units: int, method: Method, grads: Mapping[Tensor, Ten
     return w.view(lin.out_features, units, -1).sum((0, 2))
 
 
+@torch.no_grad()
 def _layer_scores(
-    a: AttentionParts, m: MLPParts, arch: DecoderArch, method: Method, grads: Mapping[Tensor, Tensor]
+    arch: DecoderArch, i: int, method: Method, grads: Mapping[Tensor, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Signed group sums for one layer -> ([H], [KV], [I]) scores."""
+    """Layer `i`'s group sums -> ([H], [KV], [I]) scores, on the CPU (the plan is made there)."""
+    a: AttentionParts = arch.attention[i]
+    m: MLPParts = arch.mlp[i]
     h, kv = arch.num_heads, arch.num_kv_heads
     heads = _rows(a.q_proj, h, method, grads) + _cols(a.o_proj, h, method, grads)
     groups = (
@@ -217,17 +258,14 @@ def _layer_scores(
     )
     inter = inter + _cols(m.down_proj, m.down_proj.in_features, method, grads)
     if method == "vector":  # |sum w*g| over the whole group, LLM-Pruner's `vector`
-        return heads.abs(), groups.abs(), inter.abs()
-    return heads, groups, inter
+        heads, groups, inter = heads.abs(), groups.abs(), inter.abs()
+    return heads.cpu(), groups.cpu(), inter.cpu()
 
 
-@torch.no_grad()
-def _collect_scores(
-    arch: DecoderArch, method: Method, tokens: int, grads: Mapping[Tensor, Tensor]
+def _stack(
+    arch: DecoderArch, method: Method, tokens: int, per_layer: Sequence[tuple[Tensor, Tensor, Tensor]]
 ) -> GroupScores:
-    """Every layer's group scores, stacked [L, ...] on the CPU (the plan is made there)."""
-    per_layer = [
-        _layer_scores(a, m, arch, method, grads) for a, m in zip(arch.attention, arch.mlp, strict=True)
-    ]
-    heads, kv, channels = (torch.stack([s[i] for s in per_layer]).cpu() for i in range(3))
+    """Every layer's group scores, stacked [L, ...]."""
+    assert len(per_layer) == len(arch.mlp), "every layer is scored once"
+    heads, kv, channels = (torch.stack([s[i] for s in per_layer]) for i in range(3))
     return GroupScores(heads=heads, kv=kv, channels=channels, method=method, tokens=tokens)

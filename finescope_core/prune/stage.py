@@ -21,6 +21,7 @@ from finescope_core.config import PruneConfig
 from finescope_core.progress import Progress, no_progress
 from finescope_core.prune.apply import apply_pruning
 from finescope_core.prune.batches import lm_batches
+from finescope_core.prune.chunks import sums_limit
 from finescope_core.prune.importance import Method, group_importance
 from finescope_core.prune.plan import PrunePlan, plan_pruning
 from finescope_core.prune.widths import WidthRule, plan_widths
@@ -101,11 +102,17 @@ def prune_model(
     batches: Iterable[dict[str, Tensor]] = []
     if method != "magnitude":
         batches = lm_batches(tokenizer, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)
-    scores = group_importance(model, batches, method=method, progress=progress)
+    scores = group_importance(model, batches, method=method, progress=progress, max_sums=_sums_limit(model))
     plan = plan_pruning(model, scores, cfg.ratio, cfg.attention, rule=rule)
     plan.importance = cfg.importance  # what was asked for, also at ratio 0 (scored by magnitude)
     apply_pruning(model, plan)
     return plan
+
+
+def _sums_limit(model: nn.Module) -> int | None:
+    """The bound on one importance pass's float32 gradient sums for this model (`chunks.sums_limit`)."""
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return sums_limit(model_bytes, next(model.parameters()).element_size())
 
 
 def save_pruned(

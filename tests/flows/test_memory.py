@@ -198,6 +198,9 @@ def test_plan_counts_parameters_exactly_and_grows_with_the_settings() -> None:
 
     base = peaks()
     assert peaks(finetune={"gradient_checkpointing": True})["tuned"] < base["tuned"]
-    assert peaks(finetune={"method": "full"})["tuned"] > base["tuned"]
+    # Full tuning's optimiser states outweigh LoRA's where activations are small; at long batches on a
+    # tiny model the float32 LoRA branches' saved inputs (`_lora_inputs`) can outweigh them.
+    short = {"batch_size": 1, "max_length": 16}
+    assert peaks(finetune={"method": "full", **short})["tuned"] > peaks(finetune=short)["tuned"]
     assert peaks(finetune={"kd_weight": 0.0})["tuned"] < base["tuned"]
     assert peaks(prune={"batch_size": 8})["pruned"] > base["pruned"]
