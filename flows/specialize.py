@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
+from finescope_core.finetune_choice import MethodChoice, resolve_finetune
 from finescope_core.memplan import check_memory
 from finescope_core.report import ReportSettings, embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
@@ -82,6 +83,8 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     check_harness_config(config.evaluate)
     # vllm without the package or a GPU: refused before any model work.
     check_teacher_backend(config.teacher, config.device)
+    # finetune.method/lr auto resolved once, from the model's config and the budget: the keys hold the result.
+    config, choice = resolve_finetune(config)
     check_memory(config)  # a stage predicted above the memory budget: refused before any model load
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     config = place(config, "specialize")  # another run's outputs are never replaced in silence
@@ -89,7 +92,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)
     ctx = RunContext.of(config)
     with prefect_results(config), tagged(config):
-        result = specialize_graph(config, ctx)
+        result = specialize_graph(config, ctx, choice)
         _publish(config, result.metrics, result.report)
         main = result.variants[""]
         outputs = specialize_outputs(
@@ -102,7 +105,12 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
             result.metrics,
         )
         result.exported = export_task(
-            ctx, RunRecord.of(config), "specialize", outputs, result.manifests(), time.perf_counter() - start
+            ctx,
+            RunRecord.of(config, choice.to_json()),
+            "specialize",
+            outputs,
+            result.manifests(),
+            time.perf_counter() - start,
         )
     return result
 
@@ -144,13 +152,21 @@ def baseline_training(ctx: RunContext, name: str, curated: CurateResult, main: T
 
 
 def _variant(
-    config: FinescopeConfig, ctx: RunContext, base: ModelRef, teacher: ModelRef, data: Training, tag: str
+    config: FinescopeConfig,
+    ctx: RunContext,
+    base: ModelRef,
+    teacher: ModelRef,
+    data: Training,
+    tag: str,
+    choice: MethodChoice,
 ) -> Variant:
     # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
     pruned = prune_task(config.prune, ctx, base, data.texts, tag)
     distilled = teacher_task(config.teacher, ctx, teacher, data.records, tag)
     kd_teacher = teacher if config.finetune.kd_weight > 0 else None  # the loss reads the teacher
-    tuned = finetune_task(config.finetune, ctx, pruned, distilled, tag, kd_teacher, config.teacher.device_map)
+    tuned = finetune_task(
+        config.finetune, ctx, pruned, distilled, tag, kd_teacher, config.teacher.device_map, choice.to_json()
+    )
     return Variant(pruned=pruned, distilled=distilled, tuned=tuned)
 
 
@@ -201,8 +217,13 @@ def run_metrics(
     )
 
 
-def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResult:
-    """The specialize pipeline's stages, as a run executes them and `store plan` plans them."""
+def specialize_graph(
+    config: FinescopeConfig, ctx: RunContext, choice: MethodChoice | None = None
+) -> SpecializeResult:
+    """The specialize pipeline's stages, as a run executes them and `store plan` plans them. `choice`: how
+    the flow resolved `finetune.method` (None: resolved here, as the flow would)."""
+    if choice is None:
+        config, choice = resolve_finetune(config)
     curated = curate_stages(config, ctx, evaluating=True)
     base = model_task(ctx, ctx.model)
     teacher = teacher_ref(config.teacher, ctx, base)
@@ -210,7 +231,8 @@ def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResu
     for baseline in config.evaluate.baselines:
         training[baseline] = baseline_training(ctx, baseline, curated, training[""])
     variants = {
-        name: _variant(config, ctx, base, teacher, data, name or "curated") for name, data in training.items()
+        name: _variant(config, ctx, base, teacher, data, name or "curated", choice)
+        for name, data in training.items()
     }
     distilled = {name: v.distilled for name, v in variants.items()}
     evaluation = evaluation_data(config, ctx, curated, training, distilled)
