@@ -17,6 +17,7 @@ from finescope_core.memplan import check_memory
 from finescope_core.report import ReportSettings, embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
 from finescope_core.settings import summary
+from flows.baselines import PRUNED_BASELINES, base_tuned, check_baselines, generic_records
 from flows.curate import CurateResult, curate_stages
 from flows.placement import place
 from flows.prune import check_ratio
@@ -43,9 +44,10 @@ from tasks.teacher import check_teacher_backend, teacher_ref, teacher_task
 
 
 class Variant(BaseModel):
-    """One prune + teacher + tune pipeline (the FineScope one, or a baseline at the same ratio)."""
+    """One prune + teacher + tune pipeline (the FineScope one, or a baseline at the same ratio); `base_tuned`
+    has no pruned model and shares the curated variant's distilled data."""
 
-    pruned: StageManifest
+    pruned: StageManifest | None
     distilled: StageManifest
     tuned: StageManifest
 
@@ -63,7 +65,7 @@ class SpecializeResult(BaseModel):
         """Every stage's manifest by name, for run.json."""
         stages = self.curate.manifests()
         for name, variant in self.variants.items():
-            for stage, manifest in variant.model_dump().items():
+            for stage, manifest in variant.model_dump(exclude_none=True).items():
                 stages[f"{stage}-{name}" if name else stage] = manifest
         stages.update({f"evaluate-{k}": v.model_dump() for k, v in self.evaluations.items()})
         stages["report"] = self.report.model_dump()
@@ -86,6 +88,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     # finetune.method/lr auto resolved once, from the model's config and the budget: the keys hold the result.
     config, choice = resolve_finetune(config)
     check_memory(config)  # a stage predicted above the memory budget: refused before any model load
+    check_baselines(config)  # a bad evaluate.generic_file, base_tuned above the budget: refused here too
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)
@@ -95,6 +98,7 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
         result = specialize_graph(config, ctx, choice)
         _publish(config, result.metrics, result.report)
         main = result.variants[""]
+        assert main.pruned is not None, "the curated variant always prunes"
         outputs = specialize_outputs(
             config,
             result.report,
@@ -228,28 +232,39 @@ def specialize_graph(
     base = model_task(ctx, ctx.model)
     teacher = teacher_ref(config.teacher, ctx, base)
     training: dict[str, Training] = {"": curated_training(config, ctx, curated)}
-    for baseline in config.evaluate.baselines:
-        training[baseline] = baseline_training(ctx, baseline, curated, training[""])
+    for baseline in (b for b in config.evaluate.baselines if b in PRUNED_BASELINES):
+        training[baseline] = (
+            _generic_training(config, ctx, training[""])
+            if baseline == "generic"
+            else baseline_training(ctx, baseline, curated, training[""])
+        )
     variants = {
         name: _variant(config, ctx, base, teacher, data, name or "curated", choice)
         for name, data in training.items()
     }
+    if "base_tuned" in config.evaluate.baselines:  # the unpruned base tuned on the curated data: no prune
+        main = variants[""]
+        tuned = base_tuned(config, ctx, base, teacher, main.distilled, choice)
+        variants["base_tuned"] = Variant(pruned=None, distilled=main.distilled, tuned=tuned)
     distilled = {name: v.distilled for name, v in variants.items()}
     evaluation = evaluation_data(config, ctx, curated, training, distilled)
     payload = evaluation.payload()
     evaluations = {"base": evaluate_task(config.evaluate, ctx, "base", base, payload)}
     for name, v in variants.items():
         suffix = f"-{name}" if name else ""
-        evaluations[f"pruned{suffix}"] = evaluate_task(
-            config.evaluate, ctx, f"pruned{suffix}", v.pruned, payload
-        )
+        if v.pruned is not None:
+            evaluations[f"pruned{suffix}"] = evaluate_task(
+                config.evaluate, ctx, f"pruned{suffix}", v.pruned, payload
+            )
         evaluations[f"tuned{suffix}"] = evaluate_task(
             config.evaluate, ctx, f"tuned{suffix}", v.tuned, payload
         )
     metrics = run_metrics(ctx, curated, variants, evaluations, evaluation)
     if current_planner() is None:  # a run, not a dry run: its warnings as soon as they are known
         _log_warnings(metrics)
-    report = report_task(ReportSettings.of(config), ctx, curated, metrics, variants[""].pruned)
+    pruned = variants[""].pruned
+    assert pruned is not None, "the curated variant always prunes"
+    report = report_task(ReportSettings.of(config), ctx, curated, metrics, pruned)
     return SpecializeResult(
         curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report
     )
@@ -270,10 +285,25 @@ def _stage_seconds(
     curate = {field: getattr(curated, field) for field in CURATE_SECONDS}
     return stage_seconds(
         curate,
-        {name: [v.pruned, v.distilled, v.tuned] for name, v in variants.items()},
+        {name: _own_stages(name, v, variants[""]) for name, v in variants.items()},
         evaluations,
         curated.codes,
     )
+
+
+def _own_stages(name: str, variant: Variant, main: Variant) -> list[StageManifest]:
+    """A variant's stages for the stage seconds; one it shares with the curated variant (`base_tuned`'s
+    distilled data) is counted once, there."""
+    stages = [variant.pruned, variant.distilled, variant.tuned]
+    shared = {main.distilled.key} if name else set()
+    return [m for m in stages if m is not None and (m.key not in shared)]
+
+
+@plannable
+def _generic_training(config: FinescopeConfig, ctx: RunContext, main: Training) -> Training:
+    """The `generic` baseline's data: `evaluate.generic_file` drawn to the curated set's size."""
+    records = generic_records(config.evaluate, ctx, main.records)
+    return Training(records=records, texts=[r.text for r in records])
 
 
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:

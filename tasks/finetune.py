@@ -78,7 +78,7 @@ TUNED = Stage(
 def finetune_task(
     section: FinetuneConfig,
     ctx: RunContext,
-    pruned: StageManifest,
+    pruned: StageManifest | ModelRef,
     distilled: StageManifest,
     tag: str = "curated",
     teacher: ModelRef | None = None,
@@ -86,9 +86,10 @@ def finetune_task(
     choice: dict[str, Any] | None = None,
 ) -> StageManifest:
     """Tune the pruned model with the distilled data (KD from `teacher` when `finetune.kd_weight > 0`);
-    the merged model (plain HF directory) and, for LoRA, the adapter. `section` comes with its method
-    resolved (`finescope_core.finetune_choice.resolve_finetune`); `choice` (how, and why) goes into
-    `finetune.json`, not into the key: the key holds the resolved method itself."""
+    the merged model (plain HF directory) and, for LoRA, the adapter. `pruned` is the pruned model's
+    artifact, or a model itself (the unpruned base for the `base_tuned` baseline). `section` comes with
+    its method resolved (`finescope_core.finetune_choice.resolve_finetune`); `choice` (how, and why)
+    goes into `finetune.json`, not into the key: the key holds the resolved method itself."""
     store = ctx.store
     use_teacher = section.kd_weight > 0
     if use_teacher and teacher is None:
@@ -96,7 +97,8 @@ def finetune_task(
     ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = private_model(str(model_path(store, pruned)), ran.device, ran.dtype)
+        student = pruned.path if isinstance(pruned, ModelRef) else str(model_path(store, pruned))
+        model, tok = private_model(student, ran.device, ran.dtype)
         teacher_model = None
         if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
             device_map = "auto" if teacher_device_map == "auto" else None

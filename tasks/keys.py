@@ -59,6 +59,8 @@ UNKEYED: dict[str, str] = {
     "evaluate.lm_eval_include": "reaches the evaluation key through its task YAMLs' and data files' content "
     "hash",
     "evaluate.baselines": "decides which variants run, not what any stage computes",
+    "evaluate.generic_file": "reaches the generic variant's pruned, distilled and tuned keys through its "
+    "records' content (the pruning texts' hash, the teacher's records)",
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
     "orchestration.address": "where stages run: model stages key the device kind and dtype resolved there",
     "orchestration.workers": "how many run at once",

@@ -117,7 +117,9 @@ class ReportKey(StageKeyModel):
     """`report`: what the report shows, on the metrics document, the curated set and the pruned model."""
 
     STAGE = "report"
-    VERSION = "4"  # 3: a "Layer weights" section, intervals and comparisons; 4: paired comparisons
+    # 3: a "Layer weights" section, intervals and comparisons; 4: paired comparisons;
+    # 5: the comparison models in the paper's Table 1 layout, every model paired against base
+    VERSION = "5"
     CODE = ("finescope_core.report_stage", "finescope_core.report", "finescope_core.evaluate")
     CONFIG = {"ratio": "prune.ratio", "method": "curate.method", "k_act": "curate.k_act"}
 
