@@ -80,8 +80,7 @@ def resolve_finetune(cfg: FinescopeConfig) -> tuple[FinescopeConfig, MethodChoic
     choice = choose_method(cfg)
     section = cfg.finetune.model_copy(update={"method": choice.method, "lr": choice.lr})
     resolved = cfg.model_copy(update={"finetune": section})
-    if choice.requested == "auto":
-        logging.getLogger("finescope").info(
-            "finetune.method auto -> %s (lr %g): %s", choice.method, choice.lr, choice.reason
-        )
+    logging.getLogger("finescope").info(
+        "finetune.method %s -> %s (lr %g): %s", choice.requested, choice.method, choice.lr, choice.reason
+    )
     return resolved, choice
