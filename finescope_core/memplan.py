@@ -300,7 +300,8 @@ def _finetune(
 ) -> StagePeak:
     """The student (pruned), the teacher when distilling, what training keeps per trained parameter
     (LoRA: float32 adapters; full: gradients and AdamW moments, plus float32 master weights under a
-    16-bit dtype), and activations with or without gradient checkpointing."""
+    16-bit dtype), and activations with or without gradient checkpointing. An unresolved `method: auto`
+    is planned as full tuning, the larger (flows resolve it first: `finetune_choice.resolve_finetune`)."""
     f = cfg.finetune
     tokens = f.batch_size * f.max_length
     adapter_inputs = 0

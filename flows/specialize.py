@@ -12,11 +12,13 @@ from pydantic import BaseModel
 from finescope_core.config import FinescopeConfig
 from finescope_core.data import Record
 from finescope_core.evaluate import check_harness_config
+from finescope_core.finetune_choice import MethodChoice, resolve_finetune
 from finescope_core.memplan_recover import check_run_memory
 from finescope_core.recover import PoolDraw
 from finescope_core.report import ReportSettings, embed_images, harness_rows, metric_rows, paired_rows
 from finescope_core.run_warnings import eval_set_warnings, fallback_warnings
 from finescope_core.settings import summary
+from flows.baselines import PRUNED_BASELINES, base_tuned, check_baselines, generic_records
 from flows.curate import CurateResult, curate_stages
 from flows.placement import place
 from flows.prune import check_ratio
@@ -45,9 +47,9 @@ from tasks.teacher import check_teacher_backend, teacher_ref, teacher_task
 
 class Variant(BaseModel):
     """One prune + (recover) + teacher + tune pipeline (the FineScope one, or a baseline at the same
-    ratio)."""
+    ratio); `base_tuned` has no pruned model and shares the curated variant's distilled data."""
 
-    pruned: StageManifest
+    pruned: StageManifest | None
     distilled: StageManifest
     tuned: StageManifest
     recovered: StageManifest | None = None
@@ -55,8 +57,8 @@ class Variant(BaseModel):
 
     def stages(self) -> list[StageManifest]:
         """The variant's stages in the order they run."""
-        middle = [self.recovered] if self.recovered is not None else []
-        return [self.pruned, *middle, self.distilled, self.tuned]
+        stages = [self.pruned, self.recovered, self.distilled, self.tuned]
+        return [m for m in stages if m is not None]
 
 
 class SpecializeResult(BaseModel):
@@ -92,16 +94,20 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
     check_harness_config(config.evaluate)
     # vllm without the package or a GPU: refused before any model work.
     check_teacher_backend(config.teacher, config.device)
+    # finetune.method/lr auto resolved once, from the model's config and the budget: the keys hold the result.
+    config, choice = resolve_finetune(config)
     check_run_memory(config)  # a stage predicted above the memory budget: refused before any model load
+    check_baselines(config)  # a bad evaluate.generic_file, base_tuned above the budget: refused here too
     # Bad eval files, an eval file the corpus already holds, an empty split: refused here, before any work.
     config = place(config, "specialize")  # another run's outputs are never replaced in silence
     seeds, prepared = read_inputs(config)
     holdout(config, seeds, prepared.corpus, eval_files(config), evaluating=True)
     ctx = RunContext.of(config)
     with prefect_results(config), tagged(config):
-        result = specialize_graph(config, ctx)
+        result = specialize_graph(config, ctx, choice)
         _publish(config, result.metrics, result.report)
         main = result.variants[""]
+        assert main.pruned is not None, "the curated variant always prunes"
         outputs = specialize_outputs(
             config,
             result.report,
@@ -112,7 +118,12 @@ def specialize_flow(config: FinescopeConfig) -> SpecializeResult:
             result.metrics,
         )
         result.exported = export_task(
-            ctx, RunRecord.of(config), "specialize", outputs, result.manifests(), time.perf_counter() - start
+            ctx,
+            RunRecord.of(config, choice.to_json()),
+            "specialize",
+            outputs,
+            result.manifests(),
+            time.perf_counter() - start,
         )
     return result
 
@@ -161,6 +172,7 @@ def _variant(
     data: Training,
     tag: str,
     pool: PoolDraw | None,
+    choice: MethodChoice,
 ) -> Variant:
     # Each variant runs its own prune, teacher and tune tasks: named by variant, they tell apart in the UI.
     pruned = prune_task(config.prune, ctx, base, data.texts, tag)
@@ -171,7 +183,9 @@ def _variant(
     distilled = teacher_task(config.teacher, ctx, teacher, data.records, tag)
     kd_teacher = teacher if config.finetune.kd_weight > 0 else None  # the loss reads the teacher
     start = recovered if recovered is not None else pruned
-    tuned = finetune_task(config.finetune, ctx, start, distilled, tag, kd_teacher, device_map)
+    tuned = finetune_task(
+        config.finetune, ctx, start, distilled, tag, kd_teacher, device_map, choice.to_json()
+    )
     return Variant(pruned=pruned, distilled=distilled, tuned=tuned, recovered=recovered)
 
 
@@ -246,35 +260,51 @@ def run_metrics(
     return metrics
 
 
-def specialize_graph(config: FinescopeConfig, ctx: RunContext) -> SpecializeResult:
-    """The specialize pipeline's stages, as a run executes them and `store plan` plans them."""
+def specialize_graph(
+    config: FinescopeConfig, ctx: RunContext, choice: MethodChoice | None = None
+) -> SpecializeResult:
+    """The specialize pipeline's stages, as a run executes them and `store plan` plans them. `choice`: how
+    the flow resolved `finetune.method` (None: resolved here, as the flow would)."""
+    if choice is None:
+        config, choice = resolve_finetune(config)
     curated = curate_stages(config, ctx, evaluating=True)
     base = model_task(ctx, ctx.model)
     teacher = teacher_ref(config.teacher, ctx, base)
     training: dict[str, Training] = {"": curated_training(config, ctx, curated)}
-    for baseline in config.evaluate.baselines:
-        training[baseline] = baseline_training(ctx, baseline, curated, training[""])
+    for baseline in (b for b in config.evaluate.baselines if b in PRUNED_BASELINES):
+        training[baseline] = (
+            _generic_training(config, ctx, training[""])
+            if baseline == "generic"
+            else baseline_training(ctx, baseline, curated, training[""])
+        )
     pools = recovery_pools(config, ctx, curated, list(training))
     variants = {
-        name: _variant(config, ctx, base, teacher, data, name or "curated", pools[name])
+        name: _variant(config, ctx, base, teacher, data, name or "curated", pools[name], choice)
         for name, data in training.items()
     }
+    if "base_tuned" in config.evaluate.baselines:  # the unpruned base tuned on the curated data: no prune
+        main = variants[""]
+        tuned = base_tuned(config, ctx, base, teacher, main.distilled, choice)
+        variants["base_tuned"] = Variant(pruned=None, distilled=main.distilled, tuned=tuned)
     distilled = {name: v.distilled for name, v in variants.items()}
     evaluation = evaluation_data(config, ctx, curated, training, distilled, pools)
     payload = evaluation.payload()
     evaluations = {"base": evaluate_task(config.evaluate, ctx, "base", base, payload)}
     for name, v in variants.items():
         suffix = f"-{name}" if name else ""
-        evaluations[f"pruned{suffix}"] = evaluate_task(
-            config.evaluate, ctx, f"pruned{suffix}", v.pruned, payload
-        )
+        if v.pruned is not None:
+            evaluations[f"pruned{suffix}"] = evaluate_task(
+                config.evaluate, ctx, f"pruned{suffix}", v.pruned, payload
+            )
         evaluations[f"tuned{suffix}"] = evaluate_task(
             config.evaluate, ctx, f"tuned{suffix}", v.tuned, payload
         )
     metrics = run_metrics(ctx, curated, variants, evaluations, evaluation)
     if current_planner() is None:  # a run, not a dry run: its warnings as soon as they are known
         _log_warnings(metrics)
-    report = report_task(ReportSettings.of(config), ctx, curated, metrics, variants[""].pruned)
+    pruned = variants[""].pruned
+    assert pruned is not None, "the curated variant always prunes"
+    report = report_task(ReportSettings.of(config), ctx, curated, metrics, pruned)
     return SpecializeResult(
         curate=curated, variants=variants, evaluations=evaluations, metrics=metrics, report=report
     )
@@ -295,10 +325,24 @@ def _stage_seconds(
     curate = {field: getattr(curated, field) for field in CURATE_SECONDS}
     return stage_seconds(
         curate,
-        {name: v.stages() for name, v in variants.items()},
+        {name: _own_stages(name, v, variants[""]) for name, v in variants.items()},
         evaluations,
         curated.codes,
     )
+
+
+def _own_stages(name: str, variant: Variant, main: Variant) -> list[StageManifest]:
+    """A variant's stages for the stage seconds; one it shares with the curated variant (`base_tuned`'s
+    distilled data) is counted once, there."""
+    shared = {main.distilled.key} if name else set()
+    return [m for m in variant.stages() if m.key not in shared]
+
+
+@plannable
+def _generic_training(config: FinescopeConfig, ctx: RunContext, main: Training) -> Training:
+    """The `generic` baseline's data: `evaluate.generic_file` drawn to the curated set's size."""
+    records = generic_records(config.evaluate, ctx, main.records)
+    return Training(records=records, texts=[r.text for r in records])
 
 
 def _publish(cfg: FinescopeConfig, metrics: dict[str, Any], report: StageManifest) -> None:

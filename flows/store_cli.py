@@ -216,14 +216,17 @@ def _when(epoch: float) -> str:
 
 def _plan(args: argparse.Namespace) -> int:
     from finescope_core.config import load_config
+    from finescope_core.finetune_choice import resolve_finetune
     from finescope_core.memplan_recover import run_memory_plan
     from flows.plan import plan
 
-    cfg = load_config(args.config, overrides(args))
+    cfg, choice = resolve_finetune(load_config(args.config, overrides(args)))
     result = plan(cfg, args.flow)
     peaks = run_memory_plan(cfg).by_stage()
+    tunes = args.flow == "specialize"
     if args.json:
-        print(json.dumps({**result.to_json(), "predicted_peak_bytes": peaks}, indent=2))
+        method = {"finetune_method": choice.to_json()} if tunes else {}
+        print(json.dumps({**result.to_json(), "predicted_peak_bytes": peaks, **method}, indent=2))
         return 0
     counts = result.counts()
     print(
@@ -231,6 +234,8 @@ def _plan(args: argparse.Namespace) -> int:
         f"{counts['compute']} to compute, {counts['after']} after them; "
         "GB: a model stage's predicted peak memory"
     )
+    if tunes:
+        print(f"finetune.method: {choice.requested} -> {choice.method} (lr {choice.lr:g}; {choice.reason})")
     width = max(len(s.name) for s in result.stages)
     for s in result.stages:
         parts = (

@@ -151,15 +151,19 @@ class RunRecord(BaseModel):
     models: dict[str, dict[str, str]]
     summary: str
     """One line of the run's main settings (`finescope_core.settings.summary`)."""
+    finetune_method: dict[str, Any] | None = None
+    """How `finetune.method` was resolved, and why (`finescope_core.finetune_choice.MethodChoice`);
+    None for a flow that does not tune."""
 
     @classmethod
-    def of(cls, cfg: FinescopeConfig) -> RunRecord:
+    def of(cls, cfg: FinescopeConfig, finetune_method: dict[str, Any] | None = None) -> RunRecord:
         return cls(
             location=output_location(cfg),
             name=run_name(cfg),
             config=json.loads(cfg.model_dump_json()),
             models=model_identities(cfg),
             summary=summary(cfg),
+            finetune_method=finetune_method,
         )
 
 
@@ -178,6 +182,7 @@ def run_manifest(
         "seconds": round(seconds, 1),
         "config": run.config,
         "models": run.models,
+        **({"finetune_method": run.finetune_method} if run.finetune_method is not None else {}),
         "stages": stages,
         "outputs": outputs,
     }

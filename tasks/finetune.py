@@ -26,7 +26,9 @@ class TunedKey(ModelStageKey):
     model."""
 
     STAGE = "tuned"
-    VERSION = "2"  # 2: Trainer loop (warm-up + cosine, best epoch), logit distillation, method lora | full
+    # 2: Trainer loop (warm-up + cosine, best epoch), logit distillation, method lora | full
+    # 3: finetune.json records how the method was chosen (`method_choice`); lr and method come resolved
+    VERSION = "3"
     CONFIG = {"finetune": "finetune", "seed": "seed"}
     CODE = ("finescope_core.finetune", "finescope_core.distilled", "finescope_core.model")
 
@@ -76,14 +78,18 @@ TUNED = Stage(
 def finetune_task(
     section: FinetuneConfig,
     ctx: RunContext,
-    pruned: StageManifest,
+    pruned: StageManifest | ModelRef,
     distilled: StageManifest,
     tag: str = "curated",
     teacher: ModelRef | None = None,
     teacher_device_map: str | None = None,
+    choice: dict[str, Any] | None = None,
 ) -> StageManifest:
     """Tune the pruned model with the distilled data (KD from `teacher` when `finetune.kd_weight > 0`);
-    the merged model (plain HF directory) and, for LoRA, the adapter."""
+    the merged model (plain HF directory) and, for LoRA, the adapter. `pruned` is the pruned model's
+    artifact, or a model itself (the unpruned base for the `base_tuned` baseline). `section` comes with
+    its method resolved (`finescope_core.finetune_choice.resolve_finetune`); `choice` (how, and why)
+    goes into `finetune.json`, not into the key: the key holds the resolved method itself."""
     store = ctx.store
     use_teacher = section.kd_weight > 0
     if use_teacher and teacher is None:
@@ -91,7 +97,8 @@ def finetune_task(
     ran = ctx.precision()
 
     def build(work: Path) -> dict[str, Any]:
-        model, tok = private_model(str(model_path(store, pruned)), ran.device, ran.dtype)
+        student = pruned.path if isinstance(pruned, ModelRef) else str(model_path(store, pruned))
+        model, tok = private_model(student, ran.device, ran.dtype)
         teacher_model = None
         if use_teacher and teacher is not None:  # the student stays: `load_model`, not `private_model`
             device_map = "auto" if teacher_device_map == "auto" else None
@@ -103,6 +110,7 @@ def finetune_task(
             tokenizer=tok,
             distilled=artifact_dir(store, distilled) / DISTILLED_FILE,
             teacher=teacher_model,
+            method_choice=choice,
         )
         return core.run(inputs, section, ctx.stage_context(ran), work, Progress(f"finetune ({tag})"))
 

@@ -40,8 +40,8 @@ UNKEYED: dict[str, str] = {
     "records they are computed on, in place of the corpus')",
     "store": "where the artifacts are kept",
     "storage": "how the store is reached",
-    "memory_budget": "a preflight check: it refuses a run or lets it start, never changes what a stage "
-    "computes",
+    "memory_budget": "a preflight check: it refuses a run or lets it start; under finetune.method auto it "
+    "reaches the tuned key through the method it resolves to (the key holds the resolved method)",
     "prune.data": "reaches the pruning key through the pruning texts' content hash",
     "teacher.model": "reaches the distilled key through the teacher's content hash",
     "teacher.device_map": "where the teacher's layers live: the same outputs on one device or spread "
@@ -60,6 +60,8 @@ UNKEYED: dict[str, str] = {
     "evaluate.lm_eval_include": "reaches the evaluation key through its task YAMLs' and data files' content "
     "hash",
     "evaluate.baselines": "decides which variants run, not what any stage computes",
+    "evaluate.generic_file": "reaches the generic variant's pruned, distilled and tuned keys through its "
+    "records' content (the pruning texts' hash, the teacher's records)",
     "orchestration.task_runner": "where stages run: every runner gives the same artifacts",
     "orchestration.address": "where stages run: model stages key the device kind and dtype resolved there",
     "orchestration.workers": "how many run at once",

@@ -120,7 +120,8 @@ class ReportKey(StageKeyModel):
 
     STAGE = "report"
     # 3: a "Layer weights" section, intervals and comparisons; 4: paired comparisons; 5: the primary
-    # metric first (a section, and the first column of the evaluation table)
+    # metric first (a section, and the first column of the evaluation table); the comparison models in
+    # the paper's Table 1 layout, every model paired against base
     VERSION = "5"
     CODE = ("finescope_core.report_stage", "finescope_core.report", "finescope_core.evaluate")
     CONFIG = {"ratio": "prune.ratio", "method": "curate.method", "k_act": "curate.k_act"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from finescope_core.config.base import PATH, Strict
 
@@ -42,8 +42,15 @@ class EvalConfig(Strict):
     """Generation budget for numeric-answer questions."""
     max_examples: int = Field(200, ge=1)
     """At most this many examples per eval set (keeps CPU runs short)."""
-    baselines: list[Literal["random", "corpus"]] = Field(default_factory=list)
-    """Also prune+tune with random corpus data / the whole corpus at the same ratio (paper Tables 1-4)."""
+    baselines: list[Literal["random", "corpus", "generic", "base_tuned"]] = Field(default_factory=list)
+    """Comparison models, each scored on the same items (paper Table 1). `random`: pruned and tuned at the
+    same ratio on a seeded sample of the training pool as large as the curated set; `corpus`: on the whole
+    training pool (the paper's Full-OI); `generic`: on a seeded sample of `generic_file` as large as the
+    curated set (the paper's Alpaca); `base_tuned`: the unpruned base model tuned on the curated variant's
+    distilled data with the same recipe (no pruning: what tuning alone buys)."""
+    generic_file: str | None = Field(None, json_schema_extra=PATH)
+    """File/URI of generic instruction records (any supported record format, e.g. Alpaca JSONL) for the
+    `generic` baseline; needed exactly when `baselines` lists `generic`."""
     lm_eval_tasks: list[str] = Field(default_factory=list)
     """lm-evaluation-harness task names run on base / pruned / tuned (zero-shot, seeded); empty: none.
     They are looked up in `lm_eval_include`, or among lm-eval's stock tasks (which need the hub)."""
@@ -57,3 +64,12 @@ class EvalConfig(Strict):
     stock CLI's `--apply_chat_template`): each prompt becomes a user turn, the way an instruct model is
     used and the way finescope tunes it. `off`: plain prompts (the stock CLI's default); `on`: chat
     template only; `both`: each task twice, the chat-template run named `<task>@chat`."""
+
+    @model_validator(mode="after")
+    def _generic_needs_its_file(self) -> EvalConfig:
+        if "generic" in self.baselines and self.generic_file is None:
+            raise ValueError(
+                "evaluate.baselines lists generic but evaluate.generic_file is not set: name a file of "
+                "generic instruction records (e.g. Alpaca JSONL) in evaluate.generic_file, or drop generic"
+            )
+        return self

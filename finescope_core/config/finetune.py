@@ -4,7 +4,7 @@ field names it used to have."""
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -14,10 +14,16 @@ KD_WEIGHT = 0.5
 """Default `finetune.kd_weight` (bench/bench_recovery.py)."""
 KD_TEMPERATURE = 1.0
 """Default `finetune.kd_temperature` (bench/bench_recovery.py)."""
+LR_LORA = 2e-4
+"""`finetune.lr: auto` under LoRA (paper §4)."""
+LR_FULL = 1e-4
+"""`finetune.lr: auto` under full tuning: every weight moves, so a lower rate (README, "Recovery settings":
+1e-4 full vs 2e-4 LoRA measured on SmolLM2-135M)."""
 
 
 class FinetuneConfig(Strict):
-    """LoRA recovery of the pruned model on the distilled data (paper §4: rank 32, AdamW, cutoff 256)."""
+    """Recovery of the pruned model on the distilled data, full or LoRA (paper §4: LoRA rank 32, AdamW,
+    cutoff 256)."""
 
     RENAMED: ClassVar[dict[str, str]] = {"cutoff": "max_length", "temperature": "kd_temperature"}
     """Old field name -> its new name: the old one still loads, with a warning naming the new one."""
@@ -34,8 +40,8 @@ class FinetuneConfig(Strict):
     """Linear layers that get adapters."""
     epochs: int = Field(2, ge=1)
     """Passes over the distilled data."""
-    lr: float = Field(2e-4, gt=0)
-    """AdamW learning rate."""
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """AdamW learning rate. `auto`: 2e-4 under LoRA, 1e-4 under full tuning (resolved with the method)."""
     batch_size: int = Field(4, ge=1)
     """Examples per micro-batch."""
     grad_accum: int = Field(2, ge=1)
@@ -44,9 +50,12 @@ class FinetuneConfig(Strict):
     """Tokens per example (prompt + response), truncated beyond."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     """Share of the distilled data held out for the per-epoch eval loss (and best-epoch selection)."""
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["auto", "lora", "full"] = "auto"
     """`lora`: peft adapters on `target_modules` (outputs the adapter and the merged model); `full`:
-    every weight of the pruned model (outputs the full model, no adapter)."""
+    every weight of the pruned model (outputs the full model, no adapter; float32 master weights under
+    bf16/fp16); `auto`: `full` when the memory planner predicts full tuning fits the memory budget with
+    a 20 % margin (`memory_budget`, else the CUDA device's free memory, else the available RAM), else
+    `lora`. Resolved once before any work; the stage key holds the resolved method."""
     kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
     """w in `(1 - w) * CE + w * T^2 * KL(teacher || student)`: logit distillation from the teacher
     (`teacher.model`, the unpruned base model by default) on the response tokens; 0: cross entropy only."""
@@ -65,6 +74,21 @@ class FinetuneConfig(Strict):
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
     activation memory of one layer instead of all, for about a third more compute. The same updates
     (tested): for long `max_length`, large batches or full tuning of a big model on one GPU."""
+
+    def learning_rate(self) -> float:
+        """`lr`, or under `lr: auto` the rate of the (resolved) method.
+
+        Raises:
+            ValueError: `lr: auto` while `method` is still `auto` (resolve the method first).
+        """
+        if self.lr != "auto":
+            return self.lr
+        if self.method == "auto":
+            raise ValueError(
+                "finetune.lr: auto follows the method, and finetune.method is still auto: resolve it first "
+                "(finescope_core.finetune_choice.resolve_finetune) or set finetune.method: lora | full"
+            )
+        return LR_FULL if self.method == "full" else LR_LORA
 
     @model_validator(mode="before")
     @classmethod

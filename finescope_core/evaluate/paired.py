@@ -7,7 +7,8 @@ perplexity compares as the ratio ppl(A) / ppl(B) (clear when its interval exclud
 an lm-eval per-sample metric as the difference A - B (clear when its interval excludes 0).
 
 `comparisons` makes metrics.json's `comparisons` section: the main tuned model against every other
-evaluated model (base, pruned, baselines), and each baseline's tuned model against base.
+evaluated model (base, pruned, baselines), and every other model (each baseline's tuned and pruned
+models, the pruned model) against base.
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ def items_document(
 
 
 def comparison_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
-    """(A, B) pairs to compare: tuned vs every other model, in order, then each baseline's tuned model
-    (`tuned-<name>`) vs base. Pairs naming a model that is not in `names` are left out."""
+    """(A, B) pairs to compare: tuned vs every other model, in order, then every other model vs base
+    (each baseline's tuned model `tuned-<name>`, then the pruned ones: the paper's Table 1, every row
+    against base). Pairs naming a model that is not in `names` are left out."""
     pairs = [("tuned", other) for other in names if other != "tuned"] if "tuned" in names else []
     if "base" in names:
         pairs += [(name, "base") for name in names if name.startswith("tuned-")]
+        pairs += [(name, "base") for name in names if name == "pruned" or name.startswith("pruned-")]
     return pairs
 
 

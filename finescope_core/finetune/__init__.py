@@ -15,8 +15,9 @@ positions and divides by its positions in the whole accumulated step, so every t
 however tokens fall into micro-batches. After every epoch the held-out share's loss
 is measured; the weights of the epoch with the lowest held-out loss are the ones saved.
 `finetune.method` is `lora` (peft adapters; outputs the adapter and the merged model) or `full`
-(every weight of the pruned model; outputs the full model only). Outputs are published together, with
-`finetune.json`, by one directory rename.
+(every weight of the pruned model; outputs the full model only); `auto` is resolved to one of them
+before the run (`finescope_core.finetune_choice`) and refused here. Outputs are published together,
+with `finetune.json`, by one directory rename.
 
 Modules: `examples` (tokenised rows, padding, the held-out split), `losses` (response CE, logit
 distillation), `lora` (peft adapters), `trainer` (the `Trainer` loop, best epoch, master weights),

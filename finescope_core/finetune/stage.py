@@ -68,6 +68,9 @@ class TuneInputs:
     teacher: nn.Module | None = None
     """The teacher whose next-token distributions the student learns; needed when
     `finetune.kd_weight > 0`, unused otherwise."""
+    method_choice: dict[str, Any] | None = None
+    """How `finetune.method` was resolved (`finescope_core.finetune_choice.MethodChoice`), for
+    `finetune.json`."""
 
 
 def run(
@@ -89,6 +92,7 @@ def run(
         seed=ctx.seed,
         progress=progress,
         teacher=inputs.teacher,
+        method_choice=inputs.method_choice,
     )
     info = summary.to_dict()
     return {k: info[k] for k in INFO}
@@ -104,6 +108,7 @@ def lora_finetune(
     seed: int = 0,
     progress: Progress | None = None,
     teacher: nn.Module | None = None,
+    method_choice: dict[str, Any] | None = None,
 ) -> FinetuneSummary:
     """Tune `model` on distilled rows (LoRA or full) and write the outputs and `finetune.json` to `out_dir`.
 
@@ -121,10 +126,16 @@ def lora_finetune(
         progress: called as `progress(step, total_steps, loss=step_loss)` after each optimiser step.
         teacher: the model whose next-token distributions the student learns (same vocabulary), on
             the student's device; required when `cfg.kd_weight > 0`, unused otherwise.
+        method_choice: how the method was resolved, recorded in the summary.
 
     Returns:
         The summary also written to `out_dir/finetune.json`.
     """
+    if cfg.method == "auto":
+        raise FinetuneError(
+            "finetune.method: auto is resolved before the run, from the memory budget "
+            "(finescope_core.finetune_choice.resolve_finetune); pass a config with method lora or full"
+        )
     if cfg.kd_weight > 0 and teacher is None:
         raise FinetuneError(
             "finetune.kd_weight > 0 needs the teacher model; pass teacher= or set finetune.kd_weight: 0"
@@ -153,6 +164,8 @@ def lora_finetune(
         kd_weight,
         cfg.kd_temperature,
         cfg.kd_tokens,
+        lr=cfg.learning_rate(),
+        method_choice=method_choice,
     )
     if teacher is not None:
         teacher.eval()

@@ -20,6 +20,11 @@ class FinetuneSummary:
     temperature: float = 1.0
     kd_tokens: str = "response"
     """Positions of the KD term (`finetune.kd_tokens`)."""
+    lr: float = 0.0
+    """The peak learning rate used (`finetune.lr`, resolved)."""
+    method_choice: dict[str, Any] | None = None
+    """How `finetune.method` was chosen (`finescope_core.finetune_choice.MethodChoice`: requested, method,
+    lr, predicted full-tuning need, budget, reason); None when the caller did not say."""
     steps: int = 0
     train_loss: list[float] = field(default_factory=list)
     """Mean mixed loss per response token at every optimiser step."""

@@ -151,7 +151,7 @@ def _training_args(
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs,
-        learning_rate=cfg.lr,
+        learning_rate=cfg.learning_rate(),
         weight_decay=0.0,
         lr_scheduler_type="cosine",
         warmup_steps=math.ceil(cfg.warmup_ratio * per_epoch * cfg.epochs),

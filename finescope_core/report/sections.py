@@ -25,6 +25,7 @@ from finescope_core.report.plots import (
     plot_sae_metrics,
     plot_saliency,
 )
+from finescope_core.report.table1 import has_comparison_models, table1_rows
 from finescope_core.report.tables import (
     METRIC_LABELS,
     comparisons,
@@ -146,6 +147,14 @@ def evaluation_body(metrics: Mapping[str, Any]) -> str:
         "(items resampled, seeded) and n.",
         markdown_table(metric_rows(models, (metrics.get("primary") or {}).get("metric"))),
     ]
+    if has_comparison_models(models):
+        parts.append(
+            "The comparison models as in the FineScope paper's Table 1: base, the unpruned base tuned on the "
+            "curated data (`base_tuned`), and pruned / pruned + tuned for the curated data and each baseline "
+            "(pruned on its own data, tuned on its own distilled data). Beside each metric, the paired ratio "
+            "(perplexity) or difference (accuracy) against base on the same items, with its 95 % "
+            "interval.\n\n" + markdown_table(table1_rows(metrics))
+        )
     info = metrics.get("evaluation")
     if info:
         parts.append(_eval_sets_text(info))

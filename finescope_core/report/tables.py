@@ -100,7 +100,7 @@ def paired_rows(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
             "b": c["b"],
             "metric": _paired_label(c["metric"]),
             "kind": c["kind"],
-            "value [95 % interval]": _paired_number(c),
+            "value [95 % interval]": paired_number(c),
             "n": c["n"],
             "clear": "yes" if c["clear"] else "not at this n",
         }
@@ -108,7 +108,7 @@ def paired_rows(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     ]
 
 
-def _paired_number(c: Mapping[str, Any]) -> str:
+def paired_number(c: Mapping[str, Any]) -> str:
     """`value [low, high]`, with 2 decimals or as many more (up to 6) as it takes for the rounded numbers
     to stay on their side of 1 (ratio) / 0 (difference): a clear 0.9997 [0.9995, 0.9999] never reads
     1 [1, 1]."""
@@ -139,7 +139,7 @@ def paired_lines(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
             direction = f"{c['a']} {'lower' if c['value'] < null else 'higher'}"
         verdict = "clear" if c["clear"] else "not clear at this n"
         lines.append(
-            f"- {c['a']} vs {c['b']} — {_paired_label(c['metric'])} {c['kind']} {_paired_number(c)}, "
+            f"- {c['a']} vs {c['b']} — {_paired_label(c['metric'])} {c['kind']} {paired_number(c)}, "
             f"n={c['n']}: {direction} ({verdict})"
         )
     return lines

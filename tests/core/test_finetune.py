@@ -35,7 +35,9 @@ ROWS = [
     {"prompt": "Hi", "response": "Hello, how can I help?"},
     {"prompt": "Spell cat backwards.", "response": "tac"},
 ]
-SMALL = dict(rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, max_length=128, kd_weight=0.0)
+SMALL = dict(
+    method="lora", rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, max_length=128, kd_weight=0.0
+)
 
 
 @torch.no_grad()
@@ -216,7 +218,14 @@ def test_default_model_lora_step_and_merged_reload(tmp_path: Path) -> None:
 
     model, tok = load_model("default", Path(__file__).resolve().parents[2] / ".finescope-cache", device="cpu")
     cfg = FinetuneConfig(
-        rank=8, alpha=16, batch_size=4, grad_accum=1, epochs=1, eval_fraction=0.0, max_length=96
+        method="lora",
+        rank=8,
+        alpha=16,
+        batch_size=4,
+        grad_accum=1,
+        epochs=1,
+        eval_fraction=0.0,
+        max_length=96,
     )
     summary = lora_finetune(model, tok, ROWS, cfg, tmp_path / "out")
     assert summary.steps == 1 and summary.trainable_params > 0

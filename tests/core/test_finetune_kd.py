@@ -30,7 +30,15 @@ from finescope_core.tiny import byte_tokenizer, tiny_model
 from tests.core.test_finetune import ROWS
 
 SMALL = dict(
-    rank=4, alpha=8, dropout=0.0, batch_size=2, grad_accum=1, max_length=128, warmup_ratio=0.0, kd_weight=0.0
+    method="lora",
+    rank=4,
+    alpha=8,
+    dropout=0.0,
+    batch_size=2,
+    grad_accum=1,
+    max_length=128,
+    warmup_ratio=0.0,
+    kd_weight=0.0,
 )
 
 

@@ -260,16 +260,20 @@ def _items(shift: float, hits: list[int], acc: list[float] | None = None) -> dic
     return json.loads(json.dumps(doc))
 
 
-def test_comparison_pairs_are_tuned_vs_all_and_baseline_tuned_vs_base() -> None:
-    names = ["base", "pruned", "tuned", "pruned-random", "tuned-random", "tuned-corpus"]
+def test_comparison_pairs_are_tuned_vs_all_and_every_other_model_vs_base() -> None:
+    names = ["base", "pruned", "tuned", "pruned-random", "tuned-random", "tuned-corpus", "tuned-base_tuned"]
     assert comparison_pairs(names) == [
         ("tuned", "base"),
         ("tuned", "pruned"),
         ("tuned", "pruned-random"),
         ("tuned", "tuned-random"),
         ("tuned", "tuned-corpus"),
+        ("tuned", "tuned-base_tuned"),
         ("tuned-random", "base"),
         ("tuned-corpus", "base"),
+        ("tuned-base_tuned", "base"),
+        ("pruned", "base"),
+        ("pruned-random", "base"),
     ]
 
 
@@ -292,6 +296,7 @@ def test_comparisons_section_is_schema_checked_and_reported_for_a_baseline() -> 
         ("tuned", "tuned-random", "mc_accuracy"),
         ("tuned-random", "base", "chat_perplexity"),
         ("tuned-random", "base", "mc_accuracy"),
+        *(("pruned", "base", m) for m in ("chat_perplexity", "mc_accuracy", "lm_eval:tiny:acc")),
     }
     vs_random = by[("tuned", "tuned-random", "chat_perplexity")]
     assert (

@@ -81,7 +81,15 @@ def run(tmp_path_factory):
         },
         prune={"ratio": 0.2, "max_length": 32, "data": "random"},
         teacher={"max_new_tokens": 4, "batch_size": 16},
-        finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8, "grad_accum": 1, "max_length": 384},
+        finetune={
+            "method": "lora",
+            "rank": 4,
+            "alpha": 8,
+            "epochs": 1,
+            "batch_size": 8,
+            "grad_accum": 1,
+            "max_length": 384,
+        },
         evaluate={
             "split_fraction": SPLIT,
             "domain_items": 8,

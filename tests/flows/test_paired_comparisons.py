@@ -118,6 +118,7 @@ def test_evaluations_store_per_item_numbers_and_the_document_pairs_them(tmp_path
         ("tuned", "pruned"),
         ("tuned", "tuned-random"),
         ("tuned-random", "base"),
+        ("pruned", "base"),
     }
     metrics = {c["metric"] for c in doc["comparisons"] if (c["a"], c["b"]) == ("tuned", "tuned-random")}
     assert metrics == {

@@ -72,7 +72,15 @@ def config(root, model_dir) -> FinescopeConfig:
         },
         prune={"ratio": 0.2, "max_length": 32},
         teacher={"max_new_tokens": 4, "batch_size": 16},
-        finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8, "grad_accum": 1, "max_length": 48},
+        finetune={
+            "method": "lora",
+            "rank": 4,
+            "alpha": 8,
+            "epochs": 1,
+            "batch_size": 8,
+            "grad_accum": 1,
+            "max_length": 48,
+        },
         evaluate={"split_fraction": 0.3, "max_length": 32, "baselines": ["random"]},
     )
 

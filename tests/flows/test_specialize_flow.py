@@ -51,7 +51,15 @@ def config(root) -> FinescopeConfig:
         },
         prune={"ratio": 0.2, "max_length": 32},
         teacher={"max_new_tokens": 8, "batch_size": 8},
-        finetune={"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 48},
+        finetune={
+            "method": "lora",
+            "rank": 4,
+            "alpha": 8,
+            "epochs": 1,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "max_length": 48,
+        },
         evaluate={"split_fraction": 0.3, "max_length": 32, "baselines": ["random"]},
     )
 
@@ -77,10 +85,10 @@ def test_specialize_end_to_end_and_cached_rerun(workspace, tmp_path):
     report = (out / "report.md").read_text()
     for image in ("saliency.png", "sae.png", "retrieval.png", "parameters.png", "evaluation.png"):
         assert f"]({image})" in report and (out / image).stat().st_size > 0
-    # paired comparisons on the same items: tuned vs every model, the baseline's tuned model vs base
+    # paired comparisons on the same items: tuned vs every model, every other model vs base
     pairs = {(c["a"], c["b"]) for c in metrics["comparisons"]}
     assert pairs == {("tuned", n) for n in ("base", "pruned", "pruned-random", "tuned-random")} | {
-        ("tuned-random", "base")
+        (n, "base") for n in ("tuned-random", "pruned", "pruned-random")
     }
     assert "Paired comparisons (same items, bootstrap over items)" in report
     assert "- tuned vs tuned-random — domain perplexity (raw text) ratio" in report

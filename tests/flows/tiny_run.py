@@ -44,7 +44,15 @@ def config_file(root: Path, store: Path | str, path: Path, **sections: Any) -> P
         },
         "prune": {"ratio": 0.2, "max_length": 32},
         "teacher": {"max_new_tokens": 8, "batch_size": 8, "min_response_chars": 0},
-        "finetune": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 48},
+        "finetune": {
+            "method": "lora",
+            "rank": 4,
+            "alpha": 8,
+            "epochs": 1,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "max_length": 48,
+        },
         "evaluate": {"split_fraction": 0.2, "max_length": 32},
         "recover": {"tokens": 0},  # the library's budget is for real corpora (a subprocess run reads this)
         **sections,
