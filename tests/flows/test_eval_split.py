@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+from tiny_run import TINY_LORA
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.evaluate import metrics_schema_errors
@@ -81,15 +82,7 @@ def run(tmp_path_factory):
         },
         prune={"ratio": 0.2, "max_length": 32, "data": "random"},
         teacher={"max_new_tokens": 4, "batch_size": 16},
-        finetune={
-            "method": "lora",
-            "rank": 4,
-            "alpha": 8,
-            "epochs": 1,
-            "batch_size": 8,
-            "grad_accum": 1,
-            "max_length": 384,
-        },
+        finetune={**TINY_LORA, "batch_size": 8, "max_length": 384},
         evaluate={
             "split_fraction": SPLIT,
             "domain_items": 8,

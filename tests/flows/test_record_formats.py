@@ -7,6 +7,7 @@ curated.jsonl, and the held-out evaluation records must stay out of the baseline
 import json
 
 import pytest
+from tiny_run import TINY_LORA
 
 from finescope_core.config import FinescopeConfig
 from finescope_core.tiny import save_tiny
@@ -72,15 +73,7 @@ def config(root, model_dir) -> FinescopeConfig:
         },
         prune={"ratio": 0.2, "max_length": 32},
         teacher={"max_new_tokens": 4, "batch_size": 16},
-        finetune={
-            "method": "lora",
-            "rank": 4,
-            "alpha": 8,
-            "epochs": 1,
-            "batch_size": 8,
-            "grad_accum": 1,
-            "max_length": 48,
-        },
+        finetune={**TINY_LORA, "batch_size": 8},
         evaluate={"split_fraction": 0.3, "max_length": 32, "baselines": ["random"]},
     )
 

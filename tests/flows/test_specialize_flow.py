@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from tiny_run import TINY_LORA
 from transformers import AutoModelForCausalLM
 
 from finescope_core.config import FinescopeConfig
@@ -51,15 +52,7 @@ def config(root) -> FinescopeConfig:
         },
         prune={"ratio": 0.2, "max_length": 32},
         teacher={"max_new_tokens": 8, "batch_size": 8},
-        finetune={
-            "method": "lora",
-            "rank": 4,
-            "alpha": 8,
-            "epochs": 1,
-            "batch_size": 4,
-            "grad_accum": 1,
-            "max_length": 48,
-        },
+        finetune=TINY_LORA,
         evaluate={"split_fraction": 0.3, "max_length": 32, "baselines": ["random"]},
     )
 

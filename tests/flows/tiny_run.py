@@ -8,6 +8,17 @@ import yaml
 
 from finescope_core.tiny import save_tiny
 
+TINY_LORA = {
+    "method": "lora",
+    "rank": 4,
+    "alpha": 8,
+    "epochs": 1,
+    "batch_size": 4,
+    "grad_accum": 1,
+    "max_length": 48,
+}
+"""The tiny runs' tuning: a rank-4 LoRA, one epoch (pinned: `auto` would tune fully on a roomy machine)."""
+
 
 def write_workspace(root: Path, questions: int = 30) -> Path:
     """A tiny Qwen2 model, `questions` arithmetic + 20 greeting records and one seed under `root`."""
@@ -44,15 +55,7 @@ def config_file(root: Path, store: Path | str, path: Path, **sections: Any) -> P
         },
         "prune": {"ratio": 0.2, "max_length": 32},
         "teacher": {"max_new_tokens": 8, "batch_size": 8, "min_response_chars": 0},
-        "finetune": {
-            "method": "lora",
-            "rank": 4,
-            "alpha": 8,
-            "epochs": 1,
-            "batch_size": 4,
-            "grad_accum": 1,
-            "max_length": 48,
-        },
+        "finetune": TINY_LORA,
         "evaluate": {"split_fraction": 0.2, "max_length": 32},
         "recover": {"tokens": 0},  # the library's budget is for real corpora (a subprocess run reads this)
         **sections,
