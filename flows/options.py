@@ -52,14 +52,23 @@ def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, An
 
 def _choices(annotation: Any) -> tuple[str, ...] | None:
     """The allowed values of a Literal field (or an optional Literal), as they are typed on the command
-    line."""
+    line. None when the field also takes other values (`int | Literal["auto"]`): argparse then passes
+    the value on and the config's own validation judges it."""
     if typing.get_origin(annotation) is Literal:
         return tuple(str(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if (found := _choices(arg)) is not None:
-                return found
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        found = [_choices(a) for a in members]
+        if all(f is not None for f in found):
+            return tuple(c for f in found if f is not None for c in f)
     return None
+
+
+def _named_values(annotation: Any) -> tuple[str, ...]:
+    """The Literal values of a union that also takes numbers (`auto` of `int | Literal["auto"]`)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(c for a in typing.get_args(annotation) for c in (_choices(a) or ()))
+    return ()
 
 
 def _metavar(annotation: Any) -> str:
@@ -68,7 +77,13 @@ def _metavar(annotation: Any) -> str:
         return "LIST"
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        named = _named_values(annotation)
+        plain = [a for a in args if _choices(a) is None]
+        if named and len(plain) == 1:  # e.g. `N|auto` for `int | Literal["auto"]`
+            return "|".join((_metavar(plain[0]), *named))
         return _metavar(args[0]) if len(args) == 1 else "VALUE"
+    if origin is typing.Annotated:
+        return _metavar(typing.get_args(annotation)[0])
     return {int: "N", float: "X", bool: "true|false", str: "TEXT"}.get(annotation, "VALUE")
 
 

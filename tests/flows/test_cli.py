@@ -13,7 +13,7 @@ from test_curate_flow import workspace  # noqa: F401  (the module-scoped tiny wo
 from finescope_core import __version__
 from finescope_core.config import FinescopeConfig
 from flows.cli import build_parser, main
-from flows.options import SECTIONS, _leaf_fields
+from flows.options import SECTIONS, _leaf_fields, overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,6 +121,26 @@ def test_choices_are_shown_and_enforced(capsys):
         main(["curate", "--config", "x.yaml", "--curate.method", "saes"])
     assert exit_.value.code == 2
     assert "invalid choice: 'saes'" in capsys.readouterr().err
+
+
+def test_a_number_or_a_named_value_takes_both(tmp_path):
+    """`teacher.max_new_tokens` (N or auto), `finetune.lr` and `recover.pool` (a number or auto): argparse
+    must pass a number on (it once offered only `auto`), and the config's validation judges it."""
+    run = _help("run")
+    assert "--teacher.max_new_tokens N|auto" in run and "--finetune.lr X|auto" in run
+    parser = build_parser()
+    for field, value, parsed in (
+        ("teacher.max_new_tokens", "48", 48),
+        ("teacher.max_new_tokens", "auto", "auto"),
+        ("finetune.lr", "5e-5", 5e-5),
+        ("recover.pool", "1000", 1000),
+    ):
+        args = parser.parse_args(["run", "--config", "x.yaml", f"--{field}", value])
+        section, name = field.split(".")
+        model = FinescopeConfig.model_fields[section].annotation
+        assert getattr(model.model_validate({name: overrides(args)[field]}), name) == parsed
+    with pytest.raises(Exception, match="max_new_tokens"):
+        FinescopeConfig.model_fields["teacher"].annotation.model_validate({"max_new_tokens": "lots"})
 
 
 def test_no_credentials_on_the_command_line(capsys):
