@@ -26,7 +26,7 @@ TEXTS = [
 TEXT_ROWS = [{"id": f"t{i}", "text": t, "source": "text"} for i, t in enumerate(TEXTS)]
 ONE_STEP = dict(
     rank=4, alpha=8, dropout=0.0, batch_size=8, grad_accum=1, max_length=128, warmup_ratio=0.0
-) | {"epochs": 1, "lr": 1e-3, "eval_fraction": 0.0}
+) | {"method": "lora", "epochs": 1, "lr": 1e-3, "eval_fraction": 0.0}
 
 
 def _expressive(seed: int) -> PreTrainedModel:

@@ -24,7 +24,7 @@ def _cfg(dtype: str, dropout: float) -> FinescopeConfig:
             "corpus": ["c.jsonl"],
             "device": "cpu",
             "model_dtype": dtype,
-            "finetune": {"dropout": dropout},
+            "finetune": {"method": "lora", "dropout": dropout},
         }
     )
 

@@ -28,13 +28,14 @@ def _cfg(model: Path, **fields: Any) -> FinescopeConfig:
 def test_the_stage_is_planned_before_tuned_only_when_it_runs(model: Path) -> None:
     off = run_memory_plan(_cfg(model, recover={"tokens": 0}))
     assert "recovered" not in off.by_stage()
-    on = run_memory_plan(_cfg(model, recover={"tokens": 1000}))
+    lora = {"method": "lora"}  # the phase tunes as `finetune.method` says; full is compared below
+    on = run_memory_plan(_cfg(model, recover={"tokens": 1000}, finetune=lora))
     names = [s.name for s in on.stages]
     assert names.index("recovered") == names.index("tuned") - 1
     peak = on.by_stage()["recovered"]
     s = Shapes.of(model_config(str(model)))
     assert peak > s.params * 4 * (1 + 0.8)  # the teacher and the 80 % student, at least
-    bigger = run_memory_plan(_cfg(model, recover={"tokens": 1000, "batch_size": 16}))
+    bigger = run_memory_plan(_cfg(model, recover={"tokens": 1000, "batch_size": 16}, finetune=lora))
     assert bigger.by_stage()["recovered"] > peak
     full = run_memory_plan(_cfg(model, recover={"tokens": 1000}, finetune={"method": "full"}))
     assert full.by_stage()["recovered"] > peak
