@@ -37,7 +37,8 @@ def test_the_text_domain_is_plain_text_mixed_into_other_prose(domains):
     for path in (d.corpus, d.seeds, d.eval_file):
         for row in read_jsonl(path):
             assert set(row) == {"id", "text", "source"}, (path, row)
-    assert set(d.sources) == {TEXT_SOURCE, "pydoc", "readme"}
+    # the distributions' long descriptions (`readme`) depend on what is installed: a fresh CI venv had none
+    assert {TEXT_SOURCE, "pydoc"} <= set(d.sources) <= {TEXT_SOURCE, "pydoc", "readme"}
     share = d.sources[TEXT_SOURCE] / sum(d.sources.values())
     assert 0.1 < share < 0.9
     assert {r["source"] for r in read_jsonl(d.seeds)} == {TEXT_SOURCE}

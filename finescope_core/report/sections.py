@@ -51,7 +51,8 @@ EVALUATION_PLOT = "evaluation.png"
 
 def report_sections(inputs: ReportInputs, k_act: int, work: Path) -> list[ReportSection]:
     """One section per stage, each with its plot written into `work`."""
-    sections = primary_section(inputs.metrics) + _warnings_section(inputs.metrics)
+    # The warnings first (what may make every number below misleading), then the number to read first.
+    sections = _warnings_section(inputs.metrics) + primary_section(inputs.metrics)
     if inputs.saliency_dir is not None:
         sal = LayerSaliency.load(inputs.saliency_dir)
         scores = {layer: sal.scores[i].numpy() for i, layer in enumerate(sal.layers)}
